@@ -1,0 +1,31 @@
+"""CoDA-GQA-L: differential grouped-query attention with a fixed-size inference state.
+
+Public names only (SPEC section 1); each lives in a module named after its one job.
+"""
+
+from .attention import BoundedCoDAAttention, CoDAGQALandmarkPerf2
+from .baseline import BaselineGQA, CoDAGQA, KVCache
+from .config import BoundedConfig
+from .primitives import HeadwiseRMSNorm, RMSNorm, RotaryEmbedding, apply_rope, repeat_kv
+from .state import BoundedState
+
+CoDAGQALandmarkStatePerf2 = BoundedState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaselineGQA",
+    "BoundedCoDAAttention",
+    "BoundedConfig",
+    "BoundedState",
+    "CoDAGQA",
+    "CoDAGQALandmarkPerf2",
+    "CoDAGQALandmarkStatePerf2",
+    "HeadwiseRMSNorm",
+    "KVCache",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "__version__",
+    "apply_rope",
+    "repeat_kv",
+]

@@ -1,0 +1,384 @@
+"""``BoundedCoDAAttention``: differential attention whose inference state has a fixed size.
+
+One code path serves every way of feeding tokens: ``prefill_chunked`` (any block size),
+``step`` (one token) and the parallel training ``forward`` all call ``_advance``, which
+
+1. projects the new tokens (write gate included) and lines them up after the window held in
+   the state, in token order (the "extended" sequence of ``W + n`` tokens);
+2. scans the segment boundaries inside the chunk: at each one the ``S`` tokens that leave
+   the window are routed into the banks (``banks.route_segment``), and the bank snapshot each
+   segment's queries see is kept;
+3. attends every query to sinks + window + its segment's bank snapshot in one block-sparse
+   pass (``segment_attention.attend_segments``), cost ``O(n * (W + Me + Ms))``;
+4. writes the new tokens into the ring and the sinks.
+
+Because routing happens only at segment boundaries and only ever reads tokens that are
+already in the extended sequence, the outputs and the state after token ``t`` depend on
+tokens ``0..t`` only, never on how the input was chunked (SPEC 2.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .banks import Banks, route_segment
+from .config import BoundedConfig, PositionMode
+from .differential import DifferentialCore, HeadNorm
+from .primitives import RopeLayout, apply_rope
+from .segment_attention import attend_segments
+from .state import BANK_FIELDS, BoundedState
+
+_HEAD_NORM_ALIASES = {
+    "rms": "rms",
+    "rmsnorm": "rms",
+    "headwise_rms": "rms",
+    "headwise": "rms",
+    "identity": "identity",
+    "none": "identity",
+}
+
+
+class BoundedCoDAAttention(nn.Module):
+    """Bounded differential grouped-query attention (SPEC 1 and 2).
+
+    Args:
+        embed_dim, num_heads, num_kv_heads: model width ``D``, query heads ``H``, KV heads.
+        window, num_landmarks_exact, num_landmarks_summary: slots ``W``, ``Me``, ``Ms``.
+        rope_base, rope_layout, rope_scaling, max_position_embeddings: RoPE settings.
+        head_dim: per-head size (defaults to ``D / H``).
+        config: a ``BoundedConfig``; when given, the routing keywords below must be left out.
+        num_sink, segment, tau_exact, tau_summary, novelty, match, max_inserts,
+            gate_bias_init, summary_rate_logit_init, position_mode, differential: see
+            ``BoundedConfig``.
+        head_norm (alias ``head_norm_mode``), lambda_init_bias, theta_init, exact_identity,
+            qkv_bias, o_bias, qk_norm, qk_norm_eps, softmax_scale: see ``DifferentialCore``.
+        collect_metrics: count routing events into ``state.metrics`` (host synchronisation).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        window: int | None = None,
+        num_landmarks_exact: int | None = None,
+        num_landmarks_summary: int | None = None,
+        *,
+        rope_base: float = 10000.0,
+        rope_layout: RopeLayout = "half",
+        rope_scaling: dict[str, Any] | None = None,
+        max_position_embeddings: int | None = None,
+        head_dim: int | None = None,
+        config: BoundedConfig | None = None,
+        num_sink: int | None = None,
+        segment: int | None = None,
+        tau_exact: float | None = None,
+        tau_summary: float | None = None,
+        novelty: float | None = None,
+        match: float | None = None,
+        max_inserts: int | None = None,
+        gate_bias_init: float | None = None,
+        summary_rate_logit_init: float | None = None,
+        position_mode: PositionMode | None = None,
+        differential: bool | None = None,
+        head_norm: HeadNorm | None = None,
+        head_norm_mode: str | None = None,
+        lambda_init_bias: float = -6.0,
+        theta_init: float = 0.5,
+        exact_identity: bool = False,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: bool = False,
+        qk_norm_eps: float = 1e-6,
+        softmax_scale: float | None = None,
+        collect_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        routing = {
+            "window": window,
+            "num_landmarks_exact": num_landmarks_exact,
+            "num_landmarks_summary": num_landmarks_summary,
+            "num_sink": num_sink,
+            "segment": segment,
+            "tau_exact": tau_exact,
+            "tau_summary": tau_summary,
+            "novelty": novelty,
+            "match": match,
+            "max_inserts": max_inserts,
+            "gate_bias_init": gate_bias_init,
+            "summary_rate_logit_init": summary_rate_logit_init,
+            "position_mode": position_mode,
+            "differential": differential,
+        }
+        given = {key: value for key, value in routing.items() if value is not None}
+        if config is None:
+            config = BoundedConfig(**given)
+        elif given:
+            raise TypeError(f"pass either config or the keywords {sorted(given)}, not both")
+        self.config = config
+        if head_norm is not None and head_norm_mode is not None:
+            raise TypeError("pass head_norm or its alias head_norm_mode, not both")
+        norm_name = head_norm if head_norm is not None else (head_norm_mode or "rms")
+        if norm_name not in _HEAD_NORM_ALIASES:
+            raise ValueError(f"head_norm must be one of {sorted(_HEAD_NORM_ALIASES)}, got {norm_name!r}")
+        self.core = DifferentialCore(
+            embed_dim,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            differential=config.differential,
+            head_norm=_HEAD_NORM_ALIASES[norm_name],  # type: ignore[arg-type]
+            lambda_init_bias=lambda_init_bias,
+            theta_init=theta_init,
+            exact_identity=exact_identity,
+            rope_base=rope_base,
+            rope_layout=rope_layout,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_position_embeddings,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=qk_norm,
+            qk_norm_eps=qk_norm_eps,
+            softmax_scale=softmax_scale,
+        )
+        self.gate_proj = nn.Linear(embed_dim, num_kv_heads)
+        nn.init.constant_(self.gate_proj.bias, config.gate_bias_init)
+        self.summary_rate_logit = nn.Parameter(torch.full((num_kv_heads,), float(config.summary_rate_logit_init)))
+        self.collect_metrics = collect_metrics
+
+    # ------------------------------------------------------------------ state
+    def init_state(
+        self,
+        batch_size: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> BoundedState:
+        """A fresh, empty state (defaults: the layer's device and dtype)."""
+        weight = self.core.q_proj.weight
+        return BoundedState.empty(
+            self.config,
+            batch_size,
+            self.core.num_kv_heads,
+            self.core.head_dim,
+            device if device is not None else weight.device,
+            dtype if dtype is not None else weight.dtype,
+        )
+
+    def cache_bytes(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the state for ``batch_size`` rows: the same after 10 or 100,000 tokens."""
+        return self.init_state(batch_size, device="meta", dtype=dtype).nbytes()
+
+    def check_state(self, state: BoundedState, batch_size: int) -> None:
+        """Raise an error naming the mismatch if ``state`` cannot continue in this layer."""
+        if not isinstance(state, BoundedState):
+            raise TypeError(f"state must be a BoundedState, got {type(state).__name__}")
+        if state.config != self.config:
+            ours, theirs = self.config.to_dict(), state.config.to_dict()
+            diff = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
+            raise ValueError(f"state was made for another config; (state, layer) differ in {diff}")
+        if (state.num_kv_heads, state.head_dim) != (self.core.num_kv_heads, self.core.head_dim):
+            raise ValueError(
+                f"state has {state.num_kv_heads} KV heads of size {state.head_dim}, the layer "
+                f"{self.core.num_kv_heads} of size {self.core.head_dim}"
+            )
+        if state.batch_size != batch_size:
+            raise ValueError(f"state has batch size {state.batch_size}, x has batch size {batch_size}")
+        weight = self.core.q_proj.weight
+        if state.dtype != weight.dtype:
+            raise TypeError(f"state has dtype {state.dtype}, the layer's weights are {weight.dtype}")
+        if state.device != weight.device:
+            raise ValueError(f"state is on {state.device}, the layer's weights are on {weight.device}")
+
+    # ------------------------------------------------------------------ public paths
+    def forward(
+        self, x: Tensor, state: BoundedState | None = None, return_state: bool = False
+    ) -> Tensor | tuple[Tensor, BoundedState]:
+        """Training path: the whole sequence ``x (B, L, D)`` in parallel, bounded semantics.
+
+        Starts from ``state`` (a fresh one if None) without modifying it; with
+        ``return_state`` also returns the state after the last token (its tensors keep their
+        autograd history; ``.detach()`` it for truncated backpropagation).
+        """
+        self.core.check_input(x)
+        if state is None:
+            state = self.init_state(x.shape[0])
+        self.check_state(state, x.shape[0])
+        y, fields = self._advance(x, state)
+        new_state = state.replace(**fields, metrics=dict(state.metrics))
+        self._record_metrics(new_state, fields)
+        return (y, new_state) if return_state else y
+
+    def prefill_chunked(
+        self,
+        x: Tensor,
+        state: BoundedState,
+        block_size: int = 256,
+        *,
+        return_outputs: bool = True,
+        write_cache: bool = True,
+    ) -> tuple[Tensor | None, BoundedState]:
+        """Process ``x (B, L, D)`` in blocks of ``block_size`` tokens; returns ``(y, state)``.
+
+        The result does not depend on ``block_size``. ``return_outputs=False`` returns
+        ``None`` for ``y`` (ingest without keeping outputs); ``write_cache=False`` leaves
+        ``state`` untouched and returns the advanced copy.
+        """
+        self.core.check_input(x)
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self.check_state(state, x.shape[0])
+        if not write_cache:
+            state = state.clone()
+        outputs = []
+        for start in range(0, x.shape[1], block_size):
+            y, fields = self._advance(x[:, start : start + block_size], state)
+            for name, value in fields.items():
+                setattr(state, name, value)
+            self._record_metrics(state, fields)
+            if return_outputs:
+                outputs.append(y)
+        return (torch.cat(outputs, dim=1) if return_outputs else None), state
+
+    def step(self, x_t: Tensor, state: BoundedState) -> tuple[Tensor, BoundedState]:
+        """One token: ``x_t (B, 1, D)`` (or ``(B, D)``) -> ``(y_t (B, 1, D), state)``."""
+        if isinstance(x_t, Tensor) and x_t.dim() == 2:
+            x_t = x_t[:, None]
+        self.core.check_input(x_t)
+        if x_t.shape[1] != 1:
+            raise ValueError(f"step takes one token, got x_t of shape {tuple(x_t.shape)}; use prefill_chunked")
+        self.check_state(state, x_t.shape[0])
+        y, fields = self._advance(x_t, state)
+        for name, value in fields.items():
+            setattr(state, name, value)
+        self._record_metrics(state, fields)
+        return y, state
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def eta(self) -> Tensor:
+        """Per-KV-head EMA rate of the summary bank, in (0, 1)."""
+        return torch.sigmoid(self.summary_rate_logit)
+
+    def _record_metrics(self, state: BoundedState, fields: dict[str, Any]) -> None:
+        counts = fields.pop("_metrics", None)
+        if counts is not None:
+            state.add_metrics(counts)
+            state.metrics.update(state.fill_ratios())
+
+    def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any]]:
+        """Process one chunk; returns the outputs and the state's new field values."""
+        cfg, core = self.config, self.core
+        W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
+        n, start = x.shape[1], state.pos
+        device = x.device
+        q, k, v, lam = core.project(x)
+        g = torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
+        if cfg.position_mode == "absolute":
+            cos, sin = core.rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
+            k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
+
+        # The window's tokens in token order, then the chunk: tokens start-W .. start+n-1.
+        ring = torch.arange(start - W, start, device=device) % W
+        ext_k = torch.cat([state.win_k.index_select(2, ring), k], dim=2)
+        ext_v = torch.cat([state.win_v.index_select(2, ring), v], dim=2)
+        ext_g = torch.cat([state.win_g.index_select(2, ring), g], dim=2)
+
+        sink_k, sink_v = state.sink_k, state.sink_v
+        if start < Ns:
+            new = torch.arange(start, min(Ns, start + n), device=device)
+            sink_k = sink_k.index_copy(2, new, k[:, :, : new.numel()].to(sink_k.dtype))
+            sink_v = sink_v.index_copy(2, new, v[:, :, : new.numel()].to(sink_v.dtype))
+
+        metrics: dict[str, float] | None = {} if self.collect_metrics else None
+        banks = Banks(*(getattr(state, name) for name in BANK_FIELDS))
+        eta = self.eta
+        snapshots: list[tuple[Tensor, Tensor, Tensor]] = []
+        for seg_begin in range(start // S * S, start + n, S):
+            # Routing happens when a segment's first token arrives, so only for segments
+            # that begin inside this chunk; the S tokens leaving are start-relative [b - start, +S).
+            first_evicted = seg_begin - W
+            if seg_begin >= start and first_evicted + S > max(Ns, 0):
+                token_index = torch.arange(first_evicted, first_evicted + S, device=device)
+                at = seg_begin - start
+                banks = route_segment(
+                    banks,
+                    ext_k[:, :, at : at + S],
+                    ext_v[:, :, at : at + S],
+                    ext_g[:, :, at : at + S],
+                    token_index,
+                    token_index >= max(Ns, 0),
+                    eta,
+                    cfg,
+                    metrics,
+                )
+            snapshots.append(_bank_view(banks))
+        bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots))
+
+        attended = attend_segments(
+            core.stack_queries(q),
+            ext_k,
+            ext_v,
+            sink_k,
+            sink_v,
+            bank_k,
+            bank_v,
+            bank_bias,
+            start=start,
+            config=cfg,
+            rope=core.rope,
+            scale=core.softmax_scale,
+        )
+        y = core.combine(attended, lam)
+
+        kept = min(n, W)
+        slots = torch.arange(start + n - kept, start + n, device=device) % W
+        fields: dict[str, Any] = dict(zip(BANK_FIELDS, banks))
+        fields.update(
+            sink_k=sink_k,
+            sink_v=sink_v,
+            win_k=state.win_k.index_copy(2, slots, k[:, :, n - kept :].to(state.win_k.dtype)),
+            win_v=state.win_v.index_copy(2, slots, v[:, :, n - kept :].to(state.win_v.dtype)),
+            win_g=state.win_g.index_copy(2, slots, g[:, :, n - kept :]),
+            position=state.position + n,
+            pos=start + n,
+        )
+        if metrics is not None:
+            fields["_metrics"] = metrics
+        return y, fields
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"window={cfg.window}, exact={cfg.num_landmarks_exact}, summary={cfg.num_landmarks_summary}, "
+            f"sinks={cfg.num_sink}, segment={cfg.seg}, position_mode={cfg.position_mode}"
+        )
+
+
+def _bank_view(banks: Banks) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys, values and logit offsets of all bank slots: ``log g``, ``-inf`` when empty."""
+    filled = torch.cat([banks.ex_filled, banks.sm_filled], dim=-1)
+    gates = torch.cat([banks.ex_g, banks.sm_g], dim=-1)
+    # log of 1 where empty keeps the gradient finite; the slot is masked right after
+    bias = torch.where(filled, torch.log(torch.where(filled, gates, 1.0)), float("-inf"))
+    return torch.cat([banks.ex_k, banks.sm_k], dim=2), torch.cat([banks.ex_v, banks.sm_v], dim=2), bias
+
+
+CoDAGQALandmarkPerf2 = BoundedCoDAAttention
+
+
+def config_of(module: BoundedCoDAAttention) -> dict[str, Any]:
+    """Everything needed to rebuild ``module`` (recorded in state files)."""
+    core = module.core
+    return {
+        "embed_dim": core.embed_dim,
+        "num_heads": core.num_heads,
+        "num_kv_heads": core.num_kv_heads,
+        "head_dim": core.head_dim,
+        "rope_base": core.rope.base,
+        "rope_layout": core.rope.layout,
+        "bounded": dataclasses.asdict(module.config),
+    }

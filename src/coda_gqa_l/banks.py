@@ -1,0 +1,303 @@
+"""Segment update of the exact and summary banks: the PyTorch reference (SPEC 2.4).
+
+``route_segment`` is called once per segment boundary with the ``S`` tokens that just left the
+window, and returns the new banks. All decisions are computed in float32 from detached
+scores and are deterministic by construction:
+
+* candidate order: higher gate first, then lower token index;
+* victim order: free slots first (by slot index), then least-recently-used (by last use, then
+  slot index); a slot hit in this segment is never a victim in it;
+* argmax ties go to the lower slot index (``torch.argmax`` returns the first maximum).
+
+The values written (keys, values, gates, EMA means) keep their autograd history, so gradients
+flow through bank writes in phase-2 training; the gate reaches the loss through the exact
+bank's ``log g`` logit offset, the summary's gate EMA and its gate-weighted means.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import BoundedConfig
+
+NEG_INF = float("-inf")
+
+
+class Banks(NamedTuple):
+    """Bank tensors of a state (shapes in ``state.py``)."""
+
+    ex_k: Tensor
+    ex_v: Tensor
+    ex_g: Tensor
+    ex_last: Tensor
+    ex_filled: Tensor
+    sm_k: Tensor
+    sm_v: Tensor
+    sm_g: Tensor
+    sm_filled: Tensor
+
+
+class _Margin:
+    """Smallest distance of any routing score from the value that would flip a decision.
+
+    Chunk invariance holds decision for decision only when rounding (about 1e-6) cannot cross
+    a threshold; tests read this from ``state.metrics['min_margin']`` to prove it could not.
+    """
+
+    def __init__(self) -> None:
+        self.value = float("inf")
+
+    def gap(self, a: Tensor, b: Tensor | float, where: Tensor) -> None:
+        diff = (a - b).abs()
+        diff = diff[where & torch.isfinite(diff)]
+        if diff.numel():
+            self.value = min(self.value, float(diff.min()))
+
+    def runner_up(self, scores: Tensor, where: Tensor) -> None:
+        """Gap between the best and second-best score along the last dim (finite only)."""
+        if scores.shape[-1] < 2:
+            return
+        top2 = scores.topk(2, dim=-1).values
+        self.gap(top2[..., 0], top2[..., 1], where)
+
+
+def _pairwise_higher(gate: Tensor, cand: Tensor) -> Tensor:
+    """``higher[..., j, i]``: candidate ``i`` ranks above ``j`` (gate desc, then index asc)."""
+    n = gate.shape[-1]
+    gi, gj = gate[..., None, :], gate[..., :, None]
+    idx = torch.arange(n, device=gate.device)
+    earlier = idx[None, :] < idx[:, None]
+    return cand[..., None, :] & ((gi > gj) | ((gi == gj) & earlier))
+
+
+def route_segment(
+    banks: Banks,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    token_index: Tensor,
+    valid: Tensor,
+    eta: Tensor,
+    config: BoundedConfig,
+    metrics: dict[str, float] | None = None,
+) -> Banks:
+    """Route the tokens that left the window into the banks.
+
+    Args:
+        banks: the banks as they stood at the start of the segment.
+        k, v: ``(B, Hkv, S, Dh)`` keys (as stored) and values of the evicted tokens.
+        g: ``(B, Hkv, S)`` float32 write gates of those tokens.
+        token_index: ``(S,)`` int64 token indices (for last use).
+        valid: ``(S,)`` bool; False for slots that never held a routable token (sinks,
+            positions before the stream started).
+        eta: ``(Hkv,)`` EMA rates in (0, 1).
+        config: thresholds and sizes.
+        metrics: when given, counts are added to it (host synchronisation; off by default).
+    """
+    vn = F.normalize(v.detach().float(), dim=-1)
+    gate = g.detach()
+    cand_cos = vn @ vn.transpose(-1, -2)
+    valid = valid.view(1, 1, -1).expand_as(gate)
+    margin = _Margin() if metrics is not None else None
+    counts: dict[str, float] = {}
+    if banks.ex_k.shape[2] > 0:
+        banks = _route_exact(banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin)
+    if banks.sm_k.shape[2] > 0:
+        banks = _route_summary(banks, k, v, g, gate, vn, cand_cos, valid, eta, config, counts, margin)
+    if metrics is not None and margin is not None:
+        candidate = valid & ((gate > config.tau_exact) | (gate > config.tau_summary))
+        counts["evicted"] = float(valid.sum())
+        counts["gated_out"] = float((valid & ~candidate).sum())
+        counts["min_margin"] = margin.value
+        for key, value in counts.items():
+            if key == "min_margin":
+                metrics[key] = min(metrics.get(key, float("inf")), value)
+            else:
+                metrics[key] = metrics.get(key, 0.0) + value
+    return banks
+
+
+def _route_exact(
+    banks: Banks,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    gate: Tensor,
+    vn: Tensor,
+    cand_cos: Tensor,
+    token_index: Tensor,
+    valid: Tensor,
+    config: BoundedConfig,
+    counts: dict[str, float],
+    margin: _Margin | None,
+) -> Banks:
+    num_slots = banks.ex_k.shape[2]
+    seg = k.shape[2]
+    cand = valid & (gate > config.tau_exact)
+    bank_cos = vn @ F.normalize(banks.ex_v.detach().float(), dim=-1).transpose(-1, -2)
+    bank_cos = bank_cos.masked_fill(~banks.ex_filled[:, :, None, :], NEG_INF)
+    best_slot = bank_cos.argmax(-1)
+    best = bank_cos.gather(-1, best_slot[..., None]).squeeze(-1)
+    hit = cand & (best >= config.match)
+    higher = _pairwise_higher(gate, cand)
+    duplicate = (higher & (cand_cos >= config.novelty)).any(-1)
+    novel = cand & (best < config.novelty) & ~duplicate
+
+    # Hits refresh last use (to the latest hitting token) before any insert picks victims.
+    slots = torch.arange(num_slots, device=k.device)
+    hit_onehot = (best_slot[..., None] == slots) & hit[..., None]
+    hit_last = torch.where(hit_onehot, token_index.view(1, 1, -1, 1), -1).amax(-2)
+    slot_hit = hit_onehot.any(-2)
+    ex_last = torch.where(slot_hit, torch.maximum(banks.ex_last, hit_last), banks.ex_last)
+
+    # Victims: free slots, then LRU; hit slots excluded (ranked last and never reached).
+    never = torch.iinfo(torch.int64).max
+    victim_key = torch.where(banks.ex_filled, ex_last, -1).masked_fill(slot_hit, never)
+    victims = victim_key.argsort(dim=-1, stable=True)
+    slot_rank = victims.argsort(-1)
+    order = torch.where(novel, gate, NEG_INF).argsort(dim=-1, descending=True, stable=True)
+    inserts = torch.minimum(novel.sum(-1), (~slot_hit).sum(-1)).clamp(max=config.max_inserts)
+    write = slot_rank < inserts[..., None]
+    src = order.gather(-1, slot_rank.clamp(max=seg - 1))
+
+    def take(x: Tensor) -> Tensor:
+        return x.gather(2, src[..., None].expand(*src.shape, x.shape[-1]))
+
+    w3 = write[..., None]
+    new = banks._replace(
+        ex_k=torch.where(w3, take(k).to(banks.ex_k.dtype), banks.ex_k),
+        ex_v=torch.where(w3, take(v).to(banks.ex_v.dtype), banks.ex_v),
+        ex_g=torch.where(write, g.gather(-1, src), banks.ex_g),
+        ex_last=torch.where(write, token_index[src], ex_last),
+        ex_filled=banks.ex_filled | write,
+    )
+    if margin is not None:
+        margin.gap(gate, config.tau_exact, valid)
+        margin.gap(best, config.match, cand)
+        margin.gap(best, config.novelty, cand)
+        pair = cand[..., :, None] & cand[..., None, :] & ~torch.eye(seg, dtype=torch.bool, device=k.device)
+        margin.gap(cand_cos, config.novelty, pair)
+        margin.gap(gate[..., :, None], gate[..., None, :], pair)
+        margin.runner_up(bank_cos, hit)
+        counts["exact_candidates"] = float(cand.sum())
+        counts["exact_hits"] = float(hit.sum())
+        counts["exact_novel"] = float(novel.sum())
+        counts["exact_inserts"] = float(write.sum())
+        counts["exact_overwrites"] = float((write & banks.ex_filled).sum())
+    return new
+
+
+def _route_summary(
+    banks: Banks,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    gate: Tensor,
+    vn: Tensor,
+    cand_cos: Tensor,
+    valid: Tensor,
+    eta: Tensor,
+    config: BoundedConfig,
+    counts: dict[str, float],
+    margin: _Margin | None,
+) -> Banks:
+    cand = valid & (gate > config.tau_summary)
+    proto_cos = vn @ F.normalize(banks.sm_v.detach().float(), dim=-1).transpose(-1, -2)
+    proto_cos = proto_cos.masked_fill(~banks.sm_filled[:, :, None, :], NEG_INF)
+
+    seed_src, seeded_cand = _pick_seeds(banks.sm_filled, cand, gate, proto_cos, cand_cos, margin)
+    seeded = seed_src >= 0
+    src = seed_src.clamp(min=0)
+    # cosine of each candidate to each prototype after seeding
+    seed_cos = cand_cos.gather(-1, src[:, :, None, :].expand(*cand_cos.shape[:3], src.shape[-1]))
+    full_cos = torch.where(seeded[:, :, None, :], seed_cos, proto_cos)
+    assign = full_cos.argmax(-1)
+    member = cand & ~seeded_cand & torch.isfinite(full_cos.amax(-1))
+    onehot = F.one_hot(assign, full_cos.shape[-1]).to(torch.float32) * member[..., None]
+
+    def take(x: Tensor) -> Tensor:
+        return x.gather(2, src[..., None].expand(*src.shape, x.shape[-1]))
+
+    s3 = seeded[..., None]
+    base_k = torch.where(s3, take(k).float(), banks.sm_k.float())
+    base_v = torch.where(s3, take(v).float(), banks.sm_v.float())
+    base_g = torch.where(seeded, g.gather(-1, src), banks.sm_g)
+
+    weights = onehot * g[..., None]  # (B, Hkv, S, Ms): gate-weighted membership
+    weight_sum = weights.sum(-2)
+    count = onehot.sum(-2)
+    updated = count > 0
+    denom = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    mean_k = weights.transpose(-1, -2) @ k.float() / denom
+    mean_v = weights.transpose(-1, -2) @ v.float() / denom
+    mean_g = weight_sum / count.clamp_min(1)  # plain mean of the members' gates
+    rate = eta.view(1, -1, 1).float()
+    u3 = updated[..., None]
+    rate3 = rate[..., None]
+    new = banks._replace(
+        sm_k=torch.where(u3, (1 - rate3) * base_k + rate3 * mean_k, base_k).to(banks.sm_k.dtype),
+        sm_v=torch.where(u3, (1 - rate3) * base_v + rate3 * mean_v, base_v).to(banks.sm_v.dtype),
+        sm_g=torch.where(updated, (1 - rate) * base_g + rate * mean_g, base_g),
+        sm_filled=banks.sm_filled | seeded,
+    )
+    if margin is not None:
+        margin.gap(gate, config.tau_summary, valid)
+        margin.runner_up(full_cos, member)
+        seg = k.shape[2]
+        pair = cand[..., :, None] & cand[..., None, :] & ~torch.eye(seg, dtype=torch.bool, device=k.device)
+        margin.gap(gate[..., :, None], gate[..., None, :], pair)
+        counts["summary_candidates"] = float(cand.sum())
+        counts["summary_seeds"] = float(seeded.sum())
+        counts["summary_updates"] = float(member.sum())
+    return new
+
+
+def _pick_seeds(
+    filled: Tensor,
+    cand: Tensor,
+    gate: Tensor,
+    proto_cos: Tensor,
+    cand_cos: Tensor,
+    margin: _Margin | None,
+) -> tuple[Tensor, Tensor]:
+    """Seed empty prototypes, farthest first.
+
+    Each empty slot (lowest index first) takes the candidate whose highest cosine to every
+    filled prototype (including those seeded just before it) is lowest; ties go to the higher
+    gate, then the lower index. Returns ``seed_src (B, Hkv, Ms)`` (candidate index or -1) and
+    the mask of candidates used as seeds.
+    """
+    seed_src = torch.full(filled.shape, -1, dtype=torch.int64, device=filled.device)
+    available = cand.clone()
+    if filled.shape[-1] == 0:
+        return seed_src, torch.zeros_like(cand)
+    empty = ~filled
+    rounds = torch.minimum(empty.sum(-1), cand.sum(-1))
+    num_rounds = int(rounds.max())  # host sync; the fused kernel loops on the device instead
+    if num_rounds == 0:
+        return seed_src, torch.zeros_like(cand)
+    nearest = proto_cos.amax(-1)  # -inf when no prototype is filled
+    for r in range(num_rounds):
+        active = rounds > r
+        key = torch.where(available, nearest, float("inf"))
+        lowest = key.amin(-1, keepdim=True)
+        tied = available & (key == lowest)
+        tied_gate = torch.where(tied, gate, NEG_INF)
+        pick = (tied & (tied_gate == tied_gate.amax(-1, keepdim=True))).int().argmax(-1)
+        if margin is not None:
+            sorted_key = key.sort(-1).values
+            if sorted_key.shape[-1] > 1:
+                margin.gap(sorted_key[..., 0], sorted_key[..., 1], active)
+        slot = empty.int().argmax(-1)
+        slot_onehot = F.one_hot(slot, filled.shape[-1]).bool() & active[..., None]
+        seed_src = torch.where(slot_onehot, pick[..., None], seed_src)
+        empty = empty & ~slot_onehot
+        picked = F.one_hot(pick, cand.shape[-1]).bool() & active[..., None]
+        available = available & ~picked
+        picked_cos = cand_cos.gather(-1, pick[:, :, None, None].expand(*cand_cos.shape[:3], 1)).squeeze(-1)
+        nearest = torch.where(active[..., None], torch.maximum(nearest, picked_cos), nearest)
+    return seed_src, cand & ~available

@@ -1,0 +1,199 @@
+"""``BoundedState``: the fixed-size inference state of one bounded attention layer.
+
+Every tensor has a size fixed by the configuration; nothing grows with the tokens seen.
+Shapes (``B`` batch, ``Hkv`` KV heads, ``Dh`` head size, ``Ns`` sinks, ``W`` window,
+``Me``/``Ms`` exact/summary slots):
+
+=============  ======================  =======  ==============================================
+name           shape                   dtype    meaning
+=============  ======================  =======  ==============================================
+sink_k/v       (B, Hkv, Ns, Dh)        model    keys/values of tokens ``0..Ns-1``
+win_k/v        (B, Hkv, W, Dh)         model    ring: token ``j`` lives in slot ``j % W``
+win_g          (B, Hkv, W)             float32  write gate of each window token
+ex_k/v         (B, Hkv, Me, Dh)        model    exact landmark bank
+ex_g           (B, Hkv, Me)            float32  gate of the stored token (logit offset log g)
+ex_last        (B, Hkv, Me)            int64    last use (token index), for LRU
+ex_filled      (B, Hkv, Me)            bool     slot holds a token
+sm_k/v         (B, Hkv, Ms, Dh)        model    summary prototypes (EMA of routed tokens)
+sm_g           (B, Hkv, Ms)            float32  EMA of the members' gates
+sm_filled      (B, Hkv, Ms)            bool     prototype seeded
+position       (B,)                    int64    tokens seen, per row (all rows equal here)
+=============  ======================  =======  ==============================================
+
+Keys are stored before RoPE in ``relative`` position mode and after it in ``absolute`` mode.
+Which window slots are valid, and which token each holds, follows from ``pos`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import BoundedConfig
+
+TENSOR_FIELDS: tuple[str, ...] = (
+    "sink_k",
+    "sink_v",
+    "win_k",
+    "win_v",
+    "win_g",
+    "ex_k",
+    "ex_v",
+    "ex_g",
+    "ex_last",
+    "ex_filled",
+    "sm_k",
+    "sm_v",
+    "sm_g",
+    "sm_filled",
+    "position",
+)
+
+BANK_FIELDS: tuple[str, ...] = (
+    "ex_k",
+    "ex_v",
+    "ex_g",
+    "ex_last",
+    "ex_filled",
+    "sm_k",
+    "sm_v",
+    "sm_g",
+    "sm_filled",
+)
+
+
+@dataclass
+class BoundedState:
+    """The state of one bounded layer (see the module docstring for every field).
+
+    ``prefill_chunked`` and ``step`` update it in place (its fields are rebound to new tensors,
+    so a ``clone()`` never sees the change) and return it.
+    """
+
+    config: BoundedConfig
+    sink_k: Tensor
+    sink_v: Tensor
+    win_k: Tensor
+    win_v: Tensor
+    win_g: Tensor
+    ex_k: Tensor
+    ex_v: Tensor
+    ex_g: Tensor
+    ex_last: Tensor
+    ex_filled: Tensor
+    sm_k: Tensor
+    sm_v: Tensor
+    sm_g: Tensor
+    sm_filled: Tensor
+    position: Tensor
+    pos: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def empty(
+        cls,
+        config: BoundedConfig,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> BoundedState:
+        """A fresh state: zeros, empty banks, position 0."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"state dtype must be a floating point type, got {dtype}")
+        lead = (batch_size, num_kv_heads)
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+            return torch.zeros(*lead, *shape, device=device, dtype=dt)
+
+        ns, w, me, ms, d = (
+            config.num_sink,
+            config.window,
+            config.num_landmarks_exact,
+            config.num_landmarks_summary,
+            head_dim,
+        )
+        return cls(
+            config=config,
+            sink_k=zeros(ns, d),
+            sink_v=zeros(ns, d),
+            win_k=zeros(w, d),
+            win_v=zeros(w, d),
+            win_g=zeros(w, dt=torch.float32),
+            ex_k=zeros(me, d),
+            ex_v=zeros(me, d),
+            ex_g=zeros(me, dt=torch.float32),
+            ex_last=zeros(me, dt=torch.int64),
+            ex_filled=zeros(me, dt=torch.bool),
+            sm_k=zeros(ms, d),
+            sm_v=zeros(ms, d),
+            sm_g=zeros(ms, dt=torch.float32),
+            sm_filled=zeros(ms, dt=torch.bool),
+            position=torch.zeros(batch_size, device=device, dtype=torch.int64),
+        )
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the state, by field name."""
+        return {name: getattr(self, name) for name in TENSOR_FIELDS}
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (what ``cache_bytes`` reports)."""
+        return sum(t.nbytes for t in self.tensors().values())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.win_k.shape[0])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.win_k.shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.win_k.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.win_k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.win_k.device
+
+    def clone(self) -> BoundedState:
+        """An independent copy (fork): for concurrent questions and CUDA graph buffers."""
+        copies = {name: t.clone() for name, t in self.tensors().items()}
+        return dataclasses.replace(self, **copies, metrics=dict(self.metrics))
+
+    def detach(self) -> BoundedState:
+        """The same state cut from the autograd graph (truncated backpropagation)."""
+        return dataclasses.replace(self, **{n: t.detach() for n, t in self.tensors().items()}, metrics=dict(self.metrics))
+
+    def to(self, device: torch.device | str) -> BoundedState:
+        return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()}, metrics=dict(self.metrics))
+
+    def replace(self, **changes: Any) -> BoundedState:
+        return dataclasses.replace(self, **changes)
+
+    def add_metrics(self, counts: dict[str, float]) -> None:
+        for key, value in counts.items():
+            if key == "min_margin":
+                self.metrics[key] = min(self.metrics.get(key, float("inf")), value)
+            else:
+                self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def fill_ratios(self) -> dict[str, float]:
+        """Fraction of exact and summary slots in use, over the batch and heads."""
+        ratios = {}
+        if self.ex_filled.numel():
+            ratios["exact_fill"] = float(self.ex_filled.float().mean())
+        if self.sm_filled.numel():
+            ratios["summary_fill"] = float(self.sm_filled.float().mean())
+        return ratios
