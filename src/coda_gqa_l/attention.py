@@ -207,9 +207,9 @@ class BoundedCoDAAttention(nn.Module):
         if state is None:
             state = self.init_state(x.shape[0])
         self.check_state(state, x.shape[0])
-        y, fields = self._advance(x, state)
+        y, fields, counts = self._advance(x, state)
         new_state = state.replace(**fields, metrics=dict(state.metrics))
-        self._record_metrics(new_state, fields)
+        self._record_metrics(new_state, counts)
         return (y, new_state) if return_state else y
 
     def prefill_chunked(
@@ -235,10 +235,10 @@ class BoundedCoDAAttention(nn.Module):
             state = state.clone()
         outputs = []
         for start in range(0, x.shape[1], block_size):
-            y, fields = self._advance(x[:, start : start + block_size], state)
+            y, fields, counts = self._advance(x[:, start : start + block_size], state)
             for name, value in fields.items():
                 setattr(state, name, value)
-            self._record_metrics(state, fields)
+            self._record_metrics(state, counts)
             if return_outputs:
                 outputs.append(y)
         return (torch.cat(outputs, dim=1) if return_outputs else None), state
@@ -251,10 +251,10 @@ class BoundedCoDAAttention(nn.Module):
         if x_t.shape[1] != 1:
             raise ValueError(f"step takes one token, got x_t of shape {tuple(x_t.shape)}; use prefill_chunked")
         self.check_state(state, x_t.shape[0])
-        y, fields = self._advance(x_t, state)
+        y, fields, counts = self._advance(x_t, state)
         for name, value in fields.items():
             setattr(state, name, value)
-        self._record_metrics(state, fields)
+        self._record_metrics(state, counts)
         return y, state
 
     # ------------------------------------------------------------------ internals
@@ -263,14 +263,13 @@ class BoundedCoDAAttention(nn.Module):
         """Per-KV-head EMA rate of the summary bank, in (0, 1)."""
         return torch.sigmoid(self.summary_rate_logit)
 
-    def _record_metrics(self, state: BoundedState, fields: dict[str, Any]) -> None:
-        counts = fields.pop("_metrics", None)
+    def _record_metrics(self, state: BoundedState, counts: dict[str, float] | None) -> None:
         if counts is not None:
             state.add_metrics(counts)
             state.metrics.update(state.fill_ratios())
 
-    def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any]]:
-        """Process one chunk; returns the outputs and the state's new field values."""
+    def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any], dict[str, float] | None]:
+        """Process one chunk: the outputs, the state's new field values, routing counts."""
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
         n, start = x.shape[1], state.pos
@@ -346,9 +345,7 @@ class BoundedCoDAAttention(nn.Module):
             position=state.position + n,
             pos=start + n,
         )
-        if metrics is not None:
-            fields["_metrics"] = metrics
-        return y, fields
+        return y, fields, metrics
 
     def extra_repr(self) -> str:
         cfg = self.config

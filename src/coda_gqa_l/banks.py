@@ -179,9 +179,13 @@ def _route_exact(
         margin.gap(gate, config.tau_exact, valid)
         margin.gap(best, config.match, cand)
         margin.gap(best, config.novelty, cand)
-        pair = cand[..., :, None] & cand[..., None, :] & ~torch.eye(seg, dtype=torch.bool, device=k.device)
+        other = ~torch.eye(seg, dtype=torch.bool, device=k.device)
+        pair = cand[..., :, None] & cand[..., None, :] & other
         margin.gap(cand_cos, config.novelty, pair)
-        margin.gap(gate[..., :, None], gate[..., None, :], pair)
+        # gate order decides among near-duplicates (which one is kept) and among inserts
+        # (which slot each takes, and who is cut by max_inserts)
+        ordered = pair & ((cand_cos >= config.novelty) | (novel[..., :, None] & novel[..., None, :]))
+        margin.gap(gate[..., :, None], gate[..., None, :], ordered)
         margin.runner_up(bank_cos, hit)
         counts["exact_candidates"] = float(cand.sum())
         counts["exact_hits"] = float(hit.sum())
@@ -247,9 +251,6 @@ def _route_summary(
     if margin is not None:
         margin.gap(gate, config.tau_summary, valid)
         margin.runner_up(full_cos, member)
-        seg = k.shape[2]
-        pair = cand[..., :, None] & cand[..., None, :] & ~torch.eye(seg, dtype=torch.bool, device=k.device)
-        margin.gap(gate[..., :, None], gate[..., None, :], pair)
         counts["summary_candidates"] = float(cand.sum())
         counts["summary_seeds"] = float(seeded.sum())
         counts["summary_updates"] = float(member.sum())
@@ -288,10 +289,12 @@ def _pick_seeds(
         tied = available & (key == lowest)
         tied_gate = torch.where(tied, gate, NEG_INF)
         pick = (tied & (tied_gate == tied_gate.amax(-1, keepdim=True))).int().argmax(-1)
-        if margin is not None:
-            sorted_key = key.sort(-1).values
-            if sorted_key.shape[-1] > 1:
-                margin.gap(sorted_key[..., 0], sorted_key[..., 1], active)
+        if margin is not None and key.shape[-1] > 1:
+            # the pick is decided by the two lowest keys, or by the gates when keys tie at -inf
+            two = key.topk(2, dim=-1, largest=False).values
+            margin.gap(two[..., 0], two[..., 1], active)
+            top_gates = tied_gate.topk(2, dim=-1).values
+            margin.gap(top_gates[..., 0], top_gates[..., 1], active & torch.isinf(lowest.squeeze(-1)))
         slot = empty.int().argmax(-1)
         slot_onehot = F.one_hot(slot, filled.shape[-1]).bool() & active[..., None]
         seed_src = torch.where(slot_onehot, pick[..., None], seed_src)
