@@ -175,6 +175,10 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, base={self.base}, layout={self.layout}"
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in float32."""
 
@@ -184,7 +188,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = _at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -206,7 +210,7 @@ class HeadwiseRMSNorm(nn.Module):
                 f"HeadwiseRMSNorm expects (B, {self.weight.shape[0]}, L, {self.weight.shape[1]}), "
                 f"got {tuple(x.shape)}"
             )
-        x32 = x.float()
+        x32 = _at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight[:, None, :] * normed).to(x.dtype)
 
