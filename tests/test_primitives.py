@@ -112,7 +112,7 @@ def test_headwise_rmsnorm() -> None:
     norm = HeadwiseRMSNorm(3, 8).double()
     x = torch.randn(2, 3, 5, 8, dtype=F64) * 7
     y = norm(x)
-    assert torch.allclose(y.pow(2).mean(-1), torch.ones(2, 3, 5), atol=1e-4)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(2, 3, 5, dtype=F64), atol=1e-4)
     with torch.no_grad():
         norm.weight[1] = 2.0
     assert torch.allclose(norm(x)[:, 1], 2 * y[:, 1])
