@@ -4,7 +4,7 @@ token-like inputs that make every routing event happen."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -89,7 +89,7 @@ def routing_events_missing(layer: BoundedCoDAAttention, metrics: dict[str, float
     return [event for event in wanted if metrics.get(event, 0) <= 0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def margin_safe_case(shape: str, config: str, batch: int = 2) -> tuple[int, int]:
     """(layer seed, input seed) whose run makes every routing event happen and whose routing
     scores all stay >= 1e-4 from every decision boundary, so that float rounding between

@@ -110,7 +110,12 @@ def test_module_validation(args, kwargs, message: str) -> None:
 
 def test_presets_keep_the_storage_budget() -> None:
     medium = BoundedConfig.preset("medium", num_sink=4)
-    assert (medium.num_sink, medium.window, medium.num_landmarks_exact, medium.num_landmarks_summary) == (4, 256, 60, 64)
+    assert (medium.num_sink, medium.window, medium.num_landmarks_exact, medium.num_landmarks_summary) == (
+        4,
+        256,
+        60,
+        64,
+    )
     assert medium.storage_slots == 384 == BoundedConfig.preset("medium").storage_slots
     assert medium.visible_slots == (4 + 60 + 64 + 256 - 64 + 1, 384)
     assert BoundedConfig.preset("tiny").storage_slots == 192

@@ -27,7 +27,11 @@ def assert_states_close(a, b, atol: float = 1e-4) -> None:
     for name in STATE_EXACT:
         assert torch.equal(getattr(a, name), getattr(b, name)), f"{name} differs: routing decisions diverged"
     for name in STATE_FLOATS:
-        diff = (getattr(a, name).float() - getattr(b, name).float()).abs().max().item() if getattr(a, name).numel() else 0.0
+        diff = (
+            (getattr(a, name).float() - getattr(b, name).float()).abs().max().item()
+            if getattr(a, name).numel()
+            else 0.0
+        )
         assert diff <= atol, f"{name} differs by {diff}"
 
 
@@ -62,9 +66,10 @@ def test_chunk_invariance(shape: str, config: str) -> None:
             y, state = layer.prefill_chunked(x, layer.init_state(2), block_size=block)
             assert (y - reference).abs().max().item() <= 1e-4, f"block_size={block}"
             assert_states_close(state, ref_state)
-            assert state.metrics["exact_inserts" if layer.config.num_landmarks_exact else "evicted"] == ref_state.metrics[
-                "exact_inserts" if layer.config.num_landmarks_exact else "evicted"
-            ]
+            assert (
+                state.metrics["exact_inserts" if layer.config.num_landmarks_exact else "evicted"]
+                == ref_state.metrics["exact_inserts" if layer.config.num_landmarks_exact else "evicted"]
+            )
 
 
 @pytest.mark.parametrize("shape,config", [("gqa", "full"), ("mqa-dh-not-d-over-h", "sinks-banks")])
@@ -134,7 +139,9 @@ def test_forward_continues_from_a_state() -> None:
     assert_states_close(end, ref_state)
 
 
-@pytest.mark.parametrize("shape,config", [("gqa", "full"), ("mha-odd-heads", "sinks-banks"), ("mqa-dh-not-d-over-h", "summary-only")])
+@pytest.mark.parametrize(
+    "shape,config", [("gqa", "full"), ("mha-odd-heads", "sinks-banks"), ("mqa-dh-not-d-over-h", "summary-only")]
+)
 def test_batch_rows_are_independent(shape: str, config: str) -> None:
     layer_seed, input_seed = margin_safe_case(shape, config, batch=3)
     layer = make_layer(shape, config, layer_seed)

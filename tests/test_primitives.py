@@ -52,7 +52,9 @@ def test_rope_base_is_used() -> None:
 
 
 def test_llama3_scaling() -> None:
-    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    scaling = dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
     plain = RotaryEmbedding(128, 500000.0)
     scaled = RotaryEmbedding(128, 500000.0, scaling=scaling)
     wavelen = 2 * math.pi / plain.inv_freq
@@ -62,7 +64,9 @@ def test_llama3_scaling() -> None:
     assert torch.allclose(scaled.inv_freq[low], plain.inv_freq[low] / 8)
     middle = ~high & ~low
     assert middle.any()
-    assert ((scaled.inv_freq[middle] < plain.inv_freq[middle]) & (scaled.inv_freq[middle] > plain.inv_freq[middle] / 8)).all()
+    assert (
+        (scaled.inv_freq[middle] < plain.inv_freq[middle]) & (scaled.inv_freq[middle] > plain.inv_freq[middle] / 8)
+    ).all()
     assert scaled.attention_scaling == 1.0
 
 

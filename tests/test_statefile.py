@@ -11,8 +11,7 @@ import torch
 from helpers import make_layer, token_like
 from safetensors.torch import save_file
 
-from coda_gqa_l import BoundedConfig
-from coda_gqa_l import statefile
+from coda_gqa_l import BoundedConfig, statefile
 from coda_gqa_l.statefile import StateFileError, load_state, module_fingerprint, read_state_metadata, save_state
 
 
@@ -33,7 +32,9 @@ def test_save_load_continue_is_bit_for_bit(tmp_path: Path) -> None:
         state = layer.init_state(2)
         first, state = layer.prefill_chunked(x[:, :200], state, block_size=40)
         save_state(tmp_path / "s.safetensors", state, model_fingerprint=module_fingerprint(layer))
-        resumed = load_state(tmp_path / "s.safetensors", config=layer.config, model_fingerprint=module_fingerprint(layer))
+        resumed = load_state(
+            tmp_path / "s.safetensors", config=layer.config, model_fingerprint=module_fingerprint(layer)
+        )
         second, resumed = layer.prefill_chunked(x[:, 200:], resumed, block_size=40)
     assert never_stopped.metrics["exact_inserts"] > 0
     assert torch.equal(torch.cat([first, second], 1), straight)
@@ -71,7 +72,10 @@ def test_int8_storage_is_smaller_and_close(tmp_path: Path, layer_and_state) -> N
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(config=BoundedConfig(window=64, num_landmarks_exact=6, num_landmarks_summary=4, num_sink=3)), "another config"),
+        (
+            dict(config=BoundedConfig(window=64, num_landmarks_exact=6, num_landmarks_summary=4, num_sink=3)),
+            "another config",
+        ),
         (dict(model_fingerprint="0" * 64), "another model"),
         (dict(dtype=torch.bfloat16), "saved in torch.float32"),
         (dict(module_config={"embed_dim": 128}), "another module"),

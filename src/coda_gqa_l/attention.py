@@ -114,7 +114,7 @@ class BoundedCoDAAttention(nn.Module):
             "position_mode": position_mode,
             "differential": differential,
         }
-        given = {key: value for key, value in routing.items() if value is not None}
+        given: dict[str, Any] = {key: value for key, value in routing.items() if value is not None}
         if config is None:
             config = BoundedConfig(**given)
         elif given:
@@ -315,7 +315,7 @@ class BoundedCoDAAttention(nn.Module):
                     metrics,
                 )
             snapshots.append(_bank_view(banks))
-        bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots))
+        bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots, strict=True))
 
         attended = attend_segments(
             core.stack_queries(q),
@@ -335,7 +335,7 @@ class BoundedCoDAAttention(nn.Module):
 
         kept = min(n, W)
         slots = torch.arange(start + n - kept, start + n, device=device) % W
-        fields: dict[str, Any] = dict(zip(BANK_FIELDS, banks))
+        fields: dict[str, Any] = dict(zip(BANK_FIELDS, banks, strict=True))
         fields.update(
             sink_k=sink_k,
             sink_v=sink_v,

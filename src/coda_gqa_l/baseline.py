@@ -64,7 +64,9 @@ class _UnboundedAttention(nn.Module):
             **core_kwargs,
         )
 
-    def init_cache(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def init_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         weight = self.core.q_proj.weight
         shape = (batch_size, self.core.num_kv_heads, 0, self.core.head_dim)
         empty = torch.empty(shape, device=device or weight.device, dtype=dtype or weight.dtype)
@@ -93,7 +95,9 @@ class _UnboundedAttention(nn.Module):
             # bottom-right causal alignment: query i (at start + i) sees keys 0..start + i
             key_pos = torch.arange(start + length, device=x.device)
             mask = key_pos[None, :] <= positions[:, None]
-        attended = sdpa_stacked(core.stack_queries(q), k, v, core.softmax_scale, mask, is_causal=start == 0 and length > 1)
+        attended = sdpa_stacked(
+            core.stack_queries(q), k, v, core.softmax_scale, mask, is_causal=start == 0 and length > 1
+        )
         return core.combine(attended, lam)
 
 

@@ -93,17 +93,13 @@ class BoundedConfig:
         if self.num_sink >= W:
             raise ValueError(f"num_sink ({self.num_sink}) must be smaller than window ({W})")
         if not -1.0 <= self.novelty <= self.match <= 1.0:
-            raise ValueError(
-                f"need -1 <= novelty <= match <= 1, got novelty={self.novelty}, match={self.match}"
-            )
+            raise ValueError(f"need -1 <= novelty <= match <= 1, got novelty={self.novelty}, match={self.match}")
         for name in ("tau_exact", "tau_summary"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.position_mode not in ("relative", "absolute"):
-            raise ValueError(
-                f"position_mode must be 'relative' or 'absolute', got {self.position_mode!r}"
-            )
+            raise ValueError(f"position_mode must be 'relative' or 'absolute', got {self.position_mode!r}")
 
     @classmethod
     def preset(cls, name: str, *, num_sink: int = 0, **overrides: Any) -> BoundedConfig:

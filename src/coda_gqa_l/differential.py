@@ -76,9 +76,7 @@ class DifferentialCore(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if head_dim is None:
             if embed_dim % num_heads:
-                raise ValueError(
-                    f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads}); pass head_dim"
-                )
+                raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads}); pass head_dim")
             head_dim = embed_dim // num_heads
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be even and >= 2 (RoPE rotates pairs), got {head_dim}")
@@ -139,7 +137,9 @@ class DifferentialCore(nn.Module):
         if self.theta is None:
             return signal
         cos, sin = expand_pairs(self.theta.cos(), self.theta.sin(), self.rope.layout)
-        noise = apply_rope(q_roped, cos[:, None, :].to(q_roped.dtype), sin[:, None, :].to(q_roped.dtype), self.rope.layout)
+        noise = apply_rope(
+            q_roped, cos[:, None, :].to(q_roped.dtype), sin[:, None, :].to(q_roped.dtype), self.rope.layout
+        )
         return torch.cat([signal, noise.view(b, self.num_kv_heads, self.group, length, d)], dim=2)
 
     def combine(self, attended: Tensor, lam: Tensor | None) -> Tensor:

@@ -154,9 +154,7 @@ class RotaryEmbedding(nn.Module):
         if base <= 1.0:
             raise ValueError(f"rope base must be > 1, got {base}")
         self.head_dim, self.base, self.layout = head_dim, float(base), layout
-        inv_freq, self.attention_scaling = _scaled_inv_freq(
-            head_dim, float(base), scaling, max_position_embeddings
-        )
+        inv_freq, self.attention_scaling = _scaled_inv_freq(head_dim, float(base), scaling, max_position_embeddings)
         # float64 so that angles stay exact for large positions; a non-persistent buffer so it
         # follows .to(device) but never enters a checkpoint.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -207,8 +205,7 @@ class HeadwiseRMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.weight.shape[0] or x.shape[-1] != self.weight.shape[1]:
             raise ValueError(
-                f"HeadwiseRMSNorm expects (B, {self.weight.shape[0]}, L, {self.weight.shape[1]}), "
-                f"got {tuple(x.shape)}"
+                f"HeadwiseRMSNorm expects (B, {self.weight.shape[0]}, L, {self.weight.shape[1]}), got {tuple(x.shape)}"
             )
         x32 = _at_least_float32(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -108,7 +108,10 @@ def attend_segments(
     mask = torch.cat([sink_ok, win_ok], dim=-1)  # (nseg, S, Ns + W)
     structural = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
     bias = torch.cat(
-        [structural.expand(B, Hkv, nseg, S, Ns + W), bank_bias[:, :, :, None, :].expand(B, Hkv, nseg, S, bank_bias.shape[-1])],
+        [
+            structural.expand(B, Hkv, nseg, S, Ns + W),
+            bank_bias[:, :, :, None, :].expand(B, Hkv, nseg, S, bank_bias.shape[-1]),
+        ],
         dim=-1,
     )
     # Padding rows (before ``start`` or past the chunk) are discarded; give them finite

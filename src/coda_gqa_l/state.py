@@ -169,15 +169,17 @@ class BoundedState:
 
     def clone(self) -> BoundedState:
         """An independent copy (fork): for concurrent questions and CUDA graph buffers."""
-        copies = {name: t.clone() for name, t in self.tensors().items()}
+        copies: dict[str, Any] = {name: t.clone() for name, t in self.tensors().items()}
         return dataclasses.replace(self, **copies, metrics=dict(self.metrics))
 
     def detach(self) -> BoundedState:
         """The same state cut from the autograd graph (truncated backpropagation)."""
-        return dataclasses.replace(self, **{n: t.detach() for n, t in self.tensors().items()}, metrics=dict(self.metrics))
+        detached: dict[str, Any] = {n: t.detach() for n, t in self.tensors().items()}
+        return dataclasses.replace(self, **detached, metrics=dict(self.metrics))
 
     def to(self, device: torch.device | str) -> BoundedState:
-        return dataclasses.replace(self, **{n: t.to(device) for n, t in self.tensors().items()}, metrics=dict(self.metrics))
+        moved: dict[str, Any] = {n: t.to(device) for n, t in self.tensors().items()}
+        return dataclasses.replace(self, **moved, metrics=dict(self.metrics))
 
     def replace(self, **changes: Any) -> BoundedState:
         return dataclasses.replace(self, **changes)

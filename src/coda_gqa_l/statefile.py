@@ -183,18 +183,24 @@ def _read(path: Path, with_tensors: bool) -> tuple[dict[str, Any], dict[str, Ten
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
             if raw is None:
-                raise StateFileError(f"{path}: a safetensors file, but not a CoDA-GQA-L state (no {METADATA_KEY!r} metadata)")
+                raise StateFileError(
+                    f"{path}: a safetensors file, but not a CoDA-GQA-L state (no {METADATA_KEY!r} metadata)"
+                )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()} if with_tensors else {}
     except StateFileError:
         raise
     except Exception as err:  # safetensors raises its own error types for bad headers
-        raise StateFileError(f"{path}: not a readable state file (truncated, corrupt or another format): {err}") from err
+        raise StateFileError(
+            f"{path}: not a readable state file (truncated, corrupt or another format): {err}"
+        ) from err
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise StateFileError(f"{path}: state metadata is corrupt: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise StateFileError(f"{path}: not a CoDA-GQA-L state file (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        raise StateFileError(
+            f"{path}: not a CoDA-GQA-L state file (format {meta.get('format') if isinstance(meta, dict) else meta!r})"
+        )
     version = meta.get("format_version")
     if not isinstance(version, int):
         raise StateFileError(f"{path}: state metadata has no format version")
@@ -237,13 +243,16 @@ def load_state(
         expected = [config] * num_layers if isinstance(config, BoundedConfig) else list(config)
         if len(expected) != num_layers:
             raise StateFileError(f"{path}: holds {num_layers} layers, expected {len(expected)}")
-        for i, (want, have) in enumerate(zip(expected, configs)):
+        for i, (want, have) in enumerate(zip(expected, configs, strict=True)):
             if want != have:
                 diff = {k: (v, want.to_dict()[k]) for k, v in have.to_dict().items() if want.to_dict()[k] != v}
-                raise StateFileError(f"{path}: layer {i} was saved with another config; (file, expected) differ in {diff}")
+                raise StateFileError(
+                    f"{path}: layer {i} was saved with another config; (file, expected) differ in {diff}"
+                )
     if module_config is not None and meta.get("module_config") != module_config:
-        have = meta.get("module_config") or {}
-        diff = {k: (have.get(k), module_config.get(k)) for k in set(have) | set(module_config) if have.get(k) != module_config.get(k)}
+        saved: dict[str, Any] = meta.get("module_config") or {}
+        keys = set(saved) | set(module_config)
+        diff = {k: (saved.get(k), module_config.get(k)) for k in keys if saved.get(k) != module_config.get(k)}
         raise StateFileError(f"{path}: saved for another module; (file, expected) differ in {diff}")
     if model_fingerprint is not None and meta.get("model_fingerprint") != model_fingerprint:
         raise StateFileError(
@@ -270,7 +279,7 @@ def _assemble(
 ) -> BoundedState:
     batch, hkv, head_dim = int(meta["batch_size"]), int(meta["num_kv_heads"][layer]), int(meta["head_dim"][layer])
     template = BoundedState.empty(config, batch, hkv, head_dim, "meta", dtype)
-    fields: dict[str, Tensor] = {}
+    fields: dict[str, Any] = {}
     for name in TENSOR_FIELDS:
         key = f"layer{layer}.{name}"
         want = getattr(template, name)
