@@ -8,6 +8,7 @@ from .baseline import BaselineGQA, CoDAGQA, KVCache
 from .config import BoundedConfig
 from .primitives import HeadwiseRMSNorm, RMSNorm, RotaryEmbedding, apply_rope, repeat_kv
 from .state import BoundedState
+from .statefile import StateFileError, load_state, module_fingerprint, read_state_metadata, save_state
 
 CoDAGQALandmarkStatePerf2 = BoundedState
 
@@ -25,7 +26,12 @@ __all__ = [
     "KVCache",
     "RMSNorm",
     "RotaryEmbedding",
+    "StateFileError",
     "__version__",
     "apply_rope",
+    "load_state",
+    "module_fingerprint",
+    "read_state_metadata",
     "repeat_kv",
+    "save_state",
 ]

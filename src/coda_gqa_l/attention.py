@@ -20,7 +20,7 @@ tokens ``0..t`` only, never on how the input was chunked (SPEC 2.3).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +150,28 @@ class BoundedCoDAAttention(nn.Module):
         self.summary_rate_logit = nn.Parameter(torch.full((num_kv_heads,), float(config.summary_rate_logit_init)))
         self.collect_metrics = collect_metrics
 
+    # ------------------------------------------------------------------ shapes
+    @property
+    def embed_dim(self) -> int:
+        return self.core.embed_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.core.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.core.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.core.head_dim
+
+    def full_cache_bytes(self, tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> int:
+        """Bytes a full (unbounded) KV cache would need for ``tokens`` tokens: keys plus values."""
+        itemsize = torch.empty((), dtype=dtype or self.core.q_proj.weight.dtype).element_size()
+        return 2 * batch_size * tokens * self.num_kv_heads * self.head_dim * itemsize
+
     # ------------------------------------------------------------------ state
     def init_state(
         self,
@@ -211,6 +233,28 @@ class BoundedCoDAAttention(nn.Module):
         new_state = state.replace(**fields, metrics=dict(state.metrics))
         self._record_metrics(new_state, counts)
         return (y, new_state) if return_state else y
+
+    @overload
+    def prefill_chunked(
+        self,
+        x: Tensor,
+        state: BoundedState,
+        block_size: int = 256,
+        *,
+        return_outputs: Literal[True] = True,
+        write_cache: bool = True,
+    ) -> tuple[Tensor, BoundedState]: ...
+
+    @overload
+    def prefill_chunked(
+        self,
+        x: Tensor,
+        state: BoundedState,
+        block_size: int = 256,
+        *,
+        return_outputs: Literal[False],
+        write_cache: bool = True,
+    ) -> tuple[None, BoundedState]: ...
 
     def prefill_chunked(
         self,

@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layer = BoundedCoDAAttention(args.embed_dim, args.heads, args.kv_heads, config=cfg, collect_metrics=True)
     layer.eval()
     dtype = torch.float32
-    head_dim = layer.core.head_dim
     bytes_start = layer.cache_bytes(1, dtype)
     state = layer.init_state(1, device="cpu", dtype=dtype)
     gen = torch.Generator().manual_seed(args.seed)
@@ -85,7 +84,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n = min(args.block_size, args.tokens - start)
             x = torch.randn(1, n, args.embed_dim, generator=gen, dtype=dtype)
             y, state = layer.prefill_chunked(x, state, block_size=args.block_size)
-            assert y is not None
             finite = finite and bool(torch.isfinite(y).all())
             bar.update(n)
         seconds = time.perf_counter() - t0
@@ -94,8 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state_bytes = state.nbytes()
     if state_bytes != bytes_end:
         raise RuntimeError(f"state.nbytes() = {state_bytes} but layer.cache_bytes(1, float32) = {bytes_end}")
-    # keys plus values of every token seen, float32, one layer, batch 1
-    full_kv = 2 * state.pos * args.kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    full_kv = layer.full_cache_bytes(state.pos, dtype=dtype)  # keys plus values of every token seen
     return {
         "version": __version__,
         "config": args.config,
@@ -105,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "embed_dim": args.embed_dim,
         "heads": args.heads,
         "kv_heads": args.kv_heads,
-        "head_dim": head_dim,
+        "head_dim": layer.head_dim,
         "block_size": args.block_size,
         "tokens": state.pos,
         "state_bytes": state_bytes,
