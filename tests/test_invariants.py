@@ -188,3 +188,17 @@ def test_bfloat16_runs_and_tracks_float32() -> None:
     rel = (y16[:, :w].float() - y32[:, :w]).norm() / y32[:, :w].norm()
     assert rel < 3e-2
     assert (a.float() - b.float()).abs().max().item() <= 2e-2
+
+
+def test_clone_forks_the_state() -> None:
+    layer = make_layer("gqa", "full")
+    x = token_like(1, SEQ_LEN, 64, 5)
+    with torch.no_grad():
+        _, state = layer.prefill_chunked(x[:, :150], layer.init_state(1))
+        fork = state.clone()
+        a, state = layer.prefill_chunked(x[:, 150:], state)
+        assert fork.pos == 150  # advancing the original leaves the fork where it was
+        b, fork = layer.prefill_chunked(x[:, 150:], fork)
+    assert torch.equal(a, b)
+    for name, tensor in state.tensors().items():
+        assert torch.equal(getattr(fork, name), tensor), name
