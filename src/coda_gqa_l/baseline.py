@@ -7,6 +7,7 @@ keys after RoPE and grows with every token; it is the "full cache" the bounded s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,29 +76,52 @@ class _UnboundedAttention(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """``x (B, L, D)`` -> ``(B, L, D)``, causal. With a cache, ``x`` continues it and the
         cache is extended in place (``cache.k``/``cache.v`` are rebound)."""
-        core = self.core
-        core.check_input(x)
-        start = 0 if cache is None else cache.pos
-        if cache is not None and cache.k.shape[0] != x.shape[0]:
+        self.core.check_input(x)
+        if cache is None:
+            return self.attend(x, 0)
+        if cache.k.shape[0] != x.shape[0]:
             raise ValueError(f"cache batch size {cache.k.shape[0]} does not match x batch size {x.shape[0]}")
+
+        def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            cache.k, cache.v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            return cache.k, cache.v
+
+        return self.attend(x, cache.pos, append)
+
+    def attend(
+        self,
+        x: Tensor,
+        start: int,
+        append: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        key_padding: Tensor | None = None,
+    ) -> Tensor:
+        """Attention for tokens ``start .. start + L - 1`` of ``x (B, L, D)``.
+
+        ``append(k, v)`` stores the new keys (after RoPE) and values in a cache and returns all
+        of them; without it the chunk attends to itself only. ``key_padding (B, T)`` (True =
+        real token) masks padded keys for batches of different lengths.
+        """
+        core = self.core
         q, k, v, lam = core.project(x)
         length = x.shape[1]
         positions = torch.arange(start, start + length, device=x.device)
         cos, sin = core.rope.cos_sin(positions, q.dtype)
         q = apply_rope(q, cos, sin, core.rope.layout)
         k = apply_rope(k, cos, sin, core.rope.layout)
-        if cache is not None:
-            k = torch.cat([cache.k, k], dim=2)
-            v = torch.cat([cache.v, v], dim=2)
-            cache.k, cache.v = k, v
+        if append is not None:
+            k, v = append(k, v)
+        total = k.shape[2]
         mask = None
-        if start > 0 and length > 1:
-            # bottom-right causal alignment: query i (at start + i) sees keys 0..start + i
-            key_pos = torch.arange(start + length, device=x.device)
-            mask = key_pos[None, :] <= positions[:, None]
-        attended = sdpa_stacked(
-            core.stack_queries(q), k, v, core.softmax_scale, mask, is_causal=start == 0 and length > 1
-        )
+        if key_padding is not None or (total > length and length > 1):
+            # bottom-right causal alignment: query i (at total - length + i) sees keys 0..total - length + i
+            key_pos = torch.arange(total, device=x.device)
+            mask = key_pos[None, :] <= (key_pos[total - length :])[:, None]
+            if key_padding is not None:
+                # a padded query row would see no key at all (NaN); let every query see itself
+                own = key_pos[None, :] == (key_pos[total - length :])[:, None]
+                mask = (mask[None, None] & key_padding[:, None, None, -total:].bool()) | own
+        causal = mask is None and length > 1
+        attended = sdpa_stacked(core.stack_queries(q), k, v, core.softmax_scale, mask, is_causal=causal)
         return core.combine(attended, lam)
 
 

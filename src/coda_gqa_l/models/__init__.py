@@ -1,0 +1,17 @@
+"""Hugging Face model support: convert a model's attention, a bounded ``Cache`` for
+``generate()``, and loaders for the packaged SmolLM2 and local model folders."""
+
+from .adapters import CoDAAttentionAdapter, EveCoDAAdapter, LlamaCoDAAdapter, Qwen3CoDAAdapter, spec_from_config
+from .cache import BoundedCache, bounded_modules
+from .convert import convert
+
+__all__ = [
+    "BoundedCache",
+    "CoDAAttentionAdapter",
+    "EveCoDAAdapter",
+    "LlamaCoDAAdapter",
+    "Qwen3CoDAAdapter",
+    "bounded_modules",
+    "convert",
+    "spec_from_config",
+]

@@ -1,0 +1,115 @@
+"""``convert(model, config)``: replace every attention module of a Hugging Face model.
+
+Each decoder layer's ``self_attn`` becomes a ``CoDAAttentionAdapter`` holding our layer with
+the original q/k/v/o weights (and q/k norms). With the defaults (``head_norm="identity"``,
+lambda near 0) the converted model computes the original function up to lambda's 0.25%; with
+``exact_identity=True`` exactly (lambda is scaled by a learned scalar that starts at 0).
+
+The model's attention implementation is set to ``"coda"``, which we register with
+transformers: its mask function hands the adapters the 2D padding mask (or nothing), so
+transformers never builds an L x L mask, whatever the length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..config import BoundedConfig
+from .adapters import CoDAAttentionAdapter, build_adapter, spec_from_config
+
+ATTN_IMPLEMENTATION = "coda"
+
+
+def _padding_only_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """Mask function for the 'coda' implementation: the 2D padding mask, never an L x L one."""
+    return attention_mask
+
+
+def _unconverted_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(
+        f"{type(module).__name__} was not converted but the model uses the 'coda' attention implementation; "
+        "convert every attention layer with coda_gqa_l.convert"
+    )
+
+
+def register_attention() -> None:
+    """Register the 'coda' attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _unconverted_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_only_mask)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a causal LM (``model.model.layers``) or a base model (``model.layers``)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at .model.layers or .layers")
+    return list(layers)
+
+
+def convert(
+    model: nn.Module,
+    config: BoundedConfig | str | None = "medium",
+    *,
+    differential: bool = True,
+    head_norm: str = "identity",
+    exact_identity: bool = False,
+    lambda_init_bias: float = -6.0,
+    theta_init: float = 0.5,
+    progress: bool = False,
+) -> nn.Module:
+    """Convert ``model`` in place and return it.
+
+    Args:
+        config: a ``BoundedConfig``, a preset name (``tiny``/``medium``/``large``), or ``None``
+            for unbounded attention with a full cache.
+        differential: for unbounded conversion, ``False`` keeps plain GQA (the factorial's
+            control); for bounded, set ``differential`` in the ``BoundedConfig``.
+        head_norm, exact_identity, lambda_init_bias, theta_init: see ``DifferentialCore``.
+    """
+    model_config = getattr(model, "config", None)
+    if model_config is None:
+        raise ValueError(f"{type(model).__name__} has no .config: is it a Hugging Face model?")
+    spec = spec_from_config(model_config)
+    bounded = BoundedConfig.preset(config) if isinstance(config, str) else config
+    layers = decoder_layers(model)
+    iterator: Any = layers
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(layers, desc="converting attention", unit="layer")
+    for idx, decoder_layer in enumerate(iterator):
+        attn = getattr(decoder_layer, "self_attn", None)
+        if attn is None:
+            raise ValueError(f"decoder layer {idx} has no self_attn")
+        if isinstance(attn, CoDAAttentionAdapter):
+            raise ValueError(f"decoder layer {idx} is already converted")
+        decoder_layer.self_attn = build_adapter(
+            attn,
+            spec,
+            idx,
+            bounded,
+            differential=differential,
+            head_norm=head_norm,
+            exact_identity=exact_identity,
+            lambda_init_bias=lambda_init_bias,
+            theta_init=theta_init,
+        )
+    register_attention()
+    model_config._attn_implementation = ATTN_IMPLEMENTATION
+    if bounded is not None:
+        # A plain forward then runs each sequence from an empty state; generation must pass a
+        # BoundedCache (a DynamicCache cannot hold bounded states, and the adapters say so).
+        model_config.use_cache = False
+    model_config.coda_gqa_l = {
+        "bounded": bounded.to_dict() if bounded is not None else None,
+        "differential": bounded.differential if bounded is not None else differential,
+        "head_norm": head_norm,
+        "exact_identity": exact_identity,
+    }
+    return model
