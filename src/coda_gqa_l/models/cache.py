@@ -94,7 +94,8 @@ class BoundedCache(Cache):
         if num_layers is None:
             if model is None:
                 raise ValueError("BoundedCache needs a model or num_layers")
-            num_layers = int(getattr(model, "config").num_hidden_layers)
+            model_config: Any = model.config
+            num_layers = int(model_config.num_hidden_layers)
         super().__init__(layers=[BoundedCacheLayer() for _ in range(num_layers)])
         self.block_size = block_size
 
