@@ -27,6 +27,7 @@ from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
 
+CONVERSION_SEED = 20261123
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
@@ -225,6 +226,24 @@ def build_adapter(
         head_norm=head_norm, exact_identity=exact_identity, lambda_init_bias=lambda_init_bias, theta_init=theta_init
     )
     layer: BoundedCoDAAttention | _UnboundedAttention
+    # Conversion is reproducible: the new parameters (write gate) draw from a generator
+    # seeded by the layer index, so two conversions of one model have one fingerprint.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(CONVERSION_SEED + layer_idx)
+        layer = _new_layer(spec, config, differential, kwargs, core_kwargs)
+    layer.to(device=weight.device, dtype=weight.dtype)
+    _copy_weights(attn, layer)
+    return CoDAAttentionAdapter(layer, layer_idx)
+
+
+def _new_layer(
+    spec: AttentionSpec,
+    config: BoundedConfig | None,
+    differential: bool,
+    kwargs: dict[str, Any],
+    core_kwargs: dict[str, Any],
+) -> BoundedCoDAAttention | _UnboundedAttention:
+    layer: BoundedCoDAAttention | _UnboundedAttention
     if config is not None:
         layer = BoundedCoDAAttention(
             spec.embed_dim, spec.num_heads, spec.num_kv_heads, config=config, **kwargs, **core_kwargs
@@ -233,9 +252,7 @@ def build_adapter(
         layer = CoDAGQA(spec.embed_dim, spec.num_heads, spec.num_kv_heads, **kwargs, **core_kwargs)
     else:
         layer = BaselineGQA(spec.embed_dim, spec.num_heads, spec.num_kv_heads, **kwargs, head_norm="identity")
-    layer.to(device=weight.device, dtype=weight.dtype)
-    _copy_weights(attn, layer)
-    return CoDAAttentionAdapter(layer, layer_idx)
+    return layer
 
 
 class LlamaCoDAAdapter:
