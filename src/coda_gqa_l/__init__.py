@@ -12,10 +12,27 @@ from .statefile import StateFileError, load_state, module_fingerprint, read_stat
 
 CoDAGQALandmarkStatePerf2 = BoundedState
 
+# Names that need transformers (the "models" extra) are imported on first use.
+_MODEL_NAMES = ("BoundedCache", "EveCoDAAdapter", "LlamaCoDAAdapter", "Qwen3CoDAAdapter", "convert")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MODEL_NAMES:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'coda_gqa_l' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BaselineGQA",
+    "BoundedCache",
+    "EveCoDAAdapter",
+    "LlamaCoDAAdapter",
+    "Qwen3CoDAAdapter",
+    "convert",
     "BoundedCoDAAttention",
     "BoundedConfig",
     "BoundedState",
