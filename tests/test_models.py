@@ -221,3 +221,20 @@ def test_per_layer_adapter_from_llama_attention() -> None:
         position = model.model.rotary_emb(x, torch.arange(20)[None])
         expected, _ = attn(x, position_embeddings=position, attention_mask=None)
     assert (y - expected).abs().max().item() < 1e-5
+
+
+def test_stream_perplexity_is_chunk_invariant() -> None:
+    from transformers import DynamicCache
+
+    from coda_gqa_l.evaluation import stream_nll
+
+    model = _build("llama").eval()
+    ids = _ids(1, 300, 7)
+    whole = stream_nll(model, ids)
+    streamed = stream_nll(model, ids, DynamicCache(config=model.config), chunk=64)
+    assert whole.shape == streamed.shape == (299,)
+    assert (whole - streamed).abs().max().item() < 1e-4
+    bounded = convert(copy.deepcopy(model), SMALL)
+    a = stream_nll(bounded, ids, BoundedCache(bounded), chunk=37)
+    b = stream_nll(bounded, ids, BoundedCache(bounded), chunk=300)
+    assert (a - b).abs().max().item() < 1e-4
