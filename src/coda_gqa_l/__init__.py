@@ -21,6 +21,10 @@ def __getattr__(name: str) -> object:
         from . import models
 
         return getattr(models, name)
+    if name == "NeuralDatabase":
+        from .neuraldb import NeuralDatabase
+
+        return NeuralDatabase
     raise AttributeError(f"module 'coda_gqa_l' has no attribute {name!r}")
 
 
@@ -31,6 +35,7 @@ __all__ = [
     "BoundedCache",
     "EveCoDAAdapter",
     "LlamaCoDAAdapter",
+    "NeuralDatabase",
     "Qwen3CoDAAdapter",
     "convert",
     "BoundedCoDAAttention",

@@ -1,0 +1,26 @@
+"""The stateful neural database: documents kept as fixed-size model states (SPEC 8)."""
+
+from .engine import (
+    DEFAULT_CONFIG,
+    DocumentNotFound,
+    NeuralDatabase,
+    NeuralDBError,
+    PromptFormat,
+    Session,
+    default_model,
+)
+from .store import DocumentIndex, DocumentInfo
+from .tokenizer import ByteTokenizer
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ByteTokenizer",
+    "DocumentIndex",
+    "DocumentInfo",
+    "DocumentNotFound",
+    "NeuralDBError",
+    "NeuralDatabase",
+    "PromptFormat",
+    "Session",
+    "default_model",
+]

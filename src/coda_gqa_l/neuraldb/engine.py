@@ -1,0 +1,368 @@
+"""``NeuralDatabase``: ingest a document once into a fixed-size state, ask questions later.
+
+A store is a folder: ``index.sqlite`` (one row per document: label, source hash, model
+fingerprint, config, tokens, created, sizes) and ``states/`` (one state file per document,
+SPEC 9). Ingest streams the document through the bounded model in chunks (memory stays flat
+whatever its length) and saves the state of every layer. Ask loads the state into a fresh
+cache, prefills the question and generates the answer, streamed; the stored state never
+changes, so questions asked at the same time on one document do not interfere. A session
+keeps a follow-up conversation in its own fork of the state.
+
+Prompts follow the model's chat format when it has one (ChatML for SmolLM2): the document
+opens a user turn, the question closes it, and the assistant answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BoundedConfig
+from ..statefile import StateFileError, atomic_write_bytes, module_fingerprint, read_state_metadata
+from .store import DocumentIndex, DocumentInfo
+from .tokenizer import ByteTokenizer
+
+DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4)
+
+
+class NeuralDBError(Exception):
+    """A request the database cannot serve; the message says why."""
+
+
+class DocumentNotFound(NeuralDBError):
+    pass
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a document, a question and a follow-up are laid out as text."""
+
+    document_prefix: str
+    question: str
+    follow_up: str
+    stop_strings: tuple[str, ...] = ()
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> PromptFormat:
+        template = str(getattr(tokenizer, "chat_template", "") or "")
+        if "<|im_start|>" in template:
+            return cls(
+                document_prefix="<|im_start|>user\n",
+                question="\n\nQuestion: {question}<|im_end|>\n<|im_start|>assistant\n",
+                follow_up="<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                stop_strings=("<|im_end|>",),
+            )
+        return cls(
+            document_prefix="",
+            question="\n\nQuestion: {question}\nAnswer:",
+            follow_up="\nQuestion: {question}\nAnswer:",
+        )
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class NeuralDatabase:
+    """A store of documents, each kept as the fixed-size state a bounded model left after reading it.
+
+    Args:
+        folder: the store (created if missing).
+        model: a causal LM converted with ``coda_gqa_l.convert(model, config)``; ``None`` loads
+            the packaged SmolLM2-135M-Instruct (``default_model``).
+        tokenizer: the model's tokenizer (anything with ``encode``/``decode``/``eos_token_id``).
+        chunk_tokens: tokens per forward pass while ingesting (memory, not results).
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        *,
+        chunk_tokens: int = 1024,
+    ) -> None:
+        from ..models.cache import bounded_modules
+
+        if model is None:
+            model, tokenizer = default_model()
+        if tokenizer is None:
+            raise NeuralDBError("a model needs its tokenizer")
+        self.folder = Path(folder)
+        self.states_dir = self.folder / "states"
+        self.states_dir.mkdir(parents=True, exist_ok=True)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        modules = bounded_modules(model)
+        self.config = modules[0].config.to_dict()
+        self.layers = len(modules)
+        self._per_token_bytes = sum(m.full_cache_bytes(1) for m in modules)
+        self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
+        self.index = DocumentIndex(self.folder / "index.sqlite")
+        self.format = PromptFormat.for_tokenizer(tokenizer)
+        self._stop_ids = self._stop_token_ids()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def tiny_for_tests(cls, folder: str | Path) -> NeuralDatabase:
+        """A tiny random Llama with a byte tokenizer: fast and deterministic, answers are noise."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ..models import convert
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=ByteTokenizer.vocab_size,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=4096,
+                eos_token_id=ByteTokenizer.eos_token_id,
+            )
+            model = LlamaForCausalLM(config)
+        bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
+        return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256)
+
+    def _encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return torch.tensor([ids], dtype=torch.long, device=self._device)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _stop_token_ids(self) -> set[int]:
+        stops = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        for text in self.format.stop_strings:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == 1:
+                stops.add(int(ids[0]))
+        return stops
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(self, text: str, *, label: str | None = None, progress: bool = False) -> DocumentInfo:
+        """Read ``text`` once and store the state it leaves; a source already stored for this
+        model and config is not read again (its info comes back with ``duplicate=True``)."""
+        from ..models.cache import BoundedCache
+
+        if not isinstance(text, str) or not text.strip():
+            raise NeuralDBError("the document is empty")
+        source = _sha256_text(text)
+        existing = self.index.find_source(source, self.fingerprint, self.config)
+        if existing is not None:
+            existing.duplicate = True
+            return existing
+        ids = self._encode(self.format.document_prefix + text)
+        cache = BoundedCache(self.model, block_size=self.chunk_tokens)
+        base = getattr(self.model, "model", self.model)  # skip the LM head: no vocabulary-sized outputs
+        starts = range(0, ids.shape[1], self.chunk_tokens)
+        with torch.inference_mode():
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=ids.shape[1], unit="tok", desc=f"ingest {label or 'document'}")
+            for start in starts:
+                piece = ids[:, start : start + self.chunk_tokens]
+                base(input_ids=piece, past_key_values=cache, use_cache=True)
+                if progress:
+                    bar.update(piece.shape[1])
+            if progress:
+                bar.close()
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        label = label or text.strip().splitlines()[0][:60]
+        path = self.states_dir / f"{source[:20]}-{self.fingerprint[:8]}.state"
+        extra = {"label": label, "source_sha256": source, "tokens": int(ids.shape[1]), "created": created}
+        cache.save(path, model_fingerprint=self.fingerprint, extra=extra)
+        info = DocumentInfo(
+            id=0,
+            label=label,
+            source_sha256=source,
+            model_fingerprint=self.fingerprint,
+            config=self.config,
+            tokens=int(ids.shape[1]),
+            created=created,
+            state_bytes=cache.nbytes(),
+            file_bytes=path.stat().st_size,
+            full_cache_bytes=self._per_token_bytes * int(ids.shape[1]),
+            state_file=path.name,
+        )
+        return self._insert(info)
+
+    def _insert(self, info: DocumentInfo) -> DocumentInfo:
+        try:
+            return self.index.insert(info)
+        except sqlite3.IntegrityError:  # another process stored the same source meanwhile
+            existing = self.index.find_source(info.source_sha256, self.fingerprint, self.config)
+            if existing is None:
+                raise
+            existing.duplicate = True
+            return existing
+
+    def ingest_file(self, path: str | Path, *, label: str | None = None, progress: bool = False) -> DocumentInfo:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise NeuralDBError(f"{path}: no such file") from err
+        except UnicodeDecodeError as err:
+            raise NeuralDBError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        return self.ingest(text, label=label or path.name, progress=progress)
+
+    def ingest_folder(self, folder: str | Path, pattern: str = "*.txt", progress: bool = False) -> list[DocumentInfo]:
+        files = sorted(Path(folder).glob(pattern))
+        if not files:
+            raise NeuralDBError(f"{folder}: no files match {pattern!r}")
+        return [self.ingest_file(path, progress=progress) for path in files]
+
+    # ------------------------------------------------------------------ read
+    def list(self) -> list[DocumentInfo]:
+        return self.index.all()
+
+    def show(self, ref: int | str) -> DocumentInfo:
+        info = self.index.get(ref)
+        if info is None:
+            raise DocumentNotFound(f"no document {ref!r} in {self.folder}")
+        return info
+
+    def _load(self, info: DocumentInfo) -> Any:
+        from ..models.cache import BoundedCache
+
+        if info.model_fingerprint != self.fingerprint or info.config != self.config:
+            raise NeuralDBError(
+                f"document {info.id} ({info.label!r}) was ingested with another model or config "
+                f"(fingerprint {info.model_fingerprint[:12]}..., this database uses {self.fingerprint[:12]}...)"
+            )
+        try:
+            return BoundedCache.load(self.states_dir / info.state_file, self.model, model_fingerprint=self.fingerprint)
+        except StateFileError as err:
+            raise NeuralDBError(f"document {info.id} ({info.label!r}): {err}") from err
+
+    def ask_stream(
+        self, ref: int | str, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0
+    ) -> Iterator[str]:
+        """The answer to ``question`` about document ``ref``, in pieces as they are generated."""
+        return self.session(ref).ask_stream(question, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def ask(self, ref: int | str, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0) -> str:
+        return "".join(self.ask_stream(ref, question, max_new_tokens=max_new_tokens, temperature=temperature))
+
+    def session(self, ref: int | str) -> Session:
+        """A conversation about document ``ref`` on a fork of its stored state."""
+        info = self.show(ref)
+        return Session(self, info, self._load(info))
+
+    # ------------------------------------------------------------------ manage
+    def delete(self, ref: int | str) -> None:
+        info = self.show(ref)
+        self.index.delete(info.id)
+        (self.states_dir / info.state_file).unlink(missing_ok=True)
+
+    def export(self, ref: int | str, dest: str | Path) -> Path:
+        """Copy document ``ref``'s state file to ``dest`` (atomically)."""
+        info = self.show(ref)
+        dest = Path(dest)
+        atomic_write_bytes(dest, (self.states_dir / info.state_file).read_bytes())
+        return dest
+
+    def import_state(self, path: str | Path, *, label: str | None = None) -> DocumentInfo:
+        """Add a state file exported from a database with the same model and config."""
+        from ..models.cache import BoundedCache
+
+        path = Path(path)
+        try:
+            meta = read_state_metadata(path)
+            cache = BoundedCache.load(path, self.model, model_fingerprint=self.fingerprint)
+        except StateFileError as err:
+            raise NeuralDBError(str(err)) from err
+        extra = meta.get("extra") or {}
+        source = extra.get("source_sha256")
+        if not source:
+            raise NeuralDBError(f"{path}: a state file, but not one exported from a neural database (no source hash)")
+        existing = self.index.find_source(source, self.fingerprint, self.config)
+        if existing is not None:
+            existing.duplicate = True
+            return existing
+        dest = self.states_dir / f"{source[:20]}-{self.fingerprint[:8]}.state"
+        shutil.copyfile(path, dest)
+        tokens = int(extra.get("tokens", meta["positions"][0]))
+        info = DocumentInfo(
+            id=0,
+            label=label or str(extra.get("label") or path.stem),
+            source_sha256=source,
+            model_fingerprint=self.fingerprint,
+            config=self.config,
+            tokens=tokens,
+            created=str(extra.get("created") or meta.get("created")),
+            state_bytes=cache.nbytes(),
+            file_bytes=dest.stat().st_size,
+            full_cache_bytes=self._per_token_bytes * tokens,
+            state_file=dest.name,
+        )
+        return self._insert(info)
+
+
+class Session:
+    """Follow-up questions on one document; the conversation lives in this fork only."""
+
+    def __init__(self, db: NeuralDatabase, info: DocumentInfo, cache: Any) -> None:
+        self.db, self.info, self.cache = db, info, cache
+        self.turns = 0
+
+    def ask(self, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0) -> str:
+        return "".join(self.ask_stream(question, max_new_tokens=max_new_tokens, temperature=temperature))
+
+    def ask_stream(self, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0) -> Iterator[str]:
+        if not isinstance(question, str) or not question.strip():
+            raise NeuralDBError("the question is empty")
+        if max_new_tokens < 1:
+            raise NeuralDBError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        template = self.db.format.question if self.turns == 0 else self.db.format.follow_up
+        self.turns += 1
+        return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)
+
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
+        db = self.db
+        generator = torch.Generator(device=db._device).manual_seed(0)
+        with torch.inference_mode():
+            logits = db.model(db._encode(prompt), past_key_values=self.cache, use_cache=True).logits[:, -1]
+            produced: list[int] = []
+            shown = ""
+            for _ in range(max_new_tokens):
+                if temperature > 0:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                else:
+                    token = int(logits.argmax(-1))
+                if token in db._stop_ids:
+                    break
+                produced.append(token)
+                text = db.tokenizer.decode(produced, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    pass
+                elif len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+                step = torch.tensor([[token]], device=db._device)
+                logits = db.model(step, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+
+def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
+    """The embedded default: SmolLM2-135M-Instruct from its package, converted to bounded CoDA."""
+    from ..models import convert
+    from ..models.loader import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return convert(model, config), tokenizer

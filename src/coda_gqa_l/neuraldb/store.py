@@ -1,0 +1,136 @@
+"""The store's SQLite index: one row per ingested document, written in transactions.
+
+The index lives next to the state files (``<store>/index.sqlite``) in WAL mode, so readers never
+block the writer and two processes writing the same store serialize on SQLite's lock instead of
+corrupting it. A row is inserted only after its state file is on disk (written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    source_sha256 TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL,
+    config TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    state_bytes INTEGER NOT NULL,
+    file_bytes INTEGER NOT NULL,
+    full_cache_bytes INTEGER NOT NULL,
+    state_file TEXT NOT NULL,
+    UNIQUE (source_sha256, model_fingerprint, config)
+);
+"""
+
+
+@dataclass
+class DocumentInfo:
+    """What the index knows about one document (sizes in bytes)."""
+
+    id: int
+    label: str
+    source_sha256: str
+    model_fingerprint: str
+    config: dict[str, Any]
+    tokens: int
+    created: str
+    state_bytes: int
+    file_bytes: int
+    full_cache_bytes: int
+    state_file: str
+    duplicate: bool = field(default=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = (
+    "id, label, source_sha256, model_fingerprint, config, tokens, created, "
+    "state_bytes, file_bytes, full_cache_bytes, state_file"
+)
+
+
+class DocumentIndex:
+    """The SQLite table of documents (one connection per call: safe across threads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn
+
+    def _row(self, row: tuple[Any, ...]) -> DocumentInfo:
+        values = list(row)
+        values[4] = json.loads(values[4])
+        return DocumentInfo(*values)
+
+    def find_source(self, source_sha256: str, fingerprint: str, config: dict[str, Any]) -> DocumentInfo | None:
+        with self._connect() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM documents WHERE source_sha256=? AND model_fingerprint=? AND config=?",
+                (source_sha256, fingerprint, json.dumps(config, sort_keys=True)),
+            ).fetchone()
+        return None if row is None else self._row(row)
+
+    def insert(self, info: DocumentInfo) -> DocumentInfo:
+        """Insert a row (``info.id`` is ignored) and return it with its id; raises
+        ``sqlite3.IntegrityError`` if the same source is already stored for this model/config."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            cursor = conn.execute(
+                "INSERT INTO documents (label, source_sha256, model_fingerprint, config, tokens, created, state_bytes,"
+                " file_bytes, full_cache_bytes, state_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    info.label,
+                    info.source_sha256,
+                    info.model_fingerprint,
+                    json.dumps(info.config, sort_keys=True),
+                    info.tokens,
+                    info.created,
+                    info.state_bytes,
+                    info.file_bytes,
+                    info.full_cache_bytes,
+                    info.state_file,
+                ),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+        info.id = int(cursor.lastrowid or 0)
+        return info
+
+    def all(self) -> list[DocumentInfo]:
+        with self._connect() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM documents ORDER BY id").fetchall()
+        return [self._row(row) for row in rows]
+
+    def get(self, ref: int | str) -> DocumentInfo | None:
+        with self._connect() as conn:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                row = conn.execute(f"SELECT {_COLUMNS} FROM documents WHERE id=?", (int(ref),)).fetchone()
+            else:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM documents WHERE label=? ORDER BY id DESC LIMIT 1", (ref,)
+                ).fetchone()
+        return None if row is None else self._row(row)
+
+    def delete(self, doc_id: int) -> None:
+        with self._connect() as conn:
+            conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))

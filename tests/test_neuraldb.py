@@ -1,0 +1,197 @@
+"""The neural database engine on a tiny random model (SPEC 8): store, ask, sessions, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from coda_gqa_l.neuraldb import DocumentNotFound, NeuralDatabase, NeuralDBError
+
+DOC_A = "The lighthouse keeper's code word is amber. " * 60
+DOC_B = "Tides follow the moon; the harbour master logs them hourly. " * 150
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> NeuralDatabase:
+    return NeuralDatabase.tiny_for_tests(tmp_path / "store")
+
+
+def test_ingest_list_show_ask_delete(db: NeuralDatabase) -> None:
+    a = db.ingest(DOC_A, label="keeper")
+    b = db.ingest(DOC_B, label="tides")
+    assert [d.label for d in db.list()] == ["keeper", "tides"]
+    assert db.show("keeper").id == a.id and db.show(b.id).tokens == b.tokens
+    # fixed-size state whatever the length; the full cache it replaces grows with the tokens
+    assert a.state_bytes == b.state_bytes and b.tokens > 3 * a.tokens
+    assert b.full_cache_bytes > 3 * a.full_cache_bytes > 0
+    answer = db.ask("keeper", "What is the code word?", max_new_tokens=12)
+    assert isinstance(answer, str) and answer
+    assert "".join(db.ask_stream(a.id, "What is the code word?", max_new_tokens=12)) == answer
+    db.delete("keeper")
+    assert [d.label for d in db.list()] == ["tides"]
+    assert not (db.states_dir / a.state_file).exists()
+    with pytest.raises(DocumentNotFound):
+        db.show("keeper")
+
+
+def test_reingesting_a_source_is_detected(db: NeuralDatabase) -> None:
+    first = db.ingest(DOC_A, label="one")
+    again = db.ingest(DOC_A, label="two")
+    assert again.duplicate and again.id == first.id and len(db.list()) == 1
+
+
+def test_asking_never_changes_the_stored_state(db: NeuralDatabase) -> None:
+    info = db.ingest(DOC_B)
+    path = db.states_dir / info.state_file
+    before = path.read_bytes()
+    first = db.ask(info.id, "Who logs the tides?", max_new_tokens=10)
+    session = db.session(info.id)
+    session.ask("Who logs the tides?", max_new_tokens=10)
+    follow_up = session.ask("And how often?", max_new_tokens=10)
+    assert path.read_bytes() == before
+    assert db.ask(info.id, "Who logs the tides?", max_new_tokens=10) == first
+    assert isinstance(follow_up, str)
+
+
+def test_concurrent_questions_match_sequential_ones(db: NeuralDatabase) -> None:
+    info = db.ingest(DOC_B)
+    questions = [f"Question number {i}?" for i in range(6)]
+    sequential = [db.ask(info.id, q, max_new_tokens=8) for q in questions]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        concurrent = list(pool.map(lambda q: db.ask(info.id, q, max_new_tokens=8), questions))
+    assert concurrent == sequential
+
+
+def test_export_import_between_stores(db: NeuralDatabase, tmp_path: Path) -> None:
+    info = db.ingest(DOC_A, label="keeper")
+    exported = db.export(info.id, tmp_path / "keeper.state")
+    other = NeuralDatabase.tiny_for_tests(tmp_path / "other")
+    imported = other.import_state(exported)
+    assert imported.label == "keeper" and imported.tokens == info.tokens
+    assert other.ask(imported.id, "Code?", max_new_tokens=6) == db.ask(info.id, "Code?", max_new_tokens=6)
+    assert other.import_state(exported).duplicate
+
+
+def test_states_from_another_model_or_config_are_refused(db: NeuralDatabase, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from coda_gqa_l import BoundedConfig
+    from coda_gqa_l.models import convert
+    from coda_gqa_l.neuraldb import ByteTokenizer
+
+    info = db.ingest(DOC_A)
+    exported = db.export(info.id, tmp_path / "a.state")
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=257,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    other_config = BoundedConfig(window=64, num_landmarks_exact=8, num_landmarks_summary=8)
+    foreign = NeuralDatabase(db.folder, convert(model, other_config), ByteTokenizer())
+    with pytest.raises(NeuralDBError, match="another model or config"):
+        foreign.ask(info.id, "Code?")
+    with pytest.raises(NeuralDBError, match="another"):
+        foreign.import_state(exported)
+
+
+def test_corrupt_state_file_is_refused(db: NeuralDatabase) -> None:
+    info = db.ingest(DOC_A)
+    path = db.states_dir / info.state_file
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(NeuralDBError, match="checksum"):
+        db.ask(info.id, "Code?")
+
+
+def test_failed_save_leaves_the_store_as_it_was(db: NeuralDatabase, monkeypatch) -> None:
+    db.ingest(DOC_A, label="keeper")
+    files = sorted(p.name for p in db.states_dir.iterdir())
+
+    def crash(fd: int) -> None:
+        raise OSError("disk died mid-save")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        db.ingest(DOC_B, label="tides")
+    monkeypatch.undo()
+    assert [d.label for d in db.list()] == ["keeper"]
+    assert sorted(p.name for p in db.states_dir.iterdir()) == files
+    assert db.ask("keeper", "Code?", max_new_tokens=4) is not None
+
+
+@pytest.mark.parametrize("bad", ["", "   \n"])
+def test_bad_requests(db: NeuralDatabase, bad: str, tmp_path: Path) -> None:
+    with pytest.raises(NeuralDBError, match="empty"):
+        db.ingest(bad)
+    info = db.ingest(DOC_A)
+    with pytest.raises(NeuralDBError, match="empty"):
+        db.ask(info.id, bad)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(NeuralDBError, match="not UTF-8"):
+        db.ingest_file(tmp_path / "latin1.txt")
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from coda_gqa_l.neuraldb import NeuralDatabase
+    db = NeuralDatabase.tiny_for_tests(sys.argv[1])
+    for i in range(3):
+        db.ingest(f"writer {sys.argv[2]} document {i}. " * 40, label=f"{sys.argv[2]}-{i}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_writing_one_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    NeuralDatabase.tiny_for_tests(store)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(store), name], env=env) for name in ("a", "b")]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    db = NeuralDatabase.tiny_for_tests(store)
+    labels = sorted(d.label for d in db.list())
+    assert labels == sorted(f"{w}-{i}" for w in "ab" for i in range(3))
+    for doc in db.list():
+        db.ask(doc.id, "Which writer?", max_new_tokens=2)
+
+
+_MEMORY = textwrap.dedent(
+    """
+    import json, resource, sys
+    from coda_gqa_l.neuraldb import NeuralDatabase
+    db = NeuralDatabase.tiny_for_tests(sys.argv[1])
+    sentence = "Every line of this long report repeats the same calm fact about the sea. "
+    db.ingest(sentence * 300, label="short")          # about 22K tokens: warms every allocation
+    short = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    db.ingest(sentence * 2700, label="long")          # about 200K tokens
+    long = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"short_kib": short, "long_kib": long, "tokens": [d.tokens for d in db.list()]}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY, str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["tokens"][1] > 190_000
+    # a full KV cache of 200K tokens would add 2 layers x 2 x 200K x 2 heads x 32 x 4 B = 205 MB
+    assert report["long_kib"] - report["short_kib"] < 40 * 1024
