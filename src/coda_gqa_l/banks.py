@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import BoundedConfig
+from .state import merge_metrics
 
 NEG_INF = float("-inf")
 
@@ -113,11 +114,7 @@ def route_segment(
         counts["evicted"] = float(valid.sum())
         counts["gated_out"] = float((valid & ~candidate).sum())
         counts["min_margin"] = margin.value
-        for key, value in counts.items():
-            if key == "min_margin":
-                metrics[key] = min(metrics.get(key, float("inf")), value)
-            else:
-                metrics[key] = metrics.get(key, 0.0) + value
+        merge_metrics(metrics, counts)
     return banks
 
 

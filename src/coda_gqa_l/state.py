@@ -66,6 +66,15 @@ BANK_FIELDS: tuple[str, ...] = (
 )
 
 
+def merge_metrics(target: dict[str, float], counts: dict[str, float]) -> None:
+    """Add routing counts into ``target``; ``min_margin`` keeps the smallest value seen."""
+    for key, value in counts.items():
+        if key == "min_margin":
+            target[key] = min(target.get(key, float("inf")), value)
+        else:
+            target[key] = target.get(key, 0.0) + value
+
+
 @dataclass
 class BoundedState:
     """The state of one bounded layer (see the module docstring for every field).
@@ -185,11 +194,7 @@ class BoundedState:
         return dataclasses.replace(self, **changes)
 
     def add_metrics(self, counts: dict[str, float]) -> None:
-        for key, value in counts.items():
-            if key == "min_margin":
-                self.metrics[key] = min(self.metrics.get(key, float("inf")), value)
-            else:
-                self.metrics[key] = self.metrics.get(key, 0.0) + value
+        merge_metrics(self.metrics, counts)
 
     def fill_ratios(self) -> dict[str, float]:
         """Fraction of exact and summary slots in use, over the batch and heads."""
