@@ -34,7 +34,7 @@ QUESTIONS = (
 
 
 def sample_text() -> str:
-    return resources.files("coda_gqa_l.neuraldb").joinpath("samples", SAMPLE).read_text(encoding="utf-8")
+    return resources.files("coda_gqa_l.neuraldb").joinpath("samples").joinpath(SAMPLE).read_text(encoding="utf-8")
 
 
 def _mib(n: int) -> str:
