@@ -1,0 +1,266 @@
+"""``coda-db``: the neural database from the command line (SPEC 8).
+
+Each subcommand opens the store folder (``--store``, default ``./coda-db-store``) with the
+packaged model, or with the tiny random test model under ``--tiny``, does one thing and exits.
+Errors the user can fix (an unknown document, a bad file, a state from another model) print one
+line to stderr and exit with status 2.
+
+Usage::
+
+    coda-db ingest notes.txt                   # or a folder, or --text "..." --label memo
+    coda-db list
+    coda-db ask notes "What is the deadline?"  # by label or by id; the answer streams
+    coda-db export 1 notes.state && coda-db import notes.state --label copy
+    coda-db serve --port 8000                  # web page and HTTP API on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .engine import NeuralDatabase
+    from .store import DocumentInfo
+
+DEFAULT_STORE = "./coda-db-store"
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units: ``512 B``, ``3.2 KiB``, ``40.0 GiB``."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def parse_ref(ref: str) -> int | str:
+    """A document reference from the command line: digits are an id, anything else a label."""
+    return int(ref) if ref.isdigit() else ref
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coda-db",
+        description="A neural database: each document is kept as a fixed-size model state you can question.",
+    )
+    parser.add_argument("--store", default=DEFAULT_STORE, help=f"store folder (default {DEFAULT_STORE})")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny random test model (fast, answers are noise)")
+    # the same options after the subcommand; SUPPRESS keeps the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=argparse.SUPPRESS, help="store folder")
+    common.add_argument("--tiny", action="store_true", default=argparse.SUPPRESS, help="use the tiny test model")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text, description=text)
+
+    p = command("ingest", "Read documents through the model and store each one's state. Give files, folders or --text.")
+    p.add_argument("paths", nargs="*", type=Path, help="text files (UTF-8) or folders of them")
+    p.add_argument("--text", help="ingest this text instead of files")
+    p.add_argument("--label", help="label of the document (one document only; default: the file name)")
+    p.add_argument("--pattern", default="*.txt", help="which files of a folder to ingest (default *.txt)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("list", "Show every stored document: its tokens, its state size and the full KV cache it replaces.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+    p = command("show", "Show everything the index knows about one document, by id or label.")
+    p.add_argument("ref", help="document id or label")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command(
+        "ask", "Ask a question about one document; the answer streams to stdout. The stored state never changes."
+    )
+    p.add_argument("ref", help="document id or label")
+    p.add_argument("question", nargs="+", help="the question (quotes optional)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="longest answer in tokens (default 96)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+
+    p = command("delete", "Remove a document and its state file from the store.")
+    p.add_argument("ref", help="document id or label")
+
+    p = command("export", "Copy a document's state file out of the store, to share or to import elsewhere.")
+    p.add_argument("ref", help="document id or label")
+    p.add_argument("dest", type=Path, help="where to write the state file")
+
+    p = command("import", "Add a state file exported from a store with the same model and config.")
+    p.add_argument("path", type=Path, help="the state file")
+    p.add_argument("--label", help="label of the document (default: the exported one)")
+
+    p = command("serve", "Serve the web page and the HTTP API (loopback only unless --host says otherwise).")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
+    p = command("demo", "Ingest the bundled sample document with the packaged model and ask it a few questions.")
+    p.add_argument("--fresh", action="store_true", help="start from an empty store")
+    return parser
+
+
+def open_db(args: argparse.Namespace) -> NeuralDatabase:
+    from .engine import NeuralDatabase
+
+    if args.tiny:
+        return NeuralDatabase.tiny_for_tests(args.store)
+    return NeuralDatabase(args.store)
+
+
+def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("id", justify="right")
+    table.add_column("label")
+    table.add_column("tokens", justify="right")
+    table.add_column("state", justify="right")
+    table.add_column("full cache replaced", justify="right")
+    table.add_column("created")
+    for info in infos:
+        table.add_row(
+            str(info.id),
+            info.label,
+            f"{info.tokens:,}",
+            format_bytes(info.state_bytes),
+            format_bytes(info.full_cache_bytes),
+            info.created,
+        )
+    return table
+
+
+def _summary(info: DocumentInfo) -> str:
+    verb = "already stored" if info.duplicate else "stored"
+    return (
+        f"{verb} #{info.id} {info.label!r}: {info.tokens:,} tokens, state {format_bytes(info.state_bytes)} "
+        f"(replaces a {format_bytes(info.full_cache_bytes)} full cache)"
+    )
+
+
+def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    from .engine import NeuralDBError
+
+    if args.text is not None and args.paths:
+        raise NeuralDBError("give files or --text, not both")
+    if args.text is None and not args.paths:
+        raise NeuralDBError("nothing to ingest: give text files, a folder, or --text")
+    progress = not args.quiet
+    if args.text is not None:
+        infos = [db.ingest(args.text, label=args.label, progress=progress)]
+    else:
+        if args.label is not None and (len(args.paths) > 1 or args.paths[0].is_dir()):
+            raise NeuralDBError("--label names one document; it cannot label several files or a folder")
+        infos = []
+        for path in args.paths:
+            if path.is_dir():
+                infos.extend(db.ingest_folder(path, pattern=args.pattern, progress=progress))
+            else:
+                infos.append(db.ingest_file(path, label=args.label, progress=progress))
+    for info in infos:
+        print(_summary(info))
+
+
+def cmd_list(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    infos = db.list()
+    if args.json:
+        for info in infos:
+            print(json.dumps(info.to_dict()))
+    elif not infos:
+        print(f"no documents in {args.store}; add one with: coda-db ingest FILE")
+    else:
+        console.print(document_table(infos, title=f"{len(infos)} document(s) in {args.store}"))
+
+
+def cmd_show(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    info = db.show(parse_ref(args.ref))
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+    table = Table(show_header=False, title=f"document #{info.id}")
+    for key, value in info.to_dict().items():
+        if key.endswith("_bytes"):
+            value = f"{format_bytes(value)} ({value:,} bytes)"
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def cmd_ask(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    question = " ".join(args.question)
+    pieces = db.ask_stream(
+        parse_ref(args.ref), question, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def cmd_delete(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    info = db.show(parse_ref(args.ref))
+    db.delete(info.id)
+    print(f"deleted #{info.id} {info.label!r}")
+
+
+def cmd_export(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    dest = db.export(parse_ref(args.ref), args.dest)
+    print(f"wrote {dest} ({format_bytes(dest.stat().st_size)})")
+
+
+def cmd_import(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    print(_summary(db.import_state(args.path, label=args.label)))
+
+
+def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    from .server import serve
+
+    print(f"serving {args.store} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(db, host=args.host, port=args.port)
+
+
+COMMANDS = {
+    "ingest": cmd_ingest,
+    "list": cmd_list,
+    "show": cmd_show,
+    "ask": cmd_ask,
+    "delete": cmd_delete,
+    "export": cmd_export,
+    "import": cmd_import,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; 0 on success, 2 on a user error (message on stderr), 130 on Ctrl-C.
+
+    ``demo`` returns ``run_demo``'s exit code.
+    """
+    args = build_parser().parse_args(argv)
+    from .engine import NeuralDBError
+
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args)
+        COMMANDS[args.command](open_db(args), args, Console())
+    except NeuralDBError as err:
+        print(f"coda-db: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("coda-db: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

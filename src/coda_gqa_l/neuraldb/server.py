@@ -1,0 +1,260 @@
+"""The neural database over HTTP: a JSON API, a streamed answer endpoint and the web page (SPEC 8).
+
+``create_app(db)`` builds the FastAPI app; ``serve(db)`` runs it with uvicorn on 127.0.0.1.
+The OpenAPI schema is at ``/docs``. Endpoints::
+
+    GET    /api/documents                  every document (JSON list)
+    GET    /api/documents/{id}             one document, 404 if missing
+    POST   /api/documents                  ingest {"text": ..., "label": ...}
+    POST   /api/documents/upload           ingest a UTF-8 text file (multipart "file", optional "label")
+    DELETE /api/documents/{id}             remove a document
+    POST   /api/documents/{id}/ask         {"question": ...}: the answer as streamed text/plain
+    POST   /api/documents/{id}/export      the document's state file, as a download
+    GET    /                               the web page (static/index.html)
+
+The engine is not safe for concurrent ingests, so ingest and delete take one lock; questions run
+concurrently, each on its own fork of the stored state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, field_validator
+from starlette.background import BackgroundTask
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__
+from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError
+from .store import DocumentInfo
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+UPLOAD_PATH = "/api/documents/upload"
+# room for the multipart boundary and headers around the file when checking Content-Length
+MULTIPART_SLACK = 64 * 1024
+MAX_QUESTION_CHARS = 4000
+
+
+class DocumentOut(BaseModel):
+    """One stored document; sizes in bytes, ``full_cache_bytes`` is the KV cache its state replaces."""
+
+    id: int
+    label: str
+    source_sha256: str
+    model_fingerprint: str
+    config: dict[str, Any]
+    tokens: int
+    created: str
+    state_bytes: int
+    file_bytes: int
+    full_cache_bytes: int
+    duplicate: bool = False
+
+    @classmethod
+    def of(cls, info: DocumentInfo) -> DocumentOut:
+        return cls.model_validate(info.to_dict())  # the state file's name inside the store is left out
+
+
+class IngestRequest(BaseModel):
+    text: str = Field(description="the document, as plain text")
+    label: str | None = Field(default=None, description="a name for the document (default: chosen by the engine)")
+
+    @field_validator("text")
+    @classmethod
+    def _not_empty(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("the document text is empty: paste some text to ingest")
+        return text
+
+
+class AskRequest(BaseModel):
+    question: str = Field(description="the question about the document", max_length=MAX_QUESTION_CHARS)
+    max_new_tokens: int = Field(default=96, ge=1, le=1024, description="longest answer, in tokens")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 is greedy decoding")
+
+    @field_validator("question")
+    @classmethod
+    def _not_empty(cls, question: str) -> str:
+        if not question.strip():
+            raise ValueError("the question is empty: type a question about the document")
+        return question
+
+
+class _UploadLimit:
+    """Refuse an upload whose declared Content-Length is already over the limit, before it is read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == UPLOAD_PATH:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit + MULTIPART_SLACK:
+                response = JSONResponse({"detail": _too_large(self.limit)}, status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the document is larger than this server accepts ({limit:,} bytes)"
+
+
+async def _stream_on_one_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
+    """Drive a generator from one worker thread of its own.
+
+    The engine's generator holds ``torch.inference_mode()`` across its yields; that mode is
+    per thread, so every step, and the final close, must run on the thread that entered it.
+    """
+    loop = asyncio.get_running_loop()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coda-db-ask")
+    try:
+        while (piece := await loop.run_in_executor(worker, next, pieces, None)) is not None:
+            yield piece
+    finally:
+        # also when the client went away mid-answer: stop generating, on that thread, without waiting
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            worker.submit(close)
+        worker.shutdown(wait=False)
+
+
+def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> FastAPI:
+    """The HTTP service over ``db``; texts over ``max_upload_bytes`` (UTF-8) are refused with 413."""
+    app = FastAPI(
+        title="coda-db",
+        version=__version__,
+        description="A neural database: each document is kept as a fixed-size model state you can question.",
+    )
+    app.add_middleware(_UploadLimit, limit=max_upload_bytes)
+    write_lock = threading.Lock()
+
+    @app.exception_handler(DocumentNotFound)
+    async def _not_found(request: Request, err: DocumentNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=404)
+
+    @app.exception_handler(NeuralDBError)
+    async def _bad_request(request: Request, err: NeuralDBError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=400)
+
+    def ingest(text: str, label: str | None, response: Response) -> DocumentOut:
+        if len(text.encode("utf-8")) > max_upload_bytes:
+            raise HTTPException(413, _too_large(max_upload_bytes))
+        with write_lock:
+            info = db.ingest(text, label=label or None)
+        response.status_code = 200 if info.duplicate else 201
+        return DocumentOut.of(info)
+
+    @app.get("/api/documents", summary="List documents")
+    def list_documents() -> list[DocumentOut]:
+        return [DocumentOut.of(info) for info in db.list()]
+
+    @app.get("/api/documents/{doc_id}", summary="Show one document", responses={404: {"description": "no such id"}})
+    def show_document(doc_id: int) -> DocumentOut:
+        return DocumentOut.of(db.show(doc_id))
+
+    @app.post(
+        "/api/documents",
+        status_code=201,
+        summary="Ingest pasted text",
+        responses={200: {"description": "already stored: the existing document, duplicate=true"}},
+    )
+    def ingest_text(body: IngestRequest, response: Response) -> DocumentOut:
+        return ingest(body.text, body.label, response)
+
+    @app.post(
+        UPLOAD_PATH,
+        status_code=201,
+        summary="Ingest an uploaded UTF-8 text file",
+        responses={400: {"description": "not UTF-8 text"}, 413: {"description": "over the size limit"}},
+    )
+    def ingest_upload(
+        response: Response,
+        file: Annotated[UploadFile, File(description="a UTF-8 text file")],
+        label: Annotated[str | None, Form(description="a name (default: the file's name)")] = None,
+    ) -> DocumentOut:
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, _too_large(max_upload_bytes))
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise HTTPException(
+                400, f"{file.filename or 'the file'} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
+        if not text.strip():
+            raise HTTPException(400, f"{file.filename or 'the file'} is empty")
+        return ingest(text, label or (Path(file.filename).name if file.filename else None), response)
+
+    @app.delete("/api/documents/{doc_id}", status_code=204, summary="Delete a document")
+    def delete_document(doc_id: int) -> Response:
+        with write_lock:
+            db.delete(doc_id)
+        return Response(status_code=204)
+
+    @app.post(
+        "/api/documents/{doc_id}/ask",
+        summary="Ask a question; the answer streams as text/plain",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "the answer, streamed as generated"}},
+    )
+    def ask(doc_id: int, body: AskRequest) -> StreamingResponse:
+        # validates and loads the state here, so a bad id or question is a 404/400, not a broken stream
+        pieces = db.ask_stream(doc_id, body.question, max_new_tokens=body.max_new_tokens, temperature=body.temperature)
+        return StreamingResponse(
+            _stream_on_one_thread(pieces),
+            media_type="text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post(
+        "/api/documents/{doc_id}/export",
+        summary="Download a document's state file",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+    def export(doc_id: int) -> FileResponse:
+        info = db.show(doc_id)
+        folder = Path(tempfile.mkdtemp(prefix="coda-db-export-"))
+        name = f"{info.id}-{re.sub(r'[^A-Za-z0-9._-]+', '-', info.label).strip('-.') or 'document'}.state"
+        try:
+            path = db.export(info.id, folder / name)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return FileResponse(
+            path,
+            filename=name,
+            media_type="application/octet-stream",
+            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(db: NeuralDatabase, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the database is reachable from other machines, with no authentication", host)
+    uvicorn.run(create_app(db), host=host, port=port, log_level="info")

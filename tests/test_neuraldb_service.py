@@ -1,0 +1,488 @@
+"""The neural database's HTTP service, command line and web page, on the tiny random model.
+
+(a) every endpoint through FastAPI's TestClient, errors included; (b) ``coda-db`` through
+``main([...])`` with ``--tiny`` and a temporary store; (c) the real service under uvicorn on a
+free loopback port: the answer streams over the socket, and (slow) Debian's Chromium, driven by
+Playwright, pastes a document, picks it, asks and sees the answer stream into the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from coda_gqa_l import read_state_metadata
+from coda_gqa_l.neuraldb import NeuralDatabase
+from coda_gqa_l.neuraldb.cli import format_bytes, main
+from coda_gqa_l.neuraldb.server import STATIC, _stream_on_one_thread, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+UPLOAD_LIMIT = 2000
+MEMO = "The quarterly review moves to Tuesday at noon, in room 4. Bring the budget figures.\n" * 3
+QUESTION = "When is the review?"
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> NeuralDatabase:
+    return NeuralDatabase.tiny_for_tests(tmp_path_factory.mktemp("service-store"))
+
+
+@pytest.fixture(scope="module")
+def client(db: NeuralDatabase) -> Iterator[TestClient]:
+    with TestClient(create_app(db, max_upload_bytes=UPLOAD_LIMIT)) as test_client:
+        yield test_client
+
+
+def ingest(client: TestClient, text: str, label: str | None = None) -> dict[str, Any]:
+    response = client.post("/api/documents", json={"text": text, "label": label})
+    assert response.status_code in (200, 201), response.text
+    return response.json()
+
+
+# ---------------------------------------------------------------------------- (a) HTTP API
+
+
+def test_openapi_describes_every_endpoint(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/api/documents",
+        "/api/documents/upload",
+        "/api/documents/{doc_id}",
+        "/api/documents/{doc_id}/ask",
+        "/api/documents/{doc_id}/export",
+    }
+    assert set(paths["/api/documents"]) == {"get", "post"}
+    assert set(paths["/api/documents/{doc_id}"]) == {"get", "delete"}
+
+
+def test_page_and_its_assets_are_served_and_local(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ('<textarea id="paste-text"', 'type="file"', 'id="question"', 'id="answer"', "/static/app.js"):
+        assert needle in page.text
+    for name in ("app.js", "style.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.text
+    for path in STATIC.iterdir():  # no CDN, no external fonts: the page works offline
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", path.read_text()), path.name
+
+
+def test_ingest_list_show_and_duplicate(client: TestClient, db: NeuralDatabase) -> None:
+    created = client.post("/api/documents", json={"text": "Alpha is the first letter.", "label": "alpha"})
+    assert created.status_code == 201, created.text
+    doc = created.json()
+    assert doc["label"] == "alpha" and doc["tokens"] > 0 and not doc["duplicate"]
+    assert doc["state_bytes"] > 0 and doc["full_cache_bytes"] > 0 and doc["file_bytes"] > 0
+    assert "state_file" not in doc  # the store's file names stay inside the server
+    assert doc["id"] in [d["id"] for d in client.get("/api/documents").json()]
+    shown = client.get(f"/api/documents/{doc['id']}")
+    assert shown.status_code == 200 and shown.json() == doc
+    again = client.post("/api/documents", json={"text": "Alpha is the first letter.", "label": "other"})
+    assert again.status_code == 200 and again.json()["duplicate"] and again.json()["id"] == doc["id"]
+    assert db.show(doc["id"]).label == "alpha"
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+def test_ingest_empty_text_is_refused(client: TestClient, text: str) -> None:
+    response = client.post("/api/documents", json={"text": text})
+    assert response.status_code == 422
+    assert "empty" in json.dumps(response.json()["detail"])
+
+
+def test_ingest_text_over_the_limit_is_413(client: TestClient) -> None:
+    response = client.post("/api/documents", json={"text": "x" * (UPLOAD_LIMIT + 1)})
+    assert response.status_code == 413 and "2,000 bytes" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/documents/9999"),
+        ("delete", "/api/documents/9999"),
+        ("post", "/api/documents/9999/export"),
+    ],
+)
+def test_missing_document_is_404_with_json_detail(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method.upper(), path)
+    assert response.status_code == 404
+    assert "no document 9999" in response.json()["detail"]
+
+
+def test_ask_missing_document_is_404(client: TestClient) -> None:
+    response = client.post("/api/documents/9999/ask", json={"question": QUESTION})
+    assert response.status_code == 404 and "no document 9999" in response.json()["detail"]
+
+
+def test_upload_ingests_a_text_file(client: TestClient) -> None:
+    files = {"file": ("minutes.txt", b"Minutes: the roof gets fixed in May.", "text/plain")}
+    response = client.post("/api/documents/upload", files=files)
+    assert response.status_code == 201, response.text
+    assert response.json()["label"] == "minutes.txt"  # the file's name, as coda-db ingest FILE does
+    files = {"file": ("notes.txt", b"Notes: lunch is at one.", "text/plain")}
+    response = client.post("/api/documents/upload", files=files, data={"label": "lunch"})
+    assert response.status_code == 201 and response.json()["label"] == "lunch"
+
+
+@pytest.mark.parametrize("size", [UPLOAD_LIMIT + 1, 10 * UPLOAD_LIMIT + 200_000])
+def test_upload_over_the_limit_is_413(client: TestClient, size: int) -> None:
+    # just over: measured after reading; far over: refused from its Content-Length before reading
+    files = {"file": ("big.txt", b"a" * size, "text/plain")}
+    response = client.post("/api/documents/upload", files=files)
+    assert response.status_code == 413
+    assert "larger than this server accepts" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("payload", [b"caf\xe9 latin-1", b"\xff\xfe\x00\x00binary", b""])
+def test_upload_of_bad_or_empty_text_is_400(client: TestClient, payload: bytes) -> None:
+    response = client.post("/api/documents/upload", files={"file": ("bad.txt", payload, "text/plain")})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert ("not UTF-8 text" in detail) if payload else ("is empty" in detail)
+
+
+def test_ask_streams_the_same_answer_as_the_python_api(client: TestClient, db: NeuralDatabase) -> None:
+    doc = ingest(client, MEMO, "memo")
+    with client.stream("POST", f"/api/documents/{doc['id']}/ask", json={"question": QUESTION}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        answer = "".join(response.iter_text())
+    assert answer.strip()
+    assert answer == db.ask(doc["id"], QUESTION)
+
+
+def test_concurrent_questions_do_not_interfere(client: TestClient, db: NeuralDatabase) -> None:
+    doc = ingest(client, MEMO, "memo")
+    questions = [QUESTION, "Where is it?", QUESTION, "What should I bring?"]
+    expected = [db.ask(doc["id"], q, max_new_tokens=24) for q in questions]
+
+    def ask(question: str) -> str:
+        body = {"question": question, "max_new_tokens": 24}
+        response = client.post(f"/api/documents/{doc['id']}/ask", json=body)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(ask, questions)) == expected
+    assert db.show(doc["id"]).file_bytes == doc["file_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"question": ""}, "question is empty"),
+        ({"question": "  \n"}, "question is empty"),
+        ({"question": QUESTION, "max_new_tokens": 0}, "greater than or equal to 1"),
+        ({}, "Field required"),
+    ],
+)
+def test_bad_questions_are_422(client: TestClient, body: dict[str, Any], needle: str) -> None:
+    doc = ingest(client, MEMO, "memo")
+    response = client.post(f"/api/documents/{doc['id']}/ask", json=body)
+    assert response.status_code == 422
+    assert needle in json.dumps(response.json()["detail"])
+
+
+def test_export_downloads_a_valid_state_file(client: TestClient, db: NeuralDatabase, tmp_path: Path) -> None:
+    doc = ingest(client, MEMO, "memo")
+    response = client.post(f"/api/documents/{doc['id']}/export")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert f'filename="{doc["id"]}-memo.state"' in response.headers["content-disposition"]
+    path = tmp_path / "memo.state"
+    path.write_bytes(response.content)
+    assert len(response.content) == doc["file_bytes"]
+    meta = read_state_metadata(path)
+    assert meta["format"] == "coda-gqa-l/state" and meta["model_fingerprint"] == db.fingerprint
+    assert meta["extra"]["source_sha256"] == doc["source_sha256"] and meta["positions"][0] >= doc["tokens"]
+    assert db.import_state(path).duplicate  # the same document, recognised by its source hash
+
+
+def test_delete_removes_the_document(client: TestClient) -> None:
+    doc = ingest(client, "A short-lived note about nothing.", "doomed")
+    response = client.delete(f"/api/documents/{doc['id']}")
+    assert response.status_code == 204
+    assert client.get(f"/api/documents/{doc['id']}").status_code == 404
+    assert doc["id"] not in [d["id"] for d in client.get("/api/documents").json()]
+
+
+def test_concurrent_ingests_are_serialized(client: TestClient) -> None:
+    texts = [f"Document number {i} says the code word is {i * 7}." for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        docs = list(pool.map(lambda t: client.post("/api/documents", json={"text": t}), texts))
+    assert [r.status_code for r in docs] == [201] * len(texts)
+    ids = {r.json()["id"] for r in docs}
+    assert len(ids) == len(texts)
+    listed = {d["id"] for d in client.get("/api/documents").json()}
+    assert ids <= listed
+
+
+def test_answer_generator_runs_and_closes_on_one_thread() -> None:
+    """torch.inference_mode is per thread: every step of the engine's generator must share one."""
+    threads: list[int] = []
+
+    def pieces() -> Iterator[str]:
+        try:
+            for piece in ("a", "b", "c", "d"):
+                threads.append(threading.get_ident())
+                yield piece
+        finally:
+            threads.append(threading.get_ident())
+
+    async def read_two() -> list[str]:
+        stream = _stream_on_one_thread(pieces())
+        got = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()  # a client that goes away mid-answer
+        return got
+
+    assert asyncio.run(read_two()) == ["a", "b"]
+    for _ in range(100):  # the close is queued on the worker, not awaited
+        if len(threads) == 3:
+            break
+        threading.Event().wait(0.01)
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+# ---------------------------------------------------------------------------- (b) command line
+
+
+def cli(store: Path, *args: str) -> int:
+    return main(["--store", str(store), "--tiny", *args])
+
+
+def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table width when stdout is not a terminal
+    store = tmp_path / "store"
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo") == 0
+    assert "stored #1 'memo'" in capsys.readouterr().out
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("Note A: the printer is on floor 2.")
+    (notes / "b.txt").write_text("Note B: the wifi password is on the fridge.")
+    (notes / "skip.md").write_text("not a .txt file")
+    single = tmp_path / "single.txt"
+    single.write_text("A single file about the garden.")
+    assert cli(store, "ingest", "--quiet", str(notes), str(single)) == 0
+    out = capsys.readouterr().out
+    assert out.count("stored #") == 3 and "'single.txt'" in out
+    assert cli(store, "ingest", "--quiet", str(single)) == 0
+    assert "already stored #" in capsys.readouterr().out
+
+    assert cli(store, "list") == 0
+    out = capsys.readouterr().out
+    assert "4 document(s)" in out and "memo" in out and "full cache replaced" in out
+    assert cli(store, "list", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["memo", "a.txt", "b.txt", "single.txt"]
+    memo = rows[0]
+    assert format_bytes(memo["state_bytes"]) in out
+
+    assert cli(store, "show", "memo", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == memo
+    assert cli(store, "show", "1") == 0
+    assert "state_bytes" in capsys.readouterr().out
+
+    assert cli(store, "ask", "memo", "When", "is", "the", "review?", "--max-new-tokens", "16") == 0
+    answer = capsys.readouterr().out
+    assert answer.strip() and answer.endswith("\n")
+    assert answer[:-1] == NeuralDatabase.tiny_for_tests(store).ask("memo", QUESTION, max_new_tokens=16)
+
+    exported = tmp_path / "memo.state"
+    assert cli(store, "export", "memo", str(exported)) == 0
+    assert f"wrote {exported}" in capsys.readouterr().out
+    assert read_state_metadata(exported)["extra"]["label"] == "memo"
+    assert cli(store, "delete", "memo") == 0
+    assert "deleted #1 'memo'" in capsys.readouterr().out
+    assert cli(store, "show", "memo") == 2
+    assert cli(store, "import", str(exported), "--label", "memo-again") == 0
+    assert "stored #5 'memo-again'" in capsys.readouterr().out
+    assert cli(store, "list", "--json") == 0
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()][-1] == "memo-again"
+
+
+def test_cli_options_may_follow_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    assert main(["ingest", "--quiet", "--text", "Late options.", "--store", str(store), "--tiny"]) == 0
+    assert main(["--tiny", "list", "--json", "--store", str(store)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["show", "42"], "no document 42"),
+        (["ask", "nope", "Why?"], "no document 'nope'"),
+        (["delete", "7"], "no document 7"),
+        (["export", "7", "out.state"], "no document 7"),
+        (["ingest", "--quiet", "missing.txt"], "no such file"),
+        (["ingest", "--quiet"], "nothing to ingest"),
+        (["ingest", "--quiet", "--text", "   "], "empty"),
+        (["ingest", "--quiet", "--label", "x", "a.txt", "b.txt"], "--label names one document"),
+        (["import", "missing.state"], "missing.state"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str], needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli(tmp_path / "store", *args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("coda-db: error: ") and needle in err, err
+    assert "\n" not in err and "Traceback" not in captured.err
+
+
+def test_cli_refuses_a_file_that_is_not_a_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = tmp_path / "fake.state"
+    fake.write_bytes(b"not a safetensors file at all")
+    assert cli(tmp_path / "store", "import", str(fake)) == 2
+    assert "fake.state" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ingest", "list", "show", "ask", "delete", "export", "import", "serve", "demo"])
+def test_cli_help_explains_each_subcommand(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: coda-db {command}")
+    description = out.split("\n\n")[1]
+    assert 20 < len(description) < 300 and description.rstrip().endswith(".")
+
+
+def test_cli_serve_binds_loopback_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("coda_gqa_l.neuraldb.server.serve", lambda db, **kw: calls.append(kw))
+    assert cli(tmp_path / "store", "serve") == 0
+    assert cli(tmp_path / "store", "serve", "--host", "0.0.0.0", "--port", "9001") == 0
+    assert calls == [{"host": "127.0.0.1", "port": 8000}, {"host": "0.0.0.0", "port": 9001}]
+
+
+def test_cli_demo_calls_run_demo_with_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    def run_demo(args: Any) -> int:
+        seen.append(args)
+        return 3
+
+    fake = types.ModuleType("coda_gqa_l.neuraldb.demo")
+    fake.run_demo = run_demo  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "coda_gqa_l.neuraldb.demo", fake)
+    assert main(["demo", "--store", str(tmp_path / "demo-store"), "--fresh"]) == 3  # its exit code
+    assert seen[0].store == str(tmp_path / "demo-store") and seen[0].fresh
+    assert main(["demo"]) == 3 and seen[1].store == "./coda-db-store" and not seen[1].fresh
+
+
+# ---------------------------------------------------------------------------- (c) the real service
+
+
+@pytest.fixture(scope="module")
+def live_url(db: NeuralDatabase) -> Iterator[str]:
+    """The service under uvicorn in a thread, on a loopback port the kernel picked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(db), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        threading.Event().wait(0.01)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_answer_streams_over_the_socket_in_pieces(live_url: str, db: NeuralDatabase) -> None:
+    doc = db.ingest(MEMO, label="memo")
+    body = {"question": QUESTION, "max_new_tokens": 32}
+    with httpx.stream("POST", f"{live_url}/api/documents/{doc.id}/ask", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers.get("transfer-encoding") == "chunked"
+        chunks = list(response.iter_raw())
+    assert len(chunks) > 1, "the answer came back in one piece, not streamed"
+    assert b"".join(chunks).decode() == db.ask(doc.id, QUESTION, max_new_tokens=32)
+
+
+@pytest.mark.slow
+def test_web_page_in_headless_chromium(live_url: str, db: NeuralDatabase, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (CI does: apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    label = "browser memo"
+    text = "The browser test says: the launch window opens on the ninth of March. " * 4
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(live_url)
+            expect(page.get_by_role("heading", name="coda-db")).to_be_visible()
+
+            page.get_by_label("Label (optional)", exact=True).fill(label)
+            page.get_by_label("Text", exact=True).fill(text)
+            page.get_by_role("button", name="Ingest text").click()
+            expect(page.locator("#ingest-status")).to_contain_text(f"“{label}”", timeout=30_000)
+
+            info = next(d for d in db.list() if d.label == label)
+            row = page.locator("#documents tbody tr", has_text=label)
+            expect(row).to_have_count(1)
+            expect(row.locator(".state-size")).to_have_text(format_bytes(info.state_bytes))
+            expect(row.locator(".full-cache-size")).to_have_text(format_bytes(info.full_cache_bytes))
+            page.set_input_files(
+                "#upload-file",
+                files=[{"name": "upload.txt", "mimeType": "text/plain", "buffer": b"An uploaded note: lunch at one."}],
+            )
+            page.get_by_role("button", name="Upload and ingest").click()
+            expect(page.locator("#ingest-status")).to_contain_text("“upload.txt”", timeout=30_000)
+            expect(page.locator("#documents tbody tr", has_text="upload.txt")).to_have_count(1)
+            # the page picks each new document; picking one by hand must work too
+            page.get_by_role("radio", name=label).check()
+            expect(page.locator("#selected")).to_contain_text(label)
+
+            page.get_by_label("Question").fill("   ")  # passes the browser's check, the server's 422 shows
+            page.get_by_role("button", name="Ask", exact=True).click()
+            expect(page.get_by_role("alert")).to_contain_text("question is empty")
+
+            page.get_by_label("Question").fill("When does the launch window open?")
+            page.get_by_label("Longest answer").fill("40")
+            page.get_by_role("button", name="Ask", exact=True).click()
+            answer = page.locator("#answer")
+            expect(answer).to_have_attribute("aria-busy", "false", timeout=30_000)
+            expect(page.get_by_role("alert")).to_be_hidden()
+            expected = db.ask(info.id, "When does the launch window open?", max_new_tokens=40)
+            assert expected.strip()
+            assert answer.text_content() == expected
+            page.screenshot(path=str(tmp_path / "coda-db-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "coda-db-page.png").stat().st_size > 10_000
