@@ -219,6 +219,8 @@ class NeuralDatabase:
             raise NeuralDBError(f"{path}: no such file") from err
         except UnicodeDecodeError as err:
             raise NeuralDBError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except OSError as err:  # a folder, no permission, ...
+            raise NeuralDBError(f"{path}: cannot read it ({err.strerror or err})") from err
         return self.ingest(text, label=label or path.name, progress=progress)
 
     def ingest_folder(self, folder: str | Path, pattern: str = "*.txt", progress: bool = False) -> list[DocumentInfo]:
@@ -333,30 +335,33 @@ class Session:
         self.turns += 1
         return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)
 
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        # Inference mode is entered per step, not across the generator's yields: it is
+        # per thread, and a web server may resume the generator on another thread.
+        with torch.inference_mode():
+            return self.db.model(ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
-        with torch.inference_mode():
-            logits = db.model(db._encode(prompt), past_key_values=self.cache, use_cache=True).logits[:, -1]
-            produced: list[int] = []
-            shown = ""
-            for _ in range(max_new_tokens):
-                if temperature > 0:
-                    probs = torch.softmax(logits.float() / temperature, dim=-1)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
-                else:
-                    token = int(logits.argmax(-1))
-                if token in db._stop_ids:
-                    break
-                produced.append(token)
-                text = db.tokenizer.decode(produced, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    pass
-                elif len(text) > len(shown):
-                    yield text[len(shown) :]
-                    shown = text
-                step = torch.tensor([[token]], device=db._device)
-                logits = db.model(step, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        logits = self._logits(db._encode(prompt))
+        produced: list[int] = []
+        shown = ""
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax(-1))
+            if token in db._stop_ids:
+                break
+            produced.append(token)
+            text = db.tokenizer.decode(produced, skip_special_tokens=True)
+            # wait for the rest of a multi-byte character before showing it
+            if not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+            logits = self._logits(torch.tensor([[token]], device=db._device))
 
 
 def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
