@@ -168,19 +168,16 @@ class NeuralDatabase:
         ids = self._encode(self.format.document_prefix + text)
         cache = BoundedCache(self.model, block_size=self.chunk_tokens)
         base = getattr(self.model, "model", self.model)  # skip the LM head: no vocabulary-sized outputs
-        starts = range(0, ids.shape[1], self.chunk_tokens)
-        with torch.inference_mode():
-            if progress:
-                from tqdm import tqdm
+        from tqdm import tqdm
 
-                bar = tqdm(total=ids.shape[1], unit="tok", desc=f"ingest {label or 'document'}")
-            for start in starts:
+        with (
+            torch.inference_mode(),
+            tqdm(total=ids.shape[1], unit="tok", desc=f"ingest {label or 'document'}", disable=not progress) as bar,
+        ):
+            for start in range(0, ids.shape[1], self.chunk_tokens):
                 piece = ids[:, start : start + self.chunk_tokens]
                 base(input_ids=piece, past_key_values=cache, use_cache=True)
-                if progress:
-                    bar.update(piece.shape[1])
-            if progress:
-                bar.close()
+                bar.update(piece.shape[1])
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         label = label or text.strip().splitlines()[0][:60]
         path = self.states_dir / f"{source[:20]}-{self.fingerprint[:8]}.state"
