@@ -4,6 +4,12 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter; it must be chosen before
+# anything imports triton. The dispatch still picks PyTorch on the CPU unless a test forces
+# CODA_GQA_L_KERNELS=triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 

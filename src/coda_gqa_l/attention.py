@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from .banks import Banks, route_segment
 from .config import BoundedConfig, PositionMode
 from .differential import DifferentialCore, HeadNorm
-from .primitives import RopeLayout, apply_rope
+from .kernels.diff_attention import Pattern, fused_attention
+from .kernels.dispatch import backend
+from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, BoundedState
 
@@ -361,21 +363,24 @@ class BoundedCoDAAttention(nn.Module):
             snapshots.append(_bank_view(banks))
         bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots, strict=True))
 
-        attended = attend_segments(
-            core.stack_queries(q),
-            ext_k,
-            ext_v,
-            sink_k,
-            sink_v,
-            bank_k,
-            bank_v,
-            bank_bias,
-            start=start,
-            config=cfg,
-            rope=core.rope,
-            scale=core.softmax_scale,
-        )
-        y = core.combine(attended, lam)
+        if backend(device) == "triton":
+            y = self._attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
+        else:
+            attended = attend_segments(
+                core.stack_queries(q),
+                ext_k,
+                ext_v,
+                sink_k,
+                sink_v,
+                bank_k,
+                bank_v,
+                bank_bias,
+                start=start,
+                config=cfg,
+                rope=core.rope,
+                scale=core.softmax_scale,
+            )
+            y = core.combine(attended, lam)
 
         kept = min(n, W)
         slots = torch.arange(start + n - kept, start + n, device=device) % W
@@ -390,6 +395,70 @@ class BoundedCoDAAttention(nn.Module):
             pos=start + n,
         )
         return y, fields, metrics
+
+    def _attend_fused(
+        self,
+        q: Tensor,
+        lam: Tensor | None,
+        ext_k: Tensor,
+        ext_v: Tensor,
+        sink_k: Tensor,
+        sink_v: Tensor,
+        bank_k: Tensor,
+        bank_v: Tensor,
+        bank_bias: Tensor,
+        start: int,
+    ) -> Tensor:
+        """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
+
+        RoPE angles come from float64 positions, so rotating queries at ``t`` and window keys
+        at ``j`` gives the relative mode's ``t - j`` distances to float32 rounding however long
+        the stream. Sinks and bank slots sit at per-segment positions (SPEC 2.4), so they are
+        rotated once per segment here and handed to the kernel as that segment's extra keys.
+        """
+        cfg, core = self.config, self.core
+        W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
+        B, H, n, D = q.shape
+        device = q.device
+        rope, layout = core.rope, core.rope.layout
+        relative = cfg.position_mode == "relative"
+        cos, sin = rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
+        q = apply_rope(q.float(), cos, sin, layout).to(q.dtype)
+        if relative:
+            cos, sin = rope.cos_sin(torch.arange(start - W, start + n, device=device), torch.float32)
+            ext_k = apply_rope(ext_k.float(), cos, sin, layout).to(ext_k.dtype)
+        nseg = bank_k.shape[2]
+        seg_start = (start // S + torch.arange(nseg, device=device)) * S
+        extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
+        if relative and bank_k.shape[3]:
+            cos, sin = rope.cos_sin(seg_start - W, torch.float32)  # every slot of a segment at b - W
+            extra_k = apply_rope(bank_k.float(), cos[:, None], sin[:, None], layout).to(bank_k.dtype)
+        if Ns:
+            sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
+            if relative:
+                i = torch.arange(Ns, device=device)
+                cos, sin = rope.cos_sin(torch.maximum(i, seg_start[:, None] - W - Ns + i), torch.float32)
+                sinks_k = apply_rope(sinks_k.float(), cos, sin, layout).to(sink_k.dtype)
+            extra_k = torch.cat([sinks_k, extra_k], dim=3)
+            extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
+            extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
+        norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
+        out = fused_attention(
+            core.stack_queries(q),
+            ext_k,
+            ext_v,
+            lam,
+            q_start=start,
+            k_offset=W,
+            scale=core.softmax_scale,
+            pattern=Pattern(bounded=True, window=W, seg=S, num_sink=Ns),
+            extra_k=extra_k,
+            extra_v=extra_v,
+            extra_bias=extra_bias,
+            norm_weight=norm.weight if norm is not None else None,
+            eps=norm.eps if norm is not None else 1e-6,
+        )
+        return core.o_proj(out.reshape(B, n, H * D))
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -1,0 +1,444 @@
+"""Fused differential attention: the dispatching entry points, the autograd and ``torch.compile``
+registration, and the PyTorch reference the kernels are tested against.
+
+Problem (shapes; ``Q`` stacked query heads per KV head, ``2G`` when differential, else ``G``):
+
+* ``q (B, Hkv, Q, L, Dh)``: queries after RoPE, of tokens ``q_start .. q_start + L - 1``;
+  streams ``[0, G)`` are the signal heads of the KV group, ``[G, 2G)`` their noise heads;
+* ``k, v (B, Hkv, LK, Dh)``: main keys (after RoPE) and values of tokens
+  ``q_start - k_offset .. q_start - k_offset + LK - 1``;
+* ``lam (B, H, L)`` float32, or None (plain attention, ``Q = G``);
+* bounded pattern only: ``extra_k, extra_v (B, Hkv, nseg, E, Dh)`` and
+  ``extra_bias (B, Hkv, nseg, E)`` float32: per segment of the chunk, the sinks (first
+  ``num_sink``) and bank slots with their logit offsets;
+* ``norm_weight (H, Dh)`` or None: per-head RMSNorm of the combined output.
+
+Output ``(B, L, H, Dh)``: ``N(attn(q_sig) - lam * attn(q_noise))`` per head, ready for ``W_o``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .dispatch import backend
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Which keys a query sees: plain causal (``bounded=False``) or the bounded window (SPEC 2.3)."""
+
+    bounded: bool = False
+    window: int = 0
+    seg: int = 1
+    num_sink: int = 0
+
+
+CAUSAL = Pattern()
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference: a dense mask over (main keys + the row's segment extras), float32 or higher
+# ---------------------------------------------------------------------------------------------
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor | None,
+    *,
+    q_start: int,
+    k_offset: int,
+    scale: float,
+    pattern: Pattern = CAUSAL,
+    extra_k: Tensor | None = None,
+    extra_v: Tensor | None = None,
+    extra_bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The same function as the fused kernel, written plainly (used by tests and on the CPU)."""
+    B, Hkv, Qs, L, D = q.shape
+    LK = k.shape[2]
+    device = q.device
+    t = q_start + torch.arange(L, device=device)
+    j = q_start - k_offset + torch.arange(LK, device=device)
+    if pattern.bounded:
+        low = torch.clamp((t // pattern.seg) * pattern.seg - pattern.window + pattern.seg, min=pattern.num_sink)
+    else:
+        low = torch.zeros_like(t)
+    low = low.clamp(min=0)
+    main_ok = (j[None, :] <= t[:, None]) & (j[None, :] >= low[:, None])  # (L, LK)
+    qc = q.to(compute_dtype)
+    scores = torch.einsum("bhsld,bhkd->bhslk", qc, k.to(compute_dtype)) * scale
+    scores = scores.masked_fill(~main_ok, float("-inf"))
+    values = [v.to(compute_dtype)[:, :, None].expand(B, Hkv, L, LK, D)]
+    if extra_k is not None and extra_v is not None and extra_bias is not None and extra_k.shape[3] > 0:
+        E = extra_k.shape[3]
+        row_seg = t // pattern.seg - q_start // pattern.seg  # (L,)
+        ek = extra_k.to(compute_dtype)[:, :, row_seg]  # (B, Hkv, L, E, D)
+        ev = extra_v.to(compute_dtype)[:, :, row_seg]
+        eb = extra_bias.to(compute_dtype)[:, :, row_seg]  # (B, Hkv, L, E)
+        e = torch.arange(E, device=device)
+        extra_ok = (e[None, :] >= pattern.num_sink) | (e[None, :] <= t[:, None])  # (L, E)
+        extra_scores = torch.einsum("bhsld,bhled->bhsle", qc, ek) * scale + eb[:, :, None]
+        extra_scores = extra_scores.masked_fill(~extra_ok, float("-inf"))
+        scores = torch.cat([scores, extra_scores], dim=-1)
+        values.append(ev)
+    probs = torch.softmax(scores, dim=-1)
+    all_v = torch.cat(values, dim=3)  # (B, Hkv, L, K, D)
+    streams = torch.einsum("bhslk,bhlkd->bhsld", probs, all_v)
+    H = Hkv * (Qs // 2 if lam is not None else Qs)
+    G = H // Hkv
+    out = streams[:, :, :G].reshape(B, H, L, D)
+    if lam is not None:
+        out = out - lam.to(compute_dtype)[..., None] * streams[:, :, G:].reshape(B, H, L, D)
+    if norm_weight is not None:
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute_dtype)[:, None]
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: custom ops (opaque to torch.compile, with fake implementations) and their autograd
+# ---------------------------------------------------------------------------------------------
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for the forward: two fp32 accumulators live in registers."""
+    return (64, 64, 8) if head_dim > 64 else (64, 64, 4)
+
+
+def _placeholder(ref: Tensor) -> Tensor:
+    return torch.zeros(1, device=ref.device, dtype=ref.dtype)
+
+
+@torch.library.custom_op("coda_gqa_l::diff_attn_fwd", mutates_args=())
+def _diff_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor | None,
+    extra_k: Tensor | None,
+    extra_v: Tensor | None,
+    extra_bias: Tensor | None,
+    norm_weight: Tensor | None,
+    pos: Tensor,
+    k_offset: int,
+    scale: float,
+    eps: float,
+    bounded: bool,
+    window: int,
+    seg: int,
+    num_sink: int,
+    store_streams: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .diff_attention_triton import _fwd_kernel
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lam = lam.contiguous() if lam is not None else None
+    B, Hkv, Qs, L, D = q.shape
+    diff = lam is not None
+    G = Qs // 2 if diff else Qs
+    H = Hkv * G
+    o = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    if store_streams:
+        a = torch.empty_like(q)
+        lse = torch.empty(B, Hkv, Qs, L, device=q.device, dtype=torch.float32)
+    else:
+        a = _placeholder(q).view(1, 1, 1, 1, 1)
+        lse = _placeholder(q).float().view(1, 1, 1, 1)
+    has_extras = extra_k is not None and extra_k.shape[3] > 0
+    ek = extra_k.contiguous() if has_extras and extra_k is not None else _placeholder(q).view(1, 1, 1, 1, 1)
+    ev = extra_v.contiguous() if has_extras and extra_v is not None else ek
+    eb = extra_bias.contiguous() if has_extras and extra_bias is not None else _placeholder(q).float().view(1, 1, 1, 1)
+    E = ek.shape[3] if has_extras else 0
+    lam_t = lam if lam is not None else _placeholder(q).float().view(1, 1, 1)
+    nw = norm_weight if norm_weight is not None else _placeholder(q)
+    block_m, block_n, warps = _fwd_blocks(D)
+    grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, lam_t, ek, ev, eb, nw, pos,
+        o, a, lse,
+        *q.stride()[:4],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *lam_t.stride()[:2],
+        *ek.stride()[:4],
+        *ev.stride()[:4],
+        *eb.stride()[:3],
+        o.stride(0), o.stride(1), o.stride(2),
+        *a.stride()[:4],
+        *lse.stride()[:3],
+        L, k.shape[2], k_offset, E, H, G,
+        scale * _LOG2E, eps,
+        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(64, _pow2(E)),
+        DIFF=diff, BOUNDED=bounded, WINDOW=window, SEG=seg, NUM_SINK=num_sink,
+        HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams,
+        num_warps=warps,
+    )  # fmt: skip
+    return o, a, lse
+
+
+@_diff_attn_fwd.register_fake
+def _diff_attn_fwd_fake(
+    q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, *args: object
+) -> tuple[Tensor, Tensor, Tensor]:
+    store_streams = bool(args[-1])
+    B, Hkv, Qs, L, D = q.shape
+    H = Hkv * (Qs // 2 if lam is not None else Qs)
+    o = q.new_empty(B, L, H, D)
+    if store_streams:
+        return o, torch.empty_like(q), q.new_empty(B, Hkv, Qs, L, dtype=torch.float32)
+    return o, q.new_empty(1, 1, 1, 1, 1), q.new_empty(1, 1, 1, 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("coda_gqa_l::diff_attn_bwd", mutates_args=())
+def _diff_attn_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    extra_k: Tensor | None,
+    extra_v: Tensor | None,
+    extra_bias: Tensor | None,
+    pos: Tensor,
+    d_streams: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    k_offset: int,
+    scale: float,
+    bounded: bool,
+    window: int,
+    seg: int,
+    num_sink: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .diff_attention_triton import _bwd_dkdv_main_kernel, _bwd_dq_kernel, _bwd_extras_kernel
+
+    B, Hkv, Qs, L, D = q.shape
+    LK = k.shape[2]
+    q, k, v, d_streams = q.contiguous(), k.contiguous(), v.contiguous(), d_streams.contiguous()
+    lse, delta = lse.contiguous(), delta.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    block_d = _pow2(D)
+    warps = 8 if D > 64 else 4
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, SEG=seg, NUM_SINK=num_sink)
+    window_args = dict(BOUNDED=bounded, WINDOW=window)
+    _bwd_dkdv_main_kernel[(triton_cdiv(LK, 64), B * Hkv)](
+        q, k, v, d_streams, lse, delta, pos, dk, dv,
+        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *d_streams.stride()[:4], *lse.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3],
+        L, LK, k_offset, Hkv, Qs, scale * _LOG2E, scale,
+        BLOCK_M=64, BLOCK_N=64, **common, **window_args, num_warps=warps,
+    )  # fmt: skip
+    has_extras = extra_k is not None and extra_v is not None and extra_bias is not None and extra_k.shape[3] > 0
+    if has_extras:
+        assert extra_k is not None and extra_v is not None and extra_bias is not None
+        ek, ev, eb = extra_k.contiguous(), extra_v.contiguous(), extra_bias.contiguous()
+        dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
+        nseg, E = ek.shape[2], ek.shape[3]
+        block_e = min(64, _pow2(E))
+        e_tiles = triton_cdiv(E, block_e)
+        _bwd_extras_kernel[(nseg * e_tiles, B * Hkv)](
+            q, ek, ev, eb, d_streams, lse, delta, pos, dek, dev, deb,
+            *q.stride()[:4], *ek.stride()[:4], *ev.stride()[:4], *eb.stride()[:3], *d_streams.stride()[:4],
+            *lse.stride()[:3],
+            L, E, Hkv, Qs, e_tiles, scale * _LOG2E, scale,
+            BLOCK_M=64 if seg >= 64 else 16, BLOCK_E=block_e, **common, num_warps=warps,
+        )  # fmt: skip
+    else:
+        ek = ev = _placeholder(q).view(1, 1, 1, 1, 1)
+        eb = _placeholder(q).float().view(1, 1, 1, 1)
+        dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
+        E = 0
+        block_e = 16
+    _bwd_dq_kernel[(triton_cdiv(L + 63, 64), B * Hkv * Qs)](
+        q, k, v, ek, ev, eb, d_streams, lse, delta, pos, dq,
+        *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *ek.stride()[:4], *ev.stride()[:4], *eb.stride()[:3],
+        *d_streams.stride()[:4], *lse.stride()[:3],
+        L, LK, k_offset, E, Hkv, Qs, scale * _LOG2E, scale,
+        BLOCK_M=64, BLOCK_N=64, BLOCK_E=block_e, HAS_EXTRAS=has_extras, **common, **window_args, num_warps=warps,
+    )  # fmt: skip
+    return dq, dk, dv, dek, dev, deb
+
+
+@_diff_attn_bwd.register_fake
+def _diff_attn_bwd_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    extra_k: Tensor | None,
+    extra_v: Tensor | None,
+    extra_bias: Tensor | None,
+    *args: object,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def like(x: Tensor | None) -> Tensor:
+        return torch.empty_like(x) if x is not None else q.new_empty(1)
+
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(extra_k), like(extra_v), like(extra_bias)
+
+
+def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, k_offset, scale, eps, bounded, window, seg,
+     num_sink, store_streams) = inputs  # fmt: skip
+    _, streams, lse = output
+    ctx.save_for_backward(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, streams, lse)
+    ctx.params = (k_offset, scale, eps, bounded, window, seg, num_sink)
+
+
+def _backward(ctx, grad_out, _grad_streams, _grad_lse):  # type: ignore[no-untyped-def]
+    q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, streams, lse = ctx.saved_tensors
+    k_offset, scale, eps, bounded, window, seg, num_sink = ctx.params
+    if streams.dim() != 5 or streams.shape != q.shape:
+        raise RuntimeError("differential_attention: backward needs the forward run with gradients enabled")
+    B, Hkv, Qs, L, D = q.shape
+    G = Qs // 2 if lam is not None else Qs
+    H = Hkv * G
+    # The epilogue's backward in PyTorch (elementwise, float32): norm, then the combine.
+    d_out = grad_out.float().transpose(1, 2)  # (B, H, L, D)
+    a_sig = streams[:, :, :G].reshape(B, H, L, D).float()
+    combined = a_sig
+    if lam is not None:
+        a_noi = streams[:, :, G:].reshape(B, H, L, D).float()
+        combined = a_sig - lam[..., None] * a_noi
+    d_norm_weight = None
+    if norm_weight is not None:
+        rstd = torch.rsqrt(combined.pow(2).mean(-1, keepdim=True) + eps)
+        normed = combined * rstd
+        d_norm_weight = (d_out * normed).sum(dim=(0, 2)).to(norm_weight.dtype)
+        gy = d_out * norm_weight.float()[:, None]
+        d_comb = rstd * (gy - normed * (gy * normed).mean(-1, keepdim=True))
+    else:
+        d_comb = d_out
+    d_lam = None
+    d_sig = d_comb
+    delta_sig = (d_sig * a_sig).sum(-1)
+    if lam is not None:
+        d_noi = -lam[..., None] * d_comb
+        d_lam = -(d_comb * a_noi).sum(-1)
+        d_streams = torch.stack([d_sig.view(B, Hkv, G, L, D), d_noi.view(B, Hkv, G, L, D)], dim=2)
+        d_streams = d_streams.view(B, Hkv, Qs, L, D)
+        delta = torch.stack([delta_sig.view(B, Hkv, G, L), (d_noi * a_noi).sum(-1).view(B, Hkv, G, L)], dim=2)
+        delta = delta.view(B, Hkv, Qs, L)
+    else:
+        d_streams = d_sig.view(B, Hkv, Qs, L, D)
+        delta = delta_sig.view(B, Hkv, Qs, L)
+    dq, dk, dv, dek, dev, deb = _diff_attn_bwd(
+        q, k, v, extra_k, extra_v, extra_bias, pos, d_streams.to(q.dtype), lse, delta.contiguous(),
+        k_offset, scale, bounded, window, seg, num_sink,
+    )  # fmt: skip
+    has_extras = extra_k is not None
+    return (
+        dq, dk, dv, d_lam,
+        dek if has_extras else None, dev if has_extras else None, deb if has_extras else None,
+        d_norm_weight, None, None, None, None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+_diff_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor | None,
+    *,
+    q_start: int | Tensor,
+    k_offset: int,
+    scale: float,
+    pattern: Pattern = CAUSAL,
+    extra_k: Tensor | None = None,
+    extra_v: Tensor | None = None,
+    extra_bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Differential attention of the stacked problem (module docstring), Triton or reference.
+
+    ``q_start`` may be a 0-d int64 tensor on the device (CUDA-graph capture); the reference
+    then reads it with a host synchronisation.
+    """
+    _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+    if backend(q.device) == "triton":
+        pos = q_start if isinstance(q_start, Tensor) else torch.tensor(q_start, device=q.device, dtype=torch.int64)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+        )
+        o, _, _ = _diff_attn_fwd(
+            q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, k_offset, scale, eps,
+            pattern.bounded, pattern.window, pattern.seg, pattern.num_sink, needs_grad,
+        )  # fmt: skip
+        return o
+    start = int(q_start) if isinstance(q_start, Tensor) else q_start
+    return reference_attention(
+        q, k, v, lam, q_start=start, k_offset=k_offset, scale=scale, pattern=pattern,
+        extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,
+    )  # fmt: skip
+
+
+def differential_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor | None,
+    *,
+    scale: float,
+    head_norm_weight: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Plain causal differential attention of a whole sequence: ``q (B, Hkv, Q, L, Dh)`` over
+    ``k, v (B, Hkv, L, Dh)`` -> ``(B, L, H, Dh)``; differentiable and ``torch.compile``-able."""
+    return fused_attention(
+        q, k, v, lam, q_start=0, k_offset=k.shape[2] - q.shape[3], scale=scale, norm_weight=head_norm_weight, eps=eps
+    )
+
+
+def _check(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor | None,
+    extra_k: Tensor | None,
+    extra_v: Tensor | None,
+    extra_bias: Tensor | None,
+    norm_weight: Tensor | None,
+) -> None:
+    if q.dim() != 5:
+        raise ValueError(f"q must be (B, Hkv, streams, L, Dh), got shape {tuple(q.shape)}")
+    B, Hkv, Qs, L, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hkv or t.shape[3] != D:
+            raise ValueError(f"{name} must be (B={B}, Hkv={Hkv}, LK, Dh={D}), got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, q has {q.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    if lam is not None:
+        if Qs % 2:
+            raise ValueError(f"differential attention needs an even number of stacked streams, got {Qs}")
+        if lam.shape != (B, Hkv * Qs // 2, L):
+            raise ValueError(f"lam must be (B, H, L) = {(B, Hkv * Qs // 2, L)}, got {tuple(lam.shape)}")
+    if extra_k is not None:
+        if extra_v is None or extra_bias is None:
+            raise ValueError("extra_k, extra_v and extra_bias come together")
+        if extra_k.shape != extra_v.shape or extra_k.shape[:2] != (B, Hkv) or extra_k.shape[4] != D:
+            raise ValueError(f"extra_k/extra_v must be (B, Hkv, nseg, E, Dh), got {tuple(extra_k.shape)}")
+        if extra_bias.shape != extra_k.shape[:4] or extra_bias.dtype != torch.float32:
+            raise ValueError(f"extra_bias must be float32 {tuple(extra_k.shape[:4])}, got {tuple(extra_bias.shape)}")
+    if norm_weight is not None and norm_weight.shape != (Hkv * (Qs // 2 if lam is not None else Qs), D):
+        raise ValueError(f"norm_weight has shape {tuple(norm_weight.shape)}, expected (H, Dh)")

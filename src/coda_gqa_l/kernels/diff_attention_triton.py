@@ -1,0 +1,596 @@
+"""Triton kernels of fused differential attention: forward, and the backward's dK/dV and dQ.
+
+One index space serves the plain causal pattern and the bounded one (SPEC 2.3):
+
+* query rows are tokens ``t = q_start + i``; program blocks are aligned to absolute token
+  positions (``BLOCK_M`` divides the segment length in the usual configs), so a block sits in
+  one segment and sees one bank snapshot;
+* main keys are tokens ``j = q_start - K_OFFSET + jj``; a row sees ``lo(t) <= j <= t`` with
+  ``lo = 0`` (causal) or ``lo = max(Ns, seg_start(t) - W + S)`` (bounded window);
+* "extra" keys are per segment (sinks, then exact and summary bank slots): ``E`` of them with a
+  float32 logit offset each (``log g``, ``-inf`` for an empty slot); the first ``NUM_SINK``
+  are sinks and follow causality (``e <= t``).
+
+``q_start`` is read from a device tensor so that a decode step can be captured in a CUDA
+graph and replayed at later positions.
+
+The forward keeps both streams (signal and noise query of head ``h``) in one program: each K/V
+tile is loaded once and feeds two online softmaxes; the epilogue forms
+``signal - lambda * noise`` and the optional per-head RMSNorm in registers. The softmax runs in
+base 2 (``exp2``) with the scale folded in; the saved log-sum-exp is in base-2 units.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _window_low(t, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_SINK: tl.constexpr):
+    """Lowest main-key token visible from query token ``t``."""
+    if BOUNDED:
+        low = (t // SEG) * SEG - WINDOW + SEG
+        low = tl.maximum(low, NUM_SINK)
+    else:
+        low = t * 0
+    return tl.maximum(low, 0)
+
+
+@triton.jit
+def _main_mask(
+    t, j, jj, row_ok, LK, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_SINK: tl.constexpr
+):
+    low = _window_low(t, BOUNDED, WINDOW, SEG, NUM_SINK)
+    return (
+        row_ok[:, None]
+        & (j[None, :] <= t[:, None])
+        & (j[None, :] >= low[:, None])
+        & (jj[None, :] >= 0)
+        & (jj[None, :] < LK)
+    )
+
+
+@triton.jit
+def _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK: tl.constexpr):
+    causal = (e[None, :] >= NUM_SINK) | (e[None, :] <= t[:, None])  # sinks follow causality
+    return row_ok[:, None] & in_seg[:, None] & (e[None, :] < E) & causal
+
+
+@triton.jit
+def _online_update(s2, m, total, acc, vt):
+    """One tile of an online softmax in base 2: returns the new max, sum and accumulator."""
+    m_new = tl.maximum(m, tl.max(s2, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s2 - m_new[:, None])
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, total, acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    LAM,
+    EK,
+    EV,
+    EB,
+    NW,
+    POS,
+    OUT,
+    A,
+    LSE,
+    sqb,
+    sqh,
+    sqs,
+    sql,
+    skb,
+    skh,
+    skl,
+    svb,
+    svh,
+    svl,
+    slb,
+    slh,
+    sekb,
+    sekh,
+    seks,
+    seke,
+    sevb,
+    sevh,
+    sevs,
+    seve,
+    sebb,
+    sebh,
+    sebs,
+    sob,
+    sol,
+    soh,
+    sab,
+    sah,
+    sas,
+    sal,
+    ssb,
+    ssh,
+    sss,
+    L,
+    LK,
+    K_OFFSET,
+    E,
+    NUM_HEADS,
+    GROUP,
+    qk_scale,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DIFF: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SEG: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+    HAS_EXTRAS: tl.constexpr,
+    NORM: tl.constexpr,
+    STORE_STREAMS: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    kvh = h // GROUP
+    g = h % GROUP
+    q_start = tl.load(POS).to(tl.int32)
+    k_start = q_start - K_OFFSET
+    first = (q_start // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
+    if first >= q_start + L:
+        return
+    t = first + tl.arange(0, BLOCK_M)
+    i = t - q_start
+    row_ok = (i >= 0) & (i < L)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+
+    q_base = Q + b64 * sqb + kvh64 * sqh
+    qmask = row_ok[:, None] & d_ok[None, :]
+    q_sig = tl.load(q_base + g * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
+    if DIFF:
+        q_noi = tl.load(q_base + (GROUP + g) * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
+    else:
+        q_noi = q_sig
+
+    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_n = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_n = tl.zeros([BLOCK_M], tl.float32)
+    acc_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    t_first = tl.maximum(first, q_start)
+    t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
+    jj_lo = tl.maximum(_window_low(t_first, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
+    jj_hi = tl.minimum(t_last - k_start + 1, LK)
+    k_base = K + b64 * skb + kvh64 * skh
+    v_base = V + b64 * svb + kvh64 * svh
+    for n0 in range((jj_lo // BLOCK_N) * BLOCK_N, jj_hi, BLOCK_N):
+        jj = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
+        s2 = tl.dot(q_sig, tl.trans(kt)) * qk_scale
+        m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt)
+        if DIFF:
+            s2 = tl.dot(q_noi, tl.trans(kt)) * qk_scale
+            m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt)
+
+    if HAS_EXTRAS:
+        s0 = q_start // SEG
+        for sidx in range(t_first // SEG, t_last // SEG + 1):
+            in_seg = (t // SEG) == sidx
+            eseg = (sidx - s0).to(tl.int64)
+            ek_base = EK + b64 * sekb + kvh64 * sekh + eseg * seks
+            ev_base = EV + b64 * sevb + kvh64 * sevh + eseg * sevs
+            eb_base = EB + b64 * sebb + kvh64 * sebh + eseg * sebs
+            for e0 in range(0, E, BLOCK_E):
+                e = e0 + tl.arange(0, BLOCK_E)
+                e_mask = (e < E)[:, None] & d_ok[None, :]
+                kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
+                vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
+                bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+                mask = _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK)
+                s2 = tl.dot(q_sig, tl.trans(kt)) * qk_scale + bias[None, :]
+                m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt)
+                if DIFF:
+                    s2 = tl.dot(q_noi, tl.trans(kt)) * qk_scale + bias[None, :]
+                    m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt)
+
+    l_s = tl.where(l_s == 0.0, 1.0, l_s)
+    a_sig = acc_s / l_s[:, None]
+    if DIFF:
+        l_n = tl.where(l_n == 0.0, 1.0, l_n)
+        a_noi = acc_n / l_n[:, None]
+        lam = tl.load(LAM + b64 * slb + h * slh + i, mask=row_ok, other=0.0)
+        out = a_sig - lam[:, None] * a_noi
+    else:
+        a_noi = a_sig
+        out = a_sig
+    if NORM:
+        mean_sq = tl.sum(out * out, 1) / HEAD_DIM
+        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        out = out * tl.rsqrt(mean_sq + eps)[:, None] * w[None, :]
+    tl.store(OUT + b64 * sob + i[:, None] * sol + h * soh + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+    if STORE_STREAMS:
+        a_base = A + b64 * sab + kvh64 * sah
+        s_base = LSE + b64 * ssb + kvh64 * ssh
+        tl.store(a_base + g * sas + i[:, None] * sal + d[None, :], a_sig.to(A.dtype.element_ty), mask=qmask)
+        tl.store(s_base + g * sss + i, m_s + tl.log2(l_s), mask=row_ok)
+        if DIFF:
+            tl.store(
+                a_base + (GROUP + g) * sas + i[:, None] * sal + d[None, :], a_noi.to(A.dtype.element_ty), mask=qmask
+            )
+            tl.store(s_base + (GROUP + g) * sss + i, m_n + tl.log2(l_n), mask=row_ok)
+
+
+@triton.jit
+def _row_tile(q_base, da_base, s_base, t_base, stream, sqs, sql, sas, sal, sss, tq, q_start, L, d, d_ok):
+    """Loads one stream's query rows ``tq``: q, dA, lse and delta (masked rows are zero)."""
+    i = tq - q_start
+    ok = (i >= 0) & (i < L)
+    mask = ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + stream * sqs + i[:, None] * sql + d[None, :], mask=mask, other=0.0)
+    da = tl.load(da_base + stream * sas + i[:, None] * sal + d[None, :], mask=mask, other=0.0)
+    lse = tl.load(s_base + stream * sss + i, mask=ok, other=0.0)
+    delta = tl.load(t_base + stream * sss + i, mask=ok, other=0.0)
+    return q, da, lse, delta, ok
+
+
+@triton.jit
+def _bwd_dkdv_main_kernel(
+    Q,
+    K,
+    V,
+    DA,
+    LSE,
+    DELTA,
+    POS,
+    DK,
+    DV,
+    sqb,
+    sqh,
+    sqs,
+    sql,
+    skb,
+    skh,
+    skl,
+    svb,
+    svh,
+    svl,
+    sab,
+    sah,
+    sas,
+    sal,
+    ssb,
+    ssh,
+    sss,
+    sdkb,
+    sdkh,
+    sdkl,
+    sdvb,
+    sdvh,
+    sdvl,
+    L,
+    LK,
+    K_OFFSET,
+    NUM_KV,
+    STREAMS,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SEG: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // NUM_KV).to(tl.int64)
+    kvh64 = (pid_bh % NUM_KV).to(tl.int64)
+    q_start = tl.load(POS).to(tl.int32)
+    k_start = q_start - K_OFFSET
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    jj = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = k_start + jj
+    kv_mask = (jj < LK)[:, None] & d_ok[None, :]
+    kt = tl.load(K + b64 * skb + kvh64 * skh + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+    vt = tl.load(V + b64 * svb + kvh64 * svh + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    j_first = k_start + pid_n * BLOCK_N
+    j_last = tl.minimum(j_first + BLOCK_N, k_start + LK) - 1
+    t_lo = tl.maximum(j_first, q_start)
+    if BOUNDED:
+        # the last query whose window still reaches j_last: its segment starts at most j + W - S
+        t_hi = ((j_last + WINDOW - SEG) // SEG) * SEG + SEG - 1
+        t_hi = tl.minimum(t_hi, q_start + L - 1)
+    else:
+        t_hi = q_start + L - 1
+    q_base = Q + b64 * sqb + kvh64 * sqh
+    da_base = DA + b64 * sab + kvh64 * sah
+    s_base = LSE + b64 * ssb + kvh64 * ssh
+    t_base = DELTA + b64 * ssb + kvh64 * ssh
+    if (j_last >= 0) & (t_lo <= t_hi):
+        for stream in range(0, STREAMS):
+            for m0 in range((t_lo // BLOCK_M) * BLOCK_M, t_hi + 1, BLOCK_M):
+                tq = m0 + tl.arange(0, BLOCK_M)
+                q, da, lse, delta, ok = _row_tile(
+                    q_base, da_base, s_base, t_base, stream, sqs, sql, sas, sal, sss, tq, q_start, L, d, d_ok
+                )
+                mask = _main_mask(tq, j, jj, ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
+                s2 = tl.dot(q, tl.trans(kt)) * qk_scale
+                p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(da.dtype)), da)
+                dp = tl.dot(da, tl.trans(vt))
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(
+        DK + b64 * sdkb + kvh64 * sdkh + jj[:, None] * sdkl + d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(DV + b64 * sdvb + kvh64 * sdvh + jj[:, None] * sdvl + d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_extras_kernel(
+    Q,
+    EK,
+    EV,
+    EB,
+    DA,
+    LSE,
+    DELTA,
+    POS,
+    DEK,
+    DEV,
+    DEB,
+    sqb,
+    sqh,
+    sqs,
+    sql,
+    sekb,
+    sekh,
+    seks,
+    seke,
+    sevb,
+    sevh,
+    sevs,
+    seve,
+    sebb,
+    sebh,
+    sebs,
+    sab,
+    sah,
+    sas,
+    sal,
+    ssb,
+    ssh,
+    sss,
+    L,
+    E,
+    NUM_KV,
+    STREAMS,
+    E_TILES,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SEG: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+):
+    """dK, dV and d(bias) of one tile of one segment's extra keys (grads have the inputs' strides)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    eseg = pid // E_TILES
+    e = (pid % E_TILES) * BLOCK_E + tl.arange(0, BLOCK_E)
+    b64 = (pid_bh // NUM_KV).to(tl.int64)
+    kvh64 = (pid_bh % NUM_KV).to(tl.int64)
+    q_start = tl.load(POS).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    e_ok = e < E
+    e_mask = e_ok[:, None] & d_ok[None, :]
+    ek_off = b64 * sekb + kvh64 * sekh + eseg.to(tl.int64) * seks + e[:, None] * seke + d[None, :]
+    ev_off = b64 * sevb + kvh64 * sevh + eseg.to(tl.int64) * sevs + e[:, None] * seve + d[None, :]
+    eb_off = b64 * sebb + kvh64 * sebh + eseg.to(tl.int64) * sebs + e
+    kt = tl.load(EK + ek_off, mask=e_mask, other=0.0)
+    vt = tl.load(EV + ev_off, mask=e_mask, other=0.0)
+    bias = tl.load(EB + eb_off, mask=e_ok, other=float("-inf")) * 1.4426950408889634
+    dk = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_E], tl.float32)
+    sidx = q_start // SEG + eseg
+    t_lo = tl.maximum(sidx * SEG, q_start)
+    t_hi = tl.minimum(sidx * SEG + SEG, q_start + L) - 1
+    q_base = Q + b64 * sqb + kvh64 * sqh
+    da_base = DA + b64 * sab + kvh64 * sah
+    s_base = LSE + b64 * ssb + kvh64 * ssh
+    t_base = DELTA + b64 * ssb + kvh64 * ssh
+    for stream in range(0, STREAMS):
+        for m0 in range((t_lo // BLOCK_M) * BLOCK_M, t_hi + 1, BLOCK_M):
+            tq = m0 + tl.arange(0, BLOCK_M)
+            q, da, lse, delta, ok = _row_tile(
+                q_base, da_base, s_base, t_base, stream, sqs, sql, sas, sal, sss, tq, q_start, L, d, d_ok
+            )
+            in_seg = (tq // SEG) == sidx
+            mask = _extra_mask(tq, e, ok, in_seg, E, NUM_SINK)
+            s2 = tl.dot(q, tl.trans(kt)) * qk_scale + bias[None, :]
+            p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(da.dtype)), da)
+            dp = tl.dot(da, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            db += tl.sum(ds, 0)
+    tl.store(DEK + ek_off, (dk * scale).to(DEK.dtype.element_ty), mask=e_mask)
+    tl.store(DEV + ev_off, dv.to(DEV.dtype.element_ty), mask=e_mask)
+    tl.store(DEB + eb_off, db, mask=e_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    EK,
+    EV,
+    EB,
+    DA,
+    LSE,
+    DELTA,
+    POS,
+    DQ,
+    sqb,
+    sqh,
+    sqs,
+    sql,
+    skb,
+    skh,
+    skl,
+    svb,
+    svh,
+    svl,
+    sekb,
+    sekh,
+    seks,
+    seke,
+    sevb,
+    sevh,
+    sevs,
+    seve,
+    sebb,
+    sebh,
+    sebs,
+    sab,
+    sah,
+    sas,
+    sal,
+    ssb,
+    ssh,
+    sss,
+    L,
+    LK,
+    K_OFFSET,
+    E,
+    NUM_KV,
+    STREAMS,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SEG: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+    HAS_EXTRAS: tl.constexpr,
+):
+    """dQ of one block of rows of one stacked query head (dQ has the strides of Q)."""
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    stream = pid % STREAMS
+    kvh64 = ((pid // STREAMS) % NUM_KV).to(tl.int64)
+    b64 = (pid // (STREAMS * NUM_KV)).to(tl.int64)
+    q_start = tl.load(POS).to(tl.int32)
+    k_start = q_start - K_OFFSET
+    first = (q_start // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
+    if first >= q_start + L:
+        return
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    tq = first + tl.arange(0, BLOCK_M)
+    q_base = Q + b64 * sqb + kvh64 * sqh
+    q, da, lse, delta, ok = _row_tile(
+        q_base,
+        DA + b64 * sab + kvh64 * sah,
+        LSE + b64 * ssb + kvh64 * ssh,
+        DELTA + b64 * ssb + kvh64 * ssh,
+        stream,
+        sqs,
+        sql,
+        sas,
+        sal,
+        sss,
+        tq,
+        q_start,
+        L,
+        d,
+        d_ok,
+    )
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    t_first = tl.maximum(first, q_start)
+    t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
+    jj_lo = tl.maximum(_window_low(t_first, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
+    jj_hi = tl.minimum(t_last - k_start + 1, LK)
+    k_base = K + b64 * skb + kvh64 * skh
+    v_base = V + b64 * svb + kvh64 * svh
+    for n0 in range((jj_lo // BLOCK_N) * BLOCK_N, jj_hi, BLOCK_N):
+        jj = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        mask = _main_mask(tq, k_start + jj, jj, ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
+        s2 = tl.dot(q, tl.trans(kt)) * qk_scale
+        p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
+        dp = tl.dot(da, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt)
+    if HAS_EXTRAS:
+        s0 = q_start // SEG
+        for sidx in range(t_first // SEG, t_last // SEG + 1):
+            in_seg = (tq // SEG) == sidx
+            eseg = (sidx - s0).to(tl.int64)
+            for e0 in range(0, E, BLOCK_E):
+                e = e0 + tl.arange(0, BLOCK_E)
+                e_mask = (e < E)[:, None] & d_ok[None, :]
+                kt = tl.load(
+                    EK + b64 * sekb + kvh64 * sekh + eseg * seks + e[:, None] * seke + d[None, :],
+                    mask=e_mask,
+                    other=0.0,
+                )
+                vt = tl.load(
+                    EV + b64 * sevb + kvh64 * sevh + eseg * sevs + e[:, None] * seve + d[None, :],
+                    mask=e_mask,
+                    other=0.0,
+                )
+                bias = (
+                    tl.load(EB + b64 * sebb + kvh64 * sebh + eseg * sebs + e, mask=e < E, other=float("-inf"))
+                    * 1.4426950408889634
+                )
+                mask = _extra_mask(tq, e, ok, in_seg, E, NUM_SINK)
+                s2 = tl.dot(q, tl.trans(kt)) * qk_scale + bias[None, :]
+                p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
+                dp = tl.dot(da, tl.trans(vt))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(kt.dtype), kt)
+    i = tq - q_start
+    tl.store(
+        DQ + b64 * sqb + kvh64 * sqh + stream * sqs + i[:, None] * sql + d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=ok[:, None] & d_ok[None, :],
+    )

@@ -1,0 +1,46 @@
+"""Which implementation runs: the Triton kernels or the PyTorch references."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+BACKEND_ENV = "CODA_GQA_L_KERNELS"
+Backend = Literal["triton", "torch"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton can be imported (a CUDA build of it, or its CPU interpreter)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend(device: torch.device | str) -> Backend:
+    """The backend for tensors on ``device``.
+
+    ``auto`` (the default): Triton on CUDA when it is installed, else PyTorch. ``torch`` always
+    picks the reference. ``triton`` insists: it raises when Triton cannot run on ``device``.
+    """
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'torch', got {choice!r}")
+    device_type = torch.device(device).type
+    if choice == "torch":
+        return "torch"
+    runnable = triton_available() and (device_type == "cuda" or (device_type == "cpu" and interpreting()))
+    if choice == "triton":
+        if not runnable:
+            why = "Triton is not installed" if not triton_available() else f"tensors are on {device_type}"
+            hint = "" if device_type == "cuda" else " (on a CPU set TRITON_INTERPRET=1 before importing triton)"
+            raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot run: {why}{hint}")
+        return "triton"
+    return "triton" if runnable and device_type == "cuda" else "torch"
