@@ -18,13 +18,15 @@ Output ``(B, L, H, Dh)``: ``N(attn(q_sig) - lam * attn(q_noise))`` per head, rea
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .dispatch import backend
+from .dispatch import backend, interpreting
 
 _LOG2E = 1.4426950408889634
 
@@ -115,6 +117,41 @@ def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
     return (64, 64, 8) if head_dim > 64 else (64, 64, 4)
 
 
+_FWD_TUNING = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 8, 2)]  # (BLOCK_N, warps, stages)
+_BWD_TUNING = [(64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]  # (M, N, w, s)
+
+
+@functools.cache
+def _kernels() -> dict[str, Any]:
+    """The kernels, autotuned over a few block shapes on a GPU (the interpreter runs one shape).
+
+    Tuning keys leave out the lengths: the first call of each kind picks the configuration.
+    """
+    from . import diff_attention_triton as kt
+
+    if interpreting():
+        return {"fwd": kt._fwd_kernel, "dkdv": kt._bwd_dkdv_main_kernel, "dq": kt._bwd_dq_kernel, "tuned": False}
+    import triton
+
+    fwd = triton.autotune(
+        [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _FWD_TUNING],
+        key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC"],
+    )(kt._fwd_kernel)
+    bwd_configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _BWD_TUNING
+    ]
+    key = ["HEAD_DIM", "BOUNDED", "PREC"]
+    dkdv = triton.autotune(bwd_configs, key=key)(kt._bwd_dkdv_main_kernel)
+    dq = triton.autotune(bwd_configs, key=key + ["HAS_EXTRAS"])(kt._bwd_dq_kernel)
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq, "tuned": True}
+
+
+def _precision(ref: Tensor) -> str:
+    """float32 stays float32 in the matrix units (tests compare with a float32 reference);
+    tf32 would cost three digits. bf16/fp16 operands ignore it."""
+    return "ieee" if ref.dtype == torch.float32 else "tf32"
+
+
 def _placeholder(ref: Tensor) -> Tensor:
     return torch.zeros(1, device=ref.device, dtype=ref.dtype)
 
@@ -139,7 +176,6 @@ def _diff_attn_fwd(
     num_sink: int,
     store_streams: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .diff_attention_triton import _fwd_kernel
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lam = lam.contiguous() if lam is not None else None
@@ -163,7 +199,9 @@ def _diff_attn_fwd(
     nw = norm_weight if norm_weight is not None else _placeholder(q)
     block_m, block_n, warps = _fwd_blocks(D)
     grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
-    _fwd_kernel[grid](
+    kernels = _kernels()
+    launch = dict(BLOCK_N=block_n, num_warps=warps) if not kernels["tuned"] else {}
+    kernels["fwd"][grid](
         q, k, v, lam_t, ek, ev, eb, nw, pos,
         o, a, lse,
         *q.stride()[:4],
@@ -178,10 +216,10 @@ def _diff_attn_fwd(
         *lse.stride()[:3],
         L, k.shape[2], k_offset, E, H, G,
         scale * _LOG2E, eps,
-        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=min(64, _pow2(E)),
+        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, BLOCK_E=min(64, _pow2(E)),
         DIFF=diff, BOUNDED=bounded, WINDOW=window, SEG=seg, NUM_SINK=num_sink,
-        HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams,
-        num_warps=warps,
+        HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams, PREC=_precision(q),
+        **launch,
     )  # fmt: skip
     return o, a, lse
 
@@ -218,7 +256,7 @@ def _diff_attn_bwd(
     seg: int,
     num_sink: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .diff_attention_triton import _bwd_dkdv_main_kernel, _bwd_dq_kernel, _bwd_extras_kernel
+    from .diff_attention_triton import _bwd_extras_kernel
 
     B, Hkv, Qs, L, D = q.shape
     LK = k.shape[2]
@@ -229,14 +267,16 @@ def _diff_attn_bwd(
     dv = torch.empty_like(v)
     block_d = _pow2(D)
     warps = 8 if D > 64 else 4
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, SEG=seg, NUM_SINK=num_sink)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, SEG=seg, NUM_SINK=num_sink, PREC=_precision(q))
     window_args = dict(BOUNDED=bounded, WINDOW=window)
-    _bwd_dkdv_main_kernel[(triton_cdiv(LK, 64), B * Hkv)](
+    kernels = _kernels()
+    tiles = dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps) if not kernels["tuned"] else {}
+    kernels["dkdv"][lambda meta: (triton_cdiv(LK, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, d_streams, lse, delta, pos, dk, dv,
         *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *d_streams.stride()[:4], *lse.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
         L, LK, k_offset, Hkv, Qs, scale * _LOG2E, scale,
-        BLOCK_M=64, BLOCK_N=64, **common, **window_args, num_warps=warps,
+        **tiles, **common, **window_args,
     )  # fmt: skip
     has_extras = extra_k is not None and extra_v is not None and extra_bias is not None and extra_k.shape[3] > 0
     if has_extras:
@@ -259,12 +299,12 @@ def _diff_attn_bwd(
         dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
         E = 0
         block_e = 16
-    _bwd_dq_kernel[(triton_cdiv(L + 63, 64), B * Hkv * Qs)](
+    kernels["dq"][lambda meta: (triton_cdiv(L + meta["BLOCK_M"] - 1, meta["BLOCK_M"]), B * Hkv * Qs)](
         q, k, v, ek, ev, eb, d_streams, lse, delta, pos, dq,
         *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *ek.stride()[:4], *ev.stride()[:4], *eb.stride()[:3],
         *d_streams.stride()[:4], *lse.stride()[:3],
         L, LK, k_offset, E, Hkv, Qs, scale * _LOG2E, scale,
-        BLOCK_M=64, BLOCK_N=64, BLOCK_E=block_e, HAS_EXTRAS=has_extras, **common, **window_args, num_warps=warps,
+        BLOCK_E=block_e, HAS_EXTRAS=has_extras, **tiles, **common, **window_args,
     )  # fmt: skip
     return dq, dk, dv, dek, dev, deb
 

@@ -60,14 +60,57 @@ def _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s2, m, total, acc, vt):
+def _online_update(s2, m, total, acc, vt, PREC: tl.constexpr):
     """One tile of an online softmax in base 2: returns the new max, sum and accumulator."""
     m_new = tl.maximum(m, tl.max(s2, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s2 - m_new[:, None])
     total = total * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     return m_new, total, acc
+
+
+@triton.jit
+def _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr,
+                 SEG: tl.constexpr, NUM_SINK: tl.constexpr):  # fmt: skip
+    """Key-tile ranges of a query block: ``[head, full_lo)`` and ``[full_hi, end)`` need masks,
+    ``[full_lo, full_hi)`` is visible from every row (no mask: most of the work)."""
+    jj_lo = tl.maximum(_window_low(t_first, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
+    end = tl.minimum(t_last - k_start + 1, LK)
+    head = (jj_lo // BLOCK_N) * BLOCK_N
+    low_last = tl.maximum(_window_low(t_last, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
+    full_lo = tl.minimum(tl.maximum(((low_last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, head), end)
+    full_hi = tl.minimum(((t_first - k_start + 1) // BLOCK_N) * BLOCK_N, (LK // BLOCK_N) * BLOCK_N)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return head, full_lo, full_hi, end
+
+
+@triton.jit
+def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, lo, hi, t, row_ok,
+                    k_start, LK, d, d_ok, qk_scale, MASKED: tl.constexpr, DIFF: tl.constexpr, BOUNDED: tl.constexpr,
+                    WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_SINK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PREC: tl.constexpr):  # fmt: skip
+    """Main-key tiles ``[lo, hi)`` of both streams: each K/V tile is loaded once."""
+    for n0 in range(lo, hi, BLOCK_N):
+        jj = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale
+        if MASKED:
+            mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
+            s2 = tl.where(mask, s2, float("-inf"))
+        m_s, l_s, acc_s = _online_update(s2, m_s, l_s, acc_s, vt, PREC)
+        if DIFF:
+            s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale
+            if MASKED:
+                s2 = tl.where(mask, s2, float("-inf"))
+            m_n, l_n, acc_n = _online_update(s2, m_n, l_n, acc_n, vt, PREC)
+    return m_s, l_s, acc_s, m_n, l_n, acc_n
 
 
 @triton.jit
@@ -138,6 +181,7 @@ def _fwd_kernel(
     HAS_EXTRAS: tl.constexpr,
     NORM: tl.constexpr,
     STORE_STREAMS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -175,21 +219,21 @@ def _fwd_kernel(
 
     t_first = tl.maximum(first, q_start)
     t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
-    jj_lo = tl.maximum(_window_low(t_first, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
-    jj_hi = tl.minimum(t_last - k_start + 1, LK)
     k_base = K + b64 * skb + kvh64 * skh
     v_base = V + b64 * svb + kvh64 * svh
-    for n0 in range((jj_lo // BLOCK_N) * BLOCK_N, jj_hi, BLOCK_N):
-        jj = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
-        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
-        mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
-        s2 = tl.dot(q_sig, tl.trans(kt)) * qk_scale
-        m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt)
-        if DIFF:
-            s2 = tl.dot(q_noi, tl.trans(kt)) * qk_scale
-            m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt)
+    head, full_lo, full_hi, end = _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
+    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, head, full_lo, t, row_ok, k_start,
+        LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+    )  # fmt: skip
+    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_lo, full_hi, t, row_ok,
+        k_start, LK, d, d_ok, qk_scale, False, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+    )  # fmt: skip
+    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_hi, end, t, row_ok, k_start,
+        LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+    )  # fmt: skip
 
     if HAS_EXTRAS:
         s0 = q_start // SEG
@@ -206,11 +250,11 @@ def _fwd_kernel(
                 vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
                 bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
                 mask = _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK)
-                s2 = tl.dot(q_sig, tl.trans(kt)) * qk_scale + bias[None, :]
-                m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt)
+                s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+                m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
                 if DIFF:
-                    s2 = tl.dot(q_noi, tl.trans(kt)) * qk_scale + bias[None, :]
-                    m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt)
+                    s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+                    m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt, PREC)
 
     l_s = tl.where(l_s == 0.0, 1.0, l_s)
     a_sig = acc_s / l_s[:, None]
@@ -301,6 +345,7 @@ def _bwd_dkdv_main_kernel(
     WINDOW: tl.constexpr,
     SEG: tl.constexpr,
     NUM_SINK: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -339,12 +384,12 @@ def _bwd_dkdv_main_kernel(
                     q_base, da_base, s_base, t_base, stream, sqs, sql, sas, sal, sss, tq, q_start, L, d, d_ok
                 )
                 mask = _main_mask(tq, j, jj, ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
-                s2 = tl.dot(q, tl.trans(kt)) * qk_scale
+                s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
                 p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(da.dtype)), da)
-                dp = tl.dot(da, tl.trans(vt))
+                dv += tl.dot(tl.trans(p.to(da.dtype)), da, input_precision=PREC)
+                dp = tl.dot(da, tl.trans(vt), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(
         DK + b64 * sdkb + kvh64 * sdkh + jj[:, None] * sdkl + d[None, :],
         (dk * scale).to(DK.dtype.element_ty),
@@ -401,6 +446,7 @@ def _bwd_extras_kernel(
     BLOCK_E: tl.constexpr,
     SEG: tl.constexpr,
     NUM_SINK: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dK, dV and d(bias) of one tile of one segment's extra keys (grads have the inputs' strides)."""
     pid = tl.program_id(0)
@@ -438,16 +484,38 @@ def _bwd_extras_kernel(
             )
             in_seg = (tq // SEG) == sidx
             mask = _extra_mask(tq, e, ok, in_seg, E, NUM_SINK)
-            s2 = tl.dot(q, tl.trans(kt)) * qk_scale + bias[None, :]
+            s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
             p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(da.dtype)), da)
-            dp = tl.dot(da, tl.trans(vt))
+            dv += tl.dot(tl.trans(p.to(da.dtype)), da, input_precision=PREC)
+            dp = tl.dot(da, tl.trans(vt), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             db += tl.sum(ds, 0)
     tl.store(DEK + ek_off, (dk * scale).to(DEK.dtype.element_ty), mask=e_mask)
     tl.store(DEV + ev_off, dv.to(DEV.dtype.element_ty), mask=e_mask)
     tl.store(DEB + eb_off, db, mask=e_ok)
+
+
+@triton.jit
+def _dq_main_tiles(dq, q, da, lse, delta, k_base, v_base, skl, svl, lo, hi, tq, ok, k_start, LK, d, d_ok, qk_scale,
+                   MASKED: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+                   NUM_SINK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    for n0 in range(lo, hi, BLOCK_N):
+        jj = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        p = tl.exp2(s2 - lse[:, None])
+        if MASKED:
+            p = tl.where(_main_mask(tq, k_start + jj, jj, ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK), p, 0.0)
+        dp = tl.dot(da, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -509,6 +577,7 @@ def _bwd_dq_kernel(
     SEG: tl.constexpr,
     NUM_SINK: tl.constexpr,
     HAS_EXTRAS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dQ of one block of rows of one stacked query head (dQ has the strides of Q)."""
     pid_m = tl.program_id(0)
@@ -545,21 +614,15 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     t_first = tl.maximum(first, q_start)
     t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
-    jj_lo = tl.maximum(_window_low(t_first, BOUNDED, WINDOW, SEG, NUM_SINK) - k_start, 0)
-    jj_hi = tl.minimum(t_last - k_start + 1, LK)
     k_base = K + b64 * skb + kvh64 * skh
     v_base = V + b64 * svb + kvh64 * svh
-    for n0 in range((jj_lo // BLOCK_N) * BLOCK_N, jj_hi, BLOCK_N):
-        jj = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
-        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
-        mask = _main_mask(tq, k_start + jj, jj, ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
-        s2 = tl.dot(q, tl.trans(kt)) * qk_scale
-        p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
-        dp = tl.dot(da, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt)
+    head, full_lo, full_hi, end = _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
+    dq = _dq_main_tiles(dq, q, da, lse, delta, k_base, v_base, skl, svl, head, full_lo, tq, ok, k_start, LK, d, d_ok,
+                        qk_scale, True, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC)  # fmt: skip
+    dq = _dq_main_tiles(dq, q, da, lse, delta, k_base, v_base, skl, svl, full_lo, full_hi, tq, ok, k_start, LK, d,
+                        d_ok, qk_scale, False, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC)  # fmt: skip
+    dq = _dq_main_tiles(dq, q, da, lse, delta, k_base, v_base, skl, svl, full_hi, end, tq, ok, k_start, LK, d, d_ok,
+                        qk_scale, True, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC)  # fmt: skip
     if HAS_EXTRAS:
         s0 = q_start // SEG
         for sidx in range(t_first // SEG, t_last // SEG + 1):
@@ -583,11 +646,11 @@ def _bwd_dq_kernel(
                     * 1.4426950408889634
                 )
                 mask = _extra_mask(tq, e, ok, in_seg, E, NUM_SINK)
-                s2 = tl.dot(q, tl.trans(kt)) * qk_scale + bias[None, :]
+                s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
                 p = tl.where(mask, tl.exp2(s2 - lse[:, None]), 0.0)
-                dp = tl.dot(da, tl.trans(vt))
+                dp = tl.dot(da, tl.trans(vt), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kt.dtype), kt)
+                dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
     i = tq - q_start
     tl.store(
         DQ + b64 * sqb + kvh64 * sqh + stream * sqs + i[:, None] * sql + d[None, :],
