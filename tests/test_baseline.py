@@ -72,3 +72,79 @@ def test_lambda_near_zero_is_close_to_plain_attention() -> None:
     x = torch.randn(2, 50, 64)
     rel = ((coda(x) - plain(x)).norm() / plain(x).norm()).item()
     assert 0 < rel < 0.01  # lambda = sigmoid(-6) = 0.0025 of a noise stream of similar size
+
+
+def _decode_growing(layer: torch.nn.Module, x: torch.Tensor, prompt: int) -> torch.Tensor:
+    cache = layer.init_cache(x.shape[0])
+    parts = [layer(x[:, :prompt], cache)]
+    parts += [layer(x[:, t : t + 1], cache) for t in range(prompt, x.shape[1])]
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("cls", [BaselineGQA, CoDAGQA])
+@pytest.mark.parametrize("prompt", [1, 13])
+def test_static_cache_decoding_equals_growing_cache(cls, prompt) -> None:
+    torch.manual_seed(0)
+    layer = cls(64, 4, 2, head_dim=24, rope_base=50000.0)
+    x = torch.randn(2, 30, 64)
+    with torch.no_grad():
+        expected = _decode_growing(layer, x, prompt)
+        cache = layer.init_static_cache(2, max_len=37)
+        parts = [layer(x[:, :prompt], cache)]
+        parts += [layer.step_static(x[:, t : t + 1], cache) for t in range(prompt, 30)]
+    assert cache.pos == 30 and cache.position.dtype == torch.int64 and cache.position.dim() == 0
+    assert cache.nbytes() == 2 * 2 * 2 * 37 * 24 * 4
+    assert (torch.cat(parts, 1) - expected).abs().max().item() < 1e-5
+
+
+def test_static_cache_steps_from_empty_and_chunks_continue_it() -> None:
+    torch.manual_seed(1)
+    layer = CoDAGQA(48, 6, 3)
+    x = torch.randn(1, 20, 48)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.init_static_cache(1, max_len=20)
+        parts = [layer.step_static(x[:, t : t + 1], cache) for t in range(5)]
+        parts.append(layer(x[:, 5:12], cache))  # a chunk after steps: the position is read back
+        parts += [layer.step_static(x[:, t : t + 1], cache) for t in range(12, 20)]
+    assert (torch.cat(parts, 1) - expected).abs().max().item() < 1e-5
+
+
+def test_static_cache_refuses_overflow_and_bad_shapes() -> None:
+    layer = BaselineGQA(32, 4, 2)
+    cache = layer.init_static_cache(1, max_len=4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        layer(torch.randn(1, 5, 32), cache)
+    with pytest.raises(ValueError, match=r"x_t must have shape \(batch, 1, 32\)"):
+        layer.step_static(torch.randn(1, 2, 32), cache)
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        layer.init_static_cache(1, max_len=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [BaselineGQA, CoDAGQA])
+def test_static_step_replays_under_a_cuda_graph(cls) -> None:
+    torch.manual_seed(0)
+    layer = cls(128, 8, 2).cuda()
+    x = torch.randn(1, 24, 128, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.init_static_cache(1, max_len=32)
+        layer(x[:, :4], cache)
+        static_x = x[:, 4:5].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture stream, then rewind the position
+            layer.step_static(static_x, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.position.fill_(4)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer.step_static(static_x, cache)
+        outputs = []
+        for t in range(4, 24):
+            static_x.copy_(x[:, t : t + 1])
+            graph.replay()
+            outputs.append(static_y.clone())
+    assert cache.pos == 24
+    assert (torch.cat(outputs, 1) - expected[:, 4:]).abs().max().item() < 1e-4

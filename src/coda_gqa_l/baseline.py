@@ -2,7 +2,12 @@
 ``CoDAGQA`` (differential attention with a full KV cache).
 
 Both run through PyTorch's SDPA (flash on GPU) with RoPE at true positions. The KV cache keeps
-keys after RoPE and grows with every token; it is the "full cache" the bounded state replaces.
+keys after RoPE; it is the "full cache" the bounded state replaces. Two kinds:
+
+- ``KVCache`` grows with every token (``torch.cat``): simple, but every step reallocates.
+- ``StaticKVCache`` is preallocated to ``max_len`` tokens and keeps its fill level as a device
+  tensor, so ``step_static`` never reads anything back to the host and can be captured in a
+  CUDA graph: the fair decode baseline of the benchmarks (gpt-fast's static cache).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
@@ -30,6 +36,36 @@ class KVCache:
         return int(self.k.shape[2])
 
     def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class StaticKVCache:
+    """A preallocated cache for decoding under a CUDA graph.
+
+    ``k``, ``v``: ``(B, Hkv, max_len, Dh)``, keys after RoPE; slots ``0 .. position - 1`` hold
+    tokens, the rest is unused (never read: it is masked out).
+    ``position``: 0-d int64 tensor on the cache's device, the number of tokens written.
+    ``slots``: ``arange(max_len)`` on the device; ``slots <= position`` is the attention mask,
+    built on the device so that no step reads the position back to the host.
+    """
+
+    k: Tensor
+    v: Tensor
+    position: Tensor
+    slots: Tensor
+
+    @property
+    def max_len(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def pos(self) -> int:
+        """Tokens written so far (reads the device position: a host synchronisation)."""
+        return int(self.position.item())
+
+    def nbytes(self) -> int:
+        """Bytes of keys and values, for all ``max_len`` slots."""
         return self.k.nbytes + self.v.nbytes
 
 
@@ -73,20 +109,90 @@ class _UnboundedAttention(nn.Module):
         empty = torch.empty(shape, device=device or weight.device, dtype=dtype or weight.dtype)
         return KVCache(empty, empty.clone())
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def init_static_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StaticKVCache:
+        """An empty ``StaticKVCache`` of ``max_len`` slots (defaults: the layer's device and dtype).
+
+        The slots are filled with zeros, never read before they are written.
+        """
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        weight = self.core.q_proj.weight
+        device = device or weight.device
+        shape = (batch_size, self.core.num_kv_heads, max_len, self.core.head_dim)
+        k = torch.zeros(shape, device=device, dtype=dtype or weight.dtype)
+        position = torch.zeros((), device=device, dtype=torch.int64)
+        return StaticKVCache(k, torch.zeros_like(k), position, torch.arange(max_len, device=device))
+
+    def forward(self, x: Tensor, cache: KVCache | StaticKVCache | None = None) -> Tensor:
         """``x (B, L, D)`` -> ``(B, L, D)``, causal. With a cache, ``x`` continues it and the
-        cache is extended in place (``cache.k``/``cache.v`` are rebound)."""
+        cache is extended in place (a ``KVCache``'s ``k``/``v`` are rebound; a
+        ``StaticKVCache`` is written at its position, which is read once: a host sync)."""
         self.core.check_input(x)
         if cache is None:
             return self.attend(x, 0)
         if cache.k.shape[0] != x.shape[0]:
             raise ValueError(f"cache batch size {cache.k.shape[0]} does not match x batch size {x.shape[0]}")
+        if isinstance(cache, StaticKVCache):
+            return self._prefill_static(x, cache)
 
         def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             cache.k, cache.v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             return cache.k, cache.v
 
         return self.attend(x, cache.pos, append)
+
+    def _prefill_static(self, x: Tensor, cache: StaticKVCache) -> Tensor:
+        start = cache.pos
+        end = start + x.shape[1]
+        if end > cache.max_len:
+            raise ValueError(f"the static cache holds {cache.max_len} tokens; {start} written + {x.shape[1]} new")
+
+        def write(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            cache.k[:, :, start:end] = k
+            cache.v[:, :, start:end] = v
+            return cache.k[:, :, :end], cache.v[:, :, :end]
+
+        y = self.attend(x, start, write)
+        cache.position.fill_(end)
+        return y
+
+    def step_static(self, x_t: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token ``x_t (B, 1, D)`` -> ``(B, 1, D)`` through a ``StaticKVCache``.
+
+        Writes the token's key and value at ``cache.position`` (an index on the device),
+        attends over the slots ``<= position`` and increments the position in place. Nothing is
+        read back to the host, so the call can be captured in a CUDA graph and replayed; the
+        caller sizes ``max_len`` (past it, the write fails: an error on the CPU, a device-side
+        assert on CUDA). Input checks are metadata only (``forward``'s finiteness check syncs).
+        """
+        core = self.core
+        if x_t.dim() != 3 or x_t.shape[1] != 1 or x_t.shape[2] != core.embed_dim:
+            raise ValueError(f"x_t must have shape (batch, 1, {core.embed_dim}), got {tuple(x_t.shape)}")
+        if x_t.shape[0] != cache.k.shape[0]:
+            raise ValueError(f"cache batch size {cache.k.shape[0]} does not match x_t batch size {x_t.shape[0]}")
+        q, k, v, lam = core.project(x_t)
+        index = cache.position.view(1)
+        cos, sin = core.rope.cos_sin(index, q.dtype)
+        q = apply_rope(q, cos, sin, core.rope.layout)
+        k = apply_rope(k, cos, sin, core.rope.layout)
+        cache.k.index_copy_(2, index, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, index, v.to(cache.v.dtype))
+        visible = (cache.slots <= cache.position).view(1, 1, 1, -1)
+        stacked = core.stack_queries(q)  # (B, Hkv, streams, 1, Dh)
+        b, hkv, streams, _, d = stacked.shape
+        # A group's query heads stand in for query positions: plain attention per KV head, so no
+        # backend has to expand the cache for GQA (the math backend would copy all of it).
+        attended = F.scaled_dot_product_attention(
+            stacked.reshape(b, hkv, streams, d), cache.k, cache.v, attn_mask=visible, scale=core.softmax_scale
+        )
+        cache.position.add_(1)
+        return core.combine(attended.view(b, hkv, streams, 1, d), lam)
 
     def attend(
         self,
