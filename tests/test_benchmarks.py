@@ -1,0 +1,177 @@
+"""The layer benchmark suite on the CPU: a quick run of every section, the tables and plots, the
+targets' arithmetic, and how a crashing public package is recorded (a stub wheel stands in)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+# A stand-in for the public package: "large" (128 summary slots) kills its process, "tiny" (32)
+# raises from prefill, the rest runs.
+STUB_PACKAGE = """
+import os
+import torch
+
+
+class State:
+    pos = 0
+
+
+class CoDAGQALandmarkPerf2(torch.nn.Module):
+    def __init__(self, *, embed_dim, num_heads, num_kv_heads, window, num_landmarks_exact, num_landmarks_summary):
+        super().__init__()
+        self.summary = num_landmarks_summary
+        self.proj = torch.nn.Linear(embed_dim, embed_dim)
+
+    def init_state(self, *, batch_size, device, dtype):
+        if self.summary == 128:
+            os._exit(7)
+        return State()
+
+    def prefill_chunked(self, x, state, *, block_size=256, return_outputs=True):
+        if self.summary == 32:
+            raise RuntimeError("stub summary kernel failed")
+        state.pos += x.shape[1]
+        return (self.proj(x) if return_outputs else None), state
+
+    def step(self, x, state):
+        state.pos += 1
+        return self.proj(x), state
+
+    def cache_bytes(self, *, batch_size, dtype):
+        return 1234
+"""
+
+
+def _stub_wheel(folder: Path) -> Path:
+    folder.mkdir()
+    wheel = folder / "coda_gqa_l-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("coda_gqa_l/__init__.py", STUB_PACKAGE)
+        archive.writestr(
+            "coda_gqa_l-9.9.9.dist-info/METADATA", "Metadata-Version: 2.1\nName: coda-gqa-l\nVersion: 9.9.9\n"
+        )
+    return folder
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    env["CODA_GQA_L_KERNELS"] = "torch"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    base = tmp_path_factory.mktemp("suite")
+    wheels = _stub_wheel(base / "wheels")
+    out = base / "out"
+    args = ["--quick", "--device", "cpu", "--configs", "tiny,large,window", "--out", str(out)]
+    done = _run("run_suite.py", *args, "--public-wheels", str(wheels))
+    path = out / "suite_quick.json"
+    return json.loads(path.read_text()), out, done.stdout
+
+
+def _rows(results: dict, **where: object) -> list[dict]:
+    return [r for r in results["rows"] if all(r.get(k) == v for k, v in where.items())]
+
+
+def test_quick_suite_writes_json_tables_and_plots(quick_run) -> None:
+    results, out, stdout = quick_run
+    meta = results["meta"]
+    assert meta["device"].startswith("CPU") and meta["torch"] and meta["date"] and "run_suite.py" in meta["command"]
+    for name in ("suite_quick.json", "suite_quick.md", "suite_quick_prefill.png", "suite_quick_decode.png"):
+        assert (out / name).stat().st_size > 0
+    assert "### Targets" in stdout and stdout.rstrip().splitlines()[-1].startswith("wrote ")
+    sections = {r["section"] for r in results["rows"]}
+    assert {"prefill", "routing", "decode", "kernel", "train", "public"} <= sections
+    ours = [r for r in results["rows"] if not str(r.get("method", "")).startswith("public-")]
+    assert all(r["status"] == "ok" for r in ours if r["section"] != "kernel"), [r for r in ours if r["status"] != "ok"]
+    assert results["targets"] and {t["status"] for t in results["targets"]} <= {"pass", "miss", "info", "not measured"}
+
+
+def test_cuda_only_parts_are_skipped_with_a_reason(quick_run) -> None:
+    results, _, _ = quick_run
+    assert results["ceilings"]["status"] == "skipped" and results["ceilings"]["reason"]
+    static = _rows(results, section="decode", method="gqa-static-graph")
+    assert static and all(r["how"] == "eager (CUDA graphs need a GPU)" for r in static)
+    assert all(r["peak_bytes"] is None for r in static)
+    bounded = _rows(results, section="decode", method="bounded-tiny")
+    assert bounded[0]["state_bytes"] < bounded[-1]["full_cache_bytes"]
+
+
+def test_public_package_crashes_are_recorded(quick_run) -> None:
+    results, _, _ = quick_run
+    died = _rows(results, section="public", method="public-9.9.9-large")
+    assert len(died) == 1 and died[0]["status"] == "error" and "code 7" in died[0]["error"]
+    raised = _rows(results, section="prefill", method="public-9.9.9-tiny")
+    assert raised and all(r["status"] == "error" and "stub summary kernel failed" in r["error"] for r in raised)
+    worked = _rows(results, method="public-9.9.9-window")
+    assert {r["section"] for r in worked} == {"prefill", "decode"} and all(r["status"] == "ok" for r in worked)
+    assert worked[-1]["state_bytes"] == 1234
+
+
+def test_targets_use_the_fastest_baseline() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from suite_targets import evaluate
+
+    def row(method: str, tokens_per_s: float, **where: object) -> dict:
+        return {
+            "section": "prefill",
+            "shape": "7B",
+            "method": method,
+            "status": "ok",
+            "tokens_per_s": tokens_per_s,
+        } | where
+
+    rows = [
+        row("gqa-bare", 100.0, length=2048),
+        row("gqa-baseline", 95.0, length=2048),
+        row("bounded-medium", 92.0, length=2048),
+        row("gqa-bare", 10.0, length=32768),
+        row("gqa-baseline", 12.0, length=32768),
+        row("bounded-medium", 30.0, length=32768),
+    ]
+    targets = {t["name"]: t for t in evaluate(rows, "7B", "medium", [2048, 32768], [])}
+    short = targets["prefill: bounded-medium / fastest GQA at length 2,048 (7B)"]
+    assert short["against"] == "gqa-bare" and short["value"] == pytest.approx(0.92) and short["status"] == "pass"
+    long = targets["prefill: bounded-medium / fastest GQA at length 32,768 (7B)"]
+    assert long["against"] == "gqa-baseline" and long["value"] == pytest.approx(2.5) and long["status"] == "miss"
+    fair = targets["fair baseline: BaselineGQA / bare GQA prefill, L 2,048 (7B)"]
+    assert fair["value"] == pytest.approx(0.95) and fair["status"] == "pass"
+    assert targets["train: CoDA / fastest GQA step time, L None (7B)"]["status"] == "not measured"
+
+
+def test_public_child_never_sees_our_package(tmp_path, monkeypatch) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from public_package import child_environment
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), "/elsewhere"]))
+    env = child_environment(tmp_path)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/elsewhere"]
+
+
+def test_splice_replaces_between_markers(tmp_path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from render_tables import BEGIN, END, splice
+
+    target = tmp_path / "RESULTS.md"
+    target.write_text("# Results\n\nintro\n")
+    splice(target, "first")
+    splice(target, "second")
+    text = target.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    assert "second" in text and "first" not in text and text.startswith("# Results\n\nintro\n")
