@@ -10,6 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests compile the kernels' default block shapes only; autotuning every variant takes minutes.
+os.environ.setdefault("CODA_GQA_L_AUTOTUNE", "0")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -133,7 +133,7 @@ def _run(
     for result in (
         out,
         reference_attention(q, k, v, lam, **kwargs, **args, compute_dtype=torch.float64),  # type: ignore[arg-type]
-        reference_attention(q, k, v, lam, **kwargs, **args, compute_dtype=torch.float32),  # type: ignore[arg-type]
+        reference_attention(q, k, v, lam, **kwargs, **args, compute_dtype=dtype),  # type: ignore[arg-type]
     ):
         grads = torch.autograd.grad(result, inputs, grad)  # type: ignore[arg-type]
         results.append([result.detach().double(), *(g.double() for g in grads)])
