@@ -217,3 +217,25 @@ def test_layer_triton_path_equals_reference_path(config: str, monkeypatch: pytes
         assert "gate_proj.weight" in g_ref  # the gate gets gradient through the bank logit offsets
     for name in g_ref:
         torch.testing.assert_close(g_tri[name], g_ref[name], atol=2e-4, rtol=1e-3, msg=name)
+
+
+def test_unbounded_coda_layer_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CoDAGQA`` on the fused kernel equals its SDPA path, with a cache and through backward."""
+    from coda_gqa_l import CoDAGQA
+
+    torch.manual_seed(0)
+    layer = CoDAGQA(64, 4, 2).to(DEVICE)
+    with torch.no_grad():
+        layer.core.lambda_proj.bias.fill_(-1.0)  # a lambda far from 0, so the noise stream matters
+    x = torch.randn(2, 45, 64, device=DEVICE)
+    results = []
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv(BACKEND_ENV, choice)
+        cache = layer.init_cache(2)
+        y = torch.cat([layer(x[:, :30], cache), layer(x[:, 30:], cache)], dim=1)
+        layer.zero_grad()
+        layer(x).square().mean().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
-from .primitives import RopeLayout, apply_rope
+from .kernels.diff_attention import fused_attention
+from .kernels.dispatch import backend
+from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 
 
 @dataclass
@@ -217,6 +219,21 @@ class _UnboundedAttention(nn.Module):
         if append is not None:
             k, v = append(k, v)
         total = k.shape[2]
+        if core.differential and key_padding is None and backend(x.device) == "triton":
+            # both streams in one pass over K and V, the combine and head norm fused (SPEC 3)
+            norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
+            out = fused_attention(
+                core.stack_queries(q),
+                k,
+                v,
+                lam,
+                q_start=start,
+                k_offset=total - length,
+                scale=core.softmax_scale,
+                norm_weight=norm.weight if norm is not None else None,
+                eps=norm.eps if norm is not None else 1e-6,
+            )
+            return core.o_proj(out.reshape(x.shape[0], length, -1))
         mask = None
         if key_padding is not None or (total > length and length > 1):
             # bottom-right causal alignment: query i (at total - length + i) sees keys 0..total - length + i
