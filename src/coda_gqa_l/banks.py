@@ -1,8 +1,10 @@
 """Segment update of the exact and summary banks: the PyTorch reference (SPEC 2.4).
 
 ``route_segment`` is called once per segment boundary with the ``S`` tokens that just left the
-window, and returns the new banks. All decisions are computed in float32 from detached
-scores and are deterministic by construction:
+window, and returns the new banks; ``route_chunk`` runs every boundary of a prefill chunk and
+keeps the bank snapshot each segment's queries see (``kernels/routing.py`` computes the same in
+one Triton launch). All decisions are computed in float32 from detached scores and are
+deterministic by construction:
 
 * candidate order: higher gate first, then lower token index;
 * victim order: free slots first (by slot index), then least-recently-used (by last use, then
@@ -301,3 +303,78 @@ def _pick_seeds(
         picked_cos = cand_cos.gather(-1, pick[:, :, None, None].expand(*cand_cos.shape[:3], 1)).squeeze(-1)
         nearest = torch.where(active[..., None], torch.maximum(nearest, picked_cos), nearest)
     return seed_src, cand & ~available
+
+
+def bank_view(banks: Banks) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys, values and logit offsets of all bank slots: ``log g``, ``-inf`` when empty."""
+    filled = torch.cat([banks.ex_filled, banks.sm_filled], dim=-1)
+    gates = torch.cat([banks.ex_g, banks.sm_g], dim=-1)
+    # log of 1 where empty keeps the gradient finite; the slot is masked right after
+    bias = torch.where(filled, torch.log(torch.where(filled, gates, 1.0)), float("-inf"))
+    return torch.cat([banks.ex_k, banks.sm_k], dim=2), torch.cat([banks.ex_v, banks.sm_v], dim=2), bias
+
+
+_bank_view = bank_view  # the name the attention layer used before routing moved here
+
+
+def chunk_segments(start: int, n: int, seg: int) -> range:
+    """First token of every segment a chunk of ``n`` tokens from ``start`` touches (one snapshot each)."""
+    return range(start // seg * seg, start + n, seg)
+
+
+def route_chunk(
+    banks: Banks,
+    ext_k: Tensor,
+    ext_v: Tensor,
+    ext_g: Tensor,
+    *,
+    start: int,
+    n: int,
+    eta: Tensor,
+    config: BoundedConfig,
+    metrics: dict[str, float] | None = None,
+) -> tuple[Banks, Tensor, Tensor, Tensor]:
+    """Route every segment boundary of a chunk and keep the banks each segment's queries see.
+
+    A segment's queries see the banks as they stood when its first token arrived, so routing
+    runs only for segments that begin inside the chunk (``seg_begin >= start``) and only when
+    one of the ``S`` tokens leaving the window is routable (not a sink, not before the stream).
+
+    Args:
+        banks: the banks before the chunk.
+        ext_k, ext_v: ``(B, Hkv, W + n, Dh)`` the window's tokens in token order, then the chunk:
+            tokens ``start - W .. start + n - 1``.
+        ext_g: ``(B, Hkv, W + n)`` float32 write gates of those tokens.
+        start, n: first token of the chunk and its length.
+        eta, config, metrics: as for ``route_segment``.
+
+    Returns:
+        ``(banks, bank_k, bank_v, bank_bias)``: the banks after the chunk and, per segment of
+        the chunk, the snapshot ``bank_view`` gives: ``(B, Hkv, nseg, Me + Ms, Dh)`` keys and
+        values, ``(B, Hkv, nseg, Me + Ms)`` float32 logit offsets.
+    """
+    W, S = config.window, config.seg
+    first_valid = max(config.num_sink, 0)
+    snapshots: list[tuple[Tensor, Tensor, Tensor]] = []
+    for seg_begin in chunk_segments(start, n, S):
+        first_evicted = seg_begin - W
+        if seg_begin >= start and first_evicted + S > first_valid:
+            token_index = torch.arange(first_evicted, first_evicted + S, device=ext_k.device)
+            at = seg_begin - start
+            banks = route_segment(
+                banks,
+                ext_k[:, :, at : at + S],
+                ext_v[:, :, at : at + S],
+                ext_g[:, :, at : at + S],
+                token_index,
+                token_index >= first_valid,
+                eta,
+                config,
+                metrics,
+            )
+        snapshots.append(bank_view(banks))
+    if not snapshots:  # an empty chunk touches no segment
+        bank_k, bank_v, bank_bias = (part.unsqueeze(2)[:, :, :0] for part in bank_view(banks))
+        return banks, bank_k, bank_v, bank_bias
+    bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots, strict=True))
+    return banks, bank_k, bank_v, bank_bias

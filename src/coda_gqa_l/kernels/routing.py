@@ -1,0 +1,150 @@
+"""Fused bank routing (SPEC 3): the wrapper around the Triton kernel in ``routing_triton.py``.
+
+``route_chunk_triton`` returns what ``banks.route_chunk`` returns (the banks after a prefill
+chunk and the snapshot each of its segments sees) from one launch, with every routing decision
+identical to the reference's whenever the reference's scores stay clear of float32 rounding
+(the tests check inputs whose ``min_margin`` is at least 1e-4). It is an inference kernel: no
+autograd, no metrics (``route_chunk`` keeps those), and no host synchronisation, so a decode
+step that routes can be captured in a CUDA graph and replayed at later positions by passing the
+position as the device tensor ``start_dev``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..banks import Banks, chunk_segments
+from ..config import BoundedConfig
+from .dispatch import interpreting
+
+# One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the
+# parallelism there is: 8 warps keep a 64x64 tile at 16 values a thread and the whole state in
+# registers without spilling (4 spill at the 7B layer shape, 16 cap registers at 128 and spill).
+_WARPS = 8
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _block(n: int) -> int:
+    """Power-of-two tile size for ``n`` rows or columns, at least 16 (the smallest ``tl.dot`` tile)."""
+    return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def route_chunk_triton(
+    banks: Banks,
+    ext_k: Tensor,
+    ext_v: Tensor,
+    ext_g: Tensor,
+    *,
+    start: int,
+    n: int,
+    eta: Tensor,
+    config: BoundedConfig,
+    start_dev: Tensor | None = None,
+) -> tuple[Banks, Tensor, Tensor, Tensor]:
+    """``banks.route_chunk`` in one Triton launch (arguments and results as there).
+
+    Args:
+        start_dev: optional 0-d int64 tensor on the device holding ``start``; the kernel reads
+            the position from it, so a captured launch stays right when replayed later. ``start``
+            still fixes the number of snapshots (``len(chunk_segments(start, n, S))``), which
+            must be the same for the value in ``start_dev``. Without it ``start`` is passed as a
+            kernel argument (no host-to-device copy).
+
+    The inputs are left untouched; the returned banks are new tensors.
+    """
+    _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
+    B, Hkv, ext_len, Dh = ext_k.shape
+    Me, Ms = banks.ex_k.shape[2], banks.sm_k.shape[2]
+    nseg = len(chunk_segments(start, n, config.seg))
+    dtype, device = banks.ex_k.dtype, ext_k.device
+    out = Banks(*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in banks))
+    snap_k = torch.empty(B, Hkv, nseg, Me + Ms, Dh, dtype=dtype, device=device)
+    snap_v = torch.empty_like(snap_k)
+    snap_b = torch.empty(B, Hkv, nseg, Me + Ms, dtype=torch.float32, device=device)
+    if nseg == 0 or Me + Ms == 0:
+        for dst, src in zip(out, banks, strict=True):
+            dst.copy_(src)
+        return out, snap_k, snap_v, snap_b
+
+    from .routing_triton import _route_chunk_kernel
+
+    c = _contiguous
+    on_device = start_dev is not None
+    block_d = _block(Dh)
+    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
+    # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
+    lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
+    cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
+    _route_chunk_kernel[(B * Hkv, 2)](
+        c(ext_k), c(ext_v), c(ext_g), c(eta),
+        c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
+        c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),
+        out.ex_k, out.ex_v, out.ex_g, out.ex_last, _bytes(out.ex_filled),
+        out.sm_k, out.sm_v, out.sm_g, _bytes(out.sm_filled),
+        snap_k, snap_v, snap_b,
+        start_dev if on_device else snap_b, 0 if on_device else start, nseg, ext_len, Hkv,
+        config.tau_exact, config.tau_summary, config.novelty, config.match,
+        DH=Dh, ME=Me, MS=Ms, SEG=config.seg, WINDOW=config.window, NUM_SINK=config.num_sink,
+        MAX_INSERTS=config.max_inserts, START_ON_DEVICE=on_device,
+        BLOCK_S=_block(config.seg), BLOCK_ME=_block(Me), BLOCK_MS=_block(Ms), BLOCK_D=_block(Dh),
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
+    )  # fmt: skip
+    return out, snap_k, snap_v, snap_b
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    return t.contiguous()
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """Bool masks as uint8: one byte per flag, the same memory, no conversion kernel."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _check(
+    banks: Banks,
+    ext_k: Tensor,
+    ext_v: Tensor,
+    ext_g: Tensor,
+    eta: Tensor,
+    n: int,
+    config: BoundedConfig,
+    start_dev: Tensor | None,
+) -> None:
+    """Shapes, dtypes, devices; refuse autograd (the kernel writes values with no history)."""
+    named = dict(zip(Banks._fields, banks, strict=True), ext_k=ext_k, ext_v=ext_v, ext_g=ext_g, eta=eta)
+    if start_dev is not None:
+        named["start_dev"] = start_dev
+    grads = [name for name, t in named.items() if t.requires_grad]
+    if grads:
+        raise RuntimeError(
+            f"route_chunk_triton is inference only, but {grads} require grad; "
+            "use banks.route_chunk for training or run under torch.no_grad()"
+        )
+    if ext_k.dim() != 4 or ext_v.shape != ext_k.shape:
+        raise ValueError(f"ext_k and ext_v must both be (B, Hkv, W + n, Dh), got {ext_k.shape} and {ext_v.shape}")
+    B, Hkv, ext_len, Dh = ext_k.shape
+    if ext_len != config.window + n:
+        raise ValueError(f"ext_k holds {ext_len} tokens, expected W + n = {config.window} + {n}")
+    if ext_g.shape != (B, Hkv, ext_len) or ext_g.dtype != torch.float32:
+        raise ValueError(f"ext_g must be float32 of shape {(B, Hkv, ext_len)}, got {ext_g.dtype} {tuple(ext_g.shape)}")
+    if eta.shape != (Hkv,):
+        raise ValueError(f"eta must have shape ({Hkv},), got {tuple(eta.shape)}")
+    for name, t in zip(Banks._fields, banks, strict=True):
+        if t.shape[:2] != (B, Hkv) or (t.dim() == 4 and t.shape[3] != Dh):
+            raise ValueError(f"bank {name} has shape {tuple(t.shape)}, not matching ext_k {tuple(ext_k.shape)}")
+    if banks.ex_k.dtype != banks.sm_k.dtype or {banks.ex_v.dtype, banks.sm_v.dtype} != {banks.ex_k.dtype}:
+        raise TypeError("exact and summary bank keys and values must share one dtype")
+    if start_dev is not None and (start_dev.dim() != 0 or start_dev.dtype != torch.int64):
+        raise ValueError(f"start_dev must be a 0-d int64 tensor, got {start_dev.dtype} {tuple(start_dev.shape)}")
+    kinds = {"ex_g": torch.float32, "sm_g": torch.float32, "ex_last": torch.int64}
+    kinds.update(ex_filled=torch.bool, sm_filled=torch.bool)
+    for name, kind in kinds.items():
+        if getattr(banks, name).dtype != kind:
+            raise TypeError(f"bank {name} must be {kind}, got {getattr(banks, name).dtype}")
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
