@@ -181,6 +181,8 @@ def _run_gqa(
 
 def _bounded_stepper(layer: BoundedCoDAAttention, state: Any, x_t: torch.Tensor) -> tuple[Callable[[], object], str]:
     decoder_class, why_not = optional_attr("coda_gqa_l.decode", "CapturedDecoder")
+    if decoder_class is not None and x_t.device.type != "cuda":
+        decoder_class, why_not = None, "needs CUDA"
     if decoder_class is not None:
         decoder = decoder_class(layer, state)
         return (lambda: decoder(x_t)), "CapturedDecoder"

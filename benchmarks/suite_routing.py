@@ -2,17 +2,18 @@
 
 The issue's target is bank updates <= 15% of bounded prefill time. Two estimates:
 
-- ``sync_hook``: ``coda_gqa_l.attention.route_segment`` (the one routing entry point of the
-  layer) is wrapped so that each call synchronizes the device before and after and adds its wall
-  time; the prefill is timed with the hook in place. Exact on the CPU; on CUDA it removes the
+- ``sync_hook``: ``coda_gqa_l.attention.route_chunk`` and ``route_chunk_triton`` (the layer's
+  routing entry points: the reference and the fused kernel, one call per chunk) are wrapped so
+  that each call synchronizes the device before and after and adds its wall time; the prefill
+  is timed with the hook in place. Exact on the CPU; on CUDA it removes the
   overlap between routing and the rest, so it is an upper bound.
 - ``profiler`` (CUDA only): a ``torch.profiler`` trace of one prefill, with each routing call
   inside a ``record_function`` range; the share is the device time of the kernels launched in
   those ranges over the device time of all kernels. Kernels whose names mention routing or banks
   are summed too (``named_kernel_share``), for Triton kernels launched outside the hook.
 
-If the layer stops calling routing through ``attention.route_segment`` the hook sees no calls
-and the row says so: update ``ROUTING_ENTRY`` then.
+If the layer stops calling routing through these names the hook sees no calls and the row says
+so: update ``ROUTING_ENTRIES`` then.
 """
 
 from __future__ import annotations
@@ -30,34 +31,39 @@ from suite_layers import DEADLINE_REASON, bounded_layer, build, random_tokens
 import coda_gqa_l.attention as attention_module
 from coda_gqa_l import BoundedCoDAAttention
 
-ROUTING_ENTRY = "route_segment"
-RANGE_NAME = "coda::route_segment"
+ROUTING_ENTRIES = ("route_chunk", "route_chunk_triton")
+RANGE_NAME = "coda::route_chunk"
 ROUTING_KERNEL_NAMES = re.compile(r"rout|bank", re.IGNORECASE)
 
 
 @contextmanager
 def routing_hook(device: str, synchronized: bool) -> Iterator[dict[str, float]]:
     """Wrap the layer's routing entry point; yields ``{"calls", "seconds"}`` filled as it runs."""
-    original: Callable[..., Any] = getattr(attention_module, ROUTING_ENTRY)
+    originals: dict[str, Callable[..., Any]] = {name: getattr(attention_module, name) for name in ROUTING_ENTRIES}
     tally = {"calls": 0.0, "seconds": 0.0}
 
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        tally["calls"] += 1
-        with torch.profiler.record_function(RANGE_NAME):
-            if synchronized:
-                synchronize(device)
-            began = time.perf_counter()
-            result = original(*args, **kwargs)
-            if synchronized:
-                synchronize(device)
-            tally["seconds"] += time.perf_counter() - began
-        return result
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            tally["calls"] += 1
+            with torch.profiler.record_function(RANGE_NAME):
+                if synchronized:
+                    synchronize(device)
+                began = time.perf_counter()
+                result = original(*args, **kwargs)
+                if synchronized:
+                    synchronize(device)
+                tally["seconds"] += time.perf_counter() - began
+            return result
 
-    setattr(attention_module, ROUTING_ENTRY, wrapped)
+        return wrapped
+
+    for name, original in originals.items():
+        setattr(attention_module, name, wrap(original))
     try:
         yield tally
     finally:
-        setattr(attention_module, ROUTING_ENTRY, original)
+        for name, original in originals.items():
+            setattr(attention_module, name, original)
 
 
 def _prefill(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> float:
@@ -103,7 +109,7 @@ def routing_share(shape: Shape, config: str, length: int, settings: Settings, de
                 hooked_s = _prefill(layer, x, settings)
             row |= {"status": "ok", "prefill_s": plain_s, "hooked_prefill_s": hooked_s, "routing_calls": tally["calls"]}
             if not tally["calls"]:
-                row["note"] = f"no call went through attention.{ROUTING_ENTRY}: update ROUTING_ENTRY"
+                row["note"] = f"no call went through attention.{ROUTING_ENTRIES}: update ROUTING_ENTRIES"
             row["sync_hook_share"] = tally["seconds"] / hooked_s if tally["calls"] else None
             if settings.cuda:
                 row |= _profiled_shares(layer, x, settings)

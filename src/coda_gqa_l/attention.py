@@ -25,12 +25,14 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from .banks import Banks, route_segment
+from .banks import Banks, route_chunk
 from .config import BoundedConfig, PositionMode
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
 from .kernels.dispatch import backend
-from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
+from .kernels.rope import rotate_keys, stack_rotated_queries
+from .kernels.routing import route_chunk_triton
+from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, BoundedState
 
@@ -317,7 +319,7 @@ class BoundedCoDAAttention(nn.Module):
     def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any], dict[str, float] | None]:
         """Process one chunk: the outputs, the state's new field values, routing counts."""
         cfg, core = self.config, self.core
-        W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
+        W, Ns = cfg.window, cfg.num_sink
         n, start = x.shape[1], state.pos
         device = x.device
         q, k, v, lam = core.project(x)
@@ -341,29 +343,20 @@ class BoundedCoDAAttention(nn.Module):
         metrics: dict[str, float] | None = {} if self.collect_metrics else None
         banks = Banks(*(getattr(state, name) for name in BANK_FIELDS))
         eta = self.eta
-        snapshots: list[tuple[Tensor, Tensor, Tensor]] = []
-        for seg_begin in range(start // S * S, start + n, S):
-            # Routing happens when a segment's first token arrives, so only for segments
-            # that begin inside this chunk; the S tokens leaving are start-relative [b - start, +S).
-            first_evicted = seg_begin - W
-            if seg_begin >= start and first_evicted + S > max(Ns, 0):
-                token_index = torch.arange(first_evicted, first_evicted + S, device=device)
-                at = seg_begin - start
-                banks = route_segment(
-                    banks,
-                    ext_k[:, :, at : at + S],
-                    ext_v[:, :, at : at + S],
-                    ext_g[:, :, at : at + S],
-                    token_index,
-                    token_index >= max(Ns, 0),
-                    eta,
-                    cfg,
-                    metrics,
-                )
-            snapshots.append(_bank_view(banks))
-        bank_k, bank_v, bank_bias = (torch.stack(parts, dim=2) for parts in zip(*snapshots, strict=True))
+        fused = backend(device) == "triton"
+        routing_grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*banks, ext_k, ext_v, ext_g, eta))
+        if fused and metrics is None and not routing_grads:
+            # one launch for every segment of the chunk; training (gradients through the bank
+            # writes) and metrics stay on the reference
+            banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+                banks, ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg
+            )
+        else:
+            banks, bank_k, bank_v, bank_bias = route_chunk(
+                banks, ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg, metrics=metrics
+            )
 
-        if backend(device) == "triton":
+        if fused:
             y = self._attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
         else:
             attended = attend_segments(
@@ -407,7 +400,7 @@ class BoundedCoDAAttention(nn.Module):
         bank_k: Tensor,
         bank_v: Tensor,
         bank_bias: Tensor,
-        start: int,
+        start: int | Tensor,
     ) -> Tensor:
         """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
 
@@ -422,17 +415,29 @@ class BoundedCoDAAttention(nn.Module):
         device = q.device
         rope, layout = core.rope, core.rope.layout
         relative = cfg.position_mode == "relative"
-        cos, sin = rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
-        q = apply_rope(q.float(), cos, sin, layout).to(q.dtype)
+        # Without autograd, one Triton pass rotates and stacks (no float32 temporaries).
+        one_pass = not torch.is_grad_enabled() or not any(
+            t.requires_grad for t in (q, ext_k, bank_k, *self.parameters())
+        )
+        rotate = _one_pass_rotate if one_pass else _autograd_rotate
+        cos, sin = rope.cos_sin(start + torch.arange(n, device=device), torch.float32)
+        if one_pass:
+            theta = core.theta
+            t_cos, t_sin = expand_pairs(theta.cos(), theta.sin(), layout) if theta is not None else (None, None)
+            stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
+        else:
+            stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
         if relative:
-            cos, sin = rope.cos_sin(torch.arange(start - W, start + n, device=device), torch.float32)
-            ext_k = apply_rope(ext_k.float(), cos, sin, layout).to(ext_k.dtype)
+            cos, sin = rope.cos_sin(start - W + torch.arange(W + n, device=device), torch.float32)
+            ext_k = rotate(ext_k, cos, sin, layout)
         nseg = bank_k.shape[2]
         seg_start = (start // S + torch.arange(nseg, device=device)) * S
         extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
         if relative and bank_k.shape[3]:
-            cos, sin = rope.cos_sin(seg_start - W, torch.float32)  # every slot of a segment at b - W
-            extra_k = apply_rope(bank_k.float(), cos[:, None], sin[:, None], layout).to(bank_k.dtype)
+            # every slot of a segment sits at b - W: one angle per segment, repeated per slot
+            cos, sin = rope.cos_sin((seg_start - W).repeat_interleave(bank_k.shape[3]), torch.float32)
+            flat = bank_k.reshape(B, bank_k.shape[1], nseg * bank_k.shape[3], D)
+            extra_k = rotate(flat, cos, sin, layout).view(bank_k.shape)
         if Ns:
             sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
             if relative:
@@ -444,7 +449,7 @@ class BoundedCoDAAttention(nn.Module):
             extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
         out = fused_attention(
-            core.stack_queries(q),
+            stacked,
             ext_k,
             ext_v,
             lam,
@@ -468,13 +473,12 @@ class BoundedCoDAAttention(nn.Module):
         )
 
 
-def _bank_view(banks: Banks) -> tuple[Tensor, Tensor, Tensor]:
-    """Keys, values and logit offsets of all bank slots: ``log g``, ``-inf`` when empty."""
-    filled = torch.cat([banks.ex_filled, banks.sm_filled], dim=-1)
-    gates = torch.cat([banks.ex_g, banks.sm_g], dim=-1)
-    # log of 1 where empty keeps the gradient finite; the slot is masked right after
-    bias = torch.where(filled, torch.log(torch.where(filled, gates, 1.0)), float("-inf"))
-    return torch.cat([banks.ex_k, banks.sm_k], dim=2), torch.cat([banks.ex_v, banks.sm_v], dim=2), bias
+def _one_pass_rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: RopeLayout) -> Tensor:
+    return rotate_keys(x, cos, sin, layout)
+
+
+def _autograd_rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: RopeLayout) -> Tensor:
+    return apply_rope(x.float(), cos, sin, layout).to(x.dtype)
 
 
 CoDAGQALandmarkPerf2 = BoundedCoDAAttention

@@ -1,0 +1,135 @@
+"""Decode under CUDA graphs: ``CapturedDecoder`` replays one captured step per token (SPEC 3).
+
+A bounded layer's step has static shapes (the state never grows), so it can be captured once
+and replayed at every later position. Everything that depends on the position is computed on
+the device from a 0-d position tensor: the ring slots, the RoPE angles, the sink write, the
+routing's token indices and the kernels' query offset. The host keeps only ``state.pos``, which
+picks between two captured graphs: the plain step, and the step whose token starts a segment
+and routes the ``S`` tokens leaving the window into the banks (SPEC 2.3). No host
+synchronisation, no Python loop over heads or slots.
+
+The decoder owns the state's tensors as its static buffers: advance the state only through it
+while it is in use (``decoder.state`` is the live state; clone it to keep a copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .attention import BoundedCoDAAttention
+from .banks import Banks, bank_view
+from .kernels.routing import route_chunk_triton
+from .primitives import apply_rope
+from .state import BANK_FIELDS, BoundedState
+
+
+class CapturedDecoder:
+    """Graph-captured ``step`` of one bounded layer on CUDA.
+
+    Args:
+        layer: the bounded layer (on CUDA; Triton kernels are used).
+        state: the state to continue; its tensors become the decoder's static buffers.
+
+    ``decoder(x_t)`` takes ``(B, 1, D)`` (or ``(B, D)``) and returns ``(B, 1, D)``; it equals
+    ``layer.step`` up to float rounding. Graphs are captured on first use of each kind.
+    """
+
+    def __init__(self, layer: BoundedCoDAAttention, state: BoundedState) -> None:
+        weight = layer.core.q_proj.weight
+        if weight.device.type != "cuda":
+            raise ValueError(f"CapturedDecoder needs the layer on a CUDA device, it is on {weight.device}")
+        layer.check_state(state, state.batch_size)
+        if state.metrics:
+            raise ValueError("CapturedDecoder does not collect routing metrics; use layer.step")
+        self.layer = layer
+        self.state = state
+        device, dtype = weight.device, weight.dtype
+        self._pos = torch.tensor(state.pos, dtype=torch.int64, device=device)
+        self._x = torch.zeros(state.batch_size, 1, layer.embed_dim, device=device, dtype=dtype)
+        self._y = torch.zeros_like(self._x)
+        self._window_offsets = torch.arange(layer.config.window, device=device)
+        self._sink_index = torch.arange(layer.config.num_sink, device=device)
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None  # the graphs share one memory pool
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, x_t: Tensor) -> Tensor:
+        if x_t.dim() == 2:
+            x_t = x_t[:, None]
+        if x_t.shape != self._x.shape or x_t.dtype != self._x.dtype or x_t.device != self._x.device:
+            raise ValueError(
+                f"x_t must be {tuple(self._x.shape)} {self._x.dtype} on {self._x.device}, got "
+                f"{tuple(x_t.shape)} {x_t.dtype} on {x_t.device}"
+            )
+        routes = self.state.pos % self.layer.config.seg == 0
+        graph = self._graphs.get(routes)
+        if graph is None:
+            graph = self._capture(routes)
+        self._x.copy_(x_t)
+        graph.replay()
+        self.state.pos += 1
+        return self._y.clone()
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
+        """Warm up (compile, autotune) on a scratch copy of the state, then capture in place."""
+        live = self.state
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            scratch = live.clone()
+            self.state = scratch
+            saved_pos = self._pos.clone()
+            for _ in range(2):
+                self._step(routes)
+                self._pos.copy_(saved_pos)
+            self.state = live
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+            self._step(routes)
+        self._pool = graph.pool()
+        self._graphs[routes] = graph
+        return graph
+
+    def _step(self, routes: bool) -> None:
+        """One token at the device position ``self._pos``, written into the static buffers."""
+        layer, st, cfg, core = self.layer, self.state, self.layer.config, self.layer.core
+        W, Ns = cfg.window, cfg.num_sink
+        pos = self._pos
+        x = self._x
+        q, k, v, lam = core.project(x)
+        g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, 1)
+        if cfg.position_mode == "absolute":
+            cos, sin = core.rope.cos_sin(pos.view(1), torch.float32)
+            k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
+        ring = (pos - W + self._window_offsets) % W
+        ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
+        ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
+        ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
+        if Ns:
+            # a token among the first Ns is also a sink (a no-op write at later positions)
+            is_new = (self._sink_index == pos).view(1, 1, Ns, 1)
+            st.sink_k.copy_(torch.where(is_new, k.to(st.sink_k.dtype), st.sink_k))
+            st.sink_v.copy_(torch.where(is_new, v.to(st.sink_v.dtype), st.sink_v))
+        banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
+        if routes:
+            # the capture-time position fixes only the chunk's shape (one segment, routing at 0)
+            new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+                banks, ext_k, ext_v, ext_g, start=cfg.seg, n=1, eta=layer.eta, config=cfg, start_dev=pos
+            )
+            for name, value in zip(BANK_FIELDS, new_banks, strict=True):
+                getattr(st, name).copy_(value)
+        else:
+            bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+        y = layer._attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
+        slot = (pos % W).view(1)
+        st.win_k.index_copy_(2, slot, k.to(st.win_k.dtype))
+        st.win_v.index_copy_(2, slot, v.to(st.win_v.dtype))
+        st.win_g.index_copy_(2, slot, g)
+        st.position.add_(1)
+        pos.add_(1)
+        self._y.copy_(y)

@@ -1,0 +1,73 @@
+"""RoPE and the noise rotation in one pass: the inference path's query stacking and key rotation.
+
+``stack_rotated_queries`` reads the projected queries once and writes the stacked attention
+input ``(B, Hkv, 2G, L, Dh)`` (signal heads of each KV group, then their noise heads): RoPE at
+each token's position, and for the noise heads RoPE plus the head's learned angles (both turn
+the same pairs, so the angles add). ``rotate_keys`` applies RoPE to keys. In PyTorch these are
+several passes over float32 temporaries; here they are one read and one write, in the input's
+dtype, with the rotation computed in float32 registers.
+
+Inference only (no autograd): training keeps the differentiable PyTorch path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..primitives import RopeLayout, apply_rope
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def stack_rotated_queries(
+    q: Tensor, cos: Tensor, sin: Tensor, theta_cos: Tensor | None, theta_sin: Tensor | None, num_kv_heads: int,
+    layout: RopeLayout,
+) -> Tensor:  # fmt: skip
+    """``q (B, H, L, Dh)`` before RoPE (any strides with a unit last stride) -> stacked
+    ``(B, Hkv, 2G or G, L, Dh)``. ``cos, sin (L, Dh)`` float32 for the tokens' positions;
+    ``theta_cos, theta_sin (H, Dh)`` float32 noise angles (None: no noise heads)."""
+    B, H, L, D = q.shape
+    group = H // num_kv_heads
+    noise = theta_cos is not None and theta_sin is not None
+    streams = 2 * group if noise else group
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty(B, num_kv_heads, streams, L, D, device=q.device, dtype=q.dtype)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    tcos = theta_cos.float().contiguous() if noise and theta_cos is not None else cos
+    tsin = theta_sin.float().contiguous() if noise and theta_sin is not None else sin
+    from .rope_triton import _rotate_kernel
+
+    block_l = 32
+    _rotate_kernel[(-(-L // block_l), B * H)](
+        q, cos, sin, tcos, tsin, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        L, H, group,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_L=block_l, HALF=layout == "half", NOISE=noise, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def rotate_keys(k: Tensor, cos: Tensor, sin: Tensor, layout: RopeLayout) -> Tensor:
+    """RoPE of ``k (B, Hkv, L, Dh)`` at the positions whose ``cos, sin (L, Dh)`` are given."""
+    B, Hkv, L, D = k.shape
+    return stack_rotated_queries(k, cos, sin, None, None, Hkv, layout).view(B, Hkv, L, D)
+
+
+def stack_rotated_queries_reference(
+    q: Tensor, cos: Tensor, sin: Tensor, theta_cos: Tensor | None, theta_sin: Tensor | None, num_kv_heads: int,
+    layout: RopeLayout,
+) -> Tensor:  # fmt: skip
+    """The PyTorch reference of ``stack_rotated_queries`` (float32 arithmetic)."""
+    B, H, L, D = q.shape
+    group = H // num_kv_heads
+    signal = apply_rope(q.float(), cos.float(), sin.float(), layout)
+    parts = [signal.view(B, num_kv_heads, group, L, D)]
+    if theta_cos is not None and theta_sin is not None:
+        noise = apply_rope(signal, theta_cos.float()[:, None], theta_sin.float()[:, None], layout)
+        parts.append(noise.view(B, num_kv_heads, group, L, D))
+    return torch.cat(parts, dim=2).to(q.dtype)
