@@ -87,8 +87,9 @@ def _profiled_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
     routing_us = sum(e.device_time_total for e in events if e.name == RANGE_NAME and e.device_type == DeviceType.CPU)
     named_us = sum(e.time_range.elapsed_us() for e in kernels if ROUTING_KERNEL_NAMES.search(e.name))
+    # some torch versions attribute no device time to CPU ranges: 0 there means "unknown", not "free"
     return {
-        "profiler_share": routing_us / total_us if total_us else None,
+        "profiler_share": routing_us / total_us if total_us and routing_us else None,
         "named_kernel_share": named_us / total_us if total_us and named_us else None,
         "profiled_kernel_ms": total_us / 1e3,
     }

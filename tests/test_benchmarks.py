@@ -175,3 +175,15 @@ def test_splice_replaces_between_markers(tmp_path) -> None:
     text = target.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "second" in text and "first" not in text and text.startswith("# Results\n\nintro\n")
+
+
+def test_routing_target_takes_the_largest_estimate() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from suite_targets import _routing_target
+
+    row = {"section": "routing", "shape": "7B", "method": "bounded-medium", "length": 32768, "status": "ok"}
+    unknown_profiler = row | {"profiler_share": None, "named_kernel_share": 0.398, "sync_hook_share": 0.33}
+    target = _routing_target([unknown_profiler], "7B", "medium")
+    assert (target["value"], target["against"], target["status"]) == (0.398, "named_kernel_share", "miss")
+    assert _routing_target([row | {"sync_hook_share": 0.1}], "7B", "medium")["status"] == "pass"
+    assert _routing_target([row], "7B", "medium")["status"] == "not measured"

@@ -50,3 +50,21 @@ def test_captured_steps_equal_eager_steps(dtype: torch.dtype, sinks: int, positi
         else:
             torch.testing.assert_close(a, b, **tol, msg=name)
     assert len(decoder._graphs) == 2
+
+
+@pytest.mark.gpu
+def test_decoder_continues_a_state_prefilled_under_inference_mode() -> None:
+    from coda_gqa_l.decode import CapturedDecoder
+
+    torch.manual_seed(0)
+    layer = BoundedCoDAAttention(128, 8, 2, config=BoundedConfig(window=64, num_landmarks_exact=12)).cuda()
+    x = token_like(1, 300, 128, seed=2).cuda()
+    with torch.inference_mode():
+        _, state = layer.prefill_chunked(x[:, :200], layer.init_state(1), block_size=64, return_outputs=False)
+        eager_state = state.clone()
+        eager = torch.cat([layer.step(x[:, t : t + 1], eager_state)[0] for t in range(200, 300)], 1)
+    decoder = CapturedDecoder(layer, state)
+    with torch.no_grad():
+        ours = torch.cat([decoder(x[:, t : t + 1]) for t in range(200, 300)], 1)
+    torch.testing.assert_close(ours, eager, atol=1e-4, rtol=1e-4)
+    assert decoder.state.pos == 300

@@ -44,6 +44,12 @@ class CapturedDecoder:
         layer.check_state(state, state.batch_size)
         if state.metrics:
             raise ValueError("CapturedDecoder does not collect routing metrics; use layer.step")
+        with torch.inference_mode(False):
+            for name, tensor in state.tensors().items():
+                if tensor.is_inference():
+                    # a state prefilled under torch.inference_mode cannot be updated in place
+                    # outside it: the decoder's buffers are normal copies
+                    setattr(state, name, tensor.clone())
         self.layer = layer
         self.state = state
         device, dtype = weight.device, weight.dtype
