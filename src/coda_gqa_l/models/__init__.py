@@ -3,7 +3,7 @@
 
 from .adapters import CoDAAttentionAdapter, EveCoDAAdapter, LlamaCoDAAdapter, Qwen3CoDAAdapter, spec_from_config
 from .cache import BoundedCache, bounded_modules
-from .convert import convert
+from .convert import convert, to_bounded
 
 __all__ = [
     "BoundedCache",
@@ -14,4 +14,5 @@ __all__ = [
     "bounded_modules",
     "convert",
     "spec_from_config",
+    "to_bounded",
 ]

@@ -19,8 +19,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..attention import BoundedCoDAAttention
+from ..baseline import CoDAGQA
 from ..config import BoundedConfig
-from .adapters import CoDAAttentionAdapter, build_adapter, spec_from_config
+from .adapters import CONVERSION_SEED, CoDAAttentionAdapter, build_adapter, spec_from_config
 
 ATTN_IMPLEMENTATION = "coda"
 
@@ -112,4 +114,42 @@ def convert(
         "head_norm": head_norm,
         "exact_identity": exact_identity,
     }
+    return model
+
+
+def to_bounded(model: nn.Module, config: BoundedConfig | str = "medium") -> nn.Module:
+    """Switch a model converted to unbounded CoDA to bounded CoDA, in place (training phase 2).
+
+    Each layer keeps its trained core (projections, LoRA adapters, theta, lambda, head norm);
+    the bank's write gate and EMA rate are new, drawn from a generator seeded by the layer
+    index, so a switch is reproducible.
+    """
+    bounded = BoundedConfig.preset(config) if isinstance(config, str) else config
+    if not bounded.differential:
+        raise ValueError("to_bounded keeps the differential core: the BoundedConfig must have differential=True")
+    adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
+    if not adapters:
+        raise ValueError("the model has no converted attention: call coda_gqa_l.convert(model, None) first")
+    for adapter in adapters:
+        old = adapter.layer
+        if not isinstance(old, CoDAGQA):
+            raise ValueError(
+                f"layer {adapter.layer_idx} is {type(old).__name__}, not unbounded CoDA: to_bounded switches a "
+                "model converted with convert(model, None)"
+            )
+        core = old.core
+        weight = core.q_proj.weight
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CONVERSION_SEED + adapter.layer_idx)
+            layer = BoundedCoDAAttention(
+                core.embed_dim, core.num_heads, core.num_kv_heads, head_dim=core.head_dim, config=bounded
+            )
+        layer.core = core
+        layer.to(device=weight.device, dtype=weight.dtype)
+        adapter.layer = layer
+    model_config: Any = model.config
+    model_config.use_cache = False
+    settings = dict(getattr(model_config, "coda_gqa_l", {}) or {})
+    settings.update(bounded=bounded.to_dict(), differential=True)
+    model_config.coda_gqa_l = settings
     return model

@@ -1,0 +1,275 @@
+"""``coda-eval``: perplexity through the state and passkey retrieval beyond the window (SPEC 7).
+
+Methods, each the same base model (the packaged SmolLM2 unless ``--model``):
+
+- ``original``: the unconverted model with a full cache;
+- ``window``: bounded plain GQA, recent window only (same slot count as the bounded config);
+- ``streaming``: StreamingLLM, 4 sinks + window, positions re-assigned inside the cache
+  (our relative position mode places the sinks just before the window);
+- ``coda-unbounded`` / ``coda-bounded``: the CoDA weights file (``--weights``) converted
+  unbounded (full cache) or bounded; without ``--weights`` the cold swap (untrained).
+
+Perplexity reads the held-out Wikipedia text as one stream at each length; retrieval puts
+evaluation-phrased keys into essays at least two windows before the question and scores
+greedy output (teacher-forced, see ``passkey``), with 95% Wilson intervals. Writes
+``OUT/eval.json``, ``OUT/eval.md``, ``OUT/perplexity.png`` and ``OUT/passkey.png``.
+
+    coda-eval --weights runs/smollm2/coda.safetensors --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BoundedConfig
+from .passkey import answer_correct, make_document, wilson_interval
+from .perplexity import stream_nll
+
+METHODS = ("original", "window", "streaming", "coda-unbounded", "coda-bounded")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="coda-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--weights", type=Path, default=None, help="CoDA weights file (coda-train's output)")
+    p.add_argument("--config", default="medium", help="bounded preset of the cold swap and the slot count")
+    p.add_argument("--num-sink", type=int, default=4)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
+    p.add_argument("--passkey-lengths", nargs="+", type=int, default=[4096, 16384])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
+    p.add_argument("--trials", type=int, default=50, help="passkey trials per cell")
+    p.add_argument("--keys", nargs="+", type=int, default=[1], help="needles per document (multi-key: 3)")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per forward when reading a stream")
+    p.add_argument("--batch", type=int, default=10, help="passkey documents per forward")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; cells not reached are marked skipped")
+    p.add_argument("--out", type=Path, default=Path("runs/coda-eval"))
+    p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests)")
+    return p.parse_args(argv)
+
+
+def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
+    """The model of one method and whether it reads through a bounded state."""
+    from ..models.convert import convert
+    from ..training.weights import apply_coda_weights, read_coda_weights
+
+    preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
+    slots = preset.storage_slots
+    model = base()
+    if name == "original":
+        return model, False
+    if name == "window":
+        # every slot in the window (segment kept so the window stays a multiple of it)
+        return convert(model, _plain(slots, 0, preset.seg)), True
+    if name == "streaming":
+        return convert(model, _plain(slots - 4, 4, preset.seg)), True
+    bounded = name == "coda-bounded"
+    if args.weights is not None:
+        _, meta = read_coda_weights(args.weights)
+        model = apply_coda_weights(model, args.weights)
+        trained_bounded = bool(meta["convert"].get("bounded"))
+        if not bounded and trained_bounded:
+            # the trained core with a full cache (the write gate and EMA rate go unused)
+            return _unbound(model), False
+        return model, bounded
+    return convert(model, preset if bounded else None), bounded
+
+
+def _plain(window: int, sinks: int, seg: int) -> BoundedConfig:
+    window = window // seg * seg
+    return BoundedConfig(
+        window=window, num_landmarks_exact=0, num_landmarks_summary=0, num_sink=sinks, segment=seg, differential=False
+    )
+
+
+def _unbound(model: nn.Module) -> nn.Module:
+    """A bounded CoDA model's layers as unbounded CoDA with the same core (full cache)."""
+    from ..baseline import CoDAGQA
+    from ..models.adapters import CoDAAttentionAdapter
+
+    for adapter in (m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)):
+        core = adapter.layer.core  # type: ignore[union-attr]
+        layer = CoDAGQA(core.embed_dim, core.num_heads, core.num_kv_heads, head_dim=core.head_dim)
+        layer.core = core
+        adapter.layer = layer.to(core.q_proj.weight.device, core.q_proj.weight.dtype)
+    config: Any = model.config
+    config.use_cache = True
+    config.coda_gqa_l = dict(config.coda_gqa_l, bounded=None)
+    return model
+
+
+def _cache(model: nn.Module, bounded: bool, chunk: int) -> Any:
+    from transformers import DynamicCache
+
+    from ..models import BoundedCache
+
+    return BoundedCache(model, block_size=chunk) if bounded else DynamicCache(config=model.config)  # type: ignore[arg-type]
+
+
+def perplexity_rows(model: nn.Module, bounded: bool, ids: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for length in args.lengths:
+        began = time.perf_counter()
+        nll = stream_nll(model, ids[:, :length], _cache(model, bounded, args.chunk), chunk=args.chunk)
+        rows.append({"length": length, "ppl": math.exp(nll.mean().item()), "seconds": time.perf_counter() - began})
+    return rows
+
+
+@torch.no_grad()
+def passkey_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int], args: argparse.Namespace,
+                 window: int, deadline: float | None) -> list[dict]:  # fmt: skip
+    device = next(model.parameters()).device
+    rows = []
+    for keys in args.keys:
+        for length in args.passkey_lengths:
+            for depth in args.depths:
+                if deadline is not None and time.monotonic() > deadline:
+                    rows.append({"keys": keys, "length": length, "depth": depth, "status": "skipped (time budget)"})
+                    continue
+                rng = random.Random(hash((args.seed, keys, length, depth)) & 0xFFFFFFFF)
+                docs = [
+                    make_document(
+                        tokenizer,
+                        hay,
+                        rng,
+                        length=length,
+                        depth=depth,
+                        num_keys=keys,
+                        split="eval",
+                        min_distance=2 * window,
+                    )  # fmt: skip
+                    for _ in range(args.trials)
+                ]
+                correct = 0
+                for start in range(0, len(docs), args.batch):
+                    group = docs[start : start + args.batch]
+                    ids = torch.stack([d.ids for d in group]).to(device)
+                    first, logits = _teacher_forced(model, bounded, ids, args.chunk)
+                    correct += sum(answer_correct(logits[i], d, offset=first) for i, d in enumerate(group))
+                low, high = wilson_interval(correct, len(docs))
+                distance = min(len(d.ids) - d.needle_positions[0] for d in docs)
+                rows.append({"keys": keys, "length": length, "depth": depth, "status": "ok", "correct": correct,
+                             "trials": len(docs), "accuracy": correct / len(docs), "ci95": [low, high],
+                             "min_needle_distance": distance})  # fmt: skip
+    return rows
+
+
+def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: int) -> tuple[int, torch.Tensor]:
+    """``(first, logits)``: the batch read as a stream in chunks; logits of positions ``first..``
+    (the chunks that hold the question and answer; the rest are dropped as they go)."""
+    cache = _cache(model, bounded, chunk)
+    tail = 64  # the question and answer sit in the last tokens; earlier logits are not needed
+    out = []
+    for start in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        if start + chunk >= ids.shape[1] - tail:
+            out.append((start, logits.float().cpu()))
+    return out[0][0], torch.cat([logits for _, logits in out], dim=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    deadline = began + args.time_budget if args.time_budget else None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base, tokenizer = _base_loader(args, device, dtype)
+    ppl_ids, hay = _texts(args, tokenizer)
+    window = BoundedConfig.preset(args.config, num_sink=args.num_sink).window
+    results: dict[str, Any] = {"meta": _meta(args, device, dtype), "perplexity": [], "passkey": []}
+    from tqdm import tqdm
+
+    for name in tqdm(args.methods, desc="methods", unit="method"):
+        model, bounded = build_method(name, args, base)
+        model.eval()
+        for row in perplexity_rows(model, bounded, ppl_ids, args):
+            results["perplexity"].append({"method": name, **row})
+        for row in passkey_rows(model, bounded, tokenizer, hay, args, window, deadline):
+            results["passkey"].append({"method": name, **row})
+        del model
+        _write(results, args.out)
+    from .report import write_report
+
+    written = write_report(results, args.out)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+def _base_loader(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[Callable[[], nn.Module], Any]:
+    import copy
+
+    if args.tiny_model:
+        from ..training.tiny import tiny_llama
+
+        model, byte_tokenizer = tiny_llama()
+        model.to(device=device, dtype=dtype)
+        return (lambda: copy.deepcopy(model)), byte_tokenizer
+    from ..models.loader import load_model
+
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # functools.wraps on PreTrainedModel.to
+    return (lambda: copy.deepcopy(model)), tokenizer
+
+
+def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, list[int]]:
+    from ..training.data import token_stream
+
+    if args.tiny_model:
+        rng = random.Random(0)
+        words = "alpha beta gamma delta river stone cloud paper window garden".split()
+        text = " ".join(rng.choice(words) for _ in range(max(args.lengths + args.passkey_lengths)))
+        stream = token_stream([text], tokenizer)
+        return torch.tensor([stream]), stream
+    from ..data import load_essays, load_wikipedia
+
+    ids = token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)
+    longest = max(args.lengths)
+    if len(ids) < longest:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than --lengths asks ({longest})")
+    hay = token_stream([d.text for d in load_essays("all")], tokenizer)
+    return torch.tensor([ids[:longest]]), hay
+
+
+def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    import datetime
+
+    return {
+        "command": "coda-eval " + " ".join(_argv_of(args)),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "weights": str(args.weights) if args.weights else None,
+        "config": args.config,
+        "num_sink": args.num_sink,
+    }
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

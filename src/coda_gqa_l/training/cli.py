@@ -1,0 +1,258 @@
+"""``coda-train``: two-phase training of a converted model (SPEC 5).
+
+Phase 1 trains unbounded differential attention (full cache); phase 2 switches every layer to
+the bounded state (``to_bounded``) and trains through the bank writes, on text mixed with
+retrieval documents whose key sits at least two windows before its question. Each phase's
+steps count optimizer updates. A checkpoint (trained parameters + AdamW state) is written every
+``--save-every`` steps and when ``--time-budget`` runs out; ``--resume`` continues from it. The
+end result is a CoDA weights file (``--weights``) that ``apply_coda_weights`` loads on the base.
+
+    coda-train --model smollm2 --out runs/smollm2 --phase1-steps 100 --phase2-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import BoundedConfig
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .data import IGNORE, Batch, batches, token_stream
+from .lora import add_lora
+from .params import TRAINABLE_CHOICES, select_trainable
+from .weights import save_coda_weights
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="coda-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="'smollm2' (packaged) or a Hugging Face model folder")
+    p.add_argument("--corpus", default="wikipedia", help="'wikipedia' (packaged train split) or a .txt file / folder")
+    p.add_argument("--config", default="medium", help="bounded preset for phase 2 (tiny/medium/large)")
+    p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
+    p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--phase1-steps", type=int, default=100)
+    p.add_argument("--phase2-steps", type=int, default=300)
+    p.add_argument("--seq-len", type=int, default=1024, help="phase-1 sequence length")
+    p.add_argument("--phase2-seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per update")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--retrieval-fraction", type=float, default=0.5, help="phase-2 rows that are retrieval documents")
+    p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
+    p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the retrieval answers' loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype on CUDA")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("runs/coda-train"))
+    p.add_argument("--weights", type=Path, default=None, help="final CoDA weights file (default OUT/coda.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; then checkpoint and stop")
+    p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests, smoke runs)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / CHECKPOINT
+    resume_meta = read_checkpoint_meta(checkpoint) if args.resume and checkpoint.exists() else None
+    if args.resume and resume_meta is None:
+        print(f"coda-train: no checkpoint at {checkpoint}; starting from the beginning", file=sys.stderr)
+
+    model, tokenizer, base_name = _load(args)
+    model.to(device)
+    bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
+    from ..models.convert import convert, to_bounded
+
+    convert(model, None)
+    if args.trainable == "coda+lora":
+        add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+    phase, step = (resume_meta["phase"], resume_meta["step"]) if resume_meta else (1, 0)
+    if phase == 2:
+        to_bounded(model, bounded)
+    stream = token_stream(_texts(args), tokenizer)
+    log_path = args.out / "log.jsonl"
+    while phase <= 2:
+        steps = args.phase1_steps if phase == 1 else args.phase2_steps
+        params = select_trainable(model, args.trainable)
+        optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
+        if resume_meta is not None and resume_meta["phase"] == phase:
+            load_checkpoint(checkpoint, params, optimizer)
+            resume_meta = None
+        elif phase == 2 and step == 0:
+            # the switch to bounded is checkpointed: a resume never redoes phase 1
+            save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
+        finished = _run_phase(model, params, optimizer, phase, step, steps, stream, tokenizer, bounded, args,
+                              device, log_path, checkpoint, began)  # fmt: skip
+        if not finished:
+            print(f"coda-train: time budget reached; checkpoint at {checkpoint}; continue with --resume")
+            if phase == 2:  # usable weights of what was trained so far, marked as such
+                _save_weights(model, args, base_name, device, completed=False)
+            return 0
+        if phase == 1:
+            to_bounded(model, bounded)
+        phase, step = phase + 1, 0
+    _save_weights(model, args, base_name, device, completed=True)
+    return 0
+
+
+def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device: torch.device, completed: bool) -> None:
+    weights = args.weights or args.out / "coda.safetensors"
+    log_path = args.out / "log.jsonl"
+    steps = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    training = {
+        "completed": completed,
+        "updates": {f"phase{p}": max((r["step"] for r in steps if r["phase"] == p), default=0) for p in (1, 2)},
+        "planned_updates": {"phase1": args.phase1_steps, "phase2": args.phase2_steps},
+        "tokens_per_update": {
+            "phase1": args.seq_len * args.batch_size * args.accum,
+            "phase2": args.phase2_seq_len * args.batch_size * args.accum,
+        },  # fmt: skip
+        "trainable": args.trainable,
+        "lr": args.lr,
+        "retrieval_fraction": args.retrieval_fraction,
+        "seed": args.seed,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "elapsed_s_last_call": steps[-1]["elapsed_s"] if steps else 0.0,
+    }
+    save_coda_weights(model, weights, base=base, training=training)
+    print(f"coda-train: wrote {weights}")
+
+
+def _meta(args: argparse.Namespace, phase: int, step: int) -> dict[str, Any]:
+    return {"phase": phase, "step": step, "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+def _run_phase(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    phase: int,
+    step: int,
+    steps: int,
+    stream: list[int],
+    tokenizer: Any,
+    bounded: BoundedConfig,
+    args: argparse.Namespace,
+    device: torch.device,
+    log_path: Path,
+    checkpoint: Path,
+    began: float,
+) -> bool:
+    """Train ``steps - step`` more updates; False when the time budget stopped it (checkpointed)."""
+    from tqdm import tqdm
+
+    seq_len = args.seq_len if phase == 1 else args.phase2_seq_len
+    source = batches(
+        stream,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed * 1_000_003 + phase * 10_007 + step,  # a resumed run draws fresh batches
+        retrieval_fraction=args.retrieval_fraction if phase == 2 else 0.0,
+        min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
+    )
+    autocast = device.type == "cuda" and args.dtype == "bfloat16"
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step")
+    tokens, window_began = 0, time.perf_counter()
+    while step < steps:
+        if args.time_budget is not None and time.monotonic() - began > args.time_budget:
+            save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
+            bar.close()
+            return False
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0}
+        for _ in range(args.accum):
+            batch = next(source)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = _loss(model, batch, device, args.answer_weight)
+            (loss / args.accum).backward()
+            for key, value in parts.items():
+                totals[key] += value / args.accum
+            tokens += batch.input_ids.numel()
+        norm = torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        step += 1
+        rate = tokens / (time.perf_counter() - window_began)
+        bar.update(1)
+        bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{rate:,.0f}")
+        record = {"phase": phase, "step": step, **totals, "grad_norm": float(norm), "tokens_per_s": rate,
+                  "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - began}  # fmt: skip
+        with log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        if step % args.save_every == 0 or step == steps:
+            save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
+    bar.close()
+    return True
+
+
+def _loss(
+    model: nn.Module, batch: Batch, device: torch.device, answer_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    ids, labels, answers = (t.to(device) for t in (batch.input_ids, batch.labels, batch.answer_mask))
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    scored = labels.flatten() != IGNORE
+    lm = per_token[scored].mean()
+    loss = lm
+    parts = {"lm": lm.item()}
+    if answers.any():
+        answer = per_token[answers.flatten()].mean()
+        loss = loss + answer_weight * answer
+        parts["answer"] = answer.item()
+    parts["loss"] = loss.item()
+    if not math.isfinite(parts["loss"]):
+        raise FloatingPointError(f"training loss is {parts['loss']}: lower --lr or check the data")
+    return loss, parts
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    if args.tiny_model:
+        from .tiny import tiny_llama
+
+        tiny, byte_tokenizer = tiny_llama(seed=args.seed)
+        return tiny, byte_tokenizer, "tiny-llama"
+    from ..models.loader import load_model
+
+    model, tokenizer = load_model(args.model)
+    return model, tokenizer, "smollm2-135m-instruct" if args.model == "smollm2" else str(args.model)
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    if args.corpus == "wikipedia":
+        from ..data import load_wikipedia
+
+        return [doc.text for doc in load_wikipedia("train")]
+    source = Path(args.corpus)
+    files = sorted(source.glob("**/*.txt")) if source.is_dir() else [source]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"--corpus {source}: no .txt files there; pass 'wikipedia' or a text file/folder")
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Which parameters train (SPEC 5): the CoDA parameters, plus LoRA, or everything.
+
+CoDA parameters are the ones conversion adds on top of the base model: the noise rotation
+``theta``, the lambda gate, the head norm, the bank write gate and the summary EMA rate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+Trainable = Literal["coda", "coda+lora", "all"]
+TRAINABLE_CHOICES: tuple[str, ...] = ("coda", "coda+lora", "all")
+
+# suffixes of the parameter names conversion adds (attention.py / differential.py)
+CODA_SUFFIXES = (
+    ".core.theta",
+    ".core.lambda_proj.weight",
+    ".core.lambda_proj.bias",
+    ".core.head_norm.weight",
+    ".gate_proj.weight",
+    ".gate_proj.bias",
+    ".summary_rate_logit",
+)
+
+
+def is_coda_parameter(name: str) -> bool:
+    return name.endswith(CODA_SUFFIXES)
+
+
+def is_lora_parameter(name: str) -> bool:
+    return name.endswith((".lora_a", ".lora_b"))
+
+
+def select_trainable(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
+    """Set ``requires_grad`` on the chosen parameters (and off on the rest); returns them by name."""
+    if what not in TRAINABLE_CHOICES:
+        raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {what!r}")
+    chosen: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        keep = what == "all" or is_coda_parameter(name) or (what == "coda+lora" and is_lora_parameter(name))
+        param.requires_grad_(keep)
+        if keep:
+            chosen[name] = param
+    if not any(is_coda_parameter(n) for n in chosen):
+        raise ValueError("the model has no CoDA parameters: convert it with coda_gqa_l.convert first")
+    if what == "coda+lora" and not any(is_lora_parameter(n) for n in chosen):
+        raise ValueError("trainable='coda+lora' but the model has no LoRA adapters: call add_lora first")
+    return chosen
+
+
+def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a CoDA weights file holds: the CoDA and LoRA parameters (never the frozen base)."""
+    return {n: p for n, p in model.named_parameters() if is_coda_parameter(n) or is_lora_parameter(n)}

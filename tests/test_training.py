@@ -1,0 +1,146 @@
+"""coda-train's parts on a tiny random Llama: LoRA, the phase switch, weights files, checkpoints
+and resume, retrieval documents, and coda-eval's report."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from coda_gqa_l.evaluation.passkey import (
+    EVAL_PHRASINGS,
+    TRAIN_PHRASINGS,
+    answer_correct,
+    make_document,
+    wilson_interval,
+)
+from coda_gqa_l.models import convert, to_bounded
+from coda_gqa_l.models.adapters import CoDAAttentionAdapter
+from coda_gqa_l.training.lora import LoRALinear, add_lora
+from coda_gqa_l.training.params import select_trainable
+from coda_gqa_l.training.tiny import tiny_llama
+from coda_gqa_l.training.weights import WeightsFileError, apply_coda_weights, save_coda_weights
+
+TEXT = " ".join(random.Random(0).choice("alpha beta gamma delta river stone cloud".split()) for _ in range(4000))
+
+
+def _ids(n: int = 96) -> torch.Tensor:
+    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_lora_starts_as_the_identity_and_trains() -> None:
+    model, _ = tiny_llama()
+    convert(model, None)
+    before = model(_ids()).logits
+    assert add_lora(model, rank=4) == 8  # q/k/v/o of 2 layers
+    torch.testing.assert_close(model(_ids()).logits, before)
+    params = select_trainable(model, "coda+lora")
+    assert any(n.endswith("lora_b") for n in params) and not any(n.endswith("base.weight") for n in params)
+    model(_ids()).logits.square().mean().backward()
+    assert all(p.grad is not None for n, p in params.items() if n.endswith("lora_a") or n.endswith("lora_b"))
+
+
+def test_to_bounded_keeps_the_trained_core() -> None:
+    model, _ = tiny_llama()
+    convert(model, None)
+    add_lora(model, rank=4)
+    cores = [m.layer.core for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
+    to_bounded(model, "tiny")
+    adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
+    assert [a.layer.core for a in adapters] == cores and all(a.bounded for a in adapters)
+    assert isinstance(adapters[0].layer.core.q_proj, LoRALinear)
+    assert model(_ids(300)).logits.isfinite().all()
+    with pytest.raises(ValueError, match="not unbounded CoDA"):
+        to_bounded(model, "tiny")
+
+
+def test_weights_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    model, _ = tiny_llama()
+    convert(model, None)
+    add_lora(model, rank=4)
+    to_bounded(model, "tiny")
+    with torch.no_grad():
+        for p in select_trainable(model, "coda+lora").values():
+            p.add_(0.01 * torch.randn_like(p))
+    path = save_coda_weights(model, tmp_path / "w.safetensors", base="tiny-llama", dtype=torch.float32)
+    fresh, _ = tiny_llama()
+    apply_coda_weights(fresh, path)
+    torch.testing.assert_close(fresh(_ids(300)).logits, model(_ids(300)).logits)
+
+    other, _ = tiny_llama()
+    other.config.hidden_size = 96  # another base model's shape
+    with pytest.raises(WeightsFileError, match="another base model"):
+        apply_coda_weights(other, path)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsFileError, match="not a readable safetensors"):
+        apply_coda_weights(tiny_llama()[0], tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(WeightsFileError, match="not a CoDA weights file"):
+        apply_coda_weights(tiny_llama()[0], tmp_path / "plain.safetensors")
+
+
+def test_documents_put_the_key_far_before_the_question() -> None:
+    _, tok = tiny_llama()
+    hay = tok.encode(TEXT)
+    rng = random.Random(3)
+    for split, keys in (("eval", 1), ("train", 3)):
+        doc = make_document(tok, hay, rng, length=900, depth=0.2, num_keys=keys, split=split, min_distance=256)
+        assert len(doc.ids) == 900 and len(doc.needle_positions) == keys
+        assert doc.answer_start - max(doc.needle_positions) >= 256
+        assert tok.decode(doc.ids[doc.answer_start :].tolist()).strip() == doc.asked.key
+        logits = torch.full((900, 257), -1.0)
+        logits[torch.arange(899), doc.ids[1:]] = 1.0  # a model that predicts every next token
+        assert answer_correct(logits, doc) and answer_correct(logits[500:], doc, offset=500)
+        logits[doc.answer_start - 1, doc.ids[doc.answer_start]] = -2.0
+        assert not answer_correct(logits, doc)
+    assert not any("pass key" in s + q for s, q in TRAIN_PHRASINGS)
+    assert all("pass key" in s for s, _ in EVAL_PHRASINGS)
+    with pytest.raises(ValueError, match="cannot put a needle"):
+        make_document(tok, hay, rng, length=300, depth=0.5, min_distance=256)
+    low, high = wilson_interval(40, 50)
+    assert 0.66 < low < 0.8 < high < 0.9
+
+
+def _train(out: Path, *extra: str) -> int:
+    from coda_gqa_l.training.cli import main
+
+    corpus = out.parent / "corpus.txt"
+    corpus.write_text(TEXT)
+    return main(["--tiny-model", "--corpus", str(corpus), "--config", "tiny", "--num-sink", "2",
+                 "--phase1-steps", "2", "--phase2-steps", "2", "--seq-len", "128", "--phase2-seq-len", "512",
+                 "--batch-size", "2", "--needle-distance", "256", "--out", str(out), *extra])  # fmt: skip
+
+
+def test_coda_train_runs_both_phases_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train(out, "--time-budget", "0") == 0  # stops at once, checkpointed
+    assert (out / "checkpoint.safetensors").exists() and not (out / "coda.safetensors").exists()
+    assert _train(out, "--resume") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    assert any(r["answer"] > 0 for r in log if r["phase"] == 2)  # retrieval documents were trained on
+    fresh, _ = tiny_llama()
+    apply_coda_weights(fresh, out / "coda.safetensors")
+    assert all(a.bounded for a in fresh.modules() if isinstance(a, CoDAAttentionAdapter))
+
+
+def test_coda_eval_writes_tables_and_plots(tmp_path: Path) -> None:
+    from coda_gqa_l.evaluation.cli import main
+
+    args = ["--tiny-model", "--config", "tiny", "--num-sink", "2", "--lengths", "256", "512"]
+    args += ["--passkey-lengths", "768", "--depths", "0.1", "--trials", "2", "--batch", "2", "--chunk", "128"]
+    args += ["--out", str(tmp_path)]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert {r["method"] for r in results["perplexity"]} == {
+        "original", "window", "streaming", "coda-unbounded", "coda-bounded"
+    }  # fmt: skip
+    assert all(r["min_needle_distance"] >= 256 for r in results["passkey"])
+    assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "passkey.png").exists()
+    assert "| streaming |" in (tmp_path / "eval.md").read_text()
