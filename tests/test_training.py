@@ -39,6 +39,8 @@ def test_lora_starts_as_the_identity_and_trains() -> None:
     torch.testing.assert_close(model(_ids()).logits, before)
     params = select_trainable(model, "coda+lora")
     assert any(n.endswith("lora_b") for n in params) and not any(n.endswith("base.weight") for n in params)
+    assert not any(".mlp." in n for n in params)  # the MLP's gate_proj is not the write gate
+    assert sum(p.numel() for p in params.values()) < 0.1 * sum(p.numel() for p in model.parameters())
     model(_ids()).logits.square().mean().backward()
     assert all(p.grad is not None for n, p in params.items() if n.endswith("lora_a") or n.endswith("lora_b"))
 

@@ -412,6 +412,10 @@ class BoundedCoDAAttention(nn.Module):
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
         B, H, n, D = q.shape
+        # under autocast q is bf16 while a float32 model's state is float32: one dtype for the kernel
+        ext_k, ext_v, sink_k, sink_v, bank_k, bank_v = (
+            t.to(q.dtype) for t in (ext_k, ext_v, sink_k, sink_v, bank_k, bank_v)
+        )
         device = q.device
         rope, layout = core.rope, core.rope.layout
         relative = cfg.position_mode == "relative"

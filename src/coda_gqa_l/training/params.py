@@ -6,6 +6,7 @@ CoDA parameters are the ones conversion adds on top of the base model: the noise
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from torch import nn
@@ -13,20 +14,16 @@ from torch import nn
 Trainable = Literal["coda", "coda+lora", "all"]
 TRAINABLE_CHOICES: tuple[str, ...] = ("coda", "coda+lora", "all")
 
-# suffixes of the parameter names conversion adds (attention.py / differential.py)
-CODA_SUFFIXES = (
-    ".core.theta",
-    ".core.lambda_proj.weight",
-    ".core.lambda_proj.bias",
-    ".core.head_norm.weight",
-    ".gate_proj.weight",
-    ".gate_proj.bias",
-    ".summary_rate_logit",
+# the parameters conversion adds, by their names inside an adapter (``...self_attn.layer.<name>``)
+# or a bare layer; anchored on ``layer.`` so that e.g. a Llama MLP's ``gate_proj`` never matches
+_CODA_NAME = re.compile(
+    r"(^|\.layer\.)(core\.theta|core\.lambda_proj\.(weight|bias)|core\.head_norm\.weight"
+    r"|gate_proj\.(weight|bias)|summary_rate_logit)$"
 )
 
 
 def is_coda_parameter(name: str) -> bool:
-    return name.endswith(CODA_SUFFIXES)
+    return _CODA_NAME.search(name) is not None
 
 
 def is_lora_parameter(name: str) -> bool:
