@@ -146,3 +146,20 @@ def test_coda_eval_writes_tables_and_plots(tmp_path: Path) -> None:
     assert all(r["min_needle_distance"] >= 256 for r in results["passkey"])
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "passkey.png").exists()
     assert "| streaming |" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.slow
+def test_shipped_weights_load_on_the_packaged_model() -> None:
+    from coda_gqa_l.pretrained import SHIPPED_WEIGHTS, load_coda_smollm2, shipped_config
+    from coda_gqa_l.training.weights import read_coda_weights
+
+    assert SHIPPED_WEIGHTS.stat().st_size < 4 * 2**20
+    tensors, meta = read_coda_weights(SHIPPED_WEIGHTS)
+    assert meta["base"] == "smollm2-135m-instruct" and meta["lora"] == {"rank": 8, "alpha": 16.0}
+    model, tokenizer = load_coda_smollm2(progress=False)
+    adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
+    assert len(adapters) == 30 and all(a.bounded and a.layer.config == shipped_config() for a in adapters)
+    name = next(n for n in tensors if n.endswith("lora_b"))
+    torch.testing.assert_close(dict(model.named_parameters())[name].detach(), tensors[name].float())
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    assert model(ids).logits.isfinite().all()

@@ -362,9 +362,13 @@ class Session:
 
 
 def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
-    """The embedded default: SmolLM2-135M-Instruct from its package, converted to bounded CoDA."""
+    """The embedded default: SmolLM2-135M-Instruct from its package with the shipped trained CoDA
+    weights (``pretrained``); another ``config`` than theirs gets an untrained conversion."""
     from ..models import convert
     from ..models.loader import load_smollm2
+    from ..pretrained import load_coda_smollm2, shipped_config
 
+    if config == shipped_config():
+        return load_coda_smollm2()
     model, tokenizer = load_smollm2()
     return convert(model, config), tokenizer

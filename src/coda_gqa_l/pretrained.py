@@ -1,0 +1,36 @@
+"""The shipped CoDA weights for SmolLM2-135M-Instruct, loaded on top of the packaged base model.
+
+    model, tokenizer = load_coda_smollm2()
+
+The file holds only what training changed (CoDA parameters and LoRA, about 2 MB); the base
+comes from its package (``models.loader``). How it was trained is in its metadata
+(``read_coda_weights(SHIPPED_WEIGHTS)[1]["training"]``) and in ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
+
+
+def shipped_config() -> Any:
+    """The bounded config the shipped weights were trained with."""
+    from .config import BoundedConfig
+    from .training.weights import read_coda_weights
+
+    _, meta = read_coda_weights(SHIPPED_WEIGHTS)
+    return BoundedConfig(**meta["convert"]["bounded"])
+
+
+def load_coda_smollm2(dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct converted to bounded CoDA with the shipped trained weights, and its tokenizer."""
+    from .models.loader import load_smollm2
+    from .training.weights import apply_coda_weights
+
+    model, tokenizer = load_smollm2(dtype=dtype, progress=progress)
+    return apply_coda_weights(model, SHIPPED_WEIGHTS).eval(), tokenizer
