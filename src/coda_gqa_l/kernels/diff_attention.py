@@ -19,7 +19,6 @@ Output ``(B, L, H, Dh)``: ``N(attn(q_sig) - lam * attn(q_noise))`` per head, rea
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import backend, interpreting
+from .dispatch import backend, interpreting, tile_size
 
 _LOG2E = 1.4426950408889634
 AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
@@ -110,10 +109,6 @@ def reference_attention(
 # ---------------------------------------------------------------------------------------------
 # Triton: custom ops (opaque to torch.compile, with fake implementations) and their autograd
 # ---------------------------------------------------------------------------------------------
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
 def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for the forward: two fp32 accumulators live in registers."""
     return (64, 64, 8) if head_dim > 64 else (64, 64, 4)
@@ -219,7 +214,7 @@ def _diff_attn_fwd(
         *lse.stride()[:3],
         L, k.shape[2], k_offset, E, H, G,
         scale * _LOG2E, eps,
-        HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_M=block_m, BLOCK_E=min(64, _pow2(E)),
+        HEAD_DIM=D, BLOCK_D=tile_size(D), BLOCK_M=block_m, BLOCK_E=min(64, tile_size(E)),
         DIFF=diff, BOUNDED=bounded, WINDOW=window, SEG=seg, NUM_SINK=num_sink,
         HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams, PREC=_precision(q),
         **launch,
@@ -268,7 +263,7 @@ def _diff_attn_bwd(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    block_d = _pow2(D)
+    block_d = tile_size(D)
     warps = 8 if D > 64 else 4
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, SEG=seg, NUM_SINK=num_sink, PREC=_precision(q))
     window_args = dict(BOUNDED=bounded, WINDOW=window)
@@ -287,7 +282,7 @@ def _diff_attn_bwd(
         ek, ev, eb = extra_k.contiguous(), extra_v.contiguous(), extra_bias.contiguous()
         dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
         nseg, E = ek.shape[2], ek.shape[3]
-        block_e = min(64, _pow2(E))
+        block_e = min(64, tile_size(E))
         e_tiles = triton_cdiv(E, block_e)
         _bwd_extras_kernel[(nseg * e_tiles, B * Hkv)](
             q, ek, ev, eb, d_streams, lse, delta, pos, dek, dev, deb,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from typing import Literal
 
@@ -44,3 +45,8 @@ def backend(device: torch.device | str) -> Backend:
             raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot run: {why}{hint}")
         return "triton"
     return "triton" if runnable and device_type == "cuda" else "torch"
+
+
+def tile_size(n: int, least: int = 16) -> int:
+    """Power-of-two tile size for ``n`` rows or columns, at least ``least`` (16: the smallest ``tl.dot`` tile)."""
+    return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

@@ -11,25 +11,18 @@ position as the device tensor ``start_dev``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ..banks import Banks, chunk_segments
 from ..config import BoundedConfig
-from .dispatch import interpreting
+from .dispatch import interpreting, tile_size
 
 # One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the
 # parallelism there is: 8 warps keep a 64x64 tile at 16 values a thread and the whole state in
 # registers without spilling (4 spill at the 7B layer shape, 16 cap registers at 128 and spill).
 _WARPS = 8
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _block(n: int) -> int:
-    """Power-of-two tile size for ``n`` rows or columns, at least 16 (the smallest ``tl.dot`` tile)."""
-    return max(16, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
 def route_chunk_triton(
@@ -73,7 +66,7 @@ def route_chunk_triton(
 
     c = _contiguous
     on_device = start_dev is not None
-    block_d = _block(Dh)
+    block_d = tile_size(Dh)
     # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
@@ -89,7 +82,7 @@ def route_chunk_triton(
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.seg, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts, START_ON_DEVICE=on_device,
-        BLOCK_S=_block(config.seg), BLOCK_ME=_block(Me), BLOCK_MS=_block(Ms), BLOCK_D=_block(Dh),
+        BLOCK_S=tile_size(config.seg), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b

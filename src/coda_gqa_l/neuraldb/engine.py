@@ -116,23 +116,10 @@ class NeuralDatabase:
     @classmethod
     def tiny_for_tests(cls, folder: str | Path) -> NeuralDatabase:
         """A tiny random Llama with a byte tokenizer: fast and deterministic, answers are noise."""
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         from ..models import convert
+        from ..training.tiny import tiny_llama
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            config = LlamaConfig(
-                vocab_size=ByteTokenizer.vocab_size,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=4096,
-                eos_token_id=ByteTokenizer.eos_token_id,
-            )
-            model = LlamaForCausalLM(config)
+        model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
         bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
         return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256)
 

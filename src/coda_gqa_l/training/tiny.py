@@ -8,7 +8,7 @@ from torch import nn
 from ..neuraldb.tokenizer import ByteTokenizer
 
 
-def tiny_llama(seed: int = 0) -> tuple[nn.Module, ByteTokenizer]:
+def tiny_llama(seed: int = 0, max_position_embeddings: int = 8192) -> tuple[nn.Module, ByteTokenizer]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
@@ -20,7 +20,7 @@ def tiny_llama(seed: int = 0) -> tuple[nn.Module, ByteTokenizer]:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=8192,
+            max_position_embeddings=max_position_embeddings,
             eos_token_id=ByteTokenizer.eos_token_id,
         )
         model = LlamaForCausalLM(config)
