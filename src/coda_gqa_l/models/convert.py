@@ -12,6 +12,7 @@ transformers never builds an L x L mask, whatever the length.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import BoundedCoDAAttention
-from ..baseline import CoDAGQA
+from ..baseline import CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
 from .adapters import CONVERSION_SEED, CoDAAttentionAdapter, build_adapter, spec_from_config
 
@@ -118,26 +119,30 @@ def convert(
 
 
 def to_bounded(model: nn.Module, config: BoundedConfig | str = "medium") -> nn.Module:
-    """Switch a model converted to unbounded CoDA to bounded CoDA, in place (training phase 2).
+    """Switch a model converted to unbounded attention to the bounded state, in place (phase 2).
 
     Each layer keeps its trained core (projections, LoRA adapters, theta, lambda, head norm);
     the bank's write gate and EMA rate are new, drawn from a generator seeded by the layer
-    index, so a switch is reproducible.
+    index, so a switch is reproducible. A differential core (``CoDAGQA``) becomes bounded CoDA;
+    a plain one (``BaselineGQA``, the factorial's control) becomes bounded plain GQA with the
+    same banks: ``config.differential`` follows the core.
     """
     bounded = BoundedConfig.preset(config) if isinstance(config, str) else config
-    if not bounded.differential:
-        raise ValueError("to_bounded keeps the differential core: the BoundedConfig must have differential=True")
     adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
     if not adapters:
         raise ValueError("the model has no converted attention: call coda_gqa_l.convert(model, None) first")
+    kinds = {isinstance(a.layer, CoDAGQA) for a in adapters if isinstance(a.layer, _UnboundedAttention)}
+    if len(kinds) > 1:
+        raise ValueError("the model mixes differential and plain layers: to_bounded switches one kind")
     for adapter in adapters:
         old = adapter.layer
-        if not isinstance(old, CoDAGQA):
+        if not isinstance(old, _UnboundedAttention):
             raise ValueError(
-                f"layer {adapter.layer_idx} is {type(old).__name__}, not unbounded CoDA: to_bounded switches a "
+                f"layer {adapter.layer_idx} is {type(old).__name__}, not unbounded attention: to_bounded switches a "
                 "model converted with convert(model, None)"
             )
         core = old.core
+        bounded = dataclasses.replace(bounded, differential=core.differential)
         weight = core.q_proj.weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(CONVERSION_SEED + adapter.layer_idx)
@@ -150,6 +155,6 @@ def to_bounded(model: nn.Module, config: BoundedConfig | str = "medium") -> nn.M
     model_config: Any = model.config
     model_config.use_cache = False
     settings = dict(getattr(model_config, "coda_gqa_l", {}) or {})
-    settings.update(bounded=bounded.to_dict(), differential=True)
+    settings.update(bounded=bounded.to_dict(), differential=bounded.differential)
     model_config.coda_gqa_l = settings
     return model

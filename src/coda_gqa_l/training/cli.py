@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="coda-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged) or a Hugging Face model folder")
     p.add_argument("--corpus", default="wikipedia", help="'wikipedia' (packaged train split) or a .txt file / folder")
+    attention_help = "coda: differential attention; gqa: plain attention, same banks (the factorial's control)"
+    p.add_argument("--attention", default="coda", choices=["coda", "gqa"], help=attention_help)
     p.add_argument("--config", default="medium", help="bounded preset for phase 2 (tiny/medium/large)")
     p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
     p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES)
@@ -78,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     resume_meta = read_checkpoint_meta(checkpoint) if args.resume and checkpoint.exists() else None
     if args.resume and resume_meta is None:
         print(f"coda-train: no checkpoint at {checkpoint}; starting from the beginning", file=sys.stderr)
+    if resume_meta is not None:
+        _check_resumable(resume_meta, args, checkpoint)
 
     model, tokenizer, base_name = _load(args)
     model.to(device)
     bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     from ..models.convert import convert, to_bounded
 
-    convert(model, None)
+    convert(model, None, differential=args.attention == "coda")
     if args.trainable == "coda+lora":
         add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     phase, step = (resume_meta["phase"], resume_meta["step"]) if resume_meta else (1, 0)
@@ -128,6 +132,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
             "phase1": args.seq_len * args.batch_size * args.accum,
             "phase2": args.phase2_seq_len * args.batch_size * args.accum,
         },  # fmt: skip
+        "attention": args.attention,
         "trainable": args.trainable,
         "lr": args.lr,
         "retrieval_fraction": args.retrieval_fraction,
@@ -138,6 +143,19 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
     }
     save_coda_weights(model, weights, base=base, training=training)
     print(f"coda-train: wrote {weights}")
+
+
+# arguments that change which parameters exist or what they mean: a resume must repeat them
+RESUME_MUST_MATCH = ("attention", "trainable", "lora_rank", "config", "num_sink", "model")
+
+
+def _check_resumable(meta: dict[str, Any], args: argparse.Namespace, checkpoint: Path) -> None:
+    saved = meta.get("args", {})
+    differ = {k: (saved.get(k), str(getattr(args, k))) for k in RESUME_MUST_MATCH if k in saved}
+    differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+    if differ:
+        detail = ", ".join(f"--{k.replace('_', '-')} {old} (now {new})" for k, (old, new) in differ.items())
+        raise SystemExit(f"coda-train: {checkpoint} was written with {detail}; resume with the same settings")
 
 
 def _meta(args: argparse.Namespace, phase: int, step: int) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Which parameters train (SPEC 5): the CoDA parameters, plus LoRA, or everything.
 
 CoDA parameters are the ones conversion adds on top of the base model: the noise rotation
-``theta``, the lambda gate, the head norm, the bank write gate and the summary EMA rate.
+``theta``, the lambda gate, the head norm, the bank write gate and the summary EMA rate. The
+factorial's plain-GQA arm has none while unbounded (it trains LoRA only), and the write gate and
+EMA rate once bounded.
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ def select_trainable(model: nn.Module, what: str) -> dict[str, nn.Parameter]:
         param.requires_grad_(keep)
         if keep:
             chosen[name] = param
-    if not any(is_coda_parameter(n) for n in chosen):
+    converted = getattr(getattr(model, "config", None), "coda_gqa_l", None) is not None
+    if not converted and not any(is_coda_parameter(n) for n in chosen):
         raise ValueError("the model has no CoDA parameters: convert it with coda_gqa_l.convert first")
     if what == "coda+lora" and not any(is_lora_parameter(n) for n in chosen):
         raise ValueError("trainable='coda+lora' but the model has no LoRA adapters: call add_lora first")
+    if not chosen:
+        # e.g. the factorial's unbounded plain-GQA arm with trainable='coda': it has no CoDA parameters
+        raise ValueError(f"trainable={what!r} selects no parameter of this model")
     return chosen
 
 

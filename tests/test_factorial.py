@@ -1,0 +1,97 @@
+"""The factorial's control arm (plain GQA trained the same way, with a full cache or the same
+banks) and coda-eval's perplexity on the same tokens at every length, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_training import train_tiny
+
+from coda_gqa_l.baseline import BaselineGQA
+from coda_gqa_l.evaluation.cli import build_method, check_lengths, perplexity_rows
+from coda_gqa_l.models import convert, to_bounded
+from coda_gqa_l.models.adapters import CoDAAttentionAdapter
+from coda_gqa_l.training.lora import add_lora
+from coda_gqa_l.training.params import select_trainable
+from coda_gqa_l.training.tiny import tiny_llama
+from coda_gqa_l.training.weights import read_coda_weights
+
+
+def _adapters(model: torch.nn.Module) -> list[CoDAAttentionAdapter]:
+    return [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)]
+
+
+def test_to_bounded_keeps_a_plain_core_and_adds_the_banks() -> None:
+    model, _ = tiny_llama()
+    convert(model, None, differential=False)
+    add_lora(model, rank=4)
+    assert not any(n.endswith(("theta", "gate_proj.weight")) for n in select_trainable(model, "coda+lora"))
+    with pytest.raises(ValueError, match="selects no parameter"):
+        select_trainable(model, "coda")
+    cores = [a.layer.core for a in _adapters(model)]
+    to_bounded(model, "tiny")
+    adapters = _adapters(model)
+    assert [a.layer.core for a in adapters] == cores and all(a.bounded for a in adapters)
+    assert all(not a.layer.config.differential for a in adapters)
+    assert model.config.coda_gqa_l["differential"] is False
+    trainable = select_trainable(model, "coda+lora")
+    assert any(n.endswith("gate_proj.weight") for n in trainable)  # the write gate trains
+    assert not any(n.endswith("core.theta") for n in trainable)
+    assert model(torch.randint(0, 256, (1, 300))).logits.isfinite().all()
+
+
+def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -> None:
+    out = tmp_path / "gqa"
+    assert train_tiny(out, "--attention", "gqa") == 0
+    _, meta = read_coda_weights(out / "coda.safetensors")
+    assert meta["convert"]["differential"] is False and meta["training"]["attention"] == "gqa"
+    assert meta["convert"]["bounded"] is not None
+
+    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors")
+    base = lambda: tiny_llama()[0]  # noqa: E731
+    bounded_model, bounded = build_method("gqa-bounded", args, base)
+    assert bounded and all(a.bounded and not a.layer.config.differential for a in _adapters(bounded_model))
+    full_model, bounded = build_method("gqa-unbounded", args, base)
+    assert not bounded and all(isinstance(a.layer, BaselineGQA) for a in _adapters(full_model))
+    # the unbounded arm keeps the trained LoRA of the bounded one
+    trained = dict(bounded_model.named_parameters())
+    for name, param in full_model.named_parameters():
+        if name.endswith("lora_b"):
+            torch.testing.assert_close(param, trained[name])
+    cold, _ = build_method("gqa-bounded", argparse.Namespace(**{**vars(args), "gqa_weights": None}), base)
+    assert all(a.bounded and not a.layer.config.differential for a in _adapters(cold))
+    with pytest.raises(ValueError, match="needs differential"):
+        build_method("coda-bounded", argparse.Namespace(**{**vars(args), "weights": args.gqa_weights}), base)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert train_tiny(out, "--time-budget", "0") == 0
+    with pytest.raises(SystemExit, match="--attention coda \\(now gqa\\)"):
+        train_tiny(out, "--resume", "--attention", "gqa")
+
+
+@torch.no_grad()
+def test_perplexity_scores_the_same_tokens_at_every_length() -> None:
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(lengths=[128, 256, 512], chunk=96)
+    rows = perplexity_rows(model, False, ids, args)
+    assert [r["windows"] for r in rows] == [4, 2, 1]
+    assert {r["scored_tokens"] for r in rows} == {511 - 3}  # positions 128, 256, 384 never count
+    # the reference: each 128-token window in one plain forward pass
+    windows = ids.view(4, 128)
+    logits = model(windows).logits[:, :-1]
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), windows[:, 1:].reshape(-1))
+    assert math.isclose(rows[0]["ppl"], math.exp(reference.item()), rel_tol=1e-5)
+
+
+def test_lengths_must_nest() -> None:
+    check_lengths([2048, 4096, 16384])
+    with pytest.raises(ValueError, match="must divide the longest"):
+        check_lengths([2048, 3000, 16384])
