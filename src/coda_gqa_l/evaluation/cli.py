@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="perplexity texts: held-out Wikipedia, and the KJV Bible as one long document")  # fmt: skip
     p.add_argument("--passkey-lengths", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
-    p.add_argument("--trials", type=int, default=50, help="passkey trials per cell")
+    p.add_argument("--trials", type=int, default=50, help="passkey trials per cell (0: perplexity only)")
     p.add_argument("--keys", nargs="+", type=int, default=[1], help="needles per document (multi-key: 3)")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward when reading a stream")
     p.add_argument("--batch", type=int, default=10, help="passkey documents per forward")
@@ -175,7 +175,9 @@ def check_lengths(lengths: list[int]) -> None:
 def passkey_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int], args: argparse.Namespace,
                  window: int, deadline: float | None) -> list[dict]:  # fmt: skip
     device = next(model.parameters()).device
-    rows = []
+    rows: list[dict] = []
+    if args.trials == 0:  # perplexity only
+        return rows
     for keys in args.keys:
         for length in args.passkey_lengths:
             for depth in args.depths:

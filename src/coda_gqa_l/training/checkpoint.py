@@ -18,11 +18,18 @@ FORMAT = "coda-gqa-l/train-checkpoint"
 def save_checkpoint(
     path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> Path:
+    states = {name: optimizer.state.get(param, {}) for name, param in params.items()}
+    return write_checkpoint(path, {n: p.detach() for n, p in params.items()}, states, meta)
+
+
+def write_checkpoint(
+    path: Path, params: dict[str, torch.Tensor], states: dict[str, dict[str, Any]], meta: dict[str, Any]
+) -> Path:
+    """Write parameters and their AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``) by name."""
     from safetensors.torch import save_file
 
-    tensors = {f"param/{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
-    for name, param in params.items():
-        state = optimizer.state.get(param, {})
+    tensors = {f"param/{n}": p.float().cpu().contiguous() for n, p in params.items()}
+    for name, state in states.items():
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 tensors[f"adam/{key}/{name}"] = state[key].detach().float().cpu().contiguous()

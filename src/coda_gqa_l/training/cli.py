@@ -8,6 +8,8 @@ steps count optimizer updates. A checkpoint (trained parameters + AdamW state) i
 end result is a CoDA weights file (``--weights``) that ``apply_coda_weights`` loads on the base.
 
     coda-train --model smollm2 --out runs/smollm2 --phase1-steps 100 --phase2-steps 300
+
+``coda-train --from-scratch ...`` trains a small model from random weights instead (``coda-scratch``).
 """
 
 from __future__ import annotations
@@ -66,10 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; then checkpoint and stop")
     p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests, smoke runs)")
+    scratch_help = "train a small Llama from random weights instead; its options: coda-scratch --help"
+    p.add_argument("--from-scratch", action="store_true", help=scratch_help)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--from-scratch" in argv:  # the from-scratch mode has its own options (coda-scratch --help)
+        from .scratch import main as scratch_main
+
+        return scratch_main([a for a in argv if a != "--from-scratch"])
     args = parse_args(argv)
     began = time.monotonic()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

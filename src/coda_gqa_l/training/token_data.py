@@ -1,0 +1,134 @@
+"""Tokenized corpora for from-scratch training, cached as safetensors so a GPU run needs no tokenizer.
+
+Training text is the packaged Wikipedia train split (plus, by default, the King James Bible);
+validation is the Wikipedia held-out split, never trained on. The cache file holds both id
+streams (int32) and, in its metadata, the tokenizer, the vocabulary size and the validation
+text's UTF-8 bytes per token, which turns a loss in nats per token into bits per byte.
+
+    corpus = load_token_corpus("smollm2")   # built once, then read from <cache>/tokens/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import fetch
+
+TOKENIZERS = ("smollm2", "bytes")
+TRAIN_CORPORA = ("wikipedia", "bible")
+FORMAT = "coda-gqa-l/token-corpus"
+VERSION = 1
+
+
+class TokenCorpusError(ValueError):
+    """A token cache file that is corrupt or was built another way."""
+
+
+@dataclass(frozen=True)
+class TokenCorpus:
+    train: Tensor  # (N,) int32
+    val: Tensor  # (M,) int32
+    tokenizer: str
+    vocab_size: int
+    val_bytes_per_token: float
+
+    def bits_per_byte(self, nats_per_token: float) -> float:
+        return nats_per_token / math.log(2) / self.val_bytes_per_token
+
+
+def token_cache_path(tokenizer: str, corpora: tuple[str, ...], cache_dir: str | os.PathLike[str] | None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else fetch.cache_dir()
+    return root / "tokens" / f"{tokenizer}-{'+'.join(corpora)}.safetensors"
+
+
+def load_token_corpus(
+    tokenizer: str = "smollm2",
+    corpora: tuple[str, ...] = TRAIN_CORPORA,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> TokenCorpus:
+    """The tokenized training and validation streams, from the cache or built and cached."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    unknown = sorted(set(corpora) - set(TRAIN_CORPORA))
+    if unknown or not corpora:
+        raise ValueError(f"training corpora must be among {TRAIN_CORPORA}, got {list(corpora)}")
+    path = token_cache_path(tokenizer, corpora, cache_dir)
+    if path.exists():
+        return read_token_corpus(path, tokenizer)
+    corpus = build_token_corpus(tokenizer, corpora, cache_dir)
+    write_token_corpus(corpus, path)
+    return corpus
+
+
+def build_token_corpus(
+    tokenizer: str, corpora: tuple[str, ...], cache_dir: str | os.PathLike[str] | None = None
+) -> TokenCorpus:
+    from ..data import corpora as texts
+    from .data import token_stream
+
+    encoder = _tokenizer(tokenizer, cache_dir)
+    train_texts = [d.text for d in texts.load_wikipedia("train", cache_dir)] if "wikipedia" in corpora else []
+    if "bible" in corpora:
+        train_texts.append(texts.bible_text(cache_dir))
+    val_texts = [d.text for d in texts.load_wikipedia("heldout", cache_dir)]
+    val = token_stream(val_texts, encoder)
+    val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+    return TokenCorpus(
+        train=torch.tensor(token_stream(train_texts, encoder), dtype=torch.int32),
+        val=torch.tensor(val, dtype=torch.int32),
+        tokenizer=tokenizer,
+        vocab_size=int(len(encoder)) if hasattr(encoder, "__len__") else int(encoder.vocab_size),
+        val_bytes_per_token=val_bytes / len(val),
+    )
+
+
+def _tokenizer(name: str, cache_dir: str | os.PathLike[str] | None) -> Any:
+    if name == "bytes":
+        from ..neuraldb.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    from ..models.loader import load_smollm2
+
+    _, tokenizer = load_smollm2(cache_dir=cache_dir, progress=False)
+    return tokenizer
+
+
+def write_token_corpus(corpus: TokenCorpus, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer": corpus.tokenizer,
+        "vocab_size": corpus.vocab_size,
+        "val_bytes_per_token": corpus.val_bytes_per_token,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({"train": corpus.train, "val": corpus.val}, str(partial), metadata={"coda_gqa_l": json.dumps(meta)})
+    os.replace(partial, path)
+
+
+def read_token_corpus(path: Path, tokenizer: str) -> TokenCorpus:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("coda_gqa_l", "{}"))
+            train, val = handle.get_tensor("train"), handle.get_tensor("val")
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise TokenCorpusError(f"{path} is not a readable token cache ({exc}); delete it to rebuild") from exc
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("tokenizer") != tokenizer:
+        found = f"{meta.get('tokenizer')!r} tokens in format {meta.get('format')!r} v{meta.get('version')}"
+        raise TokenCorpusError(f"{path} holds {found}; expected {tokenizer!r} {FORMAT!r} v{VERSION}; delete it")
+    if int(train.max()) >= meta["vocab_size"] or int(val.max()) >= meta["vocab_size"]:
+        raise TokenCorpusError(f"{path}: a token id is beyond the vocabulary ({meta['vocab_size']}); delete it")
+    return TokenCorpus(train, val, tokenizer, int(meta["vocab_size"]), float(meta["val_bytes_per_token"]))

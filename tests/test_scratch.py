@@ -1,0 +1,126 @@
+"""From-scratch training (coda-scratch): same start and same data for every variant, bits per
+byte, and data parallel runs under torchrun (gloo, 2 CPU processes) that match one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coda_gqa_l.training.distributed import Cluster
+from coda_gqa_l.training.scratch import batch_starts, build_model, parse_args, rows_of_rank
+from coda_gqa_l.training.token_data import (
+    TokenCorpus,
+    TokenCorpusError,
+    load_token_corpus,
+    read_token_corpus,
+    token_cache_path,
+    write_token_corpus,
+)
+
+SMALL = ["--tokenizer", "bytes", "--depth", "2", "--width", "64", "--heads", "4", "--kv-heads", "2",
+         "--ffn", "128", "--seq-len", "256", "--global-batch", "4", "--val-tokens", "2048", "--config", "tiny",
+         "--num-sink", "2"]  # fmt: skip
+
+
+@pytest.fixture()
+def token_cache(tmp_path: Path) -> Path:
+    """A byte-token corpus in a temporary cache (random words), so no corpus is fetched."""
+    rng = torch.Generator().manual_seed(0)
+    words = [w.encode() for w in "alpha beta gamma delta river stone cloud paper".split()]
+    text = b" ".join(words[i] for i in torch.randint(0, len(words), (20_000,), generator=rng).tolist())
+    ids = torch.tensor(list(text), dtype=torch.int32)
+    corpus = TokenCorpus(ids[:-8192], ids[-8192:], "bytes", 257, 1.0)
+    write_token_corpus(corpus, token_cache_path("bytes", ("wikipedia", "bible"), tmp_path))
+    return tmp_path
+
+
+def _args(*extra: str) -> argparse.Namespace:
+    return parse_args([*SMALL, "--max-steps", "1", *extra])
+
+
+def test_every_variant_starts_from_the_same_weights() -> None:
+    models = {a: build_model(_args("--attention", a), 257) for a in ("gqa", "coda", "coda-bounded")}
+    shared = dict(models["gqa"].named_parameters())
+    for name, model in models.items():
+        params = dict(model.named_parameters())
+        assert params.keys() >= shared.keys(), name
+        for key, value in shared.items():
+            torch.testing.assert_close(params[key], value, msg=f"{name}: {key}")
+    assert len(dict(models["coda"].named_parameters())) > len(shared)  # theta, lambda, head norm
+
+
+def test_batches_depend_on_seed_and_step_only_and_shard_by_rank() -> None:
+    first = batch_starts(10_000, 128, 8, seed=3, step=5)
+    assert torch.equal(first, batch_starts(10_000, 128, 8, seed=3, step=5))
+    assert not torch.equal(first, batch_starts(10_000, 128, 8, seed=3, step=6))
+    ranks = [rows_of_rank(first, Cluster(r, 2, r, torch.device("cpu"))) for r in range(2)]
+    assert sorted(torch.cat(ranks).tolist()) == sorted(first.tolist())
+    with pytest.raises(ValueError, match="not divisible"):
+        rows_of_rank(first[:7], Cluster(0, 2, 0, torch.device("cpu")))
+
+
+def test_bits_per_byte_and_token_cache_errors(tmp_path: Path) -> None:
+    corpus = TokenCorpus(torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), "bytes", 257, 2.0)
+    assert math.isclose(corpus.bits_per_byte(math.log(2)), 0.5)
+    path = token_cache_path("bytes", ("wikipedia", "bible"), tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(TokenCorpusError, match="not a readable token cache"):
+        load_token_corpus("bytes", cache_dir=tmp_path)
+    write_token_corpus(corpus, path)
+    with pytest.raises(TokenCorpusError, match="'bytes' tokens"):
+        read_token_corpus(path, "smollm2")
+
+
+def test_a_bounded_run_whose_sequences_fit_the_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="never be written"):
+        build_model(_args("--attention", "coda-bounded", "--seq-len", "128"), 257)
+
+
+def _run(out: Path, cache: Path, processes: int, *extra: str) -> list[dict]:
+    command = [sys.executable, "-m", "coda_gqa_l.training.scratch"]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(29600 + os.getpid() % 200), "-m", "coda_gqa_l.training.scratch"]  # fmt: skip
+    command += [*SMALL, "--max-steps", "3", "--eval-every", "3", "--cache-dir", str(cache), "--out", str(out), *extra]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(
+    tmp_path: Path, token_cache: Path, parallel: list[str]
+) -> None:
+    one = _run(tmp_path / "one", token_cache, 1, "--attention", "coda-bounded")
+    two = _run(tmp_path / "two", token_cache, 2, "--attention", "coda-bounded", *parallel)
+    assert len(two) == len(one) == 3  # rank 0 alone writes the log
+    for a, b in zip(one, two, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+    assert math.isclose(one[-1]["val_bpb"], two[-1]["val_bpb"], rel_tol=1e-4)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["parallel"] == ("fsdp" if parallel else "ddp")
+    assert summary["tokens"] == 3 * 4 * 256 and summary["tokens_per_s"] > 0
+    assert (tmp_path / "two" / "checkpoint.safetensors").stat().st_size > 0
+
+
+def test_coda_train_from_scratch_runs_in_process(tmp_path: Path, token_cache: Path) -> None:
+    from coda_gqa_l.training.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--from-scratch", *SMALL, "--attention", "gqa", "--max-steps", "2", "--eval-every", "1",
+                 "--cache-dir", str(token_cache), "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["attention"] == "gqa" and summary["steps"] == 2 and len(summary["evaluations"]) == 2
+    assert 0 < summary["final"]["val_bpb"] < 9  # a random byte model starts near log2(257) bits
