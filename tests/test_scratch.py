@@ -124,3 +124,40 @@ def test_coda_train_from_scratch_runs_in_process(tmp_path: Path, token_cache: Pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["attention"] == "gqa" and summary["steps"] == 2 and len(summary["evaluations"]) == 2
     assert 0 < summary["final"]["val_bpb"] < 9  # a random byte model starts near log2(257) bits
+
+
+@pytest.mark.slow
+def test_scratch_compare_benchmark_writes_its_tables_and_plot(tmp_path: Path, token_cache: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_compare.py"
+    out = tmp_path / "compare"
+    command = [sys.executable, str(script), "--seeds", "0", "1", "--token-budget", "2048", "--time-budget", "0.5",
+               "--warmup-steps", "1", "--out", str(out), *SMALL, "--eval-every", "1"]  # fmt: skip
+    command += ["--cache-dir", str(token_cache)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "scratch_compare.json").read_text())
+    assert len(result["runs"]) == 3 * 2 + 3
+    rows = {(r["mode"], r["variant"]): r for r in result["aggregate"]}
+    assert rows[("equal tokens", "gqa")]["runs"] == 2 and rows[("equal tokens", "gqa")]["flop_ideal_ratio"] == 1.0
+    assert rows[("equal tokens", "coda")]["flop_ideal_ratio"] > 1.0
+    assert rows[("equal wall-clock", "gqa")]["step_ratio_vs_gqa"] == 1.0
+    assert all(r["tokens"] == 2048 for r in result["runs"] if r["mode"] == "equal tokens")
+    assert "| equal wall-clock | coda-bounded |" in (out / "scratch_compare.md").read_text()
+    assert (out / "scratch_compare.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scratch_scaling_benchmark_compares_one_and_two_processes(tmp_path: Path, token_cache: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_scaling.py"
+    out = tmp_path / "scaling"
+    command = [sys.executable, str(script), "--processes", "2", "--port", str(29800 + os.getpid() % 100),
+               "--out", str(out), "--", *SMALL, "--attention", "coda", "--max-steps", "3"]  # fmt: skip
+    command += ["--eval-every", "3", "--cache-dir", str(token_cache)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "scratch_scaling.json").read_text())
+    assert result["curves"]["updates"] == 3 and result["curves"]["max_rel_loss_diff"] < 1e-4
+    assert result["many"]["processes"] == 2 and result["tokens_per_s_ratio"] > 0
+    assert (out / "scratch_scaling.png").stat().st_size > 0
