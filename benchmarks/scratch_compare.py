@@ -128,6 +128,15 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], command: st
             f"| {r['tokens_per_s']:,.0f} | {r['step_ratio_vs_gqa']:.3f}x | {r['flop_ideal_ratio']:.3f}x "
             f"| {r['vs_ideal']:.3f} |"
         )
+    cells = [(r, cell) for r in runs for cell in r.get("passkey", [])]
+    if cells:
+        lines += ["", "Passkey after training (key at least two bounded windows before the question):", "",
+                  "| mode | variant | seed | length | depth | correct / trials | 95% interval |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r, c in cells:
+            low, high = c["ci95"]
+            lines.append(f"| {r['mode']} | {r['attention']} | {r['seed']} | {c['length']:,} | {c['depth']} "
+                         f"| {c['correct']} / {c['trials']} | {low:.0%}-{high:.0%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

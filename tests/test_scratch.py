@@ -37,7 +37,7 @@ def token_cache(tmp_path: Path) -> Path:
     words = [w.encode() for w in "alpha beta gamma delta river stone cloud paper".split()]
     text = b" ".join(words[i] for i in torch.randint(0, len(words), (20_000,), generator=rng).tolist())
     ids = torch.tensor(list(text), dtype=torch.int32)
-    corpus = TokenCorpus(ids[:-8192], ids[-8192:], "bytes", 257, 1.0)
+    corpus = TokenCorpus(ids[:-16384], ids[-16384:-8192], ids[-8192:], "bytes", 257, 1.0)
     write_token_corpus(corpus, token_cache_path("bytes", ("wikipedia", "bible"), tmp_path))
     return tmp_path
 
@@ -68,7 +68,8 @@ def test_batches_depend_on_seed_and_step_only_and_shard_by_rank() -> None:
 
 
 def test_bits_per_byte_and_token_cache_errors(tmp_path: Path) -> None:
-    corpus = TokenCorpus(torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), "bytes", 257, 2.0)
+    zeros = torch.zeros(4, dtype=torch.int32)
+    corpus = TokenCorpus(zeros, zeros, zeros, "bytes", 257, 2.0)
     assert math.isclose(corpus.bits_per_byte(math.log(2)), 0.5)
     path = token_cache_path("bytes", ("wikipedia", "bible"), tmp_path)
     path.parent.mkdir(parents=True)
@@ -161,3 +162,29 @@ def test_scratch_scaling_benchmark_compares_one_and_two_processes(tmp_path: Path
     assert result["curves"]["updates"] == 3 and result["curves"]["max_rel_loss_diff"] < 1e-4
     assert result["many"]["processes"] == 2 and result["tokens_per_s_ratio"] > 0
     assert (out / "scratch_scaling.png").stat().st_size > 0
+
+
+def test_retrieval_rows_are_the_same_for_any_process_count() -> None:
+    from coda_gqa_l.neuraldb.tokenizer import ByteTokenizer
+    from coda_gqa_l.training.scratch_retrieval import RetrievalSource, mix_retrieval
+
+    filler = list((" ".join(["river stone cloud paper"] * 400)).encode())
+    source = RetrievalSource(ByteTokenizer(), filler, 0.5, 256, seed=0)
+    rows = torch.zeros(4, 769, dtype=torch.long)
+    whole = mix_retrieval(rows, [0, 1, 2, 3], step=7, source=source)
+    assert 0 < int((whole != 0).any(1).sum()) < 4  # some rows became documents
+    halves = [mix_retrieval(rows[r::2], [r, r + 2], step=7, source=source) for r in range(2)]
+    assert torch.equal(torch.stack([halves[0][0], halves[1][0], halves[0][1], halves[1][1]]), whole)
+
+
+def test_scratch_run_with_retrieval_reports_passkey_accuracy(tmp_path: Path, token_cache: Path) -> None:
+    from coda_gqa_l.training.scratch import main
+
+    out = tmp_path / "run"
+    argv = [*SMALL, "--seq-len", "768", "--attention", "coda-bounded", "--max-steps", "2", "--retrieval-fraction",
+            "0.5", "--passkey-trials", "2", "--passkey-depths", "0.1"]  # fmt: skip
+    argv += ["--cache-dir", str(token_cache), "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (cell,) = summary["passkey"]
+    assert cell["length"] == 768 and cell["trials"] == 2 and cell["min_needle_distance"] >= 256

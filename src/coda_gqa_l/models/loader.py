@@ -319,6 +319,15 @@ def load_smollm2(
     return model.eval(), tokenizer
 
 
+def load_smollm2_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer alone, from the export (made from the GGUF first if it is missing)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache / SMOLLM2_135M.export_name
+    if _export_complete(folder, SMOLLM2_135M):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return load_smollm2(cache_dir=cache_dir, progress=False)[1]
+
+
 def load_model(
     source: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from ..config import BoundedConfig
 from . import distributed
 from .distributed import Cluster
-from .token_data import TOKENIZERS, TokenCorpus, load_token_corpus
+from .scratch_retrieval import RetrievalSource, mix_retrieval, passkey_accuracy
+from .token_data import TOKENIZERS, TokenCorpus, load_token_corpus, load_tokenizer
 
 ATTENTIONS = ("gqa", "coda", "coda-bounded")
 CHECKPOINT = "checkpoint.safetensors"
@@ -61,7 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=100, help="updates between validations")
     p.add_argument("--val-tokens", type=int, default=131072, help="held-out tokens per validation")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2)")
+    p.add_argument(
+        "--retrieval-fraction",
+        type=float,
+        default=0.0,
+        help="training rows that are passkey documents (key >= 2 bounded windows before the question)",
+    )
+    p.add_argument("--passkey-trials", type=int, default=0, help="passkey test after training: trials per cell")
+    p.add_argument("--passkey-lengths", nargs="+", type=int, default=None, help="default: --seq-len")
+    p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.1, 0.4])
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -174,6 +184,12 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
     if cluster.is_main:
         log_path.write_text("")
     tokens_per_step = args.global_batch * args.seq_len
+    window = BoundedConfig.preset(args.config, num_sink=args.num_sink).window
+    tokenizer = (
+        load_tokenizer(args.tokenizer, args.cache_dir) if args.retrieval_fraction or args.passkey_trials else None
+    )
+    filler = corpus.train.tolist() if args.retrieval_fraction else []
+    retrieval = RetrievalSource(tokenizer, filler, args.retrieval_fraction, 2 * window, args.seed)
     step, tokens, trained_s, step_times = 0, 0, 0.0, []
     bar = tqdm(desc=f"{args.attention} x{cluster.world}", unit="step", disable=not cluster.is_main)
     evaluations: list[dict[str, Any]] = []
@@ -182,10 +198,11 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
         lr = _learning_rate(args, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        starts = batch_starts(len(corpus.train), args.seq_len, args.global_batch, args.seed, step)
+        rows = windows(corpus.train, rows_of_rank(starts, cluster), args.seq_len)
+        rows = mix_retrieval(rows, list(range(cluster.rank, args.global_batch, cluster.world)), step, retrieval)
         _synchronize(cluster)
-        began = time.perf_counter()
-        rows = windows(corpus.train, rows_of_rank(batch_starts(len(corpus.train), args.seq_len, args.global_batch,
-                                                               args.seed, step), cluster), args.seq_len)  # fmt: skip
+        began = time.perf_counter()  # step time: compute only, the batch is ready
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=cluster.device)
         for index in range(0, local, micro):
@@ -221,6 +238,12 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
                 log.write(json.dumps(record) + "\n")
     bar.close()
     summary = _summary(args, cluster, counts, step, tokens, trained_s, step_times, evaluations, corpus)
+    if args.passkey_trials:  # every rank runs the same documents (FSDP needs all ranks in each forward)
+        summary["passkey"] = passkey_accuracy(
+            model, tokenizer, corpus.hay.tolist(), lengths=args.passkey_lengths or [args.seq_len],
+            depths=args.passkey_depths, trials=args.passkey_trials, min_distance=2 * window,
+            batch=max(1, args.micro_batch or args.global_batch // cluster.world), device=cluster.device,
+        )  # fmt: skip
     _save(model, optimizer, args, cluster, summary)
     return summary
 

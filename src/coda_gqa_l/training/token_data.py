@@ -1,9 +1,10 @@
 """Tokenized corpora for from-scratch training, cached as safetensors so a GPU run needs no tokenizer.
 
 Training text is the packaged Wikipedia train split (plus, by default, the King James Bible);
-validation is the Wikipedia held-out split, never trained on. The cache file holds both id
-streams (int32) and, in its metadata, the tokenizer, the vocabulary size and the validation
-text's UTF-8 bytes per token, which turns a loss in nats per token into bits per byte.
+validation is the Wikipedia held-out split, never trained on; the essays are the passkey
+haystack of evaluation (never trained on either). The cache file holds the three id streams
+(int32) and, in its metadata, the tokenizer, the vocabulary size and the validation text's UTF-8
+bytes per token, which turns a loss in nats per token into bits per byte.
 
     corpus = load_token_corpus("smollm2")   # built once, then read from <cache>/tokens/
 """
@@ -25,7 +26,7 @@ from .. import fetch
 TOKENIZERS = ("smollm2", "bytes")
 TRAIN_CORPORA = ("wikipedia", "bible")
 FORMAT = "coda-gqa-l/token-corpus"
-VERSION = 1
+VERSION = 2  # 2: the essays' tokens (passkey haystack)
 
 
 class TokenCorpusError(ValueError):
@@ -36,6 +37,7 @@ class TokenCorpusError(ValueError):
 class TokenCorpus:
     train: Tensor  # (N,) int32
     val: Tensor  # (M,) int32
+    hay: Tensor  # (K,) int32: the essays, haystack of the passkey evaluation
     tokenizer: str
     vocab_size: int
     val_bytes_per_token: float
@@ -74,31 +76,33 @@ def build_token_corpus(
     from ..data import corpora as texts
     from .data import token_stream
 
-    encoder = _tokenizer(tokenizer, cache_dir)
+    encoder = load_tokenizer(tokenizer, cache_dir)
     train_texts = [d.text for d in texts.load_wikipedia("train", cache_dir)] if "wikipedia" in corpora else []
     if "bible" in corpora:
         train_texts.append(texts.bible_text(cache_dir))
     val_texts = [d.text for d in texts.load_wikipedia("heldout", cache_dir)]
     val = token_stream(val_texts, encoder)
+    hay = token_stream([d.text for d in texts.load_essays("all", cache_dir)], encoder)
     val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
     return TokenCorpus(
         train=torch.tensor(token_stream(train_texts, encoder), dtype=torch.int32),
         val=torch.tensor(val, dtype=torch.int32),
+        hay=torch.tensor(hay, dtype=torch.int32),
         tokenizer=tokenizer,
         vocab_size=int(len(encoder)) if hasattr(encoder, "__len__") else int(encoder.vocab_size),
         val_bytes_per_token=val_bytes / len(val),
     )
 
 
-def _tokenizer(name: str, cache_dir: str | os.PathLike[str] | None) -> Any:
+def load_tokenizer(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The byte tokenizer, or SmolLM2's (from its exported folder; exported from the GGUF if needed)."""
     if name == "bytes":
         from ..neuraldb.tokenizer import ByteTokenizer
 
         return ByteTokenizer()
-    from ..models.loader import load_smollm2
+    from ..models.loader import load_smollm2_tokenizer
 
-    _, tokenizer = load_smollm2(cache_dir=cache_dir, progress=False)
-    return tokenizer
+    return load_smollm2_tokenizer(cache_dir)
 
 
 def write_token_corpus(corpus: TokenCorpus, path: Path) -> None:
@@ -113,7 +117,9 @@ def write_token_corpus(corpus: TokenCorpus, path: Path) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file({"train": corpus.train, "val": corpus.val}, str(partial), metadata={"coda_gqa_l": json.dumps(meta)})
+    # clones: safetensors refuses views of one buffer (e.g. streams sliced from one tensor)
+    tensors = {"train": corpus.train.clone(), "val": corpus.val.clone(), "hay": corpus.hay.clone()}
+    save_file(tensors, str(partial), metadata={"coda_gqa_l": json.dumps(meta)})
     os.replace(partial, path)
 
 
@@ -123,12 +129,15 @@ def read_token_corpus(path: Path, tokenizer: str) -> TokenCorpus:
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get("coda_gqa_l", "{}"))
-            train, val = handle.get_tensor("train"), handle.get_tensor("val")
+            streams = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise TokenCorpusError(f"{path} is not a readable token cache ({exc}); delete it to rebuild") from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("tokenizer") != tokenizer:
         found = f"{meta.get('tokenizer')!r} tokens in format {meta.get('format')!r} v{meta.get('version')}"
         raise TokenCorpusError(f"{path} holds {found}; expected {tokenizer!r} {FORMAT!r} v{VERSION}; delete it")
-    if int(train.max()) >= meta["vocab_size"] or int(val.max()) >= meta["vocab_size"]:
+    if set(streams) != {"train", "val", "hay"}:
+        raise TokenCorpusError(f"{path} holds streams {sorted(streams)}, expected train, val and hay; delete it")
+    if any(int(t.max()) >= meta["vocab_size"] for t in streams.values()):
         raise TokenCorpusError(f"{path}: a token id is beyond the vocabulary ({meta['vocab_size']}); delete it")
-    return TokenCorpus(train, val, tokenizer, int(meta["vocab_size"]), float(meta["val_bytes_per_token"]))
+    vocab, per_token = int(meta["vocab_size"]), float(meta["val_bytes_per_token"])
+    return TokenCorpus(streams["train"], streams["val"], streams["hay"], tokenizer, vocab, per_token)
