@@ -4,6 +4,7 @@ banks) and coda-eval's perplexity on the same tokens at every length, on a tiny 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 from coda_gqa_l.training.lora import add_lora
 from coda_gqa_l.training.params import select_trainable
 from coda_gqa_l.training.tiny import tiny_llama
-from coda_gqa_l.training.weights import read_coda_weights
+from coda_gqa_l.training.weights import WeightsFileError, read_coda_weights
 
 
 def _adapters(model: torch.nn.Module) -> list[CoDAAttentionAdapter]:
@@ -95,3 +96,17 @@ def test_lengths_must_nest() -> None:
     check_lengths([2048, 4096, 16384])
     with pytest.raises(ValueError, match="must divide the longest"):
         check_lengths([2048, 3000, 16384])
+
+
+def test_training_can_start_from_a_weights_file(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    assert train_tiny(first) == 0
+    weights = first / "coda.safetensors"
+    second = tmp_path / "second"
+    assert train_tiny(second, "--init-weights", str(weights)) == 0  # bounded weights: phase 2 only
+    log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == [2, 2]
+    with pytest.raises(WeightsFileError, match="not --attention gqa"):
+        train_tiny(tmp_path / "third", "--init-weights", str(weights), "--attention", "gqa")
+    with pytest.raises(WeightsFileError, match="LoRA rank 8, not --lora-rank 4"):
+        train_tiny(tmp_path / "third", "--init-weights", str(weights), "--lora-rank", "4")

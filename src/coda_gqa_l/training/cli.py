@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/coda-train"))
     p.add_argument("--weights", type=Path, default=None, help="final CoDA weights file (default OUT/coda.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    init_help = "start from a CoDA weights file (e.g. the shipped one); bounded weights start in phase 2"
+    p.add_argument("--init-weights", type=Path, default=None, help=init_help)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; then checkpoint and stop")
     p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests, smoke runs)")
@@ -97,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     from ..models.convert import convert, to_bounded
 
-    convert(model, None, differential=args.attention == "coda")
-    if args.trainable == "coda+lora":
-        add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
     phase, step = (resume_meta["phase"], resume_meta["step"]) if resume_meta else (1, 0)
-    if phase == 2:
-        to_bounded(model, bounded)
+    if args.init_weights is not None and resume_meta is None:
+        phase = _start_from_weights(model, args, bounded)
+    else:
+        convert(model, None, differential=args.attention == "coda")
+        if args.trainable == "coda+lora":
+            add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha)
+        if phase == 2:
+            to_bounded(model, bounded)
     stream = token_stream(_texts(args), tokenizer)
     log_path = args.out / "log.jsonl"
     while phase <= 2:
@@ -152,6 +157,28 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
     }
     save_coda_weights(model, weights, base=base, training=training)
     print(f"coda-train: wrote {weights}")
+
+
+def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: BoundedConfig) -> int:
+    """Load a CoDA weights file (e.g. the shipped one) as the starting point; returns the phase to
+    start in: 2 when the file is already bounded (phase 1 is skipped), else 1."""
+    from .weights import WeightsFileError, apply_coda_weights, read_coda_weights
+
+    _, meta = read_coda_weights(args.init_weights)
+    settings, lora = meta["convert"], meta.get("lora") or {}
+    if bool(settings.get("differential", True)) != (args.attention == "coda"):
+        raise WeightsFileError(f"{args.init_weights} is not --attention {args.attention} weights")
+    if args.trainable == "coda+lora" and lora.get("rank") != args.lora_rank:
+        raise WeightsFileError(
+            f"{args.init_weights} has LoRA rank {lora.get('rank')}, not --lora-rank {args.lora_rank}"
+        )
+    if settings.get("bounded") and BoundedConfig(**settings["bounded"]) != bounded:
+        raise WeightsFileError(
+            f"{args.init_weights} is bounded with {settings['bounded']}, not --config {args.config} "
+            f"--num-sink {args.num_sink} ({bounded.to_dict()})"
+        )
+    apply_coda_weights(model, args.init_weights)
+    return 2 if settings.get("bounded") else 1
 
 
 # arguments that change which parameters exist or what they mean: a resume must repeat them
