@@ -95,14 +95,22 @@ def build_token_corpus(
 
 
 def load_tokenizer(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The byte tokenizer, or SmolLM2's (from its exported folder; exported from the GGUF if needed)."""
+    """The byte tokenizer, or SmolLM2's: from ``<cache>/tokens/smollm2-tokenizer`` (a copy kept
+    beside the token caches, so a machine without the model can carry both), else from the model."""
     if name == "bytes":
         from ..neuraldb.tokenizer import ByteTokenizer
 
         return ByteTokenizer()
+    from transformers import AutoTokenizer
+
     from ..models.loader import load_smollm2_tokenizer
 
-    return load_smollm2_tokenizer(cache_dir)
+    folder = token_cache_path(name, ("tokenizer",), cache_dir).with_suffix("")
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_smollm2_tokenizer(cache_dir)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def write_token_corpus(corpus: TokenCorpus, path: Path) -> None:
