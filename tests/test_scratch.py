@@ -188,3 +188,18 @@ def test_scratch_run_with_retrieval_reports_passkey_accuracy(tmp_path: Path, tok
     summary = json.loads((out / "summary.json").read_text())
     (cell,) = summary["passkey"]
     assert cell["length"] == 768 and cell["trials"] == 2 and cell["min_needle_distance"] >= 256
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_is_kept_beside_the_token_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coda_gqa_l.models import loader
+    from coda_gqa_l.training.token_data import load_tokenizer
+
+    real = loader.load_smollm2_tokenizer()  # the packaged model's export, in the default cache
+    calls = []
+    monkeypatch.setattr(loader, "load_smollm2_tokenizer", lambda cache_dir=None: calls.append(cache_dir) or real)
+    first = load_tokenizer("smollm2", tmp_path)
+    again = load_tokenizer("smollm2", tmp_path)  # from the copy: the model is not asked again
+    assert len(calls) == 1 and (tmp_path / "tokens" / "smollm2-tokenizer" / "tokenizer.json").is_file()
+    text = "The pass key for the vault is 48213."
+    assert again.encode(text, add_special_tokens=False) == first.encode(text, add_special_tokens=False)
