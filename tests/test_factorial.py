@@ -110,3 +110,29 @@ def test_training_can_start_from_a_weights_file(tmp_path: Path) -> None:
         train_tiny(tmp_path / "third", "--init-weights", str(weights), "--attention", "gqa")
     with pytest.raises(WeightsFileError, match="LoRA rank 8, not --lora-rank 4"):
         train_tiny(tmp_path / "third", "--init-weights", str(weights), "--lora-rank", "4")
+
+
+@pytest.mark.slow
+def test_coda_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tiny_training import TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29700 + os.getpid() % 100), "-m", "coda_gqa_l.training.cli", "--tiny-model", "--corpus", str(corpus),
+               "--config", "tiny", "--num-sink", "2", "--phase1-steps", "2", "--phase2-steps", "2", "--seq-len", "128",
+               "--phase2-seq-len", "512", "--batch-size", "2", "--accum", "2", "--needle-distance", "256",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]  # rank 0 alone logs
+    _, meta = read_coda_weights(out / "coda.safetensors")
+    assert meta["training"]["completed"] is True

@@ -10,11 +10,14 @@ end result is a CoDA weights file (``--weights``) that ``apply_coda_weights`` lo
     coda-train --model smollm2 --out runs/smollm2 --phase1-steps 100 --phase2-steps 300
 
 ``coda-train --from-scratch ...`` trains a small model from random weights instead (``coda-scratch``).
+Under ``torchrun`` it is data parallel (DDP): each process draws its own batches, rank 0 logs and
+checkpoints (``torchrun --nproc_per_node 2 -m coda_gqa_l.training.cli ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -28,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BoundedConfig
+from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import IGNORE, Batch, batches, token_stream
+from .distributed import Cluster
 from .lora import add_lora
 from .params import TRAINABLE_CHOICES, select_trainable
 from .weights import save_coda_weights
@@ -82,14 +87,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return scratch_main([a for a in argv if a != "--from-scratch"])
     args = parse_args(argv)
+    cluster = distributed.start(args.device)
+    try:
+        code = _train(args, cluster)
+    except BaseException:
+        distributed.stop(failed=True)
+        raise
+    distributed.stop()
+    return code
+
+
+def _train(args: argparse.Namespace, cluster: Cluster) -> int:
     began = time.monotonic()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cluster.device
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / CHECKPOINT
     resume_meta = read_checkpoint_meta(checkpoint) if args.resume and checkpoint.exists() else None
-    if args.resume and resume_meta is None:
+    if args.resume and resume_meta is None and cluster.is_main:
         print(f"coda-train: no checkpoint at {checkpoint}; starting from the beginning", file=sys.stderr)
     if resume_meta is not None:
         _check_resumable(resume_meta, args, checkpoint)
@@ -117,20 +133,27 @@ def main(argv: list[str] | None = None) -> int:
         if resume_meta is not None and resume_meta["phase"] == phase:
             load_checkpoint(checkpoint, params, optimizer)
             resume_meta = None
-        elif phase == 2 and step == 0:
+        elif phase == 2 and step == 0 and cluster.is_main:
             # the switch to bounded is checkpointed: a resume never redoes phase 1
             save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
-        finished = _run_phase(model, params, optimizer, phase, step, steps, stream, tokenizer, bounded, args,
-                              device, log_path, checkpoint, began)  # fmt: skip
+        runner = distributed.wrap(model, cluster)  # after select_trainable: DDP syncs what trains
+        finished = _run_phase(runner, params, optimizer, phase, step, steps, stream, tokenizer, bounded, args,
+                              cluster, log_path, checkpoint, began)  # fmt: skip
         if not finished:
-            print(f"coda-train: time budget reached; checkpoint at {checkpoint}; continue with --resume")
-            if phase == 2:  # usable weights of what was trained so far, marked as such
+            if cluster.is_main:
+                print(f"coda-train: time budget reached; checkpoint at {checkpoint}; continue with --resume")
+            if phase == 2 and cluster.is_main:  # usable weights of what was trained so far, marked as such
                 _save_weights(model, args, base_name, device, completed=False)
             return 0
+        # free the phase's DDP wrapper before the next is made: its gradient hooks sit on the shared
+        # parameters for as long as it lives
+        del runner
+        gc.collect()
         if phase == 1:
             to_bounded(model, bounded)
         phase, step = phase + 1, 0
-    _save_weights(model, args, base_name, device, completed=True)
+    if cluster.is_main:
+        _save_weights(model, args, base_name, device, completed=True)
     return 0
 
 
@@ -209,53 +232,64 @@ def _run_phase(
     tokenizer: Any,
     bounded: BoundedConfig,
     args: argparse.Namespace,
-    device: torch.device,
+    cluster: Cluster,
     log_path: Path,
     checkpoint: Path,
     began: float,
 ) -> bool:
-    """Train ``steps - step`` more updates; False when the time budget stopped it (checkpointed)."""
+    """Train ``steps - step`` more updates; False when the time budget stopped it (checkpointed).
+
+    Under torchrun each process draws its own batches (its rank is in the seed), so an update
+    averages ``batch_size x accum x processes`` rows; rank 0 logs and checkpoints."""
     from tqdm import tqdm
 
+    device = cluster.device
     seq_len = args.seq_len if phase == 1 else args.phase2_seq_len
     source = batches(
         stream,
         tokenizer,
         seq_len=seq_len,
         batch_size=args.batch_size,
-        seed=args.seed * 1_000_003 + phase * 10_007 + step,  # a resumed run draws fresh batches
+        seed=args.seed * 1_000_003 + phase * 10_007 + step + 7_919 * cluster.rank,  # resumed runs draw fresh ones
         retrieval_fraction=args.retrieval_fraction if phase == 2 else 0.0,
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
     model.train()
-    bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step")
+    bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step", disable=not cluster.is_main)
     tokens, window_began = 0, time.perf_counter()
     while step < steps:
-        if args.time_budget is not None and time.monotonic() - began > args.time_budget:
-            save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
+        over = args.time_budget is not None and time.monotonic() - began > args.time_budget
+        if distributed.all_sum([float(over)], cluster)[0] > 0:  # every rank stops at the same update
+            if cluster.is_main:
+                save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
             bar.close()
             return False
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0}
-        for _ in range(args.accum):
+        for micro in range(args.accum):
             batch = next(source)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = _loss(model, batch, device, args.answer_weight)
-            (loss / args.accum).backward()
+            with distributed.gradient_sync(model, enabled=micro == args.accum - 1):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss, parts = _loss(model, batch, device, args.answer_weight)
+                (loss / args.accum).backward()
             for key, value in parts.items():
                 totals[key] += value / args.accum
-            tokens += batch.input_ids.numel()
+            tokens += batch.input_ids.numel() * cluster.world
         norm = torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         step += 1
+        totals = dict(zip(totals, (v / cluster.world for v in distributed.all_sum(list(totals.values()), cluster)),
+                          strict=True))  # fmt: skip
         rate = tokens / (time.perf_counter() - window_began)
         bar.update(1)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{rate:,.0f}")
         record = {"phase": phase, "step": step, **totals, "grad_norm": float(norm), "tokens_per_s": rate,
                   "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - began}  # fmt: skip
+        if not cluster.is_main:
+            continue
         with log_path.open("a") as log:
             log.write(json.dumps(record) + "\n")
         if step % args.save_every == 0 or step == steps:

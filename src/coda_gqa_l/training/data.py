@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..evaluation.passkey import make_document
+from ..evaluation.passkey import PasskeyDocument, make_document
 
 IGNORE = -100
 
@@ -39,6 +39,23 @@ def _shifted(ids: Tensor) -> Tensor:
     return labels
 
 
+def training_document(
+    tokenizer: object, filler: list[int], rng: random.Random, *, length: int, min_distance: int
+) -> PasskeyDocument:
+    """A training-phrased retrieval document: 1 to 3 keys from depth 0 to 0.6 of the filler, the
+    asked one at least ``min_distance`` tokens before its question. When several keys do not fit
+    that distance, fewer are used; a ValueError says when not even one does."""
+    depth, keys = rng.uniform(0.0, 0.6), rng.choice((1, 1, 2, 3))
+    while True:
+        try:
+            return make_document(tokenizer, filler, rng, length=length, depth=depth, num_keys=keys,
+                                 split="train", min_distance=min_distance)  # fmt: skip
+        except ValueError:
+            if keys == 1:
+                raise
+            keys -= 1
+
+
 def batches(
     stream: list[int],
     tokenizer: object,
@@ -58,16 +75,7 @@ def batches(
         rows, labels, answers = [], [], []
         for _ in range(batch_size):
             if rng.random() < retrieval_fraction:
-                doc = make_document(
-                    tokenizer,
-                    stream,
-                    rng,
-                    length=seq_len,
-                    depth=rng.uniform(0.0, 0.6),
-                    num_keys=rng.choice((1, 1, 2, 3)),
-                    split="train",
-                    min_distance=min_distance,
-                )
+                doc = training_document(tokenizer, stream, rng, length=seq_len, min_distance=min_distance)
                 ids = doc.ids
                 answer = torch.zeros(len(ids), dtype=torch.bool)
                 answer[doc.answer_start - 1 : len(ids) - 1] = True

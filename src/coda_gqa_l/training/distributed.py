@@ -55,9 +55,12 @@ def start(device: str | None = None) -> Cluster:
     return Cluster(rank=rank, world=world, local_rank=local_rank, device=wanted)
 
 
-def stop() -> None:
+def stop(failed: bool = False) -> None:
+    """Leave the process group; after a failure without the final barrier, which the other ranks
+    (stuck in a collective) would never reach: the error then ends this process and torchrun the rest."""
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

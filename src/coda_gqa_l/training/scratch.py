@@ -155,8 +155,10 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
     cluster = distributed.start(args.device)
     try:
         summary = _train(args, cluster)
-    finally:
-        distributed.stop()
+    except BaseException:
+        distributed.stop(failed=True)
+        raise
+    distributed.stop()
     return summary if cluster.is_main else None
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..evaluation.passkey import answer_correct, make_document, wilson_interval
+from .data import training_document
 
 
 @dataclass
@@ -38,9 +39,7 @@ def mix_retrieval(rows: Tensor, global_rows: list[int], step: int, source: Retri
         rng = random.Random(f"{source.seed}/{step}/{index}")
         if rng.random() >= source.fraction:
             continue
-        depth, keys = rng.uniform(0.0, 0.6), rng.choice((1, 1, 2, 3))
-        doc = make_document(source.tokenizer, source.filler, rng, length=length, depth=depth, num_keys=keys,
-                            split="train", min_distance=source.min_distance)  # fmt: skip
+        doc = training_document(source.tokenizer, source.filler, rng, length=length, min_distance=source.min_distance)
         rows[local] = doc.ids
     return rows
 
