@@ -87,14 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return scratch_main([a for a in argv if a != "--from-scratch"])
     args = parse_args(argv)
-    cluster = distributed.start(args.device)
-    try:
-        code = _train(args, cluster)
-    except BaseException:
-        distributed.stop(failed=True)
-        raise
-    distributed.stop()
-    return code
+    with distributed.session(args.device) as cluster:
+        return _train(args, cluster)
 
 
 def _train(args: argparse.Namespace, cluster: Cluster) -> int:

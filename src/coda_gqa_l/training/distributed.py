@@ -64,6 +64,18 @@ def stop(failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(device: str | None = None) -> Iterator[Cluster]:
+    """``start`` ... ``stop``: the final barrier on success, none after an error."""
+    cluster = start(device)
+    try:
+        yield cluster
+    except BaseException:
+        stop(failed=True)
+        raise
+    stop()
+
+
 def wrap(model: nn.Module, cluster: Cluster, fsdp: bool = False) -> nn.Module:
     """DDP (or FSDP2, one shard group per decoder layer) around ``model``; unchanged for one process."""
     if not cluster.distributed:

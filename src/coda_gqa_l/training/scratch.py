@@ -152,13 +152,8 @@ def windows(stream: Tensor, starts: Tensor, seq_len: int) -> Tensor:
 
 def train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run the training; the summary on rank 0, None on the other ranks."""
-    cluster = distributed.start(args.device)
-    try:
+    with distributed.session(args.device) as cluster:
         summary = _train(args, cluster)
-    except BaseException:
-        distributed.stop(failed=True)
-        raise
-    distributed.stop()
     return summary if cluster.is_main else None
 
 
