@@ -67,7 +67,9 @@ def test_batches_depend_on_seed_and_step_only_and_shard_by_rank() -> None:
         rows_of_rank(first[:7], Cluster(0, 2, 0, torch.device("cpu")))
 
 
-def test_bits_per_byte_and_token_cache_errors(tmp_path: Path) -> None:
+def test_bits_per_byte_and_token_cache_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coda_gqa_l.training import token_data
+
     zeros = torch.zeros(4, dtype=torch.int32)
     corpus = TokenCorpus(zeros, zeros, zeros, "bytes", 257, 2.0)
     assert math.isclose(corpus.bits_per_byte(math.log(2)), 0.5)
@@ -75,8 +77,11 @@ def test_bits_per_byte_and_token_cache_errors(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not safetensors")
     with pytest.raises(TokenCorpusError, match="not a readable token cache"):
-        load_token_corpus("bytes", cache_dir=tmp_path)
-    write_token_corpus(corpus, path)
+        read_token_corpus(path, "bytes")
+    rebuilt = []
+    monkeypatch.setattr(token_data, "build_token_corpus", lambda *a: rebuilt.append(a) or corpus)
+    assert load_token_corpus("bytes", cache_dir=tmp_path) is corpus and rebuilt  # a broken cache is rebuilt
+    assert read_token_corpus(path, "bytes").val_bytes_per_token == 2.0
     with pytest.raises(TokenCorpusError, match="'bytes' tokens"):
         read_token_corpus(path, "smollm2")
 
@@ -203,3 +208,16 @@ def test_smollm2_tokenizer_is_kept_beside_the_token_caches(tmp_path: Path, monke
     assert len(calls) == 1 and (tmp_path / "tokens" / "smollm2-tokenizer" / "tokenizer.json").is_file()
     text = "The pass key for the vault is 48213."
     assert again.encode(text, add_special_tokens=False) == first.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_losses(tmp_path: Path, token_cache: Path) -> None:
+    from coda_gqa_l.training.scratch import main
+
+    logs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        argv = [*SMALL, "--attention", "coda", "--max-steps", "2", "--cache-dir", str(token_cache), "--out", str(out)]
+        assert main([*argv, *extra]) == 0
+        logs[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-4)

@@ -12,6 +12,7 @@ bytes per token, which turns a loss in nats per token into bits per byte.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import torch
 from torch import Tensor
 
 from .. import fetch
+
+log = logging.getLogger(__name__)
 
 TOKENIZERS = ("smollm2", "bytes")
 TRAIN_CORPORA = ("wikipedia", "bible")
@@ -64,7 +67,10 @@ def load_token_corpus(
         raise ValueError(f"training corpora must be among {TRAIN_CORPORA}, got {list(corpora)}")
     path = token_cache_path(tokenizer, corpora, cache_dir)
     if path.exists():
-        return read_token_corpus(path, tokenizer)
+        try:
+            return read_token_corpus(path, tokenizer)
+        except TokenCorpusError as err:  # a cache of ours: rebuilt, as the corpora caches are
+            log.warning("%s; rebuilding it", err)
     corpus = build_token_corpus(tokenizer, corpora, cache_dir)
     write_token_corpus(corpus, path)
     return corpus
@@ -139,13 +145,13 @@ def read_token_corpus(path: Path, tokenizer: str) -> TokenCorpus:
             meta = json.loads((handle.metadata() or {}).get("coda_gqa_l", "{}"))
             streams = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise TokenCorpusError(f"{path} is not a readable token cache ({exc}); delete it to rebuild") from exc
+        raise TokenCorpusError(f"{path} is not a readable token cache ({exc})") from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("tokenizer") != tokenizer:
         found = f"{meta.get('tokenizer')!r} tokens in format {meta.get('format')!r} v{meta.get('version')}"
-        raise TokenCorpusError(f"{path} holds {found}; expected {tokenizer!r} {FORMAT!r} v{VERSION}; delete it")
+        raise TokenCorpusError(f"{path} holds {found}; expected {tokenizer!r} {FORMAT!r} v{VERSION}")
     if set(streams) != {"train", "val", "hay"}:
-        raise TokenCorpusError(f"{path} holds streams {sorted(streams)}, expected train, val and hay; delete it")
+        raise TokenCorpusError(f"{path} holds streams {sorted(streams)}, expected train, val and hay")
     if any(int(t.max()) >= meta["vocab_size"] for t in streams.values()):
-        raise TokenCorpusError(f"{path}: a token id is beyond the vocabulary ({meta['vocab_size']}); delete it")
+        raise TokenCorpusError(f"{path}: a token id is beyond the vocabulary ({meta['vocab_size']})")
     vocab, per_token = int(meta["vocab_size"]), float(meta["val_bytes_per_token"])
     return TokenCorpus(streams["train"], streams["val"], streams["hay"], tokenizer, vocab, per_token)
