@@ -136,3 +136,16 @@ def test_coda_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
     assert [(r["phase"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]  # rank 0 alone logs
     _, meta = read_coda_weights(out / "coda.safetensors")
     assert meta["training"]["completed"] is True
+
+
+def test_baselines_use_every_slot_of_the_bounded_config() -> None:
+    from coda_gqa_l.config import BoundedConfig
+
+    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None)
+    slots = BoundedConfig.preset("medium", num_sink=4).storage_slots  # 384
+    base = lambda: tiny_llama()[0]  # noqa: E731
+    for name, sinks in (("window", 0), ("streaming", 4)):
+        model, bounded = build_method(name, args, base)
+        config = _adapters(model)[0].layer.config
+        assert bounded and config.storage_slots == slots and config.num_sink == sinks
+        assert config.window - config.seg + 1 >= slots - sinks - 3  # at least 377 of 380 recent tokens visible

@@ -82,11 +82,10 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
     model = base()
     if name == "original":
         return model, False
-    if name == "window":
-        # every slot in the window (segment kept so the window stays a multiple of it)
-        return convert(model, _plain(slots, 0, preset.seg)), True
-    if name == "streaming":
-        return convert(model, _plain(slots - 4, 4, preset.seg)), True
+    if name == "window":  # every slot in the window
+        return convert(model, plain_window(slots, 0)), True
+    if name == "streaming":  # 4 sinks, the rest of the slots in the window
+        return convert(model, plain_window(slots - 4, 4)), True
     differential, bounded = name.startswith("coda-"), name.endswith("-bounded")
     weights = args.weights if differential else args.gqa_weights
     if weights is None:  # the cold swap
@@ -106,11 +105,18 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
     return model, bounded
 
 
-def _plain(window: int, sinks: int, seg: int) -> BoundedConfig:
-    window = window // seg * seg
-    return BoundedConfig(
-        window=window, num_landmarks_exact=0, num_landmarks_summary=0, num_sink=sinks, segment=seg, differential=False
-    )
+# The baselines' window advances 4 tokens at a time: it always shows 377 to 380 of StreamingLLM's
+# 380 recent tokens (the real method shows exactly 380; segments of 64 would show 317 to 380, and
+# a window rounded down to a multiple of 64 would waste storage).
+BASELINE_SEGMENT = 4
+
+
+def plain_window(window: int, sinks: int) -> BoundedConfig:
+    """A baseline of ``sinks + window`` slots: plain attention over sinks and a recent window, no banks."""
+    if window % BASELINE_SEGMENT:
+        raise ValueError(f"a baseline window of {window} slots is not a multiple of {BASELINE_SEGMENT}")
+    return BoundedConfig(window=window, num_landmarks_exact=0, num_landmarks_summary=0, num_sink=sinks,
+                         segment=BASELINE_SEGMENT, differential=False)  # fmt: skip
 
 
 def _unbound(model: nn.Module) -> nn.Module:
