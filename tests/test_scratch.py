@@ -221,3 +221,10 @@ def test_compiled_training_gives_the_eager_losses(tmp_path: Path, token_cache: P
         assert main([*argv, *extra]) == 0
         logs[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_every_process_at_the_same_update(tmp_path: Path, token_cache: Path) -> None:
+    log = _run(tmp_path / "two", token_cache, 2, "--attention", "gqa", "--max-steps", "100000", "--time-budget", "1")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["steps"] == len(log) > 1 and summary["trained_s"] >= 1.0  # no rank left waiting: it ended

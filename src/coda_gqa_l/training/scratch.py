@@ -213,12 +213,14 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         _synchronize(cluster)
-        seconds = time.perf_counter() - began
+        # the ranks' mean step time: every rank then sees the same clock and stops at the same update
+        local_seconds = time.perf_counter() - began
+        total_loss, seconds = distributed.all_sum([float(loss_sum) / args.global_batch,
+                                                   local_seconds / cluster.world], cluster)  # fmt: skip
         trained_s += seconds
         step_times.append(seconds)
         step += 1
         tokens += tokens_per_step
-        total_loss, = distributed.all_sum([float(loss_sum) / args.global_batch], cluster)  # fmt: skip
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training loss is {total_loss} at update {step}: lower --lr")
         grad_norm = float(distributed.full_tensor(norm))
