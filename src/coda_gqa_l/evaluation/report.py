@@ -19,6 +19,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for text in dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]):
         lines += _perplexity_table(text, [r for r in results["perplexity"] if r.get("text", "wikipedia") == text])
+    if not results["passkey"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "### Passkey retrieval (essays; key at least two windows before the question)", ""]
     lines.append("| method | keys | length | depth | correct / trials | accuracy | 95% interval |")
     lines.append("|---|---|---|---|---|---|---|")
