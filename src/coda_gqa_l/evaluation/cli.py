@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
     from ..models.convert import convert, to_bounded
-    from ..training.weights import apply_coda_weights, read_coda_weights
+    from ..training.weights import apply_coda_weights, read_coda_meta
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     slots = preset.storage_slots
@@ -91,7 +91,7 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
     if weights is None:  # the cold swap
         config = dataclasses.replace(preset, differential=differential) if bounded else None
         return convert(model, config, differential=differential), bounded
-    _, meta = read_coda_weights(weights)
+    meta = read_coda_meta(weights)
     if bool(meta["convert"].get("differential", True)) != differential:
         kind = "differential (CoDA)" if differential else "plain GQA"
         raise ValueError(f"{name} needs {kind} weights; {weights} holds the other kind (see coda-train --attention)")

@@ -179,9 +179,9 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
 def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: BoundedConfig) -> int:
     """Load a CoDA weights file (e.g. the shipped one) as the starting point; returns the phase to
     start in: 2 when the file is already bounded (phase 1 is skipped), else 1."""
-    from .weights import WeightsFileError, apply_coda_weights, read_coda_weights
+    from .weights import WeightsFileError, apply_coda_weights, read_coda_meta
 
-    _, meta = read_coda_weights(args.init_weights)
+    meta = read_coda_meta(args.init_weights)
     settings, lora = meta["convert"], meta.get("lora") or {}
     if bool(settings.get("differential", True)) != (args.attention == "coda"):
         raise WeightsFileError(f"{args.init_weights} is not --attention {args.attention} weights")

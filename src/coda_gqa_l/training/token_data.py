@@ -50,8 +50,16 @@ class TokenCorpus:
 
 
 def token_cache_path(tokenizer: str, corpora: tuple[str, ...], cache_dir: str | os.PathLike[str] | None) -> Path:
-    root = Path(cache_dir) if cache_dir is not None else fetch.cache_dir()
-    return root / "tokens" / f"{tokenizer}-{'+'.join(corpora)}.safetensors"
+    return _tokens_root(cache_dir) / f"{tokenizer}-{'+'.join(corpora)}.safetensors"
+
+
+def tokenizer_folder(tokenizer: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where a copy of a tokenizer is kept beside the token caches."""
+    return _tokens_root(cache_dir) / f"{tokenizer}-tokenizer"
+
+
+def _tokens_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else fetch.cache_dir()) / "tokens"
 
 
 def load_token_corpus(
@@ -111,7 +119,7 @@ def load_tokenizer(name: str, cache_dir: str | os.PathLike[str] | None = None) -
 
     from ..models.loader import load_smollm2_tokenizer
 
-    folder = token_cache_path(name, ("tokenizer",), cache_dir).with_suffix("")
+    folder = tokenizer_folder(name, cache_dir)
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer = load_smollm2_tokenizer(cache_dir)

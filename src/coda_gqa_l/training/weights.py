@@ -62,6 +62,15 @@ def save_coda_weights(
 
 def read_coda_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of a weights file (safetensors: nothing is unpickled)."""
+    return _read(path, with_tensors=True)
+
+
+def read_coda_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata of a weights file alone (how it was converted and trained), without its tensors."""
+    return _read(path, with_tensors=False)[1]
+
+
+def _read(path: str | os.PathLike[str], with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
     source = Path(path)
@@ -70,7 +79,8 @@ def read_coda_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
     try:
         with safe_open(str(source), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("coda_gqa_l")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            names = list(handle.keys()) if with_tensors else []
+            tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError) as exc:
         raise WeightsFileError(f"{source} is not a readable safetensors file: {exc}") from exc
     if raw is None:
