@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--time-budget", type=float, default=None, help="equal-wall-clock runs (seed 0): seconds each")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed updates per variant before measuring")
     p.add_argument("--out", type=Path, default=Path("runs/scratch-compare"))
+    p.add_argument("--resume", type=Path, default=None,
+                   help="an earlier call's scratch_compare.json: its runs are kept and not run again")  # fmt: skip
     # everything else goes to coda-scratch unchanged (model shape, batch, lr, tokenizer...)
     return p.parse_known_args(argv)
 
@@ -64,15 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     for variant in args.variants:  # compile and autotune outside the budgets
         run(variant, 0, ["--max-steps", str(args.warmup_steps)], passthrough, args.out / "warmup" / variant)
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = json.loads(args.resume.read_text())["runs"] if args.resume else []
+    done = {(r["mode"], r["attention"], r["seed"]) for r in runs}
     for seed in args.seeds:
         for variant in args.variants:
+            if ("equal tokens", variant, seed) in done:
+                continue
             summary = run(variant, seed, ["--token-budget", str(args.token_budget)], passthrough,
                           args.out / f"tokens-{variant}-s{seed}")  # fmt: skip
             runs.append({"mode": "equal tokens", **summary})
             _write(args, runs, began)
     if args.time_budget is not None:
         for variant in args.variants:
+            if ("equal wall-clock", variant, args.seeds[0]) in done:
+                continue
             summary = run(variant, args.seeds[0], ["--time-budget", str(args.time_budget)], passthrough,
                           args.out / f"time-{variant}")  # fmt: skip
             runs.append({"mode": "equal wall-clock", **summary})

@@ -135,14 +135,20 @@ def test_coda_train_from_scratch_runs_in_process(tmp_path: Path, token_cache: Pa
 @pytest.mark.slow
 def test_scratch_compare_benchmark_writes_its_tables_and_plot(tmp_path: Path, token_cache: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_compare.py"
-    out = tmp_path / "compare"
-    command = [sys.executable, str(script), "--seeds", "0", "1", "--token-budget", "2048", "--time-budget", "0.5",
-               "--warmup-steps", "1", "--out", str(out), *SMALL, "--eval-every", "1"]  # fmt: skip
-    command += ["--cache-dir", str(token_cache)]
+    first, out = tmp_path / "first", tmp_path / "compare"
+    common = [sys.executable, str(script), "--token-budget", "2048", "--warmup-steps", "1", *SMALL,
+              "--eval-every", "1", "--cache-dir", str(token_cache)]  # fmt: skip
+    done = subprocess.run([*common, "--seeds", "0", "--out", str(first)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    earlier = json.loads((first / "scratch_compare.json").read_text())["runs"]
+    # a second call goes on from the first one's JSON: seed 0's runs are kept, not repeated
+    command = [*common, "--seeds", "0", "1", "--time-budget", "0.5", "--out", str(out)]
+    command += ["--resume", str(first / "scratch_compare.json")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "scratch_compare.json").read_text())
     assert len(result["runs"]) == 3 * 2 + 3
+    assert result["runs"][:3] == earlier
     rows = {(r["mode"], r["variant"]): r for r in result["aggregate"]}
     assert rows[("equal tokens", "gqa")]["runs"] == 2 and rows[("equal tokens", "gqa")]["flop_ideal_ratio"] == 1.0
     assert rows[("equal tokens", "coda")]["flop_ideal_ratio"] > 1.0
