@@ -20,7 +20,7 @@ from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 from coda_gqa_l.training.lora import add_lora
 from coda_gqa_l.training.params import select_trainable
 from coda_gqa_l.training.tiny import tiny_llama
-from coda_gqa_l.training.weights import WeightsFileError, read_coda_weights
+from coda_gqa_l.training.weights import WeightsFileError, read_coda_meta, read_coda_weights
 
 
 def _adapters(model: torch.nn.Module) -> list[CoDAAttentionAdapter]:
@@ -106,6 +106,10 @@ def test_training_can_start_from_a_weights_file(tmp_path: Path) -> None:
     assert train_tiny(second, "--init-weights", str(weights)) == 0  # bounded weights: phase 2 only
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == [2, 2]
+    # the new file keeps the history of the one it started from
+    history = read_coda_meta(second / "coda.safetensors")["training"]
+    assert history["updates"]["phase2"] == 2 and history["started_from"]["file"] == "coda.safetensors"
+    assert history["started_from"]["training"] == read_coda_meta(weights)["training"]
     with pytest.raises(WeightsFileError, match="not --attention gqa"):
         train_tiny(tmp_path / "third", "--init-weights", str(weights), "--attention", "gqa")
     with pytest.raises(WeightsFileError, match="LoRA rank 8, not --lora-rank 4"):

@@ -172,8 +172,21 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "dtype": args.dtype,
         "elapsed_s_last_call": steps[-1]["elapsed_s"] if steps else 0.0,
     }
+    if args.init_weights is not None:  # the updates above come on top of the starting file's own training
+        training["started_from"] = _provenance(args.init_weights)
     save_coda_weights(model, weights, base=base, training=training)
     print(f"coda-train: wrote {weights}")
+
+
+def _provenance(path: Path) -> dict[str, Any]:
+    """The starting weights file's name and its own training record (nested, so a chain of
+    continued runs keeps every step of its history)."""
+    from .weights import read_coda_meta
+
+    record: dict[str, Any] = {"file": path.name}
+    if path.is_file():
+        record["training"] = read_coda_meta(path).get("training")
+    return record
 
 
 def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: BoundedConfig) -> int:
