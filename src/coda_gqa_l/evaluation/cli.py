@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import random
 import time
@@ -39,6 +38,7 @@ from torch import nn
 from ..config import BoundedConfig
 from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
+from .report import write_report
 
 METHODS = ("original", "window", "streaming", "coda-unbounded", "coda-bounded", "gqa-unbounded", "gqa-bounded")
 DEFAULT_METHODS = METHODS[:5]
@@ -253,10 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in passkey_rows(model, bounded, tokenizer, hay, args, window, deadline):
             results["passkey"].append({"method": name, **row})
         del model
-        _write(results, args.out)
-    from .report import write_report
-
-    written = write_report(results, args.out)
+        # tables and plots after every method: a run stopped from outside keeps what it measured
+        written = write_report(results, args.out)
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -327,11 +325,6 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     import sys
 
     return sys.argv[1:]
-
-
-def _write(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
