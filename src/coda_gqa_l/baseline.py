@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
 from .kernels.diff_attention import fused_attention
-from .kernels.dispatch import backend
+from .kernels.dispatch import backend, unbounded_path
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 
 
@@ -219,7 +219,8 @@ class _UnboundedAttention(nn.Module):
         if append is not None:
             k, v = append(k, v)
         total = k.shape[2]
-        if core.differential and key_padding is None and backend(x.device) == "triton":
+        sdpa_first = unbounded_path() == "sdpa" and total == length  # no cached prefix: plain causal
+        if core.differential and key_padding is None and backend(x.device) == "triton" and not sdpa_first:
             # both streams in one pass over K and V, the combine and head norm fused (SPEC 3)
             norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
             out = fused_attention(

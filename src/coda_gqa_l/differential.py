@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels.combine import differential_combine
+from .kernels.dispatch import backend, unbounded_path
 from .primitives import HeadwiseRMSNorm, RMSNorm, RopeLayout, RotaryEmbedding, apply_rope, expand_pairs
 
 HeadNorm = Literal["rms", "identity"]
@@ -148,6 +150,11 @@ class DifferentialCore(nn.Module):
         ``o = N(signal - lambda * noise)``, then ``W_o``.
         """
         b, _, _, length, d = attended.shape
+        if lam is not None and unbounded_path() == "sdpa" and backend(attended.device) == "triton":
+            # one pass forward and one backward instead of ~10 over float32 temporaries (kernels/combine.py)
+            norm = self.head_norm if isinstance(self.head_norm, HeadwiseRMSNorm) else None
+            weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+            return self.o_proj(differential_combine(attended, lam, weight, eps))
         signal = attended[:, :, : self.group].reshape(b, self.num_heads, length, d)
         if lam is not None:
             noise = attended[:, :, self.group :].reshape(b, self.num_heads, length, d)

@@ -12,6 +12,8 @@ import torch
 
 BACKEND_ENV = "CODA_GQA_L_KERNELS"
 Backend = Literal["triton", "torch"]
+UNBOUNDED_ENV = "CODA_GQA_L_UNBOUNDED_ATTENTION"
+UnboundedPath = Literal["fused", "sdpa"]
 
 
 @functools.cache
@@ -45,6 +47,21 @@ def backend(device: torch.device | str) -> Backend:
             raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot run: {why}{hint}")
         return "triton"
     return "triton" if runnable and device_type == "cuda" else "torch"
+
+
+def unbounded_path() -> UnboundedPath:
+    """How unbounded differential self-attention runs on the Triton backend (``CODA_GQA_L_UNBOUNDED_ATTENTION``).
+
+    ``fused`` (the default): one Triton kernel for both streams, the combine and the head norm.
+    ``sdpa``: PyTorch's SDPA (cuDNN / flash) over the stacked queries, then the fused combine
+    kernel. Where there is no cached prefix (training, a first prefill chunk) SDPA's attention
+    is faster than ours at the shapes measured (benchmarks/RESULTS.md); which path is faster
+    end to end is measured there before the default changes.
+    """
+    choice = os.environ.get(UNBOUNDED_ENV, "fused").strip().lower() or "fused"
+    if choice not in ("fused", "sdpa"):
+        raise ValueError(f"{UNBOUNDED_ENV} must be 'fused' or 'sdpa', got {choice!r}")
+    return choice  # type: ignore[return-value]
 
 
 def tile_size(n: int, least: int = 16) -> int:
