@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scratch_compare import flops_per_token  # noqa: E402
 
 KINDS = ("attention", "matmul", "other")
-ATTENTION_MARKS = ("flash", "fmha", "attention", "attn", "sdpa")
+# the environment of each way CoDA's attention can run (kernels/dispatch.py)
+PATHS = {
+    "fused": {"CODA_GQA_L_KERNELS": "auto", "CODA_GQA_L_UNBOUNDED_ATTENTION": "fused"},
+    "sdpa": {"CODA_GQA_L_KERNELS": "auto", "CODA_GQA_L_UNBOUNDED_ATTENTION": "sdpa"},
+    "torch": {"CODA_GQA_L_KERNELS": "torch", "CODA_GQA_L_UNBOUNDED_ATTENTION": "fused"},
+}
+# our Triton differential attention's kernels (kernels/diff_attention_triton.py) carry no attention word
+ATTENTION_MARKS = ("flash", "fmha", "attention", "attn", "sdpa", "_fwd_kernel", "_bwd_dkdv", "_bwd_extras", "_bwd_dq")
 MATMUL_MARKS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")
 
 
@@ -47,6 +55,8 @@ def kind_of(kernel: str) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=["gqa", "coda"], choices=["gqa", "coda", "coda-bounded"])
+    p.add_argument("--coda-paths", nargs="+", default=["fused"], choices=list(PATHS),
+                   help="how CoDA's attention runs: each is its own row (GQA always runs the default)")  # fmt: skip
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (SmolLM2's tokenizer: 49,152)")
     p.add_argument("--warmup", type=int, default=5, help="untimed updates")
     p.add_argument("--steps", type=int, default=10, help="timed updates")
@@ -144,12 +154,12 @@ def report(rows: list[dict[str, Any]], command: str, device_name: str) -> str:
             f"{kinds[k] * 1000:.1f} ms ({(kinds[k] - base[k]) * 1000:+.1f})" for k in KINDS
         )  # fmt: skip
         lines.append(
-            f"| {r['variant']} | {r['median_step_s'] * 1000:.1f} ms | {r['median_step_s'] / gqa['median_step_s']:.3f}x "
+            f"| {r['label']} | {r['median_step_s'] * 1000:.1f} ms | {r['median_step_s'] / gqa['median_step_s']:.3f}x "
             f"| {r['flops_per_token'] / gqa['flops_per_token']:.3f}x | {attention_ideal:.3f}x | {cells} |"
         )
     lines += ["", "Top kernels per variant (time per update):", ""]
     for r in rows:
-        lines += [f"{r['variant']}:", "", "| kernel | kind | ms |", "|---|---|---|"]
+        lines += [f"{r['label']}:", "", "| kernel | kind | ms |", "|---|---|---|"]
         lines += [f"| `{k['name'][:90]}` | {k['kind']} | {k['s_per_step'] * 1000:.2f} |" for k in r["top_kernels"]]
         lines.append("")
     return "\n".join(lines)
@@ -160,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(variant, passthrough, args, device) for variant in args.variants]
+    rows = []
+    for variant in args.variants:
+        for path in ["fused"] if variant == "gqa" else args.coda_paths:
+            os.environ.update(PATHS[path])  # read at every call, so it takes effect at once
+            row = measure(variant, passthrough, args, device)
+            rows.append({**row, "path": path, "label": variant if variant == "gqa" else f"{variant} ({path})"})
+    os.environ.update(PATHS["fused"])
     command = "python benchmarks/scratch_step_profile.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(rows, command, device_name)
     (args.out / "scratch_step_profile.json").write_text(

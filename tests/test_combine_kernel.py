@@ -88,8 +88,9 @@ def test_fused_combine_in_bfloat16(use_triton: None, norm: bool) -> None:
 
 @pytest.mark.parametrize("head_norm", ["rms", "identity"])
 def test_sdpa_path_of_the_layer_matches_the_reference(monkeypatch: pytest.MonkeyPatch, head_norm: str) -> None:
-    """CODA_GQA_L_UNBOUNDED_ATTENTION=sdpa: SDPA over the stacked queries + the fused combine, in
-    a whole unbounded CoDA layer (training step and cached decoding) against the PyTorch path."""
+    """CODA_GQA_L_UNBOUNDED_ATTENTION=sdpa: the fused rotation, SDPA over the stacked queries and
+    the fused combine, in a whole unbounded CoDA layer (training step and cached decoding)
+    against the PyTorch path."""
     from coda_gqa_l import CoDAGQA
     from coda_gqa_l.kernels import UNBOUNDED_ENV
 
@@ -110,13 +111,14 @@ def test_sdpa_path_of_the_layer_matches_the_reference(monkeypatch: pytest.Monkey
     reference = run()
     monkeypatch.setenv(BACKEND_ENV, "triton")
     monkeypatch.setenv(UNBOUNDED_ENV, "sdpa")
-    from coda_gqa_l.kernels import combine
+    from coda_gqa_l.kernels import combine, rope
 
-    calls = []
-    fused = combine._FusedCombine.apply
-    monkeypatch.setattr(combine._FusedCombine, "apply", lambda *a: calls.append(1) or fused(*a))
+    calls: list[str] = []
+    fused_combine, fused_rotation = combine._FusedCombine.apply, rope._RotateStack.apply
+    monkeypatch.setattr(combine._FusedCombine, "apply", lambda *a: calls.append("combine") or fused_combine(*a))
+    monkeypatch.setattr(rope._RotateStack, "apply", lambda *a: calls.append("rotation") or fused_rotation(*a))
     ours = run()
-    assert calls, "the fused combine never ran"
+    assert {"combine", "rotation"} <= set(calls), f"the fused kernels did not all run: {calls}"
     torch.testing.assert_close(ours[0], reference[0], atol=2e-5, rtol=1e-4)
     assert ours[1].keys() == reference[1].keys() and any("lambda" in n for n in ours[1])
     for name in reference[1]:

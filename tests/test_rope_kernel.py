@@ -33,3 +33,28 @@ def test_rotate_keys_is_rope() -> None:
     k = torch.randn(1, 3, 70, 16, device=DEVICE)
     cos, sin = rope.cos_sin(torch.arange(70, device=DEVICE) - 5, torch.float32)
     torch.testing.assert_close(rotate_keys(k, cos, sin, "half"), apply_rope(k, cos, sin, "half"), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("noise", [True, False])
+def test_differentiable_rotation_matches_reference(monkeypatch: pytest.MonkeyPatch, layout: str, noise: bool) -> None:
+    """rotate_and_stack (training's fused RoPE + noise rotation): forward and the gradients of the
+    queries and of the noise angles against autograd through the PyTorch reference."""
+    from coda_gqa_l.kernels import BACKEND_ENV
+    from coda_gqa_l.kernels.rope import rotate_and_stack, rotate_and_stack_reference
+
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    B, H, Hkv, L, D = 2, 6, 2, 45, 16
+    rope = RotaryEmbedding(D, 10000.0, layout)  # type: ignore[arg-type]
+    cos, sin = rope.cos_sin(torch.arange(L, device=DEVICE), torch.float32)
+    q = torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2).requires_grad_()
+    theta = (torch.rand(H, D // 2, device=DEVICE) * 3).requires_grad_() if noise else None
+    streams = (2 if noise else 1) * H // Hkv
+    grad = torch.randn(B, Hkv, streams, L, D, device=DEVICE)
+    results = []
+    for fn in (rotate_and_stack, rotate_and_stack_reference):
+        leaves = [t for t in (q, theta) if t is not None]
+        out = fn(q, cos, sin, theta, Hkv, layout)  # type: ignore[arg-type]
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    for label, ours, reference in zip(["out", "d q", "d theta"], *results, strict=False):
+        torch.testing.assert_close(ours, reference, atol=5e-5, rtol=1e-4, msg=lambda m, label=label: f"{label}: {m}")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
 from .kernels.diff_attention import fused_attention
 from .kernels.dispatch import backend, unbounded_path
+from .kernels.rope import rotate_and_stack
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 
 
@@ -213,14 +214,21 @@ class _UnboundedAttention(nn.Module):
         q, k, v, lam = core.project(x)
         length = x.shape[1]
         positions = torch.arange(start, start + length, device=x.device)
-        cos, sin = core.rope.cos_sin(positions, q.dtype)
-        q = apply_rope(q, cos, sin, core.rope.layout)
-        k = apply_rope(k, cos, sin, core.rope.layout)
+        triton = backend(x.device) == "triton"
+        stacked = None
+        if core.differential and triton and start == 0 and unbounded_path() == "sdpa":
+            # no cached prefix: SDPA's attention between the fused rotation and the fused combine
+            cos, sin = core.rope.cos_sin(positions, torch.float32)
+            stacked = rotate_and_stack(q, cos, sin, core.theta, core.num_kv_heads, core.rope.layout)
+            k = rotate_and_stack(k, cos, sin, None, core.num_kv_heads, core.rope.layout).squeeze(2)
+        else:
+            cos, sin = core.rope.cos_sin(positions, q.dtype)
+            q = apply_rope(q, cos, sin, core.rope.layout)
+            k = apply_rope(k, cos, sin, core.rope.layout)
         if append is not None:
             k, v = append(k, v)
         total = k.shape[2]
-        sdpa_first = unbounded_path() == "sdpa" and total == length  # no cached prefix: plain causal
-        if core.differential and key_padding is None and backend(x.device) == "triton" and not sdpa_first:
+        if stacked is None and core.differential and key_padding is None and triton:
             # both streams in one pass over K and V, the combine and head norm fused (SPEC 3)
             norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
             out = fused_attention(
@@ -245,7 +253,8 @@ class _UnboundedAttention(nn.Module):
                 own = key_pos[None, :] == (key_pos[total - length :])[:, None]
                 mask = (mask[None, None] & key_padding[:, None, None, -total:].bool()) | own
         causal = mask is None and length > 1
-        attended = sdpa_stacked(core.stack_queries(q), k, v, core.softmax_scale, mask, is_causal=causal)
+        stacked = core.stack_queries(q) if stacked is None else stacked
+        attended = sdpa_stacked(stacked, k, v, core.softmax_scale, mask, is_causal=causal)
         return core.combine(attended, lam)
 
 

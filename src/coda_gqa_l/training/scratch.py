@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BoundedConfig
+from ..kernels.dispatch import backend, unbounded_path
 from . import distributed
 from .distributed import Cluster
 from .scratch_retrieval import RetrievalSource, mix_retrieval, passkey_accuracy
@@ -329,6 +330,7 @@ def _summary(args: argparse.Namespace, cluster: Cluster, counts: dict[str, int],
         "processes": cluster.world,
         "parallel": ("fsdp" if args.fsdp else "ddp") if cluster.distributed else "none",
         "device": torch.cuda.get_device_name(cluster.device) if cluster.device.type == "cuda" else "cpu",
+        "kernels": {"backend": backend(cluster.device), "unbounded": unbounded_path()},
         "global_batch": args.global_batch,
         "seed": args.seed,
         "steps": step,
