@@ -53,10 +53,11 @@ def unbounded_path() -> UnboundedPath:
     """How unbounded differential self-attention runs on the Triton backend (``CODA_GQA_L_UNBOUNDED_ATTENTION``).
 
     ``fused`` (the default): one Triton kernel for both streams, the combine and the head norm.
-    ``sdpa``: PyTorch's SDPA (cuDNN / flash) over the stacked queries, then the fused combine
-    kernel. Where there is no cached prefix (training, a first prefill chunk) SDPA's attention
-    is faster than ours at the shapes measured (benchmarks/RESULTS.md); which path is faster
-    end to end is measured there before the default changes.
+    ``sdpa``: where there is no cached prefix (training, a first prefill chunk), the fused RoPE
+    and noise rotation (``rope.rotate_and_stack``), PyTorch's SDPA (cuDNN / flash) over the
+    stacked queries and the fused combine (``combine.differential_combine``); with a prefix, the
+    fused kernel as before. SDPA's attention is faster than ours at the shapes measured
+    (benchmarks/RESULTS.md); the default changes once the whole path is measured faster.
     """
     choice = os.environ.get(UNBOUNDED_ENV, "fused").strip().lower() or "fused"
     if choice not in ("fused", "sdpa"):
