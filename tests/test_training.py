@@ -138,6 +138,17 @@ def test_coda_eval_writes_tables_and_plots(tmp_path: Path) -> None:
     assert "| streaming |" in (tmp_path / "eval.md").read_text()
 
 
+def test_coda_eval_time_budget_bounds_perplexity_too(tmp_path: Path) -> None:
+    from coda_gqa_l.evaluation.cli import main
+
+    args = ["--tiny-model", "--config", "tiny", "--num-sink", "2", "--lengths", "256", "512", "--trials", "0"]
+    args += ["--methods", "window", "streaming", "--chunk", "128", "--time-budget", "1e-9", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())["perplexity"]
+    assert len(rows) == 4 and all(r["status"] == "skipped (time budget)" for r in rows)
+    assert "| window | skipped | skipped | - |" in (tmp_path / "eval.md").read_text()
+
+
 @pytest.mark.slow
 def test_shipped_weights_load_on_the_packaged_model() -> None:
     from coda_gqa_l.pretrained import SHIPPED_WEIGHTS, load_coda_smollm2, shipped_config

@@ -145,17 +145,23 @@ def _cache(model: nn.Module, bounded: bool, chunk: int) -> Any:
     return BoundedCache(model, block_size=chunk) if bounded else DynamicCache(config=model.config)  # type: ignore[arg-type]
 
 
-def perplexity_rows(model: nn.Module, bounded: bool, ids: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+def perplexity_rows(
+    model: nn.Module, bounded: bool, ids: torch.Tensor, args: argparse.Namespace, deadline: float | None = None
+) -> list[dict]:
     """Perplexity of the same tokens at every context length: ``ids`` (the longest length) cut
     into windows of ``length`` tokens, each read from an empty state as a stream.
 
     Only positions that are predicted at every length are scored (every position but those at a
-    multiple of the shortest length), so the lengths differ in context alone.
+    multiple of the shortest length), so the lengths differ in context alone. Lengths not begun
+    by ``deadline`` (``time.monotonic()``) are marked skipped.
     """
     total, shortest = ids.shape[1], min(args.lengths)
     scored = torch.arange(1, total) % shortest != 0
-    rows = []
+    rows: list[dict] = []
     for length in args.lengths:
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({"length": length, "status": "skipped (time budget)"})
+            continue
         began = time.perf_counter()
         pieces = []
         for start in range(0, total, length):
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         model, bounded = build_method(name, args, base)
         model.eval()
         for text, ids in ppl_texts.items():
-            for row in perplexity_rows(model, bounded, ids, args):
+            for row in perplexity_rows(model, bounded, ids, args, deadline):
                 results["perplexity"].append({"method": name, "text": text, **row})
         for row in passkey_rows(model, bounded, tokenizer, hay, args, window, deadline):
             results["passkey"].append({"method": name, **row})

@@ -56,9 +56,10 @@ def _perplexity_table(text: str, ppl: list[dict[str, Any]]) -> list[str]:
     lines.append("| method | " + " | ".join(f"{n:,}" for n in lengths) + " | longest / shortest |")
     lines.append("|---" * (len(lengths) + 2) + "|")
     for method in methods:
-        by = {r["length"]: r["ppl"] for r in ppl if r["method"] == method}
+        by = {r["length"]: r["ppl"] for r in ppl if r["method"] == method and "ppl" in r}
+        skipped = {r["length"] for r in ppl if r["method"] == method and "ppl" not in r}
         flat = f"{by[max(lengths)] / by[min(lengths)]:.3f}" if min(lengths) in by and max(lengths) in by else "-"
-        cells = " | ".join(f"{by[n]:.2f}" if n in by else "-" for n in lengths)
+        cells = " | ".join(f"{by[n]:.2f}" if n in by else "skipped" if n in skipped else "-" for n in lengths)
         lines.append(f"| {method} | {cells} | {flat} |")
     return lines + [""]
 
@@ -89,12 +90,15 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     for axis, text in zip(axes[0], texts, strict=True):
         rows = [r for r in results["perplexity"] if r.get("text", "wikipedia") == text]
         for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == method)
+            points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == method and "ppl" in r)
+            if not points:
+                continue
             axis.plot(*zip(*points, strict=True), marker="o", label=method)
         axis.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity")
         axis.set_title(f"Perplexity vs context: {TEXT_TITLES.get(text, text)}", fontsize=10)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:  # every length of every method skipped: an empty frame, no legend
+            axis.legend(fontsize=8)
     figure.tight_layout()
     paths.append(out / "perplexity.png")
     figure.savefig(paths[-1], dpi=110)

@@ -295,6 +295,8 @@ def _run_phase(
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{rate:,.0f}")
         record = {"phase": phase, "step": step, **totals, "grad_norm": float(norm), "tokens_per_s": rate,
                   "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - began}  # fmt: skip
+        if device.type == "cuda":  # how much room is left for more rows per forward
+            record["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if not cluster.is_main:
             continue
         with log_path.open("a") as log:
