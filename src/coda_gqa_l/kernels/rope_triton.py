@@ -7,6 +7,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _pair_partner(d, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """Each dimension's partner in its rotation pair, and the sign of the partner's term in the
+    90-degree turn ``(a, b) -> (-b, a)``: halves (``HALF``) or neighbours (interleaved)."""
+    if HALF:
+        partner = (d + HEAD_DIM // 2) % HEAD_DIM
+        sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+    else:
+        partner = d ^ 1
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    return partner, sign
+
+
+@triton.jit
 def _rotate_kernel(
     X, COS, SIN, TCOS, TSIN, OUT,
     sxb, sxh, sxl,
@@ -20,12 +33,7 @@ def _rotate_kernel(
     h = pid_bh % NUM_HEADS
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, BLOCK_D)
-    if HALF:
-        partner = (d + HEAD_DIM // 2) % HEAD_DIM
-        sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-    else:
-        partner = d ^ 1
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    partner, sign = _pair_partner(d, HEAD_DIM, HALF)
     ok = (rows < L)[:, None] & (d < HEAD_DIM)[None, :]
     base = X + b * sxb + h * sxh + rows[:, None] * sxl
     x = tl.load(base + d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -60,12 +68,7 @@ def _rotate_bwd_kernel(
     h = pid_bh % NUM_HEADS
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d = tl.arange(0, BLOCK_D)
-    if HALF:
-        partner = (d + HEAD_DIM // 2) % HEAD_DIM
-        sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-    else:
-        partner = d ^ 1
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    partner, sign = _pair_partner(d, HEAD_DIM, HALF)
     ok = (rows < L)[:, None] & (d < HEAD_DIM)[None, :]
     cos = tl.load(COS + rows[:, None] * HEAD_DIM + d[None, :], mask=ok, other=0.0)
     sin = tl.load(SIN + rows[:, None] * HEAD_DIM + d[None, :], mask=ok, other=0.0)
