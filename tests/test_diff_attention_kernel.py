@@ -219,9 +219,15 @@ def test_layer_triton_path_equals_reference_path(config: str, monkeypatch: pytes
         torch.testing.assert_close(g_tri[name], g_ref[name], atol=2e-4, rtol=1e-3, msg=name)
 
 
-def test_unbounded_coda_layer_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``CoDAGQA`` on the fused kernel equals its SDPA path, with a cache and through backward."""
+@pytest.mark.parametrize("unbounded", ["fused", "sdpa"])
+def test_unbounded_coda_layer_uses_the_kernel(unbounded: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CoDAGQA`` on the Triton backend equals the PyTorch reference, with a cache and through
+    backward, on both unbounded paths (``fused``: our kernel everywhere; ``sdpa``, the default:
+    rotation + SDPA + combine kernels without a prefix, our kernel for the cached second chunk)."""
     from coda_gqa_l import CoDAGQA
+    from coda_gqa_l.kernels import UNBOUNDED_ENV
+
+    monkeypatch.setenv(UNBOUNDED_ENV, unbounded)
 
     torch.manual_seed(0)
     layer = CoDAGQA(64, 4, 2).to(DEVICE)

@@ -8,7 +8,7 @@ several passes over float32 temporaries; here they are one read and one write, i
 dtype, with the rotation computed in float32 registers.
 
 ``stack_rotated_queries`` and ``rotate_keys`` have no autograd (inference). ``rotate_and_stack``
-is the differentiable form for training (``CODA_GQA_L_UNBOUNDED_ATTENTION=sdpa``): the same
+is the differentiable form for training (the default ``sdpa`` unbounded path): the same
 forward kernel, and a backward kernel that turns each stream's gradient back by its angle and
 sums the gradient of the learned noise angles.
 """
