@@ -95,6 +95,9 @@ def test_documents_put_the_key_far_before_the_question() -> None:
         assert len(doc.ids) == 900 and len(doc.needle_positions) == keys
         assert doc.answer_start - max(doc.needle_positions) >= 256
         assert tok.decode(doc.ids[doc.answer_start :].tolist()).strip() == doc.asked.key
+        spelled = tok.decode(doc.ids[doc.key_positions].tolist())  # the keys' tokens, every needle
+        assert spelled.isdigit() and doc.asked.key in spelled and len(doc.key_positions) >= 5 * keys
+        assert all(p < doc.answer_start - 256 for p in doc.key_positions)
         logits = torch.full((900, 257), -1.0)
         logits[torch.arange(899), doc.ids[1:]] = 1.0  # a model that predicts every next token
         assert answer_correct(logits, doc) and answer_correct(logits[500:], doc, offset=500)
@@ -117,6 +120,7 @@ def test_coda_train_runs_both_phases_and_resumes(tmp_path: Path) -> None:
     assert [(r["phase"], r["step"]) for r in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in log)
     assert any(r["answer"] > 0 for r in log if r["phase"] == 2)  # retrieval documents were trained on
+    assert all(r["gate"] == 0 for r in log if r["phase"] == 1) and all(r["gate"] > 0 for r in log if r["phase"] == 2)
     fresh, _ = tiny_llama()
     apply_coda_weights(fresh, out / "coda.safetensors")
     assert all(a.bounded for a in fresh.modules() if isinstance(a, CoDAAttentionAdapter))
@@ -164,3 +168,36 @@ def test_shipped_weights_load_on_the_packaged_model() -> None:
     torch.testing.assert_close(dict(model.named_parameters())[name].detach(), tensors[name].float())
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     assert model(ids).logits.isfinite().all()
+
+
+def test_gate_hinge_pushes_keys_up_and_the_rest_down() -> None:
+    """The write-gate hinge: zero once keys are above ``keep`` and the rest below ``drop``;
+    otherwise its gradient raises the keys' logits and lowers the others'."""
+    from coda_gqa_l.training.gate_supervision import gate_hinge_loss
+
+    keep = torch.zeros(2, 10, dtype=torch.bool)
+    keep[0, 3:5] = True
+    settled = torch.where(keep[..., None], 2.0, -6.0).expand(2, 10, 3)
+    assert gate_hinge_loss([settled, settled], keep, 0.6, 0.01).item() == 0.0
+    z = torch.full((2, 10, 3), -2.0, requires_grad=True)  # every gate at the initial 0.12
+    loss = gate_hinge_loss([z], keep, 0.6, 0.01)
+    loss.backward()
+    assert loss.item() > 0 and (z.grad[keep] < 0).all() and (z.grad[~keep] > 0).all()
+    with pytest.raises(ValueError, match="drop_prob < keep_prob"):
+        gate_hinge_loss([z], keep, 0.01, 0.6)
+    with pytest.raises(ValueError, match="do not match"):
+        gate_hinge_loss([z], keep[:, :5], 0.6, 0.01)
+
+
+def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
+    """Phase 2 with the hinge and a gate learning rate of its own: the hinge falls update by update
+    (retrieval rows only, so every batch has keys), and the weights file records the settings."""
+    from coda_gqa_l.training.weights import read_coda_meta
+
+    out = tmp_path / "run"
+    settings = ("--phase1-steps", "0", "--phase2-steps", "3", "--gate-lr", "0.05", "--retrieval-fraction", "1.0")
+    assert _train(out, *settings) == 0
+    hinge = [json.loads(line)["gate"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(hinge) == 3 and hinge[2] < hinge[1] < hinge[0]
+    recorded = read_coda_meta(out / "coda.safetensors")["training"]["gate_supervision"]
+    assert recorded == {"weight": 1.0, "keep": 0.6, "drop": 0.01, "lr": 0.05}

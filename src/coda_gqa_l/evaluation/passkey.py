@@ -11,6 +11,7 @@ emits the answer iff each answer token is the argmax given the ones before it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ class PasskeyDocument:
     answer_start: int  # index of the first answer token in ``ids``
     needle_positions: list[int]  # token index where each needle statement starts
     asked: Needle
+    key_positions: list[int] = dataclasses.field(default_factory=list)  # the keys' digit tokens, every needle
+
+
+def _digit_offsets(tokenizer: object, piece: list[int]) -> list[int]:
+    """Offsets in a needle statement of the tokens that spell its key: the only digits in it
+    (names and phrasings have none), found by decoding so any tokenizer's split works."""
+    decode = tokenizer.decode  # type: ignore[attr-defined]
+    return [i for i, t in enumerate(piece) if any(c.isdigit() for c in decode([t]))]
 
 
 def _key(rng: random.Random) -> str:
@@ -92,6 +101,7 @@ def make_document(
         raise ValueError(f"the haystack has {len(filler)} tokens, a document needs {hay}")
     ids: list[int] = []
     positions: list[int] = []
+    key_positions: list[int] = []
     spread = max(1, (latest - start) // max(1, num_keys)) if num_keys > 1 else 0
     consumed = 0
     for i, piece in enumerate(pieces):
@@ -99,12 +109,13 @@ def make_document(
         ids += body[consumed:point]
         consumed = point
         positions.append(len(ids))
+        key_positions += [len(ids) + i for i in _digit_offsets(tokenizer, piece)]
         ids += piece
     ids += body[consumed:]
     ids += q_ids
     answer_start = len(ids)
     ids += a_ids
-    return PasskeyDocument(torch.tensor(ids), answer_start, positions, asked)
+    return PasskeyDocument(torch.tensor(ids), answer_start, positions, asked, key_positions)
 
 
 def answer_correct(logits: Tensor, doc: PasskeyDocument, offset: int = 0) -> bool:

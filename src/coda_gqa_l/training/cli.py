@@ -2,7 +2,9 @@
 
 Phase 1 trains unbounded differential attention (full cache); phase 2 switches every layer to
 the bounded state (``to_bounded``) and trains through the bank writes, on text mixed with
-retrieval documents whose key sits at least two windows before its question. Each phase's
+retrieval documents whose key sits at least two windows before its question; a hinge loss on
+the write gate teaches it to keep those keys and refuse other tokens (``--gate-weight``,
+training/gate_supervision.py). Each phase's
 steps count optimizer updates. A checkpoint (trained parameters + AdamW state) is written every
 ``--save-every`` steps and when ``--time-budget`` runs out; ``--resume`` continues from it. The
 end result is a CoDA weights file (``--weights``) that ``apply_coda_weights`` loads on the base.
@@ -23,6 +25,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,9 @@ from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import IGNORE, Batch, batches, token_stream
 from .distributed import Cluster
+from .gate_supervision import gate_hinge_loss, recorded_gate_logits
 from .lora import add_lora
-from .params import TRAINABLE_CHOICES, select_trainable
+from .params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
 from .weights import save_coda_weights
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -64,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrieval-fraction", type=float, default=0.5, help="phase-2 rows that are retrieval documents")
     p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
     p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the retrieval answers' loss")
+    gate_help = "phase 2: weight of the write-gate hinge loss (keys kept, other tokens refused; 0 turns it off)"
+    p.add_argument("--gate-weight", type=float, default=1.0, help=gate_help)
+    p.add_argument("--gate-keep", type=float, default=0.6, help="gate a key token should reach (> tau_exact)")
+    p.add_argument("--gate-drop", type=float, default=0.01, help="gate every other token should fall to (< tau_exact)")
+    p.add_argument("--gate-lr", type=float, default=None, help="learning rate of the write gates (default --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype on CUDA")
     p.add_argument("--device", default=None)
@@ -123,7 +132,7 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
     while phase <= 2:
         steps = args.phase1_steps if phase == 1 else args.phase2_steps
         params = select_trainable(model, args.trainable)
-        optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(_param_groups(params, args), lr=args.lr, weight_decay=0.0)
         if resume_meta is not None and resume_meta["phase"] == phase:
             load_checkpoint(checkpoint, params, optimizer)
             resume_meta = None
@@ -167,6 +176,12 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "trainable": args.trainable,
         "lr": args.lr,
         "retrieval_fraction": args.retrieval_fraction,
+        "gate_supervision": {
+            "weight": args.gate_weight,
+            "keep": args.gate_keep,
+            "drop": args.gate_drop,
+            "lr": args.gate_lr if args.gate_lr is not None else args.lr,
+        },
         "seed": args.seed,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
@@ -273,14 +288,15 @@ def _run_phase(
             bar.close()
             return False
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, args.warmup))
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0}
+        totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0, "gate": 0.0}
+        gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop) if phase == 2 else None
         for micro in range(args.accum):
             batch = next(source)
             with distributed.gradient_sync(model, enabled=micro == args.accum - 1):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    loss, parts = _loss(model, batch, device, args.answer_weight)
+                    loss, parts = _loss(model, batch, device, args.answer_weight, gate)
                 (loss / args.accum).backward()
             for key, value in parts.items():
                 totals[key] += value / args.accum
@@ -307,11 +323,32 @@ def _run_phase(
     return True
 
 
+@dataclass(frozen=True)
+class GateTargets:
+    """Phase 2's write-gate hinge (training/gate_supervision.py): weight and target gates."""
+
+    weight: float
+    keep: float
+    drop: float
+
+
+def _param_groups(params: dict[str, nn.Parameter], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One group at ``--lr``, or two when ``--gate-lr`` gives the write gates their own rate;
+    ``base_lr`` is what warm-up scales."""
+    gates = [p for n, p in params.items() if ".gate_proj." in n and is_coda_parameter(n)]
+    if args.gate_lr is None or not gates:
+        return [{"params": list(params.values()), "base_lr": args.lr}]
+    others = [p for n, p in params.items() if not (".gate_proj." in n and is_coda_parameter(n))]
+    return [{"params": others, "base_lr": args.lr}, {"params": gates, "base_lr": args.gate_lr}]
+
+
 def _loss(
-    model: nn.Module, batch: Batch, device: torch.device, answer_weight: float
+    model: nn.Module, batch: Batch, device: torch.device, answer_weight: float, gate: GateTargets | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     ids, labels, answers = (t.to(device) for t in (batch.input_ids, batch.labels, batch.answer_mask))
-    logits = model(input_ids=ids, use_cache=False).logits.float()
+    supervise = gate is not None and gate.weight > 0
+    with recorded_gate_logits(model, enabled=supervise) as gate_logits:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
     per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
     scored = labels.flatten() != IGNORE
     lm = per_token[scored].mean()
@@ -321,6 +358,11 @@ def _loss(
         answer = per_token[answers.flatten()].mean()
         loss = loss + answer_weight * answer
         parts["answer"] = answer.item()
+    if supervise:
+        assert gate is not None
+        hinge = gate_hinge_loss(gate_logits, batch.keep_mask.to(device), gate.keep, gate.drop)
+        loss = loss + gate.weight * hinge
+        parts["gate"] = hinge.item()
     parts["loss"] = loss.item()
     if not math.isfinite(parts["loss"]):
         raise FloatingPointError(f"training loss is {parts['loss']}: lower --lr or check the data")

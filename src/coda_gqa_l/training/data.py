@@ -20,6 +20,7 @@ class Batch:
     input_ids: Tensor  # (B, L)
     labels: Tensor  # (B, L): next-token targets already shifted left; IGNORE where not scored
     answer_mask: Tensor  # (B, L) bool: targets that are retrieval answers (weighted separately)
+    keep_mask: Tensor  # (B, L) bool: the keys' tokens, which the write gate is taught to keep
 
 
 def token_stream(texts: list[str], tokenizer: object) -> list[int]:
@@ -72,13 +73,15 @@ def batches(
         raise ValueError(f"the training text has {len(stream)} tokens, a sequence needs {seq_len + 1}")
     rng = random.Random(seed)
     while True:
-        rows, labels, answers = [], [], []
+        rows, labels, answers, keeps = [], [], [], []
         for _ in range(batch_size):
+            keep = torch.zeros(seq_len, dtype=torch.bool)
             if rng.random() < retrieval_fraction:
                 doc = training_document(tokenizer, stream, rng, length=seq_len, min_distance=min_distance)
                 ids = doc.ids
                 answer = torch.zeros(len(ids), dtype=torch.bool)
                 answer[doc.answer_start - 1 : len(ids) - 1] = True
+                keep[doc.key_positions] = True
             else:
                 start = rng.randrange(len(stream) - seq_len - 1)
                 ids = torch.tensor(stream[start : start + seq_len])
@@ -86,4 +89,5 @@ def batches(
             rows.append(ids)
             labels.append(_shifted(ids))
             answers.append(answer)
-        yield Batch(torch.stack(rows), torch.stack(labels), torch.stack(answers))
+            keeps.append(keep)
+        yield Batch(torch.stack(rows), torch.stack(labels), torch.stack(answers), torch.stack(keeps))

@@ -1,0 +1,64 @@
+"""Teaching the write gate what to keep: a hinge loss on its logits in phase 2.
+
+The exact bank only admits tokens whose gate exceeds ``tau_exact`` and evicts the least recently
+used when full. Gradients through the bank writes reach the gate only through the ``log g``
+offset of tokens already in a bank, so nothing tells it to refuse ordinary text: measured on the
+first shipped weights, every layer's gate stayed near its initial 0.12 (above ``tau_exact`` =
+0.1) for almost every token, the bank took its 8 inserts per segment, and a key was evicted
+about 700 tokens after it left the window (benchmarks/RESULTS.md, "Teaching the write gate").
+
+Retrieval documents say which tokens matter (their keys), so phase 2 can say it directly: a key
+token's gate logit should reach ``logit(keep)`` and every other token's should fall to
+``logit(drop)``. Hinges stop pushing once a token is on the right side, so the gate keeps what
+the language-model loss asks of it elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+@contextmanager
+def recorded_gate_logits(model: nn.Module, enabled: bool = True) -> Iterator[list[Tensor]]:
+    """Collect every bounded layer's write-gate logits ``(B, L, Hkv)`` (with autograd) produced
+    inside the block, in call order (nothing when not ``enabled``)."""
+    from ..models.cache import bounded_modules
+
+    logits: list[Tensor] = []
+    if not enabled:
+        yield logits
+        return
+    hooks = [m.gate_proj.register_forward_hook(lambda _m, _i, out: logits.append(out)) for m in bounded_modules(model)]
+    try:
+        yield logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def gate_hinge_loss(logits: list[Tensor], keep: Tensor, keep_prob: float, drop_prob: float) -> Tensor:
+    """Mean over layers of ``relu(logit(keep_prob) - z)`` over the key tokens plus
+    ``relu(z - logit(drop_prob))`` over the others; ``keep (B, L)`` bool marks the keys."""
+    if not logits:
+        raise ValueError("no gate logits were recorded: is the model bounded (phase 2)?")
+    if not 0.0 < drop_prob < keep_prob < 1.0:
+        raise ValueError(f"need 0 < drop_prob < keep_prob < 1, got drop {drop_prob}, keep {keep_prob}")
+    high, low = _logit(keep_prob), _logit(drop_prob)
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    for z in logits:
+        if z.shape[:2] != keep.shape:
+            raise ValueError(f"gate logits {tuple(z.shape)} do not match the keep mask {tuple(keep.shape)}")
+        z = z.float()
+        total = total + torch.relu(z - low)[~keep].mean()
+        if keep.any():
+            total = total + torch.relu(high - z)[keep].mean()
+    return total / len(logits)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
