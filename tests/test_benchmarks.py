@@ -63,12 +63,12 @@ def _stub_wheel(folder: Path) -> Path:
     return folder
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
     env["CODA_GQA_L_KERNELS"] = "torch"
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -187,3 +187,19 @@ def test_routing_target_takes_the_largest_estimate() -> None:
     assert (target["value"], target["against"], target["status"]) == (0.398, "named_kernel_share", "miss")
     assert _routing_target([row | {"sync_hook_share": 0.1}], "7B", "medium")["status"] == "pass"
     assert _routing_target([row], "7B", "medium")["status"] == "not measured"
+
+
+@pytest.mark.slow
+def test_needle_trace_finds_the_key_in_the_shipped_banks(tmp_path: Path) -> None:
+    """benchmarks/needle_trace.py on the shipped weights: the key's tokens are still in the exact
+    bank of most layers at the question, and few other tokens pass the write gate (the gates of the
+    first shipped weights let almost every token in and held no key pair in any layer)."""
+    out = tmp_path / "trace.json"
+    settings = ["--length", "1536", "--depth", "0.1", "--trials", "1", "--out", str(out)]
+    done = _run("needle_trace.py", *settings, timeout=400)
+    assert "| layer |" in done.stdout
+    (trial,) = json.loads(out.read_text())["trials"]
+    layers = trial["layers"]
+    assert len(layers) == 30 and trial["question_at"] - trial["key_tokens"][-1] >= 512
+    assert sum(r["key_pairs_held"] > 0 for r in layers) >= 20
+    assert sorted(r["other_above_tau"] for r in layers)[15] < 0.05  # the median layer refuses 95% of tokens

@@ -201,3 +201,7 @@ def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
     assert len(hinge) == 3 and hinge[2] < hinge[1] < hinge[0]
     recorded = read_coda_meta(out / "coda.safetensors")["training"]["gate_supervision"]
     assert recorded == {"weight": 1.0, "keep": 0.6, "drop": 0.01, "lr": 0.05}
+    with pytest.raises(SystemExit, match="gate-lr 0.05 \\(now None\\)"):  # the optimizer's groups would differ
+        _train(out, "--phase1-steps", "0", "--phase2-steps", "4", "--resume")
+    with pytest.raises(SystemExit, match="tau_exact"):  # a keep target below the write threshold keeps nothing
+        _train(tmp_path / "bad", "--gate-keep", "0.05")

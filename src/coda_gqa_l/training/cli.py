@@ -113,9 +113,14 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
     if resume_meta is not None:
         _check_resumable(resume_meta, args, checkpoint)
 
+    bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
+    if args.gate_weight > 0 and not 0 < args.gate_drop < bounded.tau_exact < args.gate_keep < 1:
+        raise SystemExit(
+            f"coda-train: need 0 < --gate-drop ({args.gate_drop}) < tau_exact ({bounded.tau_exact}) "
+            f"< --gate-keep ({args.gate_keep}) < 1, or the hinge cannot separate kept from refused tokens"
+        )
     model, tokenizer, base_name = _load(args)
     model.to(device)
-    bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     from ..models.convert import convert, to_bounded
 
     phase, step = (resume_meta["phase"], resume_meta["step"]) if resume_meta else (1, 0)
@@ -226,8 +231,9 @@ def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: Bou
     return 2 if settings.get("bounded") else 1
 
 
-# arguments that change which parameters exist or what they mean: a resume must repeat them
-RESUME_MUST_MATCH = ("attention", "trainable", "lora_rank", "config", "num_sink", "model")
+# arguments that change which parameters exist, what they mean or how the optimizer groups them
+# (--gate-lr adds a group): a resume must repeat them
+RESUME_MUST_MATCH = ("attention", "trainable", "lora_rank", "config", "num_sink", "model", "gate_lr")
 
 
 def _check_resumable(meta: dict[str, Any], args: argparse.Namespace, checkpoint: Path) -> None:
@@ -335,10 +341,11 @@ class GateTargets:
 def _param_groups(params: dict[str, nn.Parameter], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One group at ``--lr``, or two when ``--gate-lr`` gives the write gates their own rate;
     ``base_lr`` is what warm-up scales."""
-    gates = [p for n, p in params.items() if ".gate_proj." in n and is_coda_parameter(n)]
-    if args.gate_lr is None or not gates:
+    is_gate = {n: ".gate_proj." in n and is_coda_parameter(n) for n in params}
+    if args.gate_lr is None or not any(is_gate.values()):
         return [{"params": list(params.values()), "base_lr": args.lr}]
-    others = [p for n, p in params.items() if not (".gate_proj." in n and is_coda_parameter(n))]
+    gates = [p for n, p in params.items() if is_gate[n]]
+    others = [p for n, p in params.items() if not is_gate[n]]
     return [{"params": others, "base_lr": args.lr}, {"params": gates, "base_lr": args.gate_lr}]
 
 
