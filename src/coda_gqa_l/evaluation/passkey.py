@@ -11,10 +11,9 @@ emits the answer iff each answer token is the argmax given the ones before it).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -48,7 +47,7 @@ class PasskeyDocument:
     answer_start: int  # index of the first answer token in ``ids``
     needle_positions: list[int]  # token index where each needle statement starts
     asked: Needle
-    key_positions: list[int] = dataclasses.field(default_factory=list)  # the keys' digit tokens, every needle
+    key_positions: list[int] = field(default_factory=list)  # the keys' digit tokens, every needle
 
 
 def _digit_offsets(tokenizer: object, piece: list[int]) -> list[int]:
@@ -109,7 +108,7 @@ def make_document(
         ids += body[consumed:point]
         consumed = point
         positions.append(len(ids))
-        key_positions += [len(ids) + i for i in _digit_offsets(tokenizer, piece)]
+        key_positions += [len(ids) + offset for offset in _digit_offsets(tokenizer, piece)]
         ids += piece
     ids += body[consumed:]
     ids += q_ids
