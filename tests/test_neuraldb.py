@@ -195,3 +195,20 @@ def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
     assert report["tokens"][1] > 190_000
     # a full KV cache of 200K tokens would add 2 layers x 2 x 200K x 2 heads x 32 x 4 B = 205 MB
     assert report["long_kib"] - report["short_kib"] < 40 * 1024
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
+    """The embedded default (SmolLM2 + shipped weights): a pass key stated near the start of an
+    essay, more than two windows before the question, is answered from the reloaded state."""
+    from coda_gqa_l.data import load_essays
+    from coda_gqa_l.evaluation.passkey import EVAL_PHRASINGS
+
+    words = load_essays("all")[3].text.split()[:1400]
+    statement = EVAL_PHRASINGS[0][0].format(name="vault", key="95319")
+    text = " ".join(words[:140] + [statement] + words[140:])
+    store = tmp_path / "store"
+    info = NeuralDatabase(store).ingest(text, label="essay")
+    assert info.tokens > 1500
+    answer = NeuralDatabase(store).ask("essay", "What is the pass key for the vault?", max_new_tokens=20)
+    assert "95319" in answer
