@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, default=None, help="CoDA weights file (default: the shipped one)")
     p.add_argument("--length", type=int, default=4096, help="tokens per document")
     p.add_argument("--depth", type=float, default=0.3, help="where the key sits in the haystack (0 start, 1 end)")
+    p.add_argument("--keys", type=int, default=1, help="needles per document (the question asks for one)")
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON file for every layer's figures")
@@ -58,8 +59,8 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
     trials = []
     for trial in range(args.trials):
-        doc = make_document(tokenizer, haystack, rng, length=args.length, depth=args.depth, split="eval",
-                            min_distance=2 * config.window)  # fmt: skip
+        doc = make_document(tokenizer, haystack, rng, length=args.length, depth=args.depth, num_keys=args.keys,
+                            split="eval", min_distance=2 * config.window)  # fmt: skip
         began = time.perf_counter()
         cache = BoundedCache(model, block_size=1024)
         pieces, logits = [], []
