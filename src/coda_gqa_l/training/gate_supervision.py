@@ -3,9 +3,10 @@
 The exact bank only admits tokens whose gate exceeds ``tau_exact`` and evicts the least recently
 used when full. Gradients through the bank writes reach the gate only through the ``log g``
 offset of tokens already in a bank, so nothing tells it to refuse ordinary text: measured on the
-first shipped weights, every layer's gate stayed near its initial 0.12 (above ``tau_exact`` =
-0.1) for almost every token, the bank took its 8 inserts per segment, and a key was evicted
-about 700 tokens after it left the window (benchmarks/RESULTS.md, "Teaching the write gate").
+weights shipped before it, every layer's gate stayed near its initial 0.12 (above ``tau_exact`` =
+0.1) for almost every token, the bank took its 8 inserts per segment, and at a question it
+held only the last 300 to 500 tokens before the window (benchmarks/RESULTS.md, "Teaching the
+write gate").
 
 Retrieval documents say which tokens matter (their keys), so phase 2 can say it directly: a key
 token's gate logit should reach ``logit(keep)`` and every other token's should fall to
