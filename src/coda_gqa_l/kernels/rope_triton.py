@@ -20,6 +20,27 @@ def _pair_partner(d, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(L, NUM_HEADS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's batch row, head, ``BLOCK_L`` token rows, dimensions and in-bounds mask
+    (grid: token blocks x batch * heads)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = pid_bh % NUM_HEADS
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.arange(0, BLOCK_D)
+    ok = (rows < L)[:, None] & (d < HEAD_DIM)[None, :]
+    return b, h, rows, d, ok
+
+
+@triton.jit
+def _noise_angles(TCOS, TSIN, h, d, cos, sin, HEAD_DIM: tl.constexpr):
+    """cos and sin of RoPE's angle plus head ``h``'s learned noise angle: cos(a + b), sin(a + b)."""
+    tcos = tl.load(TCOS + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=1.0)[None, :]
+    tsin = tl.load(TSIN + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
+    return cos * tcos - sin * tsin, sin * tcos + cos * tsin
+
+
+@triton.jit
 def _rotate_kernel(
     X, COS, SIN, TCOS, TSIN, OUT,
     sxb, sxh, sxl,
@@ -27,14 +48,8 @@ def _rotate_kernel(
     L, NUM_HEADS, GROUP,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, NOISE: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NUM_HEADS).to(tl.int64)
-    h = pid_bh % NUM_HEADS
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
+    b, h, rows, d, ok = _row_tile(L, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_L)
     partner, sign = _pair_partner(d, HEAD_DIM, HALF)
-    ok = (rows < L)[:, None] & (d < HEAD_DIM)[None, :]
     base = X + b * sxb + h * sxh + rows[:, None] * sxl
     x = tl.load(base + d[None, :], mask=ok, other=0.0).to(tl.float32)
     xp = tl.load(base + partner[None, :], mask=ok, other=0.0).to(tl.float32) * sign[None, :]
@@ -44,10 +59,7 @@ def _rotate_kernel(
     out = OUT + b * sob + kvh * sokv + rows[:, None] * sol + d[None, :]
     tl.store(out + (h % GROUP) * sos, (x * cos + xp * sin).to(OUT.dtype.element_ty), mask=ok)
     if NOISE:
-        tcos = tl.load(TCOS + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=1.0)[None, :]
-        tsin = tl.load(TSIN + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
-        ncos = cos * tcos - sin * tsin  # cos(a + b)
-        nsin = sin * tcos + cos * tsin  # sin(a + b)
+        ncos, nsin = _noise_angles(TCOS, TSIN, h, d, cos, sin, HEAD_DIM)
         tl.store(out + (GROUP + h % GROUP) * sos, (x * ncos + xp * nsin).to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -62,14 +74,8 @@ def _rotate_bwd_kernel(
     """Gradient of ``_rotate_kernel``: each stream's rotation transposed (turned back by its
     angle) and summed into ``DX (B, H, L, Dh)`` contiguous; with ``NOISE``, the per-dimension
     partial sums of d loss / d angle over this program's rows added into ``DT (H, Dh)``."""
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NUM_HEADS).to(tl.int64)
-    h = pid_bh % NUM_HEADS
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
+    b, h, rows, d, ok = _row_tile(L, NUM_HEADS, HEAD_DIM, BLOCK_D, BLOCK_L)
     partner, sign = _pair_partner(d, HEAD_DIM, HALF)
-    ok = (rows < L)[:, None] & (d < HEAD_DIM)[None, :]
     cos = tl.load(COS + rows[:, None] * HEAD_DIM + d[None, :], mask=ok, other=0.0)
     sin = tl.load(SIN + rows[:, None] * HEAD_DIM + d[None, :], mask=ok, other=0.0)
     grads = G + b * sgb + (h // GROUP) * sgkv + rows[:, None] * sgl
@@ -78,10 +84,7 @@ def _rotate_bwd_kernel(
     gp = tl.load(signal + partner[None, :], mask=ok, other=0.0).to(tl.float32) * sign[None, :]
     dx = g * cos - gp * sin
     if NOISE:
-        tcos = tl.load(TCOS + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=1.0)[None, :]
-        tsin = tl.load(TSIN + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)[None, :]
-        ncos = cos * tcos - sin * tsin
-        nsin = sin * tcos + cos * tsin
+        ncos, nsin = _noise_angles(TCOS, TSIN, h, d, cos, sin, HEAD_DIM)
         noise = grads + (GROUP + h % GROUP) * sgs
         gn = tl.load(noise + d[None, :], mask=ok, other=0.0).to(tl.float32)
         gnp = tl.load(noise + partner[None, :], mask=ok, other=0.0).to(tl.float32) * sign[None, :]

@@ -283,6 +283,7 @@ def _run_phase(
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
+    gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop) if phase == 2 else None
     model.train()
     bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step", disable=not cluster.is_main)
     tokens, window_began = 0, time.perf_counter()
@@ -297,7 +298,6 @@ def _run_phase(
             group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, args.warmup))
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0, "gate": 0.0}
-        gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop) if phase == 2 else None
         for micro in range(args.accum):
             batch = next(source)
             with distributed.gradient_sync(model, enabled=micro == args.accum - 1):
