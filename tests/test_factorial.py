@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -
     assert all(a.bounded and not a.layer.config.differential for a in _adapters(cold))
     with pytest.raises(ValueError, match="needs differential"):
         build_method("coda-bounded", argparse.Namespace(**{**vars(args), "weights": args.gqa_weights}), base)
+
+
+def test_gqa_arm_continues_from_its_own_weights_file(tmp_path: Path) -> None:
+    """The factorial's control repeats the CoDA arm's staged history (a run, then more phase 2
+    from its file): a bounded GQA file must be accepted as --init-weights for --attention gqa."""
+    first = tmp_path / "stage1"
+    assert train_tiny(first, "--attention", "gqa", "--gate-weight", "0") == 0
+    second = tmp_path / "stage2"
+    assert train_tiny(second, "--attention", "gqa", "--init-weights", str(first / "coda.safetensors")) == 0
+    training = read_coda_meta(second / "coda.safetensors")["training"]
+    assert training["updates"] == {"phase1": 0, "phase2": 2}  # a bounded file starts in phase 2
+    assert training["started_from"]["training"]["gate_supervision"]["weight"] == 0.0
+    with pytest.raises(WeightsFileError, match="not --attention coda"):
+        train_tiny(tmp_path / "wrong", "--init-weights", str(first / "coda.safetensors"))
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
@@ -153,3 +168,30 @@ def test_baselines_use_every_slot_of_the_bounded_config() -> None:
         config = _adapters(model)[0].layer.config
         assert bounded and config.storage_slots == slots and config.num_sink == sinks
         assert config.window - config.seg + 1 >= slots - sinks - 3  # at least 377 of 380 recent tokens visible
+
+
+def test_gqa_arm_driver_runs_every_stage_and_skips_finished_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from tiny_training import TEXT
+
+    spec = importlib.util.spec_from_file_location(
+        "train_gqa_arm", Path(__file__).parents[1] / "benchmarks/train_gqa_arm.py"
+    )
+    assert spec is not None and spec.loader is not None
+    driver = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_gqa_arm", driver)  # its dataclass looks itself up there
+    spec.loader.exec_module(driver)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    argv = ["--out", str(tmp_path / "arm"), "--smoke", "--corpus", str(corpus)]
+    assert driver.main(argv) == 0
+    final = read_coda_meta(tmp_path / "arm/stage3/coda.safetensors")["training"]
+    assert final["attention"] == "gqa" and final["gate_supervision"]["weight"] == 1.0
+    chain = final["started_from"]["training"]["started_from"]["training"]["started_from"]["training"]
+    assert chain["updates"] == {"phase1": 1, "phase2": 0}  # stage 1a: phase 1 only
+    capsys.readouterr()
+    assert driver.main(argv) == 0  # a second run finds every stage complete
+    assert capsys.readouterr().out.count("is complete; skipped") == len(driver.STAGES)

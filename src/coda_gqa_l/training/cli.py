@@ -19,6 +19,7 @@ checkpoints (``torchrun --nproc_per_node 2 -m coda_gqa_l.training.cli ...``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -113,7 +114,10 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
     if resume_meta is not None:
         _check_resumable(resume_meta, args, checkpoint)
 
-    bounded = BoundedConfig.preset(args.config, num_sink=args.num_sink)
+    # the preset's differential flag follows --attention, as to_bounded sets it from the core: a GQA
+    # weights file records differential=False and must compare equal when a run starts from it
+    preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
+    bounded = dataclasses.replace(preset, differential=args.attention == "coda")
     if args.gate_weight > 0 and not 0 < args.gate_drop < bounded.tau_exact < args.gate_keep < 1:
         raise SystemExit(
             f"coda-train: need 0 < --gate-drop ({args.gate_drop}) < tau_exact ({bounded.tau_exact}) "
