@@ -63,14 +63,14 @@ def _stub_wheel(folder: Path) -> Path:
     return folder
 
 
-def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(script: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
     env["CODA_GQA_L_KERNELS"] = "torch"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
     return done
 
 
@@ -203,3 +203,41 @@ def test_needle_trace_finds_the_key_in_the_shipped_banks(tmp_path: Path) -> None
     assert len(layers) == 30 and trial["question_at"] - trial["key_tokens"][-1] >= 512
     assert sum(r["key_pairs_held"] > 0 for r in layers) >= 20
     assert sorted(r["other_above_tau"] for r in layers)[15] < 0.05  # the median layer refuses 95% of tokens
+
+
+def _eval_json(path: Path, device: str, perplexity: list[tuple], passkey: list[tuple]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "coda-eval", "date": "2026-11-23 10:00 UTC", "device": device, "dtype": "bfloat16",
+            "torch": "2.11", "weights": None, "gqa_weights": None, "config": "medium", "num_sink": 4}  # fmt: skip
+    rows = [{"method": m, "text": "wikipedia", "length": n, "scored_tokens": t, "ppl": p} for m, n, t, p in perplexity]
+    keys = [{"method": m, "keys": 1, "length": n, "depth": d, "status": "ok", "correct": c, "trials": 50,
+             "accuracy": c / 50, "ci95": [0.0, 1.0]} for m, n, d, c in passkey]  # fmt: skip
+    path.write_text(json.dumps({"meta": meta, "perplexity": rows, "passkey": keys}))
+    return str(path)
+
+
+def test_merge_evals_keeps_one_token_set_and_refuses_a_cell_measured_twice(tmp_path: Path) -> None:
+    full = _eval_json(tmp_path / "a/eval.json", "H100", [("coda-bounded", 2048, 16376, 17.0),
+                      ("coda-bounded", 4096, 16376, 16.8)], [("coda-bounded", 4096, 0.5, 36)])  # fmt: skip
+    # a quick run given one length scores its first window only: left out, not mixed in
+    quick = _eval_json(tmp_path / "b/eval.json", "H100", [("gqa-bounded", 2048, 2047, 13.3)],
+                       [("gqa-bounded", 4096, 0.5, 35), ("coda-bounded", 4096, 0.5, 30)])  # fmt: skip
+    out = tmp_path / "merged"
+    run = _run("merge_evals.py", "--out", str(out), full, quick + ":gqa-bounded")
+    assert run.returncode == 0, run.stderr
+    merged = json.loads((out / "eval.json").read_text())
+    assert [(r["method"], r["length"]) for r in merged["perplexity"]] == [
+        ("coda-bounded", 2048),
+        ("coda-bounded", 4096),
+    ]
+    assert merged["meta"]["perplexity_rows_left_out"] == 1
+    grid = (out / "passkey_grid.md").read_text()
+    assert "| coda-bounded | 1 | 36/50 (72%) |" in grid and "| gqa-bounded | 1 | 35/50 (70%) |" in grid
+
+    twice = _run("merge_evals.py", "--out", str(out), full, quick, check=False)
+    assert twice.returncode != 0 and "measured twice" in twice.stderr
+    other = _eval_json(tmp_path / "c/eval.json", "H200", [], [])
+    mixed = _run("merge_evals.py", "--out", str(out), full, other, check=False)
+    assert mixed.returncode != 0 and "different devices" in mixed.stderr
+    passkey_only = _run("merge_evals.py", "--out", str(out), full + ":coda-bounded:passkey")
+    assert json.loads((out / "eval.json").read_text())["perplexity"] == [] and passkey_only.returncode == 0

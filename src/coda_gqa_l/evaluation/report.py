@@ -86,23 +86,24 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     paths = []
     texts = list(dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]))
-    figure, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), squeeze=False)
-    for axis, text in zip(axes[0], texts, strict=True):
-        rows = [r for r in results["perplexity"] if r.get("text", "wikipedia") == text]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == method and "ppl" in r)
-            if not points:
-                continue
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
-        axis.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity")
-        axis.set_title(f"Perplexity vs context: {TEXT_TITLES.get(text, text)}", fontsize=10)
-        axis.grid(True, which="both", alpha=0.3)
-        if axis.lines:  # every length of every method skipped: an empty frame, no legend
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(out / "perplexity.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
+    if texts:  # a passkey-only report has no perplexity figure
+        figure, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.5), squeeze=False)
+        for axis, text in zip(axes[0], texts, strict=True):
+            rows = [r for r in results["perplexity"] if r.get("text", "wikipedia") == text]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                points = sorted((r["length"], r["ppl"]) for r in rows if r["method"] == method and "ppl" in r)
+                if not points:
+                    continue
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            axis.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity")
+            axis.set_title(f"Perplexity vs context: {TEXT_TITLES.get(text, text)}", fontsize=10)
+            axis.grid(True, which="both", alpha=0.3)
+            if axis.lines:  # every length of every method skipped: an empty frame, no legend
+                axis.legend(fontsize=8)
+        figure.tight_layout()
+        paths.append(out / "perplexity.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
 
     rows = [r for r in results["passkey"] if r.get("status") == "ok"]
     if rows:
