@@ -8,8 +8,8 @@ plus a passkey grid with one row per method and one column per (length, depth) c
 A source is ``eval.json``, ``eval.json:method,method`` (only those methods' rows) or
 ``eval.json:method,method:perplexity`` (or ``:passkey``: only that part of those rows). Every source
 must come from the same device and dtype (figures are compared only within one); a cell measured
-twice is refused. Perplexity rows that scored other tokens than the rest (a run given one length
-scores only its first window) are left out and counted, so every figure is on the same tokens.
+twice is refused. Perplexity rows that scored fewer tokens than the largest set (a run given one
+length scores only its first window) are left out and counted, so every figure is on the same tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +51,8 @@ def merge(specs: list[str], command: str) -> dict[str, Any]:
     setting = {(r["meta"]["device"], r["meta"]["dtype"]) for _, r, _ in sources}
     if len(setting) != 1:
         raise SystemExit(f"merge_evals: the sources come from different devices or dtypes: {sorted(setting)}")
-    # perplexity on the tokens most rows scored (the runs over every length); the rest are left out
-    scored = Counter(r["scored_tokens"] for _, results, _ in sources for r in results["perplexity"] if "ppl" in r)
-    tokens = scored.most_common(1)[0][0] if scored else None
+    # perplexity on the largest token set scored (the runs over every length); smaller ones are left out
+    tokens = max((r["scored_tokens"] for _, res, _ in sources for r in res["perplexity"] if "ppl" in r), default=None)
     perplexity: dict[tuple, dict[str, Any]] = {}
     passkey: dict[tuple, dict[str, Any]] = {}
     left_out = 0
