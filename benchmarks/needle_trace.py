@@ -90,12 +90,18 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "oldest_token_held": int(oldest),
             })  # fmt: skip
         assert len(rows) == layers
+        logits_all = torch.cat(logits)
+        # what greedy decoding says at each answer position (teacher-forced), beside the key: a wrong
+        # answer shows whether digits were lost or another number of the document was read out
+        answer_rows = logits_all[doc.answer_start - 1 : len(doc.ids) - 1].argmax(-1)
         trials.append({
             "trial": trial,
             "length": len(doc.ids),
             "key_tokens": doc.key_positions,
             "question_at": doc.answer_start,
-            "correct": answer_correct(torch.cat(logits), doc),
+            "correct": answer_correct(logits_all, doc),
+            "expected": tokenizer.decode(doc.ids[doc.answer_start :].tolist()),
+            "predicted": tokenizer.decode(answer_rows.tolist()),
             "seconds": time.perf_counter() - began,
             "tau_exact": config.tau_exact,
             "layers": rows,
@@ -107,7 +113,8 @@ def render(trial: dict[str, Any]) -> str:
     keys, tau = trial["key_tokens"], trial["tau_exact"]
     lines = [
         f"trial {trial['trial']}: {trial['length']} tokens, key tokens {keys[0]}..{keys[-1]}, question at "
-        f"{trial['question_at']}, answered {'right' if trial['correct'] else 'wrong'} ({trial['seconds']:.0f} s)",
+        f"{trial['question_at']}, answered {'right' if trial['correct'] else 'wrong'} ({trial['seconds']:.0f} s): "
+        f"expected {trial['expected']!r}, greedy {trial['predicted']!r}",
         "",
         f"| layer | other tokens: mean gate | share > tau ({tau}) | key tokens: mean gate | key pairs held "
         "| oldest held |",
