@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
     from coda_gqa_l.data import load_essays
-    from coda_gqa_l.evaluation.passkey import answer_correct, make_document
+    from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
     from coda_gqa_l.models import BoundedCache
     from coda_gqa_l.models.cache import bounded_modules
     from coda_gqa_l.models.loader import load_model
@@ -90,18 +90,18 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "oldest_token_held": int(oldest),
             })  # fmt: skip
         assert len(rows) == layers
-        logits_all = torch.cat(logits)
-        # what greedy decoding says at each answer position (teacher-forced), beside the key: a wrong
-        # answer shows whether digits were lost or another number of the document was read out
-        answer_rows = logits_all[doc.answer_start - 1 : len(doc.ids) - 1].argmax(-1)
+        # greedy decoding's answer beside the key: a wrong one shows whether digits were lost or
+        # another number of the document was read out
+        all_logits = torch.cat(logits)
+        predicted = greedy_answer(all_logits, doc)
         trials.append({
             "trial": trial,
             "length": len(doc.ids),
             "key_tokens": doc.key_positions,
             "question_at": doc.answer_start,
-            "correct": answer_correct(logits_all, doc),
+            "correct": answer_correct(all_logits, doc),
             "expected": tokenizer.decode(doc.ids[doc.answer_start :].tolist()),
-            "predicted": tokenizer.decode(answer_rows.tolist()),
+            "predicted": tokenizer.decode(predicted.tolist()),
             "seconds": time.perf_counter() - began,
             "tau_exact": config.tau_exact,
             "layers": rows,

@@ -117,15 +117,18 @@ def make_document(
     return PasskeyDocument(torch.tensor(ids), answer_start, positions, asked, key_positions)
 
 
-def answer_correct(logits: Tensor, doc: PasskeyDocument, offset: int = 0) -> bool:
-    """Greedy decoding's verdict from teacher-forced logits of ``doc.ids``: row ``i`` of ``logits``
-    is position ``offset + i`` (``offset > 0`` when only the tail was kept)."""
-    answer = doc.ids[doc.answer_start :]
+def greedy_answer(logits: Tensor, doc: PasskeyDocument, offset: int = 0) -> Tensor:
+    """Greedy decoding's answer tokens from teacher-forced logits of ``doc.ids``: row ``i`` of
+    ``logits`` is position ``offset + i`` (``offset > 0`` when only the tail was kept)."""
     if doc.answer_start - 1 < offset:
         raise ValueError(f"the logits start at {offset}, after the question ends ({doc.answer_start - 1})")
     rows = slice(doc.answer_start - 1 - offset, len(doc.ids) - 1 - offset)
-    predicted = logits[rows].argmax(-1).to(answer.device)
-    return bool(torch.equal(predicted, answer))
+    return logits[rows].argmax(-1).to(doc.ids.device)
+
+
+def answer_correct(logits: Tensor, doc: PasskeyDocument, offset: int = 0) -> bool:
+    """Whether greedy decoding (``greedy_answer``) gives exactly the document's answer."""
+    return bool(torch.equal(greedy_answer(logits, doc, offset), doc.ids[doc.answer_start :]))
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
