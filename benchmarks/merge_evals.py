@@ -51,6 +51,9 @@ def merge(specs: list[str], command: str) -> dict[str, Any]:
     setting = {(r["meta"]["device"], r["meta"]["dtype"]) for _, r, _ in sources}
     if len(setting) != 1:
         raise SystemExit(f"merge_evals: the sources come from different devices or dtypes: {sorted(setting)}")
+    routings = {tuple(r["meta"].get("routing", [])) for _, r, _ in sources}
+    if len(routings) != 1:
+        raise SystemExit(f"merge_evals: the sources read the banks with different routing: {sorted(routings)}")
     # perplexity on the largest token set scored (the runs over every length); smaller ones are left out
     tokens = max((r["scored_tokens"] for _, res, _ in sources for r in res["perplexity"] if "ppl" in r), default=None)
     perplexity: dict[tuple, dict[str, Any]] = {}
@@ -81,6 +84,7 @@ def merge(specs: list[str], command: str) -> dict[str, Any]:
             "gqa_weights": None,
             "config": first["config"],
             "num_sink": first["num_sink"],
+            "routing": list(routings.pop()),
             "sources": [{"file": str(p), "methods": m or "all", "meta": r["meta"]} for p, r, m in sources],
             "perplexity_rows_left_out": left_out,
         },

@@ -205,10 +205,11 @@ def test_needle_trace_finds_the_key_in_the_shipped_banks(tmp_path: Path) -> None
     assert sorted(r["other_above_tau"] for r in layers)[15] < 0.05  # the median layer refuses 95% of tokens
 
 
-def _eval_json(path: Path, device: str, perplexity: list[tuple], passkey: list[tuple]) -> str:
+def _eval_json(path: Path, device: str, perplexity: list[tuple], passkey: list[tuple], routing: tuple = ()) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "coda-eval", "date": "2026-11-23 10:00 UTC", "device": device, "dtype": "bfloat16",
-            "torch": "2.11", "weights": None, "gqa_weights": None, "config": "medium", "num_sink": 4}  # fmt: skip
+            "torch": "2.11", "weights": None, "gqa_weights": None, "config": "medium", "num_sink": 4,
+            "routing": list(routing)}  # fmt: skip
     rows = [{"method": m, "text": "wikipedia", "length": n, "scored_tokens": t, "ppl": p} for m, n, t, p in perplexity]
     keys = [{"method": m, "keys": 1, "length": n, "depth": d, "status": "ok", "correct": c, "trials": 50,
              "accuracy": c / 50, "ci95": [0.0, 1.0]} for m, n, d, c in passkey]  # fmt: skip
@@ -239,5 +240,8 @@ def test_merge_evals_keeps_one_token_set_and_refuses_a_cell_measured_twice(tmp_p
     other = _eval_json(tmp_path / "c/eval.json", "H200", [], [])
     mixed = _run("merge_evals.py", "--out", str(out), full, other, check=False)
     assert mixed.returncode != 0 and "different devices" in mixed.stderr
+    retuned = _eval_json(tmp_path / "d/eval.json", "H100", [], [("gqa-bounded", 8192, 0.5, 30)], ("novelty=0.85",))
+    mixed = _run("merge_evals.py", "--out", str(out), full, retuned, check=False)
+    assert mixed.returncode != 0 and "different routing" in mixed.stderr
     passkey_only = _run("merge_evals.py", "--out", str(out), full + ":coda-bounded:passkey")
     assert json.loads((out / "eval.json").read_text())["perplexity"] == [] and passkey_only.returncode == 0

@@ -238,3 +238,40 @@ def test_stream_perplexity_is_chunk_invariant() -> None:
     a = stream_nll(bounded, ids, BoundedCache(bounded), chunk=37)
     b = stream_nll(bounded, ids, BoundedCache(bounded), chunk=300)
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_retune_routing_changes_the_thresholds_the_banks_use() -> None:
+    from coda_gqa_l.models.convert import parse_routing, retune_routing
+
+    model = convert(_build("llama").eval(), SMALL)
+    prompt = _ids(1, 300, 5)
+
+    def exact_inserts() -> float:
+        for layer in bounded_modules(model):
+            layer.collect_metrics = True
+        cache = BoundedCache(model)
+        with torch.no_grad():
+            model(prompt, past_key_values=cache, use_cache=True)
+        return sum(state.metrics["exact_inserts"] for state in cache.states)
+
+    before = exact_inserts()
+    stale = BoundedCache(model)
+    with torch.no_grad():
+        model(prompt[:, :100], past_key_values=stale, use_cache=True)
+    # with every cosine a hit, only the first segment's best candidate reaches each (empty) bank:
+    # one insert per KV head per layer; an open novelty test lets more in
+    retune_routing(model, novelty=-1.0, match=-1.0)
+    assert exact_inserts() == COMMON["num_hidden_layers"] * COMMON["num_key_value_heads"]
+    retune_routing(model, **parse_routing(["novelty=0.99", "match=0.999", "max_inserts=16"]))
+    assert exact_inserts() > before
+    assert all(layer.config.max_inserts == 16 for layer in bounded_modules(model))
+    assert model.config.coda_gqa_l["bounded"]["novelty"] == 0.99
+    with torch.no_grad(), pytest.raises(ValueError, match="another config"):
+        model(prompt[:, 100:110], past_key_values=stale, use_cache=True)
+    with pytest.raises(ValueError, match="not a routing threshold"):
+        retune_routing(model, window=64)
+    with pytest.raises(ValueError, match="novelty <= match"):
+        retune_routing(model, novelty=0.95, match=0.9)
+    for bad in (["novelty"], ["window=3"], ["match=high"]):
+        with pytest.raises(ValueError, match="--routing"):
+            parse_routing(bad)

@@ -131,15 +131,19 @@ def test_coda_eval_writes_tables_and_plots(tmp_path: Path) -> None:
 
     args = ["--tiny-model", "--config", "tiny", "--num-sink", "2", "--lengths", "256", "512"]
     args += ["--passkey-lengths", "768", "--depths", "0.1", "--trials", "2", "--batch", "2", "--chunk", "128"]
-    args += ["--out", str(tmp_path)]
+    args += ["--routing", "novelty=0.8", "match=0.95", "--out", str(tmp_path)]
     assert main(args) == 0
     results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["meta"]["routing"] == ["novelty=0.8", "match=0.95"]
     assert {r["method"] for r in results["perplexity"]} == {
         "original", "window", "streaming", "coda-unbounded", "coda-bounded"
     }  # fmt: skip
     assert all(r["min_needle_distance"] >= 256 for r in results["passkey"])
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "passkey.png").exists()
     assert "| streaming |" in (tmp_path / "eval.md").read_text()
+    assert "routing novelty=0.8 match=0.95." in (tmp_path / "eval.md").read_text()
+    with pytest.raises(ValueError, match="--routing"):
+        main(args[:-5] + ["--routing", "segment=8", "--out", str(tmp_path)])
 
 
 def test_coda_eval_time_budget_bounds_perplexity_too(tmp_path: Path) -> None:

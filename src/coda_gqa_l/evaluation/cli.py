@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=1234)
+    routing_help = "bank-routing thresholds for the coda-/gqa-bounded methods instead of the file's (e.g. novelty=0.85)"
+    p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
     p.add_argument("--time-budget", type=float, default=None, help="seconds; cells not reached are marked skipped")
     p.add_argument("--out", type=Path, default=Path("runs/coda-eval"))
     p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests)")
@@ -74,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
-    from ..models.convert import convert, to_bounded
+    from ..models.convert import convert, parse_routing, retune_routing, to_bounded
     from ..training.weights import apply_coda_weights, read_coda_meta
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
@@ -90,7 +92,10 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
     weights = args.weights if differential else args.gqa_weights
     if weights is None:  # the cold swap
         config = dataclasses.replace(preset, differential=differential) if bounded else None
-        return convert(model, config, differential=differential), bounded
+        model = convert(model, config, differential=differential)
+        if bounded and args.routing:
+            retune_routing(model, **parse_routing(args.routing))
+        return model, bounded
     meta = read_coda_meta(weights)
     if bool(meta["convert"].get("differential", True)) != differential:
         kind = "differential (CoDA)" if differential else "plain GQA"
@@ -102,6 +107,8 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
         return _unbound(model), False
     if bounded and not trained_bounded:  # phase 1 only: the banks are new, as in a cold swap
         to_bounded(model, preset)
+    if bounded and args.routing:
+        retune_routing(model, **parse_routing(args.routing))
     return model, bounded
 
 
@@ -239,6 +246,9 @@ def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from ..models.convert import parse_routing
+
+    parse_routing(args.routing)  # a bad threshold fails before any model is loaded
     began = time.monotonic()
     deadline = began + args.time_budget if args.time_budget else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -324,6 +334,7 @@ def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         "gqa_weights": str(args.gqa_weights) if args.gqa_weights else None,
         "config": args.config,
         "num_sink": args.num_sink,
+        "routing": list(args.routing),
     }
 
 

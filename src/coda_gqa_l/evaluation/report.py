@@ -14,7 +14,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Weights: {meta['weights'] or 'none (cold swap)'}"
         + (f", GQA arm {meta['gqa_weights']}" if meta.get("gqa_weights") else "")
         + "; "
-        f"bounded config {meta['config']} with {meta['num_sink']} sinks.",
+        f"bounded config {meta['config']} with {meta['num_sink']} sinks"
+        + (f", routing {' '.join(meta['routing'])}." if meta.get("routing") else "."),
         "",
     ]
     for text in dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]):

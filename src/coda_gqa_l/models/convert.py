@@ -158,3 +158,46 @@ def to_bounded(model: nn.Module, config: BoundedConfig | str = "medium") -> nn.M
     settings.update(bounded=bounded.to_dict(), differential=bounded.differential)
     model_config.coda_gqa_l = settings
     return model
+
+
+# Bank-routing thresholds that change no tensor shape and no learned weight, so a trained model can
+# be read with other values (SPEC 2.4: "tune by measurement").
+ROUTING_THRESHOLDS = ("tau_exact", "tau_summary", "novelty", "match", "max_inserts")
+
+
+def retune_routing(model: nn.Module, **thresholds: float) -> nn.Module:
+    """Set bank-routing thresholds (``ROUTING_THRESHOLDS``) in every bounded layer, in place.
+
+    States made before the change are refused by the layers afterwards (their config differs),
+    and the model's ``config.coda_gqa_l`` records the new values, so a state or weights file saved
+    from it says how it was routed.
+    """
+    unknown = sorted(set(thresholds) - set(ROUTING_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"not a routing threshold: {unknown}; choose from {list(ROUTING_THRESHOLDS)}")
+    layers = [a.layer for a in model.modules() if isinstance(a, CoDAAttentionAdapter)]
+    bounded = [layer for layer in layers if isinstance(layer, BoundedCoDAAttention)]
+    if not bounded:
+        raise ValueError("the model has no bounded CoDA layers: nothing to retune")
+    changes: dict[str, Any] = thresholds
+    for layer in bounded:
+        layer.config = dataclasses.replace(layer.config, **changes)  # validates
+    model_config: Any = model.config
+    settings = dict(getattr(model_config, "coda_gqa_l", {}) or {})
+    settings["bounded"] = bounded[0].config.to_dict()
+    model_config.coda_gqa_l = settings
+    return model
+
+
+def parse_routing(items: list[str]) -> dict[str, float]:
+    """``["novelty=0.85", "max_inserts=12"]`` (a command line's ``--routing``) as keyword arguments."""
+    parsed: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in ROUTING_THRESHOLDS:
+            raise ValueError(f"--routing takes NAME=VALUE with NAME in {list(ROUTING_THRESHOLDS)}, got {item!r}")
+        try:
+            parsed[name] = int(value) if name == "max_inserts" else float(value)
+        except ValueError:
+            raise ValueError(f"--routing {name} needs a number, got {value!r}") from None
+    return parsed
