@@ -76,6 +76,13 @@ CASES = {
     "sinks-fill-a-segment": Case(
         dict(window=32, segment=8, num_landmarks_exact=5, num_landmarks_summary=3, num_sink=10, max_inserts=2), 16
     ),
+    # the shipped weights' thresholds (novelty 0.9, match 0.97) with more inserts a segment than the others
+    "shipped-thresholds": Case(
+        dict(window=64, segment=16, num_landmarks_exact=10, num_landmarks_summary=4, novelty=0.9, match=0.97,
+             max_inserts=6),  # fmt: skip
+        16,
+        vocab=14,
+    ),
     # head size 64, slot counts above one 16-wide tile and not powers of two, S = 16
     "dh64-wide-banks": Case(
         dict(window=64, segment=16, num_landmarks_exact=18, num_landmarks_summary=17, max_inserts=4),
