@@ -8,8 +8,10 @@ plus a passkey grid with one row per method and one column per (length, depth) c
 A source is ``eval.json``, ``eval.json:method,method`` (only those methods' rows) or
 ``eval.json:method,method:perplexity`` (or ``:passkey``: only that part of those rows). Every source
 must come from the same device and dtype (figures are compared only within one); a cell measured
-twice is refused. Perplexity rows that scored fewer tokens than the largest set (a run given one
-length scores only its first window) are left out and counted, so every figure is on the same tokens.
+twice is refused, and so are bounded methods read with different bank-routing thresholds
+(``coda-eval --routing``; the other methods have no banks). Perplexity rows that scored fewer
+tokens than the largest set (a run given one length scores only its first window) are left out and
+counted, so every figure is on the same tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +53,11 @@ def merge(specs: list[str], command: str) -> dict[str, Any]:
     setting = {(r["meta"]["device"], r["meta"]["dtype"]) for _, r, _ in sources}
     if len(setting) != 1:
         raise SystemExit(f"merge_evals: the sources come from different devices or dtypes: {sorted(setting)}")
-    routings = {tuple(r["meta"].get("routing", [])) for _, r, _ in sources}
+    # routing thresholds change only the methods with banks; those must all be read the same way
+    with_banks = [
+        r for _, r, _ in sources if any(row["method"].endswith("-bounded") for part in PARTS for row in r[part])
+    ]
+    routings = {tuple(r["meta"].get("routing", [])) for r in with_banks} or {()}
     if len(routings) != 1:
         raise SystemExit(f"merge_evals: the sources read the banks with different routing: {sorted(routings)}")
     # perplexity on the largest token set scored (the runs over every length); smaller ones are left out

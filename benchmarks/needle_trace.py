@@ -128,11 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from coda_gqa_l.config import parse_routing
     from coda_gqa_l.data import load_essays
     from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
     from coda_gqa_l.models import BoundedCache
     from coda_gqa_l.models.cache import bounded_modules
-    from coda_gqa_l.models.convert import parse_routing, retune_routing
+    from coda_gqa_l.models.convert import retune_routing
     from coda_gqa_l.models.loader import load_model
     from coda_gqa_l.training.data import token_stream
     from coda_gqa_l.training.gate_supervision import recorded_gate_logits

@@ -243,5 +243,9 @@ def test_merge_evals_keeps_one_token_set_and_refuses_a_cell_measured_twice(tmp_p
     retuned = _eval_json(tmp_path / "d/eval.json", "H100", [], [("gqa-bounded", 8192, 0.5, 30)], ("novelty=0.85",))
     mixed = _run("merge_evals.py", "--out", str(out), full, retuned, check=False)
     assert mixed.returncode != 0 and "different routing" in mixed.stderr
+    # a method without banks may come from a run with any routing
+    assert (
+        _run("merge_evals.py", "--out", str(out), full + ":coda-bounded:passkey", retuned + ":window").returncode == 0
+    )
     passkey_only = _run("merge_evals.py", "--out", str(out), full + ":coda-bounded:passkey")
     assert json.loads((out / "eval.json").read_text())["perplexity"] == [] and passkey_only.returncode == 0

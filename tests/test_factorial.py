@@ -54,7 +54,7 @@ def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -
     assert meta["convert"]["differential"] is False and meta["training"]["attention"] == "gqa"
     assert meta["convert"]["bounded"] is not None
 
-    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors")
+    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors", routing=[])
     base = lambda: tiny_llama()[0]  # noqa: E731
     bounded_model, bounded = build_method("gqa-bounded", args, base)
     assert bounded and all(a.bounded and not a.layer.config.differential for a in _adapters(bounded_model))
@@ -83,6 +83,20 @@ def test_gqa_arm_continues_from_its_own_weights_file(tmp_path: Path) -> None:
     assert training["started_from"]["training"]["gate_supervision"]["weight"] == 0.0
     with pytest.raises(WeightsFileError, match="not --attention coda"):
         train_tiny(tmp_path / "wrong", "--init-weights", str(first / "coda.safetensors"))
+
+
+def test_training_with_other_routing_thresholds_and_continuing_from_that_file(tmp_path: Path) -> None:
+    first = tmp_path / "retuned"
+    assert train_tiny(first, "--routing", "novelty=0.9", "match=0.97", "max_inserts=4") == 0
+    bounded = read_coda_meta(first / "coda.safetensors")["convert"]["bounded"]
+    assert (bounded["novelty"], bounded["match"], bounded["max_inserts"]) == (0.9, 0.97, 4)
+    weights = str(first / "coda.safetensors")
+    with pytest.raises(WeightsFileError, match="pass --routing"):
+        train_tiny(tmp_path / "preset", "--init-weights", weights)
+    routing = ["--routing", "novelty=0.9", "match=0.97", "max_inserts=4"]
+    assert train_tiny(tmp_path / "more", "--init-weights", weights, *routing) == 0
+    with pytest.raises(SystemExit, match="--routing takes NAME=VALUE"):
+        train_tiny(tmp_path / "bad", "--routing", "window=64")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
@@ -160,7 +174,7 @@ def test_coda_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
 def test_baselines_use_every_slot_of_the_bounded_config() -> None:
     from coda_gqa_l.config import BoundedConfig
 
-    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None)
+    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None, routing=[])
     slots = BoundedConfig.preset("medium", num_sink=4).storage_slots  # 384
     base = lambda: tiny_llama()[0]  # noqa: E731
     for name, sinks in (("window", 0), ("streaming", 4)):

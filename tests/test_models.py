@@ -241,7 +241,8 @@ def test_stream_perplexity_is_chunk_invariant() -> None:
 
 
 def test_retune_routing_changes_the_thresholds_the_banks_use() -> None:
-    from coda_gqa_l.models.convert import parse_routing, retune_routing
+    from coda_gqa_l.config import parse_routing
+    from coda_gqa_l.models.convert import retune_routing
 
     model = convert(_build("llama").eval(), SMALL)
     prompt = _ids(1, 300, 5)

@@ -78,8 +78,15 @@ CASES = {
     ),
     # the shipped weights' thresholds (novelty 0.9, match 0.97) with more inserts a segment than the others
     "shipped-thresholds": Case(
-        dict(window=64, segment=16, num_landmarks_exact=10, num_landmarks_summary=4, novelty=0.9, match=0.97,
-             max_inserts=6),  # fmt: skip
+        dict(
+            window=64,
+            segment=16,
+            num_landmarks_exact=10,
+            num_landmarks_summary=4,
+            novelty=0.9,
+            match=0.97,
+            max_inserts=6,
+        ),  # fmt: skip
         16,
         vocab=14,
     ),

@@ -209,3 +209,28 @@ def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
         _train(out, "--phase1-steps", "0", "--phase2-steps", "4", "--resume")
     with pytest.raises(SystemExit, match="tau_exact"):  # a keep target below the write threshold keeps nothing
         _train(tmp_path / "bad", "--gate-keep", "0.05")
+
+
+def test_retuned_weights_file_keeps_the_tensors_and_records_why(tmp_path: Path) -> None:
+    from coda_gqa_l.pretrained import SHIPPED_WEIGHTS
+    from coda_gqa_l.training.weights import WeightsFileError, _write, read_coda_weights, retune_weights_file
+
+    target = tmp_path / "retuned.safetensors"
+    retune_weights_file(SHIPPED_WEIGHTS, target, {"novelty": 0.8, "max_inserts": 4}, reason="a test")
+    (before, old), (after, new) = read_coda_weights(SHIPPED_WEIGHTS), read_coda_weights(target)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert (new["convert"]["bounded"]["novelty"], new["convert"]["bounded"]["max_inserts"]) == (0.8, 4)
+    assert new["convert"]["bounded"]["match"] == old["convert"]["bounded"]["match"]
+    record = new["training"]["routing_retuned"][-1]
+    assert record == {"from": {"novelty": 0.9, "max_inserts": 16}, "to": {"novelty": 0.8, "max_inserts": 4},
+                      "reason": "a test"}  # fmt: skip
+    with pytest.raises(ValueError, match="novelty <= match"):
+        retune_weights_file(SHIPPED_WEIGHTS, target, {"novelty": 0.99}, reason="bad")
+    with pytest.raises(ValueError, match="not a routing threshold"):
+        retune_weights_file(SHIPPED_WEIGHTS, target, {"window": 128}, reason="bad")
+    assert read_coda_weights(target)[1] == new  # a refused retune leaves the file as it was
+    phase1 = tmp_path / "phase1.safetensors"
+    tensors, meta = read_coda_weights(SHIPPED_WEIGHTS)
+    _write(tensors, {**meta, "convert": {**meta["convert"], "bounded": None}}, phase1)
+    with pytest.raises(WeightsFileError, match="no bank routing"):
+        retune_weights_file(phase1, target, {"novelty": 0.8}, reason="bad")

@@ -142,3 +142,22 @@ class BoundedConfig:
         if unknown:
             raise ValueError(f"unknown BoundedConfig fields: {unknown}")
         return cls(**data)
+
+
+# Bank-routing thresholds that change no tensor shape and no learned weight, so a trained model can
+# be read with other values (SPEC 2.4: "tune by measurement").
+ROUTING_THRESHOLDS = ("tau_exact", "tau_summary", "novelty", "match", "max_inserts")
+
+
+def parse_routing(items: list[str]) -> dict[str, Any]:
+    """``["novelty=0.85", "max_inserts=12"]`` (a command line's ``--routing``) as keyword arguments."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in ROUTING_THRESHOLDS:
+            raise ValueError(f"--routing takes NAME=VALUE with NAME in {list(ROUTING_THRESHOLDS)}, got {item!r}")
+        try:
+            parsed[name] = int(value) if name == "max_inserts" else float(value)
+        except ValueError:
+            raise ValueError(f"--routing {name} needs a number, got {value!r}") from None
+    return parsed

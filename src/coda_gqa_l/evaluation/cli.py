@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
-    from ..models.convert import convert, parse_routing, retune_routing, to_bounded
+    from ..config import parse_routing
+    from ..models.convert import convert, retune_routing, to_bounded
     from ..training.weights import apply_coda_weights, read_coda_meta
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
@@ -246,7 +247,7 @@ def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..models.convert import parse_routing
+    from ..config import parse_routing
 
     parse_routing(args.routing)  # a bad threshold fails before any model is loaded
     began = time.monotonic()

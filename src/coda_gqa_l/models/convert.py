@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import BoundedCoDAAttention
 from ..baseline import CoDAGQA, _UnboundedAttention
-from ..config import BoundedConfig
+from ..config import ROUTING_THRESHOLDS, BoundedConfig
 from .adapters import CONVERSION_SEED, CoDAAttentionAdapter, build_adapter, spec_from_config
 
 ATTN_IMPLEMENTATION = "coda"
@@ -160,12 +160,7 @@ def to_bounded(model: nn.Module, config: BoundedConfig | str = "medium") -> nn.M
     return model
 
 
-# Bank-routing thresholds that change no tensor shape and no learned weight, so a trained model can
-# be read with other values (SPEC 2.4: "tune by measurement").
-ROUTING_THRESHOLDS = ("tau_exact", "tau_summary", "novelty", "match", "max_inserts")
-
-
-def retune_routing(model: nn.Module, **thresholds: float) -> nn.Module:
+def retune_routing(model: nn.Module, **thresholds: Any) -> nn.Module:
     """Set bank-routing thresholds (``ROUTING_THRESHOLDS``) in every bounded layer, in place.
 
     States made before the change are refused by the layers afterwards (their config differs),
@@ -179,25 +174,10 @@ def retune_routing(model: nn.Module, **thresholds: float) -> nn.Module:
     bounded = [layer for layer in layers if isinstance(layer, BoundedCoDAAttention)]
     if not bounded:
         raise ValueError("the model has no bounded CoDA layers: nothing to retune")
-    changes: dict[str, Any] = thresholds
     for layer in bounded:
-        layer.config = dataclasses.replace(layer.config, **changes)  # validates
+        layer.config = dataclasses.replace(layer.config, **thresholds)  # validates
     model_config: Any = model.config
     settings = dict(getattr(model_config, "coda_gqa_l", {}) or {})
     settings["bounded"] = bounded[0].config.to_dict()
     model_config.coda_gqa_l = settings
     return model
-
-
-def parse_routing(items: list[str]) -> dict[str, float]:
-    """``["novelty=0.85", "max_inserts=12"]`` (a command line's ``--routing``) as keyword arguments."""
-    parsed: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in ROUTING_THRESHOLDS:
-            raise ValueError(f"--routing takes NAME=VALUE with NAME in {list(ROUTING_THRESHOLDS)}, got {item!r}")
-        try:
-            parsed[name] = int(value) if name == "max_inserts" else float(value)
-        except ValueError:
-            raise ValueError(f"--routing {name} needs a number, got {value!r}") from None
-    return parsed

@@ -31,7 +31,9 @@ from ..statefile import StateFileError, atomic_write_bytes, module_fingerprint, 
 from .store import DocumentIndex, DocumentInfo
 from .tokenizer import ByteTokenizer
 
-DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4)
+# The shipped weights' config (``pretrained.shipped_config()``, a test keeps them equal): medium with
+# 4 sinks, routed with the thresholds measured for those weights (benchmarks/RESULTS.md)
+DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4, novelty=0.9, match=0.97, max_inserts=16)
 
 
 class NeuralDBError(Exception):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BoundedConfig
+from ..config import BoundedConfig, parse_routing
 from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import IGNORE, Batch, batches, token_stream
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="coda", choices=["coda", "gqa"], help=attention_help)
     p.add_argument("--config", default="medium", help="bounded preset for phase 2 (tiny/medium/large)")
     p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
+    routing_help = "bank-routing thresholds instead of the preset's (e.g. novelty=0.9 match=0.97 max_inserts=16)"
+    p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
     p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -117,7 +119,11 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
     # the preset's differential flag follows --attention, as to_bounded sets it from the core: a GQA
     # weights file records differential=False and must compare equal when a run starts from it
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
-    bounded = dataclasses.replace(preset, differential=args.attention == "coda")
+    try:
+        routing = parse_routing(args.routing)
+        bounded = dataclasses.replace(preset, differential=args.attention == "coda", **routing)
+    except ValueError as exc:
+        raise SystemExit(f"coda-train: {exc}") from None
     if args.gate_weight > 0 and not 0 < args.gate_drop < bounded.tau_exact < args.gate_keep < 1:
         raise SystemExit(
             f"coda-train: need 0 < --gate-drop ({args.gate_drop}) < tau_exact ({bounded.tau_exact}) "
@@ -229,7 +235,8 @@ def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: Bou
     if settings.get("bounded") and BoundedConfig(**settings["bounded"]) != bounded:
         raise WeightsFileError(
             f"{args.init_weights} is bounded with {settings['bounded']}, not --config {args.config} "
-            f"--num-sink {args.num_sink} ({bounded.to_dict()})"
+            f"--num-sink {args.num_sink} --routing {' '.join(args.routing) or '(the preset)'} ({bounded.to_dict()}); "
+            "pass --routing to match the file's thresholds"
         )
     apply_coda_weights(model, args.init_weights)
     return 2 if settings.get("bounded") else 1
@@ -237,7 +244,7 @@ def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: Bou
 
 # arguments that change which parameters exist, what they mean or how the optimizer groups them
 # (--gate-lr adds a group): a resume must repeat them
-RESUME_MUST_MATCH = ("attention", "trainable", "lora_rank", "config", "num_sink", "model", "gate_lr")
+RESUME_MUST_MATCH = ("attention", "trainable", "lora_rank", "config", "num_sink", "routing", "model", "gate_lr")
 
 
 def _check_resumable(meta: dict[str, Any], args: argparse.Namespace, checkpoint: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import BoundedConfig
+from ..config import ROUTING_THRESHOLDS, BoundedConfig
 from .lora import add_lora, lora_settings
 from .params import saved_parameters
 
@@ -37,8 +37,6 @@ def save_coda_weights(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
     """Write the CoDA and LoRA parameters of a converted ``model`` to ``path`` (atomically)."""
-    from safetensors.torch import save_file
-
     settings = getattr(getattr(model, "config", None), "coda_gqa_l", None)
     if not settings:
         raise ValueError("the model is not converted (no config.coda_gqa_l): nothing to save")
@@ -52,12 +50,45 @@ def save_coda_weights(
         "lora": lora_settings(model),
         "training": training or {},
     }
+    return _write(tensors, meta, path)
+
+
+def _write(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write atomically: a failed write leaves an existing file at ``path`` as it was."""
+    from safetensors.torch import save_file
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     save_file(tensors, str(partial), metadata={"coda_gqa_l": json.dumps(meta)})
     os.replace(partial, target)
     return target
+
+
+def retune_weights_file(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], thresholds: dict[str, float], reason: str
+) -> Path:
+    """Copy a bounded weights file with other bank-routing thresholds (``models.convert.ROUTING_THRESHOLDS``).
+
+    The tensors are copied unchanged; the file's bounded config takes the new values, and its
+    training record keeps the values it was trained with, the new ones and ``reason``, so that
+    a model loaded from it routes as measured and says why.
+    """
+    tensors, meta = read_coda_weights(source)
+    bounded = meta["convert"].get("bounded")
+    if not bounded:
+        raise WeightsFileError(f"{source} holds unbounded (phase-1) weights: it has no bank routing to retune")
+    unknown = sorted(set(thresholds) - set(ROUTING_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"not a routing threshold: {unknown}; choose from {list(ROUTING_THRESHOLDS)}")
+    retuned = BoundedConfig(**{**bounded, **thresholds}).to_dict()  # validates
+    record = {"from": {k: bounded[k] for k in thresholds}, "to": dict(thresholds), "reason": reason}
+    meta["convert"] = {**meta["convert"], "bounded": retuned}
+    meta["training"] = {
+        **meta.get("training", {}),
+        "routing_retuned": [*meta.get("training", {}).get("routing_retuned", []), record],
+    }
+    return _write(tensors, meta, target)
 
 
 def read_coda_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
