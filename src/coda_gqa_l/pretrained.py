@@ -19,7 +19,7 @@ SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m-instruct-cod
 
 
 def shipped_config() -> Any:
-    """The bounded config the shipped weights were trained with."""
+    """The bounded config the shipped weights are read with (their training record says what they were trained with)."""
     from .config import BoundedConfig
     from .training.weights import read_coda_meta
 

@@ -68,7 +68,7 @@ def _write(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | o
 def retune_weights_file(
     source: str | os.PathLike[str], target: str | os.PathLike[str], thresholds: dict[str, float], reason: str
 ) -> Path:
-    """Copy a bounded weights file with other bank-routing thresholds (``models.convert.ROUTING_THRESHOLDS``).
+    """Copy a bounded weights file with other bank-routing thresholds (``config.ROUTING_THRESHOLDS``).
 
     The tensors are copied unchanged; the file's bounded config takes the new values, and its
     training record keeps the values it was trained with, the new ones and ``reason``, so that
