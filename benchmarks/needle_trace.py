@@ -41,7 +41,7 @@ class ExactBankLedger:
     The state records a slot's last use, which a hit moves to the hitting token; a slot's content
     changes only when a token is written there. The ledger wraps ``banks._route_exact``, keeps the
     writing token of every slot, and sorts each key token's (KV head) candidacy into ``FATES``
-    with the same tests the router applies."""
+    from the router's own tests (``banks.exact_decisions``)."""
 
     def __init__(self, keys: torch.Tensor, num_layers: int) -> None:
         self.keys = keys
@@ -64,18 +64,10 @@ class ExactBankLedger:
         return new
 
     def _sort(self, banks, origin, gate, vn, cand_cos, token_index, valid, config, new, written, is_key) -> None:
-        import torch.nn.functional as F
+        from coda_gqa_l.banks import exact_decisions
 
-        from coda_gqa_l.banks import _pairwise_higher
-
-        cand = valid & (gate > config.tau_exact)
-        bank_cos = vn @ F.normalize(banks.ex_v.detach().float(), dim=-1).transpose(-1, -2)
-        bank_cos = bank_cos.masked_fill(~banks.ex_filled[:, :, None, :], float("-inf"))
-        best, best_slot = bank_cos.max(-1)
-        hit = cand & (best >= config.match)
-        duplicate = (_pairwise_higher(gate, cand) & (cand_cos >= config.novelty)).any(-1)
+        cand, _, best_slot, best, hit, duplicate, novel = exact_decisions(banks, gate, vn, cand_cos, valid, config)
         similar = cand & ~hit & (best >= config.novelty)
-        novel = cand & (best < config.novelty) & ~duplicate
         hit_key = hit & torch.isin(origin.gather(-1, best_slot), self.keys)
         stored = torch.isin(torch.where(written, new.ex_last, -1), token_index[is_key])  # (B, H, Me)
         stored_tokens = torch.zeros_like(cand)

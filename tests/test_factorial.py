@@ -54,7 +54,7 @@ def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -
     assert meta["convert"]["differential"] is False and meta["training"]["attention"] == "gqa"
     assert meta["convert"]["bounded"] is not None
 
-    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors", routing=[])
+    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors")
     base = lambda: tiny_llama()[0]  # noqa: E731
     bounded_model, bounded = build_method("gqa-bounded", args, base)
     assert bounded and all(a.bounded and not a.layer.config.differential for a in _adapters(bounded_model))
@@ -174,7 +174,7 @@ def test_coda_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
 def test_baselines_use_every_slot_of_the_bounded_config() -> None:
     from coda_gqa_l.config import BoundedConfig
 
-    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None, routing=[])
+    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None)
     slots = BoundedConfig.preset("medium", num_sink=4).storage_slots  # 384
     base = lambda: tiny_llama()[0]  # noqa: E731
     for name, sinks in (("window", 0), ("streaming", 4)):

@@ -120,6 +120,33 @@ def route_segment(
     return banks
 
 
+class ExactDecisions(NamedTuple):
+    """The exact bank's per-candidate tests for one segment, all ``(B, Hkv, S)`` unless noted."""
+
+    cand: Tensor  # evicted and gated above tau_exact
+    bank_cos: Tensor  # (B, Hkv, S, Me) value cosine to each slot, -inf for empty slots
+    best_slot: Tensor  # the most similar slot (the lower index on ties)
+    best: Tensor  # its cosine
+    hit: Tensor  # a candidate at least ``match`` to a slot: refreshes it
+    duplicate: Tensor  # at least ``novelty`` to a higher-gated candidate of the segment
+    novel: Tensor  # below ``novelty`` to the bank and to every higher-gated candidate: may be inserted
+
+
+def exact_decisions(
+    banks: Banks, gate: Tensor, vn: Tensor, cand_cos: Tensor, valid: Tensor, config: BoundedConfig
+) -> ExactDecisions:
+    """What the exact bank decides for each evicted token of a segment (``_route_exact`` acts on it)."""
+    cand = valid & (gate > config.tau_exact)
+    bank_cos = vn @ F.normalize(banks.ex_v.detach().float(), dim=-1).transpose(-1, -2)
+    bank_cos = bank_cos.masked_fill(~banks.ex_filled[:, :, None, :], NEG_INF)
+    best_slot = bank_cos.argmax(-1)
+    best = bank_cos.gather(-1, best_slot[..., None]).squeeze(-1)
+    hit = cand & (best >= config.match)
+    duplicate = (_pairwise_higher(gate, cand) & (cand_cos >= config.novelty)).any(-1)
+    novel = cand & (best < config.novelty) & ~duplicate
+    return ExactDecisions(cand, bank_cos, best_slot, best, hit, duplicate, novel)
+
+
 def _route_exact(
     banks: Banks,
     k: Tensor,
@@ -136,15 +163,7 @@ def _route_exact(
 ) -> Banks:
     num_slots = banks.ex_k.shape[2]
     seg = k.shape[2]
-    cand = valid & (gate > config.tau_exact)
-    bank_cos = vn @ F.normalize(banks.ex_v.detach().float(), dim=-1).transpose(-1, -2)
-    bank_cos = bank_cos.masked_fill(~banks.ex_filled[:, :, None, :], NEG_INF)
-    best_slot = bank_cos.argmax(-1)
-    best = bank_cos.gather(-1, best_slot[..., None]).squeeze(-1)
-    hit = cand & (best >= config.match)
-    higher = _pairwise_higher(gate, cand)
-    duplicate = (higher & (cand_cos >= config.novelty)).any(-1)
-    novel = cand & (best < config.novelty) & ~duplicate
+    cand, bank_cos, best_slot, best, hit, _, novel = exact_decisions(banks, gate, vn, cand_cos, valid, config)
 
     # Hits refresh last use (to the latest hitting token) before any insert picks victims.
     slots = torch.arange(num_slots, device=k.device)

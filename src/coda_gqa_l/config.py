@@ -12,6 +12,7 @@ of the exact bank so that the storage budget stays the same (4 + 256 + 60 + 64 =
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,6 +148,13 @@ class BoundedConfig:
 # Bank-routing thresholds that change no tensor shape and no learned weight, so a trained model can
 # be read with other values (SPEC 2.4: "tune by measurement").
 ROUTING_THRESHOLDS = ("tau_exact", "tau_summary", "novelty", "match", "max_inserts")
+
+
+def check_routing_names(names: Iterable[str]) -> None:
+    """Raise ValueError naming any that is not one of ``ROUTING_THRESHOLDS``."""
+    unknown = sorted(set(names) - set(ROUTING_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"not a routing threshold: {unknown}; choose from {list(ROUTING_THRESHOLDS)}")
 
 
 def parse_routing(items: list[str]) -> dict[str, Any]:

@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
-    from ..config import parse_routing
-    from ..models.convert import convert, retune_routing, to_bounded
+    from ..models.convert import convert, to_bounded
     from ..training.weights import apply_coda_weights, read_coda_meta
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
@@ -93,10 +92,7 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
     weights = args.weights if differential else args.gqa_weights
     if weights is None:  # the cold swap
         config = dataclasses.replace(preset, differential=differential) if bounded else None
-        model = convert(model, config, differential=differential)
-        if bounded and args.routing:
-            retune_routing(model, **parse_routing(args.routing))
-        return model, bounded
+        return convert(model, config, differential=differential), bounded
     meta = read_coda_meta(weights)
     if bool(meta["convert"].get("differential", True)) != differential:
         kind = "differential (CoDA)" if differential else "plain GQA"
@@ -108,8 +104,6 @@ def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Modu
         return _unbound(model), False
     if bounded and not trained_bounded:  # phase 1 only: the banks are new, as in a cold swap
         to_bounded(model, preset)
-    if bounded and args.routing:
-        retune_routing(model, **parse_routing(args.routing))
     return model, bounded
 
 
@@ -248,8 +242,9 @@ def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ..config import parse_routing
+    from ..models.convert import retune_routing
 
-    parse_routing(args.routing)  # a bad threshold fails before any model is loaded
+    routing = parse_routing(args.routing)  # a bad threshold fails before any model is loaded
     began = time.monotonic()
     deadline = began + args.time_budget if args.time_budget else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -263,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in tqdm(args.methods, desc="methods", unit="method"):
         model, bounded = build_method(name, args, base)
+        if routing and name in ("coda-bounded", "gqa-bounded"):  # the baselines have no banks
+            retune_routing(model, **routing)
         model.eval()
         for text, ids in ppl_texts.items():
             for row in perplexity_rows(model, bounded, ids, args, deadline):

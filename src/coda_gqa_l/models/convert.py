@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import BoundedCoDAAttention
 from ..baseline import CoDAGQA, _UnboundedAttention
-from ..config import ROUTING_THRESHOLDS, BoundedConfig
+from ..config import BoundedConfig, check_routing_names
 from .adapters import CONVERSION_SEED, CoDAAttentionAdapter, build_adapter, spec_from_config
 
 ATTN_IMPLEMENTATION = "coda"
@@ -167,9 +167,7 @@ def retune_routing(model: nn.Module, **thresholds: Any) -> nn.Module:
     and the model's ``config.coda_gqa_l`` records the new values, so a state or weights file saved
     from it says how it was routed.
     """
-    unknown = sorted(set(thresholds) - set(ROUTING_THRESHOLDS))
-    if unknown:
-        raise ValueError(f"not a routing threshold: {unknown}; choose from {list(ROUTING_THRESHOLDS)}")
+    check_routing_names(thresholds)
     layers = [a.layer for a in model.modules() if isinstance(a, CoDAAttentionAdapter)]
     bounded = [layer for layer in layers if isinstance(layer, BoundedCoDAAttention)]
     if not bounded:

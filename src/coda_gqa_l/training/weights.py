@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ROUTING_THRESHOLDS, BoundedConfig
+from ..config import BoundedConfig, check_routing_names
 from .lora import add_lora, lora_settings
 from .params import saved_parameters
 
@@ -78,9 +78,7 @@ def retune_weights_file(
     bounded = meta["convert"].get("bounded")
     if not bounded:
         raise WeightsFileError(f"{source} holds unbounded (phase-1) weights: it has no bank routing to retune")
-    unknown = sorted(set(thresholds) - set(ROUTING_THRESHOLDS))
-    if unknown:
-        raise ValueError(f"not a routing threshold: {unknown}; choose from {list(ROUTING_THRESHOLDS)}")
+    check_routing_names(thresholds)
     retuned = BoundedConfig(**{**bounded, **thresholds}).to_dict()  # validates
     record = {"from": {k: bounded[k] for k in thresholds}, "to": dict(thresholds), "reason": reason}
     meta["convert"] = {**meta["convert"], "bounded": retuned}
