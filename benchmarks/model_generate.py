@@ -18,9 +18,9 @@ Methods, each on a fresh cache per context (bf16 on the GPU):
   happens in the untimed warm-up decode and is reported there.
 
 The full caches prefill the whole context in one forward, as ``generate`` does (``--full-prefill-chunk`` to chunk
-it); every prefill runs ``model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)`` and
+it); every prefill runs ``model(input_ids=chunk, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)`` and
 the last chunk's logits give the first new token (prefill tokens/s covers that). Then an untimed greedy warm-up of
-``--warmup-tokens`` continues the sequence, and ``generate(sequence, past_key_values=cache, attention_mask=ones,
+``--warmup-tokens`` continues the sequence, and ``generate(sequence, **cache_kwargs(cache), attention_mask=ones,
 do_sample=False, min_new_tokens=N, max_new_tokens=N)`` times N more tokens: generate feeds only the tokens the
 cache has not seen, so each timed step is one token. Decode tokens/s = N / that call's wall time.
 
@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from coda_gqa_l.models import BoundedCache, convert
+from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
 
 METHODS = ("dynamic", "static-eager", "bounded", "static")  # the default order; static compiles, so last
@@ -225,7 +226,7 @@ def prefill(model: nn.Module, cache: Any, ids: Tensor, chunk: int, deadline: flo
     fed, logits = 0, None
     for start in range(0, ids.shape[1], step):
         piece = ids[:, start : start + step]
-        logits = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
         fed += piece.shape[1]
         if fed < ids.shape[1] and time.perf_counter() > deadline:
             return None, fed
@@ -239,7 +240,7 @@ def decode(model: nn.Module, seq: Tensor, cache: Any, tokens: int, compile_ok: b
     return generate(
         seq,
         attention_mask=torch.ones_like(seq),
-        past_key_values=cache,
+        **cache_kwargs(cache),
         do_sample=False,
         min_new_tokens=tokens,
         max_new_tokens=tokens,

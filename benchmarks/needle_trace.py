@@ -126,6 +126,7 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
     from coda_gqa_l.models import BoundedCache
     from coda_gqa_l.models.cache import bounded_modules
     from coda_gqa_l.models.convert import retune_routing
+    from coda_gqa_l.models.hf_compat import cache_kwargs
     from coda_gqa_l.models.loader import load_model
     from coda_gqa_l.training.data import token_stream
     from coda_gqa_l.training.gate_supervision import recorded_gate_logits
@@ -155,7 +156,7 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
         with torch.no_grad(), recorded_gate_logits(model) as gate_logits, ledger_installed(model, keys) as ledger:
             for start in range(0, len(doc.ids), 1024):
                 chunk = doc.ids[None, start : start + 1024]
-                logits.append(model(chunk, past_key_values=cache, use_cache=True).logits[0])
+                logits.append(model(chunk, **cache_kwargs(cache), use_cache=True).logits[0])
                 pieces.append(list(gate_logits))
                 gate_logits.clear()
         layers = len(pieces[0])

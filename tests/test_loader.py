@@ -176,7 +176,8 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv(CACHE_ENV)
-    assert default_cache_dir() == Path.home() / ".cache" / "coda-gqa-l"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "coda-gqa-l"
 
 
 def test_config_mismatch_is_named() -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from coda_gqa_l.models import BoundedCache
+from coda_gqa_l.models.hf_compat import cache_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "model_generate.py"
@@ -96,7 +97,7 @@ def test_prefilled_cache_continues_like_a_plain_generate() -> None:
         assert row["status"] == "ok", row
         cache = BoundedCache(model) if method == "bounded" else None
         with torch.no_grad():
-            plain = model.generate(prompt, past_key_values=cache, do_sample=False, max_new_tokens=total)
+            plain = model.generate(prompt, **cache_kwargs(cache), do_sample=False, max_new_tokens=total)
         assert row["generated_ids"] == plain[0, context:].tolist(), method
 
 

@@ -24,6 +24,7 @@ from transformers import (
 
 from coda_gqa_l import BoundedConfig, StateFileError, module_fingerprint
 from coda_gqa_l.models import BoundedCache, LlamaCoDAAdapter, bounded_modules, convert, spec_from_config
+from coda_gqa_l.models.hf_compat import cache_kwargs
 
 COMMON = dict(
     vocab_size=101,
@@ -143,7 +144,7 @@ def test_bounded_generate_keeps_memory_flat_and_matches_recomputation() -> None:
     prompt = _ids(1, 150, 1)
     with torch.no_grad():
         cache = BoundedCache(model)
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=40, do_sample=False)
+        out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=40, do_sample=False)
         # the same tokens by re-reading the whole sequence each time (no cache): chunk invariance
         ids = prompt
         for _ in range(40):
@@ -152,13 +153,13 @@ def test_bounded_generate_keeps_memory_flat_and_matches_recomputation() -> None:
     assert bounded_modules(model)[0].config == SMALL
     with torch.no_grad():
         cache = BoundedCache(model)
-        model(_ids(1, 100, 2), past_key_values=cache)
+        model(_ids(1, 100, 2), **cache_kwargs(cache))
         after_100 = cache.nbytes()
-        model(_ids(1, 4900, 3), past_key_values=cache)
+        model(_ids(1, 4900, 3), **cache_kwargs(cache))
         assert cache.get_seq_length() == 5000
         assert cache.nbytes() == after_100 > 0
         sampled = model.generate(
-            prompt, past_key_values=BoundedCache(model), max_new_tokens=20, do_sample=True, top_k=20
+            prompt, **cache_kwargs(BoundedCache(model)), max_new_tokens=20, do_sample=True, top_k=20
         )
     assert sampled.shape == (1, 170)
 
@@ -175,15 +176,15 @@ def test_save_and_resume_the_whole_model_state(tmp_path) -> None:
     fingerprint = module_fingerprint(model)
     prompt = _ids(1, 200, 4)
     with torch.no_grad():
-        straight = model.generate(prompt, past_key_values=BoundedCache(model), max_new_tokens=30, do_sample=False)
+        straight = model.generate(prompt, **cache_kwargs(BoundedCache(model)), max_new_tokens=30, do_sample=False)
         cache = BoundedCache(model)
-        model(prompt[:, :-1], past_key_values=cache)
+        model(prompt[:, :-1], **cache_kwargs(cache))
         cache.save(tmp_path / "doc.state", model_fingerprint=fingerprint)
         # a freshly converted copy of the same model continues from the file
         fresh = convert(copy.deepcopy(original), SMALL)
         assert module_fingerprint(fresh) == fingerprint
         resumed_cache = BoundedCache.load(tmp_path / "doc.state", fresh, model_fingerprint=fingerprint)
-        resumed = fresh.generate(prompt, past_key_values=resumed_cache, max_new_tokens=30, do_sample=False)
+        resumed = fresh.generate(prompt, **cache_kwargs(resumed_cache), max_new_tokens=30, do_sample=False)
     assert torch.equal(resumed, straight)
     other = convert(_build("qwen3").eval(), BoundedConfig(window=64, num_landmarks_exact=8, num_landmarks_summary=8))
     with pytest.raises(StateFileError, match="another config"):
@@ -252,13 +253,13 @@ def test_retune_routing_changes_the_thresholds_the_banks_use() -> None:
             layer.collect_metrics = True
         cache = BoundedCache(model)
         with torch.no_grad():
-            model(prompt, past_key_values=cache, use_cache=True)
+            model(prompt, **cache_kwargs(cache), use_cache=True)
         return sum(state.metrics["exact_inserts"] for state in cache.states)
 
     before = exact_inserts()
     stale = BoundedCache(model)
     with torch.no_grad():
-        model(prompt[:, :100], past_key_values=stale, use_cache=True)
+        model(prompt[:, :100], **cache_kwargs(stale), use_cache=True)
     # with every cosine a hit, only the first segment's best candidate reaches each (empty) bank:
     # one insert per KV head per layer; an open novelty test lets more in
     retune_routing(model, novelty=-1.0, match=-1.0)
@@ -268,7 +269,7 @@ def test_retune_routing_changes_the_thresholds_the_banks_use() -> None:
     assert all(layer.config.max_inserts == 16 for layer in bounded_modules(model))
     assert model.config.coda_gqa_l["bounded"]["novelty"] == 0.99
     with torch.no_grad(), pytest.raises(ValueError, match="another config"):
-        model(prompt[:, 100:110], past_key_values=stale, use_cache=True)
+        model(prompt[:, 100:110], **cache_kwargs(stale), use_cache=True)
     with pytest.raises(ValueError, match="not a routing threshold"):
         retune_routing(model, window=64)
     with pytest.raises(ValueError, match="novelty <= match"):
@@ -276,3 +277,30 @@ def test_retune_routing_changes_the_thresholds_the_banks_use() -> None:
     for bad in (["novelty"], ["window=3"], ["match=high"]):
         with pytest.raises(ValueError, match="--routing"):
             parse_routing(bad)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_adapter_reads_the_cache_under_either_transformers_name(keyword: str) -> None:
+    # transformers 5.24 renamed past_key_values to cache; the adapter must write the state under both
+    model = convert(_build("llama").eval(), SMALL)
+    adapter = model.model.layers[0].self_attn
+    x = torch.randn(1, 40, COMMON["hidden_size"], generator=torch.Generator().manual_seed(7))
+    cache = BoundedCache(model)
+    with torch.no_grad():
+        y, _ = adapter(x, attention_mask=None, use_cache=True, **{keyword: cache})
+        expected, _ = adapter.layer.prefill_chunked(x, adapter.layer.init_state(1))
+    state = cache.layers[0].state
+    assert state is not None and state.pos == 40
+    torch.testing.assert_close(y, expected)
+
+
+def test_adapter_refuses_a_cache_it_would_not_read() -> None:
+    model = convert(_build("llama").eval(), SMALL)
+    adapter = model.model.layers[0].self_attn
+    x = torch.randn(1, 8, COMMON["hidden_size"])
+    with torch.no_grad(), pytest.raises(TypeError, match="two different caches"):
+        adapter(x, cache=BoundedCache(model), past_key_values=BoundedCache(model))
+    with torch.no_grad(), pytest.raises(TypeError, match="'kv_cache'"):
+        adapter(x, kv_cache=BoundedCache(model))
+    with torch.no_grad(), pytest.raises(TypeError, match="received no cache"):
+        adapter(x, use_cache=True)

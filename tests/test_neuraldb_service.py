@@ -321,6 +321,41 @@ def test_cli_options_may_follow_the_subcommand(tmp_path: Path, capsys: pytest.Ca
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["tokens"] > 0
 
 
+def test_cli_store_commands_load_no_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo") == 0
+    capsys.readouterr()
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a store command loaded a model")
+
+    monkeypatch.setattr("coda_gqa_l.neuraldb.cli.open_db", no_model)
+    monkeypatch.setattr(NeuralDatabase, "__init__", no_model)
+    for args in (["list", "--json"], ["show", "memo"], ["export", "memo", str(tmp_path / "m.state")]):
+        assert main(["--store", str(store), *args]) == 0
+    assert (tmp_path / "m.state").stat().st_size > 0
+    assert main(["--store", str(store), "delete", "memo"]) == 0
+    capsys.readouterr()
+    assert main(["--store", str(store), "list", "--json"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_default_store_is_in_the_user_data_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CODA_GQA_L_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tiny", "ingest", "--quiet", "--text", MEMO]) == 0
+    assert (tmp_path / "data" / "store" / "index.sqlite").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing in the working folder
+    monkeypatch.delenv("CODA_GQA_L_DATA")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert main(["list"]) == 0
+    assert str(tmp_path / "xdg" / "coda-gqa-l" / "store") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -383,8 +418,8 @@ def test_cli_demo_calls_run_demo_with_its_options(tmp_path: Path, monkeypatch: p
     fake.run_demo = run_demo  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "coda_gqa_l.neuraldb.demo", fake)
     assert main(["demo", "--store", str(tmp_path / "demo-store"), "--fresh"]) == 3  # its exit code
-    assert seen[0].store == str(tmp_path / "demo-store") and seen[0].fresh
-    assert main(["demo"]) == 3 and seen[1].store == "./coda-db-store" and not seen[1].fresh
+    assert seen[0].store == tmp_path / "demo-store" and seen[0].fresh
+    assert main(["demo"]) == 3 and seen[1].store is None and not seen[1].fresh
 
 
 # ---------------------------------------------------------------------------- (c) the real service

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import textwrap
@@ -57,8 +58,19 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     assert wheel.name.startswith(f"coda_gqa_l-{coda_gqa_l.__version__}-")
 
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    # The dependencies (torch, ...) come from the environment running the tests, which may itself be a
+    # virtual environment: system_site_packages would show the base interpreter's instead. A .pth file
+    # adds our site-packages after the new environment's own, so the wheel installed there wins; the .pth
+    # files inside the added folder (our editable install among them) are not run.
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "_test_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", str(wheel)]
     done = subprocess.run(install, capture_output=True, text=True)
     assert done.returncode == 0, f"installing the wheel failed:\n{done.stdout}\n{done.stderr}"

@@ -16,6 +16,7 @@ from coda_gqa_l import module_fingerprint
 from coda_gqa_l.data import load_wikipedia
 from coda_gqa_l.evaluation import stream_nll
 from coda_gqa_l.models import BoundedCache, convert
+from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.models.loader import load_smollm2
 
 pytestmark = pytest.mark.slow
@@ -56,9 +57,9 @@ def test_bounded_generation_from_a_long_prompt(smollm2, heldout, tmp_path) -> No
     )
     with torch.no_grad():
         cache = BoundedCache(bounded)
-        out = bounded.generate(prompt, past_key_values=cache, max_new_tokens=24, do_sample=False)
+        out = bounded.generate(prompt, **cache_kwargs(cache), max_new_tokens=24, do_sample=False)
         after_prompt = cache.nbytes()
-        bounded(out[:, -1:], past_key_values=cache)
+        bounded(out[:, -1:], **cache_kwargs(cache))
     assert cache.nbytes() == after_prompt
     assert cache.get_seq_length() == out.shape[1]
     # a float32 full cache of the same tokens: keys + values x tokens x 3 KV heads x 64 x 4 bytes x 30 layers
@@ -69,5 +70,5 @@ def test_bounded_generation_from_a_long_prompt(smollm2, heldout, tmp_path) -> No
     cache.save(tmp_path / "doc.state", model_fingerprint=module_fingerprint(bounded))
     full = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(out, past_key_values=full)
+        model(out, **cache_kwargs(full))
     assert full.get_seq_length() == out.shape[1]

@@ -6,8 +6,10 @@ wheel is never installed; pip's index settings apply) into a private folder and 
 place whole, so an interrupted download never leaves a partial file. A wheel already in the folder is
 reused without asking pip. Callers pass their own error class, so each keeps raising its own exception.
 
-The cache is ``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l`` (``cache_dir()``); wheels go
-to ``<cache>/wheels``. Offline, place the wheel there by hand.
+The cache is ``$CODA_GQA_L_CACHE`` if set, else the platform's user cache folder
+(``$XDG_CACHE_HOME/coda-gqa-l``, by default ``~/.cache/coda-gqa-l`` on Linux; ``cache_dir()``); wheels go
+to ``<cache>/wheels``. Offline, place the wheel there by hand. ``data_dir()`` is the user data folder where
+the neural database keeps its stores unless told otherwise (``$CODA_GQA_L_DATA`` overrides it).
 
 Usage::
 
@@ -30,9 +32,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import platformdirs
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CODA_GQA_L_CACHE"
+DATA_ENV = "CODA_GQA_L_DATA"
+APP_NAME = "coda-gqa-l"
 PIP_OUTPUT_LINES = 10  # the end of pip's output that goes into an error message
 
 
@@ -41,9 +47,15 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l``."""
+    """``$CODA_GQA_L_CACHE`` if set, else the platform's user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "coda-gqa-l"
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def data_dir() -> Path:
+    """``$CODA_GQA_L_DATA`` if set, else the platform's user data folder (``$XDG_DATA_HOME/coda-gqa-l``)."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

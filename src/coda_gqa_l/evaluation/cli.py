@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig
+from ..models.hf_compat import cache_kwargs
 from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
 from .report import write_report
@@ -233,7 +234,7 @@ def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: i
     tail = 64  # the question and answer sit in the last tokens; earlier logits are not needed
     out = []
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True).logits
         if start + chunk >= ids.shape[1] - tail:
             out.append((start, logits.float().cpu()))
     return out[0][0], torch.cat([logits for _, logits in out], dim=1)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.hf_compat import cache_kwargs
+
 
 @torch.no_grad()
 def stream_nll(
@@ -43,7 +45,7 @@ def stream_nll(
         starts = tqdm(starts, desc="perplexity", unit="chunk")
     for start in starts:
         piece = ids[:, start : start + chunk]
-        logits = model(piece, past_key_values=cache, use_cache=True).logits[0]
+        logits = model(piece, **cache_kwargs(cache), use_cache=True).logits[0]
         if carry is not None:
             losses.append(F.cross_entropy(carry[None].double(), piece[0, :1], reduction="none"))
         if piece.shape[1] > 1:

@@ -1,8 +1,9 @@
 """Per-layer adapters: our attention behind a Hugging Face attention module's call signature.
 
 ``CoDAAttentionAdapter`` replaces a decoder layer's ``self_attn``. It takes the same call as
-the module it replaces (``hidden_states``, ``attention_mask``, ``past_key_values``, ...) and
-returns ``(output, None)``. RoPE is computed by our layer from the model config (base,
+the module it replaces (``hidden_states``, ``attention_mask``, ``cache``, ...) and returns
+``(output, None)``; the cache is read under whichever name the installed transformers uses
+(``hf_compat``). RoPE is computed by our layer from the model config (base,
 scaling and layout read once at conversion), so the model's own rotary tables are ignored.
 
 All inference state lives in the cache object passed with each call, never on the module,
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
+from .hf_compat import CACHE_ARGUMENTS, pop_cache
 
 CONVERSION_SEED = 20261123
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -152,19 +154,20 @@ class CoDAAttentionAdapter(nn.Module):
         hidden_states: Tensor,
         position_embeddings: Any = None,
         attention_mask: Tensor | None = None,
-        past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
+        cache = pop_cache(kwargs)
+        _refuse_unread_cache(kwargs, cache)
         padding = _key_padding(attention_mask)
         if isinstance(self.layer, BoundedCoDAAttention):
-            return self._bounded(hidden_states, padding, past_key_values), None
+            return self._bounded(hidden_states, padding, cache), None
         layer: _UnboundedAttention = self.layer
-        if past_key_values is None:
+        if cache is None:
             return layer.attend(hidden_states, 0, None, padding), None
-        start = past_key_values.get_seq_length(self.layer_idx)
+        start = cache.get_seq_length(self.layer_idx)
 
         def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return past_key_values.update(k, v, self.layer_idx)
+            return cache.update(k, v, self.layer_idx)
 
         return layer.attend(hidden_states, start, append, padding), None
 
@@ -183,7 +186,7 @@ class CoDAAttentionAdapter(nn.Module):
         if not isinstance(cache, BoundedCache):
             raise TypeError(
                 f"bounded CoDA layers keep their state in a BoundedCache, got {type(cache).__name__}; "
-                "pass past_key_values=BoundedCache(model) (to generate() too)"
+                "pass cache=BoundedCache(model) (past_key_values= before transformers 5.24), to generate() too"
             )
         state = cache.state_for(self.layer_idx, layer, x.shape[0])
         if torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
@@ -192,6 +195,27 @@ class CoDAAttentionAdapter(nn.Module):
             return y
         y, _ = layer.prefill_chunked(x, state, block_size=cache.block_size)
         return y
+
+
+def _refuse_unread_cache(kwargs: dict[str, Any], cache: Any) -> None:
+    """Fail loudly when transformers hands us a cache we would not read.
+
+    A future release may rename the cache argument again; a bounded layer that missed its
+    cache would run each call from an empty state and generate garbage without an error.
+    """
+    from transformers.cache_utils import Cache
+
+    unread = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+    if unread:
+        raise TypeError(
+            f"the attention layer was given a cache under {unread[0]!r}, a name this version of coda_gqa_l does not "
+            f"know (it reads {', '.join(CACHE_ARGUMENTS)}): upgrade coda-gqa-l or install a supported transformers"
+        )
+    if cache is None and kwargs.get("use_cache"):
+        raise TypeError(
+            "use_cache=True but the attention layer received no cache: this transformers release passes it in a way "
+            "coda_gqa_l does not recognise; upgrade coda-gqa-l or install a supported transformers"
+        )
 
 
 def _key_padding(attention_mask: Tensor | None) -> Tensor | None:

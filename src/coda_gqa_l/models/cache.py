@@ -3,7 +3,10 @@
 Pass it to a converted bounded model's ``forward`` or ``generate``::
 
     cache = BoundedCache(model)
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=100)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=100)
+
+(``past_key_values=cache`` with transformers before 5.24; ``hf_compat.cache_kwargs(cache)``
+gives the right keyword for the installed release.)
 
 Its memory is fixed: ``cache.nbytes()`` is the same after 100 tokens and after 100,000.
 ``save`` / ``load`` write and read the states of all layers as one state file (SPEC 9), with

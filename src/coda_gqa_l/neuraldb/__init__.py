@@ -9,7 +9,7 @@ from .engine import (
     Session,
     default_model,
 )
-from .store import DocumentIndex, DocumentInfo
+from .store import DocumentIndex, DocumentInfo, DocumentStore
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ByteTokenizer",
     "DocumentIndex",
     "DocumentInfo",
+    "DocumentStore",
     "DocumentNotFound",
     "NeuralDBError",
     "NeuralDatabase",

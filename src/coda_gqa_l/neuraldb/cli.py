@@ -1,7 +1,9 @@
 """``coda-db``: the neural database from the command line (SPEC 8).
 
-Each subcommand opens the store folder (``--store``, default ``./coda-db-store``) with the
-packaged model, or with the tiny random test model under ``--tiny``, does one thing and exits.
+Each subcommand opens the store folder (``--store``, default ``store`` in the user data folder,
+``$XDG_DATA_HOME/coda-gqa-l/store`` on Linux) and does one thing. ``ingest``, ``ask``, ``import``
+and ``serve`` load the packaged model (or the tiny random test model under ``--tiny``); ``list``,
+``show``, ``delete`` and ``export`` read only the index and the files, and answer at once.
 Errors the user can fix (an unknown document, a bad file, a state from another model) print one
 line to stderr and exit with status 2.
 
@@ -26,11 +28,17 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from ..fetch import data_dir
+from .store import DocumentStore
+
 if TYPE_CHECKING:
     from .engine import NeuralDatabase
     from .store import DocumentInfo
 
-DEFAULT_STORE = "./coda-db-store"
+
+def default_store() -> Path:
+    """Where documents go unless ``--store`` says otherwise: ``<user data folder>/store``."""
+    return data_dir() / "store"
 
 
 def format_bytes(n: int) -> str:
@@ -55,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coda-db",
         description="A neural database: each document is kept as a fixed-size model state you can question.",
     )
-    parser.add_argument("--store", default=DEFAULT_STORE, help=f"store folder (default {DEFAULT_STORE})")
+    parser.add_argument(
+        "--store", type=Path, default=None, help=f"store folder (default {default_store()}; the demo uses its own)"
+    )
     parser.add_argument("--tiny", action="store_true", help="use the tiny random test model (fast, answers are noise)")
     # the same options after the subcommand; SUPPRESS keeps the value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=argparse.SUPPRESS, help="store folder")
+    common.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="store folder")
     common.add_argument("--tiny", action="store_true", default=argparse.SUPPRESS, help="use the tiny test model")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -108,12 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def store_folder(args: argparse.Namespace) -> Path:
+    return Path(args.store) if args.store is not None else default_store()
+
+
 def open_db(args: argparse.Namespace) -> NeuralDatabase:
     from .engine import NeuralDatabase
 
     if args.tiny:
-        return NeuralDatabase.tiny_for_tests(args.store)
-    return NeuralDatabase(args.store)
+        return NeuralDatabase.tiny_for_tests(store_folder(args))
+    return NeuralDatabase(store_folder(args))
 
 
 def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> Table:
@@ -167,18 +181,18 @@ def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
         print(_summary(info))
 
 
-def cmd_list(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+def cmd_list(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
     infos = db.list()
     if args.json:
         for info in infos:
             print(json.dumps(info.to_dict()))
     elif not infos:
-        print(f"no documents in {args.store}; add one with: coda-db ingest FILE")
+        print(f"no documents in {db.folder}; add one with: coda-db ingest FILE")
     else:
-        console.print(document_table(infos, title=f"{len(infos)} document(s) in {args.store}"))
+        console.print(document_table(infos, title=f"{len(infos)} document(s) in {db.folder}"))
 
 
-def cmd_show(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+def cmd_show(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
     info = db.show(parse_ref(args.ref))
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -205,13 +219,13 @@ def cmd_ask(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> N
     sys.stdout.flush()
 
 
-def cmd_delete(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+def cmd_delete(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
     info = db.show(parse_ref(args.ref))
     db.delete(info.id)
     print(f"deleted #{info.id} {info.label!r}")
 
 
-def cmd_export(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+def cmd_export(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
     dest = db.export(parse_ref(args.ref), args.dest)
     print(f"wrote {dest} ({format_bytes(dest.stat().st_size)})")
 
@@ -223,20 +237,13 @@ def cmd_import(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
 def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
     from .server import serve
 
-    print(f"serving {args.store} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    print(f"serving {db.folder} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(db, host=args.host, port=args.port)
 
 
-COMMANDS = {
-    "ingest": cmd_ingest,
-    "list": cmd_list,
-    "show": cmd_show,
-    "ask": cmd_ask,
-    "delete": cmd_delete,
-    "export": cmd_export,
-    "import": cmd_import,
-    "serve": cmd_serve,
-}
+MODEL_COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "import": cmd_import, "serve": cmd_serve}
+# these read or change only the index and the state files: no model is loaded for them
+STORE_COMMANDS = {"list": cmd_list, "show": cmd_show, "delete": cmd_delete, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
-        COMMANDS[args.command](open_db(args), args, Console())
+        if args.command in STORE_COMMANDS:
+            STORE_COMMANDS[args.command](DocumentStore(store_folder(args)), args, Console())
+        else:
+            MODEL_COMMANDS[args.command](open_db(args), args, Console())
     except NeuralDBError as err:
         print(f"coda-db: error: {err}", file=sys.stderr)
         return 2

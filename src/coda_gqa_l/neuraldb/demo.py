@@ -7,8 +7,9 @@ beyond the window of the question at the end), saves the state, then asks questi
 fresh process that only loads the saved state. Prints the answers, whether each holds the
 expected fact, the state size next to the full-cache size, and the times.
 
-Until the project's trained CoDA weights ship, the model is the untrained cold swap: the
-answers show what the state keeps without training, honestly.
+The store is ``demo-store`` in the user data folder (``$XDG_DATA_HOME/coda-gqa-l`` on Linux)
+unless ``--store`` names another; its path is printed, and nothing is written into the
+current folder.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def sample_text() -> str:
     return resources.files("coda_gqa_l.neuraldb").joinpath("samples").joinpath(SAMPLE).read_text(encoding="utf-8")
 
 
+def default_demo_store() -> Path:
+    """The demo's own store, in the user data folder (never in the current folder)."""
+    from ..fetch import data_dir
+
+    return data_dir() / "demo-store"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -49,7 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .engine import NeuralDatabase
 
     console = Console()
-    store = Path(getattr(args, "store", None) or "coda-db-store")
+    store = Path(getattr(args, "store", None) or default_demo_store())
     if getattr(args, "fresh", False) and store.exists():
         shutil.rmtree(store)
     console.print(f"[bold]1. Loading SmolLM2-135M-Instruct[/] and converting it to bounded CoDA (store: {store})")
@@ -114,7 +122,7 @@ def _ask_in_this_process(store: str, doc_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The neural database demo on the embedded default model.")
-    parser.add_argument("--store", default="coda-db-store")
+    parser.add_argument("--store", default=None, help="store folder (default: demo-store in the user data folder)")
     parser.add_argument("--fresh", action="store_true", help="start from an empty store")
     parser.add_argument("--ask", nargs=2, metavar=("STORE", "DOC_ID"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

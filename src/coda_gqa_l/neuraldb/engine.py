@@ -19,7 +19,6 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,47 +26,17 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig
-from ..statefile import StateFileError, atomic_write_bytes, module_fingerprint, read_state_metadata
-from .store import DocumentIndex, DocumentInfo
+from ..data.prompts import PromptFormat
+from ..models.hf_compat import cache_kwargs
+from ..statefile import StateFileError, module_fingerprint, read_state_metadata
+from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
+from .errors import NeuralDBError
+from .store import DocumentInfo, DocumentStore
 from .tokenizer import ByteTokenizer
 
 # The shipped weights' config (``pretrained.shipped_config()``, a test keeps them equal): medium with
 # 4 sinks, routed with the thresholds measured for those weights (benchmarks/RESULTS.md)
 DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4, novelty=0.9, match=0.97, max_inserts=16)
-
-
-class NeuralDBError(Exception):
-    """A request the database cannot serve; the message says why."""
-
-
-class DocumentNotFound(NeuralDBError):
-    pass
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a document, a question and a follow-up are laid out as text."""
-
-    document_prefix: str
-    question: str
-    follow_up: str
-    stop_strings: tuple[str, ...] = ()
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any) -> PromptFormat:
-        template = str(getattr(tokenizer, "chat_template", "") or "")
-        if "<|im_start|>" in template:
-            return cls(
-                document_prefix="<|im_start|>user\n",
-                question="\n\nQuestion: {question}<|im_end|>\n<|im_start|>assistant\n",
-                follow_up="<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
-                stop_strings=("<|im_end|>",),
-            )
-        return cls(
-            document_prefix="",
-            question="\n\nQuestion: {question}\nAnswer:",
-            follow_up="\nQuestion: {question}\nAnswer:",
-        )
 
 
 def _sha256_text(text: str) -> str:
@@ -99,9 +68,8 @@ class NeuralDatabase:
             model, tokenizer = default_model()
         if tokenizer is None:
             raise NeuralDBError("a model needs its tokenizer")
-        self.folder = Path(folder)
-        self.states_dir = self.folder / "states"
-        self.states_dir.mkdir(parents=True, exist_ok=True)
+        self.store = DocumentStore(folder)
+        self.folder, self.states_dir, self.index = self.store.folder, self.store.states_dir, self.store.index
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
@@ -110,7 +78,6 @@ class NeuralDatabase:
         self.layers = len(modules)
         self._per_token_bytes = sum(m.full_cache_bytes(1) for m in modules)
         self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
-        self.index = DocumentIndex(self.folder / "index.sqlite")
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
 
@@ -165,7 +132,7 @@ class NeuralDatabase:
         ):
             for start in range(0, ids.shape[1], self.chunk_tokens):
                 piece = ids[:, start : start + self.chunk_tokens]
-                base(input_ids=piece, past_key_values=cache, use_cache=True)
+                base(input_ids=piece, **cache_kwargs(cache), use_cache=True)
                 bar.update(piece.shape[1])
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         label = label or text.strip().splitlines()[0][:60]
@@ -217,13 +184,10 @@ class NeuralDatabase:
 
     # ------------------------------------------------------------------ read
     def list(self) -> list[DocumentInfo]:
-        return self.index.all()
+        return self.store.list()
 
     def show(self, ref: int | str) -> DocumentInfo:
-        info = self.index.get(ref)
-        if info is None:
-            raise DocumentNotFound(f"no document {ref!r} in {self.folder}")
-        return info
+        return self.store.show(ref)
 
     def _load(self, info: DocumentInfo) -> Any:
         from ..models.cache import BoundedCache
@@ -254,16 +218,11 @@ class NeuralDatabase:
 
     # ------------------------------------------------------------------ manage
     def delete(self, ref: int | str) -> None:
-        info = self.show(ref)
-        self.index.delete(info.id)
-        (self.states_dir / info.state_file).unlink(missing_ok=True)
+        self.store.delete(ref)
 
     def export(self, ref: int | str, dest: str | Path) -> Path:
         """Copy document ``ref``'s state file to ``dest`` (atomically)."""
-        info = self.show(ref)
-        dest = Path(dest)
-        atomic_write_bytes(dest, (self.states_dir / info.state_file).read_bytes())
-        return dest
+        return self.store.export(ref, dest)
 
     def import_state(self, path: str | Path, *, label: str | None = None) -> DocumentInfo:
         """Add a state file exported from a database with the same model and config."""
@@ -325,7 +284,7 @@ class Session:
         # Inference mode is entered per step, not across the generator's yields: it is
         # per thread, and a web server may resume the generator on another thread.
         with torch.inference_mode():
-            return self.db.model(ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            return self.db.model(ids, **cache_kwargs(self.cache), use_cache=True).logits[:, -1]
 
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
         db = self.db

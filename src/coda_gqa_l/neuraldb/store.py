@@ -1,4 +1,7 @@
-"""The store's SQLite index: one row per ingested document, written in transactions.
+"""A store folder: its SQLite index (one row per ingested document, written in transactions) and its state files.
+
+``DocumentStore`` is everything that needs no model: list, show, delete and export read or change
+only the index and the files, so ``coda-db list`` answers at once instead of loading a model first.
 
 The index lives next to the state files (``<store>/index.sqlite``) in WAL mode, so readers never
 block the writer and two processes writing the same store serialize on SQLite's lock instead of
@@ -12,6 +15,9 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..statefile import atomic_write_bytes
+from .errors import DocumentNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -134,3 +140,37 @@ class DocumentIndex:
     def delete(self, doc_id: int) -> None:
         with self._connect() as conn:
             conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
+
+
+class DocumentStore:
+    """A store folder: ``index.sqlite`` and ``states/`` (created if missing). Needs no model."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.states_dir = self.folder / "states"
+        self.states_dir.mkdir(parents=True, exist_ok=True)
+        self.index = DocumentIndex(self.folder / "index.sqlite")
+
+    def list(self) -> list[DocumentInfo]:
+        return self.index.all()
+
+    def show(self, ref: int | str) -> DocumentInfo:
+        info = self.index.get(ref)
+        if info is None:
+            raise DocumentNotFound(f"no document {ref!r} in {self.folder}")
+        return info
+
+    def state_path(self, info: DocumentInfo) -> Path:
+        return self.states_dir / info.state_file
+
+    def delete(self, ref: int | str) -> None:
+        info = self.show(ref)
+        self.index.delete(info.id)
+        self.state_path(info).unlink(missing_ok=True)
+
+    def export(self, ref: int | str, dest: str | Path) -> Path:
+        """Copy document ``ref``'s state file to ``dest`` (atomically)."""
+        info = self.show(ref)
+        dest = Path(dest)
+        atomic_write_bytes(dest, self.state_path(info).read_bytes())
+        return dest
