@@ -6,7 +6,7 @@ set -euo pipefail
 parts=${1:-/tmp}
 name=SmolLM2-135M-Instruct.Q4_1.gguf
 sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # SMOLLM2_135M in models/loader.py
-out="${CODA_GQA_L_CACHE:-$HOME/.cache/coda-gqa-l}/gguf/$name"
+out="${CODA_GQA_L_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coda-gqa-l}/gguf/$name"
 mkdir -p "$(dirname "$out")"
 cat "$parts/$name.part-a" "$parts/$name.part-b" > "$out.tmp"
 if [ "$(sha256sum "$out.tmp" | cut -d' ' -f1)" != "$sha256" ]; then

@@ -234,3 +234,33 @@ def test_retuned_weights_file_keeps_the_tensors_and_records_why(tmp_path: Path) 
     _write(tensors, {**meta, "convert": {**meta["convert"], "bounded": None}}, phase1)
     with pytest.raises(WeightsFileError, match="no bank routing"):
         retune_weights_file(phase1, target, {"novelty": 0.8}, reason="bad")
+
+
+def test_fact_rows_and_recurring_keep_targets(tmp_path: Path) -> None:
+    """Phase 2 with fact documents only: each row asks about facts in the training split, its answer
+    tokens are scored and its keep targets are the values' tokens; plain rows with --recurring-keep
+    mark capitalised words and numbers that occur again two windows later."""
+    from coda_gqa_l.training.data import RecurringTokens, batches
+
+    _, tok = tiny_llama()
+    text = TEXT + " Tobias went north. " + TEXT[:2000] + " Tobias came back in 1987."
+    stream = tok.encode(text)
+    rows = batches(stream, tok, seq_len=600, batch_size=4, seed=0, fact_fraction=1.0, min_distance=256)
+    batch = next(rows)
+    assert batch.input_ids.shape == (4, 600) and batch.keep_mask.any(1).all() and batch.answer_mask.any(1).all()
+    for ids, keep, answer in zip(batch.input_ids, batch.keep_mask, batch.answer_mask, strict=True):
+        kept = tok.decode(ids[keep].tolist())
+        answered = tok.decode(ids[1:][answer[:-1]].tolist())  # the answer tokens (targets of the masked positions)
+        assert any(value.strip() and value.strip() in kept for value in answered.split("\n")), (kept, answered)
+    recurring = RecurringTokens(stream, tok, common=0)
+    positions = recurring.positions(stream, min_distance=256)
+    assert positions and all(tok.decode([stream[p]]).isupper() or tok.decode([stream[p]]).isdigit() for p in positions)
+    out = tmp_path / "run"
+    settings = ("--phase1-steps", "0", "--phase2-steps", "2", "--fact-fraction", "0.5", "--retrieval-fraction", "0.2")
+    assert _train(out, *settings, "--recurring-keep") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["gate"] > 0 for r in log)
+    from coda_gqa_l.training.weights import read_coda_meta
+
+    training = read_coda_meta(out / "coda.safetensors")["training"]
+    assert training["fact_fraction"] == 0.5 and training["recurring_keep"] is True

@@ -68,7 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per update")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--retrieval-fraction", type=float, default=0.5, help="phase-2 rows that are retrieval documents")
+    p.add_argument(
+        "--retrieval-fraction", type=float, default=0.5, help="phase-2 rows that are pass-key documents (default 0.5)"
+    )
+    fact_help = "phase-2 rows that are fact documents: names, places, dates, ... asked at the end (default 0)"
+    p.add_argument("--fact-fraction", type=float, default=0.0, help=fact_help)
+    recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
+    p.add_argument("--recurring-keep", action="store_true", help=recurring_help)
     p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
     p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the retrieval answers' loss")
     gate_help = "phase 2: weight of the write-gate hinge loss (keys kept, other tokens refused; 0 turns it off)"
@@ -191,6 +197,8 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "trainable": args.trainable,
         "lr": args.lr,
         "retrieval_fraction": args.retrieval_fraction,
+        "fact_fraction": args.fact_fraction,
+        "recurring_keep": args.recurring_keep,
         "gate_supervision": {
             "weight": args.gate_weight,
             "keep": args.gate_keep,
@@ -291,6 +299,8 @@ def _run_phase(
         batch_size=args.batch_size,
         seed=args.seed * 1_000_003 + phase * 10_007 + step + 7_919 * cluster.rank,  # resumed runs draw fresh ones
         retrieval_fraction=args.retrieval_fraction if phase == 2 else 0.0,
+        fact_fraction=args.fact_fraction if phase == 2 else 0.0,
+        recurring_keep=args.recurring_keep and phase == 2,
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"

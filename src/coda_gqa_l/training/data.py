@@ -1,5 +1,16 @@
-"""Training batches: packed language-model windows, and (phase 2) retrieval documents whose key
-sits far beyond the window, so that the write gate learns what to keep (SPEC 5)."""
+"""Training batches: packed language-model windows and, in phase 2, documents that teach the state
+what to keep (SPEC 5):
+
+* pass-key documents (``retrieval_fraction``): a numeric key far beyond the window;
+* fact documents (``fact_fraction``, ``data/facts.py``): names, places, organisations, numbers,
+  dates, colours, objects, phrases and codes stated once, early, and asked at the end in the
+  neural database's own prompt layout; the answer tokens get the answer loss;
+* plain windows, whose keep targets can come from the text itself (``recurring_keep``): tokens
+  of capitalised words and numbers that occur again more than ``min_distance`` tokens later in
+  the same window (a heuristic; no named-entity model is available here).
+
+``keep_mask`` marks the write gate's keep targets: the tokens an answer copies (key digits, fact
+values), and the recurring tokens above; every other token is taught to stay out of the bank."""
 
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..data.facts import FactSampler, make_fact_document
+from ..data.prompts import PromptFormat
 from ..evaluation.passkey import PasskeyDocument, make_document
 
 IGNORE = -100
@@ -57,6 +70,37 @@ def training_document(
             keys -= 1
 
 
+class RecurringTokens:
+    """Keep targets from plain text: tokens that spell a capitalised word or a number and recur far later.
+
+    A token qualifies when its text holds a digit or starts (after spaces) with a capital letter,
+    and it is not among the ``common`` most frequent such tokens of the training stream (sentence
+    openers like " The"). Position ``i`` is a target when the same token occurs again at least
+    ``min_distance`` tokens later in the row: the model will need it after it has left the window.
+    """
+
+    def __init__(self, stream: list[int], tokenizer: object, common: int = 200) -> None:
+        decode = tokenizer.decode  # type: ignore[attr-defined]
+        counts: dict[int, int] = {}
+        for token in stream:
+            counts[token] = counts.get(token, 0) + 1
+        salient = {t for t in counts if _salient(decode([t]))}
+        frequent = sorted(salient, key=lambda t: -counts[t])[:common]
+        self.tokens = salient - set(frequent)
+
+    def positions(self, ids: list[int], min_distance: int) -> list[int]:
+        last: dict[int, int] = {}
+        for i, token in enumerate(ids):
+            if token in self.tokens:
+                last[token] = i
+        return [i for i, token in enumerate(ids) if token in self.tokens and last[token] - i >= min_distance]
+
+
+def _salient(text: str) -> bool:
+    stripped = text.strip()
+    return bool(stripped) and (any(c.isdigit() for c in stripped) or stripped[0].isupper())
+
+
 def batches(
     stream: list[int],
     tokenizer: object,
@@ -65,29 +109,69 @@ def batches(
     batch_size: int,
     seed: int,
     retrieval_fraction: float = 0.0,
+    fact_fraction: float = 0.0,
+    recurring_keep: bool = False,
     min_distance: int = 0,
 ) -> Iterator[Batch]:
-    """Endless batches of random ``seq_len`` windows of ``stream``; a ``retrieval_fraction`` of
-    the rows are passkey documents (training phrasings) built on the same stream."""
+    """Endless batches of random ``seq_len`` windows of ``stream``; a ``retrieval_fraction`` of the
+    rows are passkey documents and a ``fact_fraction`` fact documents (training phrasings and
+    values only), built on the same stream; see the module docstring for ``recurring_keep``."""
     if len(stream) <= seq_len + 1:
         raise ValueError(f"the training text has {len(stream)} tokens, a sequence needs {seq_len + 1}")
+    if retrieval_fraction < 0 or fact_fraction < 0 or retrieval_fraction + fact_fraction > 1:
+        raise ValueError(f"need fractions >= 0 summing to at most 1, got {retrieval_fraction} and {fact_fraction}")
     rng = random.Random(seed)
+    sampler = FactSampler("train") if fact_fraction > 0 else None
+    layout = PromptFormat.for_tokenizer(tokenizer)
+    recurring = RecurringTokens(stream, tokenizer) if recurring_keep else None
     while True:
         rows, labels, answers, keeps = [], [], [], []
         for _ in range(batch_size):
             keep = torch.zeros(seq_len, dtype=torch.bool)
-            if rng.random() < retrieval_fraction:
+            draw = rng.random()
+            if draw < retrieval_fraction:
                 doc = training_document(tokenizer, stream, rng, length=seq_len, min_distance=min_distance)
                 ids = doc.ids
                 answer = torch.zeros(len(ids), dtype=torch.bool)
                 answer[doc.answer_start - 1 : len(ids) - 1] = True
                 keep[doc.key_positions] = True
+            elif sampler is not None and draw < retrieval_fraction + fact_fraction:
+                ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep)
             else:
                 start = rng.randrange(len(stream) - seq_len - 1)
                 ids = torch.tensor(stream[start : start + seq_len])
                 answer = torch.zeros(seq_len, dtype=torch.bool)
+                if recurring is not None:
+                    keep[recurring.positions(ids.tolist(), min_distance)] = True
             rows.append(ids)
             labels.append(_shifted(ids))
             answers.append(answer)
             keeps.append(keep)
         yield Batch(torch.stack(rows), torch.stack(labels), torch.stack(answers), torch.stack(keeps))
+
+
+def _fact_row(
+    tokenizer: object,
+    layout: PromptFormat,
+    stream: list[int],
+    rng: random.Random,
+    sampler: FactSampler,
+    seq_len: int,
+    min_distance: int,
+    keep: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """A fact document of exactly ``seq_len`` tokens (1 to 6 facts, 1 to 3 asked; fewer when they do
+    not fit ``min_distance`` before the questions); sets ``keep``."""
+    facts = rng.choice((1, 1, 2, 3, 4, 6))
+    while True:
+        try:
+            doc = make_fact_document(tokenizer, layout, stream, rng, sampler=sampler, length=seq_len,
+                                     num_facts=facts, num_asked=rng.randint(1, min(3, facts)),
+                                     min_distance=min_distance)  # fmt: skip
+            break
+        except ValueError:
+            if facts == 1:
+                raise
+            facts -= 1
+    keep[doc.keep_positions] = True
+    return doc.ids, doc.answer_mask

@@ -1,0 +1,103 @@
+"""Fact documents (data/facts.py): kinds, splits that never leak, keep targets from the answers' tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coda_gqa_l.data.facts import (
+    KINDS,
+    RELATIONS,
+    Fact,
+    FactSampler,
+    Relation,
+    answer_holds,
+    make_fact_document,
+    relations,
+    value_lists,
+)
+from coda_gqa_l.data.prompts import PromptFormat
+from coda_gqa_l.neuraldb.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+LAYOUT = PromptFormat.for_tokenizer(TOKENIZER)
+FILLER = list(TOKENIZER.encode("The river runs past the old town and the fields beyond it. " * 400))
+
+
+def test_at_least_a_hundred_patterns_over_every_kind_and_both_splits() -> None:
+    assert len(RELATIONS) >= 100 and len(set(RELATIONS)) == len(RELATIONS)
+    train, held_out = relations("train"), relations("eval")
+    assert set(train).isdisjoint(held_out) and len(train) + len(held_out) == len(RELATIONS)
+    for kind in KINDS:
+        assert any(r.kind == kind for r in train) and any(r.kind == kind for r in held_out), kind
+    for relation in RELATIONS:
+        assert "{value}" in relation.statement and "{subject}" in relation.statement, relation
+        assert "{value}" not in relation.question and relation.question.endswith("?"), relation
+
+
+def test_evaluation_value_lists_never_reach_training() -> None:
+    train, held_out = value_lists("train"), value_lists("eval")
+    for name in train:
+        if name == "company_suffix":  # a shared connective ("Ltd"), not a value by itself
+            continue
+        assert train[name] and held_out[name], name
+        assert set(train[name]).isdisjoint(held_out[name]), name
+
+
+def test_no_evaluation_pattern_or_value_in_training_documents() -> None:
+    held_out = value_lists("eval")
+    eval_statements = {r.statement.split("{")[0] for r in relations("eval") if not r.statement.startswith("{")}
+    sampler = FactSampler("train")
+    rng = random.Random(0)
+    for _ in range(200):
+        doc = make_fact_document(TOKENIZER, LAYOUT, FILLER, rng, sampler=sampler, length=1500, num_facts=4, num_asked=2)
+        for fact in doc.facts:
+            assert fact.relation in sampler.relations
+            words = fact.value.split()
+            if fact.kind == "person":
+                assert words[0] not in held_out["first"] and words[1] not in held_out["last"]
+            if fact.kind in ("place", "colour", "object"):
+                assert fact.value not in held_out[fact.kind]
+            assert fact.subject not in held_out["subject"]
+        text = TOKENIZER.decode(doc.ids.tolist())
+        assert not any(s.strip() and s in text for s in eval_statements if len(s) > 25)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_keep_positions_spell_the_values_and_answers_are_scored(split: str) -> None:
+    sampler = FactSampler(split)
+    rng = random.Random(1)
+    for _ in range(50):
+        doc = make_fact_document(
+            TOKENIZER, LAYOUT, FILLER, rng, sampler=sampler, length=2000, num_facts=3, num_asked=3, min_distance=500
+        )
+        ids = doc.ids.tolist()
+        kept = TOKENIZER.decode([ids[i] for i in doc.keep_positions])
+        assert kept == "".join(f" {f.value}" if not f.relation.statement.count('"') else f.value for f in doc.facts)
+        assert abs(len(ids) - 2000) < 5
+        for fact, (start, end) in zip(doc.asked, doc.answer_spans, strict=True):
+            assert TOKENIZER.decode(ids[start:end]) == f" {fact.value}\n"
+            assert bool(doc.answer_mask[start - 1 : end - 1].all())  # next-token positions of the answer
+            assert start - max(doc.fact_positions) > 500  # every fact at least min_distance back
+        assert int(doc.answer_mask.sum()) == sum(end - start for start, end in doc.answer_spans)
+
+
+def test_the_no_fact_control_asks_about_facts_it_does_not_hold() -> None:
+    rng = random.Random(2)
+    doc = make_fact_document(
+        TOKENIZER, LAYOUT, FILLER, rng, sampler=FactSampler("eval"), length=1200, num_facts=2, include_facts=False
+    )
+    text = TOKENIZER.decode(doc.ids.tolist())
+    assert doc.keep_positions == [] and doc.asked[0].value not in text.split("Question:")[0]
+
+
+def test_answers_are_scored_on_normalised_values_and_other_facts_refused() -> None:
+    relation = Relation("person", "{subject} is run by {value}.", "Who runs {subject}?")
+    wren, other = Fact(relation, "the station", "Tobias Wren"), Fact(relation, "the station", "Ilse Marrow")
+    assert answer_holds("tobias wren.", wren, [other])
+    assert answer_holds("The engineer is Tobias  Wren!", wren, [other])
+    assert not answer_holds("Tobias", wren, [other])
+    assert not answer_holds("Tobias Wren or Ilse Marrow", wren, [other])
+    year = Fact(Relation("year", "{subject} began in {value}.", "When?"), "it", "1987")
+    assert not answer_holds("19870", year) and answer_holds("in 1987.", year)
