@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig
+from ..data.facts import KINDS
 from ..models.hf_compat import cache_kwargs
 from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
@@ -62,6 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
     p.add_argument("--trials", type=int, default=50, help="passkey trials per cell (0: perplexity only)")
     p.add_argument("--keys", nargs="+", type=int, default=[1], help="needles per document (multi-key: 3)")
+    fact_help = "fact-recall trials per kind and length (names, places, dates, ...; 0: none, the default)"
+    p.add_argument("--fact-trials", type=int, default=0, help=fact_help)
+    p.add_argument("--fact-lengths", nargs="+", type=int, default=[4096, 16384], help="fact document lengths")
+    p.add_argument("--fact-kinds", nargs="+", default=list(KINDS), choices=KINDS, help="fact kinds (default all)")
+    multi_help = "also documents holding this many facts, all asked (0: none; the issue's target uses 5)"
+    p.add_argument("--fact-multi", type=int, default=0, help=multi_help)
+    control_help = "no-fact control: the same questions on documents without the fact (what priors guess)"
+    p.add_argument("--fact-control", action="store_true", help=control_help)
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward when reading a stream")
     p.add_argument("--batch", type=int, default=10, help="passkey documents per forward")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     check_lengths(args.lengths)
     ppl_texts, hay = _texts(args, tokenizer)
     window = BoundedConfig.preset(args.config, num_sink=args.num_sink).window
-    results: dict[str, Any] = {"meta": _meta(args, device, dtype), "perplexity": [], "passkey": []}
+    results: dict[str, Any] = {"meta": _meta(args, device, dtype), "perplexity": [], "passkey": [], "facts": []}
+    fact_hay = _fact_haystack(args, tokenizer, hay) if args.fact_trials else []
     from tqdm import tqdm
 
     for name in tqdm(args.methods, desc="methods", unit="method"):
@@ -267,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["perplexity"].append({"method": name, "text": text, **row})
         for row in passkey_rows(model, bounded, tokenizer, hay, args, window, deadline):
             results["passkey"].append({"method": name, **row})
+        for row in fact_recall_rows(model, bounded, tokenizer, fact_hay, args, window, deadline):
+            results["facts"].append({"method": name, **row})
         del model
         # tables and plots after every method: a run stopped from outside keeps what it measured
         written = write_report(results, args.out)
@@ -318,6 +330,35 @@ def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Te
         texts[name] = torch.tensor([ids[:longest]])
     hay = token_stream([d.text for d in load_essays("all")], tokenizer)
     return texts, hay
+
+
+def fact_recall_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int], args: argparse.Namespace,
+                     window: int, deadline: float | None) -> list[dict]:  # fmt: skip
+    """Fact recall (evaluation/fact_recall.py): single facts of every kind, the no-fact control, and
+    documents of ``--fact-multi`` facts, each at least two windows before the question."""
+    from .fact_recall import fact_rows
+
+    if args.fact_trials == 0:
+        return []
+    common = dict(lengths=args.fact_lengths, trials=args.fact_trials, min_distance=2 * window, seed=args.seed,
+                  batch=args.batch, chunk=args.chunk, deadline=deadline)  # fmt: skip
+    rows = fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, **common)  # type: ignore[arg-type]
+    if args.fact_control:
+        rows += fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, include_facts=False, **common)  # type: ignore[arg-type]
+    if args.fact_multi > 1:
+        rows += fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, num_facts=args.fact_multi, **common)  # type: ignore[arg-type]
+    return rows
+
+
+def _fact_haystack(args: argparse.Namespace, tokenizer: Any, essays: list[int]) -> list[int]:
+    """Held-out haystacks for fact documents: the essays (never trained on) and held-out Wikipedia."""
+    from ..training.data import token_stream
+
+    if args.tiny_model:
+        return essays
+    from ..data import load_wikipedia
+
+    return essays + token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)
 
 
 def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

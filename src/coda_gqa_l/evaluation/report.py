@@ -20,6 +20,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for text in dict.fromkeys(r.get("text", "wikipedia") for r in results["perplexity"]):
         lines += _perplexity_table(text, [r for r in results["perplexity"] if r.get("text", "wikipedia") == text])
+    lines += _fact_table(results.get("facts", []))
     if not results["passkey"]:
         return "\n".join(lines) + "\n"
     lines += ["", "### Passkey retrieval (essays; key at least two windows before the question)", ""]
@@ -35,6 +36,26 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['accuracy']:.0%} | {low:.0%}-{high:.0%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fact_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Fact recall: one line per method, kind (or "N facts") and length, the control marked."""
+    if not rows:
+        return []
+    lines = ["", "### Fact recall (evaluation-only patterns, values and haystacks; at least two windows back)", ""]
+    lines.append("| method | kind | length | facts in document | correct / asked | accuracy | 95% interval |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        kind = f"{r['kind']} (no-fact control)" if r.get("control") else r["kind"]
+        if "accuracy" not in r:
+            lines.append(f"| {r['method']} | {kind} | {r['length']:,} | | {r.get('status', '')} | | |")
+            continue
+        low, high = r["ci95"]
+        lines.append(
+            f"| {r['method']} | {kind} | {r['length']:,} | {r['facts'] if not r.get('control') else 0} "
+            f"| {r['correct']} / {r['asked']} | {r['accuracy']:.0%} | {low:.0%}-{high:.0%} |"
+        )
+    return lines + [""]
 
 
 TEXT_TITLES = {
@@ -110,7 +131,39 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     if rows:
         paths.append(out / "passkey.png")
         _passkey_heatmaps(plt, rows, paths[-1])
+    facts = [r for r in results.get("facts", []) if "accuracy" in r]
+    if facts:
+        paths.append(out / "facts.png")
+        _fact_heatmaps(plt, facts, paths[-1])
     return paths
+
+
+def _fact_heatmaps(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:
+    """One kind x method heat map per context length (controls as their own columns)."""
+    lengths = sorted({r["length"] for r in rows})
+    columns = list(dict.fromkeys(r["method"] + (" (control)" if r.get("control") else "") for r in rows))
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    size = (max(4.0, 1.1 * len(columns) + 2) * len(lengths), max(3.0, 0.4 * len(kinds) + 1.6))
+    figure, axes = plt.subplots(1, len(lengths), figsize=size, squeeze=False, layout="constrained")
+    image = None
+    for axis, length in zip(axes[0], lengths, strict=True):
+        cell = {(r["kind"], r["method"] + (" (control)" if r.get("control") else "")): r for r in rows
+                if r["length"] == length}  # fmt: skip
+        grid = [[cell[(k, c)]["accuracy"] if (k, c) in cell else float("nan") for c in columns] for k in kinds]
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, k in enumerate(kinds):
+            for j, c in enumerate(columns):
+                r = cell.get((k, c))
+                axis.text(j, i, "-" if r is None else f"{r['correct']}/{r['asked']}", ha="center", va="center",
+                          color="w", fontsize=7)  # fmt: skip
+        axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+        axis.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        axis.set_title(f"{length // 1024}K tokens" if length >= 1024 else f"{length} tokens", fontsize=9)
+    if image is not None:
+        figure.colorbar(image, ax=axes, label="answers holding the fact", shrink=0.8)
+    figure.suptitle("Fact recall, fact at least two windows before the question", fontsize=10)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _passkey_heatmaps(plt: Any, rows: list[dict[str, Any]], path: Path) -> None:

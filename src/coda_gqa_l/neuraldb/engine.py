@@ -302,11 +302,23 @@ class Session:
                 break
             produced.append(token)
             text = db.tokenizer.decode(produced, skip_special_tokens=True)
+            line_end = _first_line_end(text)
+            if line_end is not None:  # an answer is one line: it stops where its first non-empty line ends
+                if line_end > len(shown):
+                    yield text[len(shown) : line_end]
+                break
             # wait for the rest of a multi-byte character before showing it
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text
             logits = self._logits(torch.tensor([[token]], device=db._device))
+
+
+def _first_line_end(text: str) -> int | None:
+    """Where the first non-empty line of ``text`` ends, or None while it has not ended."""
+    start = len(text) - len(text.lstrip())
+    end = text.find("\n", start)
+    return None if end < 0 else end
 
 
 def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
