@@ -101,3 +101,30 @@ def test_answers_are_scored_on_normalised_values_and_other_facts_refused() -> No
     assert not answer_holds("Tobias Wren or Ilse Marrow", wren, [other])
     year = Fact(Relation("year", "{subject} began in {value}.", "When?"), "it", "1987")
     assert not answer_holds("19870", year) and answer_holds("in 1987.", year)
+
+
+def _eight_grams(text: str) -> set[tuple[str, ...]]:
+    from coda_gqa_l.data.facts import normalise
+
+    words = normalise(text).split()
+    return {tuple(words[i : i + 8]) for i in range(len(words) - 7)}
+
+
+@pytest.mark.slow
+def test_sample_documents_share_no_eight_gram_with_training_data() -> None:
+    """The demo's documents test recall, not memory of the training data: no 8 words in a row in common with
+    the fact patterns, the pass-key phrasings, or Wikipedia's train split (the phase-2 haystack)."""
+    from coda_gqa_l.data import load_wikipedia
+    from coda_gqa_l.evaluation.passkey import TRAIN_PHRASINGS
+    from coda_gqa_l.neuraldb.demo import SAMPLES, sample_text
+
+    training = " \n ".join(
+        [r.statement + " " + r.question for r in RELATIONS]
+        + [s + " " + q for s, q in TRAIN_PHRASINGS]
+        + [doc.text for doc in load_wikipedia("train")]
+    )
+    seen = set().union(*(_eight_grams(part) for part in training.split("\n")))
+    for filename, _, questions in SAMPLES.values():
+        text = sample_text(filename) + " ".join(q for q, _ in questions)
+        shared = _eight_grams(text) & seen
+        assert not shared, f"{filename} shares {sorted(shared)[:3]} with the training data"

@@ -220,3 +220,78 @@ def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     assert info.tokens > 1500
     answer = NeuralDatabase(store).ask("essay", "What is the pass key for the vault?", max_new_tokens=20)
     assert "95319" in answer
+
+
+def _rewrite_metadata(path: Path, out: Path, edit: object) -> Path:
+    """A copy of a state file whose metadata ``edit`` changed, checksum recomputed (what an attacker can do:
+    the checksum is an unkeyed SHA-256, integrity, not authenticity)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from coda_gqa_l.statefile import METADATA_KEY, _checksum
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    edit(meta)  # type: ignore[operator]
+    meta["checksum"] = _checksum(meta, tensors)
+    save_file(tensors, str(out), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("source_sha256", "../../outside/x", "extra.source_sha256"),
+        ("source_sha256", "/tmp/anywhere", "extra.source_sha256"),
+        ("source_sha256", "x/y", "extra.source_sha256"),
+        ("tokens", "lots", "extra.tokens"),
+        ("tokens", -5, "extra.tokens"),
+        ("label", ["not", "text"], "extra.label"),
+    ],
+)
+def test_import_checks_metadata_before_writing_anything(
+    db: NeuralDatabase, tmp_path: Path, field: str, value: object, needle: str
+) -> None:
+    info = db.ingest(DOC_A, label="keeper")
+    crafted = _rewrite_metadata(
+        db.states_dir / info.state_file, tmp_path / "crafted.state", lambda m: m["extra"].__setitem__(field, value)
+    )
+    other = NeuralDatabase.tiny_for_tests(tmp_path / "other")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(NeuralDBError, match=needle.replace(".", r"\.")):
+        other.import_state(crafted)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, inside the store or out
+    assert other.list() == []
+
+
+def test_imported_files_are_named_by_the_store_and_never_shared(db: NeuralDatabase, tmp_path: Path) -> None:
+    victim = db.ingest(DOC_A, label="victim")
+    other = db.ingest(DOC_B, label="other")
+    # a file claiming the victim's hash prefix (a valid hash of other text) must not replace the victim's state
+    spoof = victim.source_sha256[:20] + "0" * 44
+    crafted = _rewrite_metadata(
+        db.states_dir / other.state_file,
+        tmp_path / "spoof.state",
+        lambda m: m["extra"].__setitem__("source_sha256", spoof),
+    )
+    victim_bytes = (db.states_dir / victim.state_file).read_bytes()
+    imported = db.import_state(crafted, label="imported")
+    assert imported.state_file not in (victim.state_file, other.state_file)
+    assert (db.states_dir / victim.state_file).read_bytes() == victim_bytes
+    assert len({d.state_file for d in db.list()}) == 3
+
+
+def test_states_made_by_other_weights_are_refused_by_name(tmp_path: Path) -> None:
+    """A store made with older weights names them and says to re-ingest."""
+    store = tmp_path / "store"
+    old = NeuralDatabase.tiny_for_tests(store)
+    old.weights = "tiny-coda v1"
+    info = old.ingest(DOC_A, label="keeper")
+    new = NeuralDatabase.tiny_for_tests(store)
+    with __import__("torch").no_grad():
+        next(new.model.parameters()).add_(1.0)  # other weights: another fingerprint
+    new.fingerprint = __import__("coda_gqa_l").module_fingerprint(new.model)
+    new.weights = "tiny-coda v2"
+    with pytest.raises(NeuralDBError, match=r"other weights \(tiny-coda v1\).*tiny-coda v2.*re-ingest"):
+        new.ask(info.id, "Code?")

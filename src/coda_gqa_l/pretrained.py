@@ -18,6 +18,15 @@ from torch import nn
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
 
 
+def shipped_weights_label() -> str:
+    """A name for the shipped weights that changes with them: file name and the first 12 hex digits of its SHA-256.
+
+    The neural database records it with every state, so a store made with older weights is refused by name."""
+    from .fetch import sha256_file
+
+    return f"{SHIPPED_WEIGHTS.name} sha256:{sha256_file(SHIPPED_WEIGHTS)[:12]}"
+
+
 def shipped_config() -> Any:
     """The bounded config the shipped weights are read with (their training record says what they were trained with)."""
     from .config import BoundedConfig

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "Ingest the bundled sample document with the packaged model and ask it a few questions.")
     p.add_argument("--fresh", action="store_true", help="start from an empty store")
+    sample_help = "harbour: the Kestrel Point logbook, 5 questions (default); millbrook: the observatory, 10 questions"
+    p.add_argument("--sample", choices=["harbour", "millbrook"], default="harbour", help=sample_help)
     return parser
 
 

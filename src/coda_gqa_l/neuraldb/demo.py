@@ -32,10 +32,37 @@ QUESTIONS = (
     ("Where is the spare generator kept?", "blue shed"),
     ("In which year was the station founded?", "1987"),
 )
+# A second sample written for the project: 3,078 tokens, ten facts of ten kinds, each at least 1,400 tokens
+# (five windows) before the end; `coda-db demo --sample millbrook` asks it.
+SECOND_SAMPLE = "millbrook_observatory.txt"
+SECOND_QUESTIONS = (
+    ("Who is the head astronomer of the observatory?", "Marisol Quint"),
+    ("Where was the mirror of the great telescope ground?", "Valparaiso"),
+    ("Which company built the copper dome?", "Harrow Brothers Foundry"),
+    ("How much does the great telescope weigh?", "430 kilograms"),
+    ("On what date was first light through the great telescope recorded?", "14 October 1962"),
+    ("In which year was the observatory founded?", "1958"),
+    ("What colour is the dome painted?", "teal"),
+    ("What hangs above the door of the library?", "brass astrolabe"),
+    ("What motto is carved over the entrance?", "patience under clear skies"),
+    ("What is the code for the gate on the forest road?", "40917"),
+)
+SAMPLES = {"harbour": (SAMPLE, "Kestrel Point logbook", QUESTIONS),
+           "millbrook": (SECOND_SAMPLE, "Millbrook Observatory notebook", SECOND_QUESTIONS)}  # fmt: skip
 
 
-def sample_text() -> str:
-    return resources.files("coda_gqa_l.neuraldb").joinpath("samples").joinpath(SAMPLE).read_text(encoding="utf-8")
+def sample_text(name: str = SAMPLE) -> str:
+    return resources.files("coda_gqa_l.neuraldb").joinpath("samples").joinpath(name).read_text(encoding="utf-8")
+
+
+def holds_fact(answer: str, expected: str, others: tuple[str, ...] = ()) -> bool:
+    """The demo's score: the answer holds the expected value (normalised) and no other question's value."""
+    from ..data.facts import normalise
+
+    said = f" {normalise(answer)} "
+    if f" {normalise(expected)} " not in said:
+        return False
+    return not any(f" {normalise(o)} " in said for o in others if o != expected)
 
 
 def default_demo_store() -> Path:
@@ -65,9 +92,11 @@ def run_demo(args: argparse.Namespace) -> int:
     db = NeuralDatabase(store)
     load_seconds = time.perf_counter() - start
     console.print(f"   ready in {load_seconds:.1f} s")
-    console.print("[bold]2. Ingesting the sample document[/]")
+    sample = getattr(args, "sample", None) or "harbour"
+    filename, label, _ = SAMPLES[sample]
+    console.print(f"[bold]2. Ingesting the sample document[/] ({filename})")
     start = time.perf_counter()
-    info = db.ingest(sample_text(), label="Kestrel Point logbook", progress=True)
+    info = db.ingest(sample_text(filename), label=label, progress=True)
     ingest_seconds = time.perf_counter() - start
     note = " (already stored: not read again)" if info.duplicate else f" in {ingest_seconds:.1f} s"
     console.print(
@@ -75,10 +104,11 @@ def run_demo(args: argparse.Namespace) -> int:
         f"a full KV cache of the same tokens: {_mib(info.full_cache_bytes)}"
     )
     console.print("[bold]3. Asking in a fresh process[/] that loads only the saved state")
-    command = [sys.executable, "-m", "coda_gqa_l.neuraldb.demo", "--ask", str(store), str(info.id)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    command = [sys.executable, "-m", "coda_gqa_l.neuraldb.demo", "--ask", str(store), str(info.id), sample]
+    # the child's progress bars go to the terminal (stderr); its answers come back on stdout
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        console.print(result.stderr[-3000:])
+        console.print(f"the asking process failed with exit code {result.returncode}")
         return result.returncode
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     table = Table(title="Answers from the saved state (the document is not read again)")
@@ -98,14 +128,18 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_in_this_process(store: str, doc_id: str) -> None:
+def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour") -> None:
+    from tqdm import tqdm
+
     from .engine import NeuralDatabase
 
     start = time.perf_counter()
     db = NeuralDatabase(store)
     load_seconds = time.perf_counter() - start
+    questions = SAMPLES[sample][2]
+    values = tuple(expected for _, expected in questions)
     rows: list[dict[str, Any]] = []
-    for question, expected in QUESTIONS:
+    for question, expected in tqdm(questions, desc="asking", unit="question"):
         t0 = time.perf_counter()
         answer = db.ask(int(doc_id), question, max_new_tokens=40).strip()
         rows.append(
@@ -113,7 +147,7 @@ def _ask_in_this_process(store: str, doc_id: str) -> None:
                 "question": question,
                 "expected": expected,
                 "answer": answer,
-                "found": expected.lower() in answer.lower(),
+                "found": holds_fact(answer, expected, values),
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -124,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The neural database demo on the embedded default model.")
     parser.add_argument("--store", default=None, help="store folder (default: demo-store in the user data folder)")
     parser.add_argument("--fresh", action="store_true", help="start from an empty store")
-    parser.add_argument("--ask", nargs=2, metavar=("STORE", "DOC_ID"), help=argparse.SUPPRESS)
+    parser.add_argument("--sample", choices=sorted(SAMPLES), default="harbour", help="which sample document")
+    parser.add_argument("--ask", nargs=3, metavar=("STORE", "DOC_ID", "SAMPLE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ask:
         _ask_in_this_process(*args.ask)

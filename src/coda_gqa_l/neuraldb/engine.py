@@ -15,6 +15,7 @@ opens a user turn, the question closes it, and the assistant answers.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import sqlite3
 import time
@@ -61,11 +62,15 @@ class NeuralDatabase:
         tokenizer: Any = None,
         *,
         chunk_tokens: int = 1024,
+        weights: str | None = None,
     ) -> None:
         from ..models.cache import bounded_modules
 
         if model is None:
+            from ..pretrained import shipped_weights_label
+
             model, tokenizer = default_model()
+            weights = weights or shipped_weights_label()
         if tokenizer is None:
             raise NeuralDBError("a model needs its tokenizer")
         self.store = DocumentStore(folder)
@@ -73,6 +78,7 @@ class NeuralDatabase:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
+        self.weights = weights  # a name for the trained weights, recorded with each state (None: not known)
         modules = bounded_modules(model)
         self.config = modules[0].config.to_dict()
         self.layers = len(modules)
@@ -116,6 +122,9 @@ class NeuralDatabase:
 
         if not isinstance(text, str) or not text.strip():
             raise NeuralDBError("the document is empty")
+        label = check_label(
+            label if label is not None else " ".join(text.strip().split("\n", 1)[0].split())[:60] or "document"
+        )
         source = _sha256_text(text)
         existing = self.index.find_source(source, self.fingerprint, self.config)
         if existing is not None:
@@ -135,9 +144,10 @@ class NeuralDatabase:
                 base(input_ids=piece, **cache_kwargs(cache), use_cache=True)
                 bar.update(piece.shape[1])
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        label = label or text.strip().splitlines()[0][:60]
-        path = self.states_dir / f"{source[:20]}-{self.fingerprint[:8]}.state"
+        path = self.store.new_state_path()
         extra = {"label": label, "source_sha256": source, "tokens": int(ids.shape[1]), "created": created}
+        if self.weights:
+            extra["weights"] = self.weights
         cache.save(path, model_fingerprint=self.fingerprint, extra=extra)
         info = DocumentInfo(
             id=0,
@@ -161,6 +171,7 @@ class NeuralDatabase:
             existing = self.index.find_source(info.source_sha256, self.fingerprint, self.config)
             if existing is None:
                 raise
+            (self.states_dir / info.state_file).unlink(missing_ok=True)  # our copy is not needed
             existing.duplicate = True
             return existing
 
@@ -193,14 +204,31 @@ class NeuralDatabase:
         from ..models.cache import BoundedCache
 
         if info.model_fingerprint != self.fingerprint or info.config != self.config:
+            made_by = self._weights_of(info)
+            what = (
+                f"other weights ({made_by})"
+                if made_by and info.config == self.config
+                else "another model or config, or weights older than coda-gqa-l 0.2.0 (which did not record their name)"
+            )
+            uses = f"{self.weights}, " if self.weights else ""
             raise NeuralDBError(
-                f"document {info.id} ({info.label!r}) was ingested with another model or config "
-                f"(fingerprint {info.model_fingerprint[:12]}..., this database uses {self.fingerprint[:12]}...)"
+                f"document {info.id} ({info.label!r}) was ingested with {what} (fingerprint "
+                f"{info.model_fingerprint[:12]}..., this database uses {uses}fingerprint {self.fingerprint[:12]}...): "
+                f"a state only works with the model that made it; re-ingest the document to ask it with this one"
             )
         try:
             return BoundedCache.load(self.states_dir / info.state_file, self.model, model_fingerprint=self.fingerprint)
         except StateFileError as err:
             raise NeuralDBError(f"document {info.id} ({info.label!r}): {err}") from err
+
+    def _weights_of(self, info: DocumentInfo) -> str | None:
+        """The weights a stored state names in its metadata; states from before weights were recorded say so."""
+        try:
+            extra = read_state_metadata(self.states_dir / info.state_file).get("extra") or {}
+        except (StateFileError, OSError):
+            return None
+        weights = extra.get("weights")
+        return str(weights) if isinstance(weights, str) and weights else None
 
     def ask_stream(
         self, ref: int | str, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0
@@ -225,40 +253,80 @@ class NeuralDatabase:
         return self.store.export(ref, dest)
 
     def import_state(self, path: str | Path, *, label: str | None = None) -> DocumentInfo:
-        """Add a state file exported from a database with the same model and config."""
+        """Add a state file exported from a database with the same model and config.
+
+        Every metadata field the store uses is checked before anything is copied, and the copy gets
+        a name the store makes itself: nothing in the file decides where it is written."""
         from ..models.cache import BoundedCache
 
         path = Path(path)
         try:
             meta = read_state_metadata(path)
+            source, tokens, saved_label, created = _exported_fields(path, meta)
             cache = BoundedCache.load(path, self.model, model_fingerprint=self.fingerprint)
         except StateFileError as err:
             raise NeuralDBError(str(err)) from err
-        extra = meta.get("extra") or {}
-        source = extra.get("source_sha256")
-        if not source:
-            raise NeuralDBError(f"{path}: a state file, but not one exported from a neural database (no source hash)")
+        label = check_label(label if label is not None else saved_label or path.stem)
         existing = self.index.find_source(source, self.fingerprint, self.config)
         if existing is not None:
             existing.duplicate = True
             return existing
-        dest = self.states_dir / f"{source[:20]}-{self.fingerprint[:8]}.state"
+        dest = self.store.new_state_path()
         shutil.copyfile(path, dest)
-        tokens = int(extra.get("tokens", meta["positions"][0]))
         info = DocumentInfo(
             id=0,
-            label=label or str(extra.get("label") or path.stem),
+            label=label,
             source_sha256=source,
             model_fingerprint=self.fingerprint,
             config=self.config,
             tokens=tokens,
-            created=str(extra.get("created") or meta.get("created")),
+            created=created or str(meta.get("created")),
             state_bytes=cache.nbytes(),
             file_bytes=dest.stat().st_size,
             full_cache_bytes=self._per_token_bytes * tokens,
             state_file=dest.name,
         )
         return self._insert(info)
+
+
+MAX_LABEL = 200  # characters; a label names a document in lists and export file names
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_label(label: str) -> str:
+    """A label as the store keeps it: text of at most ``MAX_LABEL`` characters, no control characters."""
+    if not isinstance(label, str) or not label.strip():
+        raise NeuralDBError("a label must be non-empty text")
+    if len(label) > MAX_LABEL:
+        raise NeuralDBError(f"a label has at most {MAX_LABEL} characters, got {len(label)}")
+    if any(ord(c) < 32 for c in label) or any(0xD800 <= ord(c) <= 0xDFFF for c in label):
+        raise NeuralDBError("a label may not hold control characters or lone surrogates")
+    return label
+
+
+def _exported_fields(path: Path, meta: dict[str, Any]) -> tuple[str, int, str | None, str | None]:
+    """``(source_sha256, tokens, label, created)`` of an exported state, each checked for type and range."""
+    extra = meta.get("extra")
+    if not isinstance(extra, dict):
+        raise StateFileError(f"{path}: metadata field 'extra' is not an object")
+    source = extra.get("source_sha256")
+    if not isinstance(source, str) or not _SHA256.fullmatch(source):
+        raise StateFileError(
+            f"{path}: metadata field 'extra.source_sha256' must be 64 lower-case hex digits "
+            "(a state file, but not one exported from a neural database?)"
+        )
+    tokens = extra.get("tokens")
+    positions = meta.get("positions")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens < 2**40:
+        raise StateFileError(f"{path}: metadata field 'extra.tokens' must be a positive integer, got {tokens!r:.40}")
+    if isinstance(positions, list) and positions and positions[0] != tokens:
+        raise StateFileError(f"{path}: metadata field 'extra.tokens' ({tokens}) disagrees with the state's position")
+    label, created = extra.get("label"), extra.get("created")
+    if label is not None and not isinstance(label, str):
+        raise StateFileError(f"{path}: metadata field 'extra.label' must be text")
+    if created is not None and (not isinstance(created, str) or len(created) > 64):
+        raise StateFileError(f"{path}: metadata field 'extra.created' must be a short text")
+    return source, tokens, label, created
 
 
 class Session:

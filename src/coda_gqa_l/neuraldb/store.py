@@ -11,6 +11,7 @@ corrupting it. A row is inserted only after its state file is on disk (written a
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,6 +160,13 @@ class DocumentStore:
         if info is None:
             raise DocumentNotFound(f"no document {ref!r} in {self.folder}")
         return info
+
+    def new_state_path(self) -> Path:
+        """A fresh state file name made by the store (random, never taken from a file or a request)."""
+        while True:
+            path = self.states_dir / f"{secrets.token_hex(12)}.state"
+            if not path.exists():
+                return path
 
     def state_path(self, info: DocumentInfo) -> Path:
         return self.states_dir / info.state_file
