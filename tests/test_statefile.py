@@ -178,3 +178,71 @@ def test_failed_save_keeps_the_old_file(tmp_path: Path, layer_and_state, monkeyp
     assert path.read_bytes() == before
     assert load_state(path).pos == 200
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temp file left
+
+
+def _crafted(path: Path, out: Path, edit_meta=None, edit_tensors=None) -> Path:
+    """A copy of a state file with metadata or tensors changed and the checksum recomputed."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()[statefile.METADATA_KEY])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta["checksum"] = statefile._checksum(meta, tensors)
+    save_file(tensors, str(out), metadata={statefile.METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    return out
+
+
+def _refused_in_a_subprocess(path: Path, tmp_path: Path) -> tuple[float, float, str]:
+    """Load ``path`` in a child process; (seconds, memory growth in MiB, error type and message)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import json, resource, sys, time
+        from coda_gqa_l.statefile import load_state
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        try:
+            load_state({str(path)!r})
+            outcome = "loaded"
+        except Exception as err:
+            outcome = type(err).__name__ + ": " + str(err)
+        took = time.perf_counter() - start
+        grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(json.dumps([took, grew, outcome]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    took, grew, outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    return took, grew, outcome
+
+
+@pytest.mark.parametrize("case", ["broadcast-scale", "a-billion-layers"])
+def test_small_crafted_files_allocate_nothing_large(tmp_path: Path, layer_and_state, case: str) -> None:
+    layer, state = layer_and_state
+    save_state(tmp_path / "s.state", state, int8=case == "broadcast-scale")
+    if case == "broadcast-scale":  # q8 (n, 1, 1, 1) against scale (1, n, 1, 1): an n x n product if not checked
+
+        def edit(tensors: dict) -> None:
+            n = 8000
+            tensors["layer0.win_k.q8"] = torch.zeros(n, 1, 1, 1, dtype=torch.int8)
+            tensors["layer0.win_k.scale"] = torch.ones(1, n, 1, 1)
+
+        crafted = _crafted(tmp_path / "s.state", tmp_path / "c.state", edit_tensors=edit)
+        field = "win_k"
+    else:
+        crafted = _crafted(tmp_path / "s.state", tmp_path / "c.state", edit_meta=lambda m: m.update(num_layers=10**9))
+        field = "num_layers"
+    took, grew, outcome = _refused_in_a_subprocess(crafted, tmp_path)
+    assert outcome.startswith("StateFileError: ") and field in outcome, outcome
+    assert took < 2.0 and grew < 64, (took, grew)

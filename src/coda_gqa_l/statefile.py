@@ -43,6 +43,7 @@ QUANTIZABLE = ("sink_k", "sink_v", "win_k", "win_v", "ex_k", "ex_v", "sm_k", "sm
 Migration = Callable[[dict[str, Any], dict[str, Tensor]], tuple[dict[str, Any], dict[str, Tensor]]]
 MIGRATIONS: dict[int, Migration] = {}
 
+MAX_LAYERS = 4096  # far above any model; a claimed layer count is checked before anything is built from it
 _DTYPES = {str(dt): dt for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
@@ -237,8 +238,16 @@ def load_state(
             raise StateFileError(f"{path}: no migration from state format version {version}")
         meta, tensors = MIGRATIONS[version](meta, tensors)
         meta["format_version"] = version + 1
-    num_layers = int(meta["num_layers"])
-    configs = [BoundedConfig.from_dict(c) for c in meta["configs"]]
+    num_layers = meta.get("num_layers")
+    raw_configs = meta.get("configs")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= MAX_LAYERS:
+        raise StateFileError(f"{path}: metadata field 'num_layers' must be an integer from 1 to {MAX_LAYERS}")
+    if not isinstance(raw_configs, list) or len(raw_configs) != num_layers:
+        raise StateFileError(f"{path}: metadata field 'configs' must list one config per layer ({num_layers})")
+    try:
+        configs = [BoundedConfig.from_dict(c) for c in raw_configs]
+    except (TypeError, ValueError, KeyError) as err:
+        raise StateFileError(f"{path}: metadata field 'configs' holds an invalid config: {err}") from err
     if config is not None:
         expected = [config] * num_layers if isinstance(config, BoundedConfig) else list(config)
         if len(expected) != num_layers:
@@ -286,7 +295,14 @@ def _assemble(
         if key in tensors:
             value = tensors[key]
         elif key + ".q8" in tensors and key + ".scale" in tensors:
-            value = (tensors[key + ".q8"].float() * tensors[key + ".scale"]).to(dtype)
+            q8, scale = tensors[key + ".q8"], tensors[key + ".scale"]
+            # shapes first: a crafted scale that broadcasts against q8 would allocate their outer product
+            if q8.shape != want.shape or scale.shape != (*want.shape[:-1], 1):
+                raise StateFileError(
+                    f"{path}: tensors {key + '.q8'!r} {tuple(q8.shape)} and {key + '.scale'!r} {tuple(scale.shape)} "
+                    f"do not fit the expected shape {tuple(want.shape)}"
+                )
+            value = (q8.float() * scale.float()).to(dtype)
         else:
             raise StateFileError(f"{path}: tensor {key!r} is missing")
         if value.shape != want.shape or value.dtype != want.dtype:
