@@ -246,3 +246,33 @@ def test_small_crafted_files_allocate_nothing_large(tmp_path: Path, layer_and_st
     took, grew, outcome = _refused_in_a_subprocess(crafted, tmp_path)
     assert outcome.startswith("StateFileError: ") and field in outcome, outcome
     assert took < 2.0 and grew < 64, (took, grew)
+
+
+@pytest.mark.parametrize(
+    ("case", "field"),
+    [
+        ("nan", "holds NaN"),
+        ("negative-position", "positions"),
+        ("text-batch", "batch_size"),
+        ("configs-not-a-list", "configs"),
+        ("single-as-text", "single"),
+    ],
+)
+def test_crafted_content_is_refused_by_field(tmp_path: Path, layer_and_state, case: str, field: str) -> None:
+    _, state = layer_and_state
+    save_state(tmp_path / "s.state", state)
+    edits = {
+        "negative-position": lambda m: m.update(positions=[-3]),
+        "text-batch": lambda m: m.update(batch_size="2"),
+        "configs-not-a-list": lambda m: m.update(configs={"window": 1}),
+        "single-as-text": lambda m: m.update(single="yes"),
+    }
+
+    def poison(tensors: dict) -> None:
+        tensors["layer0.win_v"][0, 0, 0, 0] = float("nan")
+
+    crafted = _crafted(tmp_path / "s.state", tmp_path / "c.state", edit_meta=edits.get(case),
+                       edit_tensors=poison if case == "nan" else None)  # fmt: skip
+    with pytest.raises(StateFileError) as info:
+        load_state(crafted)
+    assert type(info.value) is StateFileError and field in str(info.value)

@@ -248,6 +248,7 @@ def load_state(
         configs = [BoundedConfig.from_dict(c) for c in raw_configs]
     except (TypeError, ValueError, KeyError) as err:
         raise StateFileError(f"{path}: metadata field 'configs' holds an invalid config: {err}") from err
+    _check_layout(path, meta, num_layers)
     if config is not None:
         expected = [config] * num_layers if isinstance(config, BoundedConfig) else list(config)
         if len(expected) != num_layers:
@@ -275,6 +276,28 @@ def load_state(
         raise StateFileError(f"{path}: state was saved in {saved_dtype}, expected {dtype}")
     states = [_assemble(path, meta, tensors, i, configs[i], saved_dtype, device) for i in range(num_layers)]
     return states[0] if meta.get("single") and num_layers == 1 else states
+
+
+MAX_POSITION = 2**40  # tokens; far beyond any stream, small enough that position arithmetic cannot overflow
+MAX_DIM = 1 << 16  # batch rows, KV heads or head size claimed by a file
+
+
+def _check_layout(path: Path, meta: dict[str, Any], num_layers: int) -> None:
+    """Types and ranges of the metadata fields that size tensors or positions, before any is used."""
+
+    def count(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    if not count(meta.get("batch_size"), 1, MAX_DIM):
+        raise StateFileError(f"{path}: metadata field 'batch_size' must be an integer from 1 to {MAX_DIM}")
+    for name, low, high in (("positions", 0, MAX_POSITION), ("num_kv_heads", 1, MAX_DIM), ("head_dim", 1, MAX_DIM)):
+        values = meta.get(name)
+        if not isinstance(values, list) or len(values) != num_layers or not all(count(v, low, high) for v in values):
+            raise StateFileError(
+                f"{path}: metadata field {name!r} must list {num_layers} integers from {low} to {high}"
+            )
+    if not isinstance(meta.get("single"), bool) or not isinstance(meta.get("int8", False), bool):
+        raise StateFileError(f"{path}: metadata fields 'single' and 'int8' must be true or false")
 
 
 def _assemble(
@@ -310,6 +333,8 @@ def _assemble(
                 f"{path}: tensor {key!r} has shape {tuple(value.shape)} and dtype {value.dtype}, "
                 f"expected {tuple(want.shape)} and {want.dtype}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise StateFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
         fields[name] = value.to(device)
     pos = int(meta["positions"][layer])
     if bool((fields["position"] != pos).any()):
