@@ -295,3 +295,40 @@ def test_states_made_by_other_weights_are_refused_by_name(tmp_path: Path) -> Non
     new.weights = "tiny-coda v2"
     with pytest.raises(NeuralDBError, match=r"other weights \(tiny-coda v1\).*tiny-coda v2.*re-ingest"):
         new.ask(info.id, "Code?")
+
+
+@pytest.mark.slow
+def test_a_killed_writer_leaves_nothing_behind(tmp_path: Path) -> None:
+    """kill -9 a process that ingests document after document, at seeded random moments; the next opening
+    of the store removes the dead writer's temporaries, every row has its file, and stray files are reported."""
+    import random
+    import signal
+    import time
+
+    from coda_gqa_l.neuraldb import DocumentStore
+
+    store = tmp_path / "store"
+    child = textwrap.dedent(
+        f"""
+        import sys
+        from coda_gqa_l.neuraldb import NeuralDatabase
+        db = NeuralDatabase.tiny_for_tests({str(store)!r})
+        print("ready", flush=True)
+        for i in range(10_000):
+            db.ingest(("Entry %d of the log. " % i) * 10, label="entry %d" % i)
+        """
+    )
+    rng = random.Random(1234)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(1.0, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    opened = DocumentStore(store)
+    assert not list(opened.states_dir.glob(".*.tmp"))
+    rows = opened.list()
+    assert rows and all((opened.states_dir / r.state_file).is_file() for r in rows)
+    assert {p.name for p in opened.states_dir.glob("*.state")} == {r.state_file for r in rows} | {
+        p.name for p in opened.orphans()
+    }

@@ -142,11 +142,36 @@ def save_state(
     atomic_write_bytes(Path(path), payload)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of ``atomic_write_bytes`` in ``folder`` whose writing process no longer runs."""
+    stale = []
+    for candidate in folder.glob(f".*{TEMP_SUFFIX}"):
+        parts = candidate.name.split(".")
+        pid = next((int(p) for p in reversed(parts[:-2]) if p.isdigit()), None)
+        if pid is None or not _process_alive(pid):
+            stale.append(candidate)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    # the writer's process id is in the name, so a store can tell a dead writer's leftovers from a live write
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

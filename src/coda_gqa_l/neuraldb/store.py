@@ -11,13 +11,14 @@ corrupting it. A row is inserted only after its state file is on disk (written a
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..statefile import atomic_write_bytes
+from ..statefile import atomic_write_bytes, stale_temporaries
 from .errors import DocumentNotFound
 
 SCHEMA = """
@@ -58,6 +59,8 @@ class DocumentInfo:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = (
     "id, label, source_sha256, model_fingerprint, config, tokens, created, "
@@ -151,6 +154,28 @@ class DocumentStore:
         self.states_dir = self.folder / "states"
         self.states_dir.mkdir(parents=True, exist_ok=True)
         self.index = DocumentIndex(self.folder / "index.sqlite")
+        self.removed_temporaries = self._remove_stale_temporaries()
+        orphans = self.orphans()
+        if orphans:
+            log.warning(
+                "%s: %d state file(s) have no index row (a crash between saving and indexing?): %s",
+                self.folder,
+                len(orphans),
+                ", ".join(p.name for p in orphans[:5]),
+            )
+
+    def _remove_stale_temporaries(self) -> list[Path]:
+        """Delete what interrupted saves left behind (their writers are gone); returns what was removed."""
+        removed = []
+        for path in stale_temporaries(self.states_dir):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    def orphans(self) -> list[Path]:
+        """State files that no index row names (a crash between writing a state and inserting its row)."""
+        named = {info.state_file for info in self.index.all()}
+        return sorted(p for p in self.states_dir.glob("*.state") if p.name not in named)
 
     def list(self) -> list[DocumentInfo]:
         return self.index.all()
