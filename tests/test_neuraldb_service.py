@@ -137,6 +137,41 @@ def test_upload_ingests_a_text_file(client: TestClient) -> None:
     assert response.status_code == 201 and response.json()["label"] == "lunch"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/api/documents", '{"text": "a lone \\ud800 surrogate"}', 400),
+        ("post", "/api/documents", '{"text": "fine text", "label": "' + "L" * 240 + '"}', 400),
+        ("post", "/api/documents/1/ask", '{"question": "Why?", "temperature": NaN}', 422),
+        ("post", "/api/documents/1/ask", '{"question": "Why?", "temperature": Infinity}', 422),
+        ("get", f"/api/documents/{2**70}", None, 422),
+        ("post", f"/api/documents/{2**70}/export", None, 422),
+        ("delete", "/api/documents/0", None, 422),
+    ],
+)
+def test_bad_input_is_a_4xx_never_a_500(client: TestClient, method: str, path: str, body: str | None,
+                                        status: int) -> None:  # fmt: skip
+    ingest(client, MEMO, "memo")
+    headers = {"content-type": "application/json"}
+    response = client.request(method.upper(), path, content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_json_bodies_are_limited_before_parsing(client: TestClient) -> None:
+    huge = '{"text": "' + "x" * (UPLOAD_LIMIT * 100) + '"}'
+    assert client.post("/api/documents", content=huge, headers={"content-type": "application/json"}).status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while read
+        yield b'{"text": "'
+        for _ in range(100):
+            yield b"x" * UPLOAD_LIMIT
+        yield b'"}'
+
+    response = client.post("/api/documents", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
 @pytest.mark.parametrize("size", [UPLOAD_LIMIT + 1, 10 * UPLOAD_LIMIT + 200_000])
 def test_upload_over_the_limit_is_413(client: TestClient, size: int) -> None:
     # just over: measured after reading; far over: refused from its Content-Length before reading

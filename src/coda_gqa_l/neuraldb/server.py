@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
@@ -47,6 +49,8 @@ UPLOAD_PATH = "/api/documents/upload"
 # room for the multipart boundary and headers around the file when checking Content-Length
 MULTIPART_SLACK = 64 * 1024
 MAX_QUESTION_CHARS = 4000
+MAX_DOCUMENT_ID = 2**62  # SQLite integers are 64-bit: a larger id is a 422, never an overflow
+DocumentId = Annotated[int, PathParam(ge=1, le=MAX_DOCUMENT_ID, description="the document's id")]
 
 
 class DocumentOut(BaseModel):
@@ -84,7 +88,7 @@ class IngestRequest(BaseModel):
 class AskRequest(BaseModel):
     question: str = Field(description="the question about the document", max_length=MAX_QUESTION_CHARS)
     max_new_tokens: int = Field(default=96, ge=1, le=1024, description="longest answer, in tokens")
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 is greedy decoding")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy decoding")
 
     @field_validator("question")
     @classmethod
@@ -94,20 +98,50 @@ class AskRequest(BaseModel):
         return question
 
 
-class _UploadLimit:
-    """Refuse an upload whose declared Content-Length is already over the limit, before it is read."""
+class _BodyTooLarge(BaseException):
+    """Raised while a body is read; a BaseException so that no body parser turns it into a 400 on the way."""
+
+
+class _BodyLimit:
+    """Refuse a request body over the limit before it is parsed: by its declared Content-Length at once,
+    and by counting while it is read (a chunked body declares none)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+        self.app, self.limit = app, limit + MULTIPART_SLACK
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == UPLOAD_PATH:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit + MULTIPART_SLACK:
-                response = JSONResponse({"detail": _too_large(self.limit)}, status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await JSONResponse({"detail": _too_large(self.limit - MULTIPART_SLACK)}, status_code=413)(
+                scope, receive, send
+            )
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await JSONResponse({"detail": _too_large(self.limit - MULTIPART_SLACK)}, status_code=413)(
+                    scope, receive, send
+                )
 
 
 def _too_large(limit: int) -> str:
@@ -140,7 +174,7 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         version=__version__,
         description="A neural database: each document is kept as a fixed-size model state you can question.",
     )
-    app.add_middleware(_UploadLimit, limit=max_upload_bytes)
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes)
     write_lock = threading.Lock()
 
     @app.exception_handler(DocumentNotFound)
@@ -151,8 +185,19 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
     async def _bad_request(request: Request, err: NeuralDBError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # the offending input is left out: a NaN or a lone surrogate in it would break the JSON answer itself
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in err.errors()]  # fmt: skip
+        return JSONResponse({"detail": errors}, status_code=422)
+
     def ingest(text: str, label: str | None, response: Response) -> DocumentOut:
-        if len(text.encode("utf-8")) > max_upload_bytes:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as err:
+            raise HTTPException(400, f"the text holds a character that is not valid Unicode at {err.start}") from err
+        if size > max_upload_bytes:
             raise HTTPException(413, _too_large(max_upload_bytes))
         with write_lock:
             info = db.ingest(text, label=label or None)
@@ -164,7 +209,7 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         return [DocumentOut.of(info) for info in db.list()]
 
     @app.get("/api/documents/{doc_id}", summary="Show one document", responses={404: {"description": "no such id"}})
-    def show_document(doc_id: int) -> DocumentOut:
+    def show_document(doc_id: DocumentId) -> DocumentOut:
         return DocumentOut.of(db.show(doc_id))
 
     @app.post(
@@ -201,7 +246,7 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         return ingest(text, label or (Path(file.filename).name if file.filename else None), response)
 
     @app.delete("/api/documents/{doc_id}", status_code=204, summary="Delete a document")
-    def delete_document(doc_id: int) -> Response:
+    def delete_document(doc_id: DocumentId) -> Response:
         with write_lock:
             db.delete(doc_id)
         return Response(status_code=204)
@@ -212,7 +257,7 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         response_class=StreamingResponse,
         responses={200: {"content": {"text/plain": {}}, "description": "the answer, streamed as generated"}},
     )
-    def ask(doc_id: int, body: AskRequest) -> StreamingResponse:
+    def ask(doc_id: DocumentId, body: AskRequest) -> StreamingResponse:
         # validates and loads the state here, so a bad id or question is a 404/400, not a broken stream
         pieces = db.ask_stream(doc_id, body.question, max_new_tokens=body.max_new_tokens, temperature=body.temperature)
         return StreamingResponse(
@@ -227,10 +272,11 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         response_class=FileResponse,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
-    def export(doc_id: int) -> FileResponse:
+    def export(doc_id: DocumentId) -> FileResponse:
         info = db.show(doc_id)
         folder = Path(tempfile.mkdtemp(prefix="coda-db-export-"))
-        name = f"{info.id}-{re.sub(r'[^A-Za-z0-9._-]+', '-', info.label).strip('-.') or 'document'}.state"
+        # at most 80 characters of the label: a file name has a length limit (255 bytes on most systems)
+        name = f"{info.id}-{re.sub(r'[^A-Za-z0-9._-]+', '-', info.label)[:80].strip('-.') or 'document'}.state"
         try:
             path = db.export(info.id, folder / name)
         except BaseException:
