@@ -26,7 +26,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from coda_gqa_l import read_state_metadata
-from coda_gqa_l.neuraldb import NeuralDatabase
+from coda_gqa_l.neuraldb import NeuralDatabase, NeuralDBError
 from coda_gqa_l.neuraldb.cli import format_bytes, main
 from coda_gqa_l.neuraldb.server import STATIC, _stream_on_one_thread, create_app
 
@@ -34,6 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 UPLOAD_LIMIT = 2000
 MEMO = "The quarterly review moves to Tuesday at noon, in room 4. Bring the budget figures.\n" * 3
 QUESTION = "When is the review?"
+LIVE_TOKEN = "live-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> NeuralDatabase:
 
 @pytest.fixture(scope="module")
 def client(db: NeuralDatabase) -> Iterator[TestClient]:
-    with TestClient(create_app(db, max_upload_bytes=UPLOAD_LIMIT)) as test_client:
+    with TestClient(create_app(db, max_upload_bytes=UPLOAD_LIMIT), base_url="http://127.0.0.1") as test_client:
         yield test_client
 
 
@@ -437,9 +438,47 @@ def test_cli_help_explains_each_subcommand(command: str, capsys: pytest.CaptureF
 def test_cli_serve_binds_loopback_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr("coda_gqa_l.neuraldb.server.serve", lambda db, **kw: calls.append(kw))
+    monkeypatch.delenv("CODA_DB_TOKEN", raising=False)
     assert cli(tmp_path / "store", "serve") == 0
-    assert cli(tmp_path / "store", "serve", "--host", "0.0.0.0", "--port", "9001") == 0
-    assert calls == [{"host": "127.0.0.1", "port": 8000}, {"host": "0.0.0.0", "port": 9001}]
+    assert cli(tmp_path / "store", "serve", "--host", "0.0.0.0", "--port", "9001", "--token", "s3cret") == 0
+    assert calls == [
+        {"host": "127.0.0.1", "port": 8000, "token": None},
+        {"host": "0.0.0.0", "port": 9001, "token": "s3cret"},
+    ]
+
+
+def test_serving_off_loopback_without_a_token_is_refused(db: NeuralDatabase) -> None:
+    from coda_gqa_l.neuraldb.server import serve
+
+    with pytest.raises(NeuralDBError, match="access token"):
+        serve(db, host="0.0.0.0", port=1)
+
+
+def test_host_origin_and_token_checks(db: NeuralDatabase) -> None:
+    app = create_app(db, max_upload_bytes=UPLOAD_LIMIT)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/api/documents").status_code == 200
+        assert local.get("/api/documents", headers={"host": "localhost:8000"}).status_code == 200
+        assert local.get("/api/documents", headers={"host": "[::1]:8000"}).status_code == 200
+        # DNS rebinding: a page of evil.example that resolves to 127.0.0.1 still sends its own host name
+        rebound = local.get("/api/documents", headers={"host": "evil.example"})
+        assert rebound.status_code == 403 and "evil.example" in rebound.json()["detail"]
+        # another site's page may not change the database; requests without an Origin (curl, the CLI) may
+        foreign = local.post("/api/documents", json={"text": MEMO}, headers={"origin": "http://evil.example"})
+        assert foreign.status_code == 403
+        same = local.post("/api/documents", json={"text": MEMO}, headers={"origin": "http://127.0.0.1:8000"})
+        assert same.status_code in (200, 201)
+        assert local.post("/api/documents", json={"text": MEMO}).status_code in (200, 201)
+        docs = local.get("/docs")
+        assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
+        assert local.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    guarded = create_app(db, allowed_hosts=None, token="s3cret")
+    with TestClient(guarded, base_url="http://192.0.2.10:8000") as remote:
+        assert remote.get("/").status_code == 200  # the page itself holds no data
+        refused = remote.get("/api/documents")
+        assert refused.status_code == 401 and "token" in refused.json()["detail"]
+        assert remote.get("/api/documents", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert remote.get("/api/documents", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_cli_demo_calls_run_demo_with_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -466,7 +505,7 @@ def live_url(db: NeuralDatabase) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(db), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(db, token=LIVE_TOKEN), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(500):
@@ -483,7 +522,9 @@ def live_url(db: NeuralDatabase) -> Iterator[str]:
 def test_answer_streams_over_the_socket_in_pieces(live_url: str, db: NeuralDatabase) -> None:
     doc = db.ingest(MEMO, label="memo")
     body = {"question": QUESTION, "max_new_tokens": 32}
-    with httpx.stream("POST", f"{live_url}/api/documents/{doc.id}/ask", json=body, timeout=60) as response:
+    auth = {"authorization": f"Bearer {LIVE_TOKEN}"}
+    url = f"{live_url}/api/documents/{doc.id}/ask"
+    with httpx.stream("POST", url, json=body, headers=auth, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers.get("transfer-encoding") == "chunked"
         chunks = list(response.iter_raw())
@@ -515,7 +556,7 @@ def test_web_page_in_headless_chromium(live_url: str, db: NeuralDatabase, tmp_pa
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 1000})
-            page.goto(live_url)
+            page.goto(f"{live_url}/?token={LIVE_TOKEN}")  # the page passes the token on with every request
             expect(page.get_by_role("heading", name="coda-db")).to_be_visible()
 
             page.get_by_label("Label (optional)", exact=True).fill(label)

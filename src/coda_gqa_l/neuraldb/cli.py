@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "Serve the web page and the HTTP API (loopback only unless --host says otherwise).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    token_help = "access token every API request must carry (default $CODA_DB_TOKEN; required off loopback)"
+    p.add_argument("--token", default=os.environ.get("CODA_DB_TOKEN"), help=token_help)
 
     p = command("demo", "Ingest the bundled sample document with the packaged model and ask it a few questions.")
     p.add_argument("--fresh", action="store_true", help="start from an empty store")
@@ -239,8 +242,9 @@ def cmd_import(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
 def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
     from .server import serve
 
-    print(f"serving {db.folder} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(db, host=args.host, port=args.port)
+    page = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
+    print(f"serving {db.folder} on {page} (Ctrl-C stops)")
+    serve(db, host=args.host, port=args.port, token=args.token)
 
 
 MODEL_COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "import": cmd_import, "serve": cmd_serve}

@@ -14,11 +14,20 @@ The OpenAPI schema is at ``/docs``. Endpoints::
 
 The engine is not safe for concurrent ingests, so ingest and delete take one lock; questions run
 concurrently, each on its own fork of the stored state.
+
+Protection (a laptop is a hostile place for a local service): requests must name an allowed host
+(the loopback names by default, so a DNS-rebinding page cannot reach the API through another name);
+a state-changing request that carries an ``Origin`` must come from an allowed host (another site's
+page cannot post to it; curl and the CLI send no Origin); and with ``token=`` set, every ``/api``
+request needs ``Authorization: Bearer <token>`` (the page takes it from its address, ``/?token=...``,
+and passes it on). ``serve`` refuses to bind anything but loopback without a token. ``/docs`` serves
+its Swagger UI assets from the ``swagger-ui-bundle`` package, so it works offline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import shutil
@@ -28,6 +37,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi import Path as PathParam
@@ -144,6 +154,51 @@ class _BodyLimit:
                 )
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _host_name(value: str) -> str:
+    """The host of a ``Host`` header or an origin's netloc, without port or IPv6 brackets, lower case."""
+    host = urlsplit(f"//{value}").hostname
+    return (host or "").lower()
+
+
+class _Guard:
+    """Host, Origin and token checks before any route runs (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None, token: str | None) -> None:
+        self.app, self.allowed_hosts, self.token = app, allowed_hosts, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            status, detail = refusal
+            await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
+        host = _host_name(headers.get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return 403, f"this service answers to {', '.join(sorted(self.allowed_hosts))}, not to host {host!r}"
+        origin = headers.get("origin")
+        if origin and origin != "null" and scope["method"] in STATE_CHANGING:
+            origin_host = _host_name(urlsplit(origin).netloc)
+            allowed = self.allowed_hosts if self.allowed_hosts is not None else {host}
+            if origin_host not in allowed:
+                return 403, f"requests from another site ({origin}) may not change this database"
+        if self.token is not None and scope["path"].startswith("/api/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                return 401, "this service needs its access token: Authorization: Bearer <token> (the page: /?token=...)"
+        return None
+
+
 def _too_large(limit: int) -> str:
     return f"the document is larger than this server accepts ({limit:,} bytes)"
 
@@ -167,14 +222,25 @@ async def _stream_on_one_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
         worker.shutdown(wait=False)
 
 
-def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> FastAPI:
-    """The HTTP service over ``db``; texts over ``max_upload_bytes`` (UTF-8) are refused with 413."""
+def create_app(
+    db: NeuralDatabase,
+    *,
+    max_upload_bytes: int = 5_000_000,
+    allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+    token: str | None = None,
+) -> FastAPI:
+    """The HTTP service over ``db``; texts over ``max_upload_bytes`` (UTF-8) are refused with 413.
+
+    ``allowed_hosts``: the host names requests may address (``None``: any, for a service bound to a
+    public address, where ``token`` protects it); ``token``: required on every ``/api`` request."""
     app = FastAPI(
         title="coda-db",
         version=__version__,
         description="A neural database: each document is kept as a fixed-size model state you can question.",
+        docs_url=None,
     )
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts, token=token)
     write_lock = threading.Lock()
 
     @app.exception_handler(DocumentNotFound)
@@ -294,13 +360,37 @@ def create_app(db: NeuralDatabase, *, max_upload_bytes: int = 5_000_000) -> Fast
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _offline_docs(app)
     return app
 
 
-def serve(db: NeuralDatabase, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the service with uvicorn until interrupted."""
+def _offline_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files served from the swagger-ui-bundle package, not from a CDN."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="coda-db API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
+def serve(db: NeuralDatabase, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
+    """Run the service with uvicorn until interrupted; anything but loopback needs a ``token``."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the database is reachable from other machines, with no authentication", host)
-    uvicorn.run(create_app(db), host=host, port=port, log_level="info")
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and not token:
+        raise NeuralDBError(
+            f"binding {host} makes the database reachable from other machines: give an access token "
+            "(coda-db serve --token ..., or CODA_DB_TOKEN)"
+        )
+    app = create_app(db, allowed_hosts=LOOPBACK_HOSTS if loopback else None, token=token)
+    uvicorn.run(app, host=host, port=port, log_level="info")

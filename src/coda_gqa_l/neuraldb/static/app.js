@@ -36,7 +36,18 @@ async function errorMessage(response) {
   return `${detail} (HTTP ${response.status})`;
 }
 
+// The access token, when the service asks for one: opened as /?token=..., kept for this tab only.
+const TOKEN = (() => {
+  const given = new URLSearchParams(window.location.search).get("token");
+  if (given) {
+    sessionStorage.setItem("coda-db-token", given);
+    window.history.replaceState(null, "", window.location.pathname);  // not left in the address bar
+  }
+  return sessionStorage.getItem("coda-db-token");
+})();
+
 async function api(path, options = {}) {
+  if (TOKEN) options.headers = { ...(options.headers || {}), Authorization: `Bearer ${TOKEN}` };
   const response = await fetch(path, options);
   if (!response.ok) throw new Error(await errorMessage(response));
   return response;
