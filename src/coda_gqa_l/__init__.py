@@ -28,7 +28,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'coda_gqa_l' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BaselineGQA",

@@ -37,7 +37,7 @@ from .tokenizer import ByteTokenizer
 
 # The shipped weights' config (``pretrained.shipped_config()``, a test keeps them equal): medium with
 # 4 sinks, routed with the thresholds measured for those weights (benchmarks/RESULTS.md)
-DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4, novelty=0.9, match=0.97, max_inserts=16)
+DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4, novelty=0.9, match=0.97, max_inserts=16, tau_exact=0.5)
 
 
 def _sha256_text(text: str) -> str:
