@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _deterministic_threads() -> None:
     torch.set_num_threads(2)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many cases each fuzzing property tried (tests/test_fuzz.py), when it ran."""
+    fuzz = sys.modules.get("test_fuzz")
+    cases = getattr(fuzz, "FUZZ_CASES", None)
+    if cases:
+        terminalreporter.write_sep("-", f"fuzzing: {sum(cases.values())} cases")
+        for name, count in sorted(cases.items()):
+            terminalreporter.write_line(f"{count:6d}  {name}")

@@ -332,3 +332,26 @@ def test_a_killed_writer_leaves_nothing_behind(tmp_path: Path) -> None:
     assert {p.name for p in opened.states_dir.glob("*.state")} == {r.state_file for r in rows} | {
         p.name for p in opened.orphans()
     }
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_an_ingest_promptly_and_keeps_the_store(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    NeuralDatabase.tiny_for_tests(store).ingest(DOC_A, label="kept")
+    before = sorted(p.name for p in (store / "states").iterdir())
+    big = tmp_path / "big.txt"
+    big.write_text("Some words of a long document. " * 20_000)
+    command = [sys.executable, "-m", "coda_gqa_l.neuraldb.cli", "--store", str(store), "--tiny", "ingest", "--quiet"]
+    proc = subprocess.Popen([*command, str(big)], stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # well into the ingest: loading takes a few seconds, the document many more
+    assert proc.poll() is None, "the ingest ended before it could be interrupted"
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    assert code == 130 and time.perf_counter() - sent < 5
+    assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
+    assert sorted(p.name for p in (store / "states").iterdir()) == before
+    assert [d.label for d in NeuralDatabase.tiny_for_tests(store).list()] == ["kept"]

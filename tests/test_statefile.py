@@ -256,6 +256,7 @@ def test_small_crafted_files_allocate_nothing_large(tmp_path: Path, layer_and_st
         ("text-batch", "batch_size"),
         ("configs-not-a-list", "configs"),
         ("single-as-text", "single"),
+        ("differential-as-text", "differential"),
     ],
 )
 def test_crafted_content_is_refused_by_field(tmp_path: Path, layer_and_state, case: str, field: str) -> None:
@@ -266,6 +267,7 @@ def test_crafted_content_is_refused_by_field(tmp_path: Path, layer_and_state, ca
         "text-batch": lambda m: m.update(batch_size="2"),
         "configs-not-a-list": lambda m: m.update(configs={"window": 1}),
         "single-as-text": lambda m: m.update(single="yes"),
+        "differential-as-text": lambda m: m["configs"][0].update(differential="no"),
     }
 
     def poison(tensors: dict) -> None:

@@ -12,11 +12,13 @@ of the exact bank so that the storage budget stays the same (4 + 256 + 60 + 64 =
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 PositionMode = Literal["relative", "absolute"]
+MAX_SLOTS = 1 << 20  # slots of one kind per layer and KV head; far above any real config
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     "tiny": (128, 32, 32),
@@ -77,16 +79,22 @@ class BoundedConfig:
         return self.segment
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad value."""
+        """Raise ValueError naming the first bad value (its type too: a config can come from a file)."""
         W, S = self.window, self.seg
         for name in ("window", "segment", "max_inserts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
+                raise ValueError(f"{name} must be an int from 1 to {MAX_SLOTS}, got {value!r}")
         for name in ("num_landmarks_exact", "num_landmarks_summary", "num_sink"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SLOTS:
+                raise ValueError(f"{name} must be an int from 0 to {MAX_SLOTS}, got {value!r}")
+        for name in ("tau_exact", "tau_summary", "novelty", "match", "gate_bias_init", "summary_rate_logit_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.differential, bool):
+            raise ValueError(f"differential must be true or false, got {self.differential!r}")
         if W % S != 0:
             raise ValueError(f"window ({W}) must be a multiple of segment ({S})")
         if S > W // 4:

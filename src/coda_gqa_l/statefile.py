@@ -294,7 +294,8 @@ def load_state(
             f"{path}: saved from another model (fingerprint {str(meta.get('model_fingerprint'))[:12]}..., "
             f"expected {model_fingerprint[:12]}...)"
         )
-    saved_dtype = _DTYPES.get(meta.get("dtype", ""))
+    dtype_name = meta.get("dtype")
+    saved_dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if saved_dtype is None:
         raise StateFileError(f"{path}: unsupported state dtype {meta.get('dtype')!r}")
     if dtype is not None and dtype != saved_dtype:
