@@ -30,12 +30,14 @@ def markdown(results: dict[str, Any]) -> str:
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {r['keys']} | {r['length']:,} | {r['depth']} | {r['status']} | | |")
             continue
-        low, high = r["ci95"]
-        lines.append(
-            f"| {r['method']} | {r['keys']} | {r['length']:,} | {r['depth']} | {r['correct']} / {r['trials']} "
-            f"| {r['accuracy']:.0%} | {low:.0%}-{high:.0%} |"
-        )
+        lines.append(f"| {r['method']} | {r['keys']} | {r['length']:,} | {r['depth']} | {_scored(r, 'trials')} |")
     return "\n".join(lines) + "\n"
+
+
+def _scored(row: dict[str, Any], total: str) -> str:
+    """``correct / total | accuracy | 95% interval`` cells of a retrieval row."""
+    low, high = row["ci95"]
+    return f"{row['correct']} / {row[total]} | {row['accuracy']:.0%} | {low:.0%}-{high:.0%}"
 
 
 def _fact_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -50,11 +52,8 @@ def _fact_table(rows: list[dict[str, Any]]) -> list[str]:
         if "accuracy" not in r:
             lines.append(f"| {r['method']} | {kind} | {r['length']:,} | | {r.get('status', '')} | | |")
             continue
-        low, high = r["ci95"]
-        lines.append(
-            f"| {r['method']} | {kind} | {r['length']:,} | {r['facts'] if not r.get('control') else 0} "
-            f"| {r['correct']} / {r['asked']} | {r['accuracy']:.0%} | {low:.0%}-{high:.0%} |"
-        )
+        facts = r["facts"] if not r.get("control") else 0
+        lines.append(f"| {r['method']} | {kind} | {r['length']:,} | {facts} | {_scored(r, 'asked')} |")
     return lines + [""]
 
 
