@@ -355,3 +355,16 @@ def test_ctrl_c_stops_an_ingest_promptly_and_keeps_the_store(tmp_path: Path) -> 
     assert "interrupted" in (proc.stderr.read() if proc.stderr else "")
     assert sorted(p.name for p in (store / "states").iterdir()) == before
     assert [d.label for d in NeuralDatabase.tiny_for_tests(store).list()] == ["kept"]
+
+
+def test_a_store_made_by_release_0_1_0_still_opens_and_answers(tmp_path: Path) -> None:
+    """tests/data/store_0_1_0 was written by coda-gqa-l 0.1.0 (commit 6b297fd, transformers 5.17) with the tiny model;
+    its ingest's answer to "Code?" (8 tokens) was recorded then."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(Path(__file__).parent / "data" / "store_0_1_0", store)
+    db = NeuralDatabase.tiny_for_tests(store)
+    (info,) = db.list()
+    assert info.label == "keeper" and info.tokens == 1760 and db.store.orphans() == []
+    assert db.ask("keeper", "Code?", max_new_tokens=8) == '\ufffd\x171\x14{"i'
