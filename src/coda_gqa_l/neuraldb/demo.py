@@ -123,7 +123,8 @@ def run_demo(args: argparse.Namespace) -> int:
     console.print(
         f"{found} of {len(answers['answers'])} answers hold the expected fact. State: {_mib(info.state_bytes)} "
         f"(fixed) against {_mib(info.full_cache_bytes)} for a full cache; "
-        f"fresh process load {answers['load_seconds']:.1f} s."
+        f"times: model {load_seconds:.1f} s, ingest {ingest_seconds:.1f} s, fresh process load "
+        f"{answers['load_seconds']:.1f} s, answers {sum(row['seconds'] for row in answers['answers']):.1f} s."
     )
     return 0
 
