@@ -481,9 +481,14 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
-def answer_holds(answer: str, fact: Fact, others: Sequence[Fact] = ()) -> bool:
-    """An answer counts when it contains the fact's normalised value and no other fact's value."""
+def value_holds(answer: str, value: str, other_values: Sequence[str] = ()) -> bool:
+    """An answer counts when it contains ``value`` (normalised, whole words) and none of ``other_values``."""
     said = f" {normalise(answer)} "
-    if f" {normalise(fact.value)} " not in said:
+    if f" {normalise(value)} " not in said:
         return False
-    return not any(f" {normalise(o.value)} " in said for o in others if o.value != fact.value)
+    return not any(f" {normalise(other)} " in said for other in other_values if other != value)
+
+
+def answer_holds(answer: str, fact: Fact, others: Sequence[Fact] = ()) -> bool:
+    """``value_holds`` for a fact, the other facts of its document being the values that must not appear."""
+    return value_holds(answer, fact.value, [o.value for o in others])

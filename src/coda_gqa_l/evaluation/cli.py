@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..data.facts import KINDS
+from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
 from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
@@ -149,14 +150,6 @@ def _unbound(model: nn.Module) -> nn.Module:
     return model
 
 
-def _cache(model: nn.Module, bounded: bool, chunk: int) -> Any:
-    from transformers import DynamicCache
-
-    from ..models import BoundedCache
-
-    return BoundedCache(model, block_size=chunk) if bounded else DynamicCache(config=model.config)  # type: ignore[arg-type]
-
-
 def perplexity_rows(
     model: nn.Module, bounded: bool, ids: torch.Tensor, args: argparse.Namespace, deadline: float | None = None
 ) -> list[dict]:
@@ -178,7 +171,7 @@ def perplexity_rows(
         pieces = []
         for start in range(0, total, length):
             window = ids[:, start : start + length]
-            nll = stream_nll(model, window, _cache(model, bounded, args.chunk), chunk=args.chunk)
+            nll = stream_nll(model, window, new_cache(model, bounded, args.chunk), chunk=args.chunk)
             # position start + 1 + i of the text; the window's first token has no prediction
             pieces.append(torch.cat([nll.new_full((1,), math.nan), nll]) if start else nll)
         nll = torch.cat(pieces)[scored]
@@ -239,7 +232,7 @@ def passkey_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int]
 def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: int) -> tuple[int, torch.Tensor]:
     """``(first, logits)``: the batch read as a stream in chunks; logits of positions ``first..``
     (the chunks that hold the question and answer; the rest are dropped as they go)."""
-    cache = _cache(model, bounded, chunk)
+    cache = new_cache(model, bounded, chunk)
     tail = 64  # the question and answer sit in the last tokens; earlier logits are not needed
     out = []
     for start in range(0, ids.shape[1], chunk):

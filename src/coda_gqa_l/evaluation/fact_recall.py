@@ -2,10 +2,11 @@
 
 Each trial is a fact document (``data/facts.py``, evaluation split: held-out patterns, values and
 subjects, in held-out haystacks) read as a stream through the model's cache; then every asked
-question is put to a fork of the state after the document, as the neural database does, and the
-greedy answer is generated (at most ``ANSWER_TOKENS`` tokens, cut at its stop: the end-of-answer
-marker, the end of its first line, or end of sequence). An answer counts when it contains the
-fact's normalised value and no other fact's value (``facts.answer_holds``).
+question is put to the state after the document (a document with several facts is read once per
+question, which is what asking a stored state does), and the greedy answer is generated (at most
+``ANSWER_TOKENS`` tokens, cut at its stop: the end-of-answer marker, the end of its first line,
+or end of sequence). An answer counts when it contains the fact's normalised value and no other
+fact's value (``facts.answer_holds``).
 
 Prompts of one cell run as one batch: they are equalised by dropping a few haystack tokens right
 after the prompt prefix (the questions differ in length by a few tokens).
@@ -26,19 +27,12 @@ from torch import nn
 
 from ..data.facts import KINDS, FactDocument, FactSampler, answer_holds, make_fact_document
 from ..data.prompts import PromptFormat
+from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
 from .passkey import wilson_interval
 
 ANSWER_TOKENS = 24
 DEPTHS = (0.1, 0.6)
-
-
-def _new_cache(model: nn.Module, bounded: bool, chunk: int) -> Any:
-    from transformers import DynamicCache
-
-    from ..models import BoundedCache
-
-    return BoundedCache(model, block_size=chunk) if bounded else DynamicCache(config=model.config)  # type: ignore[arg-type]
 
 
 def _prompt(doc: FactDocument, question: list[int]) -> torch.Tensor:
@@ -170,7 +164,7 @@ def fact_rows(
                 prompts = [_prompt(doc, tokenizer.encode(q, add_special_tokens=False)) for (doc, _), q in
                            zip(group, questions, strict=True)]  # fmt: skip
                 ids = _equalised(prompts, prefix_len).to(device)
-                cache = _new_cache(model, bounded, chunk)
+                cache = new_cache(model, bounded, chunk)
                 with torch.inference_mode():
                     for begin in range(0, ids.shape[1] - 1, chunk):
                         model(input_ids=ids[:, begin : min(begin + chunk, ids.shape[1] - 1)], **cache_kwargs(cache),

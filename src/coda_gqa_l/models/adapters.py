@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
@@ -203,8 +204,6 @@ def _refuse_unread_cache(kwargs: dict[str, Any], cache: Any) -> None:
     A future release may rename the cache argument again; a bounded layer that missed its
     cache would run each call from an empty state and generate garbage without an error.
     """
-    from transformers.cache_utils import Cache
-
     unread = [name for name, value in kwargs.items() if isinstance(value, Cache)]
     if unread:
         raise TypeError(

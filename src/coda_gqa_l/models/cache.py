@@ -176,6 +176,15 @@ class BoundedCache(Cache):
         return cache
 
 
+def new_cache(model: torch.nn.Module, bounded: bool, block_size: int = 1024) -> Cache:
+    """An empty cache for reading a stream: a ``BoundedCache`` for a bounded model, else transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    if bounded:
+        return BoundedCache(model, block_size=block_size)
+    return DynamicCache(config=model.config)  # type: ignore[arg-type]
+
+
 def bounded_modules(model: torch.nn.Module) -> list[BoundedCoDAAttention]:
     """The bounded layers of a converted model, in layer order."""
     from .adapters import CoDAAttentionAdapter

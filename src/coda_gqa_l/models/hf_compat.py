@@ -1,10 +1,9 @@
 """The one place that knows how each transformers release names the cache argument.
 
 transformers 5.24 renamed the cache keyword of models, attention modules and ``generate()``
-from ``past_key_values`` to ``cache`` (the old name warns until 5.40), and model outputs carry
-it as ``.cache``. We support both sides of the rename (``transformers>=5.17``); everything in
-this package that hands a cache to a model or reads one back goes through these helpers, so a
-version check never appears anywhere else::
+from ``past_key_values`` to ``cache`` (the old name warns until 5.40). We support both sides of
+the rename (``transformers>=5.17``); everything in this package that hands a cache to a model
+goes through these helpers, so a version check never appears anywhere else::
 
     model(ids, **cache_kwargs(cache), use_cache=True)
     model.generate(ids, **cache_kwargs(cache), max_new_tokens=32)
@@ -51,11 +50,3 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
         names = ", ".join(name for name, _ in given)
         raise TypeError(f"an attention layer was given two different caches ({names}); pass one")
     return given[0][1] if given else None
-
-
-def output_cache(outputs: Any) -> Any:
-    """The cache a model's output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
-    for name in (NEW_CACHE_ARGUMENT, OLD_CACHE_ARGUMENT):
-        if name in outputs.keys():
-            return outputs[name]
-    return None

@@ -55,16 +55,6 @@ def sample_text(name: str = SAMPLE) -> str:
     return resources.files("coda_gqa_l.neuraldb").joinpath("samples").joinpath(name).read_text(encoding="utf-8")
 
 
-def holds_fact(answer: str, expected: str, others: tuple[str, ...] = ()) -> bool:
-    """The demo's score: the answer holds the expected value (normalised) and no other question's value."""
-    from ..data.facts import normalise
-
-    said = f" {normalise(answer)} "
-    if f" {normalise(expected)} " not in said:
-        return False
-    return not any(f" {normalise(o)} " in said for o in others if o != expected)
-
-
 def default_demo_store() -> Path:
     """The demo's own store, in the user data folder (never in the current folder)."""
     from ..fetch import data_dir
@@ -132,6 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour") -> None:
     from tqdm import tqdm
 
+    from ..data.facts import value_holds
     from .engine import NeuralDatabase
 
     start = time.perf_counter()
@@ -148,7 +139,7 @@ def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour") -> No
                 "question": question,
                 "expected": expected,
                 "answer": answer,
-                "found": holds_fact(answer, expected, values),
+                "found": value_holds(answer, expected, values),
                 "seconds": time.perf_counter() - t0,
             }
         )
