@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
 # On the GPU machine, after the SmolLM2 set-up (benchmarks/PLAN.md): phase-2 training on fact documents from the
-# shipped weights, two arms at once on one GPU (phase 2 leaves it mostly idle): "facts" (fact and pass-key documents,
-# keep targets from the answers' tokens) and "recurring" (the same plus --recurring-keep on plain rows).
-# Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR
+# shipped weights, several arms at once on one GPU (phase 2 leaves it mostly idle). The arms:
+#   facts      fact and pass-key documents, keep targets from the answers' tokens (2026-12-02, before tau_exact 0.5)
+#   recurring  the same plus --recurring-keep on plain rows (the self-supervised signal)
+#   multi4096  many facts per row (up to 10, up to 5 asked), 4,096-token rows, trained at the shipped tau_exact 0.5
+#   multi2048  the same with 2,048-token rows and twice the rows per update
+# Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
 set -euo pipefail
 budget=${1:?seconds of training}
 out=${2:?folder for the weights and logs}
-R="novelty=0.9 match=0.97 max_inserts=16"  # the shipped file's thresholds: it starts in phase 2
-common=(--init-weights src/coda_gqa_l/weights/smollm2-135m-instruct-coda.safetensors --routing $R
-  --phase2-steps 2000 --phase2-seq-len 2048 --batch-size 8 --retrieval-fraction 0.2 --fact-fraction 0.5
+shift 2
+arms=("${@:-facts}")
+weights=src/coda_gqa_l/weights/smollm2-135m-instruct-coda.safetensors
+routing() {  # the starting file's thresholds: it starts in phase 2, and coda-train checks they match
+  python -c "import sys; sys.path.insert(0, 'src')
+from coda_gqa_l.training.weights import read_coda_meta
+b = read_coda_meta('$weights')['convert']['bounded']
+print(' '.join(f'{k}={b[k]}' for k in ('tau_exact', 'novelty', 'match', 'max_inserts')))"
+}
+read -r -a R <<< "$(routing)"
+common=(--init-weights "$weights" --routing "${R[@]}" --phase2-steps 2000 --retrieval-fraction 0.2
   --lr 5e-4 --gate-lr 5e-3 --warmup 5 --save-every 10 --time-budget "$budget")
+many=(--fact-fraction 0.6 --fact-counts 1 2 3 4 5 6 8 10 --gate-keep 0.8)
 python -c "from coda_gqa_l.models.loader import load_smollm2; load_smollm2(progress=False)"  # export once
-for arm in facts recurring; do
-  extra=(); [ "$arm" = recurring ] && extra=(--recurring-keep)
+for arm in "${arms[@]}"; do
+  case $arm in
+    facts) extra=(--fact-fraction 0.5 --phase2-seq-len 2048 --batch-size 8) ;;
+    recurring) extra=(--fact-fraction 0.5 --phase2-seq-len 2048 --batch-size 8 --recurring-keep) ;;
+    multi4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8) ;;
+    multi2048) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16) ;;
+    *) echo "unknown arm $arm" >&2; exit 2 ;;
+  esac
   python -m coda_gqa_l.training.cli "${common[@]}" "${extra[@]}" --out "/tmp/train_$arm" > "/tmp/train_$arm.log" 2>&1 &
 done
 wait
 mkdir -p "$out"
-for arm in facts recurring; do
+for arm in "${arms[@]}"; do
   cp "/tmp/train_$arm/coda.safetensors" "$out/coda_$arm.safetensors"
   cp "/tmp/train_$arm/log.jsonl" "$out/train_$arm.jsonl"
   tail -c 2000 "/tmp/train_$arm.log" | tr '\r' '\n' | tail -3

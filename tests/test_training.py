@@ -252,15 +252,21 @@ def test_fact_rows_and_recurring_keep_targets(tmp_path: Path) -> None:
         kept = tok.decode(ids[keep].tolist())
         answered = tok.decode(ids[1:][answer[:-1]].tolist())  # the answer tokens (targets of the masked positions)
         assert any(value.strip() and value.strip() in kept for value in answered.split("\n")), (kept, answered)
+    many = next(batches(stream, tok, seq_len=900, batch_size=4, seed=1, fact_fraction=1.0, fact_counts=(4,)))
+    for keep, answer in zip(many.keep_mask, many.answer_mask, strict=True):  # 4 values kept, 1 to 4 of them asked
+        assert int((keep[1:] & ~keep[:-1]).sum()) + int(keep[0]) >= 2 and answer.any()
+    with pytest.raises(ValueError, match="fact counts"):
+        next(batches(stream, tok, seq_len=600, batch_size=1, seed=0, fact_fraction=1.0, fact_counts=(0,)))
     recurring = RecurringTokens(stream, tok, common=0)
     positions = recurring.positions(stream, min_distance=256)
     assert positions and all(tok.decode([stream[p]]).isupper() or tok.decode([stream[p]]).isdigit() for p in positions)
     out = tmp_path / "run"
-    settings = ("--phase1-steps", "0", "--phase2-steps", "2", "--fact-fraction", "0.5", "--retrieval-fraction", "0.2")
+    settings = ("--phase1-steps", "0", "--phase2-steps", "2", "--fact-fraction", "0.5", "--retrieval-fraction", "0.2",
+                "--fact-counts", "2", "5")  # fmt: skip
     assert _train(out, *settings, "--recurring-keep") == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["gate"] > 0 for r in log)
     from coda_gqa_l.training.weights import read_coda_meta
 
     training = read_coda_meta(out / "coda.safetensors")["training"]
-    assert training["fact_fraction"] == 0.5 and training["recurring_keep"] is True
+    assert training["fact_fraction"] == 0.5 and training["recurring_keep"] is True and training["fact_counts"] == [2, 5]

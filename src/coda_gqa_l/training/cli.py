@@ -37,7 +37,7 @@ from torch import nn
 from ..config import BoundedConfig, parse_routing
 from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .data import IGNORE, Batch, batches, token_stream
+from .data import FACT_COUNTS, IGNORE, Batch, batches, token_stream
 from .distributed import Cluster
 from .gate_supervision import gate_hinge_loss, recorded_gate_logits
 from .lora import add_lora
@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     fact_help = "phase-2 rows that are fact documents: names, places, dates, ... asked at the end (default 0)"
     p.add_argument("--fact-fraction", type=float, default=0.0, help=fact_help)
+    counts_help = "facts in one fact row, drawn uniformly from this list; up to 5 of them are asked (default 1 1 2 3 4 6)"
+    p.add_argument("--fact-counts", type=int, nargs="+", default=list(FACT_COUNTS), metavar="N", help=counts_help)
     recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
     p.add_argument("--recurring-keep", action="store_true", help=recurring_help)
     p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
@@ -199,6 +201,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "retrieval_fraction": args.retrieval_fraction,
         "fact_fraction": args.fact_fraction,
         "recurring_keep": args.recurring_keep,
+        "fact_counts": args.fact_counts,
         "gate_supervision": {
             "weight": args.gate_weight,
             "keep": args.gate_keep,
@@ -301,6 +304,7 @@ def _run_phase(
         retrieval_fraction=args.retrieval_fraction if phase == 2 else 0.0,
         fact_fraction=args.fact_fraction if phase == 2 else 0.0,
         recurring_keep=args.recurring_keep and phase == 2,
+        fact_counts=tuple(args.fact_counts),
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"

@@ -26,6 +26,8 @@ from ..data.prompts import PromptFormat
 from ..evaluation.passkey import PasskeyDocument, make_document
 
 IGNORE = -100
+FACT_COUNTS = (1, 1, 2, 3, 4, 6)  # facts per fact row, drawn uniformly; repeats weight a count
+MAX_ASKED = 5  # questions after one fact row (the 5-fact evaluation asks all five)
 
 
 @dataclass
@@ -111,6 +113,7 @@ def batches(
     retrieval_fraction: float = 0.0,
     fact_fraction: float = 0.0,
     recurring_keep: bool = False,
+    fact_counts: tuple[int, ...] = FACT_COUNTS,
     min_distance: int = 0,
 ) -> Iterator[Batch]:
     """Endless batches of random ``seq_len`` windows of ``stream``; a ``retrieval_fraction`` of the
@@ -120,6 +123,8 @@ def batches(
         raise ValueError(f"the training text has {len(stream)} tokens, a sequence needs {seq_len + 1}")
     if retrieval_fraction < 0 or fact_fraction < 0 or retrieval_fraction + fact_fraction > 1:
         raise ValueError(f"need fractions >= 0 summing to at most 1, got {retrieval_fraction} and {fact_fraction}")
+    if not fact_counts or min(fact_counts) < 1:
+        raise ValueError(f"fact counts must be at least 1, got {list(fact_counts)}")
     rng = random.Random(seed)
     sampler = FactSampler("train") if fact_fraction > 0 else None
     layout = PromptFormat.for_tokenizer(tokenizer)
@@ -136,7 +141,7 @@ def batches(
                 answer[doc.answer_start - 1 : len(ids) - 1] = True
                 keep[doc.key_positions] = True
             elif sampler is not None and draw < retrieval_fraction + fact_fraction:
-                ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep)
+                ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep, fact_counts)
             else:
                 start = rng.randrange(len(stream) - seq_len - 1)
                 ids = torch.tensor(stream[start : start + seq_len])
@@ -159,14 +164,15 @@ def _fact_row(
     seq_len: int,
     min_distance: int,
     keep: Tensor,
+    counts: tuple[int, ...],
 ) -> tuple[Tensor, Tensor]:
-    """A fact document of exactly ``seq_len`` tokens (1 to 6 facts, 1 to 3 asked; fewer when they do
-    not fit ``min_distance`` before the questions); sets ``keep``."""
-    facts = rng.choice((1, 1, 2, 3, 4, 6))
+    """A fact document of exactly ``seq_len`` tokens (a number of facts drawn from ``counts``, 1 to
+    ``MAX_ASKED`` of them asked; fewer when they do not fit ``min_distance`` before the questions); sets ``keep``."""
+    facts = rng.choice(counts)
     while True:
         try:
             doc = make_fact_document(tokenizer, layout, stream, rng, sampler=sampler, length=seq_len,
-                                     num_facts=facts, num_asked=rng.randint(1, min(3, facts)),
+                                     num_facts=facts, num_asked=rng.randint(1, min(MAX_ASKED, facts)),
                                      min_distance=min_distance)  # fmt: skip
             break
         except ValueError:
