@@ -1,7 +1,9 @@
-"""Where a passkey goes in a bounded model: the write gates of key and other tokens, and whether
-the key is still in each layer's exact bank when the question comes.
+"""Where a passkey or a fact goes in a bounded model: the write gates of its tokens and of the others,
+and whether it is still in each layer's exact bank when the question comes.
 
     PYTHONPATH=src python benchmarks/needle_trace.py [--weights FILE] [--length 4096] [--trials 2] [--out trace.json]
+    PYTHONPATH=src python benchmarks/needle_trace.py --facts 5 [--length 4096] [--trials 2]
+    PYTHONPATH=src python benchmarks/needle_trace.py --sample millbrook
 
 Reads evaluation-phrased passkey documents (essays as the haystack, the key at least two windows
 before the question) through the packaged SmolLM2 with CoDA weights (the shipped file unless
@@ -15,6 +17,18 @@ on a slot, too similar to the bank or to a higher-gated token of its segment, cu
 ``--routing novelty=0.85 ...`` reads with other bank-routing thresholds. A table per trial is
 printed last; the JSON has every number. It runs on the CPU in float32 (about 10 s per 2K tokens
 on 2 cores).
+
+``--facts N`` traces fact documents instead (evaluation-only patterns and values, ``N`` facts, all
+asked; ``--kinds`` narrows them), and ``--sample harbour|millbrook`` the neural database's sample
+documents with the demo's questions, read exactly as ``coda-db`` reads them. Each fact's value
+tokens are a needle of their own: the trace answers every question from the state left by the
+document (a fork per question, greedy, cut at the answer's stop, scored as coda-eval scores it)
+and says where each missed fact was lost (``verdict``): ``gate`` (its tokens' gates stayed under
+``tau_exact``), ``novelty test`` (they were refused as too similar to the bank or to their
+segment), ``max_inserts``, ``evicted`` (written, then replaced by least-recently-used eviction
+before the question) or ``read-out`` (still held in some layer's bank, and the answer did not copy
+it; ``tokens held`` says how many of its tokens some layer still holds). Routing of the question's
+own tokens is not traced.
 """
 
 from __future__ import annotations
@@ -25,7 +39,8 @@ import functools
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +51,25 @@ FATES = ("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_
 
 
 class ExactBankLedger:
-    """What happens to the key's tokens at each layer's exact bank, and which token each slot holds.
+    """What happens to the needles' tokens at each layer's exact bank, and which token each slot holds.
 
     The state records a slot's last use, which a hit moves to the hitting token; a slot's content
     changes only when a token is written there. The ledger wraps ``banks._route_exact``, keeps the
-    writing token of every slot, and sorts each key token's (KV head) candidacy into ``FATES``
-    from the router's own tests (``banks.exact_decisions``)."""
+    writing token of every slot, and sorts each needle token's (KV head) candidacy into ``FATES``
+    from the router's own tests (``banks.exact_decisions``), per needle (``groups``: the token
+    positions of each; a passkey is one needle, a fact document one per fact)."""
 
-    def __init__(self, keys: torch.Tensor, num_layers: int) -> None:
-        self.keys = keys
+    def __init__(self, groups: Sequence[torch.Tensor], num_layers: int) -> None:
+        self.groups = list(groups)
+        self.keys = torch.cat(self.groups)
         self.layer = -1  # set by a forward pre-hook on each bounded layer
         self.origin: list[torch.Tensor | None] = [None] * num_layers
-        self.fates = [dict.fromkeys(FATES, 0) for _ in range(num_layers)]
+        self.needle_fates = [[dict.fromkeys(FATES, 0) for _ in self.groups] for _ in range(num_layers)]
+
+    @property
+    def fates(self) -> list[dict[str, int]]:
+        """Every needle's fates summed, per layer."""
+        return [{f: sum(d[f] for d in per_needle) for f in FATES} for per_needle in self.needle_fates]
 
     def route_exact(self, original, banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin):
         new = original(banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin)
@@ -73,26 +95,28 @@ class ExactBankLedger:
         stored_tokens = torch.zeros_like(cand)
         for b, h, slot in stored.nonzero().tolist():
             stored_tokens[b, h, int((token_index == new.ex_last[b, h, slot]).nonzero())] = True
-        mask = is_key.view(1, 1, -1).expand_as(cand)
-        tally = self.fates[self.layer]
-        tally["below_tau"] += int((mask & ~cand).sum())
-        tally["hit_own_key"] += int((mask & hit_key).sum())
-        tally["hit_other"] += int((mask & hit & ~hit_key).sum())
-        tally["similar_to_bank"] += int((mask & similar).sum())
-        tally["duplicate_in_segment"] += int((mask & cand & ~hit & ~similar & duplicate).sum())
-        tally["cut_by_max_inserts"] += int((mask & novel & ~stored_tokens).sum())
-        tally["written"] += int((mask & stored_tokens).sum())
+        for group, tally in zip(self.groups, self.needle_fates[self.layer], strict=True):
+            mask = (is_key & torch.isin(token_index, group)).view(1, 1, -1).expand_as(cand)
+            if not mask.any():
+                continue
+            tally["below_tau"] += int((mask & ~cand).sum())
+            tally["hit_own_key"] += int((mask & hit_key).sum())  # a hit on a slot some needle token wrote
+            tally["hit_other"] += int((mask & hit & ~hit_key).sum())
+            tally["similar_to_bank"] += int((mask & similar).sum())
+            tally["duplicate_in_segment"] += int((mask & cand & ~hit & ~similar & duplicate).sum())
+            tally["cut_by_max_inserts"] += int((mask & novel & ~stored_tokens).sum())
+            tally["written"] += int((mask & stored_tokens).sum())
 
 
 @contextlib.contextmanager
-def ledger_installed(model: torch.nn.Module, keys: torch.Tensor) -> Iterator[ExactBankLedger]:
-    """An ``ExactBankLedger`` that sees every exact-bank routing of ``model`` inside the block."""
+def ledger_installed(model: torch.nn.Module, groups: Sequence[torch.Tensor]) -> Iterator[ExactBankLedger]:
+    """An ``ExactBankLedger`` of the needles ``groups`` that sees every exact-bank routing of ``model`` in the block."""
     import coda_gqa_l.banks as banks_module
     from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 
     # the adapter calls its layer's prefill_chunked, not the layer module, so the hooks sit on it
     adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter) and m.bounded]
-    ledger = ExactBankLedger(keys, len(adapters))
+    ledger = ExactBankLedger(groups, len(adapters))
     original = banks_module._route_exact
     hooks = [m.register_forward_pre_hook(functools.partial(lambda i, *_: setattr(ledger, "layer", i), m.layer_idx))
              for m in adapters]  # fmt: skip
@@ -108,28 +132,26 @@ def ledger_installed(model: torch.nn.Module, keys: torch.Tensor) -> Iterator[Exa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=None, help="CoDA weights file (default: the shipped one)")
-    p.add_argument("--length", type=int, default=4096, help="tokens per document")
-    p.add_argument("--depth", type=float, default=0.3, help="where the key sits in the haystack (0 start, 1 end)")
-    p.add_argument("--keys", type=int, default=1, help="needles per document (the question asks for one)")
-    p.add_argument("--trials", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--length", type=int, default=4096, help="tokens per document (default 4096)")
+    p.add_argument("--depth", type=float, default=0.3, help="passkey: where the key sits (0 start, 1 end; default 0.3)")
+    p.add_argument("--keys", type=int, default=1, help="passkey: needles per document, one asked (default 1)")
+    p.add_argument("--facts", type=int, default=0, help="trace fact documents with this many facts, all asked "
+                   "(default 0: passkey documents)")  # fmt: skip
+    p.add_argument("--kinds", nargs="+", default=None, help="fact kinds to draw from (default: all ten)")
+    p.add_argument("--sample", choices=("harbour", "millbrook"), default=None,
+                   help="trace a neural database sample document and the demo's questions")  # fmt: skip
+    p.add_argument("--trials", type=int, default=2, help="documents (default 2)")
+    p.add_argument("--seed", type=int, default=1, help="document draws (default 1)")
     p.add_argument("--routing", nargs="*", default=[], metavar="NAME=VALUE",
                    help="bank-routing thresholds to read with instead of the file's (e.g. novelty=0.85)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="JSON file for every layer's figures")
     return p.parse_args(argv)
 
 
-def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     from coda_gqa_l.config import parse_routing
-    from coda_gqa_l.data import load_essays
-    from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
-    from coda_gqa_l.models import BoundedCache
-    from coda_gqa_l.models.cache import bounded_modules
     from coda_gqa_l.models.convert import retune_routing
-    from coda_gqa_l.models.hf_compat import cache_kwargs
     from coda_gqa_l.models.loader import load_model
-    from coda_gqa_l.training.data import token_stream
-    from coda_gqa_l.training.gate_supervision import recorded_gate_logits
     from coda_gqa_l.training.weights import apply_coda_weights
 
     if args.weights is None:
@@ -141,7 +163,100 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
         apply_coda_weights(model, args.weights)
     if args.routing:
         retune_routing(model, **parse_routing(args.routing))
-    model.eval()
+    return model.eval(), tokenizer
+
+
+@dataclass
+class TracedRead:
+    """A document read through the bounded model with the ledger on: the cache it left, the LM
+    logits (when asked for), one row per layer and, per needle, the pairs holding it at the end."""
+
+    cache: Any
+    logits: torch.Tensor | None
+    layers: list[dict[str, Any]]
+    needles: list[dict[str, Any]]
+
+
+def read_traced(model: torch.nn.Module, ids: torch.Tensor, groups: Sequence[list[int]], *,
+                logits: bool = False, chunk: int = 1024) -> TracedRead:  # fmt: skip
+    """Read ``ids`` (1D) in ``chunk``-token forwards, tracing the needles ``groups`` (token positions)."""
+    from coda_gqa_l.models import BoundedCache
+    from coda_gqa_l.models.cache import bounded_modules
+    from coda_gqa_l.models.hf_compat import cache_kwargs
+    from coda_gqa_l.training.gate_supervision import recorded_gate_logits
+
+    config = bounded_modules(model)[0].config
+    cache = BoundedCache(model, block_size=chunk)
+    forward = model if logits else getattr(model, "model", model)  # the LM head only when its logits are used
+    pieces, outputs = [], []
+    tensors = [torch.tensor(g) for g in groups]
+    with torch.no_grad(), recorded_gate_logits(model) as gate_logits, ledger_installed(model, tensors) as ledger:
+        for start in range(0, len(ids), chunk):
+            out = forward(ids[None, start : start + chunk], **cache_kwargs(cache), use_cache=True)
+            if logits:
+                outputs.append(out.logits[0])
+            pieces.append(list(gate_logits))
+            gate_logits.clear()
+    is_key = torch.zeros(len(ids), dtype=torch.bool)
+    is_key[ledger.keys] = True
+    rows, per_needle_held, held_anywhere = [], [], torch.zeros(len(ids), dtype=torch.bool)
+    for layer, state in enumerate(cache.states):
+        assert state is not None
+        gates = torch.sigmoid(torch.cat([p[layer][0] for p in pieces]).float())  # (L, Hkv)
+        # what a slot holds is the token last written there (the ledger), not its last use
+        origin = ledger.origin[layer]
+        assert origin is not None
+        holds = origin[0].masked_fill(~state.ex_filled[0], -1)  # (Hkv, Me)
+        held_per_key_token = [int((holds == t).sum()) for t in ledger.keys.tolist()]
+        per_needle_held.append([sum(int((holds == t).sum()) for t in g) for g in groups])
+        held_anywhere[holds[holds >= 0]] = True
+        oldest = origin[0].masked_fill(~state.ex_filled[0], len(ids)).min()
+        rows.append({
+            "layer": layer,
+            "other_gate_mean": float(gates[~is_key].mean()),
+            "other_above_tau": float((gates[~is_key] > config.tau_exact).float().mean()),
+            "key_gate_mean": float(gates[is_key].mean()),
+            "key_pairs_held": sum(held_per_key_token),
+            "held_per_key_token": held_per_key_token,
+            "key_fates": ledger.fates[layer],
+            "key_pairs": int(is_key.sum()) * gates.shape[1],
+            "oldest_token_held": int(oldest),
+            "needle_gate_means": [float(gates[g].mean()) for g in tensors],
+        })  # fmt: skip
+    needles = []
+    for i, group in enumerate(groups):
+        fates = {f: sum(ledger.needle_fates[layer][i][f] for layer in range(len(rows))) for f in FATES}
+        held = [per_needle_held[layer][i] for layer in range(len(rows))]
+        needles.append({"tokens": list(group), "fates": fates, "pairs_held": sum(held),
+                        "tokens_held": int(held_anywhere[list(group)].sum()),
+                        "layers_holding": sum(h > 0 for h in held),
+                        "gate_mean": sum(r["needle_gate_means"][i] for r in rows) / len(rows)})  # fmt: skip
+    return TracedRead(cache, torch.cat(outputs) if logits else None, rows, needles)
+
+
+def verdict(needle: dict[str, Any], correct: bool) -> str:
+    """Where a needle was lost, from its fates and what the bank holds at the question (module docstring)."""
+    if correct:
+        return "answered"
+    if needle["pairs_held"] > 0:
+        return "read-out"
+    fates = needle["fates"]
+    if fates["written"] > 0:
+        return "evicted"
+    refused = {"gate": fates["below_tau"], "max_inserts": fates["cut_by_max_inserts"],
+               "novelty test": fates["similar_to_bank"] + fates["duplicate_in_segment"] + fates["hit_other"]
+               + fates["hit_own_key"]}  # fmt: skip
+    return max(refused, key=refused.__getitem__)
+
+
+def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Passkey documents (the module docstring)."""
+    from coda_gqa_l.data import load_essays
+    from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
+    from coda_gqa_l.models.cache import bounded_modules
+    from coda_gqa_l.training.data import token_stream
+
+    model, tokenizer = _model(args)
     config = bounded_modules(model)[0].config
     haystack = token_stream([d.text for d in load_essays("all")], tokenizer)
     rng = random.Random(args.seed)
@@ -150,57 +265,138 @@ def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
         doc = make_document(tokenizer, haystack, rng, length=args.length, depth=args.depth, num_keys=args.keys,
                             split="eval", min_distance=2 * config.window)  # fmt: skip
         began = time.perf_counter()
-        cache = BoundedCache(model, block_size=1024)
-        pieces, logits = [], []
-        keys = torch.tensor(doc.key_positions)
-        with torch.no_grad(), recorded_gate_logits(model) as gate_logits, ledger_installed(model, keys) as ledger:
-            for start in range(0, len(doc.ids), 1024):
-                chunk = doc.ids[None, start : start + 1024]
-                logits.append(model(chunk, **cache_kwargs(cache), use_cache=True).logits[0])
-                pieces.append(list(gate_logits))
-                gate_logits.clear()
-        layers = len(pieces[0])
-        is_key = torch.zeros(len(doc.ids), dtype=torch.bool)
-        is_key[keys] = True
-        rows = []
-        for layer, state in enumerate(cache.states):
-            assert state is not None
-            gates = torch.sigmoid(torch.cat([p[layer][0] for p in pieces]).float())  # (L, Hkv)
-            # what a slot holds is the token last written there (the ledger), not its last use
-            origin = ledger.origin[layer]
-            assert origin is not None
-            holds = origin[0].masked_fill(~state.ex_filled[0], -1)  # (Hkv, Me)
-            held_per_key_token = [int((holds == t).sum()) for t in doc.key_positions]
-            oldest = origin[0].masked_fill(~state.ex_filled[0], len(doc.ids)).min()
-            rows.append({
-                "layer": layer,
-                "other_gate_mean": float(gates[~is_key].mean()),
-                "other_above_tau": float((gates[~is_key] > config.tau_exact).float().mean()),
-                "key_gate_mean": float(gates[is_key].mean()),
-                "key_pairs_held": sum(held_per_key_token),
-                "held_per_key_token": held_per_key_token,
-                "key_fates": ledger.fates[layer],
-                "key_pairs": int(is_key.sum()) * gates.shape[1],
-                "oldest_token_held": int(oldest),
-            })  # fmt: skip
-        assert len(rows) == layers
+        read = read_traced(model, doc.ids, [list(doc.key_positions)], logits=True)
+        assert read.logits is not None
         # greedy decoding's answer beside the key: a wrong one shows whether digits were lost or
         # another number of the document was read out
-        all_logits = torch.cat(logits)
-        predicted = greedy_answer(all_logits, doc)
+        predicted = greedy_answer(read.logits, doc)
         trials.append({
             "trial": trial,
             "length": len(doc.ids),
             "key_tokens": doc.key_positions,
             "question_at": doc.answer_start,
-            "correct": answer_correct(all_logits, doc),
+            "correct": answer_correct(read.logits, doc),
             "expected": tokenizer.decode(doc.ids[doc.answer_start :].tolist()),
             "predicted": tokenizer.decode(predicted.tolist()),
             "seconds": time.perf_counter() - began,
             "tau_exact": config.tau_exact,
-            "layers": rows,
+            "layers": read.layers,
         })  # fmt: skip
     return trials
+
+
+@dataclass
+class FactCase:
+    """One document to trace in fact mode: its prompt tokens, and per fact the value, its kind, the
+    question and the positions of the value's tokens in the prompt."""
+
+    ids: torch.Tensor
+    values: list[str]
+    kinds: list[str]
+    questions: list[str]
+    positions: list[list[int]]
+    others: list[Any]  # what answer_holds checks a wrong value against (the document's other facts)
+
+
+def _fact_cases(args: argparse.Namespace, tokenizer: Any, min_distance: int) -> list[FactCase]:
+    from coda_gqa_l.data.facts import KINDS, FactSampler, heldout_fact_haystack, make_fact_document
+    from coda_gqa_l.data.prompts import PromptFormat
+
+    layout = PromptFormat.for_tokenizer(tokenizer)
+    if args.sample is not None:
+        return [_sample_case(args.sample, tokenizer, layout)]
+    sampler, hay, rng = FactSampler("eval"), heldout_fact_haystack(tokenizer), random.Random(args.seed)
+    cases = []
+    for _ in range(args.trials):
+        doc = make_fact_document(tokenizer, layout, hay, rng, sampler=sampler, length=args.length,
+                                 num_facts=args.facts, num_asked=args.facts, kinds=args.kinds or KINDS,
+                                 depth_range=(0.1, 0.6), min_distance=min_distance)  # fmt: skip
+        prompt = doc.ids[: doc.prompt_end]
+        positions = [_value_positions(prompt, tokenizer, f.value, near=p) for f, p in
+                     zip(doc.facts, doc.fact_positions, strict=True)]  # fmt: skip
+        order = [doc.facts.index(f) for f in doc.asked]
+        cases.append(FactCase(prompt, [doc.facts[i].value for i in order], [doc.facts[i].relation.kind for i in order],
+                              [doc.facts[i].question() for i in order], [positions[i] for i in order],
+                              doc.facts))  # fmt: skip
+    return cases
+
+
+def _value_positions(ids: torch.Tensor, tokenizer: Any, value: str, near: int = 0) -> list[int]:
+    """The positions of the tokens that spell ``value`` in ``ids``, the first occurrence at or after ``near``."""
+    text_so_far, starts = "", []
+    for token in ids.tolist():
+        starts.append(len(text_so_far))
+        text_so_far += tokenizer.decode([token])
+    at = text_so_far.find(value, starts[min(near, len(starts) - 1)])
+    if at < 0:
+        at = text_so_far.find(value)
+    if at < 0:
+        raise ValueError(f"{value!r} is not in the document")
+    return [i for i, s in enumerate(starts) if s < at + len(value) and s + len(tokenizer.decode([ids[i]])) > at]
+
+
+def _sample_case(name: str, tokenizer: Any, layout: Any) -> FactCase:
+    from coda_gqa_l.neuraldb.demo import SAMPLES, sample_text
+
+    filename, _, questions = SAMPLES[name]
+    ids = torch.tensor(tokenizer.encode(layout.document_prefix + sample_text(filename), add_special_tokens=False))
+    values = [expected for _, expected in questions]
+    return FactCase(ids, values, ["sample"] * len(values), [q for q, _ in questions],
+                    [_value_positions(ids, tokenizer, v) for v in values], [])  # fmt: skip
+
+
+def trace_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Fact documents or a sample document (the module docstring)."""
+    from coda_gqa_l.data.facts import Fact, answer_holds, value_holds
+    from coda_gqa_l.data.prompts import PromptFormat
+    from coda_gqa_l.evaluation.fact_recall import generate_answers
+    from coda_gqa_l.models.cache import bounded_modules
+
+    model, tokenizer = _model(args)
+    config = bounded_modules(model)[0].config
+    layout = PromptFormat.for_tokenizer(tokenizer)
+    trials = []
+    for trial, case in enumerate(_fact_cases(args, tokenizer, 2 * config.window)):
+        began = time.perf_counter()
+        read = read_traced(model, case.ids, case.positions)
+        facts = []
+        for i, (value, question) in enumerate(zip(case.values, case.questions, strict=True)):
+            prompt = tokenizer.encode(layout.question.format(question=question), add_special_tokens=False)
+            with torch.inference_mode():
+                answer = generate_answers(model, read.cache.fork(), torch.tensor([prompt]), tokenizer, layout)[0]
+            if case.others:
+                asked = next(f for f in case.others if isinstance(f, Fact) and f.value == value)
+                correct = answer_holds(answer, asked, case.others)
+            else:
+                correct = value_holds(answer, value)
+            needle = read.needles[i]
+            facts.append({"value": value, "kind": case.kinds[i], "question": question, "answer": answer,
+                          "correct": correct, "verdict": verdict(needle, correct),
+                          "distance": len(case.ids) - needle["tokens"][-1], **needle})  # fmt: skip
+        trials.append({"trial": trial, "length": len(case.ids), "seconds": time.perf_counter() - began,
+                       "tau_exact": config.tau_exact, "facts": facts, "layers": read.layers})  # fmt: skip
+    return trials
+
+
+def render_facts(trial: dict[str, Any]) -> str:
+    right = sum(f["correct"] for f in trial["facts"])
+    lines = [
+        f"trial {trial['trial']}: {trial['length']} tokens, {right} of {len(trial['facts'])} facts answered "
+        f"({trial['seconds']:.0f} s; tau_exact {trial['tau_exact']})",
+        "",
+        "| value | kind | tokens back | answer | verdict | mean gate | written | below tau | novelty refused "
+        "| cut | layers holding | tokens held |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in trial["facts"]:
+        fates = f["fates"]
+        refused = fates["similar_to_bank"] + fates["duplicate_in_segment"] + fates["hit_own_key"] + fates["hit_other"]
+        layers, tokens = f"{f['layers_holding']} / {len(trial['layers'])}", f"{f['tokens_held']} / {len(f['tokens'])}"
+        cells = [f["value"], f["kind"], f["distance"], repr(f["answer"]), f["verdict"], f"{f['gate_mean']:.3f}",
+                 fates["written"], fates["below_tau"], refused, fates["cut_by_max_inserts"], layers,
+                 tokens]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def render(trial: dict[str, Any]) -> str:
@@ -227,13 +423,14 @@ def render(trial: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trials = trace(args)
+    facts = args.facts > 0 or args.sample is not None
+    trials = trace_facts(args) if facts else trace(args)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) for k, v in vars(args).items()}
         args.out.write_text(json.dumps({"args": settings, "trials": trials}, indent=1))
     for trial in trials:
-        print(render(trial) + "\n")
+        print((render_facts(trial) if facts else render(trial)) + "\n")
     return 0
 
 

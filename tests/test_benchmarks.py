@@ -205,6 +205,33 @@ def test_needle_trace_finds_the_key_in_the_shipped_banks(tmp_path: Path) -> None
     assert sorted(r["other_above_tau"] for r in layers)[15] < 0.05  # the median layer refuses 95% of tokens
 
 
+@pytest.mark.slow
+def test_needle_trace_locates_each_fact_of_the_demo_document(tmp_path: Path) -> None:
+    """needle_trace --sample: every demo question is answered from the state and scored; an answered
+    fact is held in the exact bank of most layers, and a missed one gets a verdict that agrees with
+    its fates (a "gate" miss wrote nothing, a "read-out" miss is still held)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from needle_trace import verdict
+
+    out = tmp_path / "trace.json"
+    done = _run("needle_trace.py", "--sample", "harbour", "--out", str(out), timeout=400)
+    assert "| value | kind |" in done.stdout
+    (trial,) = json.loads(out.read_text())["trials"]
+    facts = trial["facts"]
+    assert [f["value"] for f in facts] == ["Tobias Wren", "7.245", "Pepper", "blue shed", "1987"]
+    assert sum(f["correct"] for f in facts) >= 3
+    for f in facts:
+        assert f["verdict"] == verdict(f, f["correct"]) and f["tokens"] and f["distance"] >= 512
+        if f["correct"]:
+            assert f["layers_holding"] >= 20 and f["gate_mean"] > trial["tau_exact"]
+    fates = dict.fromkeys(("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment",
+                           "cut_by_max_inserts", "written"), 0)  # fmt: skip
+    assert verdict({"pairs_held": 0, "fates": fates | {"below_tau": 9}}, False) == "gate"
+    assert verdict({"pairs_held": 0, "fates": fates | {"written": 3}}, False) == "evicted"
+    assert verdict({"pairs_held": 2, "fates": fates | {"written": 3}}, False) == "read-out"
+    assert verdict({"pairs_held": 0, "fates": fates | {"similar_to_bank": 4, "below_tau": 1}}, False) == "novelty test"
+
+
 def _eval_json(path: Path, device: str, perplexity: list[tuple], passkey: list[tuple], routing: tuple = ()) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "coda-eval", "date": "2026-11-23 10:00 UTC", "device": device, "dtype": "bfloat16",

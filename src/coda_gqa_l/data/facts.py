@@ -492,3 +492,14 @@ def value_holds(answer: str, value: str, other_values: Sequence[str] = ()) -> bo
 def answer_holds(answer: str, fact: Fact, others: Sequence[Fact] = ()) -> bool:
     """``value_holds`` for a fact, the other facts of its document being the values that must not appear."""
     return value_holds(answer, fact.value, [o.value for o in others])
+
+
+def heldout_fact_haystack(tokenizer: object, essays: list[int] | None = None) -> list[int]:
+    """The haystack evaluation fact documents are cut from: the essays (never trained on) and held-out
+    Wikipedia, as one token stream (``essays``: the essays' stream when the caller has it already)."""
+    from .corpora import load_essays, load_wikipedia
+    from .tokens import token_stream
+
+    if essays is None:
+        essays = token_stream([d.text for d in load_essays("all")], tokenizer)
+    return essays + token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)

@@ -345,13 +345,11 @@ def fact_recall_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[
 
 def _fact_haystack(args: argparse.Namespace, tokenizer: Any, essays: list[int]) -> list[int]:
     """Held-out haystacks for fact documents: the essays (never trained on) and held-out Wikipedia."""
-    from ..training.data import token_stream
-
     if args.tiny_model:
         return essays
-    from ..data import load_wikipedia
+    from ..data.facts import heldout_fact_haystack
 
-    return essays + token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)
+    return heldout_fact_haystack(tokenizer, essays)
 
 
 def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     fact_help = "phase-2 rows that are fact documents: names, places, dates, ... asked at the end (default 0)"
     p.add_argument("--fact-fraction", type=float, default=0.0, help=fact_help)
-    counts_help = "facts in one fact row, drawn uniformly from this list; up to 5 of them are asked (default 1 1 2 3 4 6)"
+    counts_help = "facts per fact row, drawn uniformly from this list; up to 5 of them asked (default 1 1 2 3 4 6)"
     p.add_argument("--fact-counts", type=int, nargs="+", default=list(FACT_COUNTS), metavar="N", help=counts_help)
     recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
     p.add_argument("--recurring-keep", action="store_true", help=recurring_help)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..data.facts import FactSampler, make_fact_document
 from ..data.prompts import PromptFormat
+from ..data.tokens import token_stream as token_stream  # re-exported: the training CLI cuts windows from it
 from ..evaluation.passkey import PasskeyDocument, make_document
 
 IGNORE = -100
@@ -36,17 +37,6 @@ class Batch:
     labels: Tensor  # (B, L): next-token targets already shifted left; IGNORE where not scored
     answer_mask: Tensor  # (B, L) bool: targets that are retrieval answers (weighted separately)
     keep_mask: Tensor  # (B, L) bool: the keys' tokens, which the write gate is taught to keep
-
-
-def token_stream(texts: list[str], tokenizer: object) -> list[int]:
-    """All texts tokenized and joined with the end-of-sequence token between them."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
-        if eos is not None:
-            ids.append(int(eos))
-    return ids
 
 
 def _shifted(ids: Tensor) -> Tensor:
@@ -141,7 +131,8 @@ def batches(
                 answer[doc.answer_start - 1 : len(ids) - 1] = True
                 keep[doc.key_positions] = True
             elif sampler is not None and draw < retrieval_fraction + fact_fraction:
-                ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep, fact_counts)
+                ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep,
+                                        fact_counts)  # fmt: skip
             else:
                 start = rng.randrange(len(stream) - seq_len - 1)
                 ids = torch.tensor(stream[start : start + seq_len])
