@@ -59,6 +59,12 @@ def parse_ref(ref: str) -> int | str:
     return int(ref) if ref.isdigit() else ref
 
 
+THREADS_HELP = (
+    "CPU threads for the model (default $CODA_GQA_L_THREADS, else the cores not already busy; "
+    "OMP_NUM_THREADS set by you is kept)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coda-db",
@@ -68,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", type=Path, default=None, help=f"store folder (default {default_store()}; the demo uses its own)"
     )
     parser.add_argument("--tiny", action="store_true", help="use the tiny random test model (fast, answers are noise)")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     # the same options after the subcommand; SUPPRESS keeps the value given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="store folder")
     common.add_argument("--tiny", action="store_true", default=argparse.SUPPRESS, help="use the tiny test model")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (see above)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -258,7 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``demo`` returns ``run_demo``'s exit code.
     """
     args = build_parser().parse_args(argv)
+    from ..cpu_threads import THREADS_ENV, set_cpu_threads
     from .engine import NeuralDBError
+
+    try:
+        threads = set_cpu_threads(args.threads)
+    except ValueError as exc:
+        print(f"coda-db: {exc}", file=sys.stderr)
+        return 2
+    os.environ[THREADS_ENV] = str(threads)  # the demo's asking process uses the same count
 
     try:
         if args.command == "demo":

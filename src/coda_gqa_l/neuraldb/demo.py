@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="start from an empty store")
     parser.add_argument("--sample", choices=sorted(SAMPLES), default="harbour", help="which sample document")
     parser.add_argument("--ask", nargs=3, metavar=("STORE", "DOC_ID", "SAMPLE"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: see coda-db --help)")
     args = parser.parse_args(argv)
+    from ..cpu_threads import THREADS_ENV, set_cpu_threads
+
+    os.environ[THREADS_ENV] = str(set_cpu_threads(args.threads))  # the asking process uses the same count
     if args.ask:
         _ask_in_this_process(*args.ask)
         return 0

@@ -1,0 +1,55 @@
+"""The CPU thread count the tools choose: the user's --threads, then $CODA_GQA_L_THREADS, then an
+OMP_NUM_THREADS the user set, then the cores not already busy."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from coda_gqa_l import cpu_threads
+from coda_gqa_l.cpu_threads import THREADS_ENV, chosen_threads, default_threads, set_cpu_threads
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_order_of_choices(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setattr(cpu_threads, "usable_cores", lambda: 8)
+    clean_env.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert default_threads() == 5 and chosen_threads() == 5  # 8 cores, about 3 busy
+    clean_env.setenv("OMP_NUM_THREADS", "2")
+    assert chosen_threads() is None  # the user's OpenMP setting is kept
+    clean_env.setenv(THREADS_ENV, "3")
+    assert chosen_threads() == 3
+    assert chosen_threads(6) == 6
+    clean_env.setattr(os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert default_threads() == 1  # never fewer than one
+
+
+def test_bad_thread_counts_are_refused(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        chosen_threads(0)
+    clean_env.setenv(THREADS_ENV, "two")
+    with pytest.raises(ValueError, match="CODA_GQA_L_THREADS"):
+        chosen_threads()
+
+
+def test_set_cpu_threads_sets_torch(clean_env: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_coda_db_refuses_a_bad_thread_count(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from coda_gqa_l.neuraldb.cli import main
+
+    assert main(["--threads", "0", "list"]) == 2
+    assert "at least 1 CPU thread" in capsys.readouterr().err
