@@ -26,8 +26,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads() -> None:
+def _deterministic_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
+    # coda-db's main sets it for the processes it starts; a test that calls main in-process must not leak it
+    monkeypatch.delenv("CODA_GQA_L_THREADS", raising=False)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -59,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=256, help="tokens per prefill_chunked call")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the inputs")
     parser.add_argument("--json", action="store_true", help="also print one JSON line at the end")
+    threads_help = "CPU threads (default $CODA_GQA_L_THREADS, else the cores not already busy)"
+    parser.add_argument("--threads", type=int, default=None, help=threads_help)
     args = parser.parse_args(argv)
     for name in ("tokens", "embed_dim", "heads", "kv_heads", "block_size"):
         if getattr(args, name) < 1:
@@ -158,6 +160,12 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    from .cpu_threads import set_cpu_threads
+
+    try:
+        set_cpu_threads(args.threads)
+    except ValueError as exc:
+        raise SystemExit(f"coda-demo: {exc}") from None
     result = run(args)
     render(result, Console())
     if args.json:

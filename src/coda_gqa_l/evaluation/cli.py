@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=10, help="passkey documents per forward")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--device", default=None)
+    threads_help = "CPU threads when the device is the CPU (default $CODA_GQA_L_THREADS, else the cores not busy)"
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
     p.add_argument("--seed", type=int, default=1234)
     routing_help = "bank-routing thresholds for the coda-/gqa-bounded methods instead of the file's (e.g. novelty=0.85)"
     p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
@@ -251,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     deadline = began + args.time_budget if args.time_budget else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        from ..cpu_threads import set_cpu_threads
+
+        try:
+            set_cpu_threads(args.threads)
+        except ValueError as exc:
+            raise SystemExit(f"coda-eval: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, tokenizer = _base_loader(args, device, dtype)
     check_lengths(args.lengths)
@@ -366,6 +375,7 @@ def _meta(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         "config": args.config,
         "num_sink": args.num_sink,
         "routing": list(args.routing),
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
 
