@@ -120,6 +120,14 @@ def attend_segments(
     real = (t >= start) & (t < start + n)
     bias = torch.where(real[:, :, None], bias, 0.0)
 
+    if nseg == 1 and n < S:
+        # a decode step or a short chunk: score only its own query rows, not the padded segment
+        # (rows are independent, so the outputs are the same; a step does 1/S of the work)
+        rows = slice(lead, lead + n)
+        scores = torch.einsum("bhqsd,bhkd->bhqsk", qp[:, :, :, 0, rows], keys[:, :, 0]) * scale
+        probs = torch.softmax(scores + bias[:, :, None, 0, rows], dim=-1)
+        return torch.einsum("bhqsk,bhkd->bhqsd", probs, values[:, :, 0]).to(q.dtype)
+
     per_segment = B * Hkv * Qs * S * keys.shape[3]
     group = max(1, _MAX_SCORE_ELEMENTS // max(per_segment, 1))
     blocks = []
