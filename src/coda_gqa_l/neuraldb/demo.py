@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..cpu_threads import THREADS_ENV, set_cpu_threads
 
-    os.environ[THREADS_ENV] = str(set_cpu_threads(args.threads))  # the asking process uses the same count
+    try:
+        os.environ[THREADS_ENV] = str(set_cpu_threads(args.threads))  # the asking process uses the same count
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.ask:
         _ask_in_this_process(*args.ask)
         return 0
