@@ -252,9 +252,9 @@ def verdict(needle: dict[str, Any], correct: bool) -> str:
 def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Passkey documents (the module docstring)."""
     from coda_gqa_l.data import load_essays
+    from coda_gqa_l.data.tokens import token_stream
     from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
     from coda_gqa_l.models.cache import bounded_modules
-    from coda_gqa_l.training.data import token_stream
 
     model, tokenizer = _model(args)
     config = bounded_modules(model)[0].config

@@ -308,7 +308,7 @@ def _base_loader(
 
 def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The perplexity texts (the longest length's first tokens of each) and the haystack tokens."""
-    from ..training.data import token_stream
+    from ..data.tokens import token_stream
 
     longest = max(args.lengths)
     if args.tiny_model:

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BoundedConfig, parse_routing
+from ..data.tokens import token_stream
 from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .data import FACT_COUNTS, IGNORE, Batch, batches, token_stream
+from .data import FACT_COUNTS, IGNORE, Batch, batches
 from .distributed import Cluster
 from .gate_supervision import gate_hinge_loss, recorded_gate_logits
 from .lora import add_lora

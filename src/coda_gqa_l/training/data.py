@@ -23,7 +23,6 @@ from torch import Tensor
 
 from ..data.facts import FactSampler, make_fact_document
 from ..data.prompts import PromptFormat
-from ..data.tokens import token_stream as token_stream  # re-exported: the training CLI cuts windows from it
 from ..evaluation.passkey import PasskeyDocument, make_document
 
 IGNORE = -100

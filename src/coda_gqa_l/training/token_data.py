@@ -88,7 +88,7 @@ def build_token_corpus(
     tokenizer: str, corpora: tuple[str, ...], cache_dir: str | os.PathLike[str] | None = None
 ) -> TokenCorpus:
     from ..data import corpora as texts
-    from .data import token_stream
+    from ..data.tokens import token_stream
 
     encoder = load_tokenizer(tokenizer, cache_dir)
     train_texts = [d.text for d in texts.load_wikipedia("train", cache_dir)] if "wikipedia" in corpora else []
