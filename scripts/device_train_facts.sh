@@ -5,7 +5,10 @@
 #   recurring  the same plus --recurring-keep on plain rows (the self-supervised signal)
 #   multi4096  many facts per row (up to 10, up to 5 asked), 4,096-token rows, trained at the shipped tau_exact 0.5
 #   multi2048  the same with 2,048-token rows and twice the rows per update
+#   distill    multi2048 plus a KL loss to the original model on every non-answer token (--distill-weight 1)
+#   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
+# RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm).
 set -euo pipefail
 budget=${1:?seconds of training}
 out=${2:?folder for the weights and logs}
@@ -29,9 +32,12 @@ for arm in "${arms[@]}"; do
     recurring) extra=(--fact-fraction 0.5 --phase2-seq-len 2048 --batch-size 8 --recurring-keep) ;;
     multi4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8) ;;
     multi2048) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16) ;;
+    distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1) ;;
+    distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
-  python -m coda_gqa_l.training.cli "${common[@]}" "${extra[@]}" --out "/tmp/train_$arm" > "/tmp/train_$arm.log" 2>&1 &
+  if [ "${RESUME:-0}" = 1 ]; then extra+=(--resume); fi
+  python -m coda_gqa_l.training.cli "${common[@]}" "${extra[@]}" --out "/tmp/train_$arm" >> "/tmp/train_$arm.log" 2>&1 &
 done
 wait
 mkdir -p "$out"

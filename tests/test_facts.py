@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -47,7 +48,10 @@ def test_evaluation_value_lists_never_reach_training() -> None:
 
 def test_no_evaluation_pattern_or_value_in_training_documents() -> None:
     held_out = value_lists("eval")
-    eval_statements = {r.statement.split("{")[0] for r in relations("eval") if not r.statement.startswith("{")}
+    # each evaluation pattern's literal text between its placeholders (value-first patterns included)
+    fragments = {f for r in relations("eval") for f in re.split(r"\{\w+\}", r.statement)}
+    eval_statements = {f for f in fragments if not any(f in r.statement for r in relations("train"))}
+    assert any(r.statement.startswith("{value}") for r in relations("eval"))
     sampler = FactSampler("train")
     rng = random.Random(0)
     for _ in range(200):
@@ -74,13 +78,34 @@ def test_keep_positions_spell_the_values_and_answers_are_scored(split: str) -> N
         )
         ids = doc.ids.tolist()
         kept = TOKENIZER.decode([ids[i] for i in doc.keep_positions])
-        assert kept == "".join(f" {f.value}" if not f.relation.statement.count('"') else f.value for f in doc.facts)
+        shown = [f.split_statement()[1] for f in doc.facts]  # a value opening its sentence has a capital
+        assert kept == "".join(f" {v}" if not f.relation.statement.count('"') else v for f, v in zip(doc.facts, shown))
+        assert [v.lower() for v in shown] == [f.value.lower() for f in doc.facts]
         assert abs(len(ids) - 2000) < 5
         for fact, (start, end) in zip(doc.asked, doc.answer_spans, strict=True):
             assert TOKENIZER.decode(ids[start:end]) == f" {fact.value}\n"
             assert bool(doc.answer_mask[start - 1 : end - 1].all())  # next-token positions of the answer
             assert start - max(doc.fact_positions) > 500  # every fact at least min_distance back
         assert int(doc.answer_mask.sum()) == sum(end - start for start, end in doc.answer_spans)
+
+
+def test_value_first_patterns_in_both_splits_and_their_values_kept() -> None:
+    """"A brass astrolabe hangs above ...": the value before its relation, so the write gate must keep it
+    with no cue before it; such patterns are trained and held out like the others."""
+    for split in ("train", "eval"):
+        first = [r for r in relations(split) if r.statement.index("{value}") < r.statement.index("{subject}")]
+        assert len(first) >= (20 if split == "train" else 5), split
+    relation = Relation("colour", "{value} is the colour of the lamps of {subject}.", "What colour?")
+    fact = Fact(relation, "the mill", "teal")
+    assert fact.split_statement() == ("", "Teal", " is the colour of the lamps of the mill.")
+    sampler = FactSampler("train")
+    sampler.by_kind = {**sampler.by_kind, "colour": (relation,)}
+    doc = make_fact_document(TOKENIZER, LAYOUT, FILLER, random.Random(3), sampler=sampler, length=1200,
+                             kinds=["colour"])  # fmt: skip
+    ids = doc.ids.tolist()
+    assert TOKENIZER.decode([ids[i] for i in doc.keep_positions]) == f" {doc.facts[0].value.capitalize()}"
+    start = doc.fact_positions[0]
+    assert TOKENIZER.decode(ids[start : doc.keep_positions[-1] + 1]) == f" {doc.facts[0].value.capitalize()}"
 
 
 def test_the_no_fact_control_asks_about_facts_it_does_not_hold() -> None:

@@ -270,3 +270,30 @@ def test_fact_rows_and_recurring_keep_targets(tmp_path: Path) -> None:
 
     training = read_coda_meta(out / "coda.safetensors")["training"]
     assert training["fact_fraction"] == 0.5 and training["recurring_keep"] is True and training["fact_counts"] == [2, 5]
+
+
+def test_distillation_to_the_original_model(tmp_path: Path) -> None:
+    """--distill-weight: a KL loss to the unconverted model's predictions on every non-answer token.
+    It is zero when the student predicts as the teacher does, positive otherwise, and a run logs it
+    and records its weight in the weights file."""
+    from coda_gqa_l.training.cli import distillation_loss
+
+    teacher, _ = tiny_llama()
+    teacher.eval()
+    ids = torch.randint(0, 200, (2, 40))
+    scored = torch.ones(2, 40, dtype=torch.bool)
+    scored[1] = False  # a row with nothing scored adds nothing
+    with torch.no_grad():
+        same = teacher(input_ids=ids).logits
+    assert float(distillation_loss(same, ids, scored, teacher)) == pytest.approx(0.0, abs=1e-5)
+    other = same + torch.randn_like(same)
+    assert float(distillation_loss(other, ids, scored, teacher)) > 0.01
+    assert float(distillation_loss(other, ids, torch.zeros_like(scored), teacher)) == 0.0
+    out = tmp_path / "run"
+    settings = ("--phase1-steps", "0", "--phase2-steps", "2", "--fact-fraction", "0.5", "--distill-weight", "0.5")
+    assert _train(out, *settings) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["distill"] > 0 for r in log)
+    from coda_gqa_l.training.weights import read_coda_meta
+
+    assert read_coda_meta(out / "coda.safetensors")["training"]["distill_weight"] == 0.5

@@ -183,6 +183,38 @@ RELATIONS: tuple[Relation, ...] = (
     _r("code", "The parcel for {subject} has the tracking number {value}.", "What is the tracking number of the parcel for {subject}?"),
     _r("code", "The emergency code of {subject} is {value}.", "What is the emergency code of {subject}?"),
     _r("code", "The account number of {subject} ends in {value}.", "In what digits does the account number of {subject} end?"),
+    # value first: the value comes before its relation, so a causal write gate sees no cue before it
+    # ("A brass astrolabe hangs above ..."); appended so that the split of the patterns above is unchanged
+    _r("person", "{value} is the chief gardener of {subject}.", "Who is the chief gardener of {subject}?"),
+    _r("person", "{value} has run the ticket office of {subject} for years.", "Who runs the ticket office of {subject}?"),
+    _r("person", "{value}, a retired teacher, now looks after the library of {subject}.", "Who looks after the library of {subject}?"),
+    _r("place", "{value} is where the founder of {subject} went to school.", "Where did the founder of {subject} go to school?"),
+    _r("place", "{value} is the town where {subject} keeps its spare boats.", "In which town does {subject} keep its spare boats?"),
+    _r("place", "{value} was the birthplace of the first keeper of {subject}.", "Where was the first keeper of {subject} born?"),
+    _r("organisation", "{value} prints the tickets for {subject}.", "Which company prints the tickets for {subject}?"),
+    _r("organisation", "{value} has looked after the lifts of {subject} since it opened.", "Which company looks after the lifts of {subject}?"),
+    _r("organisation", "{value} supplied the glass for the windows of {subject}.", "Which company supplied the glass for the windows of {subject}?"),
+    _r("number", "{value} is the length of the pier at {subject}.", "How long is the pier at {subject}?"),
+    _r("number", "{value} of coal are stored in the cellar of {subject}.", "How much coal is stored in the cellar of {subject}?"),
+    _r("number", "{value} is what the anchor of {subject} weighs.", "How much does the anchor of {subject} weigh?"),
+    _r("date", "{value} was the day the first train stopped at {subject}.", "On what date did the first train stop at {subject}?"),
+    _r("date", "On {value} the roof of {subject} was finished.", "On what date was the roof of {subject} finished?"),
+    _r("date", "{value} is the date on the foundation stone of {subject}.", "What date is on the foundation stone of {subject}?"),
+    _r("year", "In {value} the garden of {subject} was first opened to the public.", "In which year was the garden of {subject} opened to the public?"),
+    _r("year", "{value} was the year {subject} bought its first car.", "In which year did {subject} buy its first car?"),
+    _r("year", "Since {value} the staff of {subject} have worn a badge.", "Since which year have the staff of {subject} worn a badge?"),
+    _r("colour", "{value} is the colour of the lamps along the drive of {subject}.", "What colour are the lamps along the drive of {subject}?"),
+    _r("colour", "Painted {value}, the boathouse of {subject} can be seen from the hill.", "What colour is the boathouse of {subject}?"),
+    _r("colour", "Bright {value} paint covers the shutters of {subject}.", "What colour are the shutters of {subject}?"),
+    _r("object", "A {value} hangs in the stairwell of {subject}.", "What hangs in the stairwell of {subject}?"),
+    _r("object", "An old {value} stands beside the door of {subject}.", "What stands beside the door of {subject}?"),
+    _r("object", "A {value} was the first thing bought for {subject}.", "What was the first thing bought for {subject}?"),
+    _r("phrase", "\"{value}\" is the motto written over the gate of {subject}.", "What motto is written over the gate of {subject}?"),
+    _r("phrase", "\"{value}\" is what the staff of {subject} call their yearly plan.", "What do the staff of {subject} call their yearly plan?"),
+    _r("phrase", "\"{value}\" was painted on the side of the bus of {subject}.", "What was painted on the side of the bus of {subject}?"),
+    _r("code", "{value} is the number of the key box at {subject}.", "What is the number of the key box at {subject}?"),
+    _r("code", "{value} opens the side gate of {subject}.", "Which code opens the side gate of {subject}?"),
+    _r("code", "{value} is the licence number of the boat of {subject}.", "What is the licence number of the boat of {subject}?"),
 )
 # fmt: on
 
@@ -312,6 +344,13 @@ class Fact:
         text = self.relation.statement.format(subject=self.subject, value=self.value)
         return text[0].upper() + text[1:]
 
+    def split_statement(self) -> tuple[str, str, str]:
+        """The statement as (text before the value, the value as written, text after it): a value
+        that opens the sentence is written with a capital ("Teal is the colour ...")."""
+        text = self.statement()
+        at = self.relation.statement.format(subject=self.subject, value="\0").index("\0")
+        return text[:at], text[at : at + len(self.value)], text[at + len(self.value) :]
+
     def question(self) -> str:
         text = self.relation.question.format(subject=self.subject)
         return text[0].upper() + text[1:]
@@ -396,10 +435,12 @@ def make_fact_document(
     # fact sentences: the statement split around its value, so the value's tokens are known exactly
     pieces: list[tuple[list[int], int, int]] = []  # (tokens, value start, value end)
     for fact in facts:
-        before, after = fact.statement().split(fact.value, 1)
-        head, value_ids, tail = tokens(" " + before.rstrip(" ")), tokens(" " + fact.value), tokens(after)
+        before, shown, after = fact.split_statement()
+        head, value_ids, tail = tokens(" " + before.rstrip(" ")), tokens(" " + shown), tokens(after)
         if before.endswith('"'):  # a quoted phrase: no space between the quote and the value
-            head, value_ids = tokens(" " + before), tokens(fact.value)
+            head, value_ids = tokens(" " + before), tokens(shown)
+        elif not before:  # the value opens the sentence
+            head = []
         pieces.append((head + value_ids + tail, len(head), len(head) + len(value_ids)))
     prefix = tokens(layout.document_prefix)
     end_marker = tokens(layout.end_of_answer)

@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-keep", type=float, default=0.6, help="gate a key token should reach (> tau_exact)")
     p.add_argument("--gate-drop", type=float, default=0.01, help="gate every other token should fall to (< tau_exact)")
     p.add_argument("--gate-lr", type=float, default=None, help="learning rate of the write gates (default --lr)")
+    distill_help = (
+        "phase 2: weight of a KL loss to the original model's full-cache predictions on every token that is not an "
+        "answer; keeps general text (the Bible) close to the original while the facts train (default 0: off)"
+    )
+    p.add_argument("--distill-weight", type=float, default=0.0, help=distill_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype on CUDA")
     p.add_argument("--device", default=None)
@@ -152,6 +157,8 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
         if phase == 2:
             to_bounded(model, bounded)
     stream = token_stream(_texts(args), tokenizer)
+    # the teacher is the original model, unconverted and frozen: it reads the whole row with a full cache
+    teacher = _teacher(args, device) if args.distill_weight > 0 else None
     log_path = args.out / "log.jsonl"
     while phase <= 2:
         steps = args.phase1_steps if phase == 1 else args.phase2_steps
@@ -165,7 +172,7 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
             save_checkpoint(checkpoint, params, optimizer, _meta(args, phase, step))
         runner = distributed.wrap(model, cluster)  # after select_trainable: DDP syncs what trains
         finished = _run_phase(runner, params, optimizer, phase, step, steps, stream, tokenizer, bounded, args,
-                              cluster, log_path, checkpoint, began)  # fmt: skip
+                              cluster, log_path, checkpoint, began, teacher)  # fmt: skip
         if not finished:
             if cluster.is_main:
                 print(f"coda-train: time budget reached; checkpoint at {checkpoint}; continue with --resume")
@@ -203,6 +210,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "fact_fraction": args.fact_fraction,
         "recurring_keep": args.recurring_keep,
         "fact_counts": args.fact_counts,
+        "distill_weight": args.distill_weight,
         "gate_supervision": {
             "weight": args.gate_weight,
             "keep": args.gate_keep,
@@ -287,6 +295,7 @@ def _run_phase(
     log_path: Path,
     checkpoint: Path,
     began: float,
+    teacher: nn.Module | None = None,
 ) -> bool:
     """Train ``steps - step`` more updates; False when the time budget stopped it (checkpointed).
 
@@ -310,6 +319,7 @@ def _run_phase(
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
     gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop) if phase == 2 else None
+    distill = Distillation(teacher, args.distill_weight) if phase == 2 and teacher is not None else None
     model.train()
     bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step", disable=not cluster.is_main)
     tokens, window_began = 0, time.perf_counter()
@@ -323,12 +333,12 @@ def _run_phase(
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, args.warmup))
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0, "gate": 0.0}
+        totals = {"loss": 0.0, "lm": 0.0, "answer": 0.0, "gate": 0.0, "distill": 0.0}
         for micro in range(args.accum):
             batch = next(source)
             with distributed.gradient_sync(model, enabled=micro == args.accum - 1):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    loss, parts = _loss(model, batch, device, args.answer_weight, gate)
+                    loss, parts = _loss(model, batch, device, args.answer_weight, gate, distill)
                 (loss / args.accum).backward()
             for key, value in parts.items():
                 totals[key] += value / args.accum
@@ -364,6 +374,38 @@ class GateTargets:
     drop: float
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Phase 2's KL loss to the original model (``--distill-weight``)."""
+
+    teacher: nn.Module
+    weight: float
+
+
+def _teacher(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    teacher, _, _ = _load(args)
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(student_logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
+    """KL(teacher || student) per scored token, averaged; one row at a time, so that only one row's
+    teacher distribution (sequence x vocabulary) is held at once."""
+    total = student_logits.new_zeros(())
+    count = int(scored.sum())
+    if count == 0:
+        return total
+    for row in range(ids.shape[0]):
+        if not scored[row].any():
+            continue
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=ids[row : row + 1], use_cache=False).logits[0].float(), dim=-1)
+        mine = F.log_softmax(student_logits[row], dim=-1)
+        per_token = F.kl_div(mine, target, log_target=True, reduction="none").sum(-1)
+        total = total + per_token[scored[row]].sum()
+    return total / count
+
+
 def _param_groups(params: dict[str, nn.Parameter], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One group at ``--lr``, or two when ``--gate-lr`` gives the write gates their own rate;
     ``base_lr`` is what warm-up scales."""
@@ -376,7 +418,12 @@ def _param_groups(params: dict[str, nn.Parameter], args: argparse.Namespace) -> 
 
 
 def _loss(
-    model: nn.Module, batch: Batch, device: torch.device, answer_weight: float, gate: GateTargets | None = None
+    model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    answer_weight: float,
+    gate: GateTargets | None = None,
+    distill: Distillation | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     ids, labels, answers = (t.to(device) for t in (batch.input_ids, batch.labels, batch.answer_mask))
     supervise = gate is not None and gate.weight > 0
@@ -396,6 +443,12 @@ def _loss(
         hinge = gate_hinge_loss(gate_logits, batch.keep_mask.to(device), gate.keep, gate.drop)
         loss = loss + gate.weight * hinge
         parts["gate"] = hinge.item()
+    if distill is not None and distill.weight > 0:
+        # answers are the facts the original cannot see past its window; everything else it predicts best
+        scored_rows = (labels != IGNORE) & ~answers
+        kl = distillation_loss(logits, ids, scored_rows, distill.teacher)
+        loss = loss + distill.weight * kl
+        parts["distill"] = kl.item()
     parts["loss"] = loss.item()
     if not math.isfinite(parts["loss"]):
         raise FloatingPointError(f"training loss is {parts['loss']}: lower --lr or check the data")
