@@ -32,17 +32,18 @@ for arm in "${arms[@]}"; do
     recurring) extra=(--fact-fraction 0.5 --phase2-seq-len 2048 --batch-size 8 --recurring-keep) ;;
     multi4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8) ;;
     multi2048) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16) ;;
-    distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1) ;;
-    distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
+    # 8 rows x 2 accumulated: the teacher's and the KL's memory would not fit two 16-row arms on one GPU
+    distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 8 --accum 2 --distill-weight 1) ;;
+    distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 8 --accum 2 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   if [ "${RESUME:-0}" = 1 ]; then extra+=(--resume); fi
   python -m coda_gqa_l.training.cli "${common[@]}" "${extra[@]}" --out "/tmp/train_$arm" >> "/tmp/train_$arm.log" 2>&1 &
 done
-wait
+wait || true
 mkdir -p "$out"
-for arm in "${arms[@]}"; do
-  cp "/tmp/train_$arm/coda.safetensors" "$out/coda_$arm.safetensors"
-  cp "/tmp/train_$arm/log.jsonl" "$out/train_$arm.jsonl"
-  tail -c 2000 "/tmp/train_$arm.log" | tr '\r' '\n' | tail -3
+for arm in "${arms[@]}"; do  # what there is, also when an arm failed: its log says why
+  cp "/tmp/train_$arm/coda.safetensors" "$out/coda_$arm.safetensors" || echo "arm $arm: no weights" >&2
+  cp "/tmp/train_$arm/log.jsonl" "$out/train_$arm.jsonl" || true
+  tail -c 3000 "/tmp/train_$arm.log" | tr '\r' '\n' | tail -6 | tee "$out/train_$arm.tail"
 done
