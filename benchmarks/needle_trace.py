@@ -26,8 +26,9 @@ document (a fork per question, greedy, cut at the answer's stop, scored as coda-
 and says where each missed fact was lost (``verdict``): ``gate`` (its tokens' gates stayed under
 ``tau_exact``), ``novelty test`` (they were refused as too similar to the bank or to their
 segment), ``max_inserts``, ``evicted`` (written, then replaced by least-recently-used eviction
-before the question) or ``read-out`` (still held in some layer's bank, and the answer did not copy
-it; ``tokens held`` says how many of its tokens some layer still holds). Routing of the question's
+before the question) or ``read-out`` (still held in at least half the layers' banks, and the answer did
+not copy it; ``tokens held`` says how many of its tokens some layer still holds). A fact held in
+fewer layers gets the verdict of what kept it out of the others. Routing of the question's
 own tokens is not traced.
 """
 
@@ -229,7 +230,7 @@ def read_traced(model: torch.nn.Module, ids: torch.Tensor, groups: Sequence[list
         held = [per_needle_held[layer][i] for layer in range(len(rows))]
         needles.append({"tokens": list(group), "fates": fates, "pairs_held": sum(held),
                         "tokens_held": int(held_anywhere[list(group)].sum()),
-                        "layers_holding": sum(h > 0 for h in held),
+                        "layers_holding": sum(h > 0 for h in held), "layers": len(held),
                         "gate_mean": sum(r["needle_gate_means"][i] for r in rows) / len(rows)})  # fmt: skip
     return TracedRead(cache, torch.cat(outputs) if logits else None, rows, needles)
 
@@ -238,14 +239,19 @@ def verdict(needle: dict[str, Any], correct: bool) -> str:
     """Where a needle was lost, from its fates and what the bank holds at the question (module docstring)."""
     if correct:
         return "answered"
-    if needle["pairs_held"] > 0:
+    # held in at least half the layers: the bank had it and the answer did not copy it; held in a
+    # few layers only, what kept it out of the others is the loss
+    layers = needle.get("layers", 0)
+    if needle["pairs_held"] > 0 and 2 * needle.get("layers_holding", layers) >= layers:
         return "read-out"
     fates = needle["fates"]
-    if fates["written"] > 0:
-        return "evicted"
     refused = {"gate": fates["below_tau"], "max_inserts": fates["cut_by_max_inserts"],
                "novelty test": fates["similar_to_bank"] + fates["duplicate_in_segment"] + fates["hit_other"]
                + fates["hit_own_key"]}  # fmt: skip
+    if needle["pairs_held"] == 0 and fates["written"] > 0:
+        return "evicted"
+    if fates["written"] > max(refused.values()):
+        return "evicted"
     return max(refused, key=refused.__getitem__)
 
 

@@ -32,9 +32,8 @@ for arm in "${arms[@]}"; do
     recurring) extra=(--fact-fraction 0.5 --phase2-seq-len 2048 --batch-size 8 --recurring-keep) ;;
     multi4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8) ;;
     multi2048) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16) ;;
-    # 8 rows x 2 accumulated: the teacher's and the KL's memory would not fit two 16-row arms on one GPU
-    distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 8 --accum 2 --distill-weight 1) ;;
-    distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 8 --accum 2 --distill-weight 1 --lr 2e-4) ;;
+    distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1) ;;
+    distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   if [ "${RESUME:-0}" = 1 ]; then extra+=(--resume); fi

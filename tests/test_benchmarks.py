@@ -224,11 +224,21 @@ def test_needle_trace_locates_each_fact_of_the_demo_document(tmp_path: Path) -> 
         assert f["verdict"] == verdict(f, f["correct"]) and f["tokens"] and f["distance"] >= 512
         if f["correct"]:
             assert f["layers_holding"] >= 20 and f["gate_mean"] > trial["tau_exact"]
+
+
+def test_needle_trace_verdicts() -> None:
+    """Where a missed needle was lost, from its fates: refused by the gate, evicted, or held and not read."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from needle_trace import verdict
+
     fates = dict.fromkeys(("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment",
                            "cut_by_max_inserts", "written"), 0)  # fmt: skip
     assert verdict({"pairs_held": 0, "fates": fates | {"below_tau": 9}}, False) == "gate"
     assert verdict({"pairs_held": 0, "fates": fates | {"written": 3}}, False) == "evicted"
     assert verdict({"pairs_held": 2, "fates": fates | {"written": 3}}, False) == "read-out"
+    held_by_few = {"pairs_held": 2, "layers_holding": 1, "layers": 30}  # 29 layers' gates refused it
+    assert verdict(held_by_few | {"fates": fates | {"written": 2, "below_tau": 300}}, False) == "gate"
+    assert verdict(held_by_few | {"layers_holding": 15, "fates": fates | {"below_tau": 300}}, False) == "read-out"
     assert verdict({"pairs_held": 0, "fates": fates | {"similar_to_bank": 4, "below_tau": 1}}, False) == "novelty test"
 
 

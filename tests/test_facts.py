@@ -79,7 +79,8 @@ def test_keep_positions_spell_the_values_and_answers_are_scored(split: str) -> N
         ids = doc.ids.tolist()
         kept = TOKENIZER.decode([ids[i] for i in doc.keep_positions])
         shown = [f.split_statement()[1] for f in doc.facts]  # a value opening its sentence has a capital
-        assert kept == "".join(f" {v}" if not f.relation.statement.count('"') else v for f, v in zip(doc.facts, shown))
+        quoted = [f.relation.statement.count('"') > 0 for f in doc.facts]
+        assert kept == "".join(v if q else f" {v}" for q, v in zip(quoted, shown, strict=True))
         assert [v.lower() for v in shown] == [f.value.lower() for f in doc.facts]
         assert abs(len(ids) - 2000) < 5
         for fact, (start, end) in zip(doc.asked, doc.answer_spans, strict=True):
@@ -90,7 +91,7 @@ def test_keep_positions_spell_the_values_and_answers_are_scored(split: str) -> N
 
 
 def test_value_first_patterns_in_both_splits_and_their_values_kept() -> None:
-    """"A brass astrolabe hangs above ...": the value before its relation, so the write gate must keep it
+    """ "A brass astrolabe hangs above ...": the value before its relation, so the write gate must keep it
     with no cue before it; such patterns are trained and held out like the others."""
     for split in ("train", "eval"):
         first = [r for r in relations(split) if r.statement.index("{value}") < r.statement.index("{subject}")]

@@ -25,11 +25,12 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from . import decode_view
 from .banks import Banks, route_chunk
 from .config import BoundedConfig, PositionMode
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
-from .kernels.dispatch import backend
+from .kernels.dispatch import backend, decode_view_allowed
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
@@ -327,6 +328,10 @@ class BoundedCoDAAttention(nn.Module):
         if cfg.position_mode == "absolute":
             cos, sin = core.rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
             k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
+        fused = backend(device) == "triton"
+        if n == 1 and not fused and not self.collect_metrics and not torch.is_grad_enabled() and decode_view_allowed():
+            if start % cfg.seg and decode_view.applies(cfg, start):  # a segment's first token routes: below
+                return self._step_on_view(q, k, v, lam, g, state)
 
         # The window's tokens in token order, then the chunk: tokens start-W .. start+n-1.
         ring = torch.arange(start - W, start, device=device) % W
@@ -343,7 +348,6 @@ class BoundedCoDAAttention(nn.Module):
         metrics: dict[str, float] | None = {} if self.collect_metrics else None
         banks = Banks(*(getattr(state, name) for name in BANK_FIELDS))
         eta = self.eta
-        fused = backend(device) == "triton"
         routing_grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*banks, ext_k, ext_v, ext_g, eta))
         if fused and metrics is None and not routing_grads:
             # one launch for every segment of the chunk; training (gradients through the bank
@@ -388,6 +392,29 @@ class BoundedCoDAAttention(nn.Module):
             pos=start + n,
         )
         return y, fields, metrics
+
+    def _step_on_view(
+        self, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, g: Tensor, state: BoundedState
+    ) -> tuple[Tensor, dict[str, Any], None]:
+        """One token inside a segment on the reference path, from the segment's cached key block
+        (decode_view.py): no routing happens inside a segment, so only the window's ring changes."""
+        cfg, core = self.config, self.core
+        start = state.pos
+        view = decode_view.view_for(state, cfg, core.rope)
+        attended = decode_view.attend_step(
+            view, core.stack_queries(q), k, v, config=cfg, rope=core.rope, scale=core.softmax_scale
+        )
+        slot = torch.tensor([start % cfg.window], device=q.device)
+        fields: dict[str, Any] = {
+            "win_k": state.win_k.index_copy(2, slot, k.to(state.win_k.dtype)),
+            "win_v": state.win_v.index_copy(2, slot, v.to(state.win_v.dtype)),
+            "win_g": state.win_g.index_copy(2, slot, g),
+            "position": state.position + 1,
+            "pos": start + 1,
+            "decode_view": view,
+        }
+        decode_view.follow(view, state, fields)
+        return core.combine(attended, lam), fields, None
 
     def _attend_fused(
         self,

@@ -101,6 +101,9 @@ class BoundedState:
     position: Tensor
     pos: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # derived, never saved: the reference path's per-segment decode block (decode_view.py); a
+    # copy of the state rebuilds its own
+    decode_view: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def empty(
@@ -179,16 +182,16 @@ class BoundedState:
     def clone(self) -> BoundedState:
         """An independent copy (fork): for concurrent questions and CUDA graph buffers."""
         copies: dict[str, Any] = {name: t.clone() for name, t in self.tensors().items()}
-        return dataclasses.replace(self, **copies, metrics=dict(self.metrics))
+        return dataclasses.replace(self, **copies, metrics=dict(self.metrics), decode_view=None)
 
     def detach(self) -> BoundedState:
         """The same state cut from the autograd graph (truncated backpropagation)."""
         detached: dict[str, Any] = {n: t.detach() for n, t in self.tensors().items()}
-        return dataclasses.replace(self, **detached, metrics=dict(self.metrics))
+        return dataclasses.replace(self, **detached, metrics=dict(self.metrics), decode_view=None)
 
     def to(self, device: torch.device | str) -> BoundedState:
         moved: dict[str, Any] = {n: t.to(device) for n, t in self.tensors().items()}
-        return dataclasses.replace(self, **moved, metrics=dict(self.metrics))
+        return dataclasses.replace(self, **moved, metrics=dict(self.metrics), decode_view=None)
 
     def replace(self, **changes: Any) -> BoundedState:
         return dataclasses.replace(self, **changes)

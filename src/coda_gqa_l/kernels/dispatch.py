@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import math
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -47,6 +50,25 @@ def backend(device: torch.device | str) -> Backend:
             raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot run: {why}{hint}")
         return "triton"
     return "triton" if runnable and device_type == "cuda" else "torch"
+
+
+_PLAIN_REFERENCE = contextvars.ContextVar("coda_gqa_l_plain_reference", default=False)
+
+
+@contextlib.contextmanager
+def plain_reference() -> Iterator[None]:
+    """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
+    per-segment view, decode_view.py): what the tests compare the shortcuts against."""
+    token = _PLAIN_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_REFERENCE.reset(token)
+
+
+def decode_view_allowed() -> bool:
+    """Whether a one-token step on the reference path may use the segment's cached key block."""
+    return not _PLAIN_REFERENCE.get()
 
 
 def unbounded_path() -> UnboundedPath:
