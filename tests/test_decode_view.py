@@ -15,12 +15,12 @@ from coda_gqa_l.state import TENSOR_FIELDS
 LENGTH = 220
 
 
-def _run(layer, x, prefix: int, *, plain: bool, poke_at: int | None = None):
+def _run(layer, x, prefix: int, *, plain: bool, poke_at: int | None = None, inference: bool = False):
     """Prefill ``prefix`` tokens, then step the rest one by one; returns outputs and final state.
     ``poke_at``: before that step, change an exact-bank value in place and prefill 3 tokens."""
-    state = layer.init_state(x.shape[0])
     outputs = []
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
+        state = layer.init_state(x.shape[0])
         y, state = layer.prefill_chunked(x[:, :prefix], state, block_size=16)
         outputs.append(y)
         t = prefix
@@ -43,15 +43,15 @@ def _run(layer, x, prefix: int, *, plain: bool, poke_at: int | None = None):
 
 @pytest.mark.parametrize("shape, config", [("gqa", "sinks-banks"), ("mqa-dh-not-d-over-h", "full"),
                                            ("mha-odd-heads", "plain-gqa")])  # fmt: skip
-@pytest.mark.parametrize("prefix", [5, 37])
-def test_steps_on_the_view_equal_the_plain_reference(shape: str, config: str, prefix: int) -> None:
+@pytest.mark.parametrize("prefix, inference", [(5, False), (37, True)])  # inference_mode: the engine's
+def test_steps_on_the_view_equal_the_plain_reference(shape: str, config: str, prefix: int, inference: bool) -> None:
     layer = make_layer(shape, config, seed=3).eval()
     x = token_like(2, LENGTH, layer.embed_dim, seed=4)
     _, counted = _run(layer, x, prefix, plain=True)  # collect_metrics: every routing event happened
     assert not routing_events_missing(layer, counted.metrics)
     layer.collect_metrics = False  # counting routing needs the plain path
-    fast_y, fast = _run(layer, x, prefix, plain=False)
-    plain_y, plain = _run(layer, x, prefix, plain=True)
+    fast_y, fast = _run(layer, x, prefix, plain=False, inference=inference)
+    plain_y, plain = _run(layer, x, prefix, plain=True, inference=inference)
     assert isinstance(fast.decode_view, DecodeView) and plain.decode_view is None  # the view really ran
     assert torch.equal(fast_y, plain_y)
     for name in TENSOR_FIELDS:

@@ -10,8 +10,8 @@ decode step does a few operations per layer instead of about a hundred.
 
 The view is derived data, never saved: the state file keeps its pre-RoPE keys (SPEC 2.4). It is
 valid only for the state tensors it was built from, at the token it expects next; any other
-change to the state (a prefill, a clone, a loaded file, an in-place write) makes the next step
-rebuild it. The outputs are the reference's to the last bit: the same float32 rotations, the same
+change to the state (a prefill, a clone, a loaded file, an in-place write outside inference mode)
+makes the next step rebuild it. The outputs are the reference's to the last bit: the same float32 rotations, the same
 key order and masks, the same einsum (tests/test_decode_view.py).
 """
 
@@ -33,9 +33,10 @@ _WATCHED = ("sink_k", "sink_v", "win_k", "win_v", "win_g", *("ex_k", "ex_v", "ex
 
 
 def _fingerprint(tensors: Mapping[str, Tensor]) -> tuple[tuple[int, int], ...]:
-    # the tensor objects and their in-place version counters: a new tensor or an in-place
-    # write to one the view was built from changes this
-    return tuple((id(tensors[name]), tensors[name]._version) for name in _WATCHED)
+    # the tensor objects and their in-place version counters: a new tensor or an in-place write to
+    # one the view was built from changes this. Tensors made under torch.inference_mode keep no
+    # counter; only the CUDA-graph decoder writes a state in place, and it runs the fused path.
+    return tuple((id(t), -1 if t.is_inference() else t._version) for t in (tensors[n] for n in _WATCHED))
 
 
 def _watched(state: BoundedState) -> dict[str, Tensor]:
