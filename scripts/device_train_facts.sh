@@ -8,7 +8,8 @@
 #   distill    multi2048 plus a KL loss to the original model on every non-answer token (--distill-weight 1)
 #   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
-# RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm).
+# RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm);
+# TRAIN_ARGS="--warmup 30" adds coda-train options to every arm (later ones win).
 set -euo pipefail
 budget=${1:?seconds of training}
 out=${2:?folder for the weights and logs}
@@ -37,6 +38,8 @@ for arm in "${arms[@]}"; do
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   if [ "${RESUME:-0}" = 1 ]; then extra+=(--resume); fi
+  read -r -a more <<< "${TRAIN_ARGS:-}"
+  extra+=("${more[@]}")
   python -m coda_gqa_l.training.cli "${common[@]}" "${extra[@]}" --out "/tmp/train_$arm" >> "/tmp/train_$arm.log" 2>&1 &
 done
 wait || true
