@@ -130,11 +130,19 @@ def attend_segments(
 
     per_segment = B * Hkv * Qs * S * keys.shape[3]
     group = max(1, _MAX_SCORE_ELEMENTS // max(per_segment, 1))
+    K = keys.shape[3]
+    # segments lead, then the query streams: each segment's rows are one matrix product with its
+    # keys, and the scores come out in the layout the softmax and the second product read (the
+    # einsum this replaces made the same products but permuted the scores in and out of them)
+    by_segment = qp.permute(0, 1, 3, 2, 4, 5)  # (B, Hkv, nseg, Qs, S, D)
     blocks = []
     for g0 in range(0, nseg, group):
         sl = slice(g0, g0 + group)
-        scores = torch.einsum("bhqnsd,bhnkd->bhqnsk", qp[:, :, :, sl], keys[:, :, sl]) * scale
-        probs = torch.softmax(scores + bias[:, :, None, sl], dim=-1)
-        blocks.append(torch.einsum("bhqnsk,bhnkd->bhqnsd", probs, values[:, :, sl]))
-    out = torch.cat(blocks, dim=3) if len(blocks) > 1 else blocks[0]
-    return out.reshape(B, Hkv, Qs, nseg * S, D)[:, :, :, lead : lead + n].to(q.dtype)
+        rows = by_segment[:, :, sl].reshape(B, Hkv, -1, Qs * S, D)
+        scores = torch.matmul(rows, keys[:, :, sl].transpose(-1, -2)).mul_(scale)
+        scores = scores.view(B, Hkv, -1, Qs, S, K).add_(bias[:, :, sl, None])
+        probs = torch.softmax(scores, dim=-1).view(B, Hkv, -1, Qs * S, K)
+        blocks.append(torch.matmul(probs, values[:, :, sl]))
+    out = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]  # (B, Hkv, nseg, Qs * S, D)
+    out = out.view(B, Hkv, nseg, Qs, S, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, Qs, nseg * S, D)
+    return out[:, :, :, lead : lead + n].to(q.dtype)
