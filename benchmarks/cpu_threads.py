@@ -2,14 +2,15 @@
 with 1 thread and with every core, alone and beside a busy neighbour process, against the original
 model (full cache) measured in the same child process.
 
-    PYTHONPATH=src python benchmarks/cpu_threads.py [--tokens 2048] [--answer-tokens 32] [--out DIR]
+    PYTHONPATH=src python benchmarks/cpu_threads.py [--tokens 2048] [--answer-tokens 32] [--repeats 3] [--out DIR]
 
 Each cell is a fresh child process (torch.set_num_threads before any work; OMP_NUM_THREADS set to
 match) that loads SmolLM2 with the shipped weights, reads the first ``--tokens`` tokens of the demo's
 sample document in 1,024-token chunks through ``BoundedCache`` (ingest tokens/s), then greedily
 decodes ``--answer-tokens`` tokens (answer tokens/s); then the same with the original model and a
-``DynamicCache``. The neighbour is another process doing single-threaded matrix products, as a test
-run or a second service would. A cell that takes longer than ``--timeout`` seconds is reported as
+``DynamicCache``; ``--repeats`` such pairs, interleaved, give each figure as a median (the ratios are
+ratios of medians; a shared machine's slow spells otherwise fall on one model). The neighbour is
+another process doing single-threaded matrix products, as a test run or a second service would. A cell that takes longer than ``--timeout`` seconds is reported as
 such. A table is printed last; ``DIR/cpu_threads.json`` has every figure.
 """
 
@@ -28,8 +29,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, sys, time, torch
-threads, tokens, answer_tokens = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+import json, statistics, sys, time, torch
+threads, tokens, answer_tokens, repeats = (int(a) for a in sys.argv[1:5])
 torch.set_num_threads(threads)
 from transformers import DynamicCache
 from coda_gqa_l.models.cache import BoundedCache
@@ -53,10 +54,14 @@ def run(model, cache):
     return {"ingest_tokens_per_s": tokens / ingest, "answer_tokens_per_s": answer_tokens / answer}
 
 bounded, tok = load_coda_smollm2(progress=False)
-result = {"bounded": run(bounded, BoundedCache(bounded, block_size=1024))}
-del bounded
-original, tok = load_smollm2(progress=False)
-result["original"] = run(original.eval(), DynamicCache())
+original, _ = load_smollm2(progress=False)
+original.eval()
+runs = {"bounded": [], "original": []}
+for _ in range(repeats):  # interleaved, so that a slow spell of the machine falls on both
+    runs["bounded"].append(run(bounded, BoundedCache(bounded, block_size=1024)))
+    runs["original"].append(run(original, DynamicCache()))
+result = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+result["runs"] = runs
 result["threads_used"] = torch.get_num_threads()
 print(json.dumps(result))
 """
@@ -69,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2048, help="tokens ingested per cell (default 2048)")
     p.add_argument("--answer-tokens", type=int, default=32, help="tokens decoded per cell (default 32)")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and every core)")
+    repeats_help = "interleaved runs of each model per cell, reported as medians (default 1)"
+    p.add_argument("--repeats", type=int, default=1, help=repeats_help)
+    p.add_argument("--neighbours", nargs="+", default=["idle", "busy"], choices=["idle", "busy"],
+                   help="run the cells alone, beside a busy process, or both (default both)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600, help="seconds before a cell is given up (default 600)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu_threads", help="folder for the JSON")
     return p.parse_args(argv)
@@ -83,8 +92,9 @@ def cell(threads: int, busy: bool, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"threads": threads, "neighbour": "busy" if busy else "idle"}
     began = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(args.tokens), str(args.answer_tokens)],
-                              env=env, capture_output=True, text=True, timeout=args.timeout)  # fmt: skip
+        sizes = (threads, args.tokens, args.answer_tokens, args.repeats)
+        child = [sys.executable, "-c", CHILD, *map(str, sizes)]
+        done = subprocess.run(child, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
             row["error"] = done.stderr[-2000:]
         else:
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     thread_counts = args.threads or sorted({1, cores})
     rows = []
-    for busy in (False, True):
+    for busy in [n == "busy" for n in args.neighbours]:
         for threads in thread_counts:
             rows.append(cell(threads, busy, args))
             print(render(rows[-1:]).splitlines()[-1], flush=True)
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/cpu_threads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpu": platform.processor() or platform.machine(), "cores": cores, "tokens": args.tokens,
-            "answer_tokens": args.answer_tokens}  # fmt: skip
+            "answer_tokens": args.answer_tokens, "repeats": args.repeats}  # fmt: skip
     (args.out / "cpu_threads.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n" + render(rows))
     return 0

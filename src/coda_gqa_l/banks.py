@@ -233,21 +233,26 @@ def _route_summary(
 
     seed_src, seeded_cand = _pick_seeds(banks.sm_filled, cand, gate, proto_cos, cand_cos, margin)
     seeded = seed_src >= 0
-    src = seed_src.clamp(min=0)
-    # cosine of each candidate to each prototype after seeding
-    seed_cos = cand_cos.gather(-1, src[:, :, None, :].expand(*cand_cos.shape[:3], src.shape[-1]))
-    full_cos = torch.where(seeded[:, :, None, :], seed_cos, proto_cos)
+    if seed_src.numel() and seed_src.is_cpu and not bool(seeded.any()):
+        # every prototype already seeded (the usual case once a stream is a few segments in): the
+        # seeding selections below would all pick the bank's own entries; the CPU skips them
+        full_cos, base_k, base_v, base_g = proto_cos, banks.sm_k.float(), banks.sm_v.float(), banks.sm_g
+    else:
+        src = seed_src.clamp(min=0)
+        # cosine of each candidate to each prototype after seeding
+        seed_cos = cand_cos.gather(-1, src[:, :, None, :].expand(*cand_cos.shape[:3], src.shape[-1]))
+        full_cos = torch.where(seeded[:, :, None, :], seed_cos, proto_cos)
+
+        def take(x: Tensor) -> Tensor:
+            return x.gather(2, src[..., None].expand(*src.shape, x.shape[-1]))
+
+        s3 = seeded[..., None]
+        base_k = torch.where(s3, take(k).float(), banks.sm_k.float())
+        base_v = torch.where(s3, take(v).float(), banks.sm_v.float())
+        base_g = torch.where(seeded, g.gather(-1, src), banks.sm_g)
     assign = full_cos.argmax(-1)
     member = cand & ~seeded_cand & torch.isfinite(full_cos.amax(-1))
     onehot = F.one_hot(assign, full_cos.shape[-1]).to(torch.float32) * member[..., None]
-
-    def take(x: Tensor) -> Tensor:
-        return x.gather(2, src[..., None].expand(*src.shape, x.shape[-1]))
-
-    s3 = seeded[..., None]
-    base_k = torch.where(s3, take(k).float(), banks.sm_k.float())
-    base_v = torch.where(s3, take(v).float(), banks.sm_v.float())
-    base_g = torch.where(seeded, g.gather(-1, src), banks.sm_g)
 
     weights = onehot * g[..., None]  # (B, Hkv, S, Ms): gate-weighted membership
     weight_sum = weights.sum(-2)
