@@ -11,7 +11,8 @@ decodes ``--answer-tokens`` tokens (answer tokens/s); then the same with the ori
 ``DynamicCache``; ``--repeats`` such pairs, interleaved, give each figure as a median (the ratios are
 ratios of medians; a shared machine's slow spells otherwise fall on one model). The neighbour is
 another process doing single-threaded matrix products, as a test run or a second service would. A
-cell that takes longer than ``--timeout`` seconds is reported as such. A table is printed last; ``DIR/cpu_threads.json`` has every figure.
+cell that takes longer than ``--timeout`` seconds is reported as such. A table is printed last;
+``DIR/cpu_threads.json`` has every figure.
 """
 
 from __future__ import annotations
