@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, statistics, sys, time, torch
 threads, tokens, answer_tokens, repeats = (int(a) for a in sys.argv[1:5])
+models = sys.argv[5].split(",")
 torch.set_num_threads(threads)
 from transformers import DynamicCache
 from coda_gqa_l.models.cache import BoundedCache
@@ -57,10 +58,12 @@ def run(model, cache):
 bounded, tok = load_coda_smollm2(progress=False)
 original, _ = load_smollm2(progress=False)
 original.eval()
-runs = {"bounded": [], "original": []}
+runs = {name: [] for name in models}
 for _ in range(repeats):  # interleaved, so that a slow spell of the machine falls on both
-    runs["bounded"].append(run(bounded, BoundedCache(bounded, block_size=1024)))
-    runs["original"].append(run(original, DynamicCache()))
+    if "bounded" in runs:
+        runs["bounded"].append(run(bounded, BoundedCache(bounded, block_size=1024)))
+    if "original" in runs:
+        runs["original"].append(run(original, DynamicCache()))
 result = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 result["runs"] = runs
 result["threads_used"] = torch.get_num_threads()
@@ -75,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2048, help="tokens ingested per cell (default 2048)")
     p.add_argument("--answer-tokens", type=int, default=32, help="tokens decoded per cell (default 32)")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and every core)")
+    models_help = "models per cell: the bounded one alone for contexts the original cannot read in time"
+    p.add_argument("--models", nargs="+", default=["bounded", "original"], choices=["bounded", "original"],
+                   help=models_help + " (default both)")  # fmt: skip
     repeats_help = "interleaved runs of each model per cell, reported as medians (default 1)"
     p.add_argument("--repeats", type=int, default=1, help=repeats_help)
     p.add_argument("--neighbours", nargs="+", default=["idle", "busy"], choices=["idle", "busy"],
@@ -94,7 +100,7 @@ def cell(threads: int, busy: bool, args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         sizes = (threads, args.tokens, args.answer_tokens, args.repeats)
-        child = [sys.executable, "-c", CHILD, *map(str, sizes)]
+        child = [sys.executable, "-c", CHILD, *map(str, sizes), ",".join(args.models)]
         done = subprocess.run(child, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
             row["error"] = done.stderr[-2000:]
@@ -110,6 +116,14 @@ def cell(threads: int, busy: bool, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _rate(result: dict[str, float] | None, key: str, fmt: str) -> str:
+    return "-" if result is None else format(result[key], fmt)
+
+
+def _ratio(bounded: dict[str, float] | None, original: dict[str, float] | None, key: str) -> str:
+    return "-" if bounded is None or original is None else f"{bounded[key] / original[key]:.2f}"
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     lines = ["| threads | neighbour | bounded ingest tok/s | original prefill tok/s | ratio | bounded answer tok/s "
              "| original answer tok/s | ratio | wall s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -117,12 +131,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['threads']} | {r['neighbour']} | {r['error'][-80:]!r} | | | | | | {r['wall_s']:.0f} |")
             continue
-        b, o = r["bounded"], r["original"]
+        b, o = r.get("bounded"), r.get("original")
         lines.append(
-            f"| {r['threads']} | {r['neighbour']} | {b['ingest_tokens_per_s']:,.0f} | {o['ingest_tokens_per_s']:,.0f} "
-            f"| {b['ingest_tokens_per_s'] / o['ingest_tokens_per_s']:.2f} | {b['answer_tokens_per_s']:.1f} "
-            f"| {o['answer_tokens_per_s']:.1f} | {b['answer_tokens_per_s'] / o['answer_tokens_per_s']:.2f} "
-            f"| {r['wall_s']:.0f} |"
+            f"| {r['threads']} | {r['neighbour']} | {_rate(b, 'ingest_tokens_per_s', ',.0f')} "
+            f"| {_rate(o, 'ingest_tokens_per_s', ',.0f')} | {_ratio(b, o, 'ingest_tokens_per_s')} "
+            f"| {_rate(b, 'answer_tokens_per_s', '.1f')} | {_rate(o, 'answer_tokens_per_s', '.1f')} "
+            f"| {_ratio(b, o, 'answer_tokens_per_s')} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/cpu_threads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpu": platform.processor() or platform.machine(), "cores": cores, "tokens": args.tokens,
-            "answer_tokens": args.answer_tokens, "repeats": args.repeats}  # fmt: skip
+            "answer_tokens": args.answer_tokens, "repeats": args.repeats, "models": args.models}  # fmt: skip
     (args.out / "cpu_threads.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\n" + render(rows))
     return 0
