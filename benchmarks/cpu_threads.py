@@ -5,9 +5,9 @@ model (full cache) measured in the same child process.
     PYTHONPATH=src python benchmarks/cpu_threads.py [--tokens 2048] [--answer-tokens 32] [--repeats 3] [--out DIR]
 
 Each cell is a fresh child process (torch.set_num_threads before any work; OMP_NUM_THREADS set to
-match) that loads SmolLM2 with the shipped weights, reads the first ``--tokens`` tokens of the demo's
-sample document in 1,024-token chunks through ``BoundedCache`` (ingest tokens/s), then greedily
-decodes ``--answer-tokens`` tokens (answer tokens/s); then the same with the original model and a
+match) that loads SmolLM2 with the shipped weights, reads ``--tokens`` tokens of the demo's sample
+document (repeated to that length) in 1,024-token chunks through ``BoundedCache`` (ingest tokens/s), then
+greedily decodes ``--answer-tokens`` tokens (answer tokens/s); then the same with the original model and a
 ``DynamicCache``; ``--repeats`` such pairs, interleaved, give each figure as a median (the ratios are
 ratios of medians; a shared machine's slow spells otherwise fall on one model). The neighbour is
 another process doing single-threaded matrix products, as a test run or a second service would. A
@@ -42,7 +42,8 @@ from coda_gqa_l.neuraldb.demo import SAMPLE, sample_text
 from coda_gqa_l.pretrained import load_coda_smollm2
 
 def run(model, cache):
-    ids = torch.tensor([tok.encode(sample_text(SAMPLE) * 4, add_special_tokens=False)[:tokens]])
+    text = tok.encode(sample_text(SAMPLE), add_special_tokens=False)
+    ids = torch.tensor([(text * (tokens // len(text) + 1))[:tokens]])  # the sample, repeated to the length
     with torch.inference_mode():
         began = time.perf_counter()
         for start in range(0, tokens, 1024):
