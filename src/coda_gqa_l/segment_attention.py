@@ -138,8 +138,8 @@ def attend_segments(
     blocks = []
     for g0 in range(0, nseg, group):
         sl = slice(g0, g0 + group)
-        rows = by_segment[:, :, sl].reshape(B, Hkv, -1, Qs * S, D)
-        scores = torch.matmul(rows, keys[:, :, sl].transpose(-1, -2)).mul_(scale)
+        segment_rows = by_segment[:, :, sl].reshape(B, Hkv, -1, Qs * S, D)
+        scores = torch.matmul(segment_rows, keys[:, :, sl].transpose(-1, -2)).mul_(scale)
         scores = scores.view(B, Hkv, -1, Qs, S, K).add_(bias[:, :, sl, None])
         probs = torch.softmax(scores, dim=-1).view(B, Hkv, -1, Qs * S, K)
         blocks.append(torch.matmul(probs, values[:, :, sl]))
