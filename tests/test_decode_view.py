@@ -12,7 +12,7 @@ from coda_gqa_l.decode_view import DecodeView
 from coda_gqa_l.kernels.dispatch import plain_reference
 from coda_gqa_l.state import TENSOR_FIELDS
 
-LENGTH = 220
+LENGTH = 160
 
 
 def _run(layer, x, prefix: int, *, plain: bool, poke_at: int | None = None, inference: bool = False):
@@ -41,9 +41,14 @@ def _run(layer, x, prefix: int, *, plain: bool, poke_at: int | None = None, infe
     return torch.cat(outputs, dim=1), state
 
 
-@pytest.mark.parametrize("shape, config", [("gqa", "sinks-banks"), ("mqa-dh-not-d-over-h", "full"),
-                                           ("mha-odd-heads", "plain-gqa")])  # fmt: skip
-@pytest.mark.parametrize("prefix, inference", [(5, False), (37, True)])  # inference_mode: the engine's
+@pytest.mark.parametrize(
+    "shape, config, prefix, inference",  # inference_mode: the neural database's path
+    [
+        ("gqa", "sinks-banks", 5, False),
+        ("mqa-dh-not-d-over-h", "full", 37, True),
+        ("mha-odd-heads", "plain-gqa", 37, True),
+    ],
+)
 def test_steps_on_the_view_equal_the_plain_reference(shape: str, config: str, prefix: int, inference: bool) -> None:
     layer = make_layer(shape, config, seed=3).eval()
     x = token_like(2, LENGTH, layer.embed_dim, seed=4)
