@@ -233,7 +233,7 @@ def _route_summary(
 
     seed_src, seeded_cand = _pick_seeds(banks.sm_filled, cand, gate, proto_cos, cand_cos, margin)
     seeded = seed_src >= 0
-    if seed_src.numel() and seed_src.is_cpu and not bool(seeded.any()):
+    if seed_src.is_cpu and not bool(seeded.any()):  # (called only with summary slots: never empty)
         # every prototype already seeded (the usual case once a stream is a few segments in): the
         # seeding selections below would all pick the bank's own entries; the CPU skips them
         full_cos, base_k, base_v, base_g = proto_cos, banks.sm_k.float(), banks.sm_v.float(), banks.sm_g
