@@ -14,15 +14,7 @@ mkdir -p "$results"
 bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1
 for arm in "${arms[@]}"; do
   weights=/tmp/train_$arm/coda.safetensors
-  [ -f "$weights" ] || continue
-  eval_cmd=(python -m coda_gqa_l.evaluation.cli --weights "$weights" --batch 20 --seed 1234 --methods coda-bounded
-    --time-budget 200)
-  "${eval_cmd[@]}" --texts wikipedia --trials 0 --lengths 2048 --fact-trials 20 --fact-lengths 16384 --fact-multi 5 \
-    --out "$results/${arm}_m16" > "$results/${arm}_m16.log" 2>&1 &
-  "${eval_cmd[@]}" --texts wikipedia --trials 0 --lengths 2048 --fact-trials 20 --fact-lengths 4096 \
-    --out "$results/${arm}_f4" > "$results/${arm}_f4.log" 2>&1 &
-  "${eval_cmd[@]}" --texts bible wikipedia --lengths 2048 4096 8192 16384 --passkey-lengths 16384 --depths 0.1 0.5 \
-    --trials 20 --fact-trials 0 --out "$results/${arm}_ppl" > "$results/${arm}_ppl.log" 2>&1 &
+  [ -f "$weights" ] && bash scripts/device_eval_facts.sh "$weights" "$arm" "$results" &
 done
 wait
 rm -f "$results"/coda_*.safetensors

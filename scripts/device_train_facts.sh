@@ -9,13 +9,14 @@
 #   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
 # RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm);
-# TRAIN_ARGS="--warmup 30" adds coda-train options to every arm (later ones win).
+# TRAIN_ARGS="--warmup 30" adds coda-train options to every arm (later ones win); INIT_WEIGHTS=FILE starts from that
+# file instead of the shipped one (a fresh machine that lost the checkpoint: the optimiser starts again).
 set -euo pipefail
 budget=${1:?seconds of training}
 out=${2:?folder for the weights and logs}
 shift 2
 arms=("${@:-facts}")
-weights=src/coda_gqa_l/weights/smollm2-135m-instruct-coda.safetensors
+weights=${INIT_WEIGHTS:-src/coda_gqa_l/weights/smollm2-135m-instruct-coda.safetensors}
 routing() {  # the starting file's thresholds: it starts in phase 2, and coda-train checks they match
   python -c "import sys; sys.path.insert(0, 'src')
 from coda_gqa_l.training.weights import read_coda_meta
