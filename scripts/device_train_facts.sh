@@ -7,6 +7,9 @@
 #   multi2048  the same with 2,048-token rows and twice the rows per update
 #   distill    multi2048 plus a KL loss to the original model on every non-answer token (--distill-weight 1)
 #   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
+#   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
+#              without flooding the exact bank (benchmarks/RESULTS.md, "Value-first rows flood the exact bank")
+#   refuse_distill  the same plus --distill-weight 1 (the Bible)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
 # RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm);
 # TRAIN_ARGS="--warmup 30" adds coda-train options to every arm (later ones win); INIT_WEIGHTS=FILE starts from that
@@ -35,6 +38,9 @@ for arm in "${arms[@]}"; do
     multi4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8) ;;
     multi2048) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16) ;;
     distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1) ;;
+    refuse) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations) ;;
+    refuse_distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations
+      --distill-weight 1) ;;
     distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac

@@ -191,6 +191,33 @@ def test_gate_hinge_pushes_keys_up_and_the_rest_down() -> None:
         gate_hinge_loss([z], keep, 0.01, 0.6)
     with pytest.raises(ValueError, match="do not match"):
         gate_hinge_loss([z], keep[:, :5], 0.6, 0.01)
+    with pytest.raises(ValueError, match="refuse must be one of"):
+        gate_hinge_loss([z], keep, 0.6, 0.01, refuse="some")
+
+
+@pytest.mark.parametrize("length", [100, 1000])
+def test_gate_hinge_violations_weigh_each_false_write_alike(length: int) -> None:
+    """``refuse="violations"``: one ordinary token above ``drop`` costs the same in a short row as
+    in a long one (its gradient does not shrink with the row), while ``"tokens"`` dilutes it by the
+    row's length; tokens already below ``drop`` get no gradient either way."""
+    from coda_gqa_l.training.gate_supervision import _logit, gate_hinge_loss
+
+    keep = torch.zeros(1, length, dtype=torch.bool)
+    keep[0, 0] = True
+    z = torch.full((1, length, 1), _logit(0.001))
+    z[0, 0] = 3.0  # the key, settled
+    z[0, 7] = _logit(0.01) + 2.0  # one false write, 2 logits above drop
+    z.requires_grad_(True)
+    per_violation = gate_hinge_loss([z], keep, 0.6, 0.01, refuse="violations")
+    per_violation.backward()
+    assert per_violation.item() == pytest.approx(2.0, abs=1e-5)
+    assert z.grad[0, 7, 0].item() == pytest.approx(1.0)
+    assert (z.grad[0, 8:] == 0).all() and z.grad[0, 0, 0].item() == 0.0
+    z.grad = None
+    diluted = gate_hinge_loss([z], keep, 0.6, 0.01, refuse="tokens")
+    diluted.backward()
+    assert diluted.item() == pytest.approx(2.0 / (length - 1), rel=1e-4)
+    assert z.grad[0, 7, 0].item() == pytest.approx(1.0 / (length - 1), rel=1e-4)
 
 
 def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .data import FACT_COUNTS, IGNORE, Batch, batches
 from .distributed import Cluster
-from .gate_supervision import gate_hinge_loss, recorded_gate_logits
+from .gate_supervision import REFUSE_MODES, gate_hinge_loss, recorded_gate_logits
 from .lora import add_lora
 from .params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
 from .weights import save_coda_weights
@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-weight", type=float, default=1.0, help=gate_help)
     p.add_argument("--gate-keep", type=float, default=0.6, help="gate a key token should reach (> tau_exact)")
     p.add_argument("--gate-drop", type=float, default=0.01, help="gate every other token should fall to (< tau_exact)")
+    refuse_help = (
+        "phase 2: the hinge's refusal side averaged over all other tokens ('tokens') or over those still above "
+        "--gate-drop ('violations': each false write weighs as much as a missed key; for value-first facts)"
+    )
+    p.add_argument("--gate-refuse", default="tokens", choices=list(REFUSE_MODES), help=refuse_help)
     p.add_argument("--gate-lr", type=float, default=None, help="learning rate of the write gates (default --lr)")
     distill_help = (
         "phase 2: weight of a KL loss to the original model's full-cache predictions on every token that is not an "
@@ -215,6 +220,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
             "weight": args.gate_weight,
             "keep": args.gate_keep,
             "drop": args.gate_drop,
+            "refuse": args.gate_refuse,
             "lr": args.gate_lr if args.gate_lr is not None else args.lr,
         },
         "seed": args.seed,
@@ -318,7 +324,7 @@ def _run_phase(
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
-    gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop) if phase == 2 else None
+    gate = GateTargets(args.gate_weight, args.gate_keep, args.gate_drop, args.gate_refuse) if phase == 2 else None
     distill = Distillation(teacher, args.distill_weight) if phase == 2 and teacher is not None else None
     model.train()
     bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", unit="step", disable=not cluster.is_main)
@@ -372,6 +378,7 @@ class GateTargets:
     weight: float
     keep: float
     drop: float
+    refuse: str = "tokens"
 
 
 @dataclass(frozen=True)
@@ -467,7 +474,7 @@ def _loss(
         parts["answer"] = answer.item()
     if supervise:
         assert gate is not None
-        hinge = gate_hinge_loss(gate_logits, batch.keep_mask.to(device), gate.keep, gate.drop)
+        hinge = gate_hinge_loss(gate_logits, batch.keep_mask.to(device), gate.keep, gate.drop, gate.refuse)
         loss = loss + gate.weight * hinge
         parts["gate"] = hinge.item()
     if distill is not None and distill.weight > 0:

@@ -12,6 +12,14 @@ Retrieval documents say which tokens matter (their keys), so phase 2 can say it 
 token's gate logit should reach ``logit(keep)`` and every other token's should fall to
 ``logit(drop)``. Hinges stop pushing once a token is on the right side, so the gate keeps what
 the language-model loss asks of it elsewhere.
+
+How the refusal side is averaged matters once keep targets are ambiguous. With ``refuse="tokens"``
+it is a mean over all ordinary tokens, so a few dozen false writes in a 2,048-token row cost
+little next to one missed key; training on value-first facts ("A brass astrolabe hangs ...": a
+causal gate has no cue before the value) then raised 5-7x more ordinary tokens above
+``tau_exact``, and at 16K they evicted the facts (benchmarks/RESULTS.md, "Value-first rows flood
+the exact bank"). ``refuse="violations"`` averages over the ordinary tokens still above
+``drop`` only, so every false write weighs as much as a missed key does.
 """
 
 from __future__ import annotations
@@ -42,9 +50,18 @@ def recorded_gate_logits(model: nn.Module, enabled: bool = True) -> Iterator[lis
             hook.remove()
 
 
-def gate_hinge_loss(logits: list[Tensor], keep: Tensor, keep_prob: float, drop_prob: float) -> Tensor:
+REFUSE_MODES = ("tokens", "violations")
+
+
+def gate_hinge_loss(
+    logits: list[Tensor], keep: Tensor, keep_prob: float, drop_prob: float, refuse: str = "tokens"
+) -> Tensor:
     """Mean over layers of ``relu(logit(keep_prob) - z)`` over the key tokens plus
-    ``relu(z - logit(drop_prob))`` over the others; ``keep (B, L)`` bool marks the keys."""
+    ``relu(z - logit(drop_prob))`` over the others; ``keep (B, L)`` bool marks the keys. The
+    refusal side is averaged over all other tokens (``refuse="tokens"``) or over those above
+    ``drop_prob`` only (``"violations"``; see the module docstring)."""
+    if refuse not in REFUSE_MODES:
+        raise ValueError(f"refuse must be one of {REFUSE_MODES}, got {refuse!r}")
     if not logits:
         raise ValueError("no gate logits were recorded: is the model bounded (phase 2)?")
     if not 0.0 < drop_prob < keep_prob < 1.0:
@@ -55,7 +72,11 @@ def gate_hinge_loss(logits: list[Tensor], keep: Tensor, keep_prob: float, drop_p
         if z.shape[:2] != keep.shape:
             raise ValueError(f"gate logits {tuple(z.shape)} do not match the keep mask {tuple(keep.shape)}")
         z = z.float()
-        total = total + torch.relu(z - low)[~keep].mean()
+        excess = torch.relu(z - low)[~keep]
+        if refuse == "violations":
+            total = total + excess.sum() / (excess > 0).sum().clamp(min=1)
+        else:
+            total = total + excess.mean()
         if keep.any():
             total = total + torch.relu(high - z)[keep].mean()
     return total / len(logits)
