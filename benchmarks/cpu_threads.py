@@ -39,7 +39,7 @@ from coda_gqa_l.models.cache import BoundedCache
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.models.loader import load_smollm2
 from coda_gqa_l.neuraldb.demo import SAMPLE, sample_text
-from coda_gqa_l.pretrained import load_coda_smollm2
+from coda_gqa_l.models.pretrained import load_coda_smollm2
 
 def run(model, cache):
     text = tok.encode(sample_text(SAMPLE), add_special_tokens=False)

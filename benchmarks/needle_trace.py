@@ -153,10 +153,10 @@ def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     from coda_gqa_l.config import parse_routing
     from coda_gqa_l.models.convert import retune_routing
     from coda_gqa_l.models.loader import load_model
-    from coda_gqa_l.training.weights import apply_coda_weights
+    from coda_gqa_l.models.weights import apply_coda_weights
 
     if args.weights is None:
-        from coda_gqa_l.pretrained import load_coda_smollm2
+        from coda_gqa_l.models.pretrained import load_coda_smollm2
 
         model, tokenizer = load_coda_smollm2(progress=False)
     else:
@@ -258,8 +258,8 @@ def verdict(needle: dict[str, Any], correct: bool) -> str:
 def trace(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Passkey documents (the module docstring)."""
     from coda_gqa_l.data import load_essays
+    from coda_gqa_l.data.passkey import answer_correct, greedy_answer, make_document
     from coda_gqa_l.data.tokens import token_stream
-    from coda_gqa_l.evaluation.passkey import answer_correct, greedy_answer, make_document
     from coda_gqa_l.models.cache import bounded_modules
 
     model, tokenizer = _model(args)

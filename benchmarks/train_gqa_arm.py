@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from coda_gqa_l.models.weights import read_coda_meta  # noqa: E402
 from coda_gqa_l.training.cli import CHECKPOINT  # noqa: E402
 from coda_gqa_l.training.cli import main as coda_train  # noqa: E402
-from coda_gqa_l.training.weights import read_coda_meta  # noqa: E402
 
 WEIGHTS = "coda.safetensors"
 

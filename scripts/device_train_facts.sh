@@ -22,7 +22,7 @@ arms=("${@:-facts}")
 weights=${INIT_WEIGHTS:-src/coda_gqa_l/weights/smollm2-135m-instruct-coda.safetensors}
 routing() {  # the starting file's thresholds: it starts in phase 2, and coda-train checks they match
   python -c "import sys; sys.path.insert(0, 'src')
-from coda_gqa_l.training.weights import read_coda_meta
+from coda_gqa_l.models.weights import read_coda_meta
 b = read_coda_meta('$weights')['convert']['bounded']
 print(' '.join(f'{k}={b[k]}' for k in ('tau_exact', 'novelty', 'match', 'max_inserts')))"
 }

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", required=True, help="why, recorded in the file's training metadata")
     args = p.parse_args(argv)
     from coda_gqa_l.config import parse_routing
-    from coda_gqa_l.training.weights import read_coda_meta, retune_weights_file
+    from coda_gqa_l.models.weights import read_coda_meta, retune_weights_file
 
     retune_weights_file(args.source, args.target, parse_routing(args.routing), args.reason)
     print(f"{args.target}: bounded config now {read_coda_meta(args.target)['convert']['bounded']}")

@@ -8,7 +8,7 @@ from coda_gqa_l.config import BoundedConfig
 from coda_gqa_l.data.prompts import PromptFormat
 from coda_gqa_l.evaluation.fact_recall import cut_answer, fact_rows
 from coda_gqa_l.models import convert
-from coda_gqa_l.training.tiny import tiny_llama
+from coda_gqa_l.models.tiny import tiny_llama
 
 
 def test_every_asked_question_is_scored_in_batches() -> None:

@@ -18,10 +18,10 @@ from coda_gqa_l.baseline import BaselineGQA
 from coda_gqa_l.evaluation.cli import build_method, check_lengths, perplexity_rows
 from coda_gqa_l.models import convert, to_bounded
 from coda_gqa_l.models.adapters import CoDAAttentionAdapter
-from coda_gqa_l.training.lora import add_lora
-from coda_gqa_l.training.params import select_trainable
-from coda_gqa_l.training.tiny import tiny_llama
-from coda_gqa_l.training.weights import WeightsFileError, read_coda_meta, read_coda_weights
+from coda_gqa_l.models.lora import add_lora
+from coda_gqa_l.models.params import select_trainable
+from coda_gqa_l.models.tiny import tiny_llama
+from coda_gqa_l.models.weights import WeightsFileError, read_coda_meta, read_coda_weights
 
 
 def _adapters(model: torch.nn.Module) -> list[CoDAAttentionAdapter]:

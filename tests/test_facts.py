@@ -19,7 +19,7 @@ from coda_gqa_l.data.facts import (
     value_lists,
 )
 from coda_gqa_l.data.prompts import PromptFormat
-from coda_gqa_l.neuraldb.tokenizer import ByteTokenizer
+from coda_gqa_l.models.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
 LAYOUT = PromptFormat.for_tokenizer(TOKENIZER)
@@ -141,7 +141,7 @@ def test_sample_documents_share_no_eight_gram_with_training_data() -> None:
     """The demo's documents test recall, not memory of the training data: no 8 words in a row in common with
     the fact patterns, the pass-key phrasings, or Wikipedia's train split (the phase-2 haystack)."""
     from coda_gqa_l.data import load_wikipedia
-    from coda_gqa_l.evaluation.passkey import TRAIN_PHRASINGS
+    from coda_gqa_l.data.passkey import TRAIN_PHRASINGS
     from coda_gqa_l.neuraldb.demo import SAMPLES, sample_text
 
     training = " \n ".join(

@@ -199,8 +199,8 @@ def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
 
 def test_default_config_is_the_shipped_weights_config() -> None:
     """Otherwise the embedded default would load an untrained conversion instead of the shipped weights."""
+    from coda_gqa_l.models.pretrained import shipped_config
     from coda_gqa_l.neuraldb import DEFAULT_CONFIG
-    from coda_gqa_l.pretrained import shipped_config
 
     assert DEFAULT_CONFIG == shipped_config()
 
@@ -210,7 +210,7 @@ def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     """The embedded default (SmolLM2 + shipped weights): a pass key stated near the start of an
     essay, more than two windows before the question, is answered from the reloaded state."""
     from coda_gqa_l.data import load_essays
-    from coda_gqa_l.evaluation.passkey import EVAL_PHRASINGS
+    from coda_gqa_l.data.passkey import EVAL_PHRASINGS
 
     words = load_essays("all")[3].text.split()[:1400]
     statement = EVAL_PHRASINGS[0][0].format(name="vault", key="95319")

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coda_gqa_l.training.distributed import Cluster
-from coda_gqa_l.training.scratch import batch_starts, build_model, parse_args, rows_of_rank
-from coda_gqa_l.training.token_data import (
+from coda_gqa_l.data.token_corpus import (
     TokenCorpus,
     TokenCorpusError,
     load_token_corpus,
@@ -24,6 +22,8 @@ from coda_gqa_l.training.token_data import (
     token_cache_path,
     write_token_corpus,
 )
+from coda_gqa_l.training.distributed import Cluster
+from coda_gqa_l.training.scratch import batch_starts, build_model, parse_args, rows_of_rank
 
 SMALL = ["--tokenizer", "bytes", "--depth", "2", "--width", "64", "--heads", "4", "--kv-heads", "2",
          "--ffn", "128", "--seq-len", "256", "--global-batch", "4", "--val-tokens", "2048", "--config", "tiny",
@@ -68,7 +68,7 @@ def test_batches_depend_on_seed_and_step_only_and_shard_by_rank() -> None:
 
 
 def test_bits_per_byte_and_token_cache_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from coda_gqa_l.training import token_data
+    from coda_gqa_l.data import token_corpus as token_data
 
     zeros = torch.zeros(4, dtype=torch.int32)
     corpus = TokenCorpus(zeros, zeros, zeros, "bytes", 257, 2.0)
@@ -176,7 +176,7 @@ def test_scratch_scaling_benchmark_compares_one_and_two_processes(tmp_path: Path
 
 
 def test_retrieval_rows_are_the_same_for_any_process_count() -> None:
-    from coda_gqa_l.neuraldb.tokenizer import ByteTokenizer
+    from coda_gqa_l.models.tokenizer import ByteTokenizer
     from coda_gqa_l.training.scratch_retrieval import RetrievalSource, mix_retrieval
 
     filler = list((" ".join(["river stone cloud paper"] * 400)).encode())
@@ -203,8 +203,8 @@ def test_scratch_run_with_retrieval_reports_passkey_accuracy(tmp_path: Path, tok
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_is_kept_beside_the_token_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coda_gqa_l.data.token_corpus import load_tokenizer
     from coda_gqa_l.models import loader
-    from coda_gqa_l.training.token_data import load_tokenizer
 
     real = loader.load_smollm2_tokenizer()  # the packaged model's export, in the default cache
     calls = []

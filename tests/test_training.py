@@ -12,7 +12,7 @@ import torch
 from tiny_training import TEXT
 from tiny_training import train_tiny as _train
 
-from coda_gqa_l.evaluation.passkey import (
+from coda_gqa_l.data.passkey import (
     EVAL_PHRASINGS,
     TRAIN_PHRASINGS,
     answer_correct,
@@ -21,10 +21,10 @@ from coda_gqa_l.evaluation.passkey import (
 )
 from coda_gqa_l.models import convert, to_bounded
 from coda_gqa_l.models.adapters import CoDAAttentionAdapter
-from coda_gqa_l.training.lora import LoRALinear, add_lora
-from coda_gqa_l.training.params import select_trainable
-from coda_gqa_l.training.tiny import tiny_llama
-from coda_gqa_l.training.weights import WeightsFileError, apply_coda_weights, save_coda_weights
+from coda_gqa_l.models.lora import LoRALinear, add_lora
+from coda_gqa_l.models.params import select_trainable
+from coda_gqa_l.models.tiny import tiny_llama
+from coda_gqa_l.models.weights import WeightsFileError, apply_coda_weights, save_coda_weights
 
 
 def _ids(n: int = 96) -> torch.Tensor:
@@ -159,8 +159,8 @@ def test_coda_eval_time_budget_bounds_perplexity_too(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_shipped_weights_load_on_the_packaged_model() -> None:
-    from coda_gqa_l.pretrained import SHIPPED_WEIGHTS, load_coda_smollm2, shipped_config
-    from coda_gqa_l.training.weights import read_coda_weights
+    from coda_gqa_l.models.pretrained import SHIPPED_WEIGHTS, load_coda_smollm2, shipped_config
+    from coda_gqa_l.models.weights import read_coda_weights
 
     assert SHIPPED_WEIGHTS.stat().st_size < 4 * 2**20
     tensors, meta = read_coda_weights(SHIPPED_WEIGHTS)
@@ -223,7 +223,7 @@ def test_gate_hinge_violations_weigh_each_false_write_alike(length: int) -> None
 def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
     """Phase 2 with the hinge and a gate learning rate of its own: the hinge falls update by update
     (retrieval rows only, so every batch has keys), and the weights file records the settings."""
-    from coda_gqa_l.training.weights import read_coda_meta
+    from coda_gqa_l.models.weights import read_coda_meta
 
     out = tmp_path / "run"
     settings = ("--phase1-steps", "0", "--phase2-steps", "3", "--gate-lr", "0.05", "--retrieval-fraction", "1.0")
@@ -231,7 +231,7 @@ def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
     hinge = [json.loads(line)["gate"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(hinge) == 3 and hinge[2] < hinge[1] < hinge[0]
     recorded = read_coda_meta(out / "coda.safetensors")["training"]["gate_supervision"]
-    assert recorded == {"weight": 1.0, "keep": 0.6, "drop": 0.01, "lr": 0.05}
+    assert recorded == {"weight": 1.0, "keep": 0.6, "drop": 0.01, "refuse": "tokens", "lr": 0.05}
     with pytest.raises(SystemExit, match="gate-lr 0.05 \\(now None\\)"):  # the optimizer's groups would differ
         _train(out, "--phase1-steps", "0", "--phase2-steps", "4", "--resume")
     with pytest.raises(SystemExit, match="tau_exact"):  # a keep target below the write threshold keeps nothing
@@ -239,8 +239,8 @@ def test_gate_supervision_trains_the_gates(tmp_path: Path) -> None:
 
 
 def test_retuned_weights_file_keeps_the_tensors_and_records_why(tmp_path: Path) -> None:
-    from coda_gqa_l.pretrained import SHIPPED_WEIGHTS
-    from coda_gqa_l.training.weights import WeightsFileError, _write, read_coda_weights, retune_weights_file
+    from coda_gqa_l.models.pretrained import SHIPPED_WEIGHTS
+    from coda_gqa_l.models.weights import WeightsFileError, _write, read_coda_weights, retune_weights_file
 
     target = tmp_path / "retuned.safetensors"
     retune_weights_file(SHIPPED_WEIGHTS, target, {"novelty": 0.8, "max_inserts": 4}, reason="a test")
@@ -267,7 +267,7 @@ def test_fact_rows_and_recurring_keep_targets(tmp_path: Path) -> None:
     """Phase 2 with fact documents only: each row asks about facts in the training split, its answer
     tokens are scored and its keep targets are the values' tokens; plain rows with --recurring-keep
     mark capitalised words and numbers that occur again two windows later."""
-    from coda_gqa_l.training.data import RecurringTokens, batches
+    from coda_gqa_l.data.training_rows import RecurringTokens, batches
 
     _, tok = tiny_llama()
     text = TEXT + " Tobias went north. " + TEXT[:2000] + " Tobias came back in 1987."
@@ -293,7 +293,7 @@ def test_fact_rows_and_recurring_keep_targets(tmp_path: Path) -> None:
     assert _train(out, *settings, "--recurring-keep") == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["gate"] > 0 for r in log)
-    from coda_gqa_l.training.weights import read_coda_meta
+    from coda_gqa_l.models.weights import read_coda_meta
 
     training = read_coda_meta(out / "coda.safetensors")["training"]
     assert training["fact_fraction"] == 0.5 and training["recurring_keep"] is True and training["fact_counts"] == [2, 5]
@@ -321,7 +321,7 @@ def test_distillation_to_the_original_model(tmp_path: Path) -> None:
     assert _train(out, *settings) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["distill"] > 0 for r in log)
-    from coda_gqa_l.training.weights import read_coda_meta
+    from coda_gqa_l.models.weights import read_coda_meta
 
     assert read_coda_meta(out / "coda.safetensors")["training"]["distill_weight"] == 0.5
 

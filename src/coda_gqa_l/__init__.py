@@ -9,6 +9,7 @@ from .config import BoundedConfig
 from .primitives import HeadwiseRMSNorm, RMSNorm, RotaryEmbedding, apply_rope, repeat_kv
 from .state import BoundedState
 from .statefile import StateFileError, load_state, module_fingerprint, read_state_metadata, save_state
+from .version import __version__
 
 CoDAGQALandmarkStatePerf2 = BoundedState
 
@@ -27,8 +28,6 @@ def __getattr__(name: str) -> object:
         return NeuralDatabase
     raise AttributeError(f"module 'coda_gqa_l' has no attribute {name!r}")
 
-
-__version__ = "0.2.0"
 
 __all__ = [
     "BaselineGQA",

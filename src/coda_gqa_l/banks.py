@@ -24,24 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import BoundedConfig
-from .state import merge_metrics
+from .config import BoundedConfig, chunk_segments
+from .state import Banks, merge_metrics
 
 NEG_INF = float("-inf")
-
-
-class Banks(NamedTuple):
-    """Bank tensors of a state (shapes in ``state.py``)."""
-
-    ex_k: Tensor
-    ex_v: Tensor
-    ex_g: Tensor
-    ex_last: Tensor
-    ex_filled: Tensor
-    sm_k: Tensor
-    sm_v: Tensor
-    sm_g: Tensor
-    sm_filled: Tensor
 
 
 class _Margin:
@@ -339,11 +325,6 @@ def bank_view(banks: Banks) -> tuple[Tensor, Tensor, Tensor]:
 
 
 _bank_view = bank_view  # the name the attention layer used before routing moved here
-
-
-def chunk_segments(start: int, n: int, seg: int) -> range:
-    """First token of every segment a chunk of ``n`` tokens from ``start`` touches (one snapshot each)."""
-    return range(start // seg * seg, start + n, seg)
 
 
 def route_chunk(

@@ -177,3 +177,8 @@ def parse_routing(items: list[str]) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"--routing {name} needs a number, got {value!r}") from None
     return parsed
+
+
+def chunk_segments(start: int, n: int, seg: int) -> range:
+    """First token of every segment a chunk of ``n`` tokens from ``start`` touches (one snapshot each)."""
+    return range(start // seg * seg, start + n, seg)

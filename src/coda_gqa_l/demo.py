@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from . import __version__
 from .attention import BoundedCoDAAttention
 from .config import PRESETS, BoundedConfig
+from .version import __version__
 
 # state.metrics keys shown in the table, in this order (absent ones are skipped)
 ROUTING_KEYS: tuple[str, ...] = (

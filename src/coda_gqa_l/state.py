@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,17 +53,22 @@ TENSOR_FIELDS: tuple[str, ...] = (
     "position",
 )
 
-BANK_FIELDS: tuple[str, ...] = (
-    "ex_k",
-    "ex_v",
-    "ex_g",
-    "ex_last",
-    "ex_filled",
-    "sm_k",
-    "sm_v",
-    "sm_g",
-    "sm_filled",
-)
+
+class Banks(NamedTuple):
+    """Bank tensors of a state (shapes in the module docstring)."""
+
+    ex_k: Tensor
+    ex_v: Tensor
+    ex_g: Tensor
+    ex_last: Tensor
+    ex_filled: Tensor
+    sm_k: Tensor
+    sm_v: Tensor
+    sm_g: Tensor
+    sm_filled: Tensor
+
+
+BANK_FIELDS: tuple[str, ...] = Banks._fields
 
 
 def merge_metrics(target: dict[str, float], counts: dict[str, float]) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .config import BoundedConfig
 from .state import TENSOR_FIELDS, BoundedState
+from .version import __version__
 
 FORMAT_NAME = "coda-gqa-l/state"
 FORMAT_VERSION = 1
@@ -101,7 +102,6 @@ def save_state(
         int8: store keys and values as int8 with per-slot scales (smaller, approximate).
         extra: any JSON-serialisable data to keep with the state (labels, token counts).
     """
-    from . import __version__
 
     single = isinstance(states, BoundedState)
     layers: list[BoundedState] = [states] if isinstance(states, BoundedState) else list(states)

@@ -37,9 +37,9 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..data.facts import KINDS
+from ..data.passkey import answer_correct, make_document, wilson_interval
 from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
-from .passkey import answer_correct, make_document, wilson_interval
 from .perplexity import stream_nll
 from .report import write_report
 
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
     from ..models.convert import convert, to_bounded
-    from ..training.weights import apply_coda_weights, read_coda_meta
+    from ..models.weights import apply_coda_weights, read_coda_meta
 
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     slots = preset.storage_slots
@@ -294,7 +294,7 @@ def _base_loader(
     import copy
 
     if args.tiny_model:
-        from ..training.tiny import tiny_llama
+        from ..models.tiny import tiny_llama
 
         model, byte_tokenizer = tiny_llama()
         model.to(device=device, dtype=dtype)

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..data.facts import KINDS, FactDocument, FactSampler, answer_holds, make_fact_document
+from ..data.passkey import wilson_interval
 from ..data.prompts import PromptFormat
 from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
-from .passkey import wilson_interval
 
 ANSWER_TOKENS = 24
 DEPTHS = (0.1, 0.6)

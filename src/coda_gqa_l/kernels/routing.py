@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..banks import Banks, chunk_segments
-from ..config import BoundedConfig
+from ..config import BoundedConfig, chunk_segments
+from ..state import Banks
 from .dispatch import interpreting, tile_size
 
 # One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the

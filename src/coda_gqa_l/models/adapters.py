@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
+from .cache import BoundedCache
 from .hf_compat import CACHE_ARGUMENTS, pop_cache
 
 CONVERSION_SEED = 20261123
@@ -173,8 +174,6 @@ class CoDAAttentionAdapter(nn.Module):
         return layer.attend(hidden_states, start, append, padding), None
 
     def _bounded(self, x: Tensor, padding: Tensor | None, cache: Any) -> Tensor:
-        from .cache import BoundedCache
-
         layer = self.layer
         assert isinstance(layer, BoundedCoDAAttention)
         if padding is not None:

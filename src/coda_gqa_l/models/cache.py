@@ -187,13 +187,7 @@ def new_cache(model: torch.nn.Module, bounded: bool, block_size: int = 1024) -> 
 
 def bounded_modules(model: torch.nn.Module) -> list[BoundedCoDAAttention]:
     """The bounded layers of a converted model, in layer order."""
-    from .adapters import CoDAAttentionAdapter
-
-    found = [
-        m.layer
-        for m in model.modules()
-        if isinstance(m, CoDAAttentionAdapter) and isinstance(m.layer, BoundedCoDAAttention)
-    ]
+    found = [m for m in model.modules() if isinstance(m, BoundedCoDAAttention)]
     if not found:
         raise ValueError("the model has no bounded CoDA layers: convert it with coda_gqa_l.convert(model, config)")
     return found

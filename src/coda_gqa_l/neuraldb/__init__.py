@@ -1,5 +1,6 @@
 """The stateful neural database: documents kept as fixed-size model states (SPEC 8)."""
 
+from ..models.tokenizer import ByteTokenizer
 from .engine import (
     DEFAULT_CONFIG,
     DocumentNotFound,
@@ -10,7 +11,6 @@ from .engine import (
     default_model,
 )
 from .store import DocumentIndex, DocumentInfo, DocumentStore
-from .tokenizer import ByteTokenizer
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -29,11 +29,11 @@ from torch import nn
 from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models.hf_compat import cache_kwargs
+from ..models.tokenizer import ByteTokenizer
 from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
 from .errors import NeuralDBError
 from .store import DocumentInfo, DocumentStore
-from .tokenizer import ByteTokenizer
 
 # The shipped weights' config (``pretrained.shipped_config()``, a test keeps them equal): medium with
 # 4 sinks, routed with the thresholds measured for those weights (benchmarks/RESULTS.md)
@@ -67,7 +67,7 @@ class NeuralDatabase:
         from ..models.cache import bounded_modules
 
         if model is None:
-            from ..pretrained import shipped_weights_label
+            from ..models.pretrained import shipped_weights_label
 
             model, tokenizer = default_model()
             weights = weights or shipped_weights_label()
@@ -92,7 +92,7 @@ class NeuralDatabase:
     def tiny_for_tests(cls, folder: str | Path) -> NeuralDatabase:
         """A tiny random Llama with a byte tokenizer: fast and deterministic, answers are noise."""
         from ..models import convert
-        from ..training.tiny import tiny_llama
+        from ..models.tiny import tiny_llama
 
         model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
         bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
@@ -394,7 +394,7 @@ def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, An
     weights (``pretrained``); another ``config`` than theirs gets an untrained conversion."""
     from ..models import convert
     from ..models.loader import load_smollm2
-    from ..pretrained import load_coda_smollm2, shipped_config
+    from ..models.pretrained import load_coda_smollm2, shipped_config
 
     if config == shipped_config():
         return load_coda_smollm2()

@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import __version__
+from ..version import __version__
 from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError
 from .store import DocumentInfo
 

@@ -36,14 +36,14 @@ from torch import nn
 
 from ..config import BoundedConfig, parse_routing
 from ..data.tokens import token_stream
+from ..data.training_rows import FACT_COUNTS, IGNORE, Batch, batches
+from ..models.lora import add_lora
+from ..models.params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
+from ..models.weights import save_coda_weights
 from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .data import FACT_COUNTS, IGNORE, Batch, batches
 from .distributed import Cluster
 from .gate_supervision import REFUSE_MODES, gate_hinge_loss, recorded_gate_logits
-from .lora import add_lora
-from .params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
-from .weights import save_coda_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -237,7 +237,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
 def _provenance(path: Path) -> dict[str, Any]:
     """The starting weights file's name and its own training record (nested, so a chain of
     continued runs keeps every step of its history)."""
-    from .weights import read_coda_meta
+    from ..models.weights import read_coda_meta
 
     record: dict[str, Any] = {"file": path.name}
     if path.is_file():
@@ -248,7 +248,7 @@ def _provenance(path: Path) -> dict[str, Any]:
 def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: BoundedConfig) -> int:
     """Load a CoDA weights file (e.g. the shipped one) as the starting point; returns the phase to
     start in: 2 when the file is already bounded (phase 1 is skipped), else 1."""
-    from .weights import WeightsFileError, apply_coda_weights, read_coda_meta
+    from ..models.weights import WeightsFileError, apply_coda_weights, read_coda_meta
 
     meta = read_coda_meta(args.init_weights)
     settings, lora = meta["convert"], meta.get("lora") or {}
@@ -491,7 +491,7 @@ def _loss(
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     if args.tiny_model:
-        from .tiny import tiny_llama
+        from ..models.tiny import tiny_llama
 
         tiny, byte_tokenizer = tiny_llama(seed=args.seed)
         return tiny, byte_tokenizer, "tiny-llama"

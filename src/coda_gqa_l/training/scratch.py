@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BoundedConfig
+from ..data.token_corpus import TOKENIZERS, TokenCorpus, load_token_corpus, load_tokenizer
 from ..kernels.dispatch import backend, unbounded_path
 from . import distributed
 from .distributed import Cluster
 from .scratch_retrieval import RetrievalSource, mix_retrieval, passkey_accuracy
-from .token_data import TOKENIZERS, TokenCorpus, load_token_corpus, load_tokenizer
 
 ATTENTIONS = ("gqa", "coda", "coda-bounded")
 CHECKPOINT = "checkpoint.safetensors"

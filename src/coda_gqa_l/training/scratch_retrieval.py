@@ -1,7 +1,7 @@
 """Retrieval in from-scratch runs: passkey documents mixed into training, and the passkey test.
 
 Training documents use the training phrasings on the training text; the test uses the evaluation
-phrasings on the essays (``evaluation.passkey``), with the key at least two bounded windows
+phrasings on the essays (``data.passkey``), with the key at least two bounded windows
 before the question, so a bounded model must carry it in its banks. Which rows become documents
 and what they hold depend on (seed, update, row) only: every variant and every process count
 trains on the same documents.
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..evaluation.passkey import answer_correct, make_document, wilson_interval
-from .data import training_document
+from ..data.passkey import answer_correct, make_document, wilson_interval
+from ..data.training_rows import training_document
 
 
 @dataclass

@@ -112,7 +112,7 @@ def load_tokenizer(name: str, cache_dir: str | os.PathLike[str] | None = None) -
     """The byte tokenizer, or SmolLM2's: from ``<cache>/tokens/smollm2-tokenizer`` (a copy kept
     beside the token caches, so a machine without the model can carry both), else from the model."""
     if name == "bytes":
-        from ..neuraldb.tokenizer import ByteTokenizer
+        from ..models.tokenizer import ByteTokenizer
 
         return ByteTokenizer()
     from transformers import AutoTokenizer

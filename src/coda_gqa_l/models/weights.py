@@ -126,7 +126,7 @@ def _read(path: str | os.PathLike[str], with_tensors: bool) -> tuple[dict[str, t
 
 def apply_coda_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Convert a base ``model`` as the file says, add its LoRA, load its tensors; returns the model."""
-    from ..models.convert import convert
+    from .convert import convert
 
     tensors, meta = read_coda_weights(path)
     expected, found = meta["base_config"], _base_identity(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..neuraldb.tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer
 
 
 def tiny_llama(seed: int = 0, max_position_embeddings: int = 8192) -> tuple[nn.Module, ByteTokenizer]:

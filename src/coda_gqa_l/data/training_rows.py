@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.facts import FactSampler, make_fact_document
-from ..data.prompts import PromptFormat
-from ..evaluation.passkey import PasskeyDocument, make_document
+from .facts import FactSampler, make_fact_document
+from .passkey import PasskeyDocument, make_document
+from .prompts import PromptFormat
 
 IGNORE = -100
 FACT_COUNTS = (1, 1, 2, 3, 4, 6)  # facts per fact row, drawn uniformly; repeats weight a count
