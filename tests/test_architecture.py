@@ -3,7 +3,7 @@
 Every ``import`` in ``src/coda_gqa_l`` counts, also those inside functions (they hide cycles and
 upward imports from a plain import of the package). The layers, bottom to top:
 
-0. ``base``: config, primitives, state, version, fetch, cpu_threads
+0. ``base``: config, primitives, state, version, fetch, cpu_threads, cli_help
 1. ``kernels``: Triton kernels and their PyTorch references (tensors, numbers, the config)
 2. ``core``: the layer itself (banks, attention, differential, baseline, decode, state files)
 3. ``models``: adapters, cache, convert, loader, weights files, LoRA, pretrained, the tiny model
@@ -27,7 +27,7 @@ PACKAGE = "coda_gqa_l"
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads")),
+    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help")),
     ("kernels", ("kernels",)),
     ("core", ("banks", "segment_attention", "decode_view", "differential", "attention", "baseline", "decode",
               "statefile")),

@@ -28,6 +28,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from .attention import BoundedCoDAAttention
+from .cli_help import HelpFormatter, first_paragraph
 from .config import PRESETS, BoundedConfig
 from .version import __version__
 
@@ -49,8 +50,10 @@ ROUTING_KEYS: tuple[str, ...] = (
 )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="coda-demo", description=__doc__.splitlines()[0] if __doc__ else None)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coda-demo", description=first_paragraph(__doc__), formatter_class=HelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=16384, help="tokens to stream (default 16384)")
     parser.add_argument("--config", choices=sorted(PRESETS), default="medium", help="BoundedConfig preset")
     parser.add_argument("--embed-dim", type=int, default=512, help="model width D")
@@ -61,6 +64,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="also print one JSON line at the end")
     threads_help = "CPU threads (default $CODA_GQA_L_THREADS, else the cores not already busy)"
     parser.add_argument("--threads", type=int, default=None, help=threads_help)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("tokens", "embed_dim", "heads", "kv_heads", "block_size"):
         if getattr(args, name) < 1:

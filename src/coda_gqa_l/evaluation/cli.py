@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli_help import HelpFormatter, first_paragraph
 from ..config import BoundedConfig
 from ..data.facts import KINDS
 from ..data.passkey import answer_correct, make_document, wilson_interval
@@ -48,20 +49,30 @@ DEFAULT_METHODS = METHODS[:5]
 PERPLEXITY_TEXTS = ("wikipedia", "bible")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="coda-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--weights", type=Path, default=None, help="CoDA weights file (coda-train's output)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coda-eval", description=first_paragraph(__doc__), formatter_class=HelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (packaged) or a Hugging Face model folder")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="CoDA weights file, coda-train's output (default: none, a cold swap of the original)",
+    )
     p.add_argument("--config", default="medium", help="bounded preset of the cold swap and the slot count")
-    p.add_argument("--num-sink", type=int, default=4)
-    gqa_help = "weights of the factorial's plain-GQA arm (coda-train --attention gqa), for the gqa-* methods"
+    p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
+    gqa_help = (
+        "weights of the factorial's plain-GQA arm (coda-train --attention gqa) for the gqa-* methods "
+        "(default: none, a cold swap)"
+    )
     p.add_argument("--gqa-weights", type=Path, default=None, help=gqa_help)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
-    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS, help="what to measure")
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384], help="perplexity lengths")
     p.add_argument("--texts", nargs="+", default=["wikipedia", "bible"], choices=PERPLEXITY_TEXTS,
                    help="perplexity texts: held-out Wikipedia, and the KJV Bible as one long document")  # fmt: skip
-    p.add_argument("--passkey-lengths", nargs="+", type=int, default=[4096, 16384])
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
+    p.add_argument("--passkey-lengths", nargs="+", type=int, default=[4096, 16384], help="pass-key document lengths")
+    p.add_argument(
+        "--depths", nargs="+", type=float, default=[0.1, 0.5], help="where the key sits (share of the document)"
+    )
     p.add_argument("--trials", type=int, default=50, help="passkey trials per cell (0: perplexity only)")
     p.add_argument("--keys", nargs="+", type=int, default=[1], help="needles per document (multi-key: 3)")
     fact_help = "fact-recall trials per kind and length (names, places, dates, ...; 0: none, the default)"
@@ -75,16 +86,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward when reading a stream")
     p.add_argument("--batch", type=int, default=10, help="passkey documents per forward")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     threads_help = "CPU threads when the device is the CPU (default $CODA_GQA_L_THREADS, else the cores not busy)"
     p.add_argument("--threads", type=int, default=None, help=threads_help)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the documents, keys and facts")
     routing_help = "bank-routing thresholds for the coda-/gqa-bounded methods instead of the file's (e.g. novelty=0.85)"
     p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; cells not reached are marked skipped")
-    p.add_argument("--out", type=Path, default=Path("runs/coda-eval"))
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; cells not reached are marked skipped (default: none, no limit)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/coda-eval"), help="folder for eval.json, eval.md and the plots"
+    )
     p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:

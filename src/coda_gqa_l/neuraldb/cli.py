@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from ..cli_help import HelpFormatter
 from ..fetch import data_dir
 from .store import DocumentStore
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coda-db",
         description="A neural database: each document is kept as a fixed-size model state you can question.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--store", type=Path, default=None, help=f"store folder (default {default_store()}; the demo uses its own)"
@@ -77,17 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     # the same options after the subcommand; SUPPRESS keeps the value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", type=Path, default=argparse.SUPPRESS, help="store folder")
-    common.add_argument("--tiny", action="store_true", default=argparse.SUPPRESS, help="use the tiny test model")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (see above)")
+    before = "as given before the command, else its default: coda-db --help"
+    common.add_argument("--store", type=Path, default=argparse.SUPPRESS, help=f"store folder ({before})")
+    common.add_argument(
+        "--tiny", action="store_true", default=argparse.SUPPRESS, help=f"the tiny test model ({before})"
+    )
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=f"CPU threads ({before})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=text, description=text)
+        return sub.add_parser(name, parents=[common], help=text, description=text, formatter_class=HelpFormatter)
 
     p = command("ingest", "Read documents through the model and store each one's state. Give files, folders or --text.")
     p.add_argument("paths", nargs="*", type=Path, help="text files (UTF-8) or folders of them")
-    p.add_argument("--text", help="ingest this text instead of files")
+    p.add_argument("--text", help="ingest this text instead of files (default: none, read the paths)")
     p.add_argument("--label", help="label of the document (one document only; default: the file name)")
     p.add_argument("--pattern", default="*.txt", help="which files of a folder to ingest (default *.txt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..cli_help import HelpFormatter
+
 SAMPLE = "harbour_station.txt"
 QUESTIONS = (
     ("Who is the chief engineer of the station?", "Tobias Wren"),
@@ -147,13 +149,20 @@ def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour") -> No
     print(json.dumps({"load_seconds": load_seconds, "answers": rows}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The neural database demo on the embedded default model.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="The neural database demo on the embedded default model.", formatter_class=HelpFormatter
+    )
     parser.add_argument("--store", default=None, help="store folder (default: demo-store in the user data folder)")
     parser.add_argument("--fresh", action="store_true", help="start from an empty store")
     parser.add_argument("--sample", choices=sorted(SAMPLES), default="harbour", help="which sample document")
     parser.add_argument("--ask", nargs=3, metavar=("STORE", "DOC_ID", "SAMPLE"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: see coda-db --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from ..cpu_threads import THREADS_ENV, set_cpu_threads
 

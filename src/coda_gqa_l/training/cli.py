@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli_help import HelpFormatter, first_paragraph
 from ..config import BoundedConfig, parse_routing
 from ..data.tokens import token_stream
 from ..data.training_rows import FACT_COUNTS, IGNORE, Batch, batches
@@ -48,8 +49,8 @@ from .gate_supervision import REFUSE_MODES, gate_hinge_loss, recorded_gate_logit
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="coda-train", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coda-train", description=first_paragraph(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (packaged) or a Hugging Face model folder")
     p.add_argument("--corpus", default="wikipedia", help="'wikipedia' (packaged train split) or a .txt file / folder")
     attention_help = "coda: differential attention; gqa: plain attention, same banks (the factorial's control)"
@@ -58,17 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
     routing_help = "bank-routing thresholds instead of the preset's (e.g. novelty=0.9 match=0.97 max_inserts=16)"
     p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
-    p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--phase1-steps", type=int, default=100)
-    p.add_argument("--phase2-steps", type=int, default=300)
+    p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES, help="which parameters train")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA on the attention projections")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (scale = alpha / rank)")
+    p.add_argument("--phase1-steps", type=int, default=100, help="updates of phase 1 (unbounded CoDA)")
+    p.add_argument("--phase2-steps", type=int, default=300, help="updates of phase 2 (bounded, through the banks)")
     p.add_argument("--seq-len", type=int, default=1024, help="phase-1 sequence length")
-    p.add_argument("--phase2-seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--phase2-seq-len", type=int, default=2048, help="phase-2 sequence length")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per forward")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps per update")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=20, help="updates of linear warm-up, in each phase")
     p.add_argument(
         "--retrieval-fraction", type=float, default=0.5, help="phase-2 rows that are pass-key documents (default 0.5)"
     )
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
     p.add_argument("--recurring-keep", action="store_true", help=recurring_help)
     p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
-    p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the retrieval answers' loss")
+    p.add_argument("--answer-weight", type=float, default=1.0, help="weight of the loss on answer tokens")
     gate_help = "phase 2: weight of the write-gate hinge loss (keys kept, other tokens refused; 0 turns it off)"
     p.add_argument("--gate-weight", type=float, default=1.0, help=gate_help)
     p.add_argument("--gate-keep", type=float, default=0.6, help="gate a key token should reach (> tau_exact)")
@@ -95,20 +96,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "answer; keeps general text (the Bible) close to the original while the facts train (default 0: off)"
     )
     p.add_argument("--distill-weight", type=float, default=0.0, help=distill_help)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the new weights")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype on CUDA")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=Path("runs/coda-train"))
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/coda-train"), help="folder for the log, checkpoint and weights"
+    )
     p.add_argument("--weights", type=Path, default=None, help="final CoDA weights file (default OUT/coda.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    init_help = "start from a CoDA weights file (e.g. the shipped one); bounded weights start in phase 2"
+    init_help = (
+        "start from a CoDA weights file (e.g. the shipped one); bounded weights start in phase 2 (default: none)"
+    )
     p.add_argument("--init-weights", type=Path, default=None, help=init_help)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds; then checkpoint and stop")
+    p.add_argument("--save-every", type=int, default=50, help="updates between checkpoints")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; then checkpoint and stop (default: none, no limit)"
+    )
     p.add_argument("--tiny-model", action="store_true", help="a small random Llama and byte text (tests, smoke runs)")
     scratch_help = "train a small Llama from random weights instead; its options: coda-scratch --help"
     p.add_argument("--from-scratch", action="store_true", help=scratch_help)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cli_help import HelpFormatter, first_paragraph
 from ..config import BoundedConfig
 from ..data.token_corpus import TOKENIZERS, TokenCorpus, load_token_corpus, load_tokenizer
 from ..kernels.dispatch import backend, unbounded_path
@@ -39,28 +40,46 @@ ATTENTIONS = ("gqa", "coda", "coda-bounded")
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="coda-scratch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--attention", default="coda", choices=ATTENTIONS)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coda-scratch", description=first_paragraph(__doc__), formatter_class=HelpFormatter
+    )
+    attention_help = "gqa: plain attention; coda: differential; coda-bounded: differential with the fixed-size state"
+    p.add_argument("--attention", default="coda", choices=ATTENTIONS, help=attention_help)
     p.add_argument("--depth", type=int, default=8, help="decoder layers")
     p.add_argument("--width", type=int, default=512, help="hidden size")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads")
     p.add_argument("--ffn", type=int, default=1408, help="SwiGLU inner size")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=1024, help="training sequence length")
     p.add_argument("--config", default="medium", help="bounded preset of coda-bounded")
-    p.add_argument("--num-sink", type=int, default=4)
+    p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
     p.add_argument("--lambda-init", type=float, default=0.5, help="CoDA's lambda at the start (from scratch)")
-    p.add_argument("--tokenizer", default="smollm2", choices=TOKENIZERS)
+    p.add_argument("--tokenizer", default="smollm2", choices=TOKENIZERS, help="SmolLM2's (packaged) or UTF-8 bytes")
     p.add_argument("--global-batch", type=int, default=32, help="sequences per update, over all processes")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per process")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50, help="updates")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--time-budget", type=float, default=None, help="seconds of training (evaluation excluded)")
-    p.add_argument("--token-budget", type=int, default=None, help="training tokens over all processes")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per forward per process (default: the whole per-process batch)",
+    )
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a share of --lr")
+    p.add_argument("--warmup", type=int, default=50, help="updates of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training, evaluation excluded (one of the three budgets; default: none)",
+    )
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="training tokens over all processes (one of the three budgets; default: none)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="updates (one of the three budgets; default: none)")
     p.add_argument("--eval-every", type=int, default=100, help="updates between validations")
     p.add_argument("--val-tokens", type=int, default=131072, help="held-out tokens per validation")
     p.add_argument(
@@ -70,14 +89,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training rows that are passkey documents (key >= 2 bounded windows before the question)",
     )
     p.add_argument("--passkey-trials", type=int, default=0, help="passkey test after training: trials per cell")
-    p.add_argument("--passkey-lengths", nargs="+", type=int, default=None, help="default: --seq-len")
-    p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.1, 0.4])
+    p.add_argument(
+        "--passkey-lengths", nargs="+", type=int, default=None, help="pass-key document lengths (default: --seq-len)"
+    )
+    p.add_argument("--passkey-depths", nargs="+", type=float, default=[0.1, 0.4], help="where the key sits")
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=Path("runs/coda-scratch"))
-    p.add_argument("--cache-dir", type=Path, default=None, help="where corpora and token caches live")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument("--out", type=Path, default=Path("runs/coda-scratch"), help="folder for the log and summary")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where corpora and token caches live (default: $CODA_GQA_L_CACHE, else the user cache folder)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.time_budget is None and args.token_budget is None and args.max_steps is None:
         p.error("give a budget: --time-budget, --token-budget or --max-steps")
