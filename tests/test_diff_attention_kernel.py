@@ -106,7 +106,7 @@ def _run(
     pattern, q_start, length, head_dim, group, extras, differential, norm = CASES[name]
     k_offset = pattern.window if pattern.bounded else 0
     keys = length + k_offset
-    segments = (q_start + length - 1) // pattern.seg - q_start // pattern.seg + 1
+    segments = (q_start + length - 1) // pattern.segment - q_start // pattern.segment + 1
     tensors = _problem(
         batch=2,
         kv_heads=2,

@@ -181,7 +181,7 @@ def test_baselines_use_every_slot_of_the_bounded_config() -> None:
         model, bounded = build_method(name, args, base)
         config = _adapters(model)[0].layer.config
         assert bounded and config.storage_slots == slots and config.num_sink == sinks
-        assert config.window - config.seg + 1 >= slots - sinks - 3  # at least 377 of 380 recent tokens visible
+        assert config.window - config.segment + 1 >= slots - sinks - 3  # at least 377 of 380 recent tokens visible
 
 
 def test_gqa_arm_driver_runs_every_stage_and_skips_finished_ones(

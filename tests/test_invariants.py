@@ -58,7 +58,7 @@ def test_chunk_invariance(shape: str, config: str) -> None:
     layer_seed, input_seed = margin_safe_case(shape, config)
     layer = make_layer(shape, config, layer_seed)
     x = token_like(2, SEQ_LEN, layer.core.embed_dim, input_seed)
-    S = layer.config.seg
+    S = layer.config.segment
     with torch.no_grad():
         reference, ref_state = layer.prefill_chunked(x, layer.init_state(2), block_size=SEQ_LEN)
         assert_routing_happened(layer, ref_state.metrics)

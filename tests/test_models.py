@@ -224,6 +224,32 @@ def test_per_layer_adapter_from_llama_attention() -> None:
     assert (y - expected).abs().max().item() < 1e-5
 
 
+def test_generic_adapter_from_any_qkvo_attention() -> None:
+    """``GenericCoDAAdapter`` (alias ``EveCoDAAdapter``, SPEC 1) reads only the four projections and the RoPE
+    settings it is told: with the Llama layer's own settings it keeps the layer's function."""
+    import coda_gqa_l
+    from coda_gqa_l.models import GenericCoDAAdapter
+
+    assert coda_gqa_l.EveCoDAAdapter is GenericCoDAAdapter is coda_gqa_l.GenericCoDAAdapter
+    model = _build("llama").eval()
+    attn = model.model.layers[0].self_attn
+    config = model.config
+    adapter = GenericCoDAAdapter.from_attention(
+        attn,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        rope_base=spec_from_config(config).rope_base,  # rope_theta moved between transformers versions
+        bounded=False,
+        exact_identity=True,
+    )
+    x = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        y, _ = adapter(x)
+        position = model.model.rotary_emb(x, torch.arange(12)[None])
+        expected, _ = attn(x, position_embeddings=position, attention_mask=None)
+    assert not adapter.bounded and (y - expected).abs().max().item() < 1e-5
+
+
 def test_stream_perplexity_is_chunk_invariant() -> None:
     from transformers import DynamicCache
 

@@ -231,7 +231,7 @@ def compare_stream(name: str, dtype: torch.dtype, atol: float, rtol: float = 0.0
     case = CASES[name]
     cfg = BoundedConfig(**case.config)
     steps, _, _ = run_reference(case, safe_seed(name, dtype), dtype)
-    W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
+    W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
     boundaries = [(start, b) for start, n, *_ in steps for b in chunk_segments(start, n, S) if b >= start]
     assert any(start % S for start, *_ in steps), "no chunk starts inside a segment"
     assert any(len(chunk_segments(start, n, S)) > 2 for start, n, *_ in steps), "no chunk crosses two boundaries"
@@ -241,7 +241,7 @@ def compare_stream(name: str, dtype: torch.dtype, atol: float, rtol: float = 0.0
         for i, (start, n, ext, eta, _, ref) in enumerate(steps):
             start_dev = torch.tensor(start, device=DEVICE) if i % 2 else None
             out = route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg, start_dev=start_dev)
-            assert out[1].shape[2] == len(chunk_segments(start, n, cfg.seg))
+            assert out[1].shape[2] == len(chunk_segments(start, n, cfg.segment))
             assert_same_routing(ref, out, atol, rtol)
             banks = out[0] if dtype == torch.float32 else ref[0]
 
@@ -286,7 +286,7 @@ def test_decode_steps_read_the_position_on_the_device() -> None:
     steps, _, _ = run_reference(case, seed, torch.float32)
     stream = Stream(case, sum(case.chunks), seed, torch.float32)
     # a chunk past the first evictions that crosses at least two boundaries
-    first, n, _, eta, banks, _ = next(s for s in steps if s[0] >= cfg.window + cfg.seg and s[1] >= 2 * cfg.seg)
+    first, n, _, eta, banks, _ = next(s for s in steps if s[0] >= cfg.window + cfg.segment and s[1] >= 2 * cfg.segment)
     with torch.no_grad():
         for start in range(first, first + n):
             ext = stream.ext(start, 1, cfg.window)
@@ -295,7 +295,7 @@ def test_decode_steps_read_the_position_on_the_device() -> None:
             out = route_chunk_triton(banks, *ext, start=0, n=1, eta=eta, config=cfg, start_dev=pos)
             assert_same_routing(ref, out, atol=1e-5)
             changed = not all(torch.equal(a, b) for a, b in zip(banks, out[0], strict=True))
-            assert changed == (start % cfg.seg == 0)
+            assert changed == (start % cfg.segment == 0)
             banks = out[0]
 
 

@@ -14,7 +14,15 @@ from .version import __version__
 CoDAGQALandmarkStatePerf2 = BoundedState
 
 # Names that need transformers (the "models" extra) are imported on first use.
-_MODEL_NAMES = ("BoundedCache", "EveCoDAAdapter", "LlamaCoDAAdapter", "Qwen3CoDAAdapter", "convert")
+_MODEL_NAMES = (
+    "BoundedCache",
+    "EveCoDAAdapter",
+    "GenericCoDAAdapter",
+    "GenericCoDAAdapter",
+    "LlamaCoDAAdapter",
+    "Qwen3CoDAAdapter",
+    "convert",
+)
 
 
 def __getattr__(name: str) -> object:

@@ -330,7 +330,7 @@ class BoundedCoDAAttention(nn.Module):
             k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
         fused = backend(device) == "triton"
         if n == 1 and not fused and not self.collect_metrics and not torch.is_grad_enabled() and decode_view_allowed():
-            if start % cfg.seg and decode_view.applies(cfg, start):  # a segment's first token routes: below
+            if start % cfg.segment and decode_view.applies(cfg, start):  # a segment's first token routes: below
                 return self._step_on_view(q, k, v, lam, g, state)
 
         # The window's tokens in token order, then the chunk: tokens start-W .. start+n-1.
@@ -437,7 +437,7 @@ class BoundedCoDAAttention(nn.Module):
         rotated once per segment here and handed to the kernel as that segment's extra keys.
         """
         cfg, core = self.config, self.core
-        W, S, Ns = cfg.window, cfg.seg, cfg.num_sink
+        W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         B, H, n, D = q.shape
         # under autocast q is bf16 while a float32 model's state is float32: one dtype for the kernel
         ext_k, ext_v, sink_k, sink_v, bank_k, bank_v = (
@@ -487,7 +487,7 @@ class BoundedCoDAAttention(nn.Module):
             q_start=start,
             k_offset=W,
             scale=core.softmax_scale,
-            pattern=Pattern(bounded=True, window=W, seg=S, num_sink=Ns),
+            pattern=Pattern(bounded=True, window=W, segment=S, num_sink=Ns),
             extra_k=extra_k,
             extra_v=extra_v,
             extra_bias=extra_bias,
@@ -500,7 +500,7 @@ class BoundedCoDAAttention(nn.Module):
         cfg = self.config
         return (
             f"window={cfg.window}, exact={cfg.num_landmarks_exact}, summary={cfg.num_landmarks_summary}, "
-            f"sinks={cfg.num_sink}, segment={cfg.seg}, position_mode={cfg.position_mode}"
+            f"sinks={cfg.num_sink}, segment={cfg.segment}, position_mode={cfg.position_mode}"
         )
 
 

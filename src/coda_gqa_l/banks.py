@@ -358,7 +358,7 @@ def route_chunk(
         the chunk, the snapshot ``bank_view`` gives: ``(B, Hkv, nseg, Me + Ms, Dh)`` keys and
         values, ``(B, Hkv, nseg, Me + Ms)`` float32 logit offsets.
     """
-    W, S = config.window, config.seg
+    W, S = config.window, config.segment
     first_valid = max(config.num_sink, 0)
     snapshots: list[tuple[Tensor, Tensor, Tensor]] = []
     for seg_begin in chunk_segments(start, n, S):

@@ -36,7 +36,7 @@ class BoundedConfig:
         num_landmarks_exact: exact landmark bank slots ``Me``.
         num_landmarks_summary: summary (EMA prototype) bank slots ``Ms``.
         num_sink: StreamingLLM sink slots, the first tokens, kept forever.
-        segment: segment length ``S``; ``None`` means ``min(64, W // 4)``. Banks are updated
+        segment: segment length ``S``; 0 (the default) means ``min(64, W // 4)``. Banks are updated
             once per segment, with the ``S`` tokens that just left the window.
         tau_exact: write-gate threshold for exact-bank candidates (``g > tau_exact``).
         tau_summary: write-gate threshold for summary-bank candidates.
@@ -56,7 +56,7 @@ class BoundedConfig:
     num_landmarks_exact: int = 64
     num_landmarks_summary: int = 64
     num_sink: int = 0
-    segment: int | None = None
+    segment: int = 0
     tau_exact: float = 0.1
     tau_summary: float = 0.0
     novelty: float = 0.70
@@ -68,19 +68,13 @@ class BoundedConfig:
     differential: bool = True
 
     def __post_init__(self) -> None:
-        if self.segment is None:
+        if not self.segment:  # 0 (or None from older callers): derived from the window
             object.__setattr__(self, "segment", max(1, min(64, self.window // 4)))
         self.validate()
 
-    @property
-    def seg(self) -> int:
-        """The segment length ``S`` as an int (never None after construction)."""
-        assert self.segment is not None
-        return self.segment
-
     def validate(self) -> None:
         """Raise ValueError naming the first bad value (its type too: a config can come from a file)."""
-        W, S = self.window, self.seg
+        W, S = self.window, self.segment
         for name in ("window", "segment", "max_inserts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
@@ -139,7 +133,7 @@ class BoundedConfig:
         grows to ``W`` at its end.
         """
         banks = self.num_sink + self.num_landmarks_exact + self.num_landmarks_summary
-        return banks + self.window - self.seg + 1, banks + self.window
+        return banks + self.window - self.segment + 1, banks + self.window
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -70,7 +70,7 @@ class CapturedDecoder:
                 f"x_t must be {tuple(self._x.shape)} {self._x.dtype} on {self._x.device}, got "
                 f"{tuple(x_t.shape)} {x_t.dtype} on {x_t.device}"
             )
-        routes = self.state.pos % self.layer.config.seg == 0
+        routes = self.state.pos % self.layer.config.segment == 0
         graph = self._graphs.get(routes)
         if graph is None:
             graph = self._capture(routes)
@@ -125,7 +125,7 @@ class CapturedDecoder:
         if routes:
             # the capture-time position fixes only the chunk's shape (one segment, routing at 0)
             new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-                banks, ext_k, ext_v, ext_g, start=cfg.seg, n=1, eta=layer.eta, config=cfg, start_dev=pos
+                banks, ext_k, ext_v, ext_g, start=cfg.segment, n=1, eta=layer.eta, config=cfg, start_dev=pos
             )
             for name, value in zip(BANK_FIELDS, new_banks, strict=True):
                 getattr(st, name).copy_(value)

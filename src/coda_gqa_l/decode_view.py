@@ -70,7 +70,7 @@ def applies(config: BoundedConfig, start: int) -> bool:
 def view_for(state: BoundedState, config: BoundedConfig, rope: RotaryEmbedding) -> DecodeView:
     """The state's view for its next token, rebuilt when missing or stale."""
     view = state.decode_view
-    t, S = state.pos, config.seg
+    t, S = state.pos, config.segment
     if (
         isinstance(view, DecodeView)
         and view.next_token == t
@@ -85,7 +85,7 @@ def view_for(state: BoundedState, config: BoundedConfig, rope: RotaryEmbedding) 
 
 def _build(state: BoundedState, config: BoundedConfig, rope: RotaryEmbedding) -> DecodeView:
     """The block of segment ``t // S`` as it stands before token ``t`` (the banks already routed)."""
-    W, S, Ns = config.window, config.seg, config.num_sink
+    W, S, Ns = config.window, config.segment, config.num_sink
     t = state.pos
     b = t // S * S
     device = state.win_k.device
@@ -126,7 +126,7 @@ def attend_step(
     ``q``: ``(B, Hkv, Q, 1, Dh)`` stacked queries before RoPE; ``k``, ``v``: ``(B, Hkv, 1, Dh)``
     as projected (pre-RoPE). Returns ``(B, Hkv, Q, 1, Dh)`` in the dtype of ``q``.
     """
-    W, S, Ns = config.window, config.seg, config.num_sink
+    W, S, Ns = config.window, config.segment, config.num_sink
     r = view.next_token - view.segment * S
     column = Ns + W - S + r  # the token's own window column (segment_attention: c = W - S + r)
     cos, sin = rope.cos_sin(torch.tensor([W + r], device=q.device), torch.float32)

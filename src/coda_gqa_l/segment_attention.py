@@ -66,7 +66,7 @@ def attend_segments(
     Returns:
         ``(B, Hkv, Q, n, Dh)`` in the dtype of ``q``.
     """
-    S, W, Ns = config.seg, config.window, config.num_sink
+    S, W, Ns = config.segment, config.window, config.num_sink
     B, Hkv, Qs, n, D = q.shape
     device = q.device
     s0 = start // S

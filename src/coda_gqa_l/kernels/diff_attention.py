@@ -38,7 +38,7 @@ class Pattern:
 
     bounded: bool = False
     window: int = 0
-    seg: int = 1
+    segment: int = 1
     num_sink: int = 0
 
 
@@ -72,7 +72,8 @@ def reference_attention(
     t = q_start + torch.arange(L, device=device)
     j = q_start - k_offset + torch.arange(LK, device=device)
     if pattern.bounded:
-        low = torch.clamp((t // pattern.seg) * pattern.seg - pattern.window + pattern.seg, min=pattern.num_sink)
+        S = pattern.segment
+        low = torch.clamp((t // S) * S - pattern.window + S, min=pattern.num_sink)
     else:
         low = torch.zeros_like(t)
     low = low.clamp(min=0)
@@ -83,7 +84,7 @@ def reference_attention(
     values = [v.to(compute_dtype)[:, :, None].expand(B, Hkv, L, LK, D)]
     if extra_k is not None and extra_v is not None and extra_bias is not None and extra_k.shape[3] > 0:
         E = extra_k.shape[3]
-        row_seg = t // pattern.seg - q_start // pattern.seg  # (L,)
+        row_seg = t // pattern.segment - q_start // pattern.segment  # (L,)
         ek = extra_k.to(compute_dtype)[:, :, row_seg]  # (B, Hkv, L, E, D)
         ev = extra_v.to(compute_dtype)[:, :, row_seg]
         eb = extra_bias.to(compute_dtype)[:, :, row_seg]  # (B, Hkv, L, E)
@@ -419,7 +420,7 @@ def fused_attention(
         )
         o, _, _ = _diff_attn_fwd(
             q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, k_offset, scale, eps,
-            pattern.bounded, pattern.window, pattern.seg, pattern.num_sink, needs_grad,
+            pattern.bounded, pattern.window, pattern.segment, pattern.num_sink, needs_grad,
         )  # fmt: skip
         return o
     start = int(q_start) if isinstance(q_start, Tensor) else q_start

@@ -51,7 +51,7 @@ def route_chunk_triton(
     _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
     B, Hkv, ext_len, Dh = ext_k.shape
     Me, Ms = banks.ex_k.shape[2], banks.sm_k.shape[2]
-    nseg = len(chunk_segments(start, n, config.seg))
+    nseg = len(chunk_segments(start, n, config.segment))
     dtype, device = banks.ex_k.dtype, ext_k.device
     out = Banks(*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in banks))
     snap_k = torch.empty(B, Hkv, nseg, Me + Ms, Dh, dtype=dtype, device=device)
@@ -80,9 +80,9 @@ def route_chunk_triton(
         snap_k, snap_v, snap_b,
         start_dev if on_device else snap_b, 0 if on_device else start, nseg, ext_len, Hkv,
         config.tau_exact, config.tau_summary, config.novelty, config.match,
-        DH=Dh, ME=Me, MS=Ms, SEG=config.seg, WINDOW=config.window, NUM_SINK=config.num_sink,
+        DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts, START_ON_DEVICE=on_device,
-        BLOCK_S=tile_size(config.seg), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
+        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b

@@ -1,7 +1,14 @@
 """Hugging Face model support: convert a model's attention, a bounded ``Cache`` for
 ``generate()``, and loaders for the packaged SmolLM2 and local model folders."""
 
-from .adapters import CoDAAttentionAdapter, EveCoDAAdapter, LlamaCoDAAdapter, Qwen3CoDAAdapter, spec_from_config
+from .adapters import (
+    CoDAAttentionAdapter,
+    EveCoDAAdapter,
+    GenericCoDAAdapter,
+    LlamaCoDAAdapter,
+    Qwen3CoDAAdapter,
+    spec_from_config,
+)
 from .cache import BoundedCache, bounded_modules
 from .convert import convert, to_bounded
 
@@ -9,6 +16,7 @@ __all__ = [
     "BoundedCache",
     "CoDAAttentionAdapter",
     "EveCoDAAdapter",
+    "GenericCoDAAdapter",
     "LlamaCoDAAdapter",
     "Qwen3CoDAAdapter",
     "bounded_modules",

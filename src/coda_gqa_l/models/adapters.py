@@ -12,8 +12,8 @@ so concurrent requests with different caches cannot collide:
 * bounded layers keep a ``BoundedState`` per layer in a ``BoundedCache``;
 * unbounded layers append to any ``transformers`` cache through its ``update`` method.
 
-The family adapters (``LlamaCoDAAdapter``, ``Qwen3CoDAAdapter``, ``EveCoDAAdapter``) differ
-only in how they read a module's projections; they all build the same adapter.
+The family adapters (``LlamaCoDAAdapter``, ``Qwen3CoDAAdapter``, ``GenericCoDAAdapter``, alias
+``EveCoDAAdapter``) differ only in how they read a module's projections; they all build the same adapter.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def spec_from_config(config: Any) -> AttentionSpec:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-            "EveCoDAAdapter converts a single module with q/k/v/o projections"
+            "GenericCoDAAdapter converts a single module with q/k/v/o projections"
         )
     _refuse_unsupported_attention(config)
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -303,7 +303,7 @@ class Qwen3CoDAAdapter(LlamaCoDAAdapter):
     from_qwen3_attention = LlamaCoDAAdapter.from_llama_attention
 
 
-class EveCoDAAdapter:
+class GenericCoDAAdapter:
     """Any attention module with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and a RoPE config you state."""
 
     @staticmethod
@@ -335,6 +335,9 @@ class EveCoDAAdapter:
             qk_norm_eps=float(getattr(getattr(attn, "q_norm", None), "variance_epsilon", 1e-6)),
         )
         return build_adapter(attn, spec, layer_idx, _bounded_config(bounded), **kwargs)
+
+
+EveCoDAAdapter = GenericCoDAAdapter  # the name SPEC 1 and the public package use
 
 
 def _bounded_config(bounded: bool | BoundedConfig | str) -> BoundedConfig | None:
