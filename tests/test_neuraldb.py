@@ -197,14 +197,6 @@ def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
     assert report["long_kib"] - report["short_kib"] < 40 * 1024
 
 
-def test_default_config_is_the_shipped_weights_config() -> None:
-    """Otherwise the embedded default would load an untrained conversion instead of the shipped weights."""
-    from coda_gqa_l.models.pretrained import shipped_config
-    from coda_gqa_l.neuraldb import DEFAULT_CONFIG
-
-    assert DEFAULT_CONFIG == shipped_config()
-
-
 @pytest.mark.slow
 def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     """The embedded default (SmolLM2 + shipped weights): a pass key stated near the start of an

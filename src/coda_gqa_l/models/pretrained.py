@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import BoundedConfig
+
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
 
 
@@ -27,9 +29,8 @@ def shipped_weights_label() -> str:
     return f"{SHIPPED_WEIGHTS.name} sha256:{sha256_file(SHIPPED_WEIGHTS)[:12]}"
 
 
-def shipped_config() -> Any:
+def shipped_config() -> BoundedConfig:
     """The bounded config the shipped weights are read with (their training record says what they were trained with)."""
-    from ..config import BoundedConfig
     from .weights import read_coda_meta
 
     meta = read_coda_meta(SHIPPED_WEIGHTS)

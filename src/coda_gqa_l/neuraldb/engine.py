@@ -29,15 +29,16 @@ from torch import nn
 from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models.hf_compat import cache_kwargs
+from ..models.pretrained import shipped_config
 from ..models.tokenizer import ByteTokenizer
 from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
 from .errors import NeuralDBError
 from .store import DocumentInfo, DocumentStore
 
-# The shipped weights' config (``pretrained.shipped_config()``, a test keeps them equal): medium with
-# 4 sinks, routed with the thresholds measured for those weights (benchmarks/RESULTS.md)
-DEFAULT_CONFIG = BoundedConfig.preset("medium", num_sink=4, novelty=0.9, match=0.97, max_inserts=16, tau_exact=0.5)
+# The shipped weights' config, as their file states it (one place): medium with 4 sinks, routed with the
+# thresholds measured for those weights (benchmarks/RESULTS.md)
+DEFAULT_CONFIG = shipped_config()
 
 
 def _sha256_text(text: str) -> str:
