@@ -124,3 +124,8 @@ def test_presets_keep_the_storage_budget() -> None:
         BoundedConfig.preset("huge")
     with pytest.raises(TypeError, match="not both"):
         BoundedCoDAAttention(64, 4, 2, window=64, config=medium)
+    # one way to build the layer: config=, or the seed's names and any other BoundedConfig field as keywords
+    layer = BoundedCoDAAttention(64, 4, 2, window=64, num_landmarks_exact=16, num_landmarks_summary=16, num_sink=2)
+    assert layer.config == BoundedConfig(window=64, num_landmarks_exact=16, num_landmarks_summary=16, num_sink=2)
+    with pytest.raises(TypeError, match=r"\['tau_exactt'\]: neither layer options nor BoundedConfig fields"):
+        BoundedCoDAAttention(64, 4, 2, tau_exactt=0.5)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import decode_view
 from .banks import Banks, route_chunk
-from .config import BoundedConfig, PositionMode
+from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
 from .kernels.dispatch import backend, decode_view_allowed
@@ -37,6 +37,7 @@ from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, BoundedState
 
+CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(BoundedConfig))
 _HEAD_NORM_ALIASES = {
     "rms": "rms",
     "rmsnorm": "rms",
@@ -55,10 +56,9 @@ class BoundedCoDAAttention(nn.Module):
         window, num_landmarks_exact, num_landmarks_summary: slots ``W``, ``Me``, ``Ms``.
         rope_base, rope_layout, rope_scaling, max_position_embeddings: RoPE settings.
         head_dim: per-head size (defaults to ``D / H``).
-        config: a ``BoundedConfig``; when given, the routing keywords below must be left out.
-        num_sink, segment, tau_exact, tau_summary, novelty, match, max_inserts,
-            gate_bias_init, summary_rate_logit_init, position_mode, differential: see
-            ``BoundedConfig``.
+        config: a ``BoundedConfig``. The seed's ``window``, ``num_landmarks_exact`` and
+            ``num_landmarks_summary``, and any other ``BoundedConfig`` field given as a keyword
+            (``num_sink=4``, ``tau_exact=0.5``, ...), build one instead; pass one way or the other.
         head_norm (alias ``head_norm_mode``), lambda_init_bias, theta_init, exact_identity,
             qkv_bias, o_bias, qk_norm, qk_norm_eps, softmax_scale: see ``DifferentialCore``.
         collect_metrics: count routing events into ``state.metrics`` (host synchronisation).
@@ -79,17 +79,6 @@ class BoundedCoDAAttention(nn.Module):
         max_position_embeddings: int | None = None,
         head_dim: int | None = None,
         config: BoundedConfig | None = None,
-        num_sink: int | None = None,
-        segment: int | None = None,
-        tau_exact: float | None = None,
-        tau_summary: float | None = None,
-        novelty: float | None = None,
-        match: float | None = None,
-        max_inserts: int | None = None,
-        gate_bias_init: float | None = None,
-        summary_rate_logit_init: float | None = None,
-        position_mode: PositionMode | None = None,
-        differential: bool | None = None,
         head_norm: HeadNorm | None = None,
         head_norm_mode: str | None = None,
         lambda_init_bias: float = -6.0,
@@ -101,25 +90,18 @@ class BoundedCoDAAttention(nn.Module):
         qk_norm_eps: float = 1e-6,
         softmax_scale: float | None = None,
         collect_metrics: bool = False,
+        **config_fields: Any,
     ) -> None:
         super().__init__()
-        routing = {
+        unknown = sorted(set(config_fields) - CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: neither layer options nor BoundedConfig fields")
+        seed_names = {
             "window": window,
             "num_landmarks_exact": num_landmarks_exact,
             "num_landmarks_summary": num_landmarks_summary,
-            "num_sink": num_sink,
-            "segment": segment,
-            "tau_exact": tau_exact,
-            "tau_summary": tau_summary,
-            "novelty": novelty,
-            "match": match,
-            "max_inserts": max_inserts,
-            "gate_bias_init": gate_bias_init,
-            "summary_rate_logit_init": summary_rate_logit_init,
-            "position_mode": position_mode,
-            "differential": differential,
         }
-        given: dict[str, Any] = {key: value for key, value in routing.items() if value is not None}
+        given = {key: value for key, value in {**seed_names, **config_fields}.items() if value is not None}
         if config is None:
             config = BoundedConfig(**given)
         elif given:
