@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from coda_gqa_l.config import BoundedConfig
-from coda_gqa_l.evaluation.cli import _texts, perplexity_rows, plain_window
+from coda_gqa_l.evaluation.cli import perplexity_rows, perplexity_texts, plain_window
 from coda_gqa_l.models.convert import convert
 from coda_gqa_l.models.loader import load_model
 
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model("smollm2")
-    text_args = argparse.Namespace(lengths=[args.tokens], tiny_model=False, texts=["wikipedia"], passkey_lengths=[])
-    ids = _texts(text_args, tokenizer)[0]["wikipedia"]
+    ids = perplexity_texts(["wikipedia"], args.tokens, tokenizer)["wikipedia"]
     eval_args = argparse.Namespace(lengths=args.lengths, chunk=1024)
     rows = []
     for name, config in splits().items():
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         model = convert(copy.deepcopy(base), config).eval()
         began = time.perf_counter()
         ppl = {r["length"]: r["ppl"] for r in perplexity_rows(model, True, ids, eval_args)}
-        visible = f"{config.num_sink + config.window - config.seg + 1}-{config.num_sink + config.window}"
+        visible = f"{config.num_sink + config.window - config.segment + 1}-{config.num_sink + config.window}"
         rows.append({"split": name, "config": config.to_dict(), "storage_slots": config.storage_slots,
                      "visible_recent": visible, "ppl": ppl, "seconds": time.perf_counter() - began})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)

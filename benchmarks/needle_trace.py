@@ -43,9 +43,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from coda_gqa_l.banks import ExactRouting
 
 FATES = ("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment", "cut_by_max_inserts",
          "written")  # fmt: skip
@@ -55,7 +58,8 @@ class ExactBankLedger:
     """What happens to the needles' tokens at each layer's exact bank, and which token each slot holds.
 
     The state records a slot's last use, which a hit moves to the hitting token; a slot's content
-    changes only when a token is written there. The ledger wraps ``banks._route_exact``, keeps the
+    changes only when a token is written there. The ledger observes every exact-bank routing
+    (``banks.observe_exact_routing``), keeps the
     writing token of every slot, and sorts each needle token's (KV head) candidacy into ``FATES``
     from the router's own tests (``banks.exact_decisions``), per needle (``groups``: the token
     positions of each; a passkey is one needle, a fact document one per fact)."""
@@ -72,8 +76,9 @@ class ExactBankLedger:
         """Every needle's fates summed, per layer."""
         return [{f: sum(d[f] for d in per_needle) for f in FATES} for per_needle in self.needle_fates]
 
-    def route_exact(self, original, banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin):
-        new = original(banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin)
+    def observe(self, routing: ExactRouting) -> None:
+        banks, new, gate, vn, cand_cos = routing.before, routing.after, routing.gate, routing.vn, routing.cand_cos
+        token_index, valid, config = routing.token_index, routing.valid, routing.config
         layer = self.layer
         origin = self.origin[layer]
         if origin is None:
@@ -84,7 +89,6 @@ class ExactBankLedger:
         if key_in_segment.any():
             self._sort(banks, origin, gate, vn, cand_cos, token_index, valid, config, new, written, key_in_segment)
         self.origin[layer] = torch.where(written, new.ex_last, origin)
-        return new
 
     def _sort(self, banks, origin, gate, vn, cand_cos, token_index, valid, config, new, written, is_key) -> None:
         from coda_gqa_l.banks import exact_decisions
@@ -112,20 +116,18 @@ class ExactBankLedger:
 @contextlib.contextmanager
 def ledger_installed(model: torch.nn.Module, groups: Sequence[torch.Tensor]) -> Iterator[ExactBankLedger]:
     """An ``ExactBankLedger`` of the needles ``groups`` that sees every exact-bank routing of ``model`` in the block."""
-    import coda_gqa_l.banks as banks_module
+    from coda_gqa_l.banks import observe_exact_routing
     from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 
     # the adapter calls its layer's prefill_chunked, not the layer module, so the hooks sit on it
     adapters = [m for m in model.modules() if isinstance(m, CoDAAttentionAdapter) and m.bounded]
     ledger = ExactBankLedger(groups, len(adapters))
-    original = banks_module._route_exact
     hooks = [m.register_forward_pre_hook(functools.partial(lambda i, *_: setattr(ledger, "layer", i), m.layer_idx))
              for m in adapters]  # fmt: skip
-    banks_module._route_exact = functools.partial(ledger.route_exact, original)
     try:
-        yield ledger
+        with observe_exact_routing(ledger.observe):
+            yield ledger
     finally:
-        banks_module._route_exact = original
         for hook in hooks:
             hook.remove()
 

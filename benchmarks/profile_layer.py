@@ -109,7 +109,7 @@ def decode_rows(out: list) -> None:  # type: ignore[type-arg]
     with torch.inference_mode():
         _, state = layer.prefill_chunked(x, layer.init_state(1), block_size=2048, return_outputs=False)
     decoder = CapturedDecoder(layer, state)
-    for _ in range(3 * layer.config.seg):
+    for _ in range(3 * layer.config.segment):
         decoder(x_t)
     t_graph = bench(lambda: decoder(x_t), rep=200)
     for routes in (False, True):

@@ -202,3 +202,24 @@ def test_clone_forks_the_state() -> None:
     assert torch.equal(a, b)
     for name, tensor in state.tensors().items():
         assert torch.equal(getattr(fork, name), tensor), name
+
+
+def test_exact_routing_can_be_observed() -> None:
+    """``banks.observe_exact_routing`` sees each segment's exact-bank routing on the reference path,
+    with the banks before and after it, and nothing once its block ends."""
+    from coda_gqa_l import BoundedConfig
+    from coda_gqa_l.banks import ExactRouting, observe_exact_routing
+    from coda_gqa_l.kernels.dispatch import plain_reference
+
+    config = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=4, segment=8)
+    layer = BoundedCoDAAttention(32, 4, 2, config=config).eval()
+    seen: list[ExactRouting] = []
+    x = torch.randn(1, 80, 32)
+    with torch.no_grad(), plain_reference(), observe_exact_routing(seen.append):
+        _, state = layer.prefill_chunked(x[:, :64], layer.init_state(1, "cpu", torch.float32), block_size=16)
+    assert len(seen) == (64 - 32) // 8  # one routing per segment that left the window
+    assert [int(r.token_index[0]) for r in seen] == [0, 8, 16, 24]
+    assert torch.equal(seen[-1].after.ex_k, state.ex_k) and seen[0].before.ex_filled.sum() == 0
+    with torch.no_grad(), plain_reference():
+        layer.prefill_chunked(x[:, 64:], state, block_size=16)
+    assert len(seen) == 4

@@ -343,7 +343,7 @@ class BoundedCoDAAttention(nn.Module):
             )
 
         if fused:
-            y = self._attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
+            y = self.attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
         else:
             attended = attend_segments(
                 core.stack_queries(q),
@@ -398,7 +398,7 @@ class BoundedCoDAAttention(nn.Module):
         decode_view.follow(view, state, fields)
         return core.combine(attended, lam), fields, None
 
-    def _attend_fused(
+    def attend_fused(
         self,
         q: Tensor,
         lam: Tensor | None,
@@ -412,6 +412,7 @@ class BoundedCoDAAttention(nn.Module):
         start: int | Tensor,
     ) -> Tensor:
         """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
+        ``decode.CapturedDecoder`` calls it inside its CUDA graph.
 
         RoPE angles come from float64 positions, so rotating queries at ``t`` and window keys
         at ``j`` gives the relative mode's ``t - j`` distances to float32 rounding however long

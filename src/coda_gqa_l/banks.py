@@ -18,6 +18,9 @@ bank's ``log g`` logit offset, the summary's gate EMA and its gate-weighted mean
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,6 +31,37 @@ from .config import BoundedConfig, chunk_segments
 from .state import Banks, merge_metrics
 
 NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class ExactRouting:
+    """One segment's exact-bank routing, as ``observe_exact_routing`` reports it: the banks
+    ``before`` and ``after``, and the router's inputs (``gate`` and ``valid`` ``(B, Hkv, S)``,
+    ``vn`` the unit values ``(B, Hkv, S, Dh)``, ``cand_cos`` their cosines, ``token_index`` ``(S,)``)."""
+
+    before: Banks
+    after: Banks
+    gate: Tensor
+    vn: Tensor
+    cand_cos: Tensor
+    token_index: Tensor
+    valid: Tensor
+    config: BoundedConfig
+
+
+_exact_observers: list[Callable[[ExactRouting], None]] = []
+
+
+@contextmanager
+def observe_exact_routing(callback: Callable[[ExactRouting], None]) -> Iterator[None]:
+    """Call ``callback`` with every exact-bank routing of the PyTorch reference inside the block
+    (tools that explain where a token went: ``benchmarks/needle_trace.py``). The fused Triton
+    router is not observed; run such tools on the reference path."""
+    _exact_observers.append(callback)
+    try:
+        yield
+    finally:
+        _exact_observers.remove(callback)
 
 
 class _Margin:
@@ -94,7 +128,10 @@ def route_segment(
     margin = _Margin() if metrics is not None else None
     counts: dict[str, float] = {}
     if banks.ex_k.shape[2] > 0:
+        before = banks
         banks = _route_exact(banks, k, v, g, gate, vn, cand_cos, token_index, valid, config, counts, margin)
+        for observe in list(_exact_observers):
+            observe(ExactRouting(before, banks, gate, vn, cand_cos, token_index, valid, config))
     if banks.sm_k.shape[2] > 0:
         banks = _route_summary(banks, k, v, g, gate, vn, cand_cos, valid, eta, config, counts, margin)
     if metrics is not None and margin is not None:

@@ -131,7 +131,7 @@ class CapturedDecoder:
                 getattr(st, name).copy_(value)
         else:
             bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
-        y = layer._attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
+        y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
         slot = (pos % W).view(1)
         st.win_k.index_copy_(2, slot, k.to(st.win_k.dtype))
         st.win_v.index_copy_(2, slot, v.to(st.win_v.dtype))

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +330,7 @@ def _base_loader(
 
 def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The perplexity texts (the longest length's first tokens of each) and the haystack tokens."""
+    from ..data import load_essays
     from ..data.tokens import token_stream
 
     longest = max(args.lengths)
@@ -339,21 +340,30 @@ def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Te
         text = " ".join(rng.choice(words) for _ in range(max(args.lengths + args.passkey_lengths)))
         stream = token_stream([text], tokenizer)
         return {"tiny": torch.tensor([stream[:longest]])}, stream
-    from ..data import bible_text, load_essays, load_wikipedia
+    hay = token_stream([d.text for d in load_essays("all")], tokenizer)
+    return perplexity_texts(args.texts, longest, tokenizer), hay
+
+
+def perplexity_texts(names: Sequence[str], tokens: int, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The first ``tokens`` tokens ``(1, tokens)`` of each perplexity text (``wikipedia``: the held-out
+    articles; ``bible``: the King James Bible as one document). Raises if a text is shorter."""
+    from ..data import bible_text, load_wikipedia
+    from ..data.tokens import token_stream
 
     sources = {
         "wikipedia": lambda: [d.text for d in load_wikipedia("heldout")],
         # a prefix is enough (a token is ~4 characters) and tokenizing all 4 MB takes a while
-        "bible": lambda: [bible_text()[: 16 * longest]],
+        "bible": lambda: [bible_text()[: 16 * tokens]],
     }
     texts = {}
-    for name in args.texts:
+    for name in names:
+        if name not in sources:
+            raise ValueError(f"unknown perplexity text {name!r}; choose from {sorted(sources)}")
         ids = token_stream(sources[name](), tokenizer)
-        if len(ids) < longest:
-            raise ValueError(f"the {name} text has {len(ids)} tokens, fewer than --lengths asks ({longest})")
-        texts[name] = torch.tensor([ids[:longest]])
-    hay = token_stream([d.text for d in load_essays("all")], tokenizer)
-    return texts, hay
+        if len(ids) < tokens:
+            raise ValueError(f"the {name} text has {len(ids)} tokens, fewer than asked ({tokens})")
+        texts[name] = torch.tensor([ids[:tokens]])
+    return texts
 
 
 def fact_recall_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int], args: argparse.Namespace,
