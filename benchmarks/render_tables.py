@@ -1,6 +1,6 @@
 """Markdown tables and PNG plots from the JSON that ``run_suite.py`` writes.
 
-    python benchmarks/render_tables.py benchmarks/results/suite.json [--splice benchmarks/RESULTS.md] [--no-plots]
+    python benchmarks/render_tables.py benchmarks/results/suite.json [--splice benchmarks/results/speed.md] [--no-plots]
 
 Writes ``<name>.md`` next to the JSON and prints it; ``--splice FILE`` also puts the tables into
 FILE between the lines ``<!-- run_suite:begin -->`` and ``<!-- run_suite:end -->`` (appended

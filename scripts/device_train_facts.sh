@@ -8,7 +8,7 @@
 #   distill    multi2048 plus a KL loss to the original model on every non-answer token (--distill-weight 1)
 #   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
 #   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
-#              without flooding the exact bank (benchmarks/RESULTS.md, "Value-first rows flood the exact bank")
+#              without flooding the exact bank (benchmarks/results/facts.md, "Value-first rows flood the exact bank")
 #   refuse_distill  the same plus --distill-weight 1 (the Bible)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
 # RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm);

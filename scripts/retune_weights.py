@@ -1,7 +1,7 @@
 """Copy a CoDA weights file with other bank-routing thresholds (the tensors are unchanged).
 
     PYTHONPATH=src python scripts/retune_weights.py IN OUT --routing novelty=0.9 match=0.97 max_inserts=16 \\
-        --reason "chosen on dev documents: RESULTS.md, 'Bank-routing thresholds'"
+        --reason "chosen on dev documents: benchmarks/results/retrieval.md, 'Bank-routing thresholds'"
 
 Measure first (``coda-eval --routing ...`` reads a file with other thresholds without rewriting
 it); this makes the measured values the file's own, so everything that loads it (the neural

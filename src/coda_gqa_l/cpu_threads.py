@@ -2,7 +2,7 @@
 
 Torch's default is one thread per core. On a small machine that another process keeps busy, its
 OpenMP threads wait on each other and the work slows several times over; one thread fewer than
-the cores that are free does not (``benchmarks/cpu_threads.py`` measures both; RESULTS.md, "CPU
+the cores that are free does not (``benchmarks/cpu_threads.py`` measures both; benchmarks/results/speed.md, "CPU
 threads"). ``set_cpu_threads`` takes, in order: the ``--threads`` a user gave, ``$CODA_GQA_L_THREADS``,
 torch's own choice when the user set ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``, else the cores
 not already busy (the cores this process may use, less the one-minute load average, at least 1).

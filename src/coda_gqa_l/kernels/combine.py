@@ -4,7 +4,7 @@ After attention, every differential layer subtracts its noise heads, scaled by l
 signal heads, normalises each head (RMS with a gain per head, or nothing) and lays the heads out
 as ``(B, L, H * Dh)`` for ``W_o``. In PyTorch that is about ten passes over float32 temporaries
 of the attention output's size, forward and again backward; in a from-scratch training step they
-cost more than the second attention itself (benchmarks/RESULTS.md, "From-scratch CoDA vs GQA").
+cost more than the second attention itself (benchmarks/results/from_scratch.md, "From-scratch CoDA vs GQA").
 Here the forward reads the two streams once and writes the output once, and the backward
 recomputes the difference instead of storing it.
 

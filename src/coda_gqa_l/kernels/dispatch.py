@@ -80,7 +80,7 @@ def unbounded_path() -> UnboundedPath:
     prefix, the fused kernel. ``fused``: always the one Triton kernel for both streams, the
     combine and the head norm. On an H100 the sdpa path trains a small model at 1.04x GQA's step
     time against the fused kernel's 1.54x, and one 7B-shaped layer's forward + backward in half
-    the fused kernel's time (benchmarks/RESULTS.md, "CoDA's step time with SDPA").
+    the fused kernel's time (benchmarks/results/from_scratch.md, "CoDA's step time with SDPA").
     """
     choice = os.environ.get(UNBOUNDED_ENV, "sdpa").strip().lower() or "sdpa"
     if choice not in ("fused", "sdpa"):

@@ -4,7 +4,7 @@
 
 The file holds only what training changed (CoDA parameters and LoRA, about 2 MB); the base
 comes from its package (``models.loader``). How it was trained is in its metadata
-(``read_coda_meta(SHIPPED_WEIGHTS)["training"]``) and in ``benchmarks/RESULTS.md``.
+(``read_coda_meta(SHIPPED_WEIGHTS)["training"]``) and in ``benchmarks/results/facts.md``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from .errors import NeuralDBError
 from .store import DocumentInfo, DocumentStore
 
 # The shipped weights' config, as their file states it (one place): medium with 4 sinks, routed with the
-# thresholds measured for those weights (benchmarks/RESULTS.md)
+# thresholds measured for those weights (benchmarks/results/retrieval.md and facts.md)
 DEFAULT_CONFIG = shipped_config()
 
 

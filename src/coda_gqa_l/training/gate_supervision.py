@@ -5,7 +5,7 @@ used when full. Gradients through the bank writes reach the gate only through th
 offset of tokens already in a bank, so nothing tells it to refuse ordinary text: measured on the
 weights shipped before it, every layer's gate stayed near its initial 0.12 (above ``tau_exact`` =
 0.1) for almost every token, the bank took its 8 inserts per segment, and at a question it
-held only the last 300 to 500 tokens before the window (benchmarks/RESULTS.md, "Teaching the
+held only the last 300 to 500 tokens before the window (benchmarks/results/retrieval.md, "Teaching the
 write gate").
 
 Retrieval documents say which tokens matter (their keys), so phase 2 can say it directly: a key
@@ -17,7 +17,7 @@ How the refusal side is averaged matters once keep targets are ambiguous. With `
 it is a mean over all ordinary tokens, so a few dozen false writes in a 2,048-token row cost
 little next to one missed key; training on value-first facts ("A brass astrolabe hangs ...": a
 causal gate has no cue before the value) then raised 5-7x more ordinary tokens above
-``tau_exact``, and at 16K they evicted the facts (benchmarks/RESULTS.md, "Value-first rows flood
+``tau_exact``, and at 16K they evicted the facts (benchmarks/results/facts.md, "Value-first rows flood
 the exact bank"). ``refuse="violations"`` averages over the ordinary tokens still above
 ``drop`` only, so every false write weighs as much as a missed key does.
 """
