@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .attention import BoundedCoDAAttention
 from .cli_help import HelpFormatter, first_paragraph
 from .config import PRESETS, BoundedConfig
+from .cpu_threads import set_cpu_threads
 from .version import __version__
 
 # state.metrics keys shown in the table, in this order (absent ones are skipped)
@@ -168,7 +169,6 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    from .cpu_threads import set_cpu_threads
 
     try:
         set_cpu_threads(args.threads)

@@ -42,7 +42,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .corpora import load_essays, load_wikipedia
 from .prompts import PromptFormat
+from .tokens import token_stream
 
 Split = Literal["train", "eval"]
 KINDS = ("person", "place", "organisation", "number", "date", "year", "colour", "object", "phrase", "code")
@@ -538,9 +540,6 @@ def answer_holds(answer: str, fact: Fact, others: Sequence[Fact] = ()) -> bool:
 def heldout_fact_haystack(tokenizer: object, essays: list[int] | None = None) -> list[int]:
     """The haystack evaluation fact documents are cut from: the essays (never trained on) and held-out
     Wikipedia, as one token stream (``essays``: the essays' stream when the caller has it already)."""
-    from .corpora import load_essays, load_wikipedia
-    from .tokens import token_stream
-
     if essays is None:
         essays = token_stream([d.text for d in load_essays("all")], tokenizer)
     return essays + token_stream([d.text for d in load_wikipedia("heldout")], tokenizer)

@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 from .. import fetch
+from ..models import loader
+from ..models.tokenizer import ByteTokenizer
+from . import corpora as texts
+from .tokens import token_stream
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,6 @@ def load_token_corpus(
 def build_token_corpus(
     tokenizer: str, corpora: tuple[str, ...], cache_dir: str | os.PathLike[str] | None = None
 ) -> TokenCorpus:
-    from ..data import corpora as texts
-    from ..data.tokens import token_stream
-
     encoder = load_tokenizer(tokenizer, cache_dir)
     train_texts = [d.text for d in texts.load_wikipedia("train", cache_dir)] if "wikipedia" in corpora else []
     if "bible" in corpora:
@@ -112,17 +113,13 @@ def load_tokenizer(name: str, cache_dir: str | os.PathLike[str] | None = None) -
     """The byte tokenizer, or SmolLM2's: from ``<cache>/tokens/smollm2-tokenizer`` (a copy kept
     beside the token caches, so a machine without the model can carry both), else from the model."""
     if name == "bytes":
-        from ..models.tokenizer import ByteTokenizer
-
         return ByteTokenizer()
     from transformers import AutoTokenizer
-
-    from ..models.loader import load_smollm2_tokenizer
 
     folder = tokenizer_folder(name, cache_dir)
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    tokenizer = load_smollm2_tokenizer(cache_dir)
+    tokenizer = loader.load_smollm2_tokenizer(cache_dir)
     tokenizer.save_pretrained(folder)
     return tokenizer
 

@@ -35,12 +35,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..baseline import BaselineGQA, CoDAGQA
 from ..cli_help import HelpFormatter, first_paragraph
-from ..config import BoundedConfig
-from ..data.facts import KINDS
+from ..config import BoundedConfig, parse_routing
+from ..cpu_threads import set_cpu_threads
+from ..data import bible_text, load_essays, load_wikipedia
+from ..data.facts import KINDS, heldout_fact_haystack
 from ..data.passkey import answer_correct, make_document, wilson_interval
+from ..data.tokens import token_stream
+from ..models.adapters import CoDAAttentionAdapter
 from ..models.cache import new_cache
+from ..models.convert import convert, retune_routing, to_bounded
 from ..models.hf_compat import cache_kwargs
+from ..models.loader import load_model
+from ..models.tiny import tiny_llama
+from ..models.weights import apply_coda_weights, read_coda_meta
+from .fact_recall import fact_rows
 from .perplexity import stream_nll
 from .report import write_report
 
@@ -111,9 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_method(name: str, args: argparse.Namespace, base: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
     """The model of one method and whether it reads through a bounded state."""
-    from ..models.convert import convert, to_bounded
-    from ..models.weights import apply_coda_weights, read_coda_meta
-
     preset = BoundedConfig.preset(args.config, num_sink=args.num_sink)
     slots = preset.storage_slots
     model = base()
@@ -159,9 +166,6 @@ def plain_window(window: int, sinks: int) -> BoundedConfig:
 def _unbound(model: nn.Module) -> nn.Module:
     """A bounded model's layers as unbounded attention with the same core (full cache): CoDA for a
     differential core, plain GQA for the factorial's control."""
-    from ..baseline import BaselineGQA, CoDAGQA
-    from ..models.adapters import CoDAAttentionAdapter
-
     for adapter in (m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)):
         core = adapter.layer.core  # type: ignore[union-attr]
         kind = CoDAGQA if core.differential else BaselineGQA
@@ -268,16 +272,12 @@ def _teacher_forced(model: nn.Module, bounded: bool, ids: torch.Tensor, chunk: i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..config import parse_routing
-    from ..models.convert import retune_routing
 
     routing = parse_routing(args.routing)  # a bad threshold fails before any model is loaded
     began = time.monotonic()
     deadline = began + args.time_budget if args.time_budget else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
-        from ..cpu_threads import set_cpu_threads
-
         try:
             set_cpu_threads(args.threads)
         except ValueError as exc:
@@ -316,12 +316,9 @@ def _base_loader(
     import copy
 
     if args.tiny_model:
-        from ..models.tiny import tiny_llama
-
         model, byte_tokenizer = tiny_llama()
         model.to(device=device, dtype=dtype)
         return (lambda: copy.deepcopy(model)), byte_tokenizer
-    from ..models.loader import load_model
 
     model, tokenizer = load_model(args.model, dtype=dtype)
     model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # functools.wraps on PreTrainedModel.to
@@ -330,9 +327,6 @@ def _base_loader(
 
 def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The perplexity texts (the longest length's first tokens of each) and the haystack tokens."""
-    from ..data import load_essays
-    from ..data.tokens import token_stream
-
     longest = max(args.lengths)
     if args.tiny_model:
         rng = random.Random(0)
@@ -347,9 +341,6 @@ def _texts(args: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, torch.Te
 def perplexity_texts(names: Sequence[str], tokens: int, tokenizer: Any) -> dict[str, torch.Tensor]:
     """The first ``tokens`` tokens ``(1, tokens)`` of each perplexity text (``wikipedia``: the held-out
     articles; ``bible``: the King James Bible as one document). Raises if a text is shorter."""
-    from ..data import bible_text, load_wikipedia
-    from ..data.tokens import token_stream
-
     sources = {
         "wikipedia": lambda: [d.text for d in load_wikipedia("heldout")],
         # a prefix is enough (a token is ~4 characters) and tokenizing all 4 MB takes a while
@@ -370,8 +361,6 @@ def fact_recall_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[
                      window: int, deadline: float | None) -> list[dict]:  # fmt: skip
     """Fact recall (evaluation/fact_recall.py): single facts of every kind, the no-fact control, and
     documents of ``--fact-multi`` facts, each at least two windows before the question."""
-    from .fact_recall import fact_rows
-
     if args.fact_trials == 0:
         return []
     common = dict(lengths=args.fact_lengths, trials=args.fact_trials, min_distance=2 * window, seed=args.seed,
@@ -388,7 +377,6 @@ def _fact_haystack(args: argparse.Namespace, tokenizer: Any, essays: list[int]) 
     """Held-out haystacks for fact documents: the essays (never trained on) and held-out Wikipedia."""
     if args.tiny_model:
         return essays
-    from ..data.facts import heldout_fact_haystack
 
     return heldout_fact_haystack(tokenizer, essays)
 

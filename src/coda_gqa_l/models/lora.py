@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..models.adapters import CoDAAttentionAdapter
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -53,8 +55,6 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> int:
     """Wrap the q/k/v/o projections of every converted attention layer; returns how many were wrapped."""
-    from ..models.adapters import CoDAAttentionAdapter
-
     wrapped = 0
     for adapter in (m for m in model.modules() if isinstance(m, CoDAAttentionAdapter)):
         core = getattr(adapter.layer, "core", adapter.layer)

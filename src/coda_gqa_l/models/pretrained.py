@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig
+from ..fetch import sha256_file
+from .loader import load_smollm2
+from .weights import apply_coda_weights, read_coda_meta
 
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
 
@@ -24,23 +27,16 @@ def shipped_weights_label() -> str:
     """A name for the shipped weights that changes with them: file name and the first 12 hex digits of its SHA-256.
 
     The neural database records it with every state, so a store made with older weights is refused by name."""
-    from ..fetch import sha256_file
-
     return f"{SHIPPED_WEIGHTS.name} sha256:{sha256_file(SHIPPED_WEIGHTS)[:12]}"
 
 
 def shipped_config() -> BoundedConfig:
     """The bounded config the shipped weights are read with (their training record says what they were trained with)."""
-    from .weights import read_coda_meta
-
     meta = read_coda_meta(SHIPPED_WEIGHTS)
     return BoundedConfig(**meta["convert"]["bounded"])
 
 
 def load_coda_smollm2(dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct converted to bounded CoDA with the shipped trained weights, and its tokenizer."""
-    from .loader import load_smollm2
-    from .weights import apply_coda_weights
-
     model, tokenizer = load_smollm2(dtype=dtype, progress=progress)
     return apply_coda_weights(model, SHIPPED_WEIGHTS).eval(), tokenizer

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig, check_routing_names
+from .convert import convert
 from .lora import add_lora, lora_settings
 from .params import saved_parameters
 
@@ -126,8 +127,6 @@ def _read(path: str | os.PathLike[str], with_tensors: bool) -> tuple[dict[str, t
 
 def apply_coda_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Convert a base ``model`` as the file says, add its LoRA, load its tensors; returns the model."""
-    from .convert import convert
-
     tensors, meta = read_coda_weights(path)
     expected, found = meta["base_config"], _base_identity(model)
     if expected != found:

@@ -28,8 +28,12 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
+from ..models import convert
+from ..models.cache import BoundedCache, bounded_modules
 from ..models.hf_compat import cache_kwargs
-from ..models.pretrained import shipped_config
+from ..models.loader import load_smollm2
+from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
+from ..models.tiny import tiny_llama
 from ..models.tokenizer import ByteTokenizer
 from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
@@ -65,11 +69,7 @@ class NeuralDatabase:
         chunk_tokens: int = 1024,
         weights: str | None = None,
     ) -> None:
-        from ..models.cache import bounded_modules
-
         if model is None:
-            from ..models.pretrained import shipped_weights_label
-
             model, tokenizer = default_model()
             weights = weights or shipped_weights_label()
         if tokenizer is None:
@@ -92,9 +92,6 @@ class NeuralDatabase:
     @classmethod
     def tiny_for_tests(cls, folder: str | Path) -> NeuralDatabase:
         """A tiny random Llama with a byte tokenizer: fast and deterministic, answers are noise."""
-        from ..models import convert
-        from ..models.tiny import tiny_llama
-
         model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
         bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
         return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256)
@@ -119,8 +116,6 @@ class NeuralDatabase:
     def ingest(self, text: str, *, label: str | None = None, progress: bool = False) -> DocumentInfo:
         """Read ``text`` once and store the state it leaves; a source already stored for this
         model and config is not read again (its info comes back with ``duplicate=True``)."""
-        from ..models.cache import BoundedCache
-
         if not isinstance(text, str) or not text.strip():
             raise NeuralDBError("the document is empty")
         label = check_label(
@@ -202,8 +197,6 @@ class NeuralDatabase:
         return self.store.show(ref)
 
     def _load(self, info: DocumentInfo) -> Any:
-        from ..models.cache import BoundedCache
-
         if info.model_fingerprint != self.fingerprint or info.config != self.config:
             made_by = self._weights_of(info)
             what = (
@@ -258,8 +251,6 @@ class NeuralDatabase:
 
         Every metadata field the store uses is checked before anything is copied, and the copy gets
         a name the store makes itself: nothing in the file decides where it is written."""
-        from ..models.cache import BoundedCache
-
         path = Path(path)
         try:
             meta = read_state_metadata(path)
@@ -393,10 +384,6 @@ def _first_line_end(text: str) -> int | None:
 def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
     """The embedded default: SmolLM2-135M-Instruct from its package with the shipped trained CoDA
     weights (``pretrained``); another ``config`` than theirs gets an untrained conversion."""
-    from ..models import convert
-    from ..models.loader import load_smollm2
-    from ..models.pretrained import load_coda_smollm2, shipped_config
-
     if config == shipped_config():
         return load_coda_smollm2()
     model, tokenizer = load_smollm2()

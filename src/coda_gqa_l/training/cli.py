@@ -36,15 +36,20 @@ from torch import nn
 
 from ..cli_help import HelpFormatter, first_paragraph
 from ..config import BoundedConfig, parse_routing
+from ..data import load_wikipedia
 from ..data.tokens import token_stream
 from ..data.training_rows import FACT_COUNTS, IGNORE, Batch, batches
+from ..models.convert import convert, to_bounded
+from ..models.loader import load_model
 from ..models.lora import add_lora
 from ..models.params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
-from ..models.weights import save_coda_weights
+from ..models.tiny import tiny_llama
+from ..models.weights import WeightsFileError, apply_coda_weights, read_coda_meta, save_coda_weights
 from . import distributed
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .distributed import Cluster
 from .gate_supervision import REFUSE_MODES, gate_hinge_loss, recorded_gate_logits
+from .scratch import main as scratch_main
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -125,8 +130,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--from-scratch" in argv:  # the from-scratch mode has its own options (coda-scratch --help)
-        from .scratch import main as scratch_main
-
         return scratch_main([a for a in argv if a != "--from-scratch"])
     args = parse_args(argv)
     with distributed.session(args.device) as cluster:
@@ -161,7 +164,6 @@ def _train(args: argparse.Namespace, cluster: Cluster) -> int:
         )
     model, tokenizer, base_name = _load(args)
     model.to(device)
-    from ..models.convert import convert, to_bounded
 
     phase, step = (resume_meta["phase"], resume_meta["step"]) if resume_meta else (1, 0)
     if args.init_weights is not None and resume_meta is None:
@@ -248,8 +250,6 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
 def _provenance(path: Path) -> dict[str, Any]:
     """The starting weights file's name and its own training record (nested, so a chain of
     continued runs keeps every step of its history)."""
-    from ..models.weights import read_coda_meta
-
     record: dict[str, Any] = {"file": path.name}
     if path.is_file():
         record["training"] = read_coda_meta(path).get("training")
@@ -259,8 +259,6 @@ def _provenance(path: Path) -> dict[str, Any]:
 def _start_from_weights(model: nn.Module, args: argparse.Namespace, bounded: BoundedConfig) -> int:
     """Load a CoDA weights file (e.g. the shipped one) as the starting point; returns the phase to
     start in: 2 when the file is already bounded (phase 1 is skipped), else 1."""
-    from ..models.weights import WeightsFileError, apply_coda_weights, read_coda_meta
-
     meta = read_coda_meta(args.init_weights)
     settings, lora = meta["convert"], meta.get("lora") or {}
     if bool(settings.get("differential", True)) != (args.attention == "coda"):
@@ -502,11 +500,8 @@ def _loss(
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     if args.tiny_model:
-        from ..models.tiny import tiny_llama
-
         tiny, byte_tokenizer = tiny_llama(seed=args.seed)
         return tiny, byte_tokenizer, "tiny-llama"
-    from ..models.loader import load_model
 
     model, tokenizer = load_model(args.model)
     return model, tokenizer, "smollm2-135m-instruct" if args.model == "smollm2" else str(args.model)
@@ -514,8 +509,6 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
 
 def _texts(args: argparse.Namespace) -> list[str]:
     if args.corpus == "wikipedia":
-        from ..data import load_wikipedia
-
         return [doc.text for doc in load_wikipedia("train")]
     source = Path(args.corpus)
     files = sorted(source.glob("**/*.txt")) if source.is_dir() else [source]

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.convert import decoder_layers
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -82,8 +84,6 @@ def wrap(model: nn.Module, cluster: Cluster, fsdp: bool = False) -> nn.Module:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-
-        from ..models.convert import decoder_layers
 
         for layer in decoder_layers(model):
             fully_shard(layer)

@@ -31,13 +31,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..models.cache import bounded_modules
+
 
 @contextmanager
 def recorded_gate_logits(model: nn.Module, enabled: bool = True) -> Iterator[list[Tensor]]:
     """Collect every bounded layer's write-gate logits ``(B, L, Hkv)`` (with autograd) produced
     inside the block, in call order (nothing when not ``enabled``)."""
-    from ..models.cache import bounded_modules
-
     logits: list[Tensor] = []
     if not enabled:
         yield logits

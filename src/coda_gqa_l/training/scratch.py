@@ -32,7 +32,9 @@ from ..cli_help import HelpFormatter, first_paragraph
 from ..config import BoundedConfig
 from ..data.token_corpus import TOKENIZERS, TokenCorpus, load_token_corpus, load_tokenizer
 from ..kernels.dispatch import backend, unbounded_path
+from ..models.convert import convert
 from . import distributed
+from .checkpoint import write_checkpoint
 from .distributed import Cluster
 from .scratch_retrieval import RetrievalSource, mix_retrieval, passkey_accuracy
 
@@ -121,8 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, vocab_size: int) -> nn.Module:
     """A random Llama of the requested shape, its attention converted to the chosen variant."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ..models.convert import convert
 
     if args.width % args.heads or args.heads % args.kv_heads:
         raise ValueError(f"--width {args.width}, --heads {args.heads}, --kv-heads {args.kv_heads} do not divide")
@@ -386,8 +386,6 @@ def _save(model: nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Nam
           summary: dict[str, Any]) -> None:  # fmt: skip
     """Rank 0 writes the summary and a checkpoint of all weights and AdamW state; sharded (FSDP)
     tensors are gathered first, which every rank takes part in."""
-    from .checkpoint import write_checkpoint
-
     params, states = {}, {}
     for name, param in model.named_parameters():
         params[name] = distributed.full_tensor(param.detach())
