@@ -231,6 +231,7 @@ def test_generic_adapter_from_any_qkvo_attention() -> None:
     from coda_gqa_l.models import GenericCoDAAdapter
 
     assert coda_gqa_l.EveCoDAAdapter is GenericCoDAAdapter is coda_gqa_l.GenericCoDAAdapter
+    assert {"GenericCoDAAdapter", "EveCoDAAdapter"} <= set(coda_gqa_l.__all__)
     model = _build("llama").eval()
     attn = model.model.layers[0].self_attn
     config = model.config
