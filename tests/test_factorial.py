@@ -47,6 +47,16 @@ def test_to_bounded_keeps_a_plain_core_and_adds_the_banks() -> None:
     assert model(torch.randint(0, 256, (1, 300))).logits.isfinite().all()
 
 
+def test_convert_differential_false_gives_bounded_plain_gqa() -> None:
+    """``convert(model, preset, differential=False)`` is the factorial's bounded control (it was ignored for a
+    bounded config, and the model came back differential)."""
+    model, _ = tiny_llama()
+    convert(model, "tiny", differential=False)
+    adapters = _adapters(model)
+    assert all(a.bounded and not a.layer.config.differential for a in adapters)
+    assert not any(n.endswith("core.theta") for n, _ in model.named_parameters())
+
+
 def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -> None:
     out = tmp_path / "gqa"
     assert train_tiny(out, "--attention", "gqa") == 0

@@ -71,8 +71,8 @@ def convert(
     Args:
         config: a ``BoundedConfig``, a preset name (``tiny``/``medium``/``large``), or ``None``
             for unbounded attention with a full cache.
-        differential: for unbounded conversion, ``False`` keeps plain GQA (the factorial's
-            control); for bounded, set ``differential`` in the ``BoundedConfig``.
+        differential: ``False`` keeps plain GQA attention (the factorial's control), unbounded
+            or bounded (for a bounded config it is the same as ``BoundedConfig(differential=False)``).
         head_norm, exact_identity, lambda_init_bias, theta_init: see ``DifferentialCore``.
     """
     model_config = getattr(model, "config", None)
@@ -80,6 +80,8 @@ def convert(
         raise ValueError(f"{type(model).__name__} has no .config: is it a Hugging Face model?")
     spec = spec_from_config(model_config)
     bounded = BoundedConfig.preset(config) if isinstance(config, str) else config
+    if bounded is not None and not differential:
+        bounded = dataclasses.replace(bounded, differential=False)
     layers = decoder_layers(model)
     iterator: Any = layers
     if progress:
