@@ -1,5 +1,5 @@
 """CPU report for the core layer: prefill time at 16K tokens, and the measured size of
-invariants 1-3 (SPEC 2.5) at the 512-wide seed shape with the medium config.
+invariants 1-3 (docs/semantics.md section 5) at the 512-wide seed shape with the medium config.
 
     python benchmarks/cpu_core_report.py [--tokens 16384] [--out benchmarks/results/cpu_core_report.json]
 

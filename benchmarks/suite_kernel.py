@@ -11,7 +11,7 @@ signal heads, then its ``G`` noise heads) over ``Hkv`` key/value heads, causal, 
 FLOPs follow the FlashAttention convention: forward ``4 * Hq * L^2 * Dh / 2`` for a causal
 mask with ``Hq = 2H`` query heads; backward 2.5 times the forward, so forward+backward 3.5 times.
 The fused output is checked once per head size against a float32 reference, next to the error
-of the bf16 SDPA path against the same reference (the 2x rule of SPEC 3).
+of the bf16 SDPA path against the same reference (the 2x rule of docs/kernels.md section 3).
 """
 
 from __future__ import annotations

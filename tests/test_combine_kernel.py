@@ -73,7 +73,7 @@ def test_combine_shapes_are_named(use_triton: None) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", [True, False])
 def test_fused_combine_in_bfloat16(use_triton: None, norm: bool) -> None:
-    """SPEC 3: the kernel's error against a float64 truth at most twice the bf16 reference's."""
+    """docs/kernels.md section 3: the kernel's error against a float64 truth at most twice the bf16 reference's."""
     attended, lam, weight = _inputs(torch.bfloat16, 64, norm)
     b, _, _, length, d = attended.shape
     grad = torch.randn(b, length, lam.shape[1] * d, device=DEVICE, dtype=torch.bfloat16)

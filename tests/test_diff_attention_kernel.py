@@ -1,4 +1,5 @@
-"""The fused differential attention kernel against its PyTorch reference (SPEC 3, invariant 7).
+"""The fused differential attention kernel against its PyTorch reference (docs/kernels.md;
+invariant 7 of docs/semantics.md section 5).
 
 On a CPU the Triton kernels run in Triton's interpreter in float32 (conftest sets
 ``TRITON_INTERPRET=1`` before triton is imported); on a GPU the same tests run compiled, and
@@ -147,7 +148,7 @@ def test_kernel_matches_reference_in_float32(name: str, use_triton: None) -> Non
         err = (ours - truth).abs().max().item()
         ref_err = (theirs - truth).abs().max().item()
         scale = truth.abs().max().item()
-        # SPEC 3: at most twice the float32 reference's own error (plus a rounding floor)
+        # docs/kernels.md section 3: at most twice the float32 reference's own error (plus a rounding floor)
         assert err <= 2 * ref_err + 2e-6 * max(scale, 1.0), f"{name}/{label}: {err:.2e} vs reference {ref_err:.2e}"
 
 

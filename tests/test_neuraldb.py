@@ -1,4 +1,4 @@
-"""The neural database engine on a tiny random model (SPEC 8): store, ask, sessions, safety."""
+"""The neural database engine on a tiny random model (docs/neural_database.md): store, ask, sessions, safety."""
 
 from __future__ import annotations
 

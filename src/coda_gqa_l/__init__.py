@@ -1,6 +1,6 @@
 """CoDA-GQA-L: differential grouped-query attention with a fixed-size inference state.
 
-Public names only (SPEC section 1); each lives in a module named after its one job.
+Public names only (docs/api.md); each lives in a module named after its one job.
 """
 
 from .attention import BoundedCoDAAttention, CoDAGQALandmarkPerf2

@@ -14,7 +14,7 @@ One code path serves every way of feeding tokens: ``prefill_chunked`` (any block
 
 Because routing happens only at segment boundaries and only ever reads tokens that are
 already in the extended sequence, the outputs and the state after token ``t`` depend on
-tokens ``0..t`` only, never on how the input was chunked (SPEC 2.3).
+tokens ``0..t`` only, never on how the input was chunked (docs/semantics.md section 3).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _HEAD_NORM_ALIASES = {
 
 
 class BoundedCoDAAttention(nn.Module):
-    """Bounded differential grouped-query attention (SPEC 1 and 2).
+    """Bounded differential grouped-query attention (docs/api.md, docs/semantics.md).
 
     Args:
         embed_dim, num_heads, num_kv_heads: model width ``D``, query heads ``H``, KV heads.
@@ -416,7 +416,7 @@ class BoundedCoDAAttention(nn.Module):
 
         RoPE angles come from float64 positions, so rotating queries at ``t`` and window keys
         at ``j`` gives the relative mode's ``t - j`` distances to float32 rounding however long
-        the stream. Sinks and bank slots sit at per-segment positions (SPEC 2.4), so they are
+        the stream. Sinks and bank slots sit at per-segment positions (docs/semantics.md section 4), so they are
         rotated once per segment here and handed to the kernel as that segment's extra keys.
         """
         cfg, core = self.config, self.core

@@ -1,4 +1,4 @@
-"""Segment update of the exact and summary banks: the PyTorch reference (SPEC 2.4).
+"""Segment update of the exact and summary banks: the PyTorch reference (docs/semantics.md section 4).
 
 ``route_segment`` is called once per segment boundary with the ``S`` tokens that just left the
 window, and returns the new banks; ``route_chunk`` runs every boundary of a prefill chunk and

@@ -229,7 +229,7 @@ class _UnboundedAttention(nn.Module):
             k, v = append(k, v)
         total = k.shape[2]
         if stacked is None and core.differential and key_padding is None and triton:
-            # both streams in one pass over K and V, the combine and head norm fused (SPEC 3)
+            # both streams in one pass over K and V, the combine and head norm fused (docs/kernels.md)
             norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
             out = fused_attention(
                 core.stack_queries(q),
@@ -265,6 +265,6 @@ class BaselineGQA(_UnboundedAttention):
 
 
 class CoDAGQA(_UnboundedAttention):
-    """Unbounded differential attention (SPEC 2.1) with a full KV cache."""
+    """Unbounded differential attention (docs/semantics.md section 1) with a full KV cache."""
 
     differential = True

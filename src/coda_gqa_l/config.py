@@ -1,6 +1,6 @@
 """Configuration of the bounded state: slot counts, routing thresholds, presets, validation.
 
-One frozen dataclass, `BoundedConfig`, holds every parameter of SPEC sections 2.2 to 2.4 that is
+One frozen dataclass, `BoundedConfig`, holds every parameter of docs/semantics.md sections 2 to 4 that is
 not a learned weight. It is validated when built, carried by every state and recorded in every
 state file, so that a state can only ever be continued by a module with the same configuration.
 
@@ -148,7 +148,7 @@ class BoundedConfig:
 
 
 # Bank-routing thresholds that change no tensor shape and no learned weight, so a trained model can
-# be read with other values (SPEC 2.4: "tune by measurement").
+# be read with other values (docs/semantics.md section 4: thresholds are tuned by measurement).
 ROUTING_THRESHOLDS = ("tau_exact", "tau_summary", "novelty", "match", "max_inserts")
 
 

@@ -1,11 +1,11 @@
-"""Decode under CUDA graphs: ``CapturedDecoder`` replays one captured step per token (SPEC 3).
+"""Decode under CUDA graphs: ``CapturedDecoder`` replays one captured step per token (docs/kernels.md).
 
 A bounded layer's step has static shapes (the state never grows), so it can be captured once
 and replayed at every later position. Everything that depends on the position is computed on
 the device from a 0-d position tensor: the ring slots, the RoPE angles, the sink write, the
 routing's token indices and the kernels' query offset. The host keeps only ``state.pos``, which
 picks between two captured graphs: the plain step, and the step whose token starts a segment
-and routes the ``S`` tokens leaving the window into the banks (SPEC 2.3). No host
+and routes the ``S`` tokens leaving the window into the banks (docs/semantics.md section 3). No host
 synchronisation, no Python loop over heads or slots.
 
 The decoder owns the state's tensors as its static buffers: advance the state only through it

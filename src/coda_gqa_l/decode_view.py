@@ -8,7 +8,7 @@ its distance to the query (segment_attention.py). A ``DecodeView`` holds that bl
 current segment, float32 and already rotated, and a step writes only its own column, so a CPU
 decode step does a few operations per layer instead of about a hundred.
 
-The view is derived data, never saved: the state file keeps its pre-RoPE keys (SPEC 2.4). It is
+The view is derived data, never saved: the state file keeps its pre-RoPE keys (docs/semantics.md section 4). It is
 valid only for the state tensors it was built from, at the token it expects next; any other
 change to the state (a prefill, a clone, a loaded file, an in-place write outside inference mode)
 makes the next step rebuild it. The outputs are the reference's to the last bit: the same float32 rotations, the same

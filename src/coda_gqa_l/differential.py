@@ -3,7 +3,7 @@ lambda gate, and the ``signal - lambda * noise`` combine.
 
 Both the unbounded (``baseline.CoDAGQA``) and the bounded (``attention.BoundedCoDAAttention``)
 layers own one ``DifferentialCore``, so they share parameter names and can load each other's
-weights (invariant 1 of SPEC 2.5 compares them).
+weights (invariant 1 of docs/semantics.md section 5 compares them).
 
 Query-head stacking, used by every attention path: for KV head ``g`` with ``G = H / Hkv`` query
 heads, the stacked queries are ``[signal heads of g, noise heads of g]``, shape

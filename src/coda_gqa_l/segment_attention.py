@@ -1,4 +1,4 @@
-"""Block-sparse attention of the bounded layer: the PyTorch reference (SPEC 2.3).
+"""Block-sparse attention of the bounded layer: the PyTorch reference (docs/semantics.md section 3).
 
 Queries are grouped by segment (``S`` tokens starting at ``b = s * S``). A query ``t`` in
 segment ``s`` sees, in one softmax:

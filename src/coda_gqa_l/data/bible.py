@@ -1,4 +1,4 @@
-"""The King James Bible from Debian's ``bible-kjv`` packages (SPEC 6): one long single document.
+"""The King James Bible from Debian's ``bible-kjv`` packages (docs/models_and_data.md): one long single document.
 
 Debian ships the text compressed in its own format (``bible-kjv-text``: ``/usr/lib/bible.data``)
 with the program that reads it (``bible-kjv``: ``/usr/bin/bible``). We fetch both pinned .deb

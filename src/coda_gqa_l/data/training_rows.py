@@ -1,5 +1,5 @@
 """Training batches: packed language-model windows and, in phase 2, documents that teach the state
-what to keep (SPEC 5):
+what to keep (docs/training.md):
 
 * pass-key documents (``retrieval_fraction``): a numeric key far beyond the window;
 * fact documents (``fact_fraction``, ``data/facts.py``): names, places, organisations, numbers,

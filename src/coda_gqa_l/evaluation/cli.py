@@ -1,4 +1,4 @@
-"""``coda-eval``: perplexity through the state and passkey retrieval beyond the window (SPEC 7).
+"""``coda-eval``: perplexity through the state and passkey retrieval beyond the window (docs/evaluation.md).
 
 Methods, each the same base model (the packaged SmolLM2 unless ``--model``):
 

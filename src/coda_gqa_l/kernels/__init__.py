@@ -1,4 +1,4 @@
-"""Triton kernels with PyTorch references (SPEC 3).
+"""Triton kernels with PyTorch references (docs/kernels.md).
 
 ``dispatch.backend(device)`` picks which one runs: Triton on CUDA, the PyTorch reference
 elsewhere; the environment variable ``CODA_GQA_L_KERNELS`` (``auto``, ``triton`` or ``torch``)

@@ -34,7 +34,7 @@ AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
 
 @dataclass(frozen=True)
 class Pattern:
-    """Which keys a query sees: plain causal (``bounded=False``) or the bounded window (SPEC 2.3)."""
+    """Which keys a query sees: plain causal (``bounded=False``) or the bounded window (docs/semantics.md section 3)."""
 
     bounded: bool = False
     window: int = 0

@@ -1,6 +1,6 @@
 """Triton kernels of fused differential attention: forward, and the backward's dK/dV and dQ.
 
-One index space serves the plain causal pattern and the bounded one (SPEC 2.3):
+One index space serves the plain causal pattern and the bounded one (docs/semantics.md section 3):
 
 * query rows are tokens ``t = q_start + i``; program blocks are aligned to absolute token
   positions (``BLOCK_M`` divides the segment length in the usual configs), so a block sits in

@@ -1,4 +1,4 @@
-"""Fused bank routing (SPEC 3): the wrapper around the Triton kernel in ``routing_triton.py``.
+"""Fused bank routing (docs/kernels.md): the wrapper around the Triton kernel in ``routing_triton.py``.
 
 ``route_chunk_triton`` returns what ``banks.route_chunk`` returns (the banks after a prefill
 chunk and the snapshot each of its segments sees) from one launch, with every routing decision

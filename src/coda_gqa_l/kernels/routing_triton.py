@@ -1,4 +1,4 @@
-"""Triton kernel of fused bank routing (SPEC 3): every segment boundary of a prefill chunk in one launch.
+"""Triton kernel of fused bank routing (docs/kernels.md): every segment boundary of a prefill chunk in one launch.
 
 Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, KV head), program
 ``(row, 1)`` its summary bank. The two banks of a head never read each other (they share only

@@ -337,7 +337,7 @@ class GenericCoDAAdapter:
         return build_adapter(attn, spec, layer_idx, _bounded_config(bounded), **kwargs)
 
 
-EveCoDAAdapter = GenericCoDAAdapter  # the name SPEC 1 and the public package use
+EveCoDAAdapter = GenericCoDAAdapter  # the name docs/api.md and the public package use
 
 
 def _bounded_config(bounded: bool | BoundedConfig | str) -> BoundedConfig | None:

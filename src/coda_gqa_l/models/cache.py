@@ -9,7 +9,7 @@ Pass it to a converted bounded model's ``forward`` or ``generate``::
 gives the right keyword for the installed release.)
 
 Its memory is fixed: ``cache.nbytes()`` is the same after 100 tokens and after 100,000.
-``save`` / ``load`` write and read the states of all layers as one state file (SPEC 9), with
+``save`` / ``load`` write and read the states of all layers as one state file (docs/state_files.md), with
 the model's fingerprint, so that a state is only ever continued by the model that made it.
 """
 

@@ -1,4 +1,4 @@
-"""Which parameters train (SPEC 5): the CoDA parameters, plus LoRA, or everything.
+"""Which parameters train (docs/training.md): the CoDA parameters, plus LoRA, or everything.
 
 CoDA parameters are the ones conversion adds on top of the base model: the noise rotation
 ``theta``, the lambda gate, the head norm, the bank write gate and the summary EMA rate. The

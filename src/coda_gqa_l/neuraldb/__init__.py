@@ -1,4 +1,4 @@
-"""The stateful neural database: documents kept as fixed-size model states (SPEC 8)."""
+"""The stateful neural database: documents kept as fixed-size model states (docs/neural_database.md)."""
 
 from ..models.tokenizer import ByteTokenizer
 from .engine import (

@@ -1,4 +1,4 @@
-"""``coda-db``: the neural database from the command line (SPEC 8).
+"""``coda-db``: the neural database from the command line (docs/neural_database.md).
 
 Each subcommand opens the store folder (``--store``, default ``store`` in the user data folder,
 ``$XDG_DATA_HOME/coda-gqa-l/store`` on Linux) and does one thing. ``ingest``, ``ask``, ``import``

@@ -2,7 +2,7 @@
 
 A store is a folder: ``index.sqlite`` (one row per document: label, source hash, model
 fingerprint, config, tokens, created, sizes) and ``states/`` (one state file per document,
-SPEC 9). Ingest streams the document through the bounded model in chunks (memory stays flat
+docs/state_files.md). Ingest streams the document through the bounded model in chunks (memory stays flat
 whatever its length) and saves the state of every layer. Ask loads the state into a fresh
 cache, prefills the question and generates the answer, streamed; the stored state never
 changes, so questions asked at the same time on one document do not interfere. A session

@@ -1,4 +1,4 @@
-"""The neural database over HTTP: a JSON API, a streamed answer endpoint and the web page (SPEC 8).
+"""The neural database over HTTP: a JSON API, a streamed answer endpoint and the web page (docs/neural_database.md).
 
 ``create_app(db)`` builds the FastAPI app; ``serve(db)`` runs it with uvicorn on 127.0.0.1.
 The OpenAPI schema is at ``/docs``. Endpoints::

@@ -1,1 +1,1 @@
-"""Training (SPEC 5): two-phase fine-tuning, LoRA, checkpoints and CoDA weights files."""
+"""Training (docs/training.md): two-phase fine-tuning, LoRA, checkpoints and CoDA weights files."""

@@ -1,4 +1,4 @@
-"""``coda-train``: two-phase training of a converted model (SPEC 5).
+"""``coda-train``: two-phase training of a converted model (docs/training.md).
 
 Phase 1 trains unbounded differential attention (full cache); phase 2 switches every layer to
 the bounded state (``to_bounded``) and trains through the bank writes, on text mixed with

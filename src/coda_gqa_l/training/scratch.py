@@ -1,5 +1,5 @@
 """``coda-scratch`` (also ``coda-train --from-scratch``): train a small Llama from random weights
-with plain GQA, unbounded CoDA or bounded CoDA attention for a fixed budget (SPEC 5).
+with plain GQA, unbounded CoDA or bounded CoDA attention for a fixed budget (docs/training.md).
 
 Every variant starts from the same initial weights (the base is drawn before conversion, which
 adds its own parameters from a separate generator) and sees the same batches in the same order
