@@ -341,3 +341,12 @@ def test_the_lean_distillation_gradient_matches_autograd() -> None:
     (plain_grad,) = torch.autograd.grad(plain * 2.0, student)
     assert float(lean.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     torch.testing.assert_close(lean_grad, plain_grad)
+
+
+def test_coda_train_refuses_to_train_weights_its_file_cannot_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--trainable all`` would train the base model, and the CoDA weights file would drop it at the end."""
+    from coda_gqa_l.training.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--trainable", "all"])
+    assert exit_info.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err

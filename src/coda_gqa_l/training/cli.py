@@ -42,7 +42,7 @@ from ..data.training_rows import FACT_COUNTS, IGNORE, Batch, batches
 from ..models.convert import convert, to_bounded
 from ..models.loader import load_model
 from ..models.lora import add_lora
-from ..models.params import TRAINABLE_CHOICES, is_coda_parameter, select_trainable
+from ..models.params import is_coda_parameter, select_trainable
 from ..models.tiny import tiny_llama
 from ..models.weights import WeightsFileError, apply_coda_weights, read_coda_meta, save_coda_weights
 from . import distributed
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sink", type=int, default=4, help="sinks taken out of the exact bank")
     routing_help = "bank-routing thresholds instead of the preset's (e.g. novelty=0.9 match=0.97 max_inserts=16)"
     p.add_argument("--routing", nargs="+", default=[], metavar="NAME=VALUE", help=routing_help)
-    p.add_argument("--trainable", default="coda+lora", choices=TRAINABLE_CHOICES, help="which parameters train")
+    # "all" would train the base weights, which a CoDA weights file does not hold: they would be lost at the end
+    trainable_help = "which parameters train: the CoDA ones, or those and LoRA (the weights file holds both)"
+    p.add_argument("--trainable", default="coda+lora", choices=["coda", "coda+lora"], help=trainable_help)
     p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA on the attention projections")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (scale = alpha / rank)")
     p.add_argument("--phase1-steps", type=int, default=100, help="updates of phase 1 (unbounded CoDA)")
