@@ -2,9 +2,11 @@
 few collectives the trainers need.
 
 One process per GPU (NCCL), or per CPU process (gloo) for tests. Outside ``torchrun``
-(``WORLD_SIZE`` unset or 1) everything here is a no-op and the model is not wrapped. Every rank
-draws the same global batch from the same seed and keeps its own rows (``rank::world``), so a run
-on N processes sees the data of a one-process run with the same global batch, in the same order.
+(``WORLD_SIZE`` unset or 1) everything here is a no-op and the model is not wrapped. How ranks
+split the data is the trainer's: in ``coda-scratch`` every rank draws the same global batch from
+the same seed and keeps its own rows (``rank::world``), so N processes see the data of one process
+with the same global batch, in the same order; in ``coda-train`` each rank draws its own batches
+(its rank is in the seed).
 """
 
 from __future__ import annotations
