@@ -32,6 +32,24 @@ def test_the_order_of_choices(clean_env: pytest.MonkeyPatch) -> None:
     assert default_threads() == 1  # never fewer than one
 
 
+def test_more_threads_than_free_cores_are_warned_about(
+    clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asked for more threads than cores not already busy, the choice is kept and a warning says the cost."""
+    clean_env.setattr(cpu_threads, "usable_cores", lambda: 2)
+    clean_env.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    with caplog.at_level("WARNING", logger="coda_gqa_l.cpu_threads"):
+        assert chosen_threads(1) == 1
+        assert not caplog.records
+        assert chosen_threads(2) == 2
+    assert "2 CPU threads asked for, but only 1 of 2 cores are free" in caplog.text
+    caplog.clear()
+    clean_env.setenv(THREADS_ENV, "2")  # a parent's choice handed to a child process: no warning there
+    with caplog.at_level("WARNING", logger="coda_gqa_l.cpu_threads"):
+        assert chosen_threads() == 2
+    assert not caplog.records
+
+
 def test_bad_thread_counts_are_refused(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         chosen_threads(0)

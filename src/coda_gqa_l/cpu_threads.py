@@ -10,9 +10,11 @@ not already busy (the cores this process may use, less the one-minute load avera
 
 from __future__ import annotations
 
+import logging
 import os
 
 THREADS_ENV = "CODA_GQA_L_THREADS"
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -35,6 +37,7 @@ def default_threads() -> int:
 
 def chosen_threads(requested: int | None = None) -> int | None:
     """The thread count to use (see the module docstring); None leaves torch's choice alone."""
+    from_flag = requested is not None  # the environment also carries a parent's choice to its children
     if requested is None and os.environ.get(THREADS_ENV, "").strip():
         text = os.environ[THREADS_ENV].strip()
         if not text.isdigit():
@@ -43,6 +46,13 @@ def chosen_threads(requested: int | None = None) -> int | None:
     if requested is not None:
         if requested < 1:
             raise ValueError(f"need at least 1 CPU thread, got {requested}")
+        free = default_threads()
+        if from_flag and requested > free:  # measured: 2 threads on 1 free core ingest 3x slower than 1 thread
+            log.warning(
+                "%d CPU threads asked for, but only %d of %d cores are free: beside a busy process the bounded "
+                "model slows down several times over; fewer threads are faster (benchmarks/results/speed.md)",
+                requested, free, usable_cores(),
+            )  # fmt: skip
         return requested
     if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
         return None
