@@ -10,6 +10,7 @@
 #   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
 #              without flooding the exact bank (benchmarks/results/facts.md, "Value-first rows flood the exact bank")
 #   refuse_distill  the same plus --distill-weight 1 (the Bible)
+#   refuse_vf10  refuse with one fact in ten stated value first (--value-first-share 0.1; unset, about one in five)
 # Usage: bash scripts/device_train_facts.sh SECONDS OUT_DIR ARM [ARM...]
 # RESUME=1 continues each arm from its checkpoint in /tmp/train_ARM (a later call while the machine is warm);
 # TRAIN_ARGS="--warmup 30" adds coda-train options to every arm (later ones win); INIT_WEIGHTS=FILE starts from that
@@ -41,6 +42,8 @@ for arm in "${arms[@]}"; do
     refuse) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations) ;;
     refuse_distill) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations
       --distill-weight 1) ;;
+    refuse_vf10) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations
+      --value-first-share 0.1) ;;
     distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac

@@ -350,3 +350,7 @@ def test_coda_train_refuses_to_train_weights_its_file_cannot_hold(capsys: pytest
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--trainable", "all"])
     assert exit_info.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--value-first-share", "1.5"])
+    assert "--value-first-share must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert parse_args(["--value-first-share", "0.1"]).value_first_share == 0.1

@@ -59,6 +59,12 @@ class Relation:
     statement: str
     question: str
 
+    @property
+    def value_first(self) -> bool:
+        """The statement gives the value before its subject ("A {value} hangs above the door of {subject}."):
+        a causal write gate sees no cue before the value."""
+        return self.statement.index("{value}") < self.statement.index("{subject}")
+
 
 def _r(kind: str, statement: str, question: str) -> Relation:
     return Relation(kind, statement, question)
@@ -291,10 +297,15 @@ def value_lists(split: Split) -> dict[str, tuple[str, ...]]:
 class FactSampler:
     """Draws fact values of every kind from one split's lists."""
 
-    def __init__(self, split: Split) -> None:
+    def __init__(self, split: Split, value_first_share: float | None = None) -> None:
+        """``value_first_share``: the chance that a fact is stated value first (``Relation.value_first``)
+        where its kind has such patterns; ``None`` draws every pattern of the kind alike."""
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if value_first_share is not None and not 0.0 <= value_first_share <= 1.0:
+            raise ValueError(f"value_first_share must be in [0, 1], got {value_first_share}")
         self.split = split
+        self.value_first_share = value_first_share
         self.lists = value_lists(split)
         self.relations = relations(split)
         self.by_kind = {kind: tuple(r for r in self.relations if r.kind == kind) for kind in KINDS}
@@ -423,6 +434,9 @@ def make_fact_document(
         ]
         if not options:
             break
+        if sampler.value_first_share is not None:  # the share asked for, where the kind has both orders
+            first = rng.random() < sampler.value_first_share
+            options = [r for r in options if r.value_first == first] or options
         chosen.append(rng.choice(options))
     values: set[str] = set()
     facts: list[Fact] = []

@@ -104,6 +104,7 @@ def batches(
     recurring_keep: bool = False,
     fact_counts: tuple[int, ...] = FACT_COUNTS,
     min_distance: int = 0,
+    value_first_share: float | None = None,
 ) -> Iterator[Batch]:
     """Endless batches of random ``seq_len`` windows of ``stream``; a ``retrieval_fraction`` of the
     rows are passkey documents and a ``fact_fraction`` fact documents (training phrasings and
@@ -115,7 +116,7 @@ def batches(
     if not fact_counts or min(fact_counts) < 1:
         raise ValueError(f"fact counts must be at least 1, got {list(fact_counts)}")
     rng = random.Random(seed)
-    sampler = FactSampler("train") if fact_fraction > 0 else None
+    sampler = FactSampler("train", value_first_share) if fact_fraction > 0 else None
     layout = PromptFormat.for_tokenizer(tokenizer)
     recurring = RecurringTokens(stream, tokenizer) if recurring_keep else None
     while True:

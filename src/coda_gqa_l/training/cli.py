@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fact-fraction", type=float, default=0.0, help=fact_help)
     counts_help = "facts per fact row, drawn uniformly from this list; up to 5 of them asked (default 1 1 2 3 4 6)"
     p.add_argument("--fact-counts", type=int, nargs="+", default=list(FACT_COUNTS), metavar="N", help=counts_help)
+    value_first_help = (
+        "phase 2: the chance a fact is stated value first ('A brass astrolabe hangs above ...'), where its kind has "
+        "such patterns (default: none, every pattern of the kind alike)"
+    )
+    p.add_argument("--value-first-share", type=float, default=None, help=value_first_help)
     recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
     p.add_argument("--recurring-keep", action="store_true", help=recurring_help)
     p.add_argument("--needle-distance", type=int, default=None, help="tokens from key to question (default 2 windows)")
@@ -126,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.value_first_share is not None and not 0.0 <= args.value_first_share <= 1.0:
+        parser.error(f"--value-first-share must be between 0 and 1, got {args.value_first_share}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +239,7 @@ def _save_weights(model: nn.Module, args: argparse.Namespace, base: str, device:
         "fact_fraction": args.fact_fraction,
         "recurring_keep": args.recurring_keep,
         "fact_counts": args.fact_counts,
+        "value_first_share": args.value_first_share,
         "distill_weight": args.distill_weight,
         "gate_supervision": {
             "weight": args.gate_weight,
@@ -332,6 +342,7 @@ def _run_phase(
         fact_fraction=args.fact_fraction if phase == 2 else 0.0,
         recurring_keep=args.recurring_keep and phase == 2,
         fact_counts=tuple(args.fact_counts),
+        value_first_share=args.value_first_share,
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
