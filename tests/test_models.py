@@ -251,6 +251,34 @@ def test_generic_adapter_from_any_qkvo_attention() -> None:
     assert not adapter.bounded and (y - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_generic_adapter_takes_the_rope_layout(layout: str) -> None:
+    """A q/k/v/o attention whose RoPE turns pairs ``(2i, 2i+1)`` (GPT-J style) keeps its function only
+    when the adapter is told its layout; a hand-written causal reference with that layout checks it."""
+    from coda_gqa_l.models import GenericCoDAAdapter
+    from coda_gqa_l.primitives import apply_rope, expand_pairs
+
+    torch.manual_seed(0)
+    D, H, Dh, L, base = 32, 4, 8, 10, 10000.0
+    attn = torch.nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(attn, name, torch.nn.Linear(D, D, bias=False))
+    adapter = GenericCoDAAdapter.from_attention(
+        attn, num_heads=H, num_kv_heads=H, rope_base=base, rope_layout=layout, bounded=False, exact_identity=True
+    )
+    x = torch.randn(1, L, D)
+    angles = torch.arange(L, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    cos, sin = (t.float() for t in expand_pairs(angles.cos(), angles.sin(), "interleaved"))
+    heads = [proj(x).view(1, L, H, Dh).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    q, k = (apply_rope(t, cos, sin, "interleaved") for t in heads[:2])
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, heads[2], is_causal=True)
+    with torch.no_grad():
+        expected = attn.o_proj(out.transpose(1, 2).reshape(1, L, D))
+        y, _ = adapter(x)
+    error = (y - expected).abs().max().item()
+    assert error < 1e-5 if layout == "interleaved" else error > 1e-2
+
+
 def test_stream_perplexity_is_chunk_invariant() -> None:
     from transformers import DynamicCache
 

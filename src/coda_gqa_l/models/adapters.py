@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
+from ..primitives import RopeLayout
 from .cache import BoundedCache
 from .hf_compat import CACHE_ARGUMENTS, pop_cache
 
@@ -50,12 +51,13 @@ class AttentionSpec:
     o_bias: bool
     qk_norm: bool
     qk_norm_eps: float
+    rope_layout: RopeLayout = "half"  # Hugging Face's layout for every supported family
 
     def layer_kwargs(self) -> dict[str, Any]:
         return dict(
             head_dim=self.head_dim,
             rope_base=self.rope_base,
-            rope_layout="half",  # Hugging Face's layout for every supported family
+            rope_layout=self.rope_layout,
             rope_scaling=self.rope_scaling,
             max_position_embeddings=self.max_position_embeddings,
             qkv_bias=self.qkv_bias,
@@ -316,10 +318,13 @@ class GenericCoDAAdapter:
         head_dim: int | None = None,
         rope_scaling: dict[str, Any] | None = None,
         qk_norm: bool = False,
+        rope_layout: RopeLayout = "half",
         bounded: bool | BoundedConfig = True,
         layer_idx: int = 0,
         **kwargs: Any,
     ) -> CoDAAttentionAdapter:
+        """``rope_layout``: ``"half"`` rotates dimension pairs ``(i, i + Dh/2)`` (Hugging Face's
+        models), ``"interleaved"`` pairs ``(2i, 2i+1)`` (GPT-J, the original RoPE code)."""
         embed_dim = attn.q_proj.weight.shape[1]  # type: ignore[union-attr,index]
         spec = AttentionSpec(
             embed_dim=int(embed_dim),
@@ -333,6 +338,7 @@ class GenericCoDAAdapter:
             o_bias=attn.o_proj.bias is not None,  # type: ignore[union-attr]
             qk_norm=qk_norm,
             qk_norm_eps=float(getattr(getattr(attn, "q_norm", None), "variance_epsilon", 1e-6)),
+            rope_layout=rope_layout,
         )
         return build_adapter(attn, spec, layer_idx, _bounded_config(bounded), **kwargs)
 
