@@ -28,7 +28,8 @@ and says where each missed fact was lost (``verdict``): ``gate`` (its tokens' ga
 segment), ``max_inserts``, ``evicted`` (written, then replaced by least-recently-used eviction
 before the question) or ``read-out`` (still held in at least half the layers' banks, and the answer did
 not copy it; ``tokens held`` says how many of its tokens some layer still holds). A fact held in
-fewer layers gets the verdict of what kept it out of the others. Routing of the question's
+fewer layers gets the verdict of what kept it out of the others: the commonest fate of its
+(token, KV head, layer) candidacies. Routing of the question's
 own tokens is not traced.
 """
 
@@ -250,8 +251,8 @@ def verdict(needle: dict[str, Any], correct: bool) -> str:
     refused = {"gate": fates["below_tau"], "max_inserts": fates["cut_by_max_inserts"],
                "novelty test": fates["similar_to_bank"] + fates["duplicate_in_segment"] + fates["hit_other"]
                + fates["hit_own_key"]}  # fmt: skip
-    if needle["pairs_held"] == 0 and fates["written"] > 0:
-        return "evicted"
+    # the commonest fate names the loss: a few written then evicted tokens do not outweigh hundreds of
+    # candidacies the gate refused
     if fates["written"] > max(refused.values()):
         return "evicted"
     return max(refused, key=refused.__getitem__)

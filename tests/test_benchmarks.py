@@ -240,6 +240,8 @@ def test_needle_trace_verdicts() -> None:
     assert verdict(held_by_few | {"fates": fates | {"written": 2, "below_tau": 300}}, False) == "gate"
     assert verdict(held_by_few | {"layers_holding": 15, "fates": fates | {"below_tau": 300}}, False) == "read-out"
     assert verdict({"pairs_held": 0, "fates": fates | {"similar_to_bank": 4, "below_tau": 1}}, False) == "novelty test"
+    # held nowhere, six candidacies written and evicted, 354 under the gate threshold: the gate lost it
+    assert verdict({"pairs_held": 0, "fates": fates | {"written": 6, "below_tau": 354}}, False) == "gate"
 
 
 def _eval_json(path: Path, device: str, perplexity: list[tuple], passkey: list[tuple], routing: tuple = ()) -> str:
