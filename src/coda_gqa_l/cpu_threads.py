@@ -46,8 +46,8 @@ def chosen_threads(requested: int | None = None) -> int | None:
     if requested is not None:
         if requested < 1:
             raise ValueError(f"need at least 1 CPU thread, got {requested}")
-        free = default_threads()
-        if from_flag and requested > free:  # measured: 2 threads on 1 free core ingest 3x slower than 1 thread
+        # measured: 2 threads on 1 free core ingest 3x slower than 1 thread
+        if from_flag and requested > (free := default_threads()):
             log.warning(
                 "%d CPU threads asked for, but only %d of %d cores are free: beside a busy process the bounded "
                 "model slows down several times over; fewer threads are faster (benchmarks/results/speed.md)",

@@ -384,7 +384,7 @@ def _first_line_end(text: str) -> int | None:
 def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
     """The embedded default: SmolLM2-135M-Instruct from its package with the shipped trained CoDA
     weights (``pretrained``); another ``config`` than theirs gets an untrained conversion."""
-    if config == shipped_config():
+    if config == DEFAULT_CONFIG:  # read from the weights file once, at import
         return load_coda_smollm2()
     model, tokenizer = load_smollm2()
     return convert(model, config), tokenizer
