@@ -408,6 +408,20 @@ def render_facts(trial: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+EARLY_LAYERS = 6  # SmolLM2's first six layers pass about 20x more ordinary tokens than the rest (results/facts.md)
+
+
+def gate_load(layers: list[dict[str, Any]]) -> str:
+    """The share of ordinary tokens whose gate passes tau_exact (exact-bank candidates), early layers and the rest:
+    the figure that says whether training floods the exact bank."""
+    early, late = layers[:EARLY_LAYERS], layers[EARLY_LAYERS:]
+
+    def share(rows: list[dict[str, Any]]) -> str:
+        return f"{100 * sum(r['other_above_tau'] for r in rows) / len(rows):.2f}%" if rows else "-"
+
+    return f"ordinary tokens above tau_exact: layers 0-{EARLY_LAYERS - 1} {share(early)}, the rest {share(late)}"
+
+
 def render(trial: dict[str, Any]) -> str:
     keys, tau = trial["key_tokens"], trial["tau_exact"]
     lines = [
@@ -418,6 +432,7 @@ def render(trial: dict[str, Any]) -> str:
         + ", ".join(f"{f} {sum(r['key_fates'][f] for r in trial['layers'])}" for f in FATES),
         "(layer, KV head) pairs holding each key token at the question: "
         + " ".join(str(sum(r["held_per_key_token"][i] for r in trial["layers"])) for i in range(len(keys))),
+        gate_load(trial["layers"]),
         "",
         f"| layer | other tokens: mean gate | share > tau ({tau}) | key tokens: mean gate | key pairs held "
         "| oldest held |",

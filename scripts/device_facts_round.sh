@@ -3,7 +3,9 @@
 # single call. Trains the arms for SECONDS (scripts/device_train_facts.sh; RESUME=1 continues them), then evaluates
 # each arm's file on the evaluation split, all processes sharing the GPU: single facts at 4K and 16K (20 per kind),
 # five facts at 16K, pass keys at 16K, perplexity on the Bible and Wikipedia. Results: $OUT/round.tgz and the
-# weights files; the last lines printed are each cell's table rows.
+# weights files; the last lines printed are each cell's table rows and each arm's gate load (needle_trace on the CPU,
+# 8K pass-key document: the share of ordinary tokens above tau_exact, which says whether the exact bank floods).
+# GPU_TESTS=1 also runs the GPU kernel tests beside the training (results/gpu_tests.txt).
 # Usage: bash scripts/device_facts_round.sh SECONDS ARM [ARM...]   (a call of 600 s fits SECONDS = 300)
 set -uo pipefail
 budget=${1:?seconds of training}
@@ -11,16 +13,25 @@ shift
 arms=("$@")
 results=/tmp/round
 mkdir -p "$results"
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  python -m pytest -q -m gpu tests/test_decode.py tests/test_routing_kernel.py tests/test_diff_attention_kernel.py \
+    tests/test_combine_kernel.py tests/test_rope_kernel.py tests/test_baseline.py > "$results/gpu_tests.txt" 2>&1 &
+fi
 bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1
 for arm in "${arms[@]}"; do
   weights=/tmp/train_$arm/coda.safetensors
-  [ -f "$weights" ] && bash scripts/device_eval_facts.sh "$weights" "$arm" "$results" &
+  [ -f "$weights" ] || continue
+  bash scripts/device_eval_facts.sh "$weights" "$arm" "$results" &
+  OMP_NUM_THREADS=4 python benchmarks/needle_trace.py --weights "$weights" --length 8192 --trials 1 --seed 1 \
+    --out "$results/${arm}_gatecount_pk8k.json" > "$results/${arm}_gatecount.txt" 2>&1 &
 done
 wait
 rm -f "$results"/coda_*.safetensors
 tar czf "$OUT/round.tgz" -C /tmp round
 for arm in "${arms[@]}"; do cp "/tmp/train_$arm/coda.safetensors" "$OUT/coda_$arm.safetensors" 2>/dev/null; done
 tail -n 12 "$results/train.txt"
+[ -f "$results/gpu_tests.txt" ] && tail -n 3 "$results/gpu_tests.txt"
+for arm in "${arms[@]}"; do echo "$arm: $(grep -h "above tau_exact" "$results/${arm}_gatecount.txt")"; done
 for cell in "$results"/*_m16 "$results"/*_f4 "$results"/*_ppl; do
   echo "== $cell"
   grep -E "^\| coda-bounded" "$cell/eval.md" | cut -c1-110
