@@ -5,7 +5,8 @@
 # five facts at 16K, pass keys at 16K, perplexity on the Bible and Wikipedia. Results: $OUT/round.tgz and the
 # weights files; the last lines printed are each cell's table rows and each arm's gate load (needle_trace on the CPU,
 # 8K pass-key document: the share of ordinary tokens above tau_exact, which says whether the exact bank floods).
-# GPU_TESTS=1 also runs the GPU kernel tests beside the training (results/gpu_tests.txt).
+# EVAL_ONLY=1 skips the training and evaluates the arms' files left in /tmp/train_ARM by an earlier call (the machine
+# still warm): a long training call, then this one. GPU_TESTS=1 also runs the GPU kernel tests beside the training (results/gpu_tests.txt).
 # Usage: bash scripts/device_facts_round.sh SECONDS ARM [ARM...]   (a call of 600 s fits SECONDS = 300)
 set -uo pipefail
 budget=${1:?seconds of training}
@@ -17,7 +18,11 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
   python -m pytest -q -m gpu tests/test_decode.py tests/test_routing_kernel.py tests/test_diff_attention_kernel.py \
     tests/test_combine_kernel.py tests/test_rope_kernel.py tests/test_baseline.py > "$results/gpu_tests.txt" 2>&1 &
 fi
-bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1
+if [ "${EVAL_ONLY:-0}" != 1 ]; then
+  bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1
+else
+  for arm in "${arms[@]}"; do cp "/tmp/train_$arm/log.jsonl" "$results/train_$arm.jsonl" 2>/dev/null; done
+fi
 for arm in "${arms[@]}"; do
   weights=/tmp/train_$arm/coda.safetensors
   [ -f "$weights" ] || continue
@@ -29,7 +34,7 @@ wait
 rm -f "$results"/coda_*.safetensors
 tar czf "$OUT/round.tgz" -C /tmp round
 for arm in "${arms[@]}"; do cp "/tmp/train_$arm/coda.safetensors" "$OUT/coda_$arm.safetensors" 2>/dev/null; done
-tail -n 12 "$results/train.txt"
+[ -f "$results/train.txt" ] && tail -n 12 "$results/train.txt"
 [ -f "$results/gpu_tests.txt" ] && tail -n 3 "$results/gpu_tests.txt"
 for arm in "${arms[@]}"; do echo "$arm: $(grep -h "above tau_exact" "$results/${arm}_gatecount.txt")"; done
 for cell in "$results"/*_m16 "$results"/*_f4 "$results"/*_ppl; do

@@ -7,6 +7,10 @@
 #   multi2048  the same with 2,048-token rows and twice the rows per update
 #   distill    multi2048 plus a KL loss to the original model on every non-answer token (--distill-weight 1)
 #   distill_lowlr  the same with the LoRA at a smaller learning rate (2e-4; the gates keep theirs)
+#   distill_vf0  distill with no value-first statements (--value-first-share 0: the shipped file's own training
+#              patterns), for the Bible without teaching the gate value-first keeps
+#   distill_vf05  distill with one fact in twenty stated value first: about twice the shipped gate load, still under
+#              the exact bank's 60 slots per 16K tokens if the load grows with the share
 #   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
 #              without flooding the exact bank (benchmarks/results/facts.md, "Value-first rows flood the exact bank")
 #   refuse_distill  the same plus --distill-weight 1 (the Bible)
@@ -44,6 +48,10 @@ for arm in "${arms[@]}"; do
       --distill-weight 1) ;;
     refuse_vf10) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --gate-refuse violations
       --value-first-share 0.1) ;;
+    distill_vf0) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
+      --value-first-share 0) ;;
+    distill_vf05) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
+      --value-first-share 0.05) ;;
     distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
