@@ -13,6 +13,7 @@ GQA with its FLOP-proportional ideal (``flops_per_token``: CoDA doubles the atte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -50,12 +51,16 @@ def flops_per_token(summary: dict[str, Any], differential: bool) -> float:
     return 3 * (m["depth"] * per_layer + 2 * m["width"] * m["vocab"])
 
 
-def run(variant: str, seed: int, budget: list[str], passthrough: list[str], out: Path) -> dict[str, Any]:
-    from coda_gqa_l.training.scratch import parse_args as scratch_args
-    from coda_gqa_l.training.scratch import train
+def run(variant: str, seed: int, budget: dict[str, Any], passthrough: list[str], out: Path) -> dict[str, Any]:
+    """One run: coda-scratch's options from the command line, then this variant, seed, budget and folder."""
+    from coda_gqa_l.training.scratch import parse_args as scratch_options
+    from coda_gqa_l.training.scratch_trainer import train
 
-    argv = [*passthrough, "--attention", variant, "--seed", str(seed), *budget, "--out", str(out)]
-    summary = train(scratch_args(argv))
+    config = dataclasses.replace(scratch_options(passthrough, check=False), attention=variant, seed=seed, out=out,
+                                 **budget)  # fmt: skip
+    command = " ".join(["coda-scratch", *passthrough, "--attention", variant, "--seed", str(seed), "--out", str(out)]
+                       + [f"--{k.replace('_', '-')} {v}" for k, v in budget.items()])  # fmt: skip
+    summary = train(config, command=command)
     assert summary is not None  # one process: rank 0
     return summary
 
@@ -65,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     for variant in args.variants:  # compile and autotune outside the budgets
-        run(variant, 0, ["--max-steps", str(args.warmup_steps)], passthrough, args.out / "warmup" / variant)
+        run(variant, 0, {"max_steps": args.warmup_steps}, passthrough, args.out / "warmup" / variant)
     runs: list[dict[str, Any]] = json.loads(args.resume.read_text())["runs"] if args.resume else []
     done = {(r["mode"], r["attention"], r["seed"]) for r in runs}
     for seed in args.seeds:
         for variant in args.variants:
             if ("equal tokens", variant, seed) in done:
                 continue
-            summary = run(variant, seed, ["--token-budget", str(args.token_budget)], passthrough,
+            summary = run(variant, seed, {"token_budget": args.token_budget}, passthrough,
                           args.out / f"tokens-{variant}-s{seed}")  # fmt: skip
             runs.append({"mode": "equal tokens", **summary})
             _write(args, runs, began)
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             if ("equal wall-clock", variant, args.seeds[0]) in done:
                 continue
-            summary = run(variant, args.seeds[0], ["--time-budget", str(args.time_budget)], passthrough,
+            summary = run(variant, args.seeds[0], {"time_budget": args.time_budget}, passthrough,
                           args.out / f"time-{variant}")  # fmt: skip
             runs.append({"mode": "equal wall-clock", **summary})
             _write(args, runs, began)

@@ -17,6 +17,7 @@ Prints a table and writes OUT/scratch_step_profile.json:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -66,10 +67,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def measure(variant: str, passthrough: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from coda_gqa_l.training.scratch import build_model
-    from coda_gqa_l.training.scratch import parse_args as scratch_args
+    from coda_gqa_l.training.scratch import parse_args as scratch_options
+    from coda_gqa_l.training.scratch_model import build_model
 
-    options = scratch_args([*passthrough, "--attention", variant, "--max-steps", "1"])
+    options = dataclasses.replace(scratch_options(passthrough, check=False), attention=variant)
     model = build_model(options, args.vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(0)

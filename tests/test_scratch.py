@@ -3,7 +3,6 @@ byte, and data parallel runs under torchrun (gloo, 2 CPU processes) that match o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,10 @@ from coda_gqa_l.data.token_corpus import (
     write_token_corpus,
 )
 from coda_gqa_l.training.distributed import Cluster
-from coda_gqa_l.training.scratch import batch_starts, build_model, parse_args, rows_of_rank
+from coda_gqa_l.training.scratch import build_parser, parse_args
+from coda_gqa_l.training.scratch_config import ScratchConfig
+from coda_gqa_l.training.scratch_model import build_model
+from coda_gqa_l.training.scratch_trainer import batch_starts, rows_of_rank
 
 SMALL = ["--tokenizer", "bytes", "--depth", "2", "--width", "64", "--heads", "4", "--kv-heads", "2",
          "--ffn", "128", "--seq-len", "256", "--global-batch", "4", "--val-tokens", "2048", "--config", "tiny",
@@ -42,8 +44,27 @@ def token_cache(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _args(*extra: str) -> argparse.Namespace:
+def _args(*extra: str) -> ScratchConfig:
     return parse_args([*SMALL, "--max-steps", "1", *extra])
+
+
+def test_the_command_line_fills_the_config_a_benchmark_builds_by_name() -> None:
+    """coda-scratch's options are ScratchConfig's fields with the same defaults, and the "smoke" preset
+    is the small model these tests use on the command line: a benchmark and the CLI build the same run."""
+    assert parse_args(["--max-steps", "1"]) == ScratchConfig(max_steps=1)
+    assert _args() == ScratchConfig.preset("smoke", max_steps=1)
+    namespace = build_parser().parse_args([])
+    namespace.unknown_option = 1
+    with pytest.raises(ValueError, match="unknown_option"):
+        ScratchConfig.from_namespace(namespace)
+    with pytest.raises(ValueError, match="give a budget"):
+        ScratchConfig().check()
+    with pytest.raises(ValueError, match="do not divide"):
+        ScratchConfig.preset("smoke", heads=3).check()
+    with pytest.raises(ValueError, match="unknown ScratchConfig preset"):
+        ScratchConfig.preset("huge")
+    with pytest.raises(SystemExit):  # the command line says why and exits
+        parse_args(["--depth", "2"])
 
 
 def test_every_variant_starts_from_the_same_weights() -> None:

@@ -303,7 +303,7 @@ def test_distillation_to_the_original_model(tmp_path: Path) -> None:
     """--distill-weight: a KL loss to the unconverted model's predictions on every non-answer token.
     It is zero when the student predicts as the teacher does, positive otherwise, and a run logs it
     and records its weight in the weights file."""
-    from coda_gqa_l.training.cli import distillation_loss
+    from coda_gqa_l.training.distillation import distillation_loss
 
     teacher, _ = tiny_llama()
     teacher.eval()
@@ -328,7 +328,7 @@ def test_distillation_to_the_original_model(tmp_path: Path) -> None:
 
 def test_the_lean_distillation_gradient_matches_autograd() -> None:
     """_TeacherKL keeps one row of probabilities at a time; its value and gradient are the plain formula's."""
-    from coda_gqa_l.training.cli import _TeacherKL
+    from coda_gqa_l.training.distillation import _TeacherKL
 
     torch.manual_seed(0)
     student = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
@@ -341,6 +341,36 @@ def test_the_lean_distillation_gradient_matches_autograd() -> None:
     (plain_grad,) = torch.autograd.grad(plain * 2.0, student)
     assert float(lean.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     torch.testing.assert_close(lean_grad, plain_grad)
+
+
+def test_the_command_line_fills_the_config_a_script_builds_by_name() -> None:
+    """coda-train's options are TrainConfig's fields with the same defaults; the "smoke" preset is the
+    run tests/tiny_training.py asks for on the command line; the "facts" preset starts from the shipped
+    file with its own thresholds (coda-train checks they match)."""
+    from coda_gqa_l.models.weights import read_coda_meta
+    from coda_gqa_l.training.cli import build_parser, parse_args
+    from coda_gqa_l.training.train_config import TrainConfig
+
+    assert parse_args([]) == TrainConfig()
+    smoke = ["--tiny-model", "--config", "tiny", "--num-sink", "2", "--phase1-steps", "2", "--phase2-steps",
+             "2", "--seq-len", "128", "--phase2-seq-len", "512", "--batch-size", "2", "--needle-distance",
+             "256"]  # fmt: skip
+    assert parse_args(smoke) == TrainConfig.preset("smoke")
+    facts = TrainConfig.preset("facts")
+    assert facts.init_weights is not None
+    shipped = read_coda_meta(facts.init_weights)["convert"]["bounded"]
+    assert {k: shipped[k] for k in ("tau_exact", "novelty", "match", "max_inserts")} == {
+        name: float(value) if name != "max_inserts" else int(value)
+        for name, value in (item.split("=") for item in facts.routing)
+    }
+    namespace = build_parser().parse_args([])
+    namespace.unknown_option = 1
+    with pytest.raises(ValueError, match="unknown_option"):
+        TrainConfig.from_namespace(namespace)
+    with pytest.raises(ValueError, match="unknown TrainConfig preset"):
+        TrainConfig.preset("huge")
+    with pytest.raises(ValueError, match="value-first-share"):
+        TrainConfig(value_first_share=2.0).check()
 
 
 def test_coda_train_refuses_to_train_weights_its_file_cannot_hold(capsys: pytest.CaptureFixture[str]) -> None:
