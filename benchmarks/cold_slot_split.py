@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from coda_gqa_l.config import BoundedConfig
-from coda_gqa_l.evaluation.cli import perplexity_rows, perplexity_texts, plain_window
+from coda_gqa_l.evaluation.methods import plain_window
+from coda_gqa_l.evaluation.perplexity import perplexity_rows, perplexity_texts
 from coda_gqa_l.models.convert import convert
 from coda_gqa_l.models.loader import load_model
 
@@ -52,13 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model("smollm2")
     ids = perplexity_texts(["wikipedia"], args.tokens, tokenizer)["wikipedia"]
-    eval_args = argparse.Namespace(lengths=args.lengths, chunk=1024)
     rows = []
     for name, config in splits().items():
         assert config.storage_slots == 384, (name, config.storage_slots)
         model = convert(copy.deepcopy(base), config).eval()
         began = time.perf_counter()
-        ppl = {r["length"]: r["ppl"] for r in perplexity_rows(model, True, ids, eval_args)}
+        ppl = {r["length"]: r["ppl"] for r in perplexity_rows(model, True, ids, args.lengths, chunk=1024)}
         visible = f"{config.num_sink + config.window - config.segment + 1}-{config.num_sink + config.window}"
         rows.append({"split": name, "config": config.to_dict(), "storage_slots": config.storage_slots,
                      "visible_recent": visible, "ppl": ppl, "seconds": time.perf_counter() - began})  # fmt: skip

@@ -3,7 +3,7 @@ banks) and coda-eval's perplexity on the same tokens at every length, on a tiny 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from tiny_training import train_tiny
 
 from coda_gqa_l.baseline import BaselineGQA
-from coda_gqa_l.evaluation.cli import build_method, check_lengths, perplexity_rows
+from coda_gqa_l.evaluation.eval_config import EvalConfig
+from coda_gqa_l.evaluation.methods import build_method
+from coda_gqa_l.evaluation.perplexity import check_lengths, perplexity_rows
 from coda_gqa_l.models import convert, to_bounded
 from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 from coda_gqa_l.models.lora import add_lora
@@ -64,7 +66,7 @@ def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -
     assert meta["convert"]["differential"] is False and meta["training"]["attention"] == "gqa"
     assert meta["convert"]["bounded"] is not None
 
-    args = argparse.Namespace(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors")
+    args = EvalConfig(config="tiny", num_sink=2, weights=None, gqa_weights=out / "coda.safetensors")
     base = lambda: tiny_llama()[0]  # noqa: E731
     bounded_model, bounded = build_method("gqa-bounded", args, base)
     assert bounded and all(a.bounded and not a.layer.config.differential for a in _adapters(bounded_model))
@@ -75,10 +77,10 @@ def test_gqa_arm_trains_and_evaluates_as_the_factorial_control(tmp_path: Path) -
     for name, param in full_model.named_parameters():
         if name.endswith("lora_b"):
             torch.testing.assert_close(param, trained[name])
-    cold, _ = build_method("gqa-bounded", argparse.Namespace(**{**vars(args), "gqa_weights": None}), base)
+    cold, _ = build_method("gqa-bounded", dataclasses.replace(args, gqa_weights=None), base)
     assert all(a.bounded and not a.layer.config.differential for a in _adapters(cold))
     with pytest.raises(ValueError, match="needs differential"):
-        build_method("coda-bounded", argparse.Namespace(**{**vars(args), "weights": args.gqa_weights}), base)
+        build_method("coda-bounded", dataclasses.replace(args, weights=args.gqa_weights), base)
 
 
 def test_gqa_arm_continues_from_its_own_weights_file(tmp_path: Path) -> None:
@@ -120,8 +122,7 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
 def test_perplexity_scores_the_same_tokens_at_every_length() -> None:
     model, _ = tiny_llama()
     ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))
-    args = argparse.Namespace(lengths=[128, 256, 512], chunk=96)
-    rows = perplexity_rows(model, False, ids, args)
+    rows = perplexity_rows(model, False, ids, [128, 256, 512], chunk=96)
     assert [r["windows"] for r in rows] == [4, 2, 1]
     assert {r["scored_tokens"] for r in rows} == {511 - 3}  # positions 128, 256, 384 never count
     # the reference: each 128-token window in one plain forward pass
@@ -184,7 +185,7 @@ def test_coda_train_under_torchrun_with_two_processes(tmp_path: Path) -> None:
 def test_baselines_use_every_slot_of_the_bounded_config() -> None:
     from coda_gqa_l.config import BoundedConfig
 
-    args = argparse.Namespace(config="medium", num_sink=4, weights=None, gqa_weights=None)
+    args = EvalConfig(config="medium", num_sink=4, weights=None, gqa_weights=None)
     slots = BoundedConfig.preset("medium", num_sink=4).storage_slots  # 384
     base = lambda: tiny_llama()[0]  # noqa: E731
     for name, sinks in (("window", 0), ("streaming", 4)):

@@ -3,6 +3,7 @@ and resume, retrieval documents, and coda-eval's report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -144,6 +145,33 @@ def test_coda_eval_writes_tables_and_plots(tmp_path: Path) -> None:
     assert "routing novelty=0.8 match=0.95." in (tmp_path / "eval.md").read_text()
     with pytest.raises(ValueError, match="--routing"):
         main(args[:-5] + ["--routing", "segment=8", "--out", str(tmp_path)])
+
+
+def test_coda_eval_fills_the_config_a_benchmark_builds_by_name(tmp_path: Path) -> None:
+    """coda-eval's options are EvalConfig's fields with the same defaults; a config built in Python
+    runs the same measurement as the command line (same rows) and is checked before any model loads."""
+    from coda_gqa_l.evaluation.cli import build_parser, main, parse_args
+    from coda_gqa_l.evaluation.eval_config import EvalConfig
+    from coda_gqa_l.evaluation.run import evaluate
+
+    assert parse_args([]) == EvalConfig()
+    argv = ["--tiny-model", "--config", "tiny", "--num-sink", "2", "--lengths", "256", "512", "--trials", "0",
+            "--methods", "window", "coda-bounded", "--chunk", "128"]  # fmt: skip
+    config = EvalConfig.preset("smoke", trials=0, methods=["window", "coda-bounded"], chunk=128)
+    assert parse_args(argv) == dataclasses.replace(config, passkey_lengths=EvalConfig().passkey_lengths, batch=10)
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    results, written = evaluate(dataclasses.replace(config, out=tmp_path / "py"))
+    from_cli = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert [r["ppl"] for r in results["perplexity"]] == pytest.approx([r["ppl"] for r in from_cli["perplexity"]])
+    assert tmp_path / "py" / "eval.md" in written
+    namespace = build_parser().parse_args([])
+    namespace.unknown_option = 1
+    with pytest.raises(ValueError, match="unknown_option"):
+        EvalConfig.from_namespace(namespace)
+    with pytest.raises(ValueError, match="must divide the longest"):
+        evaluate(EvalConfig.preset("smoke", lengths=[256, 384]))
+    with pytest.raises(ValueError, match="unknown methods"):
+        EvalConfig(methods=["oracle"]).check()
 
 
 def test_coda_eval_time_budget_bounds_perplexity_too(tmp_path: Path) -> None:

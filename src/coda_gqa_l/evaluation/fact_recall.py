@@ -30,6 +30,7 @@ from ..data.passkey import wilson_interval
 from ..data.prompts import PromptFormat
 from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
+from .eval_config import EvalConfig
 
 ANSWER_TOKENS = 24
 DEPTHS = (0.1, 0.6)
@@ -181,4 +182,20 @@ def fact_rows(
             rows.append({"kind": name, "length": length, "facts": num_facts, "control": not include_facts,
                          "correct": right, "asked": asked, "accuracy": right / max(1, asked), "ci95": [low, high],
                          "examples": examples})  # fmt: skip
+    return rows
+
+
+def fact_recall_rows(model: nn.Module, bounded: bool, tokenizer: Any, hay: list[int], args: EvalConfig,
+                     window: int, deadline: float | None) -> list[dict]:  # fmt: skip
+    """Fact recall (evaluation/fact_recall.py): single facts of every kind, the no-fact control, and
+    documents of ``--fact-multi`` facts, each at least two windows before the question."""
+    if args.fact_trials == 0:
+        return []
+    common = dict(lengths=args.fact_lengths, trials=args.fact_trials, min_distance=2 * window, seed=args.seed,
+                  batch=args.batch, chunk=args.chunk, deadline=deadline)  # fmt: skip
+    rows = fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, **common)  # type: ignore[arg-type]
+    if args.fact_control:
+        rows += fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, include_facts=False, **common)  # type: ignore[arg-type]
+    if args.fact_multi > 1:
+        rows += fact_rows(model, bounded, tokenizer, hay, kinds=args.fact_kinds, num_facts=args.fact_multi, **common)  # type: ignore[arg-type]
     return rows

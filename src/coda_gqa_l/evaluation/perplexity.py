@@ -9,12 +9,17 @@ other token's negative log-likelihood is counted once.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..data import bible_text, load_wikipedia
+from ..data.tokens import token_stream
+from ..models.cache import new_cache
 from ..models.hf_compat import cache_kwargs
 
 
@@ -57,3 +62,66 @@ def stream_nll(
 def stream_perplexity(model: torch.nn.Module, ids: Tensor, cache: Any = None, chunk: int = 512) -> float:
     """``exp`` of the mean negative log-likelihood (see ``stream_nll``)."""
     return math.exp(stream_nll(model, ids, cache, chunk).mean().item())
+
+
+def perplexity_rows(
+    model: nn.Module,
+    bounded: bool,
+    ids: torch.Tensor,
+    lengths: Sequence[int],
+    chunk: int = 1024,
+    deadline: float | None = None,
+) -> list[dict]:
+    """Perplexity of the same tokens at every context length: ``ids`` (the longest length) cut
+    into windows of each of ``lengths`` tokens, each read from an empty state as a stream in pieces of
+    ``chunk`` tokens.
+
+    Only positions that are predicted at every length are scored (every position but those at a
+    multiple of the shortest length), so the lengths differ in context alone. Lengths not begun
+    by ``deadline`` (``time.monotonic()``) are marked skipped.
+    """
+    total, shortest = ids.shape[1], min(lengths)
+    scored = torch.arange(1, total) % shortest != 0
+    rows: list[dict] = []
+    for length in lengths:
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({"length": length, "status": "skipped (time budget)"})
+            continue
+        began = time.perf_counter()
+        pieces = []
+        for start in range(0, total, length):
+            window = ids[:, start : start + length]
+            nll = stream_nll(model, window, new_cache(model, bounded, chunk), chunk=chunk)
+            # position start + 1 + i of the text; the window's first token has no prediction
+            pieces.append(torch.cat([nll.new_full((1,), math.nan), nll]) if start else nll)
+        nll = torch.cat(pieces)[scored]
+        rows.append({"length": length, "windows": total // length, "scored_tokens": int(nll.numel()),
+                     "ppl": math.exp(nll.mean().item()), "seconds": time.perf_counter() - began})  # fmt: skip
+    return rows
+
+
+def check_lengths(lengths: list[int]) -> None:
+    """Every length must divide the longest and be a multiple of the shortest (same tokens)."""
+    longest, shortest = max(lengths), min(lengths)
+    bad = [n for n in lengths if longest % n or n % shortest]
+    if bad:
+        raise ValueError(f"--lengths {bad} must divide the longest ({longest}) and be multiples of the shortest")
+
+
+def perplexity_texts(names: Sequence[str], tokens: int, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The first ``tokens`` tokens ``(1, tokens)`` of each perplexity text (``wikipedia``: the held-out
+    articles; ``bible``: the King James Bible as one document). Raises if a text is shorter."""
+    sources = {
+        "wikipedia": lambda: [d.text for d in load_wikipedia("heldout")],
+        # a prefix is enough (a token is ~4 characters) and tokenizing all 4 MB takes a while
+        "bible": lambda: [bible_text()[: 16 * tokens]],
+    }
+    texts = {}
+    for name in names:
+        if name not in sources:
+            raise ValueError(f"unknown perplexity text {name!r}; choose from {sorted(sources)}")
+        ids = token_stream(sources[name](), tokenizer)
+        if len(ids) < tokens:
+            raise ValueError(f"the {name} text has {len(ids)} tokens, fewer than asked ({tokens})")
+        texts[name] = torch.tensor([ids[:tokens]])
+    return texts
