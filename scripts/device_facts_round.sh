@@ -15,8 +15,8 @@ arms=("$@")
 results=/tmp/round
 mkdir -p "$results"
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  python -m pytest -q -m gpu tests/test_decode.py tests/test_routing_kernel.py tests/test_diff_attention_kernel.py \
-    tests/test_combine_kernel.py tests/test_rope_kernel.py tests/test_baseline.py > "$results/gpu_tests.txt" 2>&1 &
+  python -m pytest -q -m gpu tests/test_decode.py tests/kernels/test_routing.py tests/kernels/test_diff_attention.py \
+    tests/kernels/test_combine.py tests/kernels/test_rope.py tests/test_baseline.py > "$results/gpu_tests.txt" 2>&1 &
 fi
 if [ "${EVAL_ONLY:-0}" != 1 ]; then
   bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1

@@ -16,7 +16,7 @@ Splits are fixed so that nothing evaluated is ever trained on:
 * haystacks: the callers pass the corpus split (training: Wikipedia's and the essays' train
   parts; evaluation: their held-out parts).
 
-``tests/test_facts.py`` checks that no evaluation pattern or value reaches a training document.
+``tests/data/test_facts.py`` checks that no evaluation pattern or value reaches a training document.
 Value lists come from Faker's providers (names, places, companies, catch phrases, colours) where
 it has them; units, objects and subjects are short lists written here.
 

@@ -203,7 +203,7 @@ def test_gqa_arm_driver_runs_every_stage_and_skips_finished_ones(
     from tiny_training import TEXT
 
     spec = importlib.util.spec_from_file_location(
-        "train_gqa_arm", Path(__file__).parents[1] / "benchmarks/train_gqa_arm.py"
+        "train_gqa_arm", Path(__file__).parents[2] / "benchmarks/train_gqa_arm.py"
     )
     assert spec is not None and spec.loader is not None
     driver = importlib.util.module_from_spec(spec)

@@ -155,7 +155,7 @@ def test_coda_train_from_scratch_runs_in_process(tmp_path: Path, token_cache: Pa
 
 @pytest.mark.slow
 def test_scratch_compare_benchmark_writes_its_tables_and_plot(tmp_path: Path, token_cache: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_compare.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "scratch_compare.py"
     first, out = tmp_path / "first", tmp_path / "compare"
     common = [sys.executable, str(script), "--token-budget", "2048", "--warmup-steps", "1", *SMALL,
               "--eval-every", "1", "--cache-dir", str(token_cache)]  # fmt: skip
@@ -181,7 +181,7 @@ def test_scratch_compare_benchmark_writes_its_tables_and_plot(tmp_path: Path, to
 
 @pytest.mark.slow
 def test_scratch_scaling_benchmark_compares_one_and_two_processes(tmp_path: Path, token_cache: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_scaling.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "scratch_scaling.py"
     out = tmp_path / "scaling"
     command = [sys.executable, str(script), "--processes", "2", "--port", str(29800 + os.getpid() % 100),
                "--out", str(out), "--", *SMALL, "--attention", "coda", "--max-steps", "3"]  # fmt: skip

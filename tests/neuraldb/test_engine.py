@@ -159,7 +159,7 @@ _WRITER = textwrap.dedent(
 def test_two_processes_writing_one_store(tmp_path: Path) -> None:
     store = tmp_path / "store"
     NeuralDatabase.tiny_for_tests(store)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(store), name], env=env) for name in ("a", "b")]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     db = NeuralDatabase.tiny_for_tests(store)
@@ -186,7 +186,7 @@ _MEMORY = textwrap.dedent(
 
 @pytest.mark.slow
 def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"))
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY, str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=600
     )
@@ -356,12 +356,12 @@ def test_ctrl_c_stops_an_ingest_promptly_and_keeps_the_store(tmp_path: Path) -> 
 
 
 def test_a_store_made_by_release_0_1_0_still_opens_and_answers(tmp_path: Path) -> None:
-    """tests/data/store_0_1_0 was written by coda-gqa-l 0.1.0 (commit 6b297fd, transformers 5.17) with the tiny model;
-    its ingest's answer to "Code?" (8 tokens) was recorded then."""
+    """tests/fixtures/store_0_1_0 was written by coda-gqa-l 0.1.0 (commit 6b297fd, transformers 5.17) with the
+    tiny model; its ingest's answer to "Code?" (8 tokens) was recorded then."""
     import shutil
 
     store = tmp_path / "store"
-    shutil.copytree(Path(__file__).parent / "data" / "store_0_1_0", store)
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "store_0_1_0", store)
     db = NeuralDatabase.tiny_for_tests(store)
     (info,) = db.list()
     assert info.label == "keeper" and info.tokens == 1760 and db.store.orphans() == []

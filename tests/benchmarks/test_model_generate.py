@@ -18,7 +18,7 @@ import torch
 from coda_gqa_l.models import BoundedCache
 from coda_gqa_l.models.hf_compat import cache_kwargs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "model_generate.py"
 
 
