@@ -27,7 +27,7 @@ PACKAGE = "coda_gqa_l"
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help")),
+    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help", "run_settings")),
     ("kernels", ("kernels",)),
     ("core", ("banks", "segment_attention", "decode_view", "differential", "attention", "baseline", "decode",
               "statefile")),

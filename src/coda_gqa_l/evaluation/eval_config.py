@@ -8,13 +8,11 @@ option names with ``_`` for ``-``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..data.facts import KINDS
+from ..run_settings import RunSettings
 from .perplexity import check_lengths
 
 METHODS = ("original", "window", "streaming", "coda-unbounded", "coda-bounded", "gqa-unbounded", "gqa-bounded")
@@ -23,7 +21,7 @@ PERPLEXITY_TEXTS = ("wikipedia", "bible")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunSettings):
     """A coda-eval run (docs/evaluation.md). The defaults are the command line's."""
 
     model: str = "smollm2"
@@ -54,22 +52,6 @@ class EvalConfig:
     out: Path = Path("runs/coda-eval")
     tiny_model: bool = False
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> EvalConfig:
-        """A named starting point (``PRESETS``) with ``overrides`` on top; unknown names raise."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown EvalConfig preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> EvalConfig:
-        """The command line's parsed options; an option that is not a field (or the reverse) raises,
-        so the parser and the dataclass cannot drift apart."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(vars(args)) != names:
-            raise ValueError(f"options and EvalConfig fields differ: {sorted(set(vars(args)) ^ names)}")
-        return cls(**vars(args))
-
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot run."""
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -80,12 +62,8 @@ class EvalConfig:
             raise ValueError(f"unknown perplexity texts {unknown}; choose from {list(PERPLEXITY_TEXTS)}")
         check_lengths(self.lengths)
 
-    def as_record(self) -> dict[str, str]:
-        """Every setting as text, as the results' metadata keeps them."""
-        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-
-PRESETS: dict[str, EvalConfig] = {
+EvalConfig.PRESETS = {
     # the command line's defaults: the five methods, perplexity 2K-16K, pass keys at 4K and 16K
     "default": EvalConfig(),
     # the fact-memory cells of benchmarks/results/facts.md for the bounded model: single facts of every kind at

@@ -8,17 +8,16 @@ records them under those names.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from ..run_settings import RunSettings
 
 ATTENTIONS = ("gqa", "coda", "coda-bounded")
 
 
 @dataclass
-class ScratchConfig:
+class ScratchConfig(RunSettings):
     """A from-scratch run: model shape, data, optimiser, budget, evaluation and where it writes.
 
     At least one budget (``time_budget``, ``token_budget``, ``max_steps``) must be given before it
@@ -57,23 +56,6 @@ class ScratchConfig:
     out: Path = Path("runs/coda-scratch")
     cache_dir: Path | None = None
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ScratchConfig:
-        """A named starting point (``PRESETS``) with ``overrides`` on top; unknown names raise."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown ScratchConfig preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> ScratchConfig:
-        """The command line's parsed options; an option that is not a field (or the reverse) raises,
-        so the parser and the dataclass cannot drift apart."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = set(vars(args))
-        if given != names:
-            raise ValueError(f"options and ScratchConfig fields differ: {sorted(given ^ names)}")
-        return cls(**vars(args))
-
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
         if self.attention not in ATTENTIONS:
@@ -83,12 +65,8 @@ class ScratchConfig:
         if self.width % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"--width {self.width}, --heads {self.heads}, --kv-heads {self.kv_heads} do not divide")
 
-    def as_record(self) -> dict[str, str]:
-        """Every setting as text, as a checkpoint's metadata keeps them."""
-        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-
-PRESETS: dict[str, ScratchConfig] = {
+ScratchConfig.PRESETS = {
     # the command line's defaults: a 8 x 512 Llama on SmolLM2's tokenizer (results/from_scratch.md)
     "default": ScratchConfig(),
     # a two-layer byte model that trains in seconds on a CPU (tests, smoke runs)

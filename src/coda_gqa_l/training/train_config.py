@@ -9,26 +9,26 @@ compares them (``trainer.RESUME_MUST_MATCH``).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from ..data.training_rows import FACT_COUNTS
 from ..models.pretrained import SHIPPED_WEIGHTS
+from ..run_settings import RunSettings
 from .gate_supervision import REFUSE_MODES
 
 ATTENTIONS = ("coda", "gqa")
 TRAINABLE = ("coda", "coda+lora")
-# options of the command line that are not settings of a run: --from-scratch hands over to coda-scratch
-NOT_SETTINGS = ("from_scratch",)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """A coda-train run: model, data mix, phases, optimiser, the write-gate hinge, distillation,
     budget and where it writes (docs/training.md). The defaults are the command line's."""
+
+    # --from-scratch is an option of the command line, not a setting: it hands over to coda-scratch
+    NOT_SETTINGS: ClassVar[tuple[str, ...]] = ("from_scratch",)
 
     model: str = "smollm2"
     corpus: str = "wikipedia"
@@ -71,23 +71,6 @@ class TrainConfig:
     time_budget: float | None = None
     tiny_model: bool = False
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
-        """A named starting point (``PRESETS``) with ``overrides`` on top; unknown names raise."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown TrainConfig preset {name!r}; choose from {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_namespace(cls, args: argparse.Namespace) -> TrainConfig:
-        """The command line's parsed options; an option that is not a field (or the reverse) raises,
-        so the parser and the dataclass cannot drift apart."""
-        given = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(given) != names:
-            raise ValueError(f"options and TrainConfig fields differ: {sorted(set(given) ^ names)}")
-        return cls(**given)
-
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
         if self.attention not in ATTENTIONS:
@@ -99,12 +82,8 @@ class TrainConfig:
         if self.value_first_share is not None and not 0.0 <= self.value_first_share <= 1.0:
             raise ValueError(f"--value-first-share must be between 0 and 1, got {self.value_first_share}")
 
-    def as_record(self) -> dict[str, str]:
-        """Every setting as text, as a checkpoint's metadata keeps them."""
-        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-
-PRESETS: dict[str, TrainConfig] = {
+TrainConfig.PRESETS = {
     # the command line's defaults
     "default": TrainConfig(),
     # the tiny random Llama on byte text: two updates per phase, seconds on a CPU (tests, smoke runs)

@@ -180,6 +180,7 @@ def _provenance(path: Path) -> dict[str, Any]:
 def _start_from_weights(model: nn.Module, args: TrainConfig, bounded: BoundedConfig) -> int:
     """Load a CoDA weights file (e.g. the shipped one) as the starting point; returns the phase to
     start in: 2 when the file is already bounded (phase 1 is skipped), else 1."""
+    assert args.init_weights is not None  # the caller starts from a file only when one is given
     meta = read_coda_meta(args.init_weights)
     settings, lora = meta["convert"], meta.get("lora") or {}
     if bool(settings.get("differential", True)) != (args.attention == "coda"):
