@@ -30,7 +30,7 @@ from .banks import Banks, route_chunk
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
-from .kernels.dispatch import backend, decode_view_allowed
+from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
@@ -310,7 +310,7 @@ class BoundedCoDAAttention(nn.Module):
         if cfg.position_mode == "absolute":
             cos, sin = core.rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
             k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
-        fused = backend(device) == "triton"
+        fused = fused_bounded_chunk(device)
         if n == 1 and not fused and not self.collect_metrics and not torch.is_grad_enabled() and decode_view_allowed():
             if start % cfg.segment and decode_view.applies(cfg, start):  # a segment's first token routes: below
                 return self._step_on_view(q, k, v, lam, g, state)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
 from .kernels.diff_attention import fused_attention
-from .kernels.dispatch import backend, unbounded_path
+from .kernels.dispatch import unbounded_attention
 from .kernels.rope import rotate_and_stack
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 
@@ -214,9 +214,9 @@ class _UnboundedAttention(nn.Module):
         q, k, v, lam = core.project(x)
         length = x.shape[1]
         positions = torch.arange(start, start + length, device=x.device)
-        triton = backend(x.device) == "triton"
+        plan = unbounded_attention(x.device, core.differential, has_prefix=start > 0, padded=key_padding is not None)
         stacked = None
-        if core.differential and triton and start == 0 and unbounded_path() == "sdpa":
+        if plan == "sdpa":
             # no cached prefix: SDPA's attention between the fused rotation and the fused combine
             cos, sin = core.rope.cos_sin(positions, torch.float32)
             stacked = rotate_and_stack(q, cos, sin, core.theta, core.num_kv_heads, core.rope.layout)
@@ -228,7 +228,7 @@ class _UnboundedAttention(nn.Module):
         if append is not None:
             k, v = append(k, v)
         total = k.shape[2]
-        if stacked is None and core.differential and key_padding is None and triton:
+        if plan == "fused":
             # both streams in one pass over K and V, the combine and head norm fused (docs/kernels.md)
             norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
             out = fused_attention(

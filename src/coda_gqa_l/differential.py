@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels.combine import differential_combine
-from .kernels.dispatch import backend, unbounded_path
+from .kernels.dispatch import fused_combine
 from .primitives import HeadwiseRMSNorm, RMSNorm, RopeLayout, RotaryEmbedding, apply_rope, expand_pairs
 
 HeadNorm = Literal["rms", "identity"]
@@ -150,7 +150,7 @@ class DifferentialCore(nn.Module):
         ``o = N(signal - lambda * noise)``, then ``W_o``.
         """
         b, _, _, length, d = attended.shape
-        if lam is not None and unbounded_path() == "sdpa" and backend(attended.device) == "triton":
+        if lam is not None and fused_combine(attended.device, differential=True):
             # one pass forward and one backward instead of ~10 over float32 temporaries (kernels/combine.py)
             norm = self.head_norm if isinstance(self.head_norm, HeadwiseRMSNorm) else None
             weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import backend, tile_size
+from .dispatch import tile_size, use_triton
 
 
 def combine_reference(attended: Tensor, lam: Tensor, norm_weight: Tensor | None, eps: float) -> Tensor:
@@ -44,7 +44,7 @@ def differential_combine(attended: Tensor, lam: Tensor, norm_weight: Tensor | No
         raise ValueError(f"lam must be (B, H, L) = {(b, hkv * streams // 2, length)}, got {tuple(lam.shape)}")
     if norm_weight is not None and norm_weight.shape != (hkv * streams // 2, d):
         raise ValueError(f"norm_weight must be (H, Dh) = {(hkv * streams // 2, d)}, got {tuple(norm_weight.shape)}")
-    if backend(attended.device) != "triton":
+    if not use_triton(attended.device):
         return combine_reference(attended, lam, norm_weight, eps)
     return _FusedCombine.apply(attended, lam, norm_weight, eps)  # type: ignore[no-any-return]
 

@@ -19,17 +19,15 @@ Output ``(B, L, H, Dh)``: ``N(attn(q_sig) - lam * attn(q_noise))`` per head, rea
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .dispatch import backend, interpreting, tile_size
+from .dispatch import autotune, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
-AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def _kernels() -> dict[str, Any]:
     """
     from . import diff_attention_triton as kt
 
-    if interpreting() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+    if not autotune():
         return {"fwd": kt._fwd_kernel, "dkdv": kt._bwd_dkdv_main_kernel, "dq": kt._bwd_dq_kernel, "tuned": False}
     import triton
 
@@ -413,7 +411,7 @@ def fused_attention(
     then reads it with a host synchronisation.
     """
     _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
-    if backend(q.device) == "triton":
+    if use_triton(q.device):
         pos = q_start if isinstance(q_start, Tensor) else torch.tensor(q_start, device=q.device, dtype=torch.int64)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)

@@ -1,4 +1,10 @@
-"""Which implementation runs: the Triton kernels or the PyTorch references."""
+"""Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
+made here, from three environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
+differential attention runs on Triton) and ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune). The
+layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
+``fused_combine``); the kernel modules ask ``use_triton``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ BACKEND_ENV = "CODA_GQA_L_KERNELS"
 Backend = Literal["triton", "torch"]
 UNBOUNDED_ENV = "CODA_GQA_L_UNBOUNDED_ATTENTION"
 UnboundedPath = Literal["fused", "sdpa"]
+AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
+UnboundedAttention = Literal["sdpa", "fused", "reference"]
 
 
 @functools.cache
@@ -91,3 +99,42 @@ def unbounded_path() -> UnboundedPath:
 def tile_size(n: int, least: int = 16) -> int:
     """Power-of-two tile size for ``n`` rows or columns, at least ``least`` (16: the smallest ``tl.dot`` tile)."""
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def use_triton(device: torch.device | str) -> bool:
+    """Whether a kernel module runs its Triton kernel for tensors on ``device`` (else its reference)."""
+    return backend(device) == "triton"
+
+
+def autotune() -> bool:
+    """Whether the Triton kernels autotune over block shapes (``CODA_GQA_L_AUTOTUNE=0``: the default
+    shapes, as tests want; the interpreter runs one shape)."""
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def fused_bounded_chunk(device: torch.device | str) -> bool:
+    """Whether the bounded layer reads a chunk with the fused kernels (routing in one launch per chunk,
+    the fused attention) rather than the PyTorch reference (and its one-token decode view)."""
+    return use_triton(device)
+
+
+def unbounded_attention(
+    device: torch.device | str, differential: bool, has_prefix: bool, padded: bool
+) -> UnboundedAttention:
+    """How unbounded attention runs for one call: ``sdpa`` (the fused RoPE and noise rotation, SDPA over
+    the stacked queries, the fused combine), ``fused`` (one Triton kernel for both streams, the
+    combine and the head norm) or ``reference`` (RoPE, SDPA per stream, the combine in PyTorch).
+
+    The stacked SDPA path needs no cached prefix; the fused kernel takes no padding mask; plain GQA
+    always runs the reference."""
+    if not differential or not use_triton(device):
+        return "reference"
+    if not has_prefix and unbounded_path() == "sdpa":
+        return "sdpa"
+    return "reference" if padded else "fused"
+
+
+def fused_combine(device: torch.device | str, differential: bool) -> bool:
+    """Whether ``signal - lambda * noise``, the head norm and the cast run as one Triton pass
+    (kernels/combine.py) after SDPA, rather than as PyTorch operations."""
+    return differential and unbounded_path() == "sdpa" and use_triton(device)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import RopeLayout, apply_rope, expand_pairs
-from .dispatch import backend
+from .dispatch import use_triton
 
 
 def _block_d(head_dim: int) -> int:
@@ -86,7 +86,7 @@ def rotate_and_stack(
     for the tokens' positions, ``theta (H, Dh/2)`` the noise angles (None: no noise heads) ->
     ``(B, Hkv, 2G or G, L, Dh)``, with gradients for ``q`` and ``theta``. Keys: ``num_kv_heads``
     equal to their head count and no ``theta`` (the result's stream axis has size 1)."""
-    if backend(q.device) != "triton":
+    if not use_triton(q.device):
         return rotate_and_stack_reference(q, cos, sin, theta, num_kv_heads, layout)
     return _RotateStack.apply(q, cos, sin, theta, num_kv_heads, layout)  # type: ignore[no-any-return]
 

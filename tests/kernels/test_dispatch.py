@@ -1,0 +1,95 @@
+"""One dispatch: every choice between the Triton kernels and the PyTorch references is made in
+kernels/dispatch.py, from environment variables read nowhere else."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from coda_gqa_l.kernels import dispatch
+
+SOURCE = Path(dispatch.__file__).resolve().parents[1]
+
+
+def test_the_kernel_settings_are_read_in_dispatch_only() -> None:
+    names = {dispatch.BACKEND_ENV, dispatch.UNBOUNDED_ENV, dispatch.AUTOTUNE_ENV}
+    readers = set()
+    for path in SOURCE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                readers.add(path.relative_to(SOURCE).as_posix())
+    assert readers == {"kernels/dispatch.py"}
+    # and no module outside dispatch compares backends itself (``backend(x) == "triton"``): it asks
+    # dispatch for a decision by name; reporting which backend ran (a summary's field) is no choice
+    choosers = set()
+    for path in SOURCE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(_calls_backend(side) for side in (node.left, *node.comparators)):
+                choosers.add(path.relative_to(SOURCE).as_posix())
+    assert choosers == {"kernels/dispatch.py"}
+
+
+def _calls_backend(node: ast.expr) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    return (isinstance(func, ast.Name) and func.id == "backend") or (
+        isinstance(func, ast.Attribute) and func.attr == "backend"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kernels", "unbounded", "expected"),
+    [
+        # (differential, cached prefix, padded) -> plan, for each setting
+        ("torch", "sdpa", {(True, False, False): "reference", (True, True, False): "reference"}),
+        (
+            "triton",
+            "sdpa",
+            {
+                (True, False, False): "sdpa",
+                (True, False, True): "sdpa",
+                (True, True, False): "fused",
+                (True, True, True): "reference",
+                (False, False, False): "reference",
+            },
+        ),  # fmt: skip
+        (
+            "triton",
+            "fused",
+            {
+                (True, False, False): "fused",
+                (True, True, False): "fused",
+                (True, False, True): "reference",
+                (False, True, False): "reference",
+            },
+        ),  # fmt: skip
+    ],
+)
+def test_unbounded_attention_plans(
+    monkeypatch: pytest.MonkeyPatch, kernels: str, unbounded: str, expected: dict[tuple[bool, bool, bool], str]
+) -> None:
+    """On the CPU the Triton path is the interpreter's (conftest sets TRITON_INTERPRET=1)."""
+    if kernels == "triton" and not dispatch.triton_available():
+        pytest.skip("Triton is not installed")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, kernels)
+    monkeypatch.setenv(dispatch.UNBOUNDED_ENV, unbounded)
+    for (differential, prefix, padded), plan in expected.items():
+        assert dispatch.unbounded_attention("cpu", differential, prefix, padded) == plan
+    triton = kernels == "triton"
+    assert dispatch.use_triton("cpu") is triton and dispatch.fused_bounded_chunk("cpu") is triton
+    assert dispatch.fused_combine("cpu", differential=True) is (triton and unbounded == "sdpa")
+    assert dispatch.fused_combine("cpu", differential=False) is False
+
+
+def test_autotuning_is_off_in_the_interpreter_and_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
+    assert dispatch.autotune()
+    monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "0")
+    assert not dispatch.autotune()
+    monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not dispatch.autotune()
