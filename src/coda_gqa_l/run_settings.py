@@ -38,6 +38,23 @@ class RunSettings:
             raise ValueError(f"options and {cls.__name__} fields differ: {sorted(set(given) ^ names)}")
         return cls(**given)
 
+    @classmethod
+    def from_command_line(
+        cls: type[Settings], parser: argparse.ArgumentParser, argv: list[str] | None, check: bool = True
+    ) -> Settings:
+        """``argv`` parsed by ``parser`` into settings; with ``check``, a setting that cannot run ends
+        the command with its reason (``parser.error``, exit status 2)."""
+        settings = cls.from_namespace(parser.parse_args(argv))
+        if check:
+            try:
+                settings.check()
+            except ValueError as exc:
+                parser.error(str(exc))
+        return settings
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting that cannot run (the subclass says which)."""
+
     def as_record(self) -> dict[str, str]:
         """Every setting as text, as a checkpoint's or report's metadata keeps them."""
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     """The command line as an ``EvalConfig`` (``evaluate`` checks it before loading any model)."""
-    return EvalConfig.from_namespace(build_parser().parse_args(argv))
+    return EvalConfig.from_command_line(build_parser(), argv, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,22 +145,26 @@ class NeuralDatabase:
         if self.weights:
             extra["weights"] = self.weights
         cache.save(path, model_fingerprint=self.fingerprint, extra=extra)
+        return self._insert(path, cache, label=label, source=source, tokens=int(ids.shape[1]), created=created)
+
+    def _insert(
+        self, path: Path, cache: BoundedCache, *, label: str, source: str, tokens: int, created: str
+    ) -> DocumentInfo:
+        """Index the state file at ``path`` (already in the store) as a new document; when another
+        process stored the same source meanwhile, drop our copy and return theirs."""
         info = DocumentInfo(
             id=0,
             label=label,
             source_sha256=source,
             model_fingerprint=self.fingerprint,
             config=self.config,
-            tokens=int(ids.shape[1]),
+            tokens=tokens,
             created=created,
             state_bytes=cache.nbytes(),
             file_bytes=path.stat().st_size,
-            full_cache_bytes=self._per_token_bytes * int(ids.shape[1]),
+            full_cache_bytes=self._per_token_bytes * tokens,
             state_file=path.name,
         )
-        return self._insert(info)
-
-    def _insert(self, info: DocumentInfo) -> DocumentInfo:
         try:
             return self.index.insert(info)
         except sqlite3.IntegrityError:  # another process stored the same source meanwhile
@@ -265,20 +269,9 @@ class NeuralDatabase:
             return existing
         dest = self.store.new_state_path()
         shutil.copyfile(path, dest)
-        info = DocumentInfo(
-            id=0,
-            label=label,
-            source_sha256=source,
-            model_fingerprint=self.fingerprint,
-            config=self.config,
-            tokens=tokens,
-            created=created or str(meta.get("created")),
-            state_bytes=cache.nbytes(),
-            file_bytes=dest.stat().st_size,
-            full_cache_bytes=self._per_token_bytes * tokens,
-            state_file=dest.name,
+        return self._insert(
+            dest, cache, label=label, source=source, tokens=tokens, created=created or str(meta.get("created"))
         )
-        return self._insert(info)
 
 
 MAX_LABEL = 200  # characters; a label names a document in lists and export file names

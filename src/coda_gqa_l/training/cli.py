@@ -149,13 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The command line as a ``TrainConfig``; a setting that cannot train exits with its reason."""
-    parser = build_parser()
-    config = TrainConfig.from_namespace(parser.parse_args(argv))
-    try:
-        config.check()
-    except ValueError as exc:
-        parser.error(str(exc))
-    return config
+    return TrainConfig.from_command_line(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,14 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None, check: bool = True) -> ScratchConfig:
     """The command line as a ``ScratchConfig``; a setting that cannot train exits with its reason
     (``check=False``: options a benchmark completes, e.g. with its own budget, before training)."""
-    parser = build_parser()
-    config = ScratchConfig.from_namespace(parser.parse_args(argv))
-    try:
-        if check:
-            config.check()
-    except ValueError as exc:
-        parser.error(str(exc))
-    return config
+    return ScratchConfig.from_command_line(build_parser(), argv, check=check)
 
 
 def main(argv: list[str] | None = None) -> int:
