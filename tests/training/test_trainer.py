@@ -172,6 +172,8 @@ def test_coda_eval_fills_the_config_a_benchmark_builds_by_name(tmp_path: Path) -
         evaluate(EvalConfig.preset("smoke", lengths=[256, 384]))
     with pytest.raises(ValueError, match="unknown methods"):
         EvalConfig(methods=["oracle"]).check()
+    with pytest.raises(ValueError, match="at least one method"):
+        EvalConfig(methods=[]).check()
 
 
 def test_coda_eval_time_budget_bounds_perplexity_too(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ class EvalConfig(RunSettings):
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot run."""
+        if not self.methods:
+            raise ValueError(f"give at least one method of {list(METHODS)}")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
