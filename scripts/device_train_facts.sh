@@ -11,6 +11,8 @@
 #              patterns), for the Bible without teaching the gate value-first keeps
 #   distill_vf05  distill with one fact in twenty stated value first: about twice the shipped gate load, still under
 #              the exact bank's 60 slots per 16K tokens if the load grows with the share
+#   distill_vf05_4096  the same on 4,096-token rows (8 per update): the answer loss then sees read-outs from further
+#              back, among more held tokens (results/facts.md: distill_vf05's 16K misses are read-out)
 #   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
 #              without flooding the exact bank (benchmarks/results/facts.md, "Value-first rows flood the exact bank")
 #   refuse_distill  the same plus --distill-weight 1 (the Bible)
@@ -51,6 +53,8 @@ for arm in "${arms[@]}"; do
     distill_vf0) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
       --value-first-share 0) ;;
     distill_vf05) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
+      --value-first-share 0.05) ;;
+    distill_vf05_4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8 --distill-weight 1
       --value-first-share 0.05) ;;
     distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
