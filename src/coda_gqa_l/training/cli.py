@@ -27,7 +27,7 @@ from ..cli_help import HelpFormatter, first_paragraph
 from .gate_supervision import REFUSE_MODES
 from .scratch import main as scratch_main
 from .train_config import ATTENTIONS, TRAINABLE, TrainConfig
-from .trainer import CHECKPOINT, train
+from .trainer import CHECKPOINT, TrainingSetupError, train
 
 __all__ = ["CHECKPOINT", "build_parser", "main", "parse_args"]
 
@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--from-scratch" in argv:  # the from-scratch mode has its own options (coda-scratch --help)
         return scratch_main([a for a in argv if a != "--from-scratch"])
-    return train(parse_args(argv))
+    try:
+        return train(parse_args(argv))
+    except TrainingSetupError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ from .train_config import TrainConfig
 CHECKPOINT = "checkpoint.safetensors"
 
 
+class TrainingSetupError(ValueError):
+    """Settings that cannot train together (thresholds, a checkpoint written with other settings);
+    ``coda-train`` ends with its message, a script can catch it."""
+
+
 def train(args: TrainConfig, cluster: Cluster | None = None) -> int:
     """Run the two phases (or what is left of them after ``resume``); 0 when done or stopped by the
     time budget with a checkpoint. Without a ``cluster`` it opens one on ``args.device`` (torchrun's
@@ -76,9 +81,9 @@ def train(args: TrainConfig, cluster: Cluster | None = None) -> int:
         routing = parse_routing(args.routing)
         bounded = dataclasses.replace(preset, differential=args.attention == "coda", **routing)
     except ValueError as exc:
-        raise SystemExit(f"coda-train: {exc}") from None
+        raise TrainingSetupError(f"coda-train: {exc}") from None
     if args.gate_weight > 0 and not 0 < args.gate_drop < bounded.tau_exact < args.gate_keep < 1:
-        raise SystemExit(
+        raise TrainingSetupError(
             f"coda-train: need 0 < --gate-drop ({args.gate_drop}) < tau_exact ({bounded.tau_exact}) "
             f"< --gate-keep ({args.gate_keep}) < 1, or the hinge cannot separate kept from refused tokens"
         )
@@ -210,7 +215,7 @@ def _check_resumable(meta: dict[str, Any], args: TrainConfig, checkpoint: Path) 
     differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
     if differ:
         detail = ", ".join(f"--{k.replace('_', '-')} {old} (now {new})" for k, (old, new) in differ.items())
-        raise SystemExit(f"coda-train: {checkpoint} was written with {detail}; resume with the same settings")
+        raise TrainingSetupError(f"coda-train: {checkpoint} was written with {detail}; resume with the same settings")
 
 
 def _meta(args: TrainConfig, phase: int, step: int) -> dict[str, Any]:
