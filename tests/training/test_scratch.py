@@ -61,6 +61,8 @@ def test_the_command_line_fills_the_config_a_benchmark_builds_by_name() -> None:
         ScratchConfig().check()
     with pytest.raises(ValueError, match="do not divide"):
         ScratchConfig.preset("smoke", heads=3).check()
+    model = build_model(ScratchConfig.preset("smoke", max_steps=None), 257)  # a model needs no budget
+    assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(ValueError, match="unknown ScratchConfig preset"):
         ScratchConfig.preset("huge")
     with pytest.raises(SystemExit):  # the command line says why and exits

@@ -58,10 +58,14 @@ class ScratchConfig(RunSettings):
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTIONS)}")
         if self.time_budget is None and self.token_budget is None and self.max_steps is None:
             raise ValueError("give a budget: --time-budget, --token-budget or --max-steps")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """Raise ValueError naming the first setting that cannot build the model (no budget needed)."""
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTIONS)}")
         if self.width % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"--width {self.width}, --heads {self.heads}, --kv-heads {self.kv_heads} do not divide")
 

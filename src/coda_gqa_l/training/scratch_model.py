@@ -21,7 +21,7 @@ def build_model(config: ScratchConfig, vocab_size: int) -> nn.Module:
     """A random Llama of the requested shape, its attention converted to the chosen variant."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config.check()
+    config.check_model()
     llama = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=config.width,
