@@ -114,15 +114,23 @@ def test_a_bounded_run_whose_sequences_fit_the_window_is_refused() -> None:
         build_model(_args("--attention", "coda-bounded", "--seq-len", "128"), 257)
 
 
+FSDP_EXIT_ABORT = "terminate called without an active exception"
+
+
 def _run(out: Path, cache: Path, processes: int, *extra: str) -> list[dict]:
     command = [sys.executable, "-m", "coda_gqa_l.training.scratch"]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(29600 + os.getpid() % 200), "-m", "coda_gqa_l.training.scratch"]  # fmt: skip
     command += [*SMALL, "--max-steps", "3", "--eval-every", "3", "--cache-dir", str(cache), "--out", str(out), *extra]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    for _attempt in range(2):
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        # Gloo's FSDP teardown on the CPU can abort a rank as the process exits, after the run has finished
+        # (pytorch/pytorch#90549; once in three CI runs on 2026-12-04): that one failure is run again once
+        if done.returncode == 0 or FSDP_EXIT_ABORT not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
