@@ -33,7 +33,7 @@ from pathlib import Path
 from ..cli_help import HelpFormatter, first_paragraph
 from ..data.facts import KINDS
 from .eval_config import METHODS, PERPLEXITY_TEXTS, EvalConfig
-from .run import evaluate
+from .run import EvaluationSetupError, evaluate
 
 DEFAULTS = EvalConfig()
 
@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         _, written = evaluate(parse_args(argv), command="coda-eval " + " ".join(argv))
-    except ValueError as exc:  # a setting of this machine (--threads) ends the command; others are raised
-        if str(exc).startswith("coda-eval:"):
-            raise SystemExit(str(exc)) from None
-        raise
+    except EvaluationSetupError as exc:
+        raise SystemExit(str(exc)) from None
     print("\n".join(str(p) for p in written))
     return 0
 

@@ -33,6 +33,11 @@ from .perplexity import perplexity_rows, perplexity_texts
 from .report import write_report
 
 
+class EvaluationSetupError(ValueError):
+    """A setting of this machine that the run cannot use (``--threads``); ``coda-eval`` ends with its
+    message, a script can catch it."""
+
+
 def evaluate(args: EvalConfig, command: str | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Measure every method of ``args`` and write the report to ``args.out`` after each (a run
     stopped from outside keeps what it measured); returns the results and the files written.
@@ -46,7 +51,7 @@ def evaluate(args: EvalConfig, command: str | None = None) -> tuple[dict[str, An
         try:
             set_cpu_threads(args.threads)
         except ValueError as exc:
-            raise ValueError(f"coda-eval: {exc}") from None
+            raise EvaluationSetupError(f"coda-eval: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     base, tokenizer = _base_loader(args, device, dtype)
     ppl_texts, hay = _texts(args, tokenizer)

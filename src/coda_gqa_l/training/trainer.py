@@ -61,7 +61,11 @@ def train(args: TrainConfig, cluster: Cluster | None = None) -> int:
     args.check()
     if cluster is None:
         with distributed.session(args.device) as opened:
-            return train(args, opened)
+            return _train(args, opened)
+    return _train(args, cluster)
+
+
+def _train(args: TrainConfig, cluster: Cluster) -> int:
     began = time.monotonic()
     device = cluster.device
     torch.manual_seed(args.seed)
