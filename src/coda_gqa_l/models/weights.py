@@ -90,6 +90,49 @@ def retune_weights_file(
     return _write(tensors, meta, target)
 
 
+def average_weights_files(
+    first: str | os.PathLike[str],
+    second: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    share_first: float = 0.5,
+) -> Path:
+    """Write the tensor-by-tensor mean ``share_first * first + (1 - share_first) * second`` (a "model soup").
+
+    Meant for two files trained from the same starting file (same base, LoRA rank and bank
+    configuration): their LoRA factors then stay close and the mean lies between the two runs
+    (benchmarks/results/facts.md, "Weight averages"). The output keeps the files' shared
+    configuration and records both training histories with their shares.
+    """
+    if not 0.0 <= share_first <= 1.0:
+        raise WeightsFileError(f"share_first must be between 0 and 1, got {share_first}")
+    (first_tensors, first_meta), (second_tensors, second_meta) = read_coda_weights(first), read_coda_weights(second)
+    for field in ("base", "base_config", "convert", "lora"):
+        if first_meta.get(field) != second_meta.get(field):
+            raise WeightsFileError(f"{first} and {second} differ in {field!r}: they cannot be averaged")
+    if first_tensors.keys() != second_tensors.keys():
+        only = sorted(first_tensors.keys() ^ second_tensors.keys())
+        raise WeightsFileError(f"{first} and {second} hold different tensors (e.g. {only[:3]})")
+    mean = {}
+    for name, tensor in first_tensors.items():
+        other = second_tensors[name]
+        if tensor.shape != other.shape or tensor.dtype != other.dtype:
+            raise WeightsFileError(
+                f"{name}: {tuple(tensor.shape)} {tensor.dtype} in {first}, {tuple(other.shape)} {other.dtype} in {second}"
+            )
+        mixed = share_first * tensor.float() + (1.0 - share_first) * other.float()  # one rounding to bfloat16
+        mean[name] = mixed.to(tensor.dtype).contiguous()
+    meta = {
+        **second_meta,
+        "training": {
+            "averaged_from": [
+                {"file": Path(first).name, "share": share_first, "training": first_meta.get("training")},
+                {"file": Path(second).name, "share": 1.0 - share_first, "training": second_meta.get("training")},
+            ]
+        },
+    }
+    return _write(mean, meta, target)
+
+
 def read_coda_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of a weights file (safetensors: nothing is unpickled)."""
     return _read(path, with_tensors=True)
