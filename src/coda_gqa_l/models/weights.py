@@ -117,7 +117,8 @@ def average_weights_files(
         other = second_tensors[name]
         if tensor.shape != other.shape or tensor.dtype != other.dtype:
             raise WeightsFileError(
-                f"{name}: {tuple(tensor.shape)} {tensor.dtype} in {first}, {tuple(other.shape)} {other.dtype} in {second}"
+                f"{name}: {tuple(tensor.shape)} {tensor.dtype} in {first}, "
+                f"{tuple(other.shape)} {other.dtype} in {second}"
             )
         mixed = share_first * tensor.float() + (1.0 - share_first) * other.float()  # one rounding to bfloat16
         mean[name] = mixed.to(tensor.dtype).contiguous()
