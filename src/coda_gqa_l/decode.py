@@ -103,39 +103,59 @@ class CapturedDecoder:
 
     def _step(self, routes: bool) -> None:
         """One token at the device position ``self._pos``, written into the static buffers."""
-        layer, st, cfg, core = self.layer, self.state, self.layer.config, self.layer.core
-        W, Ns = cfg.window, cfg.num_sink
-        pos = self._pos
-        x = self._x
-        q, k, v, lam = core.project(x)
-        g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, 1)
-        if cfg.position_mode == "absolute":
-            cos, sin = core.rope.cos_sin(pos.view(1), torch.float32)
-            k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
-        ring = (pos - W + self._window_offsets) % W
-        ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
-        ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
-        ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
-        if Ns:
-            # a token among the first Ns is also a sink (a no-op write at later positions)
-            is_new = (self._sink_index == pos).view(1, 1, Ns, 1)
-            st.sink_k.copy_(torch.where(is_new, k.to(st.sink_k.dtype), st.sink_k))
-            st.sink_v.copy_(torch.where(is_new, v.to(st.sink_v.dtype), st.sink_v))
-        banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
-        if routes:
-            # the capture-time position fixes only the chunk's shape (one segment, routing at 0)
-            new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-                banks, ext_k, ext_v, ext_g, start=cfg.segment, n=1, eta=layer.eta, config=cfg, start_dev=pos
-            )
-            for name, value in zip(BANK_FIELDS, new_banks, strict=True):
-                getattr(st, name).copy_(value)
-        else:
-            bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
-        y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
-        slot = (pos % W).view(1)
-        st.win_k.index_copy_(2, slot, k.to(st.win_k.dtype))
-        st.win_v.index_copy_(2, slot, v.to(st.win_v.dtype))
-        st.win_g.index_copy_(2, slot, g)
-        st.position.add_(1)
-        pos.add_(1)
+        y = step_at_device_position(
+            self.layer, self.state, self._x, self._pos, self._window_offsets, self._sink_index, routes
+        )
+        self._pos.add_(1)
         self._y.copy_(y)
+
+
+def step_at_device_position(
+    layer: BoundedCoDAAttention,
+    st: BoundedState,
+    x: Tensor,
+    pos: Tensor,
+    window_offsets: Tensor,
+    sink_index: Tensor,
+    routes: bool,
+) -> Tensor:
+    """One token ``x (B, 1, D)`` at the 0-d device position ``pos``: returns ``(B, 1, D)`` and writes the
+    state's tensors in place (their identity is kept, so they can be a graph's static buffers).
+
+    ``routes``: the token starts a segment and the ``S`` tokens leaving the window are routed into the
+    banks. ``pos`` and ``st.pos`` are not advanced (a model advances them once for all its layers).
+    ``window_offsets`` is ``arange(window)`` and ``sink_index`` ``arange(num_sink)`` on the device.
+    """
+    cfg, core = layer.config, layer.core
+    W, Ns = cfg.window, cfg.num_sink
+    q, k, v, lam = core.project(x)
+    g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, 1)
+    if cfg.position_mode == "absolute":
+        cos, sin = core.rope.cos_sin(pos.view(1), torch.float32)
+        k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
+    ring = (pos - W + window_offsets) % W
+    ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
+    ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
+    ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
+    if Ns:
+        # a token among the first Ns is also a sink (a no-op write at later positions)
+        is_new = (sink_index == pos).view(1, 1, Ns, 1)
+        st.sink_k.copy_(torch.where(is_new, k.to(st.sink_k.dtype), st.sink_k))
+        st.sink_v.copy_(torch.where(is_new, v.to(st.sink_v.dtype), st.sink_v))
+    banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
+    if routes:
+        # the capture-time position fixes only the chunk's shape (one segment, routing at 0)
+        new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+            banks, ext_k, ext_v, ext_g, start=cfg.segment, n=1, eta=layer.eta, config=cfg, start_dev=pos
+        )
+        for name, value in zip(BANK_FIELDS, new_banks, strict=True):
+            getattr(st, name).copy_(value)
+    else:
+        bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+    y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
+    slot = (pos % W).view(1)
+    st.win_k.index_copy_(2, slot, k.to(st.win_k.dtype))
+    st.win_v.index_copy_(2, slot, v.to(st.win_v.dtype))
+    st.win_g.index_copy_(2, slot, g)
+    st.position.add_(1)
+    return y

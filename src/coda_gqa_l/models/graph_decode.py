@@ -1,0 +1,206 @@
+"""The whole model's decode step under CUDA graphs: ``GraphModelDecoder`` (docs/kernels.md).
+
+``decode.CapturedDecoder`` captures one bounded layer; this captures a converted model's full
+step, token id in, logits out: embedding, every decoder block (norms, our bounded attention step,
+the MLP), the final norm and the LM head. Two graphs, as for one layer: the plain step, and the
+step whose token starts a segment and routes into the banks (every layer routes at the same
+positions). Between tokens the host only copies the token id in, picks the graph and replays it:
+no Python loop over layers, no host synchronisation inside the step.
+
+The graphs read and write static buffers: each layer's state tensors. ``adopt(cache)`` copies a
+cache's states into them and rebinds the cache's states to them, so the cache stays the live state
+while the decoder advances it. Prefilling through the model (a prompt, a follow-up question)
+rebinds the states' tensors again: call ``adopt`` before decoding after it. One decoder per cache:
+two caches (two concurrent questions) need two decoders.
+
+Dense Llama-family blocks only (Llama, Mistral, Qwen2, Qwen3): their block is pre-norm attention
+then pre-norm MLP, each added to the residual. Mixture-of-experts MLPs pick experts on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import BoundedCoDAAttention
+from ..decode import step_at_device_position
+from ..state import BoundedState
+from .adapters import CoDAAttentionAdapter
+from .cache import BoundedCache
+
+GRAPH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class GraphDecodeError(ValueError):
+    """The model or cache cannot be decoded by ``GraphModelDecoder`` (the message says why)."""
+
+
+class GraphModelDecoder:
+    """Graph-captured decode of a bounded model, one token per call.
+
+    Args:
+        model: a Llama-family causal LM converted with ``convert(model, config)`` (every layer bounded).
+        cache: a ``BoundedCache`` the model has prefilled (at least one token); its states become the
+            decoder's buffers (``adopt``).
+        capture: ``True`` (the default) captures CUDA graphs and needs the model on CUDA; ``False`` runs
+            the same step eagerly (on the CPU with Triton's interpreter: how the tests check the step).
+
+    ``decoder(token_ids)`` takes ``(B, 1)`` or ``(B,)`` token ids and returns the next-token logits
+    ``(B, vocab)`` in float32, as ``model(token_ids, cache=cache).logits[:, -1]`` would.
+    """
+
+    def __init__(self, model: nn.Module, cache: BoundedCache, *, capture: bool = True) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in GRAPH_MODEL_TYPES:
+            raise GraphDecodeError(
+                f"graph decode supports dense {', '.join(GRAPH_MODEL_TYPES)} models, not {model_type!r}"
+            )
+        inner: Any = model.model  # type: ignore[attr-defined]
+        self.blocks: list[nn.Module] = list(inner.layers)
+        self.attention: list[BoundedCoDAAttention] = []
+        for index, block in enumerate(self.blocks):
+            adapter = getattr(block, "self_attn", None)
+            if not (isinstance(adapter, CoDAAttentionAdapter) and isinstance(adapter.layer, BoundedCoDAAttention)):
+                raise GraphDecodeError(f"layer {index} is not a bounded CoDA layer: convert the model with a config")
+            self.attention.append(adapter.layer)
+        self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head  # type: ignore[attr-defined]
+        weight = self.lm_head.weight
+        self.device = weight.device
+        if capture and self.device.type != "cuda":
+            raise GraphDecodeError(f"capturing CUDA graphs needs the model on a CUDA device, it is on {self.device}")
+        self.capture = capture
+        states = self._states_of(cache)
+        self.batch_size = states[0].batch_size
+        with torch.inference_mode(False):
+            # normal tensors (a state prefilled under inference mode cannot be written in place outside it)
+            self._buffers = [{name: t.clone() for name, t in state.tensors().items()} for state in states]
+            self._ids = torch.zeros(self.batch_size, 1, dtype=torch.int64, device=self.device)
+            self._logits = torch.zeros(self.batch_size, weight.shape[0], dtype=torch.float32, device=self.device)
+            self._pos = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._window_offsets = [torch.arange(a.config.window, device=self.device) for a in self.attention]
+            self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None  # the two graphs share one memory pool
+        self.cache: BoundedCache = cache
+        self.adopt(cache)
+
+    # ------------------------------------------------------------------ public
+    def adopt(self, cache: BoundedCache) -> None:
+        """Make ``cache``'s states the decoder's buffers: copy their values in, rebind their tensors to them."""
+        states = self._states_of(cache)
+        if states[0].batch_size != self.batch_size:
+            raise GraphDecodeError(f"the cache holds {states[0].batch_size} rows, the decoder {self.batch_size}")
+        with torch.inference_mode(False), torch.no_grad():
+            for state, buffers in zip(states, self._buffers, strict=True):
+                for name, buffer in buffers.items():
+                    current = getattr(state, name)
+                    if current is not buffer:
+                        if current.shape != buffer.shape or current.dtype != buffer.dtype:
+                            raise GraphDecodeError(
+                                f"state field {name} is {tuple(current.shape)} {current.dtype}, the decoder's "
+                                f"{tuple(buffer.shape)} {buffer.dtype}: the cache belongs to another model"
+                            )
+                        buffer.copy_(current)
+                        setattr(state, name, buffer)
+                state.decode_view = None  # the reference path's derived view would be stale
+            self._pos.fill_(states[0].pos)
+        self.cache = cache
+
+    @property
+    def pos(self) -> int:
+        """Tokens the state has seen (the position of the next token)."""
+        return self._states_of(self.cache)[0].pos
+
+    def __call__(self, token_ids: Tensor) -> Tensor:
+        if token_ids.dim() == 1:
+            token_ids = token_ids[:, None]
+        if token_ids.shape != self._ids.shape:
+            raise GraphDecodeError(f"token_ids must be {tuple(self._ids.shape)}, got {tuple(token_ids.shape)}")
+        states = self._states_of(self.cache)
+        if any(
+            getattr(state, name) is not buffer
+            for state, buffers in zip(states, self._buffers, strict=True)
+            for name, buffer in buffers.items()
+        ):
+            raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
+        routes = states[0].pos % self.attention[0].config.segment == 0
+        with torch.inference_mode(False), torch.no_grad():
+            self._ids.copy_(token_ids)
+            if self.capture:
+                graph = self._graphs.get(routes) or self._capture(routes)
+                graph.replay()
+            else:
+                self._step(states, routes)
+        for state in states:
+            state.pos += 1
+        return self._logits.clone()
+
+    # ------------------------------------------------------------------ internals
+    def _states_of(self, cache: BoundedCache) -> list[BoundedState]:
+        if not isinstance(cache, BoundedCache):
+            raise GraphDecodeError(f"graph decode needs a BoundedCache, got {type(cache).__name__}")
+        states = cache.states
+        if len(states) != len(self.attention) or any(s is None for s in states):
+            raise GraphDecodeError("prefill the cache through the model first (every layer needs its state)")
+        ready: list[BoundedState] = [s for s in states if s is not None]
+        if len({s.pos for s in ready}) != 1 or ready[0].pos < 1:
+            raise GraphDecodeError(f"the layers' states are at positions {sorted({s.pos for s in ready})}")
+        if any(s.metrics for s in ready):
+            raise GraphDecodeError("graph decode does not collect routing metrics")
+        return ready
+
+    def _step(self, states: list[BoundedState], routes: bool) -> None:
+        """One token (``self._ids``) at the device position ``self._pos``: logits into ``self._logits``."""
+        h = self.embed(self._ids)
+        for index, (block, layer, state) in enumerate(zip(self.blocks, self.attention, states, strict=True)):
+            attended = step_at_device_position(
+                layer,
+                state,
+                block.input_layernorm(h),
+                self._pos,
+                self._window_offsets[index],
+                self._sink_index[index],
+                routes,
+            )
+            h = h + attended.to(h.dtype)
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        self._logits.copy_(self.lm_head(self.norm(h))[:, -1].float())
+        self._pos.add_(1)
+
+    def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
+        """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
+        live = self._states_of(self.cache)
+        saved_pos = self._pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            scratch = [state.clone() for state in live]
+            for _ in range(2):
+                self._step(scratch, routes)
+                self._pos.copy_(saved_pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(live, routes)
+        # capturing records the step without running it: the live state and position are unchanged
+        self._pool = graph.pool()
+        self._graphs[routes] = graph
+        return graph
+
+
+def graph_decode_supported(model: nn.Module) -> bool:
+    """True when ``GraphModelDecoder`` can capture ``model``: on CUDA, a dense supported family, all layers bounded."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in GRAPH_MODEL_TYPES:
+        return False
+    try:
+        device = model.lm_head.weight.device  # type: ignore[attr-defined]
+        blocks = list(model.model.layers)  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+    return device.type == "cuda" and all(
+        isinstance(getattr(b, "self_attn", None), CoDAAttentionAdapter) and b.self_attn.bounded for b in blocks
+    )
+

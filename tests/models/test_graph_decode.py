@@ -1,0 +1,113 @@
+"""``GraphModelDecoder``: the whole model's step (token id in, logits out) equals the model's own forward
+with a ``BoundedCache``; on the CPU it runs eagerly with Triton's interpreter, on CUDA under graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coda_gqa_l import BoundedConfig
+from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.models import BoundedCache, convert
+from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphModelDecoder
+from coda_gqa_l.models.hf_compat import cache_kwargs
+from coda_gqa_l.models.tiny import tiny_llama
+
+CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+
+
+def _model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model, _ = tiny_llama(seed=3)
+    model = convert(model, CONFIG).to(device=device, dtype=dtype)
+    with torch.no_grad():  # a write gate that opens for some tokens, so the banks fill
+        for adapter in (block.self_attn for block in model.model.layers):
+            adapter.layer.gate_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+def _prefilled(model: torch.nn.Module, ids: torch.Tensor) -> BoundedCache:
+    cache = BoundedCache(model, block_size=16)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(cache), use_cache=True)
+    return cache
+
+
+def _model_steps(model: torch.nn.Module, cache: BoundedCache, tokens: torch.Tensor) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            out.append(model(tokens[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1].float())
+    return torch.stack(out, 1)
+
+
+def test_eager_steps_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt of 21 tokens, then 39 one by one: the steps at 40, 48 and 56 route into the banks."""
+    assert dispatch.interpreting() or torch.cuda.is_available()
+    torch.manual_seed(0)
+    model = _model()
+    ids = torch.randint(0, 200, (2, 60))
+    expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])  # the PyTorch reference path
+    cache = _prefilled(model, ids[:, :21])
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the step's kernels, in the interpreter on the CPU
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    ours = torch.stack([decoder(ids[:, t]) for t in range(21, 60)], 1)
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+    assert decoder.pos == 60 and all(state.pos == 60 for state in cache.states)
+    assert any(bool(state.ex_filled.any()) for state in cache.states)  # the banks took tokens
+    # the cache is the live state: the model's forward continues from it
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    reference = _prefilled(model, ids)
+    nxt = torch.randint(0, 200, (2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(nxt, **cache_kwargs(cache), use_cache=True).logits,
+            model(nxt, **cache_kwargs(reference), use_cache=True).logits,
+            atol=2e-4,
+            rtol=2e-4,
+        )
+
+
+def test_a_prefill_between_decodes_needs_adopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 30))
+    reference = _prefilled(model, ids[:, :20])
+    with torch.no_grad():
+        expected = model(ids[:, 20:21], **cache_kwargs(reference), use_cache=True).logits[:, -1]
+    cache = _prefilled(model, ids[:, :10])
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    decoder(ids[:, 10])
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    with torch.no_grad():
+        model(ids[:, 11:20], **cache_kwargs(cache), use_cache=True)  # a follow-up question's prefill
+    with pytest.raises(GraphDecodeError, match="adopt"):
+        decoder(ids[:, 20])
+    decoder.adopt(cache)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    torch.testing.assert_close(decoder(ids[:, 20]), expected.float(), atol=2e-4, rtol=2e-4)
+
+
+def test_refusals_name_the_problem() -> None:
+    model = _model()
+    with pytest.raises(GraphDecodeError, match="CUDA"):
+        GraphModelDecoder(model, _prefilled(model, torch.randint(0, 200, (1, 4))))
+    with pytest.raises(GraphDecodeError, match="prefill"):
+        GraphModelDecoder(model, BoundedCache(model), capture=False)
+    unbounded, _ = tiny_llama(seed=3)
+    with pytest.raises(GraphDecodeError, match="not a bounded CoDA layer"):
+        GraphModelDecoder(convert(unbounded, None), BoundedCache(unbounded), capture=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_steps_equal_the_models_forward(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = _model("cuda", dtype)
+    ids = torch.randint(0, 200, (2, 100), device="cuda")
+    expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])
+    decoder = GraphModelDecoder(model, _prefilled(model, ids[:, :21]))
+    ours = torch.stack([decoder(ids[:, t]) for t in range(21, 100)], 1)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(ours, expected, **tol)
+    assert len(decoder._graphs) == 2
