@@ -203,4 +203,3 @@ def graph_decode_supported(model: nn.Module) -> bool:
     return device.type == "cuda" and all(
         isinstance(getattr(b, "self_attn", None), CoDAAttentionAdapter) and b.self_attn.bounded for b in blocks
     )
-
