@@ -10,6 +10,9 @@ Methods, each on a fresh cache per context (bf16 on the GPU):
 * ``bounded``: the model converted with ``convert(model, DEFAULT_CONFIG)`` (the neural database's default, 4 sinks
   + window 256 + 60 exact + 64 summary slots), a ``BoundedCache``; the context is streamed through the cache in
   chunks of ``--bounded-chunk`` tokens, as the neural database ingests;
+* ``bounded-graph``: the same model and prefill, then greedy decoding through ``GraphModelDecoder`` (the whole
+  model's step captured in two CUDA graphs: ``coda_gqa_l.models.graph_decode``) instead of ``generate``; CUDA only
+  (recorded as skipped elsewhere). Its first tokens should equal ``bounded``'s (``generated_ids``);
 * ``dynamic``: the original model with transformers' ``DynamicCache``;
 * ``static-eager``: the original model with ``StaticCache(config=..., max_cache_len=...)`` (context + 1 + warm-up
   + timed tokens) and ``generate(disable_compile=True)``;
@@ -61,15 +64,18 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from coda_gqa_l.models import BoundedCache, convert
+from coda_gqa_l.models.graph_decode import GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
 
-METHODS = ("dynamic", "static-eager", "bounded", "static")  # the default order; static compiles, so last
+# the default order; static compiles, so last
+METHODS = ("dynamic", "static-eager", "bounded", "bounded-graph", "static")
 DESCRIPTIONS = {
     "dynamic": "original model, transformers DynamicCache",
     "static-eager": "original model, transformers StaticCache, generate(disable_compile=True)",
     "static": "original model, transformers StaticCache, generate's default (compiles the decode step on CUDA)",
     "bounded": "bounded CoDA (neural database default config), BoundedCache, prefill streamed in chunks",
+    "bounded-graph": "the same prefill, then a greedy loop over GraphModelDecoder (whole-model step, CUDA graphs)",
 }
 DEFAULT_OUT = "benchmarks/results/model_generate.json"
 TRAINED_CONTEXT_NOTE = (
@@ -196,8 +202,12 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def bounded_method(method: str) -> bool:
+    return method.startswith("bounded")
+
+
 def make_cache(method: str, model: nn.Module, max_len: int, bounded_chunk: int) -> Any:
-    if method == "bounded":
+    if bounded_method(method):
         return BoundedCache(model, block_size=bounded_chunk)
     if method == "dynamic":
         return DynamicCache(config=model.config)
@@ -249,14 +259,29 @@ def decode(model: nn.Module, seq: Tensor, cache: Any, tokens: int, compile_ok: b
     )
 
 
+def graph_decode(decoder: GraphModelDecoder, seq: Tensor, tokens: int, max_time: float) -> Tensor:
+    """Greedy decoding of ``tokens`` more tokens after ``seq`` (the decoder's cache lacks seq's last token).
+    The argmax stays on the device: the host never waits for a token inside the loop."""
+    end = time.perf_counter() + max(max_time, 1e-3)
+    pieces, token = [seq], seq[:, -1]
+    for _ in range(tokens):
+        token = decoder(token).argmax(-1)
+        pieces.append(token[:, None])
+        if time.perf_counter() > end:
+            break
+    return torch.cat(pieces, dim=1)
+
+
 def run_one(bench: Bench, method: str, context: int, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     """Prefill ``context`` tokens, warm up, then time ``args.new_tokens`` greedy tokens; a JSON row.
 
     A full cache whose one-pass prefill runs out of memory is tried once more, prefilled in chunks.
     """
-    chunk = args.bounded_chunk if method == "bounded" else args.full_prefill_chunk
+    if method == "bounded-graph" and bench.device.type != "cuda":
+        return {"method": method, "context": context, "status": "skipped", "reason": "CUDA graphs need a CUDA device"}
+    chunk = args.bounded_chunk if bounded_method(method) else args.full_prefill_chunk
     row = _run(bench, method, context, args, deadline, chunk if 0 < chunk < context else 0)
-    if row["status"] == "oom" and method != "bounded" and row["prefill_chunk"] == context > FALLBACK_CHUNK:
+    if row["status"] == "oom" and not bounded_method(method) and row["prefill_chunk"] == context > FALLBACK_CHUNK:
         first = row.get("reason", "")
         row = _run(bench, method, context, args, deadline, FALLBACK_CHUNK)
         row["note"] = f"the one-pass prefill ran out of memory ({first}); prefilled in chunks of {FALLBACK_CHUNK}"
@@ -266,7 +291,7 @@ def run_one(bench: Bench, method: str, context: int, args: argparse.Namespace, d
 def _run(
     bench: Bench, method: str, context: int, args: argparse.Namespace, deadline: float, chunk: int
 ) -> dict[str, Any]:
-    model = bench.bounded if method == "bounded" else bench.original
+    model = bench.bounded if bounded_method(method) else bench.original
     max_len = context + 1 + args.warmup_tokens + args.new_tokens
     row: dict[str, Any] = {"method": method, "context": context, "status": "ok", "prefill_chunk": chunk or context}
     if method.startswith("static"):
@@ -318,13 +343,22 @@ def _timed_run(
     compile_ok = method == "static"
     seq = torch.cat([ids, ids.new_tensor([[first]])], dim=1)
     start = clock(device)
+    decoder = GraphModelDecoder(model, cache) if method == "bounded-graph" else None
+    if decoder is not None:
+        decoder.capture_all()  # counted in the warm-up time
+
+    def decode_more(seq: Tensor, tokens: int) -> Tensor:
+        if decoder is not None:
+            return graph_decode(decoder, seq, tokens, deadline - time.perf_counter())
+        return decode(model, seq, cache, tokens, compile_ok, deadline - time.perf_counter())
+
     if args.warmup_tokens:
-        seq = decode(model, seq, cache, args.warmup_tokens, compile_ok, deadline - time.perf_counter())
+        seq = decode_more(seq, args.warmup_tokens)
     row["warmup_tokens"] = seq.shape[1] - context - 1
     row["warmup_s"] = clock(device) - start
     row["compiled"] = compile_ok and getattr(model, "_compiled_call", None) is not None
     start = clock(device)
-    out = decode(model, seq, cache, args.new_tokens, compile_ok, deadline - time.perf_counter())
+    out = decode_more(seq, args.new_tokens)
     seconds = clock(device) - start
     new = out.shape[1] - seq.shape[1]
     row.update(new_tokens=new, decode_s=seconds, decode_tokens_per_s=new / seconds)
@@ -378,7 +412,7 @@ def warm_up(bench: Bench, methods: list[str], args: argparse.Namespace, deadline
         if method != "static":
             start = time.perf_counter()
             row = run_one(bench, method, context, small, deadline)
-            if row["status"] != "ok":
+            if row["status"] not in ("ok", "skipped"):
                 print(f"warm-up of {method} failed: {row.get('reason')}", file=sys.stderr)
             seconds[method] = time.perf_counter() - start
     return seconds

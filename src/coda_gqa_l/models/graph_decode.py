@@ -108,6 +108,15 @@ class GraphModelDecoder:
             self._pos.fill_(states[0].pos)
         self.cache = cache
 
+    def capture_all(self) -> None:
+        """Capture both graphs now (warm-up, compilation, autotuning), so no later token pays for it."""
+        if self.capture:
+            self._states_of(self.cache)
+            with torch.inference_mode(False), torch.no_grad():
+                for routes in (False, True):
+                    if routes not in self._graphs:
+                        self._capture(routes)
+
     @property
     def pos(self) -> int:
         """Tokens the state has seen (the position of the next token)."""
