@@ -111,3 +111,33 @@ def test_captured_steps_equal_the_models_forward(dtype: torch.dtype) -> None:
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(ours, expected, **tol)
     assert len(decoder._graphs) == 2
+
+
+def test_a_pool_lends_one_decoder_per_generation_and_leaves_each_cache_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two caches decoded one after the other through one pooled decoder, then a third at the same time as
+    the second: each cache ends as the model's forward leaves it, and owns its tensors afterwards."""
+    from coda_gqa_l.models.graph_decode import GraphDecoderPool
+
+    torch.manual_seed(2)
+    model = _model()
+    ids = torch.randint(0, 200, (3, 40))
+    rows = [ids[i : i + 1] for i in range(3)]
+    expected = [_model_steps(model, _prefilled(model, r[:, :30]), r[:, 30:]) for r in rows]
+    caches = [_prefilled(model, r[:, :30]) for r in rows]
+    pool = GraphDecoderPool(model, capture=False)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    with pool.lend(caches[0]) as first:
+        got0 = torch.stack([first(rows[0][:, t]) for t in range(30, 40)], 1)
+    with pool.lend(caches[1]) as second, pool.lend(caches[2]) as third:
+        assert second is first and third is not first  # the idle one is reused; a busy one is not shared
+        got1, got2 = [], []
+        for t in range(30, 40):  # interleaved, as two questions answered at the same time
+            got1.append(second(rows[1][:, t]))
+            got2.append(third(rows[2][:, t]))
+    for got, want in zip((got0, torch.stack(got1, 1), torch.stack(got2, 1)), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    buffers = {id(b) for d in pool._idle for layer in d._buffers for b in layer.values()}
+    assert all(id(t) not in buffers for c in caches for s in c.states for t in s.tensors().values())
+    assert all(s.pos == 40 for c in caches for s in c.states)

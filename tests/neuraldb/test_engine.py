@@ -366,3 +366,36 @@ def test_a_store_made_by_release_0_1_0_still_opens_and_answers(tmp_path: Path) -
     (info,) = db.list()
     assert info.label == "keeper" and info.tokens == 1760 and db.store.orphans() == []
     assert db.ask("keeper", "Code?", max_new_tokens=8) == '\ufffd\x171\x14{"i'
+
+
+@pytest.mark.gpu
+def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA answers decode through the whole model's CUDA graphs (models.graph_decode): the same tokens as
+    the model's forward gives, also for follow-ups in a session and questions asked at the same time."""
+
+    from coda_gqa_l import BoundedConfig
+    from coda_gqa_l.models import convert
+    from coda_gqa_l.models.tiny import tiny_llama
+    from coda_gqa_l.models.tokenizer import ByteTokenizer
+    from coda_gqa_l.neuraldb import engine
+
+    model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
+    bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
+    db = NeuralDatabase(tmp_path / "store", convert(model, bounded).cuda(), ByteTokenizer(), chunk_tokens=256)
+    info = db.ingest(DOC_B)
+    questions = [f"Question number {i}?" for i in range(4)]
+
+    def answers() -> list[str]:
+        one_by_one = [db.ask(info.id, q, max_new_tokens=40) for q in questions]
+        session = db.session(info.id)
+        follow_ups = [session.ask(q, max_new_tokens=40) for q in questions[:2]]
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            together = list(pool.map(lambda q: db.ask(info.id, q, max_new_tokens=40), questions))
+        return one_by_one + follow_ups + together
+
+    graph = answers()
+    assert db._graph_decoders is not None and db._graph_decoders._idle
+    monkeypatch.setattr(engine, "graph_decode_supported", lambda model: False)
+    assert answers() == graph

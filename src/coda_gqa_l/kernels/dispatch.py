@@ -118,6 +118,12 @@ def fused_bounded_chunk(device: torch.device | str) -> bool:
     return use_triton(device)
 
 
+def graph_decode(device: torch.device | str) -> bool:
+    """Whether answers decode through the whole model's CUDA graphs (``models.graph_decode``): on CUDA with the
+    Triton kernels; ``CODA_GQA_L_KERNELS=torch`` decodes with the model's own forward instead."""
+    return torch.device(device).type == "cuda" and use_triton(device)
+
+
 def unbounded_attention(
     device: torch.device | str, differential: bool, has_prefix: bool, padded: bool
 ) -> UnboundedAttention:

@@ -19,6 +19,9 @@ then pre-norm MLP, each added to the residual. Mixture-of-experts MLPs pick expe
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,11 +29,15 @@ from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
 from ..decode import step_at_device_position
+from ..kernels import dispatch
 from ..state import BoundedState
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
 
 GRAPH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# One capture at a time in a process; other threads may go on running their kernels and graphs meanwhile
+# (thread-local capture mode), as a server answering several questions does.
+_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphDecodeError(ValueError):
@@ -117,6 +124,15 @@ class GraphModelDecoder:
                     if routes not in self._graphs:
                         self._capture(routes)
 
+    def release(self) -> None:
+        """Give the cache tensors of its own (copies of the buffers): the decoder can then adopt another cache
+        while this one lives on (a session's follow-up questions)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for state, buffers in zip(self._states_of(self.cache), self._buffers, strict=True):
+                for name, buffer in buffers.items():
+                    if getattr(state, name) is buffer:
+                        setattr(state, name, buffer.clone())
+
     @property
     def pos(self) -> int:
         """Tokens the state has seen (the position of the next token)."""
@@ -180,6 +196,10 @@ class GraphModelDecoder:
 
     def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
+        with _CAPTURE_LOCK:
+            return self._capture_locked(routes)
+
+    def _capture_locked(self, routes: bool) -> torch.cuda.CUDAGraph:
         live = self._states_of(self.cache)
         saved_pos = self._pos.clone()
         stream = torch.cuda.Stream()
@@ -191,7 +211,7 @@ class GraphModelDecoder:
                 self._pos.copy_(saved_pos)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(live, routes)
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
@@ -200,7 +220,8 @@ class GraphModelDecoder:
 
 
 def graph_decode_supported(model: nn.Module) -> bool:
-    """True when ``GraphModelDecoder`` can capture ``model``: on CUDA, a dense supported family, all layers bounded."""
+    """Whether answers from ``model`` decode through ``GraphModelDecoder``: a dense supported family with every
+    layer bounded, on CUDA with the Triton kernels (``kernels.dispatch.graph_decode``)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in GRAPH_MODEL_TYPES:
         return False
@@ -209,6 +230,42 @@ def graph_decode_supported(model: nn.Module) -> bool:
         blocks = list(model.model.layers)  # type: ignore[attr-defined]
     except AttributeError:
         return False
-    return device.type == "cuda" and all(
+    return dispatch.graph_decode(device) and all(
         isinstance(getattr(b, "self_attn", None), CoDAAttentionAdapter) and b.self_attn.bounded for b in blocks
     )
+
+
+class GraphDecoderPool:
+    """Decoders of one model, each lent to one generation at a time (their graphs are captured once).
+
+    ``with pool.lend(cache) as decoder:`` adopts ``cache`` into an idle decoder (or a new one) and, at
+    the end, gives the cache its own tensors back and returns the decoder. Concurrent generations get
+    different decoders, so questions asked at the same time answer as they would one after another.
+    """
+
+    def __init__(self, model: nn.Module, keep_idle: int = 4, *, capture: bool = True) -> None:
+        self.model = model
+        self.keep_idle = keep_idle
+        self.capture = capture  # False: eager decoders (the CPU tests)
+        self._idle: list[GraphModelDecoder] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self, cache: BoundedCache) -> Iterator[GraphModelDecoder]:
+        rows = cache.states[0].batch_size if cache.states and cache.states[0] is not None else None
+        with self._lock:
+            ready = [d for d in self._idle if d.batch_size == rows]
+            decoder = ready[-1] if ready else None
+            if decoder is not None:
+                self._idle.remove(decoder)
+        if decoder is None:
+            decoder = GraphModelDecoder(self.model, cache, capture=self.capture)
+        else:
+            decoder.adopt(cache)
+        try:
+            yield decoder
+        finally:
+            decoder.release()
+            with self._lock:
+                if len(self._idle) < self.keep_idle:
+                    self._idle.append(decoder)

@@ -14,6 +14,7 @@ opens a user turn, the question closes it, and the assistant answers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -30,6 +31,7 @@ from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
+from ..models.graph_decode import GraphDecoderPool, GraphModelDecoder, graph_decode_supported
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
@@ -87,6 +89,7 @@ class NeuralDatabase:
         self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
+        self._graph_decoders: GraphDecoderPool | None = None  # made on the first answer decoded on CUDA
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -103,6 +106,15 @@ class NeuralDatabase:
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _graph_decoder(self, cache: BoundedCache) -> contextlib.AbstractContextManager[GraphModelDecoder | None]:
+        """A whole-model CUDA-graph decoder lent for one answer (kernels.dispatch.graph_decode), else None: the
+        answer then decodes through the model's forward."""
+        if not graph_decode_supported(self.model):
+            return contextlib.nullcontext()
+        if self._graph_decoders is None:
+            self._graph_decoders = GraphDecoderPool(self.model)
+        return self._graph_decoders.lend(cache)
 
     def _stop_token_ids(self) -> set[int]:
         stops = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
@@ -343,6 +355,18 @@ class Session:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
         logits = self._logits(db._encode(prompt))
+        with db._graph_decoder(self.cache) as decoder:
+            yield from self._answer(logits, decoder, generator, max_new_tokens, temperature)
+
+    def _answer(
+        self,
+        logits: torch.Tensor,
+        decoder: GraphModelDecoder | None,
+        generator: torch.Generator,
+        max_new_tokens: int,
+        temperature: float,
+    ) -> Iterator[str]:
+        db = self.db
         produced: list[int] = []
         shown = ""
         for _ in range(max_new_tokens):
@@ -364,7 +388,8 @@ class Session:
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text
-            logits = self._logits(torch.tensor([[token]], device=db._device))
+            next_id = torch.tensor([[token]], device=db._device)
+            logits = decoder(next_id) if decoder is not None else self._logits(next_id)
 
 
 def _first_line_end(text: str) -> int | None:
