@@ -64,16 +64,19 @@ class GraphModelDecoder:
             raise GraphDecodeError(
                 f"graph decode supports dense {', '.join(GRAPH_MODEL_TYPES)} models, not {model_type!r}"
             )
-        inner: Any = model.model  # type: ignore[attr-defined]
-        self.blocks: list[nn.Module] = list(inner.layers)
+        family: Any = model  # a Hugging Face causal LM: .model (embedding, blocks, norm) and .lm_head
+        inner: Any = family.model
+        self.blocks: list[Any] = list(inner.layers)
         self.attention: list[BoundedCoDAAttention] = []
         for index, block in enumerate(self.blocks):
             adapter = getattr(block, "self_attn", None)
             if not (isinstance(adapter, CoDAAttentionAdapter) and isinstance(adapter.layer, BoundedCoDAAttention)):
                 raise GraphDecodeError(f"layer {index} is not a bounded CoDA layer: convert the model with a config")
             self.attention.append(adapter.layer)
-        self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head  # type: ignore[attr-defined]
-        weight = self.lm_head.weight
+        self.embed: Any = inner.embed_tokens
+        self.norm: Any = inner.norm
+        self.lm_head: Any = family.lm_head
+        weight: Tensor = self.lm_head.weight
         self.device = weight.device
         if capture and self.device.type != "cuda":
             raise GraphDecodeError(f"capturing CUDA graphs needs the model on a CUDA device, it is on {self.device}")
@@ -225,9 +228,10 @@ def graph_decode_supported(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in GRAPH_MODEL_TYPES:
         return False
+    family: Any = model
     try:
-        device = model.lm_head.weight.device  # type: ignore[attr-defined]
-        blocks = list(model.model.layers)  # type: ignore[attr-defined]
+        device: torch.device = family.lm_head.weight.device
+        blocks: list[Any] = list(family.model.layers)
     except AttributeError:
         return False
     return dispatch.graph_decode(device) and all(
