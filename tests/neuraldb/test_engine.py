@@ -399,3 +399,36 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     assert db._graph_decoders is not None and db._graph_decoders._idle
     monkeypatch.setattr(engine, "graph_decode_supported", lambda model: False)
     assert answers() == graph
+
+
+def test_a_failed_graph_capture_falls_back_to_the_forward_with_a_warning(
+    db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If capturing the decode graphs fails (a driver, a kernel), the answer goes on through the model's forward
+    from the same state: the same answer, a warning that says why, and no graph attempt for later answers."""
+    from coda_gqa_l.models import graph_decode
+    from coda_gqa_l.neuraldb import engine
+
+    info = db.ingest(DOC_A)
+    plain = db.ask(info.id, "What is the code word?", max_new_tokens=12)
+
+    def failing_call(self: graph_decode.GraphModelDecoder, token_ids: object) -> None:
+        raise graph_decode.GraphCaptureError("capturing the plain decode step failed: a test")
+
+    monkeypatch.setattr(engine, "graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_decode.GraphModelDecoder, "__init__", _eager_init(graph_decode.GraphModelDecoder))
+    monkeypatch.setattr(graph_decode.GraphModelDecoder, "__call__", failing_call)
+    with pytest.warns(UserWarning, match="a test; answers decode through the model's forward"):
+        assert db.ask(info.id, "What is the code word?", max_new_tokens=12) == plain
+    assert db._graph_capture_failed
+    assert db.ask(info.id, "What is the code word?", max_new_tokens=12) == plain
+
+
+def _eager_init(cls):  # type: ignore[no-untyped-def]
+    """The decoder's constructor with ``capture=False``: the CPU has no CUDA graphs to capture."""
+    original = cls.__init__
+
+    def init(self, model, cache, *, capture: bool = True):  # type: ignore[no-untyped-def]
+        original(self, model, cache, capture=False)
+
+    return init

@@ -44,6 +44,11 @@ class GraphDecodeError(ValueError):
     """The model or cache cannot be decoded by ``GraphModelDecoder`` (the message says why)."""
 
 
+class GraphCaptureError(RuntimeError):
+    """Warming up or capturing a graph failed. The live state is unchanged (the warm-up runs on copies and a
+    capture records without running), so the caller can go on with the model's forward."""
+
+
 class GraphModelDecoder:
     """Graph-captured decode of a bounded model, one token per call.
 
@@ -200,7 +205,11 @@ class GraphModelDecoder:
     def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
         with _CAPTURE_LOCK:
-            return self._capture_locked(routes)
+            try:
+                return self._capture_locked(routes)
+            except Exception as error:
+                step = "routing" if routes else "plain"
+                raise GraphCaptureError(f"capturing the {step} decode step failed: {error}") from error
 
     def _capture_locked(self, routes: bool) -> torch.cuda.CUDAGraph:
         live = self._states_of(self.cache)

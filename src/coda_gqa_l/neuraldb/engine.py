@@ -20,6 +20,7 @@ import re
 import shutil
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
-from ..models.graph_decode import GraphDecoderPool, GraphModelDecoder, graph_decode_supported
+from ..models.graph_decode import GraphCaptureError, GraphDecoderPool, GraphModelDecoder, graph_decode_supported
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
@@ -90,6 +91,7 @@ class NeuralDatabase:
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
         self._graph_decoders: GraphDecoderPool | None = None  # made on the first answer decoded on CUDA
+        self._graph_capture_failed = False  # then answers decode through the model's forward
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -110,7 +112,7 @@ class NeuralDatabase:
     def _graph_decoder(self, cache: BoundedCache) -> contextlib.AbstractContextManager[GraphModelDecoder | None]:
         """A whole-model CUDA-graph decoder lent for one answer (kernels.dispatch.graph_decode), else None: the
         answer then decodes through the model's forward."""
-        if not graph_decode_supported(self.model):
+        if self._graph_capture_failed or not graph_decode_supported(self.model):
             return contextlib.nullcontext()
         if self._graph_decoders is None:
             self._graph_decoders = GraphDecoderPool(self.model)
@@ -389,7 +391,15 @@ class Session:
                 yield text[len(shown) :]
                 shown = text
             next_id = torch.tensor([[token]], device=db._device)
-            logits = decoder(next_id) if decoder is not None else self._logits(next_id)
+            if decoder is not None:
+                try:
+                    logits = decoder(next_id)
+                    continue
+                except GraphCaptureError as error:
+                    # the state is untouched: this answer and the later ones go on through the forward
+                    warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
+                    db._graph_capture_failed, decoder = True, None
+            logits = self._logits(next_id)
 
 
 def _first_line_end(text: str) -> int | None:
