@@ -246,3 +246,24 @@ def test_unbounded_coda_layer_uses_the_kernel(unbounded: str, monkeypatch: pytes
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_tuned_kernels_keep_their_timings_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With autotuning on, the tuning results go to Triton's disk cache, so a later process does not tune again
+    (where the installed Triton has the option)."""
+    import inspect
+
+    import triton
+
+    from coda_gqa_l.kernels import diff_attention
+
+    monkeypatch.setattr(diff_attention, "autotune", lambda: True)
+    diff_attention._kernels.cache_clear()
+    try:
+        kernels = diff_attention._kernels()
+        assert kernels["tuned"]
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            assert all(kernels[name].cache_results for name in ("fwd", "dkdv", "dq"))
+    finally:
+        diff_attention._kernels.cache_clear()

@@ -19,6 +19,7 @@ Output ``(B, L, H, Dh)``: ``N(attn(q_sig) - lam * attn(q_noise))`` per head, rea
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,16 +131,20 @@ def _kernels() -> dict[str, Any]:
         return {"fwd": kt._fwd_kernel, "dkdv": kt._bwd_dkdv_main_kernel, "dq": kt._bwd_dq_kernel, "tuned": False}
     import triton
 
+    # Tuning timings kept on disk beside Triton's compiled kernels, so that a later process (each `coda-db ask`,
+    # a restarted server) does not tune again; Triton releases without the option tune in every process.
+    on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     fwd = triton.autotune(
         [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _FWD_TUNING],
         key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC"],
+        **on_disk,
     )(kt._fwd_kernel)
     bwd_configs = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _BWD_TUNING
     ]
     key = ["HEAD_DIM", "BOUNDED", "PREC"]
-    dkdv = triton.autotune(bwd_configs, key=key)(kt._bwd_dkdv_main_kernel)
-    dq = triton.autotune(bwd_configs, key=key + ["HAS_EXTRAS"])(kt._bwd_dq_kernel)
+    dkdv = triton.autotune(bwd_configs, key=key, **on_disk)(kt._bwd_dkdv_main_kernel)
+    dq = triton.autotune(bwd_configs, key=key + ["HAS_EXTRAS"], **on_disk)(kt._bwd_dq_kernel)
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq, "tuned": True}
 
 
