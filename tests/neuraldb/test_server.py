@@ -404,6 +404,8 @@ def test_cli_default_store_is_in_the_user_data_folder(
         (["ingest", "--quiet", "--text", "   "], "empty"),
         (["ingest", "--quiet", "--label", "x", "a.txt", "b.txt"], "--label names one document"),
         (["import", "missing.state"], "missing.state"),
+        (["ingest", "--quiet", "--device", "tpu", "--text", "x"], "unknown device 'tpu'"),
+        (["ask", "--device", "cuda:99", "1", "Why?"], "'cuda:99' asked for, but torch"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(
@@ -415,6 +417,19 @@ def test_cli_errors_are_one_line_and_exit_2(
     err = captured.err.strip()
     assert err.startswith("coda-db: error: ") and needle in err, err
     assert "\n" not in err and "Traceback" not in captured.err
+
+
+def test_a_store_serves_the_device_it_is_asked_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--device before or after the command; the state saved from one device is asked from another (here the
+    CPU twice, and CUDA too where there is one): the weights keep their dtype, so the model's fingerprint holds."""
+    import torch
+
+    store = tmp_path / "store"
+    assert cli(store, "--device", "cpu", "ingest", "--quiet", "--text", MEMO, "--label", "memo") == 0
+    assert cli(store, "ask", "--device", "cpu", "memo", "Who?", "--max-new-tokens", "4") == 0
+    if torch.cuda.is_available():
+        assert cli(store, "ask", "--device", "cuda", "memo", "Who?", "--max-new-tokens", "4") == 0
+    assert "error" not in capsys.readouterr().err
 
 
 def test_cli_refuses_a_file_that_is_not_a_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

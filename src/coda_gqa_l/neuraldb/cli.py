@@ -66,6 +66,12 @@ THREADS_HELP = (
 )
 
 
+DEVICE_HELP = (
+    "where the model runs: cpu (default), cuda or cuda:N; the weights keep their dtype, so a store serves both, and "
+    "on CUDA answers decode through the whole model's CUDA graphs"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coda-db",
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tiny", action="store_true", help="use the tiny random test model (fast, answers are noise)")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     # the same options after the subcommand; SUPPRESS keeps the value given before it
     common = argparse.ArgumentParser(add_help=False)
     before = "as given before the command, else its default: coda-db --help"
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny", action="store_true", default=argparse.SUPPRESS, help=f"the tiny test model ({before})"
     )
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=f"CPU threads ({before})")
+    common.add_argument("--device", default=argparse.SUPPRESS, help=f"where the model runs ({before})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -144,8 +152,8 @@ def open_db(args: argparse.Namespace) -> NeuralDatabase:
     from .engine import NeuralDatabase
 
     if args.tiny:
-        return NeuralDatabase.tiny_for_tests(store_folder(args))
-    return NeuralDatabase(store_folder(args))
+        return NeuralDatabase.tiny_for_tests(store_folder(args), device=args.device)
+    return NeuralDatabase(store_folder(args), device=args.device)
 
 
 def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> Table:

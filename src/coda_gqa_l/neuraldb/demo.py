@@ -82,9 +82,10 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(store)
     console.print(f"[bold]1. Loading SmolLM2-135M-Instruct[/] and converting it to bounded CoDA (store: {store})")
     start = time.perf_counter()
-    db = NeuralDatabase(store)
+    device = getattr(args, "device", None) or "cpu"
+    db = NeuralDatabase(store, device=device)
     load_seconds = time.perf_counter() - start
-    console.print(f"   ready in {load_seconds:.1f} s")
+    console.print(f"   ready in {load_seconds:.1f} s ({device})")
     sample = getattr(args, "sample", None) or "harbour"
     filename, label, _ = SAMPLES[sample]
     console.print(f"[bold]2. Ingesting the sample document[/] ({filename})")
@@ -98,6 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     console.print("[bold]3. Asking in a fresh process[/] that loads only the saved state")
     command = [sys.executable, "-m", "coda_gqa_l.neuraldb.demo", "--ask", str(store), str(info.id), sample]
+    command += ["--device", device]
     # the child's progress bars go to the terminal (stderr); its answers come back on stdout
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -122,14 +124,14 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour") -> None:
+def _ask_in_this_process(store: str, doc_id: str, sample: str = "harbour", device: str = "cpu") -> None:
     from tqdm import tqdm
 
     from ..data.facts import value_holds
     from .engine import NeuralDatabase
 
     start = time.perf_counter()
-    db = NeuralDatabase(store)
+    db = NeuralDatabase(store, device=device)
     load_seconds = time.perf_counter() - start
     questions = SAMPLES[sample][2]
     values = tuple(expected for _, expected in questions)
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", choices=sorted(SAMPLES), default="harbour", help="which sample document")
     parser.add_argument("--ask", nargs=3, metavar=("STORE", "DOC_ID", "SAMPLE"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: see coda-db --help)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
     return parser
 
 
@@ -170,10 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[THREADS_ENV] = str(set_cpu_threads(args.threads))  # the asking process uses the same count
     except ValueError as exc:
         parser.error(str(exc))
-    if args.ask:
-        _ask_in_this_process(*args.ask)
-        return 0
-    return run_demo(args)
+    from .errors import NeuralDBError
+
+    try:
+        if args.ask:
+            store, doc_id, sample = args.ask
+            _ask_in_this_process(store, doc_id, sample, device=args.device)
+            return 0
+        return run_demo(args)
+    except NeuralDBError as err:
+        print(f"coda-demo: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class NeuralDatabase:
             the packaged SmolLM2-135M-Instruct (``default_model``).
         tokenizer: the model's tokenizer (anything with ``encode``/``decode``/``eos_token_id``).
         chunk_tokens: tokens per forward pass while ingesting (memory, not results).
+        weights: a name for the model's trained weights, recorded with each state.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` leaves it where it is). The
+            weights keep their dtype, so states move between a CPU and a GPU database of one model. On CUDA
+            answers decode through the whole model's CUDA graphs (``models.graph_decode``).
     """
 
     def __init__(
@@ -71,12 +75,16 @@ class NeuralDatabase:
         *,
         chunk_tokens: int = 1024,
         weights: str | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
+        target = check_device(device) if device is not None else None
         if model is None:
             model, tokenizer = default_model()
             weights = weights or shipped_weights_label()
         if tokenizer is None:
             raise NeuralDBError("a model needs its tokenizer")
+        if target is not None:
+            model = model.to(target)
         self.store = DocumentStore(folder)
         self.folder, self.states_dir, self.index = self.store.folder, self.store.states_dir, self.store.index
         self.model = model.eval()
@@ -95,11 +103,11 @@ class NeuralDatabase:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def tiny_for_tests(cls, folder: str | Path) -> NeuralDatabase:
+    def tiny_for_tests(cls, folder: str | Path, device: str | torch.device | None = None) -> NeuralDatabase:
         """A tiny random Llama with a byte tokenizer: fast and deterministic, answers are noise."""
         model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
         bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
-        return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256)
+        return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256, device=device)
 
     def _encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -400,6 +408,22 @@ class Session:
                     warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
                     db._graph_capture_failed, decoder = True, None
             logits = self._logits(next_id)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device the model can run on, or a ``NeuralDBError`` that says why not."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise NeuralDBError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from err
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NeuralDBError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise NeuralDBError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif target.type != "cpu":
+        raise NeuralDBError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return target
 
 
 def _first_line_end(text: str) -> int | None:
