@@ -78,6 +78,8 @@ class GraphModelDecoder:
             if not (isinstance(adapter, CoDAAttentionAdapter) and isinstance(adapter.layer, BoundedCoDAAttention)):
                 raise GraphDecodeError(f"layer {index} is not a bounded CoDA layer: convert the model with a config")
             self.attention.append(adapter.layer)
+        if len({layer.config.segment for layer in self.attention}) != 1:
+            raise GraphDecodeError("graph decode needs one segment length in every layer (they route together)")
         self.embed: Any = inner.embed_tokens
         self.norm: Any = inner.norm
         self.lm_head: Any = family.lm_head
