@@ -46,3 +46,15 @@ def test_files_of_other_configurations_or_a_bad_share_are_refused(tmp_path: Path
     with pytest.raises(WeightsFileError, match="between 0 and 1"):
         average_weights_files(first, first, tmp_path / "mean.safetensors", share_first=1.5)
     assert not (tmp_path / "mean.safetensors").exists()
+
+
+def test_the_shipped_weights_label_names_the_file_the_version_and_its_digest() -> None:
+    """What a refused store's message names (neuraldb.engine): it changes whenever the shipped file does."""
+    import hashlib
+
+    from coda_gqa_l import __version__
+    from coda_gqa_l.models.pretrained import shipped_weights_label
+
+    digest = hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).hexdigest()[:12]
+    expected = f"smollm2-135m-instruct-coda.safetensors of coda-gqa-l {__version__} sha256:{digest}"
+    assert shipped_weights_label() == expected

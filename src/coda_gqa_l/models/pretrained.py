@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..fetch import sha256_file
+from ..version import __version__
 from .loader import load_smollm2
 from .weights import apply_coda_weights, read_coda_meta
 
@@ -24,10 +25,11 @@ SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights" / "smollm2-135m-instr
 
 
 def shipped_weights_label() -> str:
-    """A name for the shipped weights that changes with them: file name and the first 12 hex digits of its SHA-256.
+    """A name for the shipped weights that changes with them: file name, the package version that ships them and
+    the first 12 hex digits of the file's SHA-256.
 
     The neural database records it with every state, so a store made with older weights is refused by name."""
-    return f"{SHIPPED_WEIGHTS.name} sha256:{sha256_file(SHIPPED_WEIGHTS)[:12]}"
+    return f"{SHIPPED_WEIGHTS.name} of coda-gqa-l {__version__} sha256:{sha256_file(SHIPPED_WEIGHTS)[:12]}"
 
 
 def shipped_config() -> BoundedConfig:
