@@ -64,22 +64,10 @@ class GraphModelDecoder:
     """
 
     def __init__(self, model: nn.Module, cache: BoundedCache, *, capture: bool = True) -> None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in GRAPH_MODEL_TYPES:
-            raise GraphDecodeError(
-                f"graph decode supports dense {', '.join(GRAPH_MODEL_TYPES)} models, not {model_type!r}"
-            )
         family: Any = model  # a Hugging Face causal LM: .model (embedding, blocks, norm) and .lm_head
         inner: Any = family.model
         self.blocks: list[Any] = list(inner.layers)
-        self.attention: list[BoundedCoDAAttention] = []
-        for index, block in enumerate(self.blocks):
-            adapter = getattr(block, "self_attn", None)
-            if not (isinstance(adapter, CoDAAttentionAdapter) and isinstance(adapter.layer, BoundedCoDAAttention)):
-                raise GraphDecodeError(f"layer {index} is not a bounded CoDA layer: convert the model with a config")
-            self.attention.append(adapter.layer)
-        if len({layer.config.segment for layer in self.attention}) != 1:
-            raise GraphDecodeError("graph decode needs one segment length in every layer (they route together)")
+        self.attention = bounded_layers(model)
         self.embed: Any = inner.embed_tokens
         self.norm: Any = inner.norm
         self.lm_head: Any = family.lm_head
@@ -233,21 +221,35 @@ class GraphModelDecoder:
         return graph
 
 
+def bounded_layers(model: nn.Module) -> list[BoundedCoDAAttention]:
+    """Every block's bounded layer, or a ``GraphDecodeError`` that says why ``model`` cannot be graph-decoded."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in GRAPH_MODEL_TYPES:
+        raise GraphDecodeError(f"graph decode supports dense {', '.join(GRAPH_MODEL_TYPES)} models, not {model_type!r}")
+    family: Any = model
+    layers: list[BoundedCoDAAttention] = []
+    for index, block in enumerate(family.model.layers):
+        adapter = getattr(block, "self_attn", None)
+        if not (isinstance(adapter, CoDAAttentionAdapter) and isinstance(adapter.layer, BoundedCoDAAttention)):
+            raise GraphDecodeError(f"layer {index} is not a bounded CoDA layer: convert the model with a config")
+        layers.append(adapter.layer)
+    if len({layer.config.segment for layer in layers}) != 1:
+        raise GraphDecodeError("graph decode needs one segment length in every layer (they route together)")
+    return layers
+
+
 def graph_decode_supported(model: nn.Module) -> bool:
     """Whether answers from ``model`` decode through ``GraphModelDecoder``: a dense supported family with every
-    layer bounded, on CUDA with the Triton kernels (``kernels.dispatch.graph_decode``)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in GRAPH_MODEL_TYPES:
-        return False
+    layer bounded (``bounded_layers``), on CUDA with the Triton kernels (``kernels.dispatch.graph_decode``)."""
     family: Any = model
-    try:
-        device: torch.device = family.lm_head.weight.device
-        blocks: list[Any] = list(family.model.layers)
-    except AttributeError:
+    head = getattr(family, "lm_head", None)
+    if head is None or not dispatch.graph_decode(head.weight.device):
         return False
-    return dispatch.graph_decode(device) and all(
-        isinstance(getattr(b, "self_attn", None), CoDAAttentionAdapter) and b.self_attn.bounded for b in blocks
-    )
+    try:
+        bounded_layers(model)
+    except (GraphDecodeError, AttributeError):
+        return False
+    return True
 
 
 class GraphDecoderPool:
