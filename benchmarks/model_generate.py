@@ -13,6 +13,10 @@ Methods, each on a fresh cache per context (bf16 on the GPU):
 * ``bounded-graph``: the same model and prefill, then greedy decoding through ``GraphModelDecoder`` (the whole
   model's step captured in two CUDA graphs: ``coda_gqa_l.models.graph_decode``) instead of ``generate``; CUDA only
   (recorded as skipped elsewhere). Its first tokens should equal ``bounded``'s (``generated_ids``);
+* ``bounded-generate``: the same model and prefill, then transformers' ``generate`` with
+  ``custom_generate=bounded_decoding`` (``coda_gqa_l.models.generation``): the graph decoder behind a user's own
+  ``generate()`` call, with transformers' logits processors and stopping criteria at every step (on the CPU, the
+  forward behind the same loop);
 * ``dynamic``: the original model with transformers' ``DynamicCache``;
 * ``static-eager``: the original model with ``StaticCache(config=..., max_cache_len=...)`` (context + 1 + warm-up
   + timed tokens) and ``generate(disable_compile=True)``;
@@ -63,19 +67,20 @@ import transformers
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from coda_gqa_l.models import BoundedCache, convert
+from coda_gqa_l.models import BoundedCache, bounded_decoding, convert
 from coda_gqa_l.models.graph_decode import GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
 
 # the default order; static compiles, so last
-METHODS = ("dynamic", "static-eager", "bounded", "bounded-graph", "static")
+METHODS = ("dynamic", "static-eager", "bounded", "bounded-graph", "bounded-generate", "static")
 DESCRIPTIONS = {
     "dynamic": "original model, transformers DynamicCache",
     "static-eager": "original model, transformers StaticCache, generate(disable_compile=True)",
     "static": "original model, transformers StaticCache, generate's default (compiles the decode step on CUDA)",
     "bounded": "bounded CoDA (neural database default config), BoundedCache, prefill streamed in chunks",
     "bounded-graph": "the same prefill, then a greedy loop over GraphModelDecoder (whole-model step, CUDA graphs)",
+    "bounded-generate": "the same prefill, then generate(custom_generate=bounded_decoding): the graphs behind generate",
 }
 DEFAULT_OUT = "benchmarks/results/model_generate.json"
 TRAINED_CONTEXT_NOTE = (
@@ -244,11 +249,15 @@ def prefill(model: nn.Module, cache: Any, ids: Tensor, chunk: int, deadline: flo
     return int(logits[0, -1].argmax()), fed
 
 
-def decode(model: nn.Module, seq: Tensor, cache: Any, tokens: int, compile_ok: bool, max_time: float) -> Tensor:
-    """Greedy ``generate`` of ``tokens`` more tokens after ``seq``, continuing ``cache`` (which lacks seq's last)."""
+def decode(
+    model: nn.Module, seq: Tensor, cache: Any, tokens: int, compile_ok: bool, max_time: float, loop: Any = None
+) -> Tensor:
+    """Greedy ``generate`` of ``tokens`` more tokens after ``seq``, continuing ``cache`` (which lacks seq's last);
+    ``loop`` is a ``custom_generate`` decoding loop (``bounded_decoding``), or None for transformers' own."""
     generate: Any = model.generate  # type: ignore[operator]
     return generate(
         seq,
+        custom_generate=loop,
         attention_mask=torch.ones_like(seq),
         **cache_kwargs(cache),
         do_sample=False,
@@ -350,7 +359,8 @@ def _timed_run(
     def decode_more(seq: Tensor, tokens: int) -> Tensor:
         if decoder is not None:
             return graph_decode(decoder, seq, tokens, deadline - time.perf_counter())
-        return decode(model, seq, cache, tokens, compile_ok, deadline - time.perf_counter())
+        loop = bounded_decoding if method == "bounded-generate" else None
+        return decode(model, seq, cache, tokens, compile_ok, deadline - time.perf_counter(), loop)
 
     if args.warmup_tokens:
         seq = decode_more(seq, args.warmup_tokens)
@@ -452,7 +462,7 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 
 def table_lines(result: dict[str, Any]) -> list[str]:
     header = ("method", "context", "status", "prefill tok/s", "decode tok/s", "peak MiB", "cache MiB", "warm-up s")
-    widths = (13, 8, 8, 14, 13, 10, 10, 10)
+    widths = (16, 8, 8, 14, 13, 10, 10, 10)
     lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
     for r in result["rows"]:
         cells = (

@@ -53,7 +53,7 @@ def test_quick_run_measures_every_method_at_every_context(quick_run: tuple[dict,
     assert {"date", "command", "versions", "bounded_config", "text"} <= set(result)
     assert result["versions"]["torch"] == torch.__version__
     rows = {(r["method"], r["context"]): r for r in result["rows"]}
-    methods = ("dynamic", "static-eager", "static", "bounded", "bounded-graph")
+    methods = ("dynamic", "static-eager", "static", "bounded", "bounded-graph", "bounded-generate")
     assert set(rows) == {(m, c) for m in methods for c in (256, 512)}
     for context in (256, 512):  # the whole-model CUDA graphs need a GPU: said, not failed
         graph = rows.pop(("bounded-graph", context))
@@ -72,6 +72,8 @@ def test_quick_run_measures_every_method_at_every_context(quick_run: tuple[dict,
     for context in (256, 512):
         same = [rows[(m, context)]["generated_ids"] for m in ("dynamic", "static-eager", "static")]
         assert same[0] == same[1] == same[2] and len(same[0]) == 1 + 2 + 4
+        # generate() with our decoding loop behind it: the bounded model's tokens
+        assert rows[("bounded-generate", context)]["generated_ids"] == rows[("bounded", context)]["generated_ids"]
     lines = stdout.rstrip().splitlines()
     # the table comes last: a row per run, then why each run that is not ok is not
     assert lines[-3].split()[:3] == ["static", "512", "ok"]

@@ -8,7 +8,7 @@ import torch
 
 from coda_gqa_l import BoundedConfig
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.models import BoundedCache, bounded_generate, convert
+from coda_gqa_l.models import BoundedCache, bounded_decoding, bounded_generate, convert
 from coda_gqa_l.models import graph_decode as graph_decode_module
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.models.tiny import tiny_llama
@@ -66,3 +66,137 @@ def test_rows_stop_at_the_end_token_and_sampling_is_seeded(model: torch.nn.Modul
         bounded_generate(model, ids, 8, temperature=-1.0)
     with pytest.raises(ValueError, match=r"\(batch, length >= 1\)"):
         bounded_generate(model, ids[0], 8)
+
+
+# ---------------------------------------------------------------- generate(custom_generate=bounded_decoding)
+def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: object, **kwargs: object) -> object:
+    with torch.no_grad():
+        return model.generate(ids, **cache_kwargs(cache), **kwargs)  # type: ignore[operator]
+
+
+def test_generate_with_our_loop_gives_transformers_tokens(model: torch.nn.Module) -> None:
+    """Greedy, and sampled with a repetition penalty and top-k (the same random draws): transformers' own loop and
+    ours, each with a fresh BoundedCache, give the same tokens and leave the caches at the same position."""
+    ids = torch.randint(0, 200, (2, 50), generator=torch.Generator().manual_seed(4))
+    for settings in ({"do_sample": False}, {"do_sample": True, "top_k": 20, "repetition_penalty": 1.3}):
+        runs = []
+        for custom in (None, bounded_decoding):
+            cache = BoundedCache(model)
+            torch.manual_seed(11)
+            out = _generate(model, ids, cache, max_new_tokens=18, custom_generate=custom, **settings)
+            runs.append((out, [state.pos for state in cache.states]))
+        assert torch.equal(runs[0][0], runs[1][0]), settings
+        assert runs[0][1] == runs[1][1] == [50 + 17] * 2
+
+
+def test_generate_with_our_loop_stops_and_returns_a_dict(model: torch.nn.Module) -> None:
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(5))
+    free = _generate(model, ids, BoundedCache(model), max_new_tokens=12, do_sample=False)
+    assert isinstance(free, torch.Tensor)
+    eos = int(free[0, 40 + 4])  # the fifth new token ends the answer
+    out = _generate(
+        model,
+        ids,
+        BoundedCache(model),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        custom_generate=bounded_decoding,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    new = free[0, 40:].tolist()
+    expected = free[:, : 40 + new.index(eos) + 1]
+    assert torch.equal(out.sequences, expected)  # type: ignore[attr-defined]
+    assert len(out.scores) == len(out.logits) == expected.shape[1] - 40  # type: ignore[attr-defined]
+    assert isinstance(out[-1], BoundedCache)  # the cache, under either release's field name
+
+
+def test_generate_with_our_loop_continues_a_filled_cache(model: torch.nn.Module) -> None:
+    """input_ids repeats what the cache has seen (transformers' convention); only the rest is prefilled."""
+    ids = torch.randint(0, 200, (1, 60), generator=torch.Generator().manual_seed(6))
+    whole = _generate(
+        model, ids, BoundedCache(model), max_new_tokens=10, do_sample=False, custom_generate=bounded_decoding
+    )
+    cache = BoundedCache(model)
+    with torch.no_grad():
+        model(ids[:, :35], **cache_kwargs(cache), use_cache=True)
+    continued = _generate(model, ids, cache, max_new_tokens=10, do_sample=False, custom_generate=bounded_decoding)
+    assert torch.equal(continued, whole)
+    with pytest.raises(ValueError, match="the cache has seen 69 tokens and input_ids holds 60"):
+        _generate(model, ids, cache, max_new_tokens=2, custom_generate=bounded_decoding)
+
+
+def test_generate_with_our_loop_refuses_what_it_does_not_do(model: torch.nn.Module) -> None:
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="decodes a BoundedCache, got DynamicCache"):
+        _generate(model, ids, DynamicCache(), max_new_tokens=2, custom_generate=bounded_decoding)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="unpadded rows"):
+        _generate(
+            model, ids, BoundedCache(model), attention_mask=mask, max_new_tokens=2, custom_generate=bounded_decoding
+        )
+    with pytest.raises(ValueError, match="no attentions or hidden states"):
+        _generate(
+            model,
+            ids,
+            BoundedCache(model),
+            max_new_tokens=2,
+            custom_generate=bounded_decoding,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+        )
+
+
+def test_generate_through_the_graph_step(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' generate with our loop on the decode path of a CUDA machine, run eagerly: its tokens."""
+    ids = torch.randint(0, 200, (1, 27), generator=torch.Generator().manual_seed(8))
+    reference = BoundedCache(model)
+    expected = _generate(model, ids, reference, max_new_tokens=24, do_sample=False)
+    original_init = graph_decode_module.GraphModelDecoder.__init__
+
+    def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
+        original_init(self, model, cache, capture=False)
+
+    monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    cache = BoundedCache(model)
+    ours = _generate(model, ids, cache, max_new_tokens=24, do_sample=False, custom_generate=bounded_decoding)
+    assert torch.equal(ours, expected)
+    assert [s.pos for s in cache.states] == [s.pos for s in reference.states]
+
+
+def test_generate_calls_share_the_models_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs are captured once per model and batch size, not once per generate() call; the pool goes with the
+    model."""
+    import gc
+    import weakref
+
+    from coda_gqa_l.models.graph_decode import shared_decoder_pool
+
+    model = convert(tiny_llama(seed=9)[0], CONFIG).eval()
+    made = []
+    original_init = graph_decode_module.GraphModelDecoder.__init__
+
+    def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
+        made.append(self)
+        original_init(self, model, cache, capture=False)
+
+    monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    ids = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(10))
+    first = _generate(model, ids, BoundedCache(model), max_new_tokens=6, custom_generate=bounded_decoding)
+    again = _generate(model, ids, BoundedCache(model), max_new_tokens=6, custom_generate=bounded_decoding)
+    assert torch.equal(first, again) and len(made) == 1
+    assert shared_decoder_pool(model)._idle == made
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the pool held its model weakly

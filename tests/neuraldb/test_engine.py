@@ -377,6 +377,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
 
     from coda_gqa_l import BoundedConfig
     from coda_gqa_l.models import convert
+    from coda_gqa_l.models.graph_decode import shared_decoder_pool
     from coda_gqa_l.models.tiny import tiny_llama
     from coda_gqa_l.models.tokenizer import ByteTokenizer
     from coda_gqa_l.neuraldb import engine
@@ -396,7 +397,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
         return one_by_one + follow_ups + together
 
     graph = answers()
-    assert db._graph_decoders is not None and db._graph_decoders._idle
+    assert shared_decoder_pool(db.model)._idle  # the decoders went back to the model's pool
     monkeypatch.setattr(engine, "graph_decode_supported", lambda model: False)
     assert answers() == graph
 

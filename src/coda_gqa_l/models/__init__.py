@@ -11,7 +11,7 @@ from .adapters import (
 )
 from .cache import BoundedCache, bounded_modules
 from .convert import convert, to_bounded
-from .generation import bounded_generate
+from .generation import bounded_decoding, bounded_generate
 
 __all__ = [
     "BoundedCache",
@@ -20,6 +20,7 @@ __all__ = [
     "GenericCoDAAdapter",
     "LlamaCoDAAdapter",
     "Qwen3CoDAAdapter",
+    "bounded_decoding",
     "bounded_generate",
     "bounded_modules",
     "convert",

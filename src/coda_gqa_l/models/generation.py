@@ -1,22 +1,29 @@
-"""``bounded_generate``: prompt in, tokens out, with the bounded state and the fastest decode path there is.
+"""Generation with the bounded state and the fastest decode path there is.
 
-``model.generate(ids, cache=BoundedCache(model))`` works too (transformers drives our cache), but it runs the
-model's forward for every new token. This function prefills the prompt through the forward in chunks (memory flat
-in the prompt's length), then decodes through the whole model's CUDA graphs (``graph_decode.GraphModelDecoder``)
-where ``kernels.dispatch.graph_decode`` allows it, else through the forward. The tokens are the same either way, up
-to float rounding.
+Two ways in, one decode path (prompt prefilled through the forward in chunks, so memory stays flat in the prompt's
+length; then one token at a time through the whole model's CUDA graphs, ``graph_decode.GraphModelDecoder``, where
+``kernels.dispatch.graph_decode`` allows it, else through the forward; the tokens are the same either way, up to float
+rounding):
+
+- ``model.generate(ids, cache=BoundedCache(model), custom_generate=bounded_decoding, ...)``: transformers' own
+  ``generate()`` (logits processors, sampling settings, stopping criteria and stop strings, streamers) with our loop
+  behind it. Without ``custom_generate`` transformers runs the model's forward for every new token: correct, slower.
+- ``bounded_generate(model, ids, max_new_tokens)``: prompt in, tokens out, no generation config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .cache import BoundedCache
-from .graph_decode import GraphModelDecoder, graph_decode_supported
-from .hf_compat import cache_kwargs
+from .graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
+from .hf_compat import CACHE_ARGUMENTS, cache_argument, cache_kwargs, generate_output_cache
 
 
 def bounded_generate(
@@ -43,24 +50,11 @@ def bounded_generate(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     cache = cache if cache is not None else BoundedCache(model, block_size=chunk_tokens)
-    device = input_ids.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.inference_mode():
-        logits: Any = None
-        for start in range(0, input_ids.shape[1], chunk_tokens):
-            piece = input_ids[:, start : start + chunk_tokens]
-            logits = model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-    decoder = GraphModelDecoder(model, cache) if graph_decode_supported(model) else None
-
-    def next_logits(tokens: Tensor) -> Tensor:
-        if decoder is not None:
-            return decoder(tokens)
-        with torch.inference_mode():
-            return model(tokens[:, None], **cache_kwargs(cache), use_cache=True).logits[:, -1]
-
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    logits = _prefill(model, cache, input_ids, chunk_tokens)
     produced: list[Tensor] = []
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    try:
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    with _decode_steps(model, cache) as next_logits:
         for step in range(max_new_tokens):
             if step:
                 logits = next_logits(produced[-1])
@@ -71,10 +65,147 @@ def bounded_generate(
             produced.append(token)
             if eos_token_id is not None and bool(finished.all()):
                 break
-    finally:
-        if decoder is not None:
-            decoder.release()  # the cache keeps tensors of its own
     return torch.cat([input_ids, torch.stack(produced, dim=1)], dim=1)
+
+
+def bounded_decoding(
+    model: nn.Module,
+    input_ids: Tensor,
+    logits_processor: Callable[[Tensor, Tensor], Tensor],
+    stopping_criteria: Callable[..., Tensor],
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    **model_kwargs: Any,
+) -> Any:
+    """The decoding loop for ``model.generate(..., custom_generate=bounded_decoding)`` with a ``BoundedCache``.
+
+    transformers prepares everything (the generation config, logits processors, stopping criteria) and hands over
+    before its prefill; this prefills the tokens the cache has not seen in chunks (``prefill_chunk_size`` of the
+    generation config, else 1,024) and decodes greedily or by sampling as ``do_sample`` says, with transformers'
+    processors and criteria at every step, as its own sampling loop does. A cache holding earlier text is continued:
+    ``input_ids`` then starts with the tokens it has seen, as transformers expects of a filled cache. Returns the
+    sequences, or a ``GenerateDecoderOnlyOutput`` (sequences, scores and logits if asked for, the cache) when
+    ``return_dict_in_generate`` is set.
+
+    transformers (5.17 to 5.25) hands a ``custom_generate`` callable neither ``streamer`` nor ``synced_gpus``: a
+    streamer given to ``generate()`` sees the prompt and nothing after it. Without ``custom_generate`` it streams.
+    """
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    cache = _bounded_cache_from(model_kwargs)
+    _check_decoding_request(input_ids, cache, generation_config, synced_gpus, model_kwargs)
+    chunk = int(getattr(generation_config, "prefill_chunk_size", None) or DEFAULT_PREFILL_CHUNK)
+    want_dict = bool(generation_config.return_dict_in_generate)
+    scores: list[Tensor] = []
+    raw_logits: list[Tensor] = []
+    pad = generation_config._pad_token_tensor
+    stops_at_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)  # type: ignore[attr-defined]
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    logits = _prefill(model, cache, input_ids[:, cache.get_seq_length() :], chunk).float()
+    with _decode_steps(model, cache) as next_logits:
+        while True:
+            next_scores = logits_processor(input_ids, logits)
+            if want_dict and generation_config.output_scores:
+                scores.append(next_scores)
+            if want_dict and generation_config.output_logits:
+                raw_logits.append(logits)
+            if generation_config.do_sample:
+                tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = next_scores.argmax(dim=-1)
+            if stops_at_eos and pad is not None:  # a finished row goes on with padding, as in transformers' loop
+                tokens = tokens * unfinished + pad.to(tokens.device) * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, next_scores)
+            if int(unfinished.max()) == 0:
+                break
+            logits = next_logits(tokens).float()
+    if streamer is not None:
+        streamer.end()
+    if not want_dict:
+        return input_ids
+    output: Any = GenerateDecoderOnlyOutput  # its annotations say one-tensor tuples, it holds one per step
+    return output(
+        sequences=input_ids,
+        scores=tuple(scores) if generation_config.output_scores else None,
+        logits=tuple(raw_logits) if generation_config.output_logits else None,
+        **generate_output_cache(cache),
+    )
+
+
+DEFAULT_PREFILL_CHUNK = 1024
+
+
+def _bounded_cache_from(model_kwargs: dict[str, Any]) -> BoundedCache:
+    caches = [model_kwargs.get(name) for name in CACHE_ARGUMENTS if model_kwargs.get(name) is not None]
+    if not caches or not isinstance(caches[0], BoundedCache):
+        given = type(caches[0]).__name__ if caches else "no cache"
+        raise ValueError(
+            f"bounded_decoding decodes a BoundedCache, got {given}: pass {cache_argument()}=BoundedCache(model) "
+            "to generate()"
+        )
+    return caches[0]
+
+
+def _check_decoding_request(
+    input_ids: Tensor, cache: BoundedCache, config: Any, synced_gpus: bool, model_kwargs: dict[str, Any]
+) -> None:
+    """Refuse, by name, what this loop does not do rather than ignore it."""
+    if synced_gpus:
+        raise ValueError("bounded_decoding does not synchronise GPUs (synced_gpus=True): run generate() without it")
+    if config.output_attentions or config.output_hidden_states:
+        raise ValueError(
+            "bounded_decoding returns no attentions or hidden states: leave output_attentions and "
+            "output_hidden_states unset, or generate without custom_generate"
+        )
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError(
+            "bounded_decoding takes unpadded rows (the attention mask has zeros): generate each "
+            "prompt on its own, or pad nothing"
+        )
+    seen = cache.get_seq_length()
+    if input_ids.shape[1] <= seen:
+        raise ValueError(
+            f"the cache has seen {seen} tokens and input_ids holds {input_ids.shape[1]}: input_ids "
+            "must start with the cached tokens and add at least one"
+        )
+
+
+def _prefill(model: nn.Module, cache: BoundedCache, input_ids: Tensor, chunk_tokens: int) -> Tensor:
+    """Run ``input_ids`` into ``cache`` in chunks; the last position's logits ``(B, vocab)``."""
+    logits: Any = None
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[1], chunk_tokens):
+            piece = input_ids[:, start : start + chunk_tokens]
+            logits = model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits
+
+
+@contextlib.contextmanager
+def _decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[Tensor], Tensor]]:
+    """``next_logits(tokens (B,))``: one step of every row, through a graph decoder lent by the model's shared pool
+    where it runs (captured once per model and batch size, not once per call), else through the forward. A failed
+    capture leaves the state untouched and the steps go on through the forward. On leaving, the cache holds
+    tensors of its own again (the decoder's buffers are not shared)."""
+    lent = shared_decoder_pool(model).lend(cache) if graph_decode_supported(model) else contextlib.nullcontext()
+    with lent as decoder:
+        graph: list[GraphModelDecoder | None] = [decoder]
+
+        def next_logits(tokens: Tensor) -> Tensor:
+            if graph[0] is not None:
+                try:
+                    return graph[0](tokens)
+                except GraphCaptureError as error:
+                    warnings.warn(f"{error}; generation goes on through the model's forward", stacklevel=2)
+                    graph[0] = None
+            with torch.inference_mode():
+                return model(tokens[:, None], **cache_kwargs(cache), use_cache=True).logits[:, -1]
+
+        yield next_logits
 
 
 def _pick(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:

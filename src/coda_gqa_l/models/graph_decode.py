@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -258,14 +259,22 @@ class GraphDecoderPool:
     ``with pool.lend(cache) as decoder:`` adopts ``cache`` into an idle decoder (or a new one) and, at
     the end, gives the cache its own tensors back and returns the decoder. Concurrent generations get
     different decoders, so questions asked at the same time answer as they would one after another.
+    The pool holds its model weakly (``shared_decoder_pool`` keys pools by model).
     """
 
     def __init__(self, model: nn.Module, keep_idle: int = 4, *, capture: bool = True) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
         self.keep_idle = keep_idle
         self.capture = capture  # False: eager decoders (the CPU tests)
         self._idle: list[GraphModelDecoder] = []
         self._lock = threading.Lock()
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise GraphDecodeError("the pool's model has been deleted")
+        return model
 
     @contextlib.contextmanager
     def lend(self, cache: BoundedCache) -> Iterator[GraphModelDecoder]:
@@ -286,3 +295,18 @@ class GraphDecoderPool:
             with self._lock:
                 if len(self._idle) < self.keep_idle:
                     self._idle.append(decoder)
+
+
+_SHARED_POOLS: weakref.WeakKeyDictionary[nn.Module, GraphDecoderPool] = weakref.WeakKeyDictionary()
+_SHARED_POOLS_LOCK = threading.Lock()
+
+
+def shared_decoder_pool(model: nn.Module) -> GraphDecoderPool:
+    """The process's pool of graph decoders for ``model``: every ``generate()`` with ``bounded_decoding`` and the
+    neural database's answers reuse the graphs captured once, instead of capturing two graphs per call. It lives as
+    long as the model does."""
+    with _SHARED_POOLS_LOCK:
+        pool = _SHARED_POOLS.get(model)
+        if pool is None:
+            pool = _SHARED_POOLS[model] = GraphDecoderPool(model)
+        return pool

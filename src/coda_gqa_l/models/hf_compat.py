@@ -38,6 +38,16 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
     return {cache_argument(): cache}
 
 
+def generate_output_cache(cache: Any) -> dict[str, Any]:
+    """``{field: cache}`` for a ``GenerateDecoderOnlyOutput``: the field was renamed with the argument."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    fields = {field.name for field in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    return {NEW_CACHE_ARGUMENT if NEW_CACHE_ARGUMENT in fields else OLD_CACHE_ARGUMENT: cache}
+
+
 def pop_cache(kwargs: dict[str, Any]) -> Any:
     """Take the cache out of an attention module's keyword arguments, whichever name it came under.
 

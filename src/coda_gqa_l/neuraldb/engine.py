@@ -32,7 +32,7 @@ from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
-from ..models.graph_decode import GraphCaptureError, GraphDecoderPool, GraphModelDecoder, graph_decode_supported
+from ..models.graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
@@ -98,7 +98,6 @@ class NeuralDatabase:
         self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
-        self._graph_decoders: GraphDecoderPool | None = None  # made on the first answer decoded on CUDA
         self._graph_capture_failed = False  # then answers decode through the model's forward
 
     # ------------------------------------------------------------------ construction helpers
@@ -122,9 +121,7 @@ class NeuralDatabase:
         answer then decodes through the model's forward."""
         if self._graph_capture_failed or not graph_decode_supported(self.model):
             return contextlib.nullcontext()
-        if self._graph_decoders is None:
-            self._graph_decoders = GraphDecoderPool(self.model)
-        return self._graph_decoders.lend(cache)
+        return shared_decoder_pool(self.model).lend(cache)
 
     def _stop_token_ids(self) -> set[int]:
         stops = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
