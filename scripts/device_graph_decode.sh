@@ -10,7 +10,7 @@ results=/tmp/graph
 mkdir -p "$results"
 python -m pytest -q -m gpu tests/models/test_graph_decode.py tests/neuraldb/test_engine.py tests/test_decode.py \
   tests/kernels/test_diff_attention.py > "$results/gpu_tests.txt" 2>&1
-python benchmarks/model_generate.py --contexts 8192 32768 131072 --methods bounded bounded-graph bounded-generate static \
+python benchmarks/model_generate.py --contexts 8192 32768 131072 --methods bounded bounded-graph bounded-generate static static-loop \
   --time-budget "$budget" --out "$results/model_generate.json" > "$results/model_generate.txt" 2>&1
 for run in first second; do
   python -m coda_gqa_l.neuraldb.cli demo --fresh --device cuda > "$results/demo_cuda_$run.txt" 2>&1

@@ -53,7 +53,7 @@ def test_quick_run_measures_every_method_at_every_context(quick_run: tuple[dict,
     assert {"date", "command", "versions", "bounded_config", "text"} <= set(result)
     assert result["versions"]["torch"] == torch.__version__
     rows = {(r["method"], r["context"]): r for r in result["rows"]}
-    methods = ("dynamic", "static-eager", "static", "bounded", "bounded-graph", "bounded-generate")
+    methods = ("dynamic", "static-eager", "static", "static-loop", "bounded", "bounded-graph", "bounded-generate")
     assert set(rows) == {(m, c) for m in methods for c in (256, 512)}
     for context in (256, 512):  # the whole-model CUDA graphs need a GPU: said, not failed
         graph = rows.pop(("bounded-graph", context))
@@ -64,19 +64,24 @@ def test_quick_run_measures_every_method_at_every_context(quick_run: tuple[dict,
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["cache_bytes"] > 0
         assert row["peak_bytes"] is None  # CPU: no CUDA allocator to ask
         assert not row["compiled"]  # generate compiles only on accelerators
+        # the memory floor: weights and cache read once per token, at the copy bandwidth measured in the run
+        assert row["decode_bytes_per_token"] == row["weights_bytes"] + row["cache_bytes"]
+        floor = result["copy_gb_per_s"] * 1e9 / row["decode_bytes_per_token"]
+        assert row["decode_floor_tokens_per_s"] == pytest.approx(floor)
+        assert row["decode_gb_per_s"] == pytest.approx(row["decode_bytes_per_token"] * row["decode_tokens_per_s"] / 1e9)
     # the bounded state's size is fixed; the full caches grow with the context
     assert rows[("bounded", 256)]["cache_bytes"] == rows[("bounded", 512)]["cache_bytes"]
     assert rows[("dynamic", 512)]["cache_bytes"] > rows[("dynamic", 256)]["cache_bytes"]
     assert rows[("bounded", 256)]["prefill_chunk"] == 128  # streamed in chunks, as the neural database ingests
-    # one model, three caches: the same greedy tokens
+    # one model, three caches and two loops: the same greedy tokens
     for context in (256, 512):
-        same = [rows[(m, context)]["generated_ids"] for m in ("dynamic", "static-eager", "static")]
-        assert same[0] == same[1] == same[2] and len(same[0]) == 1 + 2 + 4
+        same = [rows[(m, context)]["generated_ids"] for m in ("dynamic", "static-eager", "static", "static-loop")]
+        assert same[0] == same[1] == same[2] == same[3] and len(same[0]) == 1 + 2 + 4
         # generate() with our decoding loop behind it: the bounded model's tokens
         assert rows[("bounded-generate", context)]["generated_ids"] == rows[("bounded", context)]["generated_ids"]
     lines = stdout.rstrip().splitlines()
     # the table comes last: a row per run, then why each run that is not ok is not
-    assert lines[-3].split()[:3] == ["static", "512", "ok"]
+    assert lines[-3].split()[:3] == ["static-loop", "512", "ok"]
     assert lines[-1].startswith("bounded-graph at 512: skipped: CUDA graphs need a CUDA device")
 
 
