@@ -143,3 +143,36 @@ def test_a_pool_lends_one_decoder_per_generation_and_leaves_each_cache_its_own(
     buffers = {id(b) for d in pool._idle for layer in d._buffers for b in layer.values()}
     assert all(id(t) not in buffers for c in caches for s in c.states for t in s.tensors().values())
     assert all(s.pos == 44 for c in caches for s in c.states)
+
+
+def test_the_pool_drops_decoders_of_moved_weights_and_lends_none_it_cannot_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A captured graph has the weights' addresses baked in: after a weight moves, the idle decoder is dropped and
+    a new one made. A cache a decoder refuses (routing metrics on) gets None and a warning: the caller decodes
+    through the forward. A released decoder holds no cache."""
+    from coda_gqa_l.models.graph_decode import GraphDecoderPool
+
+    torch.manual_seed(3)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 30))
+    pool = GraphDecoderPool(model, capture=False)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    with pool.lend(_prefilled(model, ids)) as first:
+        assert first is not None
+        first(ids[:, -1])
+    with pytest.raises(GraphDecodeError, match="holds no cache"):
+        _ = first.pos
+    with pool.lend(_prefilled(model, ids)) as again:
+        assert again is first
+    with torch.no_grad():
+        head = model.lm_head
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())  # same values, another address
+    with pool.lend(_prefilled(model, ids)) as fresh:
+        assert fresh is not None and fresh is not first
+    assert pool._idle == [fresh]
+    cache = _prefilled(model, ids)
+    for adapter in (block.self_attn for block in model.model.layers):
+        adapter.layer.collect_metrics = True
+    with pytest.warns(UserWarning, match="collect_metrics=True"), pool.lend(cache) as refused:
+        assert refused is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +78,11 @@ class GraphModelDecoder:
         if capture and self.device.type != "cuda":
             raise GraphDecodeError(f"capturing CUDA graphs needs the model on a CUDA device, it is on {self.device}")
         self.capture = capture
+        self.failed = False  # a capture failed: the pool lends this decoder no more
+        self.weights = weights_key(model)  # the graphs read these addresses: a moved weight makes them stale
+        # captures and replays run on the model's device, whichever device is current (a model on cuda:1)
+        self._on_device: Any = torch.cuda.device(self.device) if capture else contextlib.nullcontext()
+        self._stream: Any = torch.cuda.Stream(self.device) if capture else None
         states = self._states_of(cache)
         self.batch_size = states[0].batch_size
         with torch.inference_mode(False):
@@ -89,7 +95,7 @@ class GraphModelDecoder:
             self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None  # the two graphs share one memory pool
-        self.cache: BoundedCache = cache
+        self.cache: BoundedCache | None = cache
         self.adopt(cache)
 
     # ------------------------------------------------------------------ public
@@ -117,7 +123,7 @@ class GraphModelDecoder:
     def capture_all(self) -> None:
         """Capture both graphs now (warm-up, compilation, autotuning), so no later token pays for it."""
         if self.capture:
-            self._states_of(self.cache)
+            self._states_of(self._held())
             with torch.inference_mode(False), torch.no_grad():
                 for routes in (False, True):
                     if routes not in self._graphs:
@@ -125,24 +131,27 @@ class GraphModelDecoder:
 
     def release(self) -> None:
         """Give the cache tensors of its own (copies of the buffers): the decoder can then adopt another cache
-        while this one lives on (a session's follow-up questions)."""
-        with torch.inference_mode(False), torch.no_grad():
+        while this one lives on (a session's follow-up questions). The decoder lets go of the cache."""
+        if self.cache is None:
+            return
+        with torch.inference_mode(False), torch.no_grad(), self._on_device:
             for state, buffers in zip(self._states_of(self.cache), self._buffers, strict=True):
                 for name, buffer in buffers.items():
                     if getattr(state, name) is buffer:
                         setattr(state, name, buffer.clone())
+        self.cache = None  # an idle decoder in a pool must not keep a finished answer's state alive
 
     @property
     def pos(self) -> int:
         """Tokens the state has seen (the position of the next token)."""
-        return self._states_of(self.cache)[0].pos
+        return self._states_of(self._held())[0].pos
 
     def __call__(self, token_ids: Tensor) -> Tensor:
         if token_ids.dim() == 1:
             token_ids = token_ids[:, None]
         if token_ids.shape != self._ids.shape:
             raise GraphDecodeError(f"token_ids must be {tuple(self._ids.shape)}, got {tuple(token_ids.shape)}")
-        states = self._states_of(self.cache)
+        states = self._states_of(self._held())
         if any(
             getattr(state, name) is not buffer
             for state, buffers in zip(states, self._buffers, strict=True)
@@ -150,7 +159,7 @@ class GraphModelDecoder:
         ):
             raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
         routes = states[0].pos % self.attention[0].config.segment == 0
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), self._on_device:
             self._ids.copy_(token_ids)
             if self.capture:
                 graph = self._graphs.get(routes) or self._capture(routes)
@@ -162,6 +171,11 @@ class GraphModelDecoder:
         return self._logits.clone()
 
     # ------------------------------------------------------------------ internals
+    def _held(self) -> BoundedCache:
+        if self.cache is None:
+            raise GraphDecodeError("the decoder holds no cache (it was released): adopt one first")
+        return self.cache
+
     def _states_of(self, cache: BoundedCache) -> list[BoundedState]:
         if not isinstance(cache, BoundedCache):
             raise GraphDecodeError(f"graph decode needs a BoundedCache, got {type(cache).__name__}")
@@ -171,8 +185,8 @@ class GraphModelDecoder:
         ready: list[BoundedState] = [s for s in states if s is not None]
         if len({s.pos for s in ready}) != 1 or ready[0].pos < 1:
             raise GraphDecodeError(f"the layers' states are at positions {sorted({s.pos for s in ready})}")
-        if any(s.metrics for s in ready):
-            raise GraphDecodeError("graph decode does not collect routing metrics")
+        if any(s.metrics for s in ready) or any(layer.collect_metrics for layer in self.attention):
+            raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")
         return ready
 
     def _step(self, states: list[BoundedState], routes: bool) -> None:
@@ -195,17 +209,19 @@ class GraphModelDecoder:
 
     def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
-        with _CAPTURE_LOCK:
+        # autocast off: a graph captured under it would replay casts cached outside its memory pool
+        with _CAPTURE_LOCK, self._on_device, torch.autocast("cuda", enabled=False):
             try:
                 return self._capture_locked(routes)
             except Exception as error:
+                self.failed = True
                 step = "routing" if routes else "plain"
                 raise GraphCaptureError(f"capturing the {step} decode step failed: {error}") from error
 
     def _capture_locked(self, routes: bool) -> torch.cuda.CUDAGraph:
-        live = self._states_of(self.cache)
+        live = self._states_of(self._held())
         saved_pos = self._pos.clone()
-        stream = torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             scratch = [state.clone() for state in live]
@@ -214,7 +230,12 @@ class GraphModelDecoder:
                 self._pos.copy_(saved_pos)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # our own stream context around the capture: if ending a failed capture raises, leaving it still puts the
+        # thread back on the stream it was on (torch.cuda.graph restores it only after a clean end)
+        with (
+            torch.cuda.stream(stream),
+            torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"),
+        ):
             self._step(live, routes)
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
@@ -236,7 +257,15 @@ def bounded_layers(model: nn.Module) -> list[BoundedCoDAAttention]:
         layers.append(adapter.layer)
     if len({layer.config.segment for layer in layers}) != 1:
         raise GraphDecodeError("graph decode needs one segment length in every layer (they route together)")
+    if any(layer.collect_metrics for layer in layers):
+        raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")
     return layers
+
+
+def weights_key(model: nn.Module) -> tuple[tuple[int, torch.dtype, torch.device], ...]:
+    """Address, dtype and device of every parameter and buffer: what a captured graph has baked in."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 def graph_decode_supported(model: nn.Module) -> bool:
@@ -245,6 +274,8 @@ def graph_decode_supported(model: nn.Module) -> bool:
     family: Any = model
     head = getattr(family, "lm_head", None)
     if head is None or not dispatch.graph_decode(head.weight.device):
+        return False
+    if torch.is_autocast_enabled("cuda"):  # a graph would replay one autocast state whatever the caller's
         return False
     try:
         bounded_layers(model)
@@ -260,6 +291,11 @@ class GraphDecoderPool:
     the end, gives the cache its own tensors back and returns the decoder. Concurrent generations get
     different decoders, so questions asked at the same time answer as they would one after another.
     The pool holds its model weakly (``shared_decoder_pool`` keys pools by model).
+
+    ``lend`` gives ``None`` instead of a decoder when graphs cannot serve: after a capture failed in this pool
+    (``capture_failed``; later generations go through the forward without trying again), or when a decoder
+    refuses the cache (``GraphDecodeError``, with a warning that says why). Idle decoders whose model's weights
+    have moved (``.to()``, reassigned parameters) are dropped, not replayed.
     """
 
     def __init__(self, model: nn.Module, keep_idle: int = 4, *, capture: bool = True) -> None:
@@ -268,6 +304,7 @@ class GraphDecoderPool:
         self.capture = capture  # False: eager decoders (the CPU tests)
         self._idle: list[GraphModelDecoder] = []
         self._lock = threading.Lock()
+        self.capture_failed = False
 
     @property
     def model(self) -> nn.Module:
@@ -277,24 +314,43 @@ class GraphDecoderPool:
         return model
 
     @contextlib.contextmanager
-    def lend(self, cache: BoundedCache) -> Iterator[GraphModelDecoder]:
-        rows = cache.states[0].batch_size if cache.states and cache.states[0] is not None else None
-        with self._lock:
-            ready = [d for d in self._idle if d.batch_size == rows]
-            decoder = ready[-1] if ready else None
-            if decoder is not None:
-                self._idle.remove(decoder)
+    def lend(self, cache: BoundedCache) -> Iterator[GraphModelDecoder | None]:
+        if self.capture_failed:
+            yield None
+            return
+        decoder = self._decoder_for(cache)
         if decoder is None:
-            decoder = GraphModelDecoder(self.model, cache, capture=self.capture)
-        else:
-            decoder.adopt(cache)
+            yield None
+            return
         try:
             yield decoder
         finally:
             decoder.release()
             with self._lock:
-                if len(self._idle) < self.keep_idle:
+                if decoder.failed:
+                    self.capture_failed = True
+                elif len(self._idle) < self.keep_idle:
                     self._idle.append(decoder)
+
+    def _decoder_for(self, cache: BoundedCache) -> GraphModelDecoder | None:
+        """An idle decoder (same rows, same weights) adopting ``cache``, else a new one; None if it refuses."""
+        model = self.model
+        rows = cache.states[0].batch_size if cache.states and cache.states[0] is not None else None
+        current = weights_key(model)
+        with self._lock:
+            self._idle = [d for d in self._idle if d.weights == current]
+            ready = [d for d in self._idle if d.batch_size == rows]
+            decoder = ready[-1] if ready else None
+            if decoder is not None:
+                self._idle.remove(decoder)
+        try:
+            if decoder is None:
+                return GraphModelDecoder(model, cache, capture=self.capture)
+            decoder.adopt(cache)
+            return decoder
+        except GraphDecodeError as error:
+            warnings.warn(f"graph decode cannot serve this cache ({error}); decoding through the forward", stacklevel=3)
+            return None
 
 
 _SHARED_POOLS: weakref.WeakKeyDictionary[nn.Module, GraphDecoderPool] = weakref.WeakKeyDictionary()

@@ -98,7 +98,6 @@ class NeuralDatabase:
         self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
-        self._graph_capture_failed = False  # then answers decode through the model's forward
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -117,9 +116,9 @@ class NeuralDatabase:
         return next(self.model.parameters()).device
 
     def _graph_decoder(self, cache: BoundedCache) -> contextlib.AbstractContextManager[GraphModelDecoder | None]:
-        """A whole-model CUDA-graph decoder lent for one answer (kernels.dispatch.graph_decode), else None: the
-        answer then decodes through the model's forward."""
-        if self._graph_capture_failed or not graph_decode_supported(self.model):
+        """A whole-model CUDA-graph decoder lent for one answer (kernels.dispatch.graph_decode) by the model's
+        shared pool, else None (no CUDA, or a capture failed before): the answer then decodes through the forward."""
+        if not graph_decode_supported(self.model):
             return contextlib.nullcontext()
         return shared_decoder_pool(self.model).lend(cache)
 
@@ -401,9 +400,10 @@ class Session:
                     logits = decoder(next_id)
                     continue
                 except GraphCaptureError as error:
-                    # the state is untouched: this answer and the later ones go on through the forward
+                    # the state is untouched: this answer goes on through the forward, and the pool lends no
+                    # decoder to later ones
                     warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
-                    db._graph_capture_failed, decoder = True, None
+                    decoder = None
             logits = self._logits(next_id)
 
 
