@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# On the GPU machine (after `source scripts/device_setup.sh`): the whole-model CUDA-graph decode (issue 19) in one
-# call. The GPU tests of graph decode, the neural database's answers and the tuned kernels' disk cache; the model
-# benchmark (bounded, bounded-graph and transformers' compiled static cache at 8K/32K/128K); the demo on CUDA twice
-# (the second process finds the autotuning timings on disk). Results: $OUT/graph.tgz; the tables are printed last.
-# Usage: bash scripts/device_graph_decode.sh [SECONDS for the benchmark, default 300]
+# On the GPU machine (after `source scripts/device_setup.sh`): the whole-model CUDA-graph decode (issue 19), in three
+# parts that each fit a short call, so a lost machine loses one part (2026-12-04: a call doing all three was lost
+# with nothing back):
+#   tests        the GPU tests of graph decode, generate() with bounded_decoding, the neural database's graph-decoded
+#                answers and the tuned kernels' disk cache (about 2 minutes)
+#   bench [S]    the model benchmark: bounded, bounded-graph, bounded-generate, the original's compiled StaticCache
+#                through generate (static) and in the same tight loop as ours (static-loop), 8K/32K/128K, S seconds
+#                (default 300)
+#   demo         the demo on CUDA twice (the second process finds the autotuning timings on disk)
+# Results: $OUT/graph_PART.tgz; the tables are printed last.
+# Usage: bash scripts/device_graph_decode.sh tests|bench [SECONDS]|demo
 set -uo pipefail
-budget=${1:-300}
-results=/tmp/graph
+part=${1:?tests, bench or demo}
+results=/tmp/graph_$part
 mkdir -p "$results"
-python -m pytest -q -m gpu tests/models/test_graph_decode.py tests/neuraldb/test_engine.py tests/test_decode.py \
-  tests/kernels/test_diff_attention.py > "$results/gpu_tests.txt" 2>&1
-python benchmarks/model_generate.py --contexts 8192 32768 131072 --methods bounded bounded-graph bounded-generate static static-loop \
-  --time-budget "$budget" --out "$results/model_generate.json" > "$results/model_generate.txt" 2>&1
-for run in first second; do
-  python -m coda_gqa_l.neuraldb.cli demo --fresh --device cuda > "$results/demo_cuda_$run.txt" 2>&1
-done
-tar czf "$OUT/graph.tgz" -C /tmp graph
-tail -n 3 "$results/gpu_tests.txt"
-tail -n 12 "$results/model_generate.txt"
-for run in first second; do echo "demo ($run process): $(tail -n 3 "$results/demo_cuda_$run.txt" | tr '\n' ' ')"; done
+case $part in
+  tests)
+    python -m pytest -q -m gpu tests/models/test_graph_decode.py tests/models/test_generation.py \
+      tests/neuraldb/test_engine.py tests/test_decode.py tests/kernels/test_diff_attention.py \
+      > "$results/gpu_tests.txt" 2>&1
+    tail -n 15 "$results/gpu_tests.txt" ;;
+  bench)
+    python benchmarks/model_generate.py --contexts 8192 32768 131072 \
+      --methods bounded bounded-graph bounded-generate static static-loop \
+      --time-budget "${2:-300}" --out "$results/model_generate.json" > "$results/model_generate.txt" 2>&1
+    tail -n 20 "$results/model_generate.txt" ;;
+  demo)
+    for run in first second; do
+      python -m coda_gqa_l.neuraldb.cli demo --fresh --device cuda > "$results/demo_cuda_$run.txt" 2>&1
+      echo "demo ($run process): $(tail -n 3 "$results/demo_cuda_$run.txt" | tr '\n' ' ')"
+    done ;;
+  *) echo "unknown part $part: tests, bench or demo" >&2; exit 2 ;;
+esac
+tar czf "$OUT/graph_$part.tgz" -C /tmp "graph_$part"

@@ -200,3 +200,25 @@ def test_generate_calls_share_the_models_decoders(monkeypatch: pytest.MonkeyPatc
     del model
     gc.collect()
     assert alive() is None  # the pool held its model weakly
+
+
+@pytest.mark.gpu
+def test_generate_with_our_loop_on_cuda_captures_once_and_gives_the_forwards_tokens() -> None:
+    """On CUDA: generate(custom_generate=bounded_decoding) decodes through captured graphs (float32, greedy,
+    sharpened logits so rounding cannot flip a token) and gives transformers' own loop's tokens; a second call
+    reuses the captured decoder; a model on another GPU than the current one is captured on its own device."""
+    from coda_gqa_l.models.graph_decode import graph_decode_supported, shared_decoder_pool
+
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices[:1] + devices[1:2]:  # the current GPU, and a second one where there is one
+        model = convert(tiny_llama(seed=5)[0], CONFIG).to(device).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
+        assert graph_decode_supported(model)
+        ids = torch.randint(0, 200, (2, 50), generator=torch.Generator().manual_seed(12)).to(device)
+        expected = _generate(model, ids, BoundedCache(model), max_new_tokens=40, do_sample=False)
+        first = _generate(model, ids, BoundedCache(model), max_new_tokens=40, custom_generate=bounded_decoding)
+        second = _generate(model, ids, BoundedCache(model), max_new_tokens=40, custom_generate=bounded_decoding)
+        assert torch.equal(first, expected) and torch.equal(second, expected), device
+        pool = shared_decoder_pool(model)
+        assert len(pool._idle) == 1 and len(pool._idle[0]._graphs) == 2 and not pool.capture_failed
