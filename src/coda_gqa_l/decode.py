@@ -14,6 +14,8 @@ while it is in use (``decoder.state`` is the live state; clone it to keep a copy
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +26,35 @@ from .banks import Banks, bank_view
 from .kernels.routing import route_chunk_triton
 from .primitives import apply_rope
 from .state import BANK_FIELDS, BoundedState
+
+# One capture at a time in a process; other threads may go on running their kernels and graphs meanwhile
+# (thread-local capture mode), as a server answering several questions does.
+CAPTURE_LOCK = threading.Lock()
+
+
+def capture_step(
+    step: Callable[[], None], warm_up: Callable[[], None], device: torch.device, stream: Any, pool: Any
+) -> torch.cuda.CUDAGraph:
+    """``warm_up()`` (compilation, autotuning: work that must not happen inside a capture) on ``stream``, then
+    ``step()`` captured on it into a graph sharing memory ``pool`` (None: a new one).
+
+    On ``device`` whatever device is current (a model on ``cuda:1``), with autocast off (a graph captured under it
+    would replay casts cached outside its pool), one capture at a time. Our own stream context around the capture:
+    if ending a failed capture raises, leaving it still puts the thread back on the stream it was on
+    (``torch.cuda.graph`` restores it only after a clean end). The caller's warm-up must not change its live state.
+    """
+    with CAPTURE_LOCK, torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.no_grad():
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            warm_up()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with (
+            torch.cuda.stream(stream),
+            torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+        ):
+            step()
+    return graph
 
 
 class CapturedDecoder:
@@ -83,20 +114,19 @@ class CapturedDecoder:
     def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on a scratch copy of the state, then capture in place."""
         live = self.state
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            scratch = live.clone()
-            self.state = scratch
+
+        def warm_up() -> None:
+            self.state = live.clone()
             saved_pos = self._pos.clone()
-            for _ in range(2):
-                self._step(routes)
-                self._pos.copy_(saved_pos)
-            self.state = live
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
-            self._step(routes)
+            try:
+                for _ in range(2):
+                    self._step(routes)
+                    self._pos.copy_(saved_pos)
+            finally:
+                self.state = live
+
+        device = self._x.device
+        graph = capture_step(lambda: self._step(routes), warm_up, device, torch.cuda.Stream(device), self._pool)
         self._pool = graph.pool()
         self._graphs[routes] = graph
         return graph

@@ -30,16 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
-from ..decode import step_at_device_position
+from ..decode import capture_step, step_at_device_position
 from ..kernels import dispatch
 from ..state import BoundedState
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
 
 GRAPH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# One capture at a time in a process; other threads may go on running their kernels and graphs meanwhile
-# (thread-local capture mode), as a server answering several questions does.
-_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphDecodeError(ValueError):
@@ -80,8 +77,6 @@ class GraphModelDecoder:
         self.capture = capture
         self.failed = False  # a capture failed: the pool lends this decoder no more
         self.weights = weights_key(model)  # the graphs read these addresses: a moved weight makes them stale
-        # captures and replays run on the model's device, whichever device is current (a model on cuda:1)
-        self._on_device: Any = torch.cuda.device(self.device) if capture else contextlib.nullcontext()
         self._stream: Any = torch.cuda.Stream(self.device) if capture else None
         states = self._states_of(cache)
         self.batch_size = states[0].batch_size
@@ -134,7 +129,7 @@ class GraphModelDecoder:
         while this one lives on (a session's follow-up questions). The decoder lets go of the cache."""
         if self.cache is None:
             return
-        with torch.inference_mode(False), torch.no_grad(), self._on_device:
+        with torch.inference_mode(False), torch.no_grad(), self._on_device():
             for state, buffers in zip(self._states_of(self.cache), self._buffers, strict=True):
                 for name, buffer in buffers.items():
                     if getattr(state, name) is buffer:
@@ -159,7 +154,7 @@ class GraphModelDecoder:
         ):
             raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
         routes = states[0].pos % self.attention[0].config.segment == 0
-        with torch.inference_mode(False), torch.no_grad(), self._on_device:
+        with torch.inference_mode(False), torch.no_grad(), self._on_device():
             self._ids.copy_(token_ids)
             if self.capture:
                 graph = self._graphs.get(routes) or self._capture(routes)
@@ -171,6 +166,10 @@ class GraphModelDecoder:
         return self._logits.clone()
 
     # ------------------------------------------------------------------ internals
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Replays and copies on the model's device, whichever device is current (a model on cuda:1)."""
+        return torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
+
     def _held(self) -> BoundedCache:
         if self.cache is None:
             raise GraphDecodeError("the decoder holds no cache (it was released): adopt one first")
@@ -209,34 +208,21 @@ class GraphModelDecoder:
 
     def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
-        # autocast off: a graph captured under it would replay casts cached outside its memory pool
-        with _CAPTURE_LOCK, self._on_device, torch.autocast("cuda", enabled=False):
-            try:
-                return self._capture_locked(routes)
-            except Exception as error:
-                self.failed = True
-                step = "routing" if routes else "plain"
-                raise GraphCaptureError(f"capturing the {step} decode step failed: {error}") from error
-
-    def _capture_locked(self, routes: bool) -> torch.cuda.CUDAGraph:
         live = self._states_of(self._held())
         saved_pos = self._pos.clone()
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+
+        def warm_up() -> None:
             scratch = [state.clone() for state in live]
             for _ in range(2):
                 self._step(scratch, routes)
                 self._pos.copy_(saved_pos)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # our own stream context around the capture: if ending a failed capture raises, leaving it still puts the
-        # thread back on the stream it was on (torch.cuda.graph restores it only after a clean end)
-        with (
-            torch.cuda.stream(stream),
-            torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"),
-        ):
-            self._step(live, routes)
+
+        try:
+            graph = capture_step(lambda: self._step(live, routes), warm_up, self.device, self._stream, self._pool)
+        except Exception as error:
+            self.failed = True
+            step = "routing" if routes else "plain"
+            raise GraphCaptureError(f"capturing the {step} decode step failed: {error}") from error
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
         self._graphs[routes] = graph
