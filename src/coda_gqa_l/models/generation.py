@@ -6,8 +6,8 @@ length; then one token at a time through the whole model's CUDA graphs, ``graph_
 rounding):
 
 - ``model.generate(ids, cache=BoundedCache(model), custom_generate=bounded_decoding, ...)``: transformers' own
-  ``generate()`` (logits processors, sampling settings, stopping criteria and stop strings, streamers) with our loop
-  behind it. Without ``custom_generate`` transformers runs the model's forward for every new token: correct, slower.
+  ``generate()`` (logits processors, sampling settings, stopping criteria and stop strings) with our loop behind it.
+  Without ``custom_generate`` transformers runs the model's forward for every new token: correct, slower.
 - ``bounded_generate(model, ids, max_new_tokens)``: prompt in, tokens out, no generation config.
 """
 
