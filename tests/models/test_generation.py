@@ -3,6 +3,8 @@ and through the whole-model decoder's step (run eagerly in Triton's interpreter 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from coda_gqa_l import BoundedConfig
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache, bounded_decoding, bounded_generate, convert
 from coda_gqa_l.models import graph_decode as graph_decode_module
+from coda_gqa_l.models.graph_decode import shared_decoder_pool
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.models.tiny import tiny_llama
 
@@ -25,6 +28,28 @@ def model() -> torch.nn.Module:
     return model
 
 
+@pytest.fixture()
+def graph_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[object]]:
+    """Calling it switches generation to the decode path of a CUDA machine, on the CPU: graph decoders built with
+    ``capture=False`` (their step run eagerly, its kernels in Triton's interpreter). It returns the list that
+    collects every decoder made from then on."""
+
+    def switch() -> list[object]:
+        made: list[object] = []
+        original_init = graph_decode_module.GraphModelDecoder.__init__
+
+        def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
+            made.append(self)
+            original_init(self, model, cache, capture=False)
+
+        monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
+        monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+        return made
+
+    return switch
+
+
 def test_greedy_tokens_equal_transformers_generate(model: torch.nn.Module) -> None:
     ids = torch.randint(0, 200, (2, 50), generator=torch.Generator().manual_seed(0))
     eos = model.generation_config.eos_token_id  # transformers stops a row there and pads it with the same token
@@ -34,20 +59,15 @@ def test_greedy_tokens_equal_transformers_generate(model: torch.nn.Module) -> No
     assert torch.equal(ours, theirs)
 
 
-def test_the_graph_step_gives_the_forwards_tokens(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_graph_step_gives_the_forwards_tokens(
+    model: torch.nn.Module, graph_path_on_the_cpu: Callable[[], list[object]]
+) -> None:
     """The decode path of a CUDA machine, run eagerly: the same tokens, and the cache is left holding its own
     tensors at the same position."""
     ids = torch.randint(0, 200, (1, 27), generator=torch.Generator().manual_seed(1))
     forward_cache = BoundedCache(model)
     expected = bounded_generate(model, ids, 24, cache=forward_cache, chunk_tokens=16)
-    original_init = graph_decode_module.GraphModelDecoder.__init__
-
-    def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
-        original_init(self, model, cache, capture=False)
-
-    monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
-    monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    assert graph_path_on_the_cpu() is not None
     graph_cache = BoundedCache(model)
     assert torch.equal(bounded_generate(model, ids, 24, cache=graph_cache, chunk_tokens=16), expected)
     assert [s.pos for s in graph_cache.states] == [s.pos for s in forward_cache.states] == [27 + 23] * 2
@@ -153,44 +173,29 @@ def test_generate_with_our_loop_refuses_what_it_does_not_do(model: torch.nn.Modu
         )
 
 
-def test_generate_through_the_graph_step(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_through_the_graph_step(
+    model: torch.nn.Module, graph_path_on_the_cpu: Callable[[], list[object]]
+) -> None:
     """transformers' generate with our loop on the decode path of a CUDA machine, run eagerly: its tokens."""
     ids = torch.randint(0, 200, (1, 27), generator=torch.Generator().manual_seed(8))
     reference = BoundedCache(model)
     expected = _generate(model, ids, reference, max_new_tokens=24, do_sample=False)
-    original_init = graph_decode_module.GraphModelDecoder.__init__
-
-    def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
-        original_init(self, model, cache, capture=False)
-
-    monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
-    monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    made = graph_path_on_the_cpu()
     cache = BoundedCache(model)
     ours = _generate(model, ids, cache, max_new_tokens=24, do_sample=False, custom_generate=bounded_decoding)
     assert torch.equal(ours, expected)
+    assert shared_decoder_pool(model)._idle and len(made) <= 1  # a decoder served it (made here, or by a test before)
     assert [s.pos for s in cache.states] == [s.pos for s in reference.states]
 
 
-def test_generate_calls_share_the_models_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_calls_share_the_models_decoders(graph_path_on_the_cpu: Callable[[], list[object]]) -> None:
     """Graphs are captured once per model and batch size, not once per generate() call; the pool goes with the
     model."""
     import gc
     import weakref
 
-    from coda_gqa_l.models.graph_decode import shared_decoder_pool
-
     model = convert(tiny_llama(seed=9)[0], CONFIG).eval()
-    made = []
-    original_init = graph_decode_module.GraphModelDecoder.__init__
-
-    def eager_init(self, model, cache, *, capture=True):  # type: ignore[no-untyped-def]
-        made.append(self)
-        original_init(self, model, cache, capture=False)
-
-    monkeypatch.setattr("coda_gqa_l.models.generation.graph_decode_supported", lambda model: True)
-    monkeypatch.setattr(graph_decode_module.GraphModelDecoder, "__init__", eager_init)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    made = graph_path_on_the_cpu()
     ids = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(10))
     first = _generate(model, ids, BoundedCache(model), max_new_tokens=6, custom_generate=bounded_decoding)
     again = _generate(model, ids, BoundedCache(model), max_new_tokens=6, custom_generate=bounded_decoding)
@@ -207,7 +212,7 @@ def test_generate_with_our_loop_on_cuda_captures_once_and_gives_the_forwards_tok
     """On CUDA: generate(custom_generate=bounded_decoding) decodes through captured graphs (float32, greedy,
     sharpened logits so rounding cannot flip a token) and gives transformers' own loop's tokens; a second call
     reuses the captured decoder; a model on another GPU than the current one is captured on its own device."""
-    from coda_gqa_l.models.graph_decode import graph_decode_supported, shared_decoder_pool
+    from coda_gqa_l.models.graph_decode import graph_decode_supported
 
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for device in devices[:1] + devices[1:2]:  # the current GPU, and a second one where there is one
