@@ -6,7 +6,8 @@ model (full cache) measured in the same child process.
 
 Each cell is a fresh child process (torch.set_num_threads before any work; OMP_NUM_THREADS set to
 match) that loads SmolLM2 with the shipped weights, reads ``--tokens`` tokens of the demo's sample
-document (repeated to that length) in 1,024-token chunks through ``BoundedCache`` (ingest tokens/s), then
+document (repeated to that length) in 1,024-token chunks through ``BoundedCache`` (ingest tokens/s; the head's
+logits for the last position only, as ``generate()`` prefills), then
 greedily decodes ``--answer-tokens`` tokens (answer tokens/s); then the same with the original model and a
 ``DynamicCache``; ``--repeats`` such pairs, interleaved, give each figure as a median (the ratios are
 ratios of medians; a shared machine's slow spells otherwise fall on one model). The neighbour is
@@ -47,7 +48,9 @@ def run(model, cache):
     with torch.inference_mode():
         began = time.perf_counter()
         for start in range(0, tokens, 1024):
-            out = model(ids[:, start : start + 1024], **cache_kwargs(cache), use_cache=True)
+            # last position's logits only, as generate() prefills (the neural database runs no head at all): a
+            # 1,024 x vocabulary head product per chunk would be a large shared cost pulling both rates together
+            out = model(ids[:, start : start + 1024], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         ingest = time.perf_counter() - began
         token = out.logits[:, -1:].argmax(-1)
         began = time.perf_counter()
