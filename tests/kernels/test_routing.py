@@ -327,3 +327,37 @@ def test_empty_chunk_and_bank_view() -> None:
     k, v, bias = bank_view(banks)
     assert k.shape[2] == cfg.num_landmarks_exact + cfg.num_landmarks_summary
     assert torch.isinf(bias).all()
+
+
+def test_the_cpu_skip_of_segments_without_exact_candidates_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a segment whose evicted tokens all sit below ``tau_exact`` skips the exact bank's routing (a trained
+    gate keeps under 1% of tokens). The banks and snapshots are the same, to the bit, as when it is routed (metrics
+    on turn the skip off), over a stream where both kinds of segment occur."""
+    case = Case(dict(window=32, segment=8, num_landmarks_exact=6, num_landmarks_summary=5, tau_exact=0.9), 16)
+    cfg = BoundedConfig(**case.config)
+    stream = Stream(case, sum(case.chunks), seed=3, dtype=torch.float32)
+    routed = {"skipped": 0, "routed": 0}
+    original = banks_module._route_exact
+
+    def counting(*args: Any) -> Banks:
+        routed["routed"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(banks_module, "_route_exact", counting)
+    fast, full = empty_banks(case, torch.float32), empty_banks(case, torch.float32)
+    start = 0
+    with torch.no_grad():
+        for n in case.chunks:
+            ext = stream.ext(start, n, cfg.window)
+            before = routed["routed"]
+            fast_out = route_chunk(fast, *ext, start=start, n=n, eta=stream.eta, config=cfg)
+            fast_calls = routed["routed"] - before
+            full_out = route_chunk(full, *ext, start=start, n=n, eta=stream.eta, config=cfg, metrics={})
+            routed["skipped"] += routed["routed"] - before - 2 * fast_calls
+            for a, b in zip((*fast_out[0], *fast_out[1:]), (*full_out[0], *full_out[1:]), strict=True):
+                assert torch.equal(a, b)
+            fast, full = fast_out[0], full_out[0]
+            start += n
+    assert DEVICE == "cpu" or routed["skipped"] == 0  # the skip is a CPU path
+    if DEVICE == "cpu":
+        assert routed["skipped"] > 0 and routed["routed"] > 2 * routed["skipped"]  # both kinds of segment
