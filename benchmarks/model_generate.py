@@ -309,12 +309,13 @@ def graph_decode(decoder: GraphModelDecoder, seq: Tensor, tokens: int, max_time:
 
 def loop_decode(step: Any, cache: Any, seq: Tensor, tokens: int, max_time: float) -> Tensor:
     """Greedy decoding of ``tokens`` more tokens after ``seq`` by calling ``step`` (a model's forward, compiled or
-    not) on one token at a time with an explicit cache position; the argmax stays on the device."""
+    not) on one token at a time with explicit position ids, as ``generate`` passes them (a StaticCache counts its own
+    length on the device; without them the model would ask the cache); the argmax stays on the device."""
     end = time.perf_counter() + max(max_time, 1e-3)
     pieces, token = [seq], seq[:, -1]
-    positions = torch.arange(seq.shape[1] - 1, seq.shape[1] - 1 + tokens, device=seq.device)
+    positions = torch.arange(seq.shape[1] - 1, seq.shape[1] - 1 + tokens, device=seq.device)[:, None]
     for i in range(tokens):
-        out = step(input_ids=token[:, None], **cache_kwargs(cache), cache_position=positions[i : i + 1], use_cache=True)
+        out = step(input_ids=token[:, None], **cache_kwargs(cache), position_ids=positions[i : i + 1], use_cache=True)
         token = out.logits[:, -1].argmax(-1)
         pieces.append(token[:, None])
         if time.perf_counter() > end:
