@@ -377,11 +377,10 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     the model's forward gives, also for follow-ups in a session and questions asked at the same time."""
 
     from coda_gqa_l import BoundedConfig
-    from coda_gqa_l.models import convert
+    from coda_gqa_l.models import convert, generation
     from coda_gqa_l.models.graph_decode import shared_decoder_pool
     from coda_gqa_l.models.tiny import tiny_llama
     from coda_gqa_l.models.tokenizer import ByteTokenizer
-    from coda_gqa_l.neuraldb import engine
 
     model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
     bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
@@ -399,7 +398,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
 
     graph = answers()
     assert shared_decoder_pool(db.model)._idle  # the decoders went back to the model's pool
-    monkeypatch.setattr(engine, "graph_decode_supported", lambda model: False)
+    monkeypatch.setattr(generation, "graph_decode_supported", lambda model: False)
     assert answers() == graph
 
 
@@ -408,8 +407,7 @@ def test_a_failed_graph_capture_falls_back_to_the_forward_with_a_warning(
 ) -> None:
     """If capturing the decode graphs fails (a driver, a kernel), the answer goes on through the model's forward
     from the same state: the same answer, a warning that says why, and no graph attempt for later answers."""
-    from coda_gqa_l.models import graph_decode
-    from coda_gqa_l.neuraldb import engine
+    from coda_gqa_l.models import generation, graph_decode
 
     info = db.ingest(DOC_A)
     plain = db.ask(info.id, "What is the code word?", max_new_tokens=12)
@@ -418,7 +416,7 @@ def test_a_failed_graph_capture_falls_back_to_the_forward_with_a_warning(
         self.failed = True  # what a failed capture does to the decoder
         raise graph_decode.GraphCaptureError("capturing the plain decode step failed: a test")
 
-    monkeypatch.setattr(engine, "graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(generation, "graph_decode_supported", lambda model: True)
     monkeypatch.setattr(graph_decode.GraphModelDecoder, "__init__", _eager_init(graph_decode.GraphModelDecoder))
     monkeypatch.setattr(graph_decode.GraphModelDecoder, "__call__", failing_call)
     with pytest.warns(UserWarning, match="a test; answers decode through the model's forward"):

@@ -54,7 +54,7 @@ def bounded_generate(
     logits = _prefill(model, cache, input_ids, chunk_tokens)
     produced: list[Tensor] = []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    with _decode_steps(model, cache) as next_logits:
+    with decode_steps(model, cache) as next_logits:
         for step in range(max_new_tokens):
             if step:
                 logits = next_logits(produced[-1])
@@ -103,7 +103,7 @@ def bounded_decoding(
     stops_at_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)  # type: ignore[attr-defined]
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     logits = _prefill(model, cache, input_ids[:, cache.get_seq_length() :], chunk).float()
-    with _decode_steps(model, cache) as next_logits:
+    with decode_steps(model, cache) as next_logits:
         while True:
             next_scores = logits_processor(input_ids, logits)
             if want_dict and generation_config.output_scores:
@@ -186,11 +186,12 @@ def _prefill(model: nn.Module, cache: BoundedCache, input_ids: Tensor, chunk_tok
 
 
 @contextlib.contextmanager
-def _decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[Tensor], Tensor]]:
+def decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[Tensor], Tensor]]:
     """``next_logits(tokens (B,))``: one step of every row, through a graph decoder lent by the model's shared pool
     where it runs (captured once per model and batch size, not once per call), else through the forward. A failed
-    capture leaves the state untouched and the steps go on through the forward. On leaving, the cache holds
-    tensors of its own again (the decoder's buffers are not shared)."""
+    capture leaves the state untouched and the steps go on through the forward (the pool lends no decoder to later
+    generations). On leaving, the cache holds tensors of its own again (the decoder's buffers are not shared).
+    Each step enters inference mode on its own: a web server may resume a generator on another thread."""
     lent = shared_decoder_pool(model).lend(cache) if graph_decode_supported(model) else contextlib.nullcontext()
     with lent as decoder:
         graph: list[GraphModelDecoder | None] = [decoder]
@@ -200,7 +201,7 @@ def _decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[T
                 try:
                     return graph[0](tokens)
                 except GraphCaptureError as error:
-                    warnings.warn(f"{error}; generation goes on through the model's forward", stacklevel=2)
+                    warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
                     graph[0] = None
             with torch.inference_mode():
                 return model(tokens[:, None], **cache_kwargs(cache), use_cache=True).logits[:, -1]

@@ -14,14 +14,12 @@ opens a user turn, the question closes it, and the assistant answers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import shutil
 import sqlite3
 import time
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
-from ..models.graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
+from ..models.generation import decode_steps
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
@@ -114,13 +112,6 @@ class NeuralDatabase:
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def _graph_decoder(self, cache: BoundedCache) -> contextlib.AbstractContextManager[GraphModelDecoder | None]:
-        """A whole-model CUDA-graph decoder lent for one answer (kernels.dispatch.graph_decode) by the model's
-        shared pool, else None (no CUDA, or a capture failed before): the answer then decodes through the forward."""
-        if not graph_decode_supported(self.model):
-            return contextlib.nullcontext()
-        return shared_decoder_pool(self.model).lend(cache)
 
     def _stop_token_ids(self) -> set[int]:
         stops = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
@@ -361,13 +352,14 @@ class Session:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
         logits = self._logits(db._encode(prompt))
-        with db._graph_decoder(self.cache) as decoder:
-            yield from self._answer(logits, decoder, generator, max_new_tokens, temperature)
+        # each answer token through the whole model's CUDA graphs where they run, else the forward
+        with decode_steps(db.model, self.cache) as next_logits:
+            yield from self._answer(logits, next_logits, generator, max_new_tokens, temperature)
 
     def _answer(
         self,
         logits: torch.Tensor,
-        decoder: GraphModelDecoder | None,
+        next_logits: Callable[[torch.Tensor], torch.Tensor],
         generator: torch.Generator,
         max_new_tokens: int,
         temperature: float,
@@ -394,17 +386,7 @@ class Session:
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text
-            next_id = torch.tensor([[token]], device=db._device)
-            if decoder is not None:
-                try:
-                    logits = decoder(next_id)
-                    continue
-                except GraphCaptureError as error:
-                    # the state is untouched: this answer goes on through the forward, and the pool lends no
-                    # decoder to later ones
-                    warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
-                    decoder = None
-            logits = self._logits(next_id)
+            logits = next_logits(torch.tensor([token], device=db._device))
 
 
 def check_device(device: str | torch.device) -> torch.device:
