@@ -58,7 +58,7 @@ def bounded_generate(
         for step in range(max_new_tokens):
             if step:
                 logits = next_logits(produced[-1])
-            token = _pick(logits.float(), temperature, generator)
+            token = pick_token(logits.float(), temperature, generator)
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
@@ -209,7 +209,9 @@ def decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[Te
         yield next_logits
 
 
-def _pick(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+def pick_token(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+    """``(B, vocab)`` logits -> ``(B,)`` tokens: the argmax at ``temperature`` 0, else a draw from
+    ``softmax(logits / temperature)`` with ``generator``."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -30,7 +30,7 @@ from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
 from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
-from ..models.generation import decode_steps
+from ..models.generation import decode_steps, pick_token
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
@@ -368,11 +368,7 @@ class Session:
         produced: list[int] = []
         shown = ""
         for _ in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                token = int(logits.argmax(-1))
+            token = int(pick_token(logits.float(), temperature, generator))
             if token in db._stop_ids:
                 break
             produced.append(token)
