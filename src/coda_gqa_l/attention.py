@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from . import decode_view
 from .banks import Banks, route_chunk
+from .banks_inference import route_chunk_inference
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
-from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk
+from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_routing
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
@@ -335,6 +336,10 @@ class BoundedCoDAAttention(nn.Module):
             # one launch for every segment of the chunk; training (gradients through the bank
             # writes) and metrics stay on the reference
             banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+                banks, ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg
+            )
+        elif metrics is None and not routing_grads and inference_routing(device):
+            banks, bank_k, bank_v, bank_bias = route_chunk_inference(
                 banks, ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg
             )
         else:

@@ -64,6 +64,12 @@ def observe_exact_routing(callback: Callable[[ExactRouting], None]) -> Iterator[
         _exact_observers.remove(callback)
 
 
+def routing_observed() -> bool:
+    """Whether a tool observes the exact bank's routing now (``observe_exact_routing``): shortcuts that would
+    not report every segment then run the full reference."""
+    return bool(_exact_observers)
+
+
 class _Margin:
     """Smallest distance of any routing score from the value that would flip a decision.
 
@@ -148,7 +154,7 @@ def _no_exact_candidate(k: Tensor, gate: Tensor, valid: Tensor, config: BoundedC
     exact bank has nothing to refresh or insert and its routing is skipped. Most segments of a trained model are
     like this (its gate keeps well under 1% of tokens), and the skipped work is about a hundred small operations
     per layer and segment. Never with metrics or observers, which record every segment."""
-    if not k.is_cpu or margin is not None or _exact_observers:
+    if not k.is_cpu or margin is not None or routing_observed():
         return False
     return not bool((valid & (gate > config.tau_exact)).any())
 

@@ -133,8 +133,8 @@ def attend_step(
     view.keys[:, :, column] = apply_rope(k.float(), cos, sin, rope.layout)[:, :, 0]
     view.values[:, :, column] = v.float()[:, :, 0]
     view.bias[:, :, column] = 0.0
-    qr = apply_rope(q.float(), cos, sin, rope.layout)
-    scores = torch.einsum("bhqsd,bhkd->bhqsk", qr, view.keys) * scale
+    qr = apply_rope(q.float(), cos, sin, rope.layout).mul_(scale)  # scaled as segment_attention scales it
+    scores = torch.einsum("bhqsd,bhkd->bhqsk", qr, view.keys)
     probs = torch.softmax(scores + view.bias[:, :, None, None, :], dim=-1)
     view.next_token += 1
     return torch.einsum("bhqsk,bhkd->bhqsd", probs, view.values).to(q.dtype)

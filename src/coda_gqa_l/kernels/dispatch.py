@@ -3,7 +3,7 @@ made here, from three environment variables read nowhere else: ``CODA_GQA_L_KERN
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton) and ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
-``fused_combine``); the kernel modules ask ``use_triton``.
+``fused_combine``, ``inference_routing``); the kernel modules ask ``use_triton``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ _PLAIN_REFERENCE = contextvars.ContextVar("coda_gqa_l_plain_reference", default=
 @contextlib.contextmanager
 def plain_reference() -> Iterator[None]:
     """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
-    per-segment view, decode_view.py): what the tests compare the shortcuts against."""
+    per-segment view, decode_view.py; the CPU inference routing, banks_inference.py): what the
+    tests compare the shortcuts against."""
     token = _PLAIN_REFERENCE.set(True)
     try:
         yield
@@ -77,6 +78,12 @@ def plain_reference() -> Iterator[None]:
 def decode_view_allowed() -> bool:
     """Whether a one-token step on the reference path may use the segment's cached key block."""
     return not _PLAIN_REFERENCE.get()
+
+
+def inference_routing(device: torch.device | str) -> bool:
+    """Whether bank routing that needs no gradients or metrics may run the CPU inference path
+    (``banks_inference.py``: the reference's results in fewer operations) instead of the plain reference."""
+    return torch.device(device).type == "cpu" and not _PLAIN_REFERENCE.get()
 
 
 def unbounded_path() -> UnboundedPath:
