@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from coda_gqa_l.banks import ExactRouting
+    from coda_gqa_l.kernels.routing_reference import ExactRouting
 
 FATES = ("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment", "cut_by_max_inserts",
          "written")  # fmt: skip
@@ -60,9 +60,9 @@ class ExactBankLedger:
 
     The state records a slot's last use, which a hit moves to the hitting token; a slot's content
     changes only when a token is written there. The ledger observes every exact-bank routing
-    (``banks.observe_exact_routing``), keeps the
+    (``kernels.routing_reference.observe_exact_routing``), keeps the
     writing token of every slot, and sorts each needle token's (KV head) candidacy into ``FATES``
-    from the router's own tests (``banks.exact_decisions``), per needle (``groups``: the token
+    from the router's own tests (``routing_reference.exact_decisions``), per needle (``groups``: the token
     positions of each; a passkey is one needle, a fact document one per fact)."""
 
     def __init__(self, groups: Sequence[torch.Tensor], num_layers: int) -> None:
@@ -92,7 +92,7 @@ class ExactBankLedger:
         self.origin[layer] = torch.where(written, new.ex_last, origin)
 
     def _sort(self, banks, origin, gate, vn, cand_cos, token_index, valid, config, new, written, is_key) -> None:
-        from coda_gqa_l.banks import exact_decisions
+        from coda_gqa_l.kernels.routing_reference import exact_decisions
 
         cand, _, best_slot, best, hit, duplicate, novel = exact_decisions(banks, gate, vn, cand_cos, valid, config)
         similar = cand & ~hit & (best >= config.novelty)
@@ -117,7 +117,7 @@ class ExactBankLedger:
 @contextlib.contextmanager
 def ledger_installed(model: torch.nn.Module, groups: Sequence[torch.Tensor]) -> Iterator[ExactBankLedger]:
     """An ``ExactBankLedger`` of the needles ``groups`` that sees every exact-bank routing of ``model`` in the block."""
-    from coda_gqa_l.banks import observe_exact_routing
+    from coda_gqa_l.kernels.routing_reference import observe_exact_routing
     from coda_gqa_l.models.adapters import CoDAAttentionAdapter
 
     # the adapter calls its layer's prefill_chunked, not the layer module, so the hooks sit on it

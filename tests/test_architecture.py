@@ -29,7 +29,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help", "run_settings")),
     ("kernels", ("kernels",)),
-    ("core", ("banks", "banks_inference", "segment_attention", "decode_view", "differential", "attention", "baseline",
+    ("core", ("segment_attention", "decode_view", "differential", "attention", "baseline",
               "decode", "statefile")),
     ("models", ("models",)),
     ("data", ("data",)),
@@ -151,9 +151,9 @@ def test_no_import_cycles() -> None:
 
 def test_the_checks_can_fail() -> None:
     """The checks catch an upward import, an import between apps, an in-function import and a cycle."""
-    upward = {"coda_gqa_l.kernels.routing": {"coda_gqa_l.banks"}, "coda_gqa_l.banks": set()}
+    upward = {"coda_gqa_l.kernels.routing": {"coda_gqa_l.attention"}, "coda_gqa_l.attention": set()}
     assert layering_violations(upward) == [
-        "coda_gqa_l.kernels.routing imports coda_gqa_l.banks: up from kernels to core"
+        "coda_gqa_l.kernels.routing imports coda_gqa_l.attention: up from kernels to core"
     ]
     sideways = {"coda_gqa_l.training.data": {"coda_gqa_l.evaluation.passkey"}}
     assert "apps side by side" in layering_violations(sideways)[0]

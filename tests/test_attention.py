@@ -205,11 +205,11 @@ def test_clone_forks_the_state() -> None:
 
 
 def test_exact_routing_can_be_observed() -> None:
-    """``banks.observe_exact_routing`` sees each segment's exact-bank routing on the reference path,
+    """``kernels.routing_reference.observe_exact_routing`` sees each segment's exact-bank routing on the reference path,
     with the banks before and after it, and nothing once its block ends."""
     from coda_gqa_l import BoundedConfig
-    from coda_gqa_l.banks import ExactRouting, observe_exact_routing
     from coda_gqa_l.kernels.dispatch import plain_reference
+    from coda_gqa_l.kernels.routing_reference import ExactRouting, observe_exact_routing
 
     config = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=4, segment=8)
     layer = BoundedCoDAAttention(32, 4, 2, config=config).eval()

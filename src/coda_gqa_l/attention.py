@@ -6,7 +6,7 @@ One code path serves every way of feeding tokens: ``prefill_chunked`` (any block
 1. projects the new tokens (write gate included) and lines them up after the window held in
    the state, in token order (the "extended" sequence of ``W + n`` tokens);
 2. scans the segment boundaries inside the chunk: at each one the ``S`` tokens that leave
-   the window are routed into the banks (``banks.route_segment``), and the bank snapshot each
+   the window are routed into the banks (``kernels.routing_reference.route_segment``), and the bank snapshot each
    segment's queries see is kept;
 3. attends every query to sinks + window + its segment's bank snapshot in one block-sparse
    pass (``segment_attention.attend_segments``), cost ``O(n * (W + Me + Ms))``;
@@ -26,17 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from . import decode_view
-from .banks import Banks, route_chunk
-from .banks_inference import route_chunk_inference
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
 from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_routing
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
+from .kernels.routing_cpu import route_chunk_inference
+from .kernels.routing_reference import route_chunk
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
 from .segment_attention import attend_segments
-from .state import BANK_FIELDS, BoundedState
+from .state import BANK_FIELDS, Banks, BoundedState
 
 CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(BoundedConfig))
 _HEAD_NORM_ALIASES = {

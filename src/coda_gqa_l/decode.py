@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from .attention import BoundedCoDAAttention
-from .banks import Banks, bank_view
 from .kernels.routing import route_chunk_triton
+from .kernels.routing_reference import bank_view
 from .primitives import apply_rope
-from .state import BANK_FIELDS, BoundedState
+from .state import BANK_FIELDS, Banks, BoundedState
 
 # One capture at a time in a process; other threads may go on running their kernels and graphs meanwhile
 # (thread-local capture mode), as a server answering several questions does.

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .banks import Banks, bank_view
 from .config import BoundedConfig
+from .kernels.routing_reference import bank_view
 from .primitives import RotaryEmbedding, apply_rope
-from .state import BANK_FIELDS, BoundedState
+from .state import BANK_FIELDS, Banks, BoundedState
 
 _WATCHED = ("sink_k", "sink_v", "win_k", "win_v", "win_g", *("ex_k", "ex_v", "ex_g", "ex_filled"),
             *("sm_k", "sm_v", "sm_g", "sm_filled"))  # fmt: skip

@@ -3,7 +3,7 @@ invariant 7 of docs/semantics.md section 5).
 
 A token stream is cut into chunks (mid-segment starts, several boundaries per chunk, boundaries
 whose evicted tokens are all sinks or before the stream) and each chunk is routed twice, by
-``banks.route_chunk`` and by ``kernels.routing.route_chunk_triton``, each carrying its own banks.
+``routing_reference.route_chunk`` and by ``kernels.routing.route_chunk_triton``, each carrying its own banks.
 Decisions (fill flags, last use, which token went where) must be identical and values close.
 The inputs are random draws (values around a small vocabulary of directions, uniform gates); the
 first seed whose reference run makes every routing event happen (hits, duplicates, inserts cut
@@ -31,11 +31,11 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from coda_gqa_l import banks as banks_module  # noqa: E402
-from coda_gqa_l.banks import Banks, bank_view, chunk_segments, route_chunk  # noqa: E402
 from coda_gqa_l.config import BoundedConfig  # noqa: E402
+from coda_gqa_l.kernels import routing_reference as banks_module  # noqa: E402
 from coda_gqa_l.kernels.dispatch import interpreting  # noqa: E402
 from coda_gqa_l.kernels.routing import route_chunk_triton  # noqa: E402
+from coda_gqa_l.kernels.routing_reference import Banks, bank_view, chunk_segments, route_chunk  # noqa: E402
 from coda_gqa_l.state import BANK_FIELDS, BoundedState  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -66,7 +66,7 @@ _PLAIN_REFERENCE = contextvars.ContextVar("coda_gqa_l_plain_reference", default=
 @contextlib.contextmanager
 def plain_reference() -> Iterator[None]:
     """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
-    per-segment view, decode_view.py; the CPU inference routing, banks_inference.py): what the
+    per-segment view, decode_view.py; the CPU inference routing, routing_cpu.py): what the
     tests compare the shortcuts against."""
     token = _PLAIN_REFERENCE.set(True)
     try:
@@ -82,7 +82,7 @@ def decode_view_allowed() -> bool:
 
 def inference_routing(device: torch.device | str) -> bool:
     """Whether bank routing that needs no gradients or metrics may run the CPU inference path
-    (``banks_inference.py``: the reference's results in fewer operations) instead of the plain reference."""
+    (``routing_cpu.py``: the reference's results in fewer operations) instead of the plain reference."""
     return torch.device(device).type == "cpu" and not _PLAIN_REFERENCE.get()
 
 

@@ -1,6 +1,6 @@
 """Fused bank routing (docs/kernels.md): the wrapper around the Triton kernel in ``routing_triton.py``.
 
-``route_chunk_triton`` returns what ``banks.route_chunk`` returns (the banks after a prefill
+``route_chunk_triton`` returns what ``routing_reference.route_chunk`` returns (the banks after a prefill
 chunk and the snapshot each of its segments sees) from one launch, with every routing decision
 identical to the reference's whenever the reference's scores stay clear of float32 rounding
 (the tests check inputs whose ``min_margin`` is at least 1e-4). It is an inference kernel: no
@@ -37,7 +37,7 @@ def route_chunk_triton(
     config: BoundedConfig,
     start_dev: Tensor | None = None,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
-    """``banks.route_chunk`` in one Triton launch (arguments and results as there).
+    """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
 
     Args:
         start_dev: optional 0-d int64 tensor on the device holding ``start``; the kernel reads
@@ -115,7 +115,7 @@ def _check(
     if grads:
         raise RuntimeError(
             f"route_chunk_triton is inference only, but {grads} require grad; "
-            "use banks.route_chunk for training or run under torch.no_grad()"
+            "use kernels.routing_reference.route_chunk for training or run under torch.no_grad()"
         )
     if ext_k.dim() != 4 or ext_v.shape != ext_k.shape:
         raise ValueError(f"ext_k and ext_v must both be (B, Hkv, W + n, Dh), got {ext_k.shape} and {ext_v.shape}")

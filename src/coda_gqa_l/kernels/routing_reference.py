@@ -2,9 +2,9 @@
 
 ``route_segment`` is called once per segment boundary with the ``S`` tokens that just left the
 window, and returns the new banks; ``route_chunk`` runs every boundary of a prefill chunk and
-keeps the bank snapshot each segment's queries see (``kernels/routing.py`` computes the same in
-one Triton launch). All decisions are computed in float32 from detached scores and are
-deterministic by construction:
+keeps the bank snapshot each segment's queries see (``routing.py`` computes the same in one
+Triton launch, ``routing_cpu.py`` in fewer operations for inference on the CPU). All decisions
+are computed in float32 from detached scores and are deterministic by construction:
 
 * candidate order: higher gate first, then lower token index;
 * victim order: free slots first (by slot index), then least-recently-used (by last use, then
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import BoundedConfig, chunk_segments
-from .state import Banks, merge_metrics
+from ..config import BoundedConfig, chunk_segments
+from ..state import Banks, merge_metrics
 
 NEG_INF = float("-inf")
 

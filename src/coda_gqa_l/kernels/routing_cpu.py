@@ -1,4 +1,5 @@
-"""Bank routing for inference on the CPU: the decisions and values of ``banks.route_chunk``, in fewer operations.
+"""Bank routing for inference on the CPU: the decisions and values of ``routing_reference.route_chunk``, in fewer
+operations.
 
 On the CPU a chunk's routing is a chain of small tensor operations (16 segments per 1,024 tokens and layer, serial
 by definition: each segment routes into the banks the previous one left), and their count, not their size, sets
@@ -12,7 +13,7 @@ its time. This path
   snapshots once per run of segments it did not change, instead of concatenating and stacking per segment.
 
 The same operations in the same order on the same values: outputs and states are bit-identical to the reference
-(``tests/test_banks_inference.py``). No gradients, metrics or routing observers: those run the reference.
+(``tests/kernels/test_routing_cpu.py``). No gradients, metrics or routing observers: those run the reference.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .banks import _route_exact, _route_summary, route_chunk, routing_observed
-from .config import BoundedConfig, chunk_segments
-from .state import Banks
+from ..config import BoundedConfig, chunk_segments
+from ..state import Banks
+from .routing_reference import _route_exact, _route_summary, route_chunk, routing_observed
 
 
 def route_chunk_inference(
@@ -37,7 +38,8 @@ def route_chunk_inference(
     eta: Tensor,
     config: BoundedConfig,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
-    """``banks.route_chunk`` without metrics, for tensors that need no gradient (same arguments and results)."""
+    """``routing_reference.route_chunk`` without metrics, for tensors that need no gradient (same arguments and
+    results)."""
     W, S = config.window, config.segment
     segments = chunk_segments(start, n, S)
     float_banks = banks.ex_k.dtype == banks.sm_k.dtype == torch.float32
@@ -115,8 +117,9 @@ def _fill(bank_k: Tensor, bank_v: Tensor, gates: Tensor, filled: Tensor, banks: 
 
 
 class _SummaryUpdate:
-    """``banks._route_summary`` once every prototype is seeded: no seeding, no masking of empty prototypes (none
-    are), each result written into its segment's snapshot. The EMA's ``1 - rate`` is computed once."""
+    """``routing_reference._route_summary`` once every prototype is seeded: no seeding, no masking of empty
+    prototypes (none are), each result written into its segment's snapshot. The EMA's ``1 - rate`` is computed
+    once."""
 
     def __init__(self, rate: Tensor) -> None:
         self.rate, self.keep = rate, 1 - rate

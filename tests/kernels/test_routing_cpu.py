@@ -1,4 +1,4 @@
-"""The CPU inference routing (banks_inference.py) gives the plain reference's outputs and states, bit for bit."""
+"""The CPU inference routing (kernels/routing_cpu.py) gives the plain reference's outputs and states, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import coda_gqa_l.attention as attention_module
-from coda_gqa_l.banks import observe_exact_routing, route_chunk
-from coda_gqa_l.banks_inference import route_chunk_inference
 from coda_gqa_l.kernels.dispatch import plain_reference
+from coda_gqa_l.kernels.routing_cpu import route_chunk_inference
+from coda_gqa_l.kernels.routing_reference import observe_exact_routing, route_chunk
 from coda_gqa_l.state import BANK_FIELDS, TENSOR_FIELDS, Banks
 from tests.helpers import CONFIGS, SEQ_LEN, SHAPES, make_layer, token_like
 
