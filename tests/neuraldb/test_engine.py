@@ -12,8 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
+from coda_gqa_l.kernels.dispatch import plain_reference
 from coda_gqa_l.neuraldb import DocumentNotFound, NeuralDatabase, NeuralDBError
+from coda_gqa_l.neuraldb.store import DocumentStore
 
 DOC_A = "The lighthouse keeper's code word is amber. " * 60
 DOC_B = "Tides follow the moon; the harbour master logs them hourly. " * 150
@@ -201,7 +205,8 @@ def test_peak_memory_stays_flat_as_the_document_grows(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     """The embedded default (SmolLM2 + shipped weights): a pass key stated near the start of an
-    essay, more than two windows before the question, is answered from the reloaded state."""
+    essay, more than two windows before the question, is answered from the reloaded state; the
+    plain reference path stores the same state and gives the same answer."""
     from coda_gqa_l.data import load_essays
     from coda_gqa_l.data.passkey import EVAL_PHRASINGS
 
@@ -214,11 +219,23 @@ def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     answer = NeuralDatabase(store).ask("essay", "What is the pass key for the vault?", max_new_tokens=20)
     assert "95319" in answer
 
+    # the CPU's shortcuts (inference routing, decode view) against the plain reference: the same state, bit for bit,
+    # and the same answer
+    with plain_reference():
+        plain_db = NeuralDatabase(tmp_path / "plain")
+        plain_info = plain_db.ingest(text, label="essay")
+        assert plain_db.ask("essay", "What is the pass key for the vault?", max_new_tokens=20) == answer
+    fast_file = DocumentStore(store).state_path(info)
+    plain_file = DocumentStore(tmp_path / "plain").state_path(plain_info)
+    with safe_open(str(fast_file), framework="pt") as fast, safe_open(str(plain_file), framework="pt") as plain:
+        assert set(fast.keys()) == set(plain.keys())
+        for name in fast.keys():
+            assert torch.equal(fast.get_tensor(name), plain.get_tensor(name)), name
+
 
 def _rewrite_metadata(path: Path, out: Path, edit: object) -> Path:
     """A copy of a state file whose metadata ``edit`` changed, checksum recomputed (what an attacker can do:
     the checksum is an unkeyed SHA-256, integrity, not authenticity)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from coda_gqa_l.statefile import METADATA_KEY, _checksum
