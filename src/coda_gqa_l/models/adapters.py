@@ -18,6 +18,8 @@ The family adapters (``LlamaCoDAAdapter``, ``Qwen3CoDAAdapter``, ``GenericCoDAAd
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,8 +229,34 @@ def _key_padding(attention_mask: Tensor | None) -> Tensor | None:
             f"expected a 2D padding mask, got shape {tuple(attention_mask.shape)}; was the model converted with "
             "coda_gqa_l.convert (which registers the 'coda' attention implementation)?"
         )
-    mask = attention_mask.bool()
-    return None if bool(mask.all()) else mask
+    if _last_mask_check.padded(attention_mask):
+        return attention_mask.bool()
+    return None
+
+
+class _MaskCheck(threading.local):
+    """Whether the last mask seen (per thread) has padding. Every layer of one forward gets the same mask tensor, so
+    reading the answer back from the device (a synchronisation on a GPU, which stalls the queue of launches) happens
+    once per forward rather than once per layer. Held weakly, and keyed on the tensor's version: a mask changed in
+    place, or a new one, is read again."""
+
+    def __init__(self) -> None:
+        self.mask: weakref.ref[Tensor] | None = None
+        self.version = -1
+        self.has_padding = False
+
+    def padded(self, mask: Tensor) -> bool:
+        if self.mask is None or self.mask() is not mask or self.version != mask._version:
+            self.has_padding = _has_padding(mask)
+            self.mask, self.version = weakref.ref(mask), mask._version
+        return self.has_padding
+
+
+def _has_padding(mask: Tensor) -> bool:
+    return not bool(mask.bool().all())  # the device-to-host read
+
+
+_last_mask_check = _MaskCheck()
 
 
 def build_adapter(
