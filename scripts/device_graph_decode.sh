@@ -3,7 +3,8 @@
 # parts that each fit a short call, so a lost machine loses one part (2026-12-04: a call doing all three was lost
 # with nothing back):
 #   tests        the GPU tests of graph decode, generate() with bounded_decoding, the neural database's graph-decoded
-#                answers and the tuned kernels' disk cache (about 2 minutes)
+#                answers, the tuned kernels' disk cache, and no host synchronisation in a fused read and decode
+#                (about 2 minutes)
 #   bench [S]    the model benchmark: bounded, bounded-graph, bounded-generate, the original's compiled StaticCache
 #                through generate (static) and in the same tight loop as ours (static-loop), 8K/32K/128K, S seconds
 #                (default 300)
@@ -18,7 +19,7 @@ case $part in
   tests)
     python -m pytest -q -m gpu tests/models/test_graph_decode.py tests/models/test_generation.py \
       tests/neuraldb/test_engine.py tests/test_decode.py tests/kernels/test_diff_attention.py \
-      > "$results/gpu_tests.txt" 2>&1
+      tests/test_no_host_sync.py > "$results/gpu_tests.txt" 2>&1
     tail -n 15 "$results/gpu_tests.txt" ;;
   bench)
     python benchmarks/model_generate.py --contexts 8192 32768 131072 \

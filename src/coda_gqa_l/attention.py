@@ -391,7 +391,7 @@ class BoundedCoDAAttention(nn.Module):
         attended = decode_view.attend_step(
             view, core.stack_queries(q), k, v, config=cfg, rope=core.rope, scale=core.softmax_scale
         )
-        slot = torch.tensor([start % cfg.window], device=q.device)
+        slot = torch.full((1,), start % cfg.window, device=q.device)  # a fill, not a copy from the host
         fields: dict[str, Any] = {
             "win_k": state.win_k.index_copy(2, slot, k.to(state.win_k.dtype)),
             "win_v": state.win_v.index_copy(2, slot, v.to(state.win_v.dtype)),

@@ -417,7 +417,9 @@ def fused_attention(
     """
     _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
     if use_triton(q.device):
-        pos = q_start if isinstance(q_start, Tensor) else torch.tensor(q_start, device=q.device, dtype=torch.int64)
+        # torch.full writes the position with a kernel; torch.tensor would copy it from the host and wait for the
+        # stream to drain first (a synchronisation per layer and chunk)
+        pos = q_start if isinstance(q_start, Tensor) else torch.full((), q_start, device=q.device, dtype=torch.int64)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
         )
