@@ -9,10 +9,12 @@
 #                through generate (static) and in the same tight loop as ours (static-loop), 8K/32K/128K, S seconds
 #                (default 300)
 #   demo         the demo on CUDA twice (the second process finds the autotuning timings on disk)
+#   profile      where one 1,024-token ingest chunk's time goes after 8K and 32K tokens, bounded against the original:
+#                kernel families, launches, host synchronisations (benchmarks/profile_ingest.py; about 3 minutes)
 # Results: $OUT/graph_PART.tgz; the tables are printed last.
-# Usage: bash scripts/device_graph_decode.sh tests|bench [SECONDS]|demo
+# Usage: bash scripts/device_graph_decode.sh tests|bench [SECONDS]|demo|profile
 set -uo pipefail
-part=${1:?tests, bench or demo}
+part=${1:?tests, bench, demo or profile}
 results=/tmp/graph_$part
 mkdir -p "$results"
 case $part in
@@ -31,6 +33,12 @@ case $part in
       python -m coda_gqa_l.neuraldb.cli demo --fresh --device cuda > "$results/demo_cuda_$run.txt" 2>&1
       echo "demo ($run process): $(tail -n 3 "$results/demo_cuda_$run.txt" | tr '\n' ' ')"
     done ;;
-  *) echo "unknown part $part: tests, bench or demo" >&2; exit 2 ;;
+  profile)
+    for context in 8192 32768; do
+      python benchmarks/profile_ingest.py --context "$context" --out "$results/ctx$context" \
+        > "$results/profile_ingest_$context.txt" 2>&1
+      head -n 16 "$results/profile_ingest_$context.txt"
+    done ;;
+  *) echo "unknown part $part: tests, bench, demo or profile" >&2; exit 2 ;;
 esac
 tar czf "$OUT/graph_$part.tgz" -C /tmp "graph_$part"

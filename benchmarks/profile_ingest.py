@@ -1,0 +1,257 @@
+"""Where a bounded model's ingest time goes, beside the original model reading the same chunk: one chunk, profiled.
+
+    python benchmarks/profile_ingest.py [--context 8192] [--chunk 1024] [--repeats 3] [--out DIR]
+    python benchmarks/profile_ingest.py --quick      # CPU, tiny random Llama: a few seconds (the test runs this)
+
+SmolLM2 (bfloat16 on CUDA, float32 on the CPU) reads ``--context`` tokens of held-out Wikipedia in ``--chunk``-token
+chunks twice: converted to bounded CoDA with the shipped weights through ``BoundedCache``, and as the original model
+through transformers' ``DynamicCache``. The next chunk is then read again ``--repeats`` times from a copy of each
+cache, under ``torch.profiler``; each figure is the median over those reads. Per model: the chunk's wall time; on
+CUDA the device-busy time (kernel times added up), the kernel launches and the host synchronisations (counted with
+``torch.cuda.set_sync_debug_mode("warn")`` in a separate read, since each stalls the queue of launches); the time per
+family of kernels (CUDA) or operators (CPU): bank routing, attention, RoPE, matrix products, copies, elementwise and
+reductions, other; and the 15 kernels or operators with the most time. What the issue asks of a missed target
+("what limits it: kernel times, launches"), for one chunk.
+
+Writes ``DIR/profile_ingest.json``; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
+
+from coda_gqa_l.models import BoundedCache
+from coda_gqa_l.models.hf_compat import cache_kwargs
+
+REPO = Path(__file__).resolve().parents[1]
+
+# kernel or operator name -> family, first match wins (Triton kernels keep their Python names)
+FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("routing", re.compile(r"route|routing", re.I)),
+    ("attention", re.compile(r"diff_attn|attention|flash|fmha|sdpa|softmax", re.I)),
+    ("rope", re.compile(r"rope|rotat", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|cublas|aten::(mm|bmm|addmm|matmul|linear|baddbmm)\b", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|cat|index|gather|scatter|stack|clone|contiguous|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|reduce|aten::(add|mul|sub|div|where|silu|pow|rsqrt|mean)")),
+)
+
+
+def family(name: str) -> str:
+    for label, pattern in FAMILIES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+Models = tuple[nn.Module, nn.Module, Tensor, str]
+
+
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Models:
+    """The bounded model, the original, and ``context + chunk`` token ids on ``device``."""
+    tokens = args.context + args.chunk
+    if args.quick:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from model_generate import random_ids, tiny_llama
+
+        from coda_gqa_l.config import BoundedConfig
+        from coda_gqa_l.models import convert
+
+        original = tiny_llama().to(dtype)
+        config = BoundedConfig(window=64, num_landmarks_exact=16, num_landmarks_summary=16, num_sink=4)
+        bounded = convert(copy.deepcopy(original), config)
+        ids, _ = random_ids(original.config.vocab_size, tokens)
+        name = "tiny random Llama (4/2 heads, 2 layers, D 64), untrained conversion"
+    else:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from model_generate import wikipedia_ids
+
+        from coda_gqa_l.models.loader import load_smollm2
+        from coda_gqa_l.models.pretrained import load_coda_smollm2
+
+        bounded, tokenizer = load_coda_smollm2(dtype=dtype, progress=False)
+        original, _ = load_smollm2(dtype=dtype, progress=False)
+        ids, _ = wikipedia_ids(tokenizer, tokens)
+        name = "SmolLM2-135M-Instruct, shipped weights (bounded) and the original"
+    return bounded.to(device).eval(), original.to(device).eval(), ids.to(device), name
+
+
+def read(model: nn.Module, cache: Any, ids: Tensor, chunk: int) -> None:
+    for start in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_syncs(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> int | None:
+    """Synchronising CUDA calls while ``model`` reads ``piece`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    synchronise(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            read(model, cache, piece, piece.shape[1])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def profile_chunk(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> dict[str, Any]:
+    """One read of ``piece`` from ``cache`` under the profiler: wall time, device time, launches, families, top 15."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronise(device)
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        read(model, cache, piece, piece.shape[1])
+        synchronise(device)
+    wall = time.perf_counter() - began
+    per_name: dict[str, float] = defaultdict(float)
+    launches = 0
+    if device.type == "cuda":
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_name[event.name] += event.time_range.elapsed_us() / 1e6
+                launches += 1
+    else:
+        for row in prof.key_averages():
+            if row.key.startswith("aten::") and row.self_cpu_time_total > 0:
+                per_name[row.key] += row.self_cpu_time_total / 1e6
+    families: Counter[str] = Counter()
+    for name, seconds in per_name.items():
+        families[family(name)] += seconds
+    top = sorted(per_name.items(), key=lambda item: -item[1])[:15]
+    return {
+        "wall_s": wall,
+        "busy_s": sum(per_name.values()),
+        "launches": launches if device.type == "cuda" else None,
+        "families_s": dict(families),
+        "top": [{"name": name[:120], "s": seconds, "family": family(name)} for name, seconds in top],
+    }
+
+
+def fork(cache: Any) -> Any:
+    """An independent copy of a cache, so that every profiled read starts from the same context."""
+    return cache.fork() if isinstance(cache, BoundedCache) else copy.deepcopy(cache)
+
+
+def measure(model: nn.Module, make_cache: Any, ids: Tensor, args: argparse.Namespace, device: torch.device) -> dict:
+    """Read the context, then profile the next chunk ``--repeats`` times, each from a copy of the context's cache."""
+    context, piece = ids[:, : args.context], ids[:, args.context : args.context + args.chunk]
+    with torch.inference_mode():
+        cache = make_cache(model)
+        read(model, cache, context, args.chunk)
+        runs = []
+        for _ in range(args.repeats + 1):  # the first read compiles and tunes whatever is left: not counted
+            runs.append(profile_chunk(model, fork(cache), piece, device))
+        runs = runs[1:]
+        syncs = host_syncs(model, fork(cache), piece, device)
+    median = {key: statistics.median(run[key] for run in runs) for key in ("wall_s", "busy_s")}
+    names = {name for run in runs for name in run["families_s"]}
+    median_families = {name: statistics.median(run["families_s"].get(name, 0.0) for run in runs) for name in names}
+    launches = [run["launches"] for run in runs if run["launches"] is not None]
+    return {
+        "chunk_wall_s": median["wall_s"],
+        "chunk_busy_s": median["busy_s"],
+        "tokens_per_s": args.chunk / median["wall_s"],
+        "launches": statistics.median(launches) if launches else None,
+        "host_syncs": syncs,
+        "families_s": dict(sorted(median_families.items(), key=lambda item: -item[1])),
+        "top": runs[len(runs) // 2]["top"],
+        "runs": [{key: run[key] for key in ("wall_s", "busy_s", "launches")} for run in runs],
+    }
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    models = result["models"]
+    names = list(models)
+    families = sorted(
+        {f for m in models.values() for f in m["families_s"]},
+        key=lambda f: -max(m["families_s"].get(f, 0.0) for m in models.values()),
+    )
+    unit = "device" if result["device"].startswith("cuda") else "CPU self"
+    lines = [
+        f"one {result['chunk']}-token chunk after {result['context']:,} tokens, {result['device']} {result['dtype']}, "
+        f"median of {result['repeats']}",
+        "",
+        "| measure | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| chunk wall ms | " + " | ".join(f"{models[n]['chunk_wall_s'] * 1e3:.1f}" for n in names) + " |",
+        "| tokens/s | " + " | ".join(f"{models[n]['tokens_per_s']:,.0f}" for n in names) + " |",
+        f"| {unit} time ms | " + " | ".join(f"{models[n]['chunk_busy_s'] * 1e3:.1f}" for n in names) + " |",
+        "| kernel launches | " + " | ".join(str(models[n]["launches"]) for n in names) + " |",
+        "| host synchronisations | " + " | ".join(str(models[n]["host_syncs"]) for n in names) + " |",
+    ]
+    for f in families:
+        cells = (f"{models[n]['families_s'].get(f, 0.0) * 1e3:.1f}" for n in names)
+        lines.append(f"| {f} ms | " + " | ".join(cells) + " |")
+    for n in names:
+        lines += ["", f"{n}: top kernels or operators", "", "| name | family | ms |", "|---|---|---|"]
+        lines += [f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.2f} |" for row in models[n]["top"]]
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=int, default=8192, help="tokens read before the profiled chunk (default 8192)")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk, as the database reads (default 1024)")
+    p.add_argument("--repeats", type=int, default=3, help="profiled reads of the chunk per model (default 3)")
+    p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--quick", action="store_true", help="tiny random Llama, 512 + 128 tokens, one repeat: a smoke test")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/profile_ingest", help="folder for the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context, args.chunk, args.repeats = 512, 128, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bounded, original, ids, name = load(args, device, dtype)
+    models = {
+        "bounded (BoundedCache)": measure(bounded, lambda m: BoundedCache(m, block_size=args.chunk), ids, args, device),
+        "original (DynamicCache)": measure(original, lambda m: DynamicCache(config=m.config), ids, args, device),
+    }
+    result = {
+        "command": "python benchmarks/profile_ingest.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "model": name,
+        "context": args.context,
+        "chunk": args.chunk,
+        "repeats": args.repeats,
+        "models": models,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "profile_ingest.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(table(result)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
