@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import CONFIGS, SEQ_LEN, SHAPES, make_layer, token_like
 
 import coda_gqa_l.attention as attention_module
 from coda_gqa_l.kernels.dispatch import plain_reference
 from coda_gqa_l.kernels.routing_cpu import route_chunk_inference
 from coda_gqa_l.kernels.routing_reference import observe_exact_routing, route_chunk
 from coda_gqa_l.state import BANK_FIELDS, TENSOR_FIELDS, Banks
-from tests.helpers import CONFIGS, SEQ_LEN, SHAPES, make_layer, token_like
 
 # a stream start, a chunk ending mid-segment, one token, a chunk starting mid-segment, a long chunk
 CHUNKS = (40, 13, 1, 90, 64, 200)
