@@ -142,8 +142,8 @@ def count_events() -> Iterator[dict[str, float]]:
     seen = {"duplicates": 0.0, "capped_inserts": 0.0}
     original = banks_module.route_segment
 
-    def wrapped(banks: Banks, k, v, g, token_index, valid, eta, config, metrics=None):  # type: ignore[no-untyped-def]
-        new = original(banks, k, v, g, token_index, valid, eta, config, metrics)
+    def wrapped(banks: Banks, k, v, g, token_index, valid, eta, config, metrics=None, **kw):  # type: ignore[no-untyped-def]
+        new = original(banks, k, v, g, token_index, valid, eta, config, metrics, **kw)
         if banks.ex_k.shape[2]:
             written = (new.ex_k != banks.ex_k).any(-1) | (new.ex_filled & ~banks.ex_filled)
             seen["capped_inserts"] += float((written.sum(-1) == config.max_inserts).sum())

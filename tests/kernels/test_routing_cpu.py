@@ -122,3 +122,20 @@ def test_ties_between_prototypes_go_to_the_lower_slot_as_in_the_reference() -> N
     got = route_chunk_inference(banks, *ext, start=256, n=128, eta=eta, config=config)
     for a, b in zip((*ref[0], *ref[1:]), (*got[0], *got[1:]), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_reference_reads_the_summary_fill_back_only_until_every_prototype_is_seeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seeding asks the device how many rounds to run (a synchronisation on a GPU, where the reference routes when
+    training): once no prototype is left empty, the rest of the chunk's segments ask nothing."""
+    layer = make_layer("gqa", "full", seed=5)
+    config, eta = layer.config, layer.eta.detach()
+    ext = _random_chunk(3, 320, window=config.window, heads=layer.num_kv_heads, dim=layer.head_dim)
+    reads: list[int] = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or real(t))
+    banks, *_ = route_chunk(_empty_banks(layer), *ext, start=0, n=320, eta=eta, config=config)
+    routed = len([b for b in range(0, 320, config.segment) if b - config.window + config.segment > 0])
+    assert bool(banks.sm_filled.all())
+    assert 1 <= len(reads) < routed, (len(reads), routed)

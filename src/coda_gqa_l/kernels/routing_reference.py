@@ -94,6 +94,14 @@ class _Margin:
         self.gap(top2[..., 0], top2[..., 1], where)
 
 
+@dataclass
+class SummaryFill:
+    """Whether every summary prototype is known to be seeded. Prototypes are never emptied, so once seeding finds
+    none empty it has nothing left to do: later segments skip it without reading the fill back from the device."""
+
+    full: bool = False
+
+
 def _pairwise_higher(gate: Tensor, cand: Tensor) -> Tensor:
     """``higher[..., j, i]``: candidate ``i`` ranks above ``j`` (gate desc, then index asc)."""
     n = gate.shape[-1]
@@ -113,6 +121,7 @@ def route_segment(
     eta: Tensor,
     config: BoundedConfig,
     metrics: dict[str, float] | None = None,
+    summary_fill: SummaryFill | None = None,
 ) -> Banks:
     """Route the tokens that left the window into the banks.
 
@@ -126,6 +135,8 @@ def route_segment(
         eta: ``(Hkv,)`` EMA rates in (0, 1).
         config: thresholds and sizes.
         metrics: when given, counts are added to it (host synchronisation; off by default).
+        summary_fill: what the caller knows of the summary bank's fill, kept up to date here (``route_chunk``
+            passes one per chunk so that, once every prototype is seeded, seeding reads nothing back).
     """
     vn = F.normalize(v.detach().float(), dim=-1)
     gate = g.detach()
@@ -139,7 +150,7 @@ def route_segment(
         for observe in list(_exact_observers):
             observe(ExactRouting(before, banks, gate, vn, cand_cos, token_index, valid, config))
     if banks.sm_k.shape[2] > 0:
-        banks = _route_summary(banks, k, v, g, gate, vn, cand_cos, valid, eta, config, counts, margin)
+        banks = _route_summary(banks, k, v, g, gate, vn, cand_cos, valid, eta, config, counts, margin, summary_fill)
     if metrics is not None and margin is not None:
         candidate = valid & ((gate > config.tau_exact) | (gate > config.tau_summary))
         counts["evicted"] = float(valid.sum())
@@ -265,12 +276,13 @@ def _route_summary(
     config: BoundedConfig,
     counts: dict[str, float],
     margin: _Margin | None,
+    summary_fill: SummaryFill | None = None,
 ) -> Banks:
     cand = valid & (gate > config.tau_summary)
     proto_cos = vn @ F.normalize(banks.sm_v.detach().float(), dim=-1).transpose(-1, -2)
     proto_cos = proto_cos.masked_fill(~banks.sm_filled[:, :, None, :], NEG_INF)
 
-    seed_src, seeded_cand = _pick_seeds(banks.sm_filled, cand, gate, proto_cos, cand_cos, margin)
+    seed_src, seeded_cand = _pick_seeds(banks.sm_filled, cand, gate, proto_cos, cand_cos, margin, summary_fill)
     seeded = seed_src >= 0
     if seed_src.is_cpu and not bool(seeded.any()):  # (called only with summary slots: never empty)
         # every prototype already seeded (the usual case once a stream is a few segments in): the
@@ -326,6 +338,7 @@ def _pick_seeds(
     proto_cos: Tensor,
     cand_cos: Tensor,
     margin: _Margin | None,
+    summary_fill: SummaryFill | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Seed empty prototypes, farthest first.
 
@@ -336,11 +349,16 @@ def _pick_seeds(
     """
     seed_src = torch.full(filled.shape, -1, dtype=torch.int64, device=filled.device)
     available = cand.clone()
-    if filled.shape[-1] == 0:
-        return seed_src, torch.zeros_like(cand)
+    if filled.shape[-1] == 0 or (summary_fill is not None and summary_fill.full):
+        return seed_src, torch.zeros_like(cand)  # nothing to seed: what seeding would find, with nothing read back
     empty = ~filled
-    rounds = torch.minimum(empty.sum(-1), cand.sum(-1))
-    num_rounds = int(rounds.max())  # host sync; the fused kernel loops on the device instead
+    empty_count = empty.sum(-1)
+    rounds = torch.minimum(empty_count, cand.sum(-1))
+    # one read back (a host synchronisation on a GPU; the fused kernel loops on the device instead): the rounds to
+    # run, and whether any prototype is still empty after them (if none, the caller's later segments read nothing)
+    num_rounds, still_empty = torch.stack([rounds.max(), (empty_count - rounds).max()]).tolist()
+    if summary_fill is not None and still_empty == 0:
+        summary_fill.full = True
     if num_rounds == 0:
         return seed_src, torch.zeros_like(cand)
     nearest = proto_cos.amax(-1)  # -inf when no prototype is filled
@@ -414,6 +432,7 @@ def route_chunk(
     W, S = config.window, config.segment
     first_valid = max(config.num_sink, 0)
     snapshots: list[tuple[Tensor, Tensor, Tensor]] = []
+    summary_fill = SummaryFill()
     for seg_begin in chunk_segments(start, n, S):
         first_evicted = seg_begin - W
         if seg_begin >= start and first_evicted + S > first_valid:
@@ -429,6 +448,7 @@ def route_chunk(
                 eta,
                 config,
                 metrics,
+                summary_fill=summary_fill,
             )
         snapshots.append(bank_view(banks))
     if not snapshots:  # an empty chunk touches no segment
