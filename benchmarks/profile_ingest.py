@@ -6,7 +6,8 @@
 SmolLM2 (bfloat16 on CUDA, float32 on the CPU) reads ``--context`` tokens of held-out Wikipedia in ``--chunk``-token
 chunks twice: converted to bounded CoDA with the shipped weights through ``BoundedCache``, and as the original model
 through transformers' ``DynamicCache``. The next chunk is then read again ``--repeats`` times from a copy of each
-cache, under ``torch.profiler``; each figure is the median over those reads. Per model: the chunk's wall time; on
+cache, once under ``torch.profiler`` and once without it (the wall time: the profiler slows every launch it records);
+each figure is the median over those reads. Per model: the chunk's wall time; on
 CUDA the device-busy time (kernel times added up), the kernel launches and the host synchronisations (counted with
 ``torch.cuda.set_sync_debug_mode("warn")`` in a separate read, since each stalls the queue of launches); the time per
 family of kernels (CUDA) or operators (CPU): bank routing, attention, RoPE, matrix products, copies, elementwise and
@@ -41,11 +42,13 @@ from coda_gqa_l.models.hf_compat import cache_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
-# kernel or operator name -> family, first match wins (Triton kernels keep their Python names)
+# kernel or operator name -> family, first match wins. Triton kernels keep their Python names: kernels/routing_triton
+# (_route_chunk_kernel), diff_attention_triton (_fwd_kernel, the _bwd_* kernels), combine_triton (_combine_*),
+# rope_triton (_rotate_*)
 FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("routing", re.compile(r"route|routing", re.I)),
-    ("attention", re.compile(r"diff_attn|attention|flash|fmha|sdpa|softmax", re.I)),
-    ("rope", re.compile(r"rope|rotat", re.I)),
+    ("attention", re.compile(r"^_fwd_kernel|^_bwd_|^_combine|diff_attn|attention|flash|fmha|sdpa|softmax", re.I)),
+    ("rope", re.compile(r"rope|^_rotate", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|cublas|aten::(mm|bmm|addmm|matmul|linear|baddbmm)\b", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|cat|index|gather|scatter|stack|clone|contiguous|fill", re.I)),
     ("elementwise", re.compile(r"elementwise|vectorized|reduce|aten::(add|mul|sub|div|where|silu|pow|rsqrt|mean)")),
@@ -116,22 +119,32 @@ def host_syncs(model: nn.Module, cache: Any, piece: Tensor, device: torch.device
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def profile_chunk(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> dict[str, Any]:
-    """One read of ``piece`` from ``cache`` under the profiler: wall time, device time, launches, families, top 15."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+def timed_read(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> float:
+    """Seconds to read ``piece`` from ``cache``, without the profiler (which slows every launch it records)."""
     synchronise(device)
     began = time.perf_counter()
+    read(model, cache, piece, piece.shape[1])
+    synchronise(device)
+    return time.perf_counter() - began
+
+
+COPIES = re.compile(r"^Memcpy|^Memset", re.I)  # device events that are not kernel launches
+
+
+def profile_chunk(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> dict[str, Any]:
+    """One read of ``piece`` from ``cache`` under the profiler: device time, launches, families, top 15."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronise(device)
     with profile(activities=activities) as prof:
         read(model, cache, piece, piece.shape[1])
         synchronise(device)
-    wall = time.perf_counter() - began
     per_name: dict[str, float] = defaultdict(float)
     launches = 0
     if device.type == "cuda":
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
                 per_name[event.name] += event.time_range.elapsed_us() / 1e6
-                launches += 1
+                launches += not COPIES.search(event.name)
     else:
         for row in prof.key_averages():
             if row.key.startswith("aten::") and row.self_cpu_time_total > 0:
@@ -141,7 +154,6 @@ def profile_chunk(model: nn.Module, cache: Any, piece: Tensor, device: torch.dev
         families[family(name)] += seconds
     top = sorted(per_name.items(), key=lambda item: -item[1])[:15]
     return {
-        "wall_s": wall,
         "busy_s": sum(per_name.values()),
         "launches": launches if device.type == "cuda" else None,
         "families_s": dict(families),
@@ -160,10 +172,12 @@ def measure(model: nn.Module, make_cache: Any, ids: Tensor, args: argparse.Names
     with torch.inference_mode():
         cache = make_cache(model)
         read(model, cache, context, args.chunk)
+        timed_read(model, fork(cache), piece, device)  # compiles and tunes whatever is left: not counted
         runs = []
-        for _ in range(args.repeats + 1):  # the first read compiles and tunes whatever is left: not counted
-            runs.append(profile_chunk(model, fork(cache), piece, device))
-        runs = runs[1:]
+        for _ in range(args.repeats):
+            run = profile_chunk(model, fork(cache), piece, device)
+            run["wall_s"] = timed_read(model, fork(cache), piece, device)
+            runs.append(run)
         syncs = host_syncs(model, fork(cache), piece, device)
     median = {key: statistics.median(run[key] for run in runs) for key in ("wall_s", "busy_s")}
     names = {name for run in runs for name in run["families_s"]}

@@ -12,7 +12,10 @@ heads, the stacked queries are ``[signal heads of g, noise heads of g]``, shape
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -177,8 +180,23 @@ class DifferentialCore(nn.Module):
             raise TypeError(f"x has dtype {x.dtype}, the layer's weights are {weight.dtype}")
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device}, the layer's weights are on {weight.device}")
-        if not bool(torch.isfinite(x).all()):
+        if not _FINITE_CHECKED_UPSTREAM.get() and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or Inf values")
+
+
+_FINITE_CHECKED_UPSTREAM = contextvars.ContextVar("coda_gqa_l_finite_checked_upstream", default=False)
+
+
+@contextlib.contextmanager
+def finite_checked_upstream() -> Iterator[None]:
+    """Inside this block the layers do not read their input back to test it for NaN or Inf: the caller has. On a
+    GPU each such read is a host synchronisation, so the model adapters test a forward's input once, at its first
+    layer, rather than at every layer."""
+    token = _FINITE_CHECKED_UPSTREAM.set(True)
+    try:
+        yield
+    finally:
+        _FINITE_CHECKED_UPSTREAM.reset(token)
 
 
 def sdpa_stacked(q: Tensor, k: Tensor, v: Tensor, scale: float, attn_mask: Tensor | None, is_causal: bool) -> Tensor:

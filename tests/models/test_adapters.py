@@ -213,25 +213,33 @@ def test_padded_batches() -> None:
 
 def test_the_padding_mask_is_read_back_once_per_forward_not_once_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading the mask's values on the host is a device synchronisation on a GPU: every layer of one forward gets the
-    same mask tensor, so it is read once; a new mask, or one changed in place, is read again."""
+    same mask tensor, so it is read once, at the first layer; every forward reads it again (a mask changed in place
+    between forwards is seen, also one made under inference mode, which keeps no version)."""
     from coda_gqa_l.models import adapters
 
-    reads: list[tuple[int, ...]] = []
-    real = adapters._has_padding
-    monkeypatch.setattr(adapters, "_has_padding", lambda mask: reads.append(tuple(mask.shape)) or real(mask))
+    reads: list[int] = []
+    real = adapters._read_back
+    monkeypatch.setattr(adapters, "_read_back", lambda flags: reads.append(flags.numel()) or real(flags))
     model = convert(_build("llama").eval(), SMALL)
     assert len(bounded_modules(model)) == 2
     ids = _ids(2, 30, 7)
     mask = torch.ones(2, 30, dtype=torch.long)
     with torch.no_grad():
         model(ids, attention_mask=mask)
-        assert reads == [(2, 30)]
-        model(ids, attention_mask=mask.clone())
-        assert len(reads) == 2
-        mask[0, :4] = 0  # in place: the same tensor, a new version
+        assert reads == [1]  # one flag (on a GPU, two: the mask's and the input's finiteness)
+        model(ids, attention_mask=mask)
+        assert reads == [1, 1]
+        mask[0, :4] = 0  # in place
         with pytest.raises(ValueError, match="padded batches"):
             model(ids, attention_mask=mask)
     assert len(reads) == 3
+    with torch.inference_mode():
+        made_here = torch.ones(2, 30, dtype=torch.long)
+        model(ids, attention_mask=made_here)
+        made_here[1, :2] = 0
+        with pytest.raises(ValueError, match="padded batches"):
+            model(ids, attention_mask=made_here)
+    assert len(reads) == 5
 
 
 def test_per_layer_adapter_from_llama_attention() -> None:

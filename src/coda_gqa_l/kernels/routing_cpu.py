@@ -13,7 +13,8 @@ its time. This path
   snapshots once per run of segments it did not change, instead of concatenating and stacking per segment.
 
 The same operations in the same order on the same values: outputs and states are bit-identical to the reference
-(``tests/kernels/test_routing_cpu.py``). No gradients, metrics or routing observers: those run the reference.
+(``tests/kernels/test_routing_cpu.py``). No gradients, metrics or routing observers: those run the reference, as do
+banks in 16-bit floats (a bfloat16 model on the CPU), which the snapshots here do not hold.
 """
 
 from __future__ import annotations

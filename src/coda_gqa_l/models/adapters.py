@@ -18,6 +18,7 @@ The family adapters (``LlamaCoDAAdapter``, ``Qwen3CoDAAdapter``, ``GenericCoDAAd
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from transformers.cache_utils import Cache
 from ..attention import BoundedCoDAAttention
 from ..baseline import BaselineGQA, CoDAGQA, _UnboundedAttention
 from ..config import BoundedConfig
+from ..differential import finite_checked_upstream
 from ..primitives import RopeLayout
 from .cache import BoundedCache
 from .hf_compat import CACHE_ARGUMENTS, pop_cache
@@ -164,18 +166,21 @@ class CoDAAttentionAdapter(nn.Module):
     ) -> tuple[Tensor, None]:
         cache = pop_cache(kwargs)
         _refuse_unread_cache(kwargs, cache)
-        padding = _key_padding(attention_mask)
-        if isinstance(self.layer, BoundedCoDAAttention):
-            return self._bounded(hidden_states, padding, cache), None
-        layer: _UnboundedAttention = self.layer
-        if cache is None:
-            return layer.attend(hidden_states, 0, None, padding), None
-        start = cache.get_seq_length(self.layer_idx)
+        padding = _key_padding(attention_mask, hidden_states, first_layer=self.layer_idx == 0)
+        # on a GPU the first layer tested the input (above): the layers skip their own read-back
+        checked = finite_checked_upstream() if hidden_states.device.type != "cpu" else contextlib.nullcontext()
+        with checked:
+            if isinstance(self.layer, BoundedCoDAAttention):
+                return self._bounded(hidden_states, padding, cache), None
+            layer: _UnboundedAttention = self.layer
+            if cache is None:
+                return layer.attend(hidden_states, 0, None, padding), None
+            start = cache.get_seq_length(self.layer_idx)
 
-        def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return cache.update(k, v, self.layer_idx)
+            def append(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                return cache.update(k, v, self.layer_idx)
 
-        return layer.attend(hidden_states, start, append, padding), None
+            return layer.attend(hidden_states, start, append, padding), None
 
     def _bounded(self, x: Tensor, padding: Tensor | None, cache: Any) -> Tensor:
         layer = self.layer
@@ -220,43 +225,52 @@ def _refuse_unread_cache(kwargs: dict[str, Any], cache: Any) -> None:
         )
 
 
-def _key_padding(attention_mask: Tensor | None) -> Tensor | None:
-    """The 2D padding mask (True = real token), or None when every token is real."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
+def _key_padding(attention_mask: Tensor | None, x: Tensor, first_layer: bool) -> Tensor | None:
+    """The 2D padding mask (True = real token), or None when every token is real; raises for a model input with
+    NaN or Inf when ``x`` is on a GPU (the layers then skip their own test, see ``_ForwardChecks``)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"expected a 2D padding mask, got shape {tuple(attention_mask.shape)}; was the model converted with "
             "coda_gqa_l.convert (which registers the 'coda' attention implementation)?"
         )
-    if _last_mask_check.padded(attention_mask):
-        return attention_mask.bool()
-    return None
+    padded = _forward_checks.read(attention_mask, x, first_layer)
+    return attention_mask.bool() if attention_mask is not None and padded else None
 
 
-class _MaskCheck(threading.local):
-    """Whether the last mask seen (per thread) has padding. Every layer of one forward gets the same mask tensor, so
-    reading the answer back from the device (a synchronisation on a GPU, which stalls the queue of launches) happens
-    once per forward rather than once per layer. Held weakly, and keyed on the tensor's version: a mask changed in
-    place, or a new one, is read again."""
+class _ForwardChecks(threading.local):
+    """What the adapters read back from the device once per forward instead of once per layer (on a GPU each read
+    is a host synchronisation, which stalls the queue of launches): whether the padding mask has padding, and on a
+    GPU whether the first layer's input is finite (the layers below it do not test theirs: NaN or Inf there would
+    come from the model's own arithmetic, not from its input). Every layer of a forward gets the same mask tensor;
+    the first layer reads both in one go, later layers reuse the mask's answer while the mask is the same tensor
+    (held weakly) and, where it keeps one, at the same version. Per thread: concurrent forwards do not mix."""
 
     def __init__(self) -> None:
         self.mask: weakref.ref[Tensor] | None = None
-        self.version = -1
+        self.version: int | None = None
         self.has_padding = False
 
-    def padded(self, mask: Tensor) -> bool:
-        if self.mask is None or self.mask() is not mask or self.version != mask._version:
-            self.has_padding = _has_padding(mask)
-            self.mask, self.version = weakref.ref(mask), mask._version
-        return self.has_padding
+    def read(self, mask: Tensor | None, x: Tensor, first_layer: bool) -> bool:
+        test_input = first_layer and x.device.type != "cpu"  # on the CPU every layer tests its input at no cost
+        version = None if mask is None or mask.is_inference() else mask._version
+        known = mask is not None and self.mask is not None and self.mask() is mask and self.version == version
+        if mask is not None and (first_layer or not known):
+            flags = [mask.bool().all()] + ([torch.isfinite(x).all()] if test_input else [])
+            values = _read_back(torch.stack(flags))
+            self.has_padding = not values[0]
+            self.mask, self.version = weakref.ref(mask), version
+            if test_input and not values[1]:
+                raise ValueError("the model's hidden states entering its first attention layer contain NaN or Inf")
+        elif test_input and not _read_back(torch.isfinite(x).all().view(1))[0]:
+            raise ValueError("the model's hidden states entering its first attention layer contain NaN or Inf")
+        return self.has_padding if mask is not None else False
 
 
-def _has_padding(mask: Tensor) -> bool:
-    return not bool(mask.bool().all())  # the device-to-host read
+def _read_back(flags: Tensor) -> list[bool]:
+    return [bool(v) for v in flags.tolist()]  # the device-to-host read
 
 
-_last_mask_check = _MaskCheck()
+_forward_checks = _ForwardChecks()
 
 
 def build_adapter(
