@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..data.facts import KINDS, FactDocument, FactSampler, answer_holds, make_fact_document
 from ..data.passkey import wilson_interval
@@ -146,11 +147,15 @@ def fact_rows(
     prefix_len = len(tokenizer.encode(layout.document_prefix, add_special_tokens=False))
     cells = [(k,) for k in kinds] if num_facts == 1 else [tuple(kinds)]
     rows: list[dict[str, Any]] = []
+    what = "no-fact control" if not include_facts else ("facts" if num_facts == 1 else f"{num_facts} facts")
+    progress = tqdm(total=len(lengths) * len(cells), desc=what, unit="cell")
     for length in lengths:
         for cell in cells:
             name = cell[0] if num_facts == 1 else f"{num_facts} facts"
+            progress.set_postfix_str(f"{name}, {length:,} tokens")
             if deadline is not None and time.monotonic() > deadline:
                 rows.append({"kind": name, "length": length, "status": "skipped (time budget)"})
+                progress.update()
                 continue
             rng = random.Random(f"{seed}/{name}/{length}/{include_facts}")
             docs = _documents(tokenizer, layout, hay, rng, kinds=cell, length=length, trials=trials,
@@ -182,6 +187,8 @@ def fact_rows(
             rows.append({"kind": name, "length": length, "facts": num_facts, "control": not include_facts,
                          "correct": right, "asked": asked, "accuracy": right / max(1, asked), "ci95": [low, high],
                          "examples": examples})  # fmt: skip
+            progress.update()
+    progress.close()
     return rows
 
 
