@@ -11,6 +11,7 @@ event overheads stay small against it.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -18,6 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -244,3 +246,11 @@ def describe(row: dict[str, Any]) -> str:
         value = next((f"{k}={row[k]:.4g}" for k in ("tokens_per_s", "tflops", "median_ms") if row.get(k)), "")
         return f"{where} {size} ok {value}"
     return f"{where} {size} {row.get('status')}: {row.get('error') or row.get('reason')}"
+
+
+def write_result(result: dict[str, Any], path: Path, table: list[str]) -> None:
+    """Write ``result`` as JSON to ``path`` (making its folder), then print ``table`` and where the JSON went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(table))
+    print(f"wrote {path}")

@@ -17,7 +17,6 @@ Prints a table and writes ``DIR/int8_state.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import write_result
 from tqdm import tqdm
 
 from coda_gqa_l.data.facts import value_holds
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             "perplexity": perplexity_rows(model, tokenizer, args, folder),
             "answers": [] if args.no_answers else answer_rows(folder),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "int8_state.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(table(result)))
-    print(f"wrote {path}")
+    write_result(result, args.out / "int8_state.json", table(result))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import re
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import write_result
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
@@ -260,11 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "models": models,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "profile_ingest.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(table(result)))
-    print(f"wrote {path}")
+    write_result(result, args.out / "profile_ingest.json", table(result))
 
 
 if __name__ == "__main__":
