@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import BoundedConfig, chunk_segments
 from ..state import Banks
-from .routing_reference import _route_exact, _route_summary, route_chunk, routing_observed
+from .routing_reference import _route_exact, _route_summary, route_chunk, routing_observed, summary_means
 
 
 def route_chunk_inference(
@@ -136,14 +136,7 @@ class _SummaryUpdate:
         member = cand & torch.isfinite(best)
         # one_hot(assign) * member, written as a scatter into zeros (the same values, in one small operation)
         onehot = full_cos.new_zeros(full_cos.shape).scatter_(-1, assign[..., None], member[..., None].float())
-        weights = onehot * g[..., None]
-        weight_sum = weights.sum(-2)
-        count = onehot.sum(-2)
-        updated = count > 0
-        denom = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-        mean_k = weights.transpose(-1, -2) @ k.float() / denom
-        mean_v = weights.transpose(-1, -2) @ v.float() / denom
-        mean_g = weight_sum / count.clamp_min(1)
+        updated, mean_k, mean_v, mean_g = summary_means(onehot, g, k, v)
         u3 = updated[..., None]
         sm_k, sm_v, sm_g = bank_k[:, :, i, Me:], bank_v[:, :, i, Me:], gates[:, :, i, Me:]
         torch.where(u3, self.keep3 * banks.sm_k + self.rate3 * mean_k, banks.sm_k, out=sm_k)

@@ -305,14 +305,7 @@ def _route_summary(
     member = cand & ~seeded_cand & torch.isfinite(full_cos.amax(-1))
     onehot = F.one_hot(assign, full_cos.shape[-1]).to(torch.float32) * member[..., None]
 
-    weights = onehot * g[..., None]  # (B, Hkv, S, Ms): gate-weighted membership
-    weight_sum = weights.sum(-2)
-    count = onehot.sum(-2)
-    updated = count > 0
-    denom = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    mean_k = weights.transpose(-1, -2) @ k.float() / denom
-    mean_v = weights.transpose(-1, -2) @ v.float() / denom
-    mean_g = weight_sum / count.clamp_min(1)  # plain mean of the members' gates
+    updated, mean_k, mean_v, mean_g = summary_means(onehot, g, k, v)
     rate = eta.view(1, -1, 1).float()
     u3 = updated[..., None]
     rate3 = rate[..., None]
@@ -329,6 +322,27 @@ def _route_summary(
         counts["summary_seeds"] = float(seeded.sum())
         counts["summary_updates"] = float(member.sum())
     return new
+
+
+class SummaryMeans(NamedTuple):
+    """What one segment's members move the prototypes towards, all ``(B, Hkv, Ms)`` unless noted."""
+
+    updated: Tensor  # the prototype has members in this segment
+    mean_k: Tensor  # (B, Hkv, Ms, Dh) gate-weighted mean of its members' keys
+    mean_v: Tensor  # (B, Hkv, Ms, Dh) the same of their values
+    mean_g: Tensor  # plain mean of their gates
+
+
+def summary_means(onehot: Tensor, g: Tensor, k: Tensor, v: Tensor) -> SummaryMeans:
+    """Means of each prototype's members, from ``onehot (B, Hkv, S, Ms)`` float32 membership and the tokens' gates,
+    keys and values (``routing_cpu`` computes them with these same operations)."""
+    weights = onehot * g[..., None]  # gate-weighted membership
+    weight_sum = weights.sum(-2)
+    count = onehot.sum(-2)
+    denom = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    mean_k = weights.transpose(-1, -2) @ k.float() / denom
+    mean_v = weights.transpose(-1, -2) @ v.float() / denom
+    return SummaryMeans(count > 0, mean_k, mean_v, weight_sum / count.clamp_min(1))
 
 
 def _pick_seeds(
