@@ -256,7 +256,8 @@ class _ForwardChecks(threading.local):
         known = mask is not None and self.mask is not None and self.mask() is mask and self.version == version
         if mask is not None and (first_layer or not known):
             flags = [mask.bool().all()] + ([torch.isfinite(x).all()] if test_input else [])
-            values = _read_back(torch.stack(flags))
+            # one read for both, unless the mask sits on another device than the hidden states
+            values = _read_back(torch.stack(flags)) if len({f.device for f in flags}) == 1 else [bool(f) for f in flags]
             self.has_padding = not values[0]
             self.mask, self.version = weakref.ref(mask), version
             if test_input and not values[1]:
