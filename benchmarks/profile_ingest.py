@@ -69,7 +69,6 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     """The bounded model, the original, and ``context + chunk`` token ids on ``device``."""
     tokens = args.context + args.chunk
     if args.quick:
-        sys.path.insert(0, str(REPO / "benchmarks"))
         from model_generate import random_ids, tiny_llama
 
         from coda_gqa_l.config import BoundedConfig
@@ -81,7 +80,6 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
         ids, _ = random_ids(original.config.vocab_size, tokens)
         name = "tiny random Llama (4/2 heads, 2 layers, D 64), untrained conversion"
     else:
-        sys.path.insert(0, str(REPO / "benchmarks"))
         from model_generate import wikipedia_ids
 
         from coda_gqa_l.models.loader import load_smollm2
