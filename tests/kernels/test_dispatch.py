@@ -84,8 +84,10 @@ def test_unbounded_attention_plans(
     assert dispatch.fused_combine("cpu", differential=False) is False
 
 
-def test_autotuning_is_off_in_the_interpreter_and_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_autotuning_runs_only_when_asked_and_never_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(dispatch.AUTOTUNE_ENV, raising=False)
+    assert not dispatch.autotune()  # a first request must not compile every candidate shape
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
     assert dispatch.autotune()
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "0")

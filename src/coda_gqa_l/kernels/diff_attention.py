@@ -120,11 +120,9 @@ _BWD_TUNING = [(64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), 
 
 @functools.cache
 def _kernels() -> dict[str, Any]:
-    """The kernels, autotuned over a few block shapes on a GPU (the interpreter runs one shape).
-
-    Tuning keys leave out the lengths: the first call of each kind picks the configuration.
-    ``CODA_GQA_L_AUTOTUNE=0`` uses the default shapes (tests: no compile of every variant).
-    """
+    """The kernels with their default block shapes, or autotuned over a few on a GPU when ``CODA_GQA_L_AUTOTUNE=1``
+    (``dispatch.autotune``; the interpreter runs one shape). Tuning keys leave out the lengths: the first call of
+    each kind picks the configuration."""
     from . import diff_attention_triton as kt
 
     if not autotune():

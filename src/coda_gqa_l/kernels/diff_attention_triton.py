@@ -113,7 +113,9 @@ def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_ba
     return m_s, l_s, acc_s, m_n, l_n, acc_n
 
 
-@triton.jit
+# Lengths and offsets change with every chunk (a 1,024-token chunk, a shorter last one, a one-token decode step):
+# left unspecialised, one compiled binary serves them all instead of one per value class (each compile takes seconds).
+@triton.jit(do_not_specialize=["L", "LK", "K_OFFSET", "E"])
 def _fwd_kernel(
     Q,
     K,

@@ -114,9 +114,11 @@ def use_triton(device: torch.device | str) -> bool:
 
 
 def autotune() -> bool:
-    """Whether the Triton kernels autotune over block shapes (``CODA_GQA_L_AUTOTUNE=0``: the default
-    shapes, as tests want; the interpreter runs one shape)."""
-    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    """Whether the Triton kernels autotune over block shapes: only when asked (``CODA_GQA_L_AUTOTUNE=1``), never in
+    the interpreter. Off by default because tuning compiles every candidate shape first: on a fresh H200 the demo's
+    first ingest took 154 s against 1.4 s in the next process (benchmarks/results/speed.md), while the attention
+    kernel it tunes is 4% of an ingest chunk's device time."""
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "0") == "1"
 
 
 def fused_bounded_chunk(device: torch.device | str) -> bool:

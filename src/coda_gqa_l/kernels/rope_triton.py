@@ -40,7 +40,7 @@ def _noise_angles(TCOS, TSIN, h, d, cos, sin, HEAD_DIM: tl.constexpr):
     return cos * tcos - sin * tsin, sin * tcos + cos * tsin
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])  # one binary for every chunk length, the one-token step's too
 def _rotate_kernel(
     X, COS, SIN, TCOS, TSIN, OUT,
     sxb, sxh, sxl,
