@@ -15,6 +15,7 @@ from ..baseline import BaselineGQA, CoDAGQA
 from ..config import BoundedConfig
 from ..models.adapters import CoDAAttentionAdapter
 from ..models.convert import convert, to_bounded
+from ..models.lora import merge_lora
 from ..models.weights import apply_coda_weights, read_coda_meta
 from .eval_config import EvalConfig
 
@@ -41,6 +42,7 @@ def build_method(name: str, args: EvalConfig, base: Callable[[], nn.Module]) -> 
         kind = "differential (CoDA)" if differential else "plain GQA"
         raise ValueError(f"{name} needs {kind} weights; {weights} holds the other kind (see coda-train --attention)")
     model = apply_coda_weights(model, weights)
+    merge_lora(model)  # evaluation only reads: one product per projection (models/lora.py)
     trained_bounded = bool(meta["convert"].get("bounded"))
     if not bounded and trained_bounded:
         # the trained core with a full cache (the write gate and EMA rate go unused)

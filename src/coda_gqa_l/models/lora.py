@@ -77,3 +77,32 @@ def lora_settings(model: nn.Module) -> dict[str, float] | None:
         if isinstance(module, LoRALinear):
             return {"rank": module.rank, "alpha": module.alpha}
     return None
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base projection: ``W + scale * B A`` in one ``nn.Linear``; returns how many.
+
+    For inference only: the merged model computes the same function (to rounding: the sum is formed in float32, then
+    cast to the weights' dtype) with one matrix product per projection instead of three and two elementwise
+    kernels, which matters where a decode step is launch-bound (a CUDA graph of the whole model replays every
+    kernel). The adapters are gone afterwards: train or save CoDA weights from an unmerged model.
+    """
+    merged = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, LoRALinear):
+                continue
+            base = child.base
+            linear = nn.Linear(
+                base.in_features, base.out_features, bias=base.bias is not None,
+                device=base.weight.device, dtype=base.weight.dtype,
+            )  # fmt: skip
+            with torch.no_grad():
+                delta = child.scale * (child.lora_b.float() @ child.lora_a.float())
+                linear.weight.copy_(base.weight.float() + delta)
+                if base.bias is not None:
+                    linear.bias.copy_(base.bias)
+            linear.requires_grad_(base.weight.requires_grad)
+            setattr(parent, name, linear)
+            merged += 1
+    return merged

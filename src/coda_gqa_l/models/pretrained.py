@@ -19,6 +19,7 @@ from ..config import BoundedConfig
 from ..fetch import sha256_file
 from ..version import __version__
 from .loader import load_smollm2
+from .lora import merge_lora
 from .weights import apply_coda_weights, read_coda_meta
 
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
@@ -38,7 +39,15 @@ def shipped_config() -> BoundedConfig:
     return BoundedConfig(**meta["convert"]["bounded"])
 
 
-def load_coda_smollm2(dtype: torch.dtype = torch.float32, progress: bool = True) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct converted to bounded CoDA with the shipped trained weights, and its tokenizer."""
-    model, tokenizer = load_smollm2(dtype=dtype, progress=progress)
-    return apply_coda_weights(model, SHIPPED_WEIGHTS).eval(), tokenizer
+def load_coda_smollm2(
+    dtype: torch.dtype = torch.float32, progress: bool = True, merge_adapters: bool = True
+) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct converted to bounded CoDA with the shipped trained weights, and its tokenizer.
+
+    ``merge_adapters`` (the default, for inference) folds the LoRA adapters into their projections
+    (``lora.merge_lora``): the same function with fewer kernels per step. ``False`` keeps them, to train further."""
+    base, tokenizer = load_smollm2(dtype=dtype, progress=progress)
+    model = apply_coda_weights(base, SHIPPED_WEIGHTS).eval()
+    if merge_adapters:
+        merge_lora(model)
+    return model, tokenizer
