@@ -10,10 +10,12 @@ Methods, each on a fresh cache per context (bf16 on the GPU):
 * ``bounded``: the model converted with ``convert(model, DEFAULT_CONFIG)`` (the neural database's default, 4 sinks
   + window 256 + 60 exact + 64 summary slots), a ``BoundedCache``; the context is streamed through the cache in
   chunks of ``--bounded-chunk`` tokens, as the neural database ingests;
-* ``bounded-graph``: the same model and prefill, then greedy decoding through ``GraphModelDecoder`` (the whole
-  model's step captured in two CUDA graphs: ``coda_gqa_l.models.graph_decode``) instead of ``generate``; CUDA only
-  (recorded as skipped elsewhere). Its first tokens should equal ``bounded``'s (``generated_ids``);
-* ``bounded-generate``: the same model and prefill, then transformers' ``generate`` with
+* ``bounded-graph``: the same model, its whole prefill chunks read through the model's CUDA graphs
+  (``coda_gqa_l.models.graph_prefill``, as the neural database ingests on CUDA), then greedy decoding through
+  ``GraphModelDecoder`` (the whole model's step captured in two CUDA graphs: ``coda_gqa_l.models.graph_decode``)
+  instead of ``generate``; CUDA only (recorded as skipped elsewhere). Its first tokens should equal ``bounded``'s
+  (``generated_ids``);
+* ``bounded-generate``: the same model and graph prefill, then transformers' ``generate`` with
   ``custom_generate=bounded_decoding`` (``coda_gqa_l.models.generation``): the graph decoder behind a user's own
   ``generate()`` call, with transformers' logits processors and stopping criteria at every step (on the CPU, the
   forward behind the same loop);
@@ -77,7 +79,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from coda_gqa_l.models import BoundedCache, bounded_decoding, convert
+from coda_gqa_l.models import BoundedCache, bounded_decoding, convert, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
@@ -258,21 +260,42 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
-def prefill(model: nn.Module, cache: Any, ids: Tensor, chunk: int, deadline: float) -> tuple[int | None, int]:
+class _OutOfTime(Exception):
+    """The time budget ran out between two prefill chunks."""
+
+
+def prefill(
+    model: nn.Module, cache: Any, ids: Tensor, chunk: int, deadline: float, graphs: bool = False
+) -> tuple[int | None, int]:
     """Feed ``ids`` through ``cache`` in chunks (0: one forward); the greedy next token and the tokens fed.
+    ``graphs``: whole chunks replay the model's CUDA graphs (``graph_prefill.prefill``, what the neural database and
+    ``bounded_decoding`` do on CUDA), the others go through the forward.
 
     Past ``deadline`` it stops between chunks and returns ``None`` for the token.
     """
     step = chunk if chunk > 0 else ids.shape[1]
-    fed, logits = 0, None
-    for start in range(0, ids.shape[1], step):
-        piece = ids[:, start : start + step]
-        logits = model(input_ids=piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
-        fed += piece.shape[1]
+    fed = 0
+
+    def forward(piece: Tensor) -> Tensor:
+        return model(input_ids=piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def fed_more(tokens: int) -> None:
+        nonlocal fed
+        fed += tokens
         if fed < ids.shape[1] and time.perf_counter() > deadline:
-            return None, fed
+            raise _OutOfTime
+
+    try:
+        if graphs:
+            logits = graph_prefill.prefill(model, cache, ids, chunk_tokens=step, forward=forward, on_chunk=fed_more)
+        else:
+            for start in range(0, ids.shape[1], step):
+                logits = forward(ids[:, start : start + step])
+                fed_more(min(step, ids.shape[1] - start))
+    except _OutOfTime:
+        return None, fed
     assert logits is not None
-    return int(logits[0, -1].argmax()), fed
+    return int(logits[0].argmax()), fed
 
 
 def decode(
@@ -383,7 +406,9 @@ def _timed_run(
 ) -> None:
     device, ids = bench.device, bench.ids[:, :context]
     start = clock(device)
-    first, fed = prefill(model, cache, ids, row["prefill_chunk"], deadline)
+    graphs = method in ("bounded-graph", "bounded-generate") and device.type == "cuda"
+    first, fed = prefill(model, cache, ids, row["prefill_chunk"], deadline, graphs=graphs)
+    row["prefill_graphs"] = graphs
     seconds = clock(device) - start
     row.update(prefill_tokens=fed, prefill_s=seconds, prefill_tokens_per_s=fed / seconds)
     row["prefill_peak_added_bytes"] = memory.added()

@@ -7,7 +7,9 @@ SmolLM2 (bfloat16 on CUDA, float32 on the CPU) reads ``--context`` tokens of hel
 chunks twice: converted to bounded CoDA with the shipped weights through ``BoundedCache``, and as the original model
 through transformers' ``DynamicCache``. The next chunk is then read again ``--repeats`` times from a copy of each
 cache, once under ``torch.profiler`` and once without it (the wall time: the profiler slows every launch it records);
-each figure is the median over those reads. Per model: the chunk's wall time; on
+each figure is the median over those reads. On CUDA a third column reads the chunk with one replay of the whole
+model's captured chunk graph (``GraphModelDecoder.read``, as the neural database ingests there), and a last table
+times one answer token's graph-decoded step and lists its kernels. Per model: the chunk's wall time; on
 CUDA the device-busy time (kernel times added up), the kernel launches and the host synchronisations (counted with
 ``torch.cuda.set_sync_debug_mode("warn")`` in a separate read, since each stalls the queue of launches); the time per
 family of kernels (CUDA) or operators (CPU): bank routing, attention, RoPE, matrix products, copies, elementwise and
@@ -38,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 from coda_gqa_l.models import BoundedCache
+from coda_gqa_l.models.graph_decode import GraphModelDecoder, graph_decode_supported
 from coda_gqa_l.models.hf_compat import cache_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,13 +100,38 @@ def read(model: nn.Module, cache: Any, ids: Tensor, chunk: int) -> None:
         model(input_ids=ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
 
 
+class Reader:
+    """How a column reads the profiled chunk: the model's forward, or (``graphs``) ``GraphModelDecoder.read``, one
+    replay of the whole model's captured chunk graph (what the neural database does on CUDA, models/graph_prefill.py).
+    ``start(cache)`` prepares a copy of the context's cache for one read (a graph decoder adopts it: untimed)."""
+
+    def __init__(self, model: nn.Module, graphs: bool = False) -> None:
+        self.model, self.graphs = model, graphs
+        self.decoder: GraphModelDecoder | None = None
+
+    def start(self, cache: Any) -> Any:
+        cache = fork(cache)
+        if self.graphs:
+            if self.decoder is None:
+                self.decoder = GraphModelDecoder(self.model, cache)
+            else:
+                self.decoder.adopt(cache)
+        return cache
+
+    def __call__(self, cache: Any, piece: Tensor) -> None:
+        if self.decoder is not None:
+            self.decoder.read(piece)
+        else:
+            read(self.model, cache, piece, piece.shape[1])
+
+
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def host_syncs(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> int | None:
-    """Synchronising CUDA calls while ``model`` reads ``piece`` (None off CUDA)."""
+def host_syncs(reader: Reader, cache: Any, piece: Tensor, device: torch.device) -> int | None:
+    """Synchronising CUDA calls while ``reader`` reads ``piece`` (None off CUDA)."""
     if device.type != "cuda":
         return None
     synchronise(device)
@@ -111,17 +139,17 @@ def host_syncs(model: nn.Module, cache: Any, piece: Tensor, device: torch.device
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            read(model, cache, piece, piece.shape[1])
+            reader(cache, piece)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def timed_read(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> float:
+def timed_read(reader: Reader, cache: Any, piece: Tensor, device: torch.device) -> float:
     """Seconds to read ``piece`` from ``cache``, without the profiler (which slows every launch it records)."""
     synchronise(device)
     began = time.perf_counter()
-    read(model, cache, piece, piece.shape[1])
+    reader(cache, piece)
     synchronise(device)
     return time.perf_counter() - began
 
@@ -129,12 +157,13 @@ def timed_read(model: nn.Module, cache: Any, piece: Tensor, device: torch.device
 COPIES = re.compile(r"^Memcpy|^Memset", re.I)  # device events that are not kernel launches
 
 
-def profile_chunk(model: nn.Module, cache: Any, piece: Tensor, device: torch.device) -> dict[str, Any]:
-    """One read of ``piece`` from ``cache`` under the profiler: device time, launches, families, top 15."""
+def profile_chunk(reader: Reader, cache: Any, piece: Tensor, device: torch.device) -> dict[str, Any]:
+    """One read of ``piece`` from ``cache`` under the profiler: device time, launches (a replayed graph's kernels
+    count as launches), families, top 15."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronise(device)
     with profile(activities=activities) as prof:
-        read(model, cache, piece, piece.shape[1])
+        reader(cache, piece)
         synchronise(device)
     per_name: dict[str, float] = defaultdict(float)
     launches = 0
@@ -164,19 +193,19 @@ def fork(cache: Any) -> Any:
     return cache.fork() if isinstance(cache, BoundedCache) else copy.deepcopy(cache)
 
 
-def measure(model: nn.Module, make_cache: Any, ids: Tensor, args: argparse.Namespace, device: torch.device) -> dict:
+def measure(reader: Reader, make_cache: Any, ids: Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """Read the context, then profile the next chunk ``--repeats`` times, each from a copy of the context's cache."""
     context, piece = ids[:, : args.context], ids[:, args.context : args.context + args.chunk]
     with torch.inference_mode():
-        cache = make_cache(model)
-        read(model, cache, context, args.chunk)
-        timed_read(model, fork(cache), piece, device)  # compiles and tunes whatever is left: not counted
+        cache = make_cache(reader.model)
+        read(reader.model, cache, context, args.chunk)
+        timed_read(reader, reader.start(cache), piece, device)  # compiles, captures, tunes: not counted
         runs = []
         for _ in range(args.repeats):
-            run = profile_chunk(model, fork(cache), piece, device)
-            run["wall_s"] = timed_read(model, fork(cache), piece, device)
+            run = profile_chunk(reader, reader.start(cache), piece, device)
+            run["wall_s"] = timed_read(reader, reader.start(cache), piece, device)
             runs.append(run)
-        syncs = host_syncs(model, fork(cache), piece, device)
+        syncs = host_syncs(reader, reader.start(cache), piece, device)
     median = {key: statistics.median(run[key] for run in runs) for key in ("wall_s", "busy_s")}
     names = {name for run in runs for name in run["families_s"]}
     median_families = {name: statistics.median(run["families_s"].get(name, 0.0) for run in runs) for name in names}
@@ -190,6 +219,58 @@ def measure(model: nn.Module, make_cache: Any, ids: Tensor, args: argparse.Names
         "families_s": dict(sorted(median_families.items(), key=lambda item: -item[1])),
         "top": runs[len(runs) // 2]["top"],
         "runs": [{key: run[key] for key in ("wall_s", "busy_s", "launches")} for run in runs],
+    }
+
+
+def profile_decode(
+    model: nn.Module, make_cache: Any, context: Tensor, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """One answer token's step through the whole model's CUDA graphs after ``context``: wall time per step (median
+    of ``args.decode_steps`` replays, the host waiting only at the end as an answer loop does with the argmax on
+    the device), and the kernels of 20 replayed steps under the profiler (per step)."""
+    with torch.inference_mode():
+        cache = make_cache(model)
+        read(model, cache, context, args.chunk)
+    decoder = GraphModelDecoder(model, cache)
+    decoder.capture_all()
+    token = context[:, -1]
+    for _ in range(8):
+        decoder(token)
+    steps = args.decode_steps
+    times = []
+    for _ in range(3):
+        synchronise(device)
+        began = time.perf_counter()
+        for _ in range(steps):
+            decoder(token)
+        synchronise(device)
+        times.append((time.perf_counter() - began) / steps)
+    synchronise(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            decoder(token)
+        synchronise(device)
+    per_name: dict[str, float] = defaultdict(float)
+    kernels = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[event.name] += event.time_range.elapsed_us() / 1e6 / 20
+            kernels += not COPIES.search(event.name)
+    families: Counter[str] = Counter()
+    for name, seconds in per_name.items():
+        families[family(name)] += seconds
+    step_s = statistics.median(times)
+    return {
+        "context": context.shape[1],
+        "step_wall_s": step_s,
+        "tokens_per_s": 1 / step_s,
+        "step_busy_s": sum(per_name.values()),
+        "kernels_per_step": kernels / 20,
+        "families_s": dict(sorted(families.items(), key=lambda item: -item[1])),
+        "top": [
+            {"name": name[:120], "s": seconds, "family": family(name)}
+            for name, seconds in sorted(per_name.items(), key=lambda item: -item[1])[:15]
+        ],
     }
 
 
@@ -219,6 +300,20 @@ def table(result: dict[str, Any]) -> list[str]:
     for n in names:
         lines += ["", f"{n}: top kernels or operators", "", "| name | family | ms |", "|---|---|---|"]
         lines += [f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.2f} |" for row in models[n]["top"]]
+    decode = result.get("decode")
+    if decode:
+        lines += [
+            "",
+            f"bounded, one decode step through the whole model's CUDA graphs after {decode['context']:,} tokens: "
+            f"{decode['step_wall_s'] * 1e3:.2f} ms wall ({decode['tokens_per_s']:,.0f} tokens/s), "
+            f"{decode['step_busy_s'] * 1e3:.2f} ms device busy, {decode['kernels_per_step']:.0f} kernels per step",
+            "",
+            "| family | ms per step |",
+            "|---|---|",
+        ]
+        lines += [f"| {f} | {sec * 1e3:.3f} |" for f, sec in decode["families_s"].items()]
+        lines += ["", "| decode kernel | family | ms per step |", "|---|---|---|"]
+        lines += [f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.3f} |" for row in decode["top"]]
     return lines
 
 
@@ -227,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=8192, help="tokens read before the profiled chunk (default 8192)")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk, as the database reads (default 1024)")
     p.add_argument("--repeats", type=int, default=3, help="profiled reads of the chunk per model (default 3)")
+    p.add_argument("--decode-steps", type=int, default=200, help="graph-decoded steps timed, CUDA (default 200)")
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 512 + 128 tokens, one repeat: a smoke test")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/profile_ingest", help="folder for the JSON")
@@ -241,10 +337,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bounded, original, ids, name = load(args, device, dtype)
-    models = {
-        "bounded (BoundedCache)": measure(bounded, lambda m: BoundedCache(m, block_size=args.chunk), ids, args, device),
-        "original (DynamicCache)": measure(original, lambda m: DynamicCache(config=m.config), ids, args, device),
-    }
+
+    def bounded_cache(model: nn.Module) -> BoundedCache:
+        return BoundedCache(model, block_size=args.chunk)
+
+    models = {"bounded (BoundedCache)": measure(Reader(bounded), bounded_cache, ids, args, device)}
+    graphs = device.type == "cuda" and graph_decode_supported(bounded)
+    if graphs:
+        models["bounded (graph read)"] = measure(Reader(bounded, graphs=True), bounded_cache, ids, args, device)
+    models["original (DynamicCache)"] = measure(Reader(original), lambda m: DynamicCache(config=m.config), ids, args,
+                                                device)  # fmt: skip
+    decode = profile_decode(bounded, bounded_cache, ids[:, : args.context], args, device) if graphs else None
     result = {
         "command": "python benchmarks/profile_ingest.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -257,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         "chunk": args.chunk,
         "repeats": args.repeats,
         "models": models,
+        "decode": decode,
     }
     write_result(result, args.out / "profile_ingest.json", table(result))
 

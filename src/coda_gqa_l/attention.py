@@ -25,7 +25,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from . import decode_view
+from . import decode_view, shared_angles
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
@@ -439,7 +439,10 @@ class BoundedCoDAAttention(nn.Module):
             t.requires_grad for t in (q, ext_k, bank_k, *self.parameters())
         )
         rotate = _one_pass_rotate if one_pass else _autograd_rotate
-        cos, sin = rope.cos_sin(start + torch.arange(n, device=device), torch.float32)
+        # the tables depend on the start and the shape only: inside a model step's shared_angles() the layers share
+        # them (a device start is the step's one position tensor)
+        at = ("device", id(start)) if isinstance(start, Tensor) else start
+        cos, sin = shared_angles.cos_sin(rope, ("queries", at, n), lambda: start + torch.arange(n, device=device))
         if one_pass:
             theta = core.theta
             t_cos, t_sin = expand_pairs(theta.cos(), theta.sin(), layout) if theta is not None else (None, None)
@@ -447,21 +450,32 @@ class BoundedCoDAAttention(nn.Module):
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
         if relative:
-            cos, sin = rope.cos_sin(start - W + torch.arange(W + n, device=device), torch.float32)
+            cos, sin = shared_angles.cos_sin(
+                rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
+            )
             ext_k = rotate(ext_k, cos, sin, layout)
-        nseg = bank_k.shape[2]
-        seg_start = (start // S + torch.arange(nseg, device=device)) * S
+        nseg, slots = bank_k.shape[2], bank_k.shape[3]
+
+        def segment_starts() -> Tensor:
+            return (start // S + torch.arange(nseg, device=device)) * S
+
         extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
-        if relative and bank_k.shape[3]:
+        if relative and slots:
             # every slot of a segment sits at b - W: one angle per segment, repeated per slot
-            cos, sin = rope.cos_sin((seg_start - W).repeat_interleave(bank_k.shape[3]), torch.float32)
+            cos, sin = shared_angles.cos_sin(
+                rope, ("banks", at, S, W, nseg, slots), lambda: (segment_starts() - W).repeat_interleave(slots)
+            )
             flat = bank_k.reshape(B, bank_k.shape[1], nseg * bank_k.shape[3], D)
             extra_k = rotate(flat, cos, sin, layout).view(bank_k.shape)
         if Ns:
             sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
             if relative:
-                i = torch.arange(Ns, device=device)
-                cos, sin = rope.cos_sin(torch.maximum(i, seg_start[:, None] - W - Ns + i), torch.float32)
+
+                def sink_positions() -> Tensor:
+                    i = torch.arange(Ns, device=device)
+                    return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
+
+                cos, sin = shared_angles.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
                 sinks_k = apply_rope(sinks_k.float(), cos, sin, layout).to(sink_k.dtype)
             extra_k = torch.cat([sinks_k, extra_k], dim=3)
             extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)

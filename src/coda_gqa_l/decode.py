@@ -133,14 +133,14 @@ class CapturedDecoder:
 
     def _step(self, routes: bool) -> None:
         """One token at the device position ``self._pos``, written into the static buffers."""
-        y = step_at_device_position(
+        y = advance_at_device_position(
             self.layer, self.state, self._x, self._pos, self._window_offsets, self._sink_index, routes
         )
         self._pos.add_(1)
         self._y.copy_(y)
 
 
-def step_at_device_position(
+def advance_at_device_position(
     layer: BoundedCoDAAttention,
     st: BoundedState,
     x: Tensor,
@@ -149,43 +149,57 @@ def step_at_device_position(
     sink_index: Tensor,
     routes: bool,
 ) -> Tensor:
-    """One token ``x (B, 1, D)`` at the 0-d device position ``pos``: returns ``(B, 1, D)`` and writes the
+    """``n`` tokens ``x (B, n, D)`` from the 0-d device position ``pos``: returns ``(B, n, D)`` and writes the
     state's tensors in place (their identity is kept, so they can be a graph's static buffers).
 
-    ``routes``: the token starts a segment and the ``S`` tokens leaving the window are routed into the
-    banks. ``pos`` and ``st.pos`` are not advanced (a model advances them once for all its layers).
-    ``window_offsets`` is ``arange(window)`` and ``sink_index`` ``arange(num_sink)`` on the device.
+    One token (``n == 1``): ``routes`` says whether it starts a segment, so that the ``S`` tokens leaving the
+    window are routed into the banks. A chunk (``n > 1``, the graph-captured prefill): ``pos`` must be a multiple of
+    the segment length ``S`` and ``n`` a multiple of ``S`` (``routes`` then True): the chunk routes at each of its
+    ``n / S`` segment starts, as ``layer.forward`` does. Nothing here reads the position on the host, so one capture
+    serves every position that keeps those alignments. ``pos`` and ``st.pos`` are not advanced (a model advances
+    them once for all its layers). ``window_offsets`` is ``arange(window)`` and ``sink_index`` ``arange(num_sink)``
+    on the device.
     """
     cfg, core = layer.config, layer.core
-    W, Ns = cfg.window, cfg.num_sink
+    W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
+    n = x.shape[1]
+    if n > 1 and (n % S or not routes):
+        raise ValueError(f"a chunk at a device position must be a multiple of the segment ({S}) and route, got {n}")
     q, k, v, lam = core.project(x)
-    g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, 1)
+    g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
     if cfg.position_mode == "absolute":
-        cos, sin = core.rope.cos_sin(pos.view(1), torch.float32)
+        cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
         k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
     ring = (pos - W + window_offsets) % W
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
     ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
     if Ns:
-        # a token among the first Ns is also a sink (a no-op write at later positions)
-        is_new = (sink_index == pos).view(1, 1, Ns, 1)
-        st.sink_k.copy_(torch.where(is_new, k.to(st.sink_k.dtype), st.sink_k))
-        st.sink_v.copy_(torch.where(is_new, v.to(st.sink_v.dtype), st.sink_v))
+        # tokens among the first Ns are also sinks (a no-op write at later positions)
+        if n == 1:  # the decode step: fewer kernels than the chunk's gather
+            is_new, k_new, v_new = (sink_index == pos).view(1, 1, Ns, 1), k, v
+        else:
+            offset = sink_index - pos  # each sink's index in this chunk
+            is_new = ((offset >= 0) & (offset < n)).view(1, 1, Ns, 1)
+            pick = offset.clamp(0, n - 1)
+            k_new, v_new = k.index_select(2, pick), v.index_select(2, pick)
+        st.sink_k.copy_(torch.where(is_new, k_new.to(st.sink_k.dtype), st.sink_k))
+        st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
     banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
     if routes:
-        # the capture-time position fixes only the chunk's shape (one segment, routing at 0)
+        # the capture-time start fixes only the number of segments (n / S, routing at each start)
         new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-            banks, ext_k, ext_v, ext_g, start=cfg.segment, n=1, eta=layer.eta, config=cfg, start_dev=pos
+            banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
         )
         for name, value in zip(BANK_FIELDS, new_banks, strict=True):
             getattr(st, name).copy_(value)
     else:
         bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
     y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
-    slot = (pos % W).view(1)
-    st.win_k.index_copy_(2, slot, k.to(st.win_k.dtype))
-    st.win_v.index_copy_(2, slot, v.to(st.win_v.dtype))
-    st.win_g.index_copy_(2, slot, g)
-    st.position.add_(1)
+    kept = min(n, W)  # the chunk's last W tokens stay in the window
+    slots = (pos + (n - kept) + window_offsets[:kept]) % W
+    st.win_k.index_copy_(2, slots, k[:, :, n - kept :].to(st.win_k.dtype))
+    st.win_v.index_copy_(2, slots, v[:, :, n - kept :].to(st.win_v.dtype))
+    st.win_g.index_copy_(2, slots, g[:, :, n - kept :])
+    st.position.add_(n)
     return y

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .cache import BoundedCache
 from .graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
+from .graph_prefill import prefill
 from .hf_compat import CACHE_ARGUMENTS, cache_argument, cache_kwargs, generate_output_cache
 
 
@@ -176,12 +177,15 @@ def _check_decoding_request(
 
 
 def _prefill(model: nn.Module, cache: BoundedCache, input_ids: Tensor, chunk_tokens: int) -> Tensor:
-    """Run ``input_ids`` into ``cache`` in chunks; the last position's logits ``(B, vocab)``."""
-    logits: Any = None
+    """Run ``input_ids`` into ``cache`` in chunks (whole ones through the model's CUDA graphs where they run,
+    ``graph_prefill.prefill``); the last position's logits ``(B, vocab)``."""
+
+    def forward(piece: Tensor) -> Tensor:
+        return model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+
     with torch.inference_mode():
-        for start in range(0, input_ids.shape[1], chunk_tokens):
-            piece = input_ids[:, start : start + chunk_tokens]
-            logits = model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = prefill(model, cache, input_ids, chunk_tokens=chunk_tokens, forward=forward)
+    assert logits is not None  # input_ids holds at least one token and forward returns logits
     return logits
 
 

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
-from ..decode import capture_step, step_at_device_position
+from ..decode import advance_at_device_position, capture_step
 from ..kernels import dispatch
+from ..shared_angles import shared_angles
 from ..state import BoundedState
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
@@ -88,8 +89,10 @@ class GraphModelDecoder:
             self._pos = torch.zeros((), dtype=torch.int64, device=self.device)
             self._window_offsets = [torch.arange(a.config.window, device=self.device) for a in self.attention]
             self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self._pool: Any = None  # the two graphs share one memory pool
+        # keyed by (tokens, routes): (1, False) the plain step, (1, True) the step that routes, (n, True) a chunk
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._chunk_ids: dict[int, Tensor] = {}  # the captured chunks' token-id buffers, by length
+        self._pool: Any = None  # the graphs share one memory pool
         self.cache: BoundedCache | None = cache
         self.adopt(cache)
 
@@ -121,8 +124,8 @@ class GraphModelDecoder:
             self._states_of(self._held())
             with torch.inference_mode(False), torch.no_grad():
                 for routes in (False, True):
-                    if routes not in self._graphs:
-                        self._capture(routes)
+                    if (1, routes) not in self._graphs:
+                        self._capture(self._ids, routes)
 
     def release(self) -> None:
         """Give the cache tensors of its own (copies of the buffers): the decoder can then adopt another cache
@@ -146,6 +149,36 @@ class GraphModelDecoder:
             token_ids = token_ids[:, None]
         if token_ids.shape != self._ids.shape:
             raise GraphDecodeError(f"token_ids must be {tuple(self._ids.shape)}, got {tuple(token_ids.shape)}")
+        states = self._check_buffers()
+        routes = states[0].pos % self.attention[0].config.segment == 0
+        self._run(states, self._ids, token_ids, routes)
+        return self._logits.clone()
+
+    def read(self, token_ids: Tensor) -> Tensor:
+        """Read a chunk ``(B, n)`` of prompt or document tokens (a prefill), returning its last token's logits
+        ``(B, vocab)`` float32: what ``model(token_ids, cache=cache)`` does, under one graph per chunk length.
+
+        ``n`` and the state's position must be multiples of the segment length (the chunk then routes at each of its
+        segment starts, wherever it lies in the stream): ``prefill`` sends the other tokens through the forward."""
+        if token_ids.dim() != 2 or token_ids.shape[0] != self.batch_size:
+            raise GraphDecodeError(f"token_ids must be ({self.batch_size}, n), got {tuple(token_ids.shape)}")
+        segment, n = self.attention[0].config.segment, token_ids.shape[1]
+        states = self._check_buffers()
+        if n % segment or states[0].pos % segment:
+            raise GraphDecodeError(
+                f"a graph-read chunk must start and end on segment boundaries ({segment} tokens): "
+                f"{n} tokens from position {states[0].pos}"
+            )
+        buffer = self._chunk_ids.get(n)
+        if buffer is None:
+            with torch.inference_mode(False):
+                buffer = self._chunk_ids[n] = torch.zeros(self.batch_size, n, dtype=torch.int64, device=self.device)
+        self._run(states, buffer, token_ids, True)
+        return self._logits.clone()
+
+    # ------------------------------------------------------------------ internals
+    def _check_buffers(self) -> list[BoundedState]:
+        """The held cache's states, which must still be the decoder's buffers."""
         states = self._states_of(self._held())
         if any(
             getattr(state, name) is not buffer
@@ -153,19 +186,21 @@ class GraphModelDecoder:
             for name, buffer in buffers.items()
         ):
             raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
-        routes = states[0].pos % self.attention[0].config.segment == 0
+        return states
+
+    def _run(self, states: list[BoundedState], ids: Tensor, token_ids: Tensor, routes: bool) -> None:
+        """``token_ids`` into the static buffer ``ids``, then its graph replayed (captured on first use) or, without
+        capture, the step run eagerly; every state advances by the chunk's length."""
         with torch.inference_mode(False), torch.no_grad(), self._on_device():
-            self._ids.copy_(token_ids)
+            ids.copy_(token_ids)
             if self.capture:
-                graph = self._graphs.get(routes) or self._capture(routes)
+                graph = self._graphs.get((ids.shape[1], routes)) or self._capture(ids, routes)
                 graph.replay()
             else:
-                self._step(states, routes)
+                self._step(states, ids, routes)
         for state in states:
-            state.pos += 1
-        return self._logits.clone()
+            state.pos += ids.shape[1]
 
-    # ------------------------------------------------------------------ internals
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
         """Replays and copies on the model's device, whichever device is current (a model on cuda:1)."""
         return torch.cuda.device(self.device) if self.capture else contextlib.nullcontext()
@@ -188,11 +223,19 @@ class GraphModelDecoder:
             raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")
         return ready
 
-    def _step(self, states: list[BoundedState], routes: bool) -> None:
-        """One token (``self._ids``) at the device position ``self._pos``: logits into ``self._logits``."""
-        h = self.embed(self._ids)
+    def _step(self, states: list[BoundedState], ids: Tensor, routes: bool) -> None:
+        """The tokens in ``ids`` (one, or a chunk) from the device position ``self._pos``: the last one's logits into
+        ``self._logits``."""
+        h = self.embed(ids)
+        with shared_angles():  # the layers rotate the same positions: one set of RoPE tables per step
+            h = self._blocks(states, h, routes)
+        self._logits.copy_(self.lm_head(self.norm(h[:, -1:]))[:, -1].float())
+        self._pos.add_(ids.shape[1])
+
+    def _blocks(self, states: list[BoundedState], h: Tensor, routes: bool) -> Tensor:
+        """The decoder blocks on hidden states ``h``: attention (the bounded step at ``self._pos``), then the MLP."""
         for index, (block, layer, state) in enumerate(zip(self.blocks, self.attention, states, strict=True)):
-            attended = step_at_device_position(
+            attended = advance_at_device_position(
                 layer,
                 state,
                 block.input_layernorm(h),
@@ -203,10 +246,9 @@ class GraphModelDecoder:
             )
             h = h + attended.to(h.dtype)
             h = h + block.mlp(block.post_attention_layernorm(h))
-        self._logits.copy_(self.lm_head(self.norm(h))[:, -1].float())
-        self._pos.add_(1)
+        return h
 
-    def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, ids: Tensor, routes: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
         live = self._states_of(self._held())
         saved_pos = self._pos.clone()
@@ -214,18 +256,18 @@ class GraphModelDecoder:
         def warm_up() -> None:
             scratch = [state.clone() for state in live]
             for _ in range(2):
-                self._step(scratch, routes)
+                self._step(scratch, ids, routes)
                 self._pos.copy_(saved_pos)
 
         try:
-            graph = capture_step(lambda: self._step(live, routes), warm_up, self.device, self._stream, self._pool)
+            graph = capture_step(lambda: self._step(live, ids, routes), warm_up, self.device, self._stream, self._pool)
         except Exception as error:
             self.failed = True
-            step = "routing" if routes else "plain"
-            raise GraphCaptureError(f"capturing the {step} decode step failed: {error}") from error
+            step = f"{ids.shape[1]}-token read" if ids.shape[1] > 1 else "routing decode" if routes else "plain decode"
+            raise GraphCaptureError(f"capturing the {step} step failed: {error}") from error
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
-        self._graphs[routes] = graph
+        self._graphs[(ids.shape[1], routes)] = graph
         return graph
 
 

@@ -28,11 +28,13 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
-from ..models import convert
 from ..models.cache import BoundedCache, bounded_modules
+from ..models.convert import convert
 from ..models.generation import decode_steps, pick_token
+from ..models.graph_prefill import prefill
 from ..models.hf_compat import cache_kwargs
 from ..models.loader import load_smollm2
+from ..models.lora import merge_lora
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
 from ..models.tiny import tiny_llama
 from ..models.tokenizer import ByteTokenizer
@@ -76,8 +78,9 @@ class NeuralDatabase:
         device: str | torch.device | None = None,
     ) -> None:
         target = check_device(device) if device is not None else None
+        owned = model is None  # the database's own model: it may fold its adapters for speed (below)
         if model is None:
-            model, tokenizer = default_model()
+            model, tokenizer = default_model(merge_adapters=False)
             weights = weights or shipped_weights_label()
         if tokenizer is None:
             raise NeuralDBError("a model needs its tokenizer")
@@ -94,6 +97,10 @@ class NeuralDatabase:
         self.layers = len(modules)
         self._per_token_bytes = sum(m.full_cache_bytes(1) for m in modules)
         self.fingerprint = module_fingerprint(model)  # once: it hashes every weight
+        if owned:
+            # after the fingerprint, which stays that of the weights as trained (states saved before still load);
+            # a caller's model is left as given (it may go on training its adapters)
+            merge_lora(model)
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
 
@@ -144,10 +151,12 @@ class NeuralDatabase:
             torch.inference_mode(),
             tqdm(total=ids.shape[1], unit="tok", desc=f"ingest {label or 'document'}", disable=not progress) as bar,
         ):
-            for start in range(0, ids.shape[1], self.chunk_tokens):
-                piece = ids[:, start : start + self.chunk_tokens]
+
+            def read(piece: torch.Tensor) -> None:
                 base(input_ids=piece, **cache_kwargs(cache), use_cache=True)
-                bar.update(piece.shape[1])
+
+            # whole chunks replay the model's CUDA graphs where they run (models/graph_prefill.py)
+            prefill(self.model, cache, ids, chunk_tokens=self.chunk_tokens, forward=read, on_chunk=bar.update)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         path = self.store.new_state_path()
         extra = {"label": label, "source_sha256": source, "tokens": int(ids.shape[1]), "created": created}
@@ -408,10 +417,11 @@ def _first_line_end(text: str) -> int | None:
     return None if end < 0 else end
 
 
-def default_model(config: BoundedConfig = DEFAULT_CONFIG) -> tuple[nn.Module, Any]:
+def default_model(config: BoundedConfig = DEFAULT_CONFIG, merge_adapters: bool = True) -> tuple[nn.Module, Any]:
     """The embedded default: SmolLM2-135M-Instruct from its package with the shipped trained CoDA
-    weights (``pretrained``); another ``config`` than theirs gets an untrained conversion."""
+    weights (``pretrained``; ``merge_adapters`` folds their LoRA into the projections); another ``config`` than
+    theirs gets an untrained conversion."""
     if config == DEFAULT_CONFIG:  # read from the weights file once, at import
-        return load_coda_smollm2()
+        return load_coda_smollm2(merge_adapters=merge_adapters)
     model, tokenizer = load_smollm2()
     return convert(model, config), tokenizer

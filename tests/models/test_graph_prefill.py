@@ -1,0 +1,170 @@
+"""Reading prompts and documents through the whole model's graphs: ``GraphModelDecoder.read`` and
+``graph_prefill.prefill`` give the state and logits the model's own forward gives. On the CPU the graph step runs
+eagerly with Triton's interpreter; on CUDA it is captured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from coda_gqa_l import BoundedConfig
+from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.models import BoundedCache, convert, graph_prefill
+from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphDecoderPool, GraphModelDecoder
+from coda_gqa_l.models.hf_compat import cache_kwargs
+from coda_gqa_l.models.tiny import tiny_llama
+from coda_gqa_l.state import BoundedState
+
+CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+
+
+def _model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model, _ = tiny_llama(seed=5)
+    model = convert(model, CONFIG).to(device=device, dtype=dtype)
+    with torch.no_grad():  # a write gate that opens for some tokens, so the banks fill
+        for adapter in (block.self_attn for block in model.model.layers):
+            adapter.layer.gate_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+def _forward(model: torch.nn.Module, cache: BoundedCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The model's own forward in chunks: the last token's logits."""
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True).logits[:, -1]
+    return logits.float()
+
+
+def _assert_same_states(ours: BoundedCache, reference: BoundedCache, **tol: Any) -> None:
+    for mine, theirs in zip(ours.states, reference.states, strict=True):
+        assert isinstance(mine, BoundedState) and isinstance(theirs, BoundedState)
+        assert mine.pos == theirs.pos
+        for name, tensor in theirs.tensors().items():
+            got = getattr(mine, name)
+            if tensor.dtype == torch.bool or not tensor.is_floating_point():
+                assert torch.equal(got, tensor), name
+            else:
+                torch.testing.assert_close(got, tensor, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 tokens through the forward, then chunks of 32 and 16 from positions 16 and 48: the same state and logits
+    as the forward reading all 64, with the banks written on the way."""
+    assert dispatch.interpreting() or torch.cuda.is_available()
+    torch.manual_seed(0)
+    model = _model()
+    ids = torch.randint(0, 200, (2, 64))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 64)
+    cache = BoundedCache(model)
+    _forward(model, cache, ids[:, :16], 16)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the step's kernels, in the interpreter on the CPU
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    decoder.read(ids[:, 16:48])
+    logits = decoder.read(ids[:, 48:64])
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    decoder.release()
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+    assert any(bool(state.ex_filled.any()) for state in cache.states)
+    # decode steps go on from a read: the next token's logits are the forward's
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    nxt = torch.randint(0, 200, (2, 1))
+    torch.testing.assert_close(_forward(model, cache, nxt, 1), _forward(model, reference, nxt, 1), atol=2e-4, rtol=2e-4)
+
+
+def test_a_read_must_start_and_end_on_segment_boundaries() -> None:
+    model = _model()
+    ids = torch.randint(0, 200, (1, 40))
+    cache = BoundedCache(model)
+    _forward(model, cache, ids[:, :12], 12)
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    with pytest.raises(GraphDecodeError, match="segment boundaries"):
+        decoder.read(ids[:, 12:20])  # position 12 is inside a segment
+    cache = BoundedCache(model)
+    _forward(model, cache, ids[:, :8], 8)
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    with pytest.raises(GraphDecodeError, match="segment boundaries"):
+        decoder.read(ids[:, 8:20])  # 12 tokens
+    with pytest.raises(GraphDecodeError, match=r"\(1, n\)"):
+        decoder.read(ids[0])
+
+
+@pytest.mark.parametrize("already", [0, 5])
+def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pytest.MonkeyPatch, already: int) -> None:
+    """Chunks of 16: the first (or a realigning piece) and the last partial one go through the forward, the whole
+    chunks in between through ``read``; the state and logits are the forward's."""
+    torch.manual_seed(1)
+    model = _model()
+    ids = torch.randint(0, 200, (1, already + 75))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 16)
+    pool = GraphDecoderPool(model, capture=False)  # eager graph steps: the CPU stands in for CUDA
+    monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_prefill, "shared_decoder_pool", lambda model: pool)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    reads: list[int] = []
+    real_read = GraphModelDecoder.read
+    monkeypatch.setattr(GraphModelDecoder, "read", lambda self, t: reads.append(t.shape[1]) or real_read(self, t))
+    cache = BoundedCache(model)
+    if already:
+        _forward(model, cache, ids[:, :already], already)
+    forwarded: list[int] = []
+    progress: list[int] = []
+
+    def forward(piece: torch.Tensor) -> torch.Tensor:
+        forwarded.append(piece.shape[1])
+        return model(piece, **cache_kwargs(cache), use_cache=True).logits[:, -1].float()
+
+    with torch.no_grad():
+        logits = graph_prefill.prefill(
+            model, cache, ids[:, already:], chunk_tokens=16, forward=forward, on_chunk=progress.append
+        )
+    assert forwarded == ([16, 11] if not already else [3, 8])  # 5 + 3 = 8: realigned, then 16-token reads
+    assert reads == ([16, 16, 16] if not already else [16, 16, 16, 16])
+    assert sum(progress) == 75
+    assert logits is not None
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+
+
+def test_prefill_without_graphs_is_the_chunked_forward() -> None:
+    """On the CPU (no CUDA graphs) every piece goes through ``forward``, ``chunk_tokens`` at a time."""
+    model = _model()
+    ids = torch.randint(0, 200, (1, 40))
+    cache = BoundedCache(model)
+    pieces: list[int] = []
+
+    def forward(piece: torch.Tensor) -> None:
+        pieces.append(piece.shape[1])
+        model(piece, **cache_kwargs(cache), use_cache=True)
+
+    with torch.no_grad():
+        assert graph_prefill.prefill(model, cache, ids, chunk_tokens=16, forward=forward) is None
+    assert pieces == [16, 16, 8]
+    with pytest.raises(ValueError, match="chunk_tokens must be positive"):
+        graph_prefill.prefill(model, cache, ids, chunk_tokens=0, forward=forward)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = _model("cuda", dtype)
+    ids = torch.randint(0, 200, (2, 300), device="cuda")
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 64)
+    cache = BoundedCache(model)
+
+    def forward(piece: torch.Tensor) -> torch.Tensor:
+        return model(piece, **cache_kwargs(cache), use_cache=True).logits[:, -1].float()
+
+    with torch.inference_mode():
+        logits = graph_prefill.prefill(model, cache, ids, chunk_tokens=64, forward=forward)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    assert logits is not None
+    torch.testing.assert_close(logits, expected, **tol)
+    _assert_same_states(cache, reference, **tol)
+    pool = graph_prefill.shared_decoder_pool(model)
+    assert any((64, True) in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
