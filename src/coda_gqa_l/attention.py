@@ -25,7 +25,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
-from . import decode_view, shared_angles
+from . import decode_view, step_tables
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
@@ -411,10 +411,11 @@ class BoundedCoDAAttention(nn.Module):
         ext_v: Tensor,
         sink_k: Tensor,
         sink_v: Tensor,
-        bank_k: Tensor,
-        bank_v: Tensor,
-        bank_bias: Tensor,
+        bank_k: Tensor | None,
+        bank_v: Tensor | None,
+        bank_bias: Tensor | None,
         start: int | Tensor,
+        extras: SegmentExtras | None = None,
     ) -> Tensor:
         """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
         ``decode.CapturedDecoder`` calls it inside its CUDA graph.
@@ -422,64 +423,41 @@ class BoundedCoDAAttention(nn.Module):
         RoPE angles come from float64 positions, so rotating queries at ``t`` and window keys
         at ``j`` gives the relative mode's ``t - j`` distances to float32 rounding however long
         the stream. Sinks and bank slots sit at per-segment positions (docs/semantics.md section 4), so they are
-        rotated once per segment here and handed to the kernel as that segment's extra keys.
+        rotated once per segment (``segment_extras``) and handed to the kernel as that segment's extra keys;
+        ``extras`` given (a one-token step inside a segment whose extras a graph decoder kept) skips that.
         """
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         B, H, n, D = q.shape
         # under autocast q is bf16 while a float32 model's state is float32: one dtype for the kernel
-        ext_k, ext_v, sink_k, sink_v, bank_k, bank_v = (
-            t.to(q.dtype) for t in (ext_k, ext_v, sink_k, sink_v, bank_k, bank_v)
-        )
+        ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)
         device = q.device
         rope, layout = core.rope, core.rope.layout
-        relative = cfg.position_mode == "relative"
         # Without autograd, one Triton pass rotates and stacks (no float32 temporaries).
         one_pass = not torch.is_grad_enabled() or not any(
-            t.requires_grad for t in (q, ext_k, bank_k, *self.parameters())
+            t.requires_grad for t in (q, ext_k, *(t for t in (bank_k,) if t is not None), *self.parameters())
         )
         rotate = _one_pass_rotate if one_pass else _autograd_rotate
-        # the tables depend on the start and the shape only: inside a model step's shared_angles() the layers share
+        if extras is None:
+            if bank_k is None or bank_v is None or bank_bias is None:
+                raise ValueError("attend_fused needs the banks' view or the segment's extras")
+            extras = self.segment_extras(sink_k, sink_v, bank_k, bank_v, bank_bias, start, q.dtype, one_pass)
+        # the tables depend on the start and the shape only: inside a model step's step_tables() the layers share
         # them (a device start is the step's one position tensor)
         at = ("device", id(start)) if isinstance(start, Tensor) else start
-        cos, sin = shared_angles.cos_sin(rope, ("queries", at, n), lambda: start + torch.arange(n, device=device))
+        cos, sin = step_tables.cos_sin(rope, ("queries", at, n), lambda: start + torch.arange(n, device=device))
         if one_pass:
-            theta = core.theta
-            t_cos, t_sin = expand_pairs(theta.cos(), theta.sin(), layout) if theta is not None else (None, None)
+            t_cos, t_sin = extras.theta_cos, extras.theta_sin
+            if t_cos is None and core.theta is not None:  # extras built for autograd
+                t_cos, t_sin = expand_pairs(core.theta.cos(), core.theta.sin(), layout)
             stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
-        if relative:
-            cos, sin = shared_angles.cos_sin(
+        if cfg.position_mode == "relative":
+            cos, sin = step_tables.cos_sin(
                 rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
             )
             ext_k = rotate(ext_k, cos, sin, layout)
-        nseg, slots = bank_k.shape[2], bank_k.shape[3]
-
-        def segment_starts() -> Tensor:
-            return (start // S + torch.arange(nseg, device=device)) * S
-
-        extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
-        if relative and slots:
-            # every slot of a segment sits at b - W: one angle per segment, repeated per slot
-            cos, sin = shared_angles.cos_sin(
-                rope, ("banks", at, S, W, nseg, slots), lambda: (segment_starts() - W).repeat_interleave(slots)
-            )
-            flat = bank_k.reshape(B, bank_k.shape[1], nseg * bank_k.shape[3], D)
-            extra_k = rotate(flat, cos, sin, layout).view(bank_k.shape)
-        if Ns:
-            sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
-            if relative:
-
-                def sink_positions() -> Tensor:
-                    i = torch.arange(Ns, device=device)
-                    return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
-
-                cos, sin = shared_angles.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
-                sinks_k = apply_rope(sinks_k.float(), cos, sin, layout).to(sink_k.dtype)
-            extra_k = torch.cat([sinks_k, extra_k], dim=3)
-            extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
-            extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
         out = fused_attention(
             stacked,
@@ -490,13 +468,67 @@ class BoundedCoDAAttention(nn.Module):
             k_offset=W,
             scale=core.softmax_scale,
             pattern=Pattern(bounded=True, window=W, segment=S, num_sink=Ns),
-            extra_k=extra_k,
-            extra_v=extra_v,
-            extra_bias=extra_bias,
+            extra_k=extras.keys,
+            extra_v=extras.values,
+            extra_bias=extras.bias,
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
         return core.o_proj(out.reshape(B, n, H * D))
+
+    def segment_extras(
+        self,
+        sink_k: Tensor,
+        sink_v: Tensor,
+        bank_k: Tensor,
+        bank_v: Tensor,
+        bank_bias: Tensor,
+        start: int | Tensor,
+        dtype: torch.dtype,
+        one_pass: bool = True,
+    ) -> SegmentExtras:
+        """What each segment's queries see beside the window: the sinks and bank slots, rotated to their per-segment
+        positions, with their logit offsets (``bank_* (B, Hkv, nseg, M, ...)``, one snapshot per segment the chunk
+        from ``start`` touches), and the noise rotation's cos and sin (``one_pass``). Within a segment none of it
+        changes once the sinks are written, which lets a graph decoder compute it once per segment."""
+        cfg, core = self.config, self.core
+        W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
+        sink_k, sink_v, bank_k, bank_v = (t.to(dtype) for t in (sink_k, sink_v, bank_k, bank_v))
+        B, _, nseg, slots, D = bank_k.shape
+        device = bank_k.device
+        rope, layout = core.rope, core.rope.layout
+        relative = cfg.position_mode == "relative"
+        rotate = _one_pass_rotate if one_pass else _autograd_rotate
+        at = ("device", id(start)) if isinstance(start, Tensor) else start
+        theta_cos = theta_sin = None
+        if one_pass and core.theta is not None:
+            theta_cos, theta_sin = expand_pairs(core.theta.cos(), core.theta.sin(), layout)
+
+        def segment_starts() -> Tensor:
+            return (start // S + torch.arange(nseg, device=device)) * S
+
+        extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
+        if relative and slots:
+            # every slot of a segment sits at b - W: one angle per segment, repeated per slot
+            cos, sin = step_tables.cos_sin(
+                rope, ("banks", at, S, W, nseg, slots), lambda: (segment_starts() - W).repeat_interleave(slots)
+            )
+            flat = bank_k.reshape(B, bank_k.shape[1], nseg * slots, D)
+            extra_k = rotate(flat, cos, sin, layout).view(bank_k.shape)
+        if Ns:
+            sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
+            if relative:
+
+                def sink_positions() -> Tensor:
+                    i = torch.arange(Ns, device=device)
+                    return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
+
+                cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
+                sinks_k = apply_rope(sinks_k.float(), cos, sin, layout).to(sink_k.dtype)
+            extra_k = torch.cat([sinks_k, extra_k], dim=3)
+            extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
+            extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
+        return SegmentExtras(extra_k, extra_v, extra_bias, theta_cos, theta_sin)
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -504,6 +536,35 @@ class BoundedCoDAAttention(nn.Module):
             f"window={cfg.window}, exact={cfg.num_landmarks_exact}, summary={cfg.num_landmarks_summary}, "
             f"sinks={cfg.num_sink}, segment={cfg.segment}, position_mode={cfg.position_mode}"
         )
+
+
+@dataclasses.dataclass
+class SegmentExtras:
+    """A segment's extra keys for the fused kernel (``BoundedCoDAAttention.segment_extras``): ``keys``/``values``
+    ``(B, Hkv, nseg, Ns + M, Dh)``, ``bias`` ``(B, Hkv, nseg, Ns + M)``, and the noise rotation's ``theta_cos`` /
+    ``theta_sin`` ``(H, Dh)`` (None without noise heads or with autograd)."""
+
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+    theta_cos: Tensor | None
+    theta_sin: Tensor | None
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.keys, self.values, self.bias, self.theta_cos, self.theta_sin) if t is not None]
+
+    def clone(self) -> SegmentExtras:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
+        return SegmentExtras(
+            self.keys.clone(), self.values.clone(), self.bias.clone(), copy(self.theta_cos), copy(self.theta_sin)
+        )
+
+    def copy_(self, other: SegmentExtras) -> None:
+        """Write ``other``'s values into these tensors (static buffers of a captured graph)."""
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            mine.copy_(theirs)
 
 
 def _one_pass_rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: RopeLayout) -> Tensor:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import BoundedCoDAAttention
+from . import step_tables
+from .attention import BoundedCoDAAttention, SegmentExtras
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
 from .primitives import apply_rope
@@ -140,6 +142,15 @@ class CapturedDecoder:
         self._y.copy_(y)
 
 
+@dataclass
+class KeptExtras:
+    """One layer's segment extras (sinks and bank slots rotated, their logit offsets, the noise rotation's tables:
+    ``BoundedCoDAAttention.segment_extras``) kept across the one-token steps of a segment, which do not change
+    them: a graph decoder's static buffers, written by the steps that compute them and read by the others."""
+
+    value: SegmentExtras | None = None
+
+
 def advance_at_device_position(
     layer: BoundedCoDAAttention,
     st: BoundedState,
@@ -148,6 +159,8 @@ def advance_at_device_position(
     window_offsets: Tensor,
     sink_index: Tensor,
     routes: bool,
+    kept: KeptExtras | None = None,
+    reuse: bool = False,
 ) -> Tensor:
     """``n`` tokens ``x (B, n, D)`` from the 0-d device position ``pos``: returns ``(B, n, D)`` and writes the
     state's tensors in place (their identity is kept, so they can be a graph's static buffers).
@@ -159,25 +172,33 @@ def advance_at_device_position(
     serves every position that keeps those alignments. ``pos`` and ``st.pos`` are not advanced (a model advances
     them once for all its layers). ``window_offsets`` is ``arange(window)`` and ``sink_index`` ``arange(num_sink)``
     on the device.
+
+    ``kept`` (one token only): the step writes its segment extras there, or with ``reuse`` reads them from there
+    instead of computing them: right only inside the segment they were computed in, after the sinks are written
+    (the caller's bookkeeping: ``models.graph_decode``).
     """
     cfg, core = layer.config, layer.core
     W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
     n = x.shape[1]
-    if n > 1 and (n % S or not routes):
+    if n > 1 and (n % S or not routes or kept is not None):
         raise ValueError(f"a chunk at a device position must be a multiple of the segment ({S}) and route, got {n}")
+    if reuse and (routes or kept is None or kept.value is None):
+        raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
+    at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
     q, k, v, lam = core.project(x)
     g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
     if cfg.position_mode == "absolute":
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
         k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
-    ring = (pos - W + window_offsets) % W
+    ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
     ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
     if Ns:
         # tokens among the first Ns are also sinks (a no-op write at later positions)
         if n == 1:  # the decode step: fewer kernels than the chunk's gather
-            is_new, k_new, v_new = (sink_index == pos).view(1, 1, Ns, 1), k, v
+            is_new = step_tables.table(("sink", at, Ns), lambda: (sink_index == pos).view(1, 1, Ns, 1))
+            k_new, v_new = k, v
         else:
             offset = sink_index - pos  # each sink's index in this chunk
             is_new = ((offset >= 0) & (offset < n)).view(1, 1, Ns, 1)
@@ -185,21 +206,34 @@ def advance_at_device_position(
             k_new, v_new = k.index_select(2, pick), v.index_select(2, pick)
         st.sink_k.copy_(torch.where(is_new, k_new.to(st.sink_k.dtype), st.sink_k))
         st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
-    banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
-    if routes:
-        # the capture-time start fixes only the number of segments (n / S, routing at each start)
-        new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-            banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
-        )
-        for name, value in zip(BANK_FIELDS, new_banks, strict=True):
-            getattr(st, name).copy_(value)
+    extras: SegmentExtras | None = None
+    if reuse:
+        assert kept is not None  # checked above
+        extras = kept.value
     else:
-        bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
-    y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos)
-    kept = min(n, W)  # the chunk's last W tokens stay in the window
-    slots = (pos + (n - kept) + window_offsets[:kept]) % W
-    st.win_k.index_copy_(2, slots, k[:, :, n - kept :].to(st.win_k.dtype))
-    st.win_v.index_copy_(2, slots, v[:, :, n - kept :].to(st.win_v.dtype))
-    st.win_g.index_copy_(2, slots, g[:, :, n - kept :])
+        banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
+        if routes:
+            # the capture-time start fixes only the number of segments (n / S, routing at each start)
+            new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+                banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
+            )
+            for name, value in zip(BANK_FIELDS, new_banks, strict=True):
+                getattr(st, name).copy_(value)
+        else:
+            bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+        extras = layer.segment_extras(
+            st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos, q.dtype, one_pass=not torch.is_grad_enabled()
+        )
+        if kept is not None:
+            if kept.value is None:  # the first step allocates the buffers (a warm-up, before any capture)
+                kept.value = extras.clone()
+            else:
+                kept.value.copy_(extras)
+    y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras)
+    kept_tokens = min(n, W)  # the chunk's last W tokens stay in the window
+    slots = step_tables.table(("slots", at, W, n), lambda: (pos + (n - kept_tokens) + window_offsets[:kept_tokens]) % W)
+    st.win_k.index_copy_(2, slots, k[:, :, n - kept_tokens :].to(st.win_k.dtype))
+    st.win_v.index_copy_(2, slots, v[:, :, n - kept_tokens :].to(st.win_v.dtype))
+    st.win_g.index_copy_(2, slots, g[:, :, n - kept_tokens :])
     st.position.add_(n)
     return y

@@ -155,7 +155,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope base must be > 1, got {base}")
         self.head_dim, self.base, self.layout = head_dim, float(base), layout
         inv_freq, self.attention_scaling = _scaled_inv_freq(head_dim, float(base), scaling, max_position_embeddings)
-        # what fixes the tables: rotary embeddings of equal signature give equal angles (shared_angles.py)
+        # what fixes the tables: rotary embeddings of equal signature give equal angles (step_tables.py)
         self.signature = (head_dim, float(base), layout, repr(sorted((scaling or {}).items())), max_position_embeddings)
         # float64 so that angles stay exact for large positions; a non-persistent buffer so it
         # follows .to(device) but never enters a checkpoint.

@@ -3,6 +3,8 @@ with a ``BoundedCache``; on the CPU it runs eagerly with Triton's interpreter, o
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,9 +18,9 @@ from coda_gqa_l.models.tiny import tiny_llama
 CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
 
 
-def _model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _model(device: str = "cpu", dtype: torch.dtype = torch.float32, config: BoundedConfig = CONFIG) -> torch.nn.Module:
     model, _ = tiny_llama(seed=3)
-    model = convert(model, CONFIG).to(device=device, dtype=dtype)
+    model = convert(model, config).to(device=device, dtype=dtype)
     with torch.no_grad():  # a write gate that opens for some tokens, so the banks fill
         for adapter in (block.self_attn for block in model.model.layers):
             adapter.layer.gate_proj.weight.mul_(8.0)
@@ -67,6 +69,27 @@ def test_eager_steps_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch) -
         )
 
 
+def test_eager_steps_from_a_one_token_prompt_write_the_sinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sinks 1-3 are written by the first decoded tokens: their steps must recompute the segment's extras (the kept
+    ones lack the new sink), and the steps after them read the kept extras again."""
+    torch.manual_seed(2)
+    model = _model(config=dataclasses.replace(CONFIG, num_sink=4))
+    ids = torch.randint(0, 200, (1, 20))
+    expected = _model_steps(model, _prefilled(model, ids[:, :1]), ids[:, 1:])
+    cache = _prefilled(model, ids[:, :1])
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    kinds: list[str] = []
+    run = decoder._run
+    monkeypatch.setattr(
+        decoder, "_run", lambda states, buf, tokens, kind: kinds.append(kind) or run(states, buf, tokens, kind)
+    )
+    ours = torch.stack([decoder(ids[:, t]) for t in range(1, 20)], 1)
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+    assert kinds[:5] == ["refresh", "refresh", "refresh", "step", "step"]
+    assert kinds[6:9] == ["step", "route", "step"]  # position 8 starts a segment
+
+
 def test_a_prefill_between_decodes_needs_adopt(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     model = _model()
@@ -110,7 +133,7 @@ def test_captured_steps_equal_the_models_forward(dtype: torch.dtype) -> None:
     ours = torch.stack([decoder(ids[:, t]) for t in range(21, 100)], 1)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(ours, expected, **tol)
-    assert len(decoder._graphs) == 2
+    assert {kind for _, kind in decoder._graphs} == {"route", "refresh", "step"}
 
 
 def test_a_pool_lends_one_decoder_per_generation_and_leaves_each_cache_its_own(

@@ -2,10 +2,13 @@
 
 ``decode.CapturedDecoder`` captures one bounded layer; this captures a converted model's full
 step, token id in, logits out: embedding, every decoder block (norms, our bounded attention step,
-the MLP), the final norm and the LM head. Two graphs, as for one layer: the plain step, and the
-step whose token starts a segment and routes into the banks (every layer routes at the same
-positions). Between tokens the host only copies the token id in, picks the graph and replays it:
-no Python loop over layers, no host synchronisation inside the step.
+the MLP), the final norm and the LM head. Three decode graphs: the step whose token starts a segment
+and routes into the banks (every layer routes at the same positions); a step that computes the
+segment's extras (its sinks and bank slots rotated, their logit offsets) and keeps them in static
+buffers; and the plain step inside a segment, which reads them (they do not change before the next
+routing), so that most steps skip that work. ``read`` replays a fourth kind, a whole prompt or
+document chunk (``graph_prefill``). Between tokens the host only copies the token id in, picks the
+graph and replays it: no Python loop over layers, no host synchronisation inside the step.
 
 The graphs read and write static buffers: each layer's state tensors. ``adopt(cache)`` copies a
 cache's states into them and rebinds the cache's states to them, so the cache stays the live state
@@ -30,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
-from ..decode import advance_at_device_position, capture_step
+from ..decode import KeptExtras, advance_at_device_position, capture_step
 from ..kernels import dispatch
-from ..shared_angles import shared_angles
 from ..state import BoundedState
+from ..step_tables import step_tables
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
 
@@ -89,8 +92,13 @@ class GraphModelDecoder:
             self._pos = torch.zeros((), dtype=torch.int64, device=self.device)
             self._window_offsets = [torch.arange(a.config.window, device=self.device) for a in self.attention]
             self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
-        # keyed by (tokens, routes): (1, False) the plain step, (1, True) the step that routes, (n, True) a chunk
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # keyed by (tokens, kind): (1, "step") a step inside a segment, reading the segment's extras kept by
+        # (1, "refresh") a step that computes them (the first after an adopt, a read or a capture; one that writes a
+        # sink) and (1, "route") the step that starts a segment and routes into the banks; (n, "read") a chunk
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self._kept = [KeptExtras() for _ in self.attention]  # each layer's segment extras, static buffers
+        self._extras_valid = False  # whether _kept holds the live state's current segment
+        self._num_sink = max(layer.config.num_sink for layer in self.attention)
         self._chunk_ids: dict[int, Tensor] = {}  # the captured chunks' token-id buffers, by length
         self._pool: Any = None  # the graphs share one memory pool
         self.cache: BoundedCache | None = cache
@@ -116,6 +124,7 @@ class GraphModelDecoder:
                         setattr(state, name, buffer)
                 state.decode_view = None  # the reference path's derived view would be stale
             self._pos.fill_(states[0].pos)
+        self._extras_valid = False
         self.cache = cache
 
     def capture_all(self) -> None:
@@ -123,9 +132,9 @@ class GraphModelDecoder:
         if self.capture:
             self._states_of(self._held())
             with torch.inference_mode(False), torch.no_grad():
-                for routes in (False, True):
-                    if (1, routes) not in self._graphs:
-                        self._capture(self._ids, routes)
+                for kind in ("refresh", "route", "step"):  # "step" reads what "refresh" writes
+                    if (1, kind) not in self._graphs:
+                        self._capture(self._ids, kind)
 
     def release(self) -> None:
         """Give the cache tensors of its own (copies of the buffers): the decoder can then adopt another cache
@@ -150,8 +159,15 @@ class GraphModelDecoder:
         if token_ids.shape != self._ids.shape:
             raise GraphDecodeError(f"token_ids must be {tuple(self._ids.shape)}, got {tuple(token_ids.shape)}")
         states = self._check_buffers()
-        routes = states[0].pos % self.attention[0].config.segment == 0
-        self._run(states, self._ids, token_ids, routes)
+        pos = states[0].pos
+        if pos % self.attention[0].config.segment == 0:
+            kind = "route"
+        elif not self._extras_valid or pos < self._num_sink:
+            kind = "refresh"  # the extras kept are another segment's or stale, or this token is a sink
+        else:
+            kind = "step"
+        self._run(states, self._ids, token_ids, kind)
+        self._extras_valid = True  # every kind but a read leaves the live segment's extras kept
         return self._logits.clone()
 
     def read(self, token_ids: Tensor) -> Tensor:
@@ -173,7 +189,8 @@ class GraphModelDecoder:
         if buffer is None:
             with torch.inference_mode(False):
                 buffer = self._chunk_ids[n] = torch.zeros(self.batch_size, n, dtype=torch.int64, device=self.device)
-        self._run(states, buffer, token_ids, True)
+        self._run(states, buffer, token_ids, "read")
+        self._extras_valid = False
         return self._logits.clone()
 
     # ------------------------------------------------------------------ internals
@@ -188,16 +205,16 @@ class GraphModelDecoder:
             raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
         return states
 
-    def _run(self, states: list[BoundedState], ids: Tensor, token_ids: Tensor, routes: bool) -> None:
+    def _run(self, states: list[BoundedState], ids: Tensor, token_ids: Tensor, kind: str) -> None:
         """``token_ids`` into the static buffer ``ids``, then its graph replayed (captured on first use) or, without
         capture, the step run eagerly; every state advances by the chunk's length."""
         with torch.inference_mode(False), torch.no_grad(), self._on_device():
             ids.copy_(token_ids)
             if self.capture:
-                graph = self._graphs.get((ids.shape[1], routes)) or self._capture(ids, routes)
+                graph = self._graphs.get((ids.shape[1], kind)) or self._capture(ids, kind)
                 graph.replay()
             else:
-                self._step(states, ids, routes)
+                self._step(states, ids, kind)
         for state in states:
             state.pos += ids.shape[1]
 
@@ -223,16 +240,16 @@ class GraphModelDecoder:
             raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")
         return ready
 
-    def _step(self, states: list[BoundedState], ids: Tensor, routes: bool) -> None:
+    def _step(self, states: list[BoundedState], ids: Tensor, kind: str) -> None:
         """The tokens in ``ids`` (one, or a chunk) from the device position ``self._pos``: the last one's logits into
         ``self._logits``."""
         h = self.embed(ids)
-        with shared_angles():  # the layers rotate the same positions: one set of RoPE tables per step
-            h = self._blocks(states, h, routes)
+        with step_tables():  # the layers work at the same positions: one set of RoPE tables and ring slots per step
+            h = self._blocks(states, h, kind)
         self._logits.copy_(self.lm_head(self.norm(h[:, -1:]))[:, -1].float())
         self._pos.add_(ids.shape[1])
 
-    def _blocks(self, states: list[BoundedState], h: Tensor, routes: bool) -> Tensor:
+    def _blocks(self, states: list[BoundedState], h: Tensor, kind: str) -> Tensor:
         """The decoder blocks on hidden states ``h``: attention (the bounded step at ``self._pos``), then the MLP."""
         for index, (block, layer, state) in enumerate(zip(self.blocks, self.attention, states, strict=True)):
             attended = advance_at_device_position(
@@ -242,13 +259,15 @@ class GraphModelDecoder:
                 self._pos,
                 self._window_offsets[index],
                 self._sink_index[index],
-                routes,
+                kind in ("route", "read"),
+                self._kept[index] if kind != "read" else None,
+                reuse=kind == "step",
             )
             h = h + attended.to(h.dtype)
             h = h + block.mlp(block.post_attention_layernorm(h))
         return h
 
-    def _capture(self, ids: Tensor, routes: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, ids: Tensor, kind: str) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
         live = self._states_of(self._held())
         saved_pos = self._pos.clone()
@@ -256,18 +275,19 @@ class GraphModelDecoder:
         def warm_up() -> None:
             scratch = [state.clone() for state in live]
             for _ in range(2):
-                self._step(scratch, ids, routes)
+                self._step(scratch, ids, kind)
                 self._pos.copy_(saved_pos)
 
         try:
-            graph = capture_step(lambda: self._step(live, ids, routes), warm_up, self.device, self._stream, self._pool)
+            graph = capture_step(lambda: self._step(live, ids, kind), warm_up, self.device, self._stream, self._pool)
         except Exception as error:
             self.failed = True
-            step = f"{ids.shape[1]}-token read" if ids.shape[1] > 1 else "routing decode" if routes else "plain decode"
+            step = f"{ids.shape[1]}-token read" if kind == "read" else f"{kind} decode"
             raise GraphCaptureError(f"capturing the {step} step failed: {error}") from error
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
-        self._graphs[(ids.shape[1], routes)] = graph
+        self._graphs[(ids.shape[1], kind)] = graph
+        self._extras_valid = False  # the warm-up wrote the kept extras from a scratch copy
         return graph
 
 
