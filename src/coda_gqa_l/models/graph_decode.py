@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..attention import BoundedCoDAAttention
 from ..decode import KeptExtras, advance_at_device_position, capture_step
 from ..kernels import dispatch
+from ..kernels.residual_norm import add_rms_norm, fusable
 from ..state import BoundedState
 from ..step_tables import step_tables
 from .adapters import CoDAAttentionAdapter
@@ -99,6 +100,9 @@ class GraphModelDecoder:
         self._kept = [KeptExtras() for _ in self.attention]  # each layer's segment extras, static buffers
         self._extras_valid = False  # whether _kept holds the live state's current segment
         self._num_sink = max(layer.config.num_sink for layer in self.attention)
+        self._fused_norms = all(
+            fusable(norm) for block in self.blocks for norm in (block.input_layernorm, block.post_attention_layernorm)
+        ) and fusable(self.norm)
         self._chunk_ids: dict[int, Tensor] = {}  # the captured chunks' token-id buffers, by length
         self._pool: Any = None  # the graphs share one memory pool
         self.cache: BoundedCache | None = cache
@@ -245,17 +249,21 @@ class GraphModelDecoder:
         ``self._logits``."""
         h = self.embed(ids)
         with step_tables():  # the layers work at the same positions: one set of RoPE tables and ring slots per step
-            h = self._blocks(states, h, kind)
-        self._logits.copy_(self.lm_head(self.norm(h[:, -1:]))[:, -1].float())
+            normed = self._blocks(states, h, kind)
+        self._logits.copy_(self.lm_head(normed[:, -1:])[:, -1].float())
         self._pos.add_(ids.shape[1])
 
     def _blocks(self, states: list[BoundedState], h: Tensor, kind: str) -> Tensor:
-        """The decoder blocks on hidden states ``h``: attention (the bounded step at ``self._pos``), then the MLP."""
+        """The decoder blocks on hidden states ``h`` (attention: the bounded step at ``self._pos``; then the MLP),
+        and the final norm: returns the normalised last hidden states. Each residual add and the norm after it
+        are one fused pass where the norms allow (``kernels.residual_norm``)."""
+        norms = [block.input_layernorm for block in self.blocks[1:]] + [self.norm]
+        _, x = self._add_norm(h, None, self.blocks[0].input_layernorm)
         for index, (block, layer, state) in enumerate(zip(self.blocks, self.attention, states, strict=True)):
             attended = advance_at_device_position(
                 layer,
                 state,
-                block.input_layernorm(h),
+                x,
                 self._pos,
                 self._window_offsets[index],
                 self._sink_index[index],
@@ -263,9 +271,17 @@ class GraphModelDecoder:
                 self._kept[index] if kind != "read" else None,
                 reuse=kind == "step",
             )
-            h = h + attended.to(h.dtype)
-            h = h + block.mlp(block.post_attention_layernorm(h))
-        return h
+            h, x = self._add_norm(h, attended, block.post_attention_layernorm)
+            h, x = self._add_norm(h, block.mlp(x), norms[index])
+        return x
+
+    def _add_norm(self, h: Tensor, delta: Tensor | None, norm: Any) -> tuple[Tensor, Tensor]:
+        """``h + delta`` (or ``h``) and its norm: fused for transformers' Llama-family RMSNorm."""
+        if self._fused_norms:
+            return add_rms_norm(h, delta, norm)
+        if delta is not None:
+            h = h + delta.to(h.dtype)
+        return h, norm(h)
 
     def _capture(self, ids: Tensor, kind: str) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on scratch copies of the states, then capture on the buffers."""
