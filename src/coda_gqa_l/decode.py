@@ -174,8 +174,8 @@ def advance_at_device_position(
     on the device.
 
     ``kept`` (one token only): the step writes its segment extras there, or with ``reuse`` reads them from there
-    instead of computing them: right only inside the segment they were computed in, after the sinks are written
-    (the caller's bookkeeping: ``models.graph_decode``).
+    instead of computing them (and writes no sink): right only inside the segment they were computed in, after the
+    sinks are written (the caller's bookkeeping: ``models.graph_decode``).
     """
     cfg, core = layer.config, layer.core
     W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
@@ -193,8 +193,7 @@ def advance_at_device_position(
     ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
-    ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
-    if Ns:
+    if Ns and not reuse:  # a reusing step is past the sinks (the caller's bookkeeping)
         # tokens among the first Ns are also sinks (a no-op write at later positions)
         if n == 1:  # the decode step: fewer kernels than the chunk's gather
             is_new = step_tables.table(("sink", at, Ns), lambda: (sink_index == pos).view(1, 1, Ns, 1))
@@ -213,7 +212,9 @@ def advance_at_device_position(
     else:
         banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
         if routes:
-            # the capture-time start fixes only the number of segments (n / S, routing at each start)
+            # the capture-time start fixes only the number of segments (n / S, routing at each start); only routing
+            # reads the window's write gates
+            ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
             new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
                 banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
             )

@@ -152,8 +152,10 @@ def _precision(ref: Tensor) -> str:
     return "ieee" if ref.dtype == torch.float32 else "tf32"
 
 
-def _placeholder(ref: Tensor) -> Tensor:
-    return torch.zeros(1, device=ref.device, dtype=ref.dtype)
+def _placeholder(ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A pointer for an argument the kernel's flags leave unread (no streams stored, no extras, no lambda, no
+    norm). Uninitialised: a filled one costs a kernel per call, a graph node per layer in a captured decode step."""
+    return torch.empty(1, device=ref.device, dtype=dtype or ref.dtype)
 
 
 @torch.library.custom_op("coda_gqa_l::diff_attn_fwd", mutates_args=())
@@ -189,13 +191,17 @@ def _diff_attn_fwd(
         lse = torch.empty(B, Hkv, Qs, L, device=q.device, dtype=torch.float32)
     else:
         a = _placeholder(q).view(1, 1, 1, 1, 1)
-        lse = _placeholder(q).float().view(1, 1, 1, 1)
+        lse = _placeholder(q, torch.float32).view(1, 1, 1, 1)
     has_extras = extra_k is not None and extra_k.shape[3] > 0
     ek = extra_k.contiguous() if has_extras and extra_k is not None else _placeholder(q).view(1, 1, 1, 1, 1)
     ev = extra_v.contiguous() if has_extras and extra_v is not None else ek
-    eb = extra_bias.contiguous() if has_extras and extra_bias is not None else _placeholder(q).float().view(1, 1, 1, 1)
+    eb = (
+        extra_bias.contiguous()
+        if has_extras and extra_bias is not None
+        else _placeholder(q, torch.float32).view(1, 1, 1, 1)
+    )
     E = ek.shape[3] if has_extras else 0
-    lam_t = lam if lam is not None else _placeholder(q).float().view(1, 1, 1)
+    lam_t = lam if lam is not None else _placeholder(q, torch.float32).view(1, 1, 1)
     nw = norm_weight if norm_weight is not None else _placeholder(q)
     block_m, block_n, warps = _fwd_blocks(D)
     grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
@@ -295,7 +301,7 @@ def _diff_attn_bwd(
         )  # fmt: skip
     else:
         ek = ev = _placeholder(q).view(1, 1, 1, 1, 1)
-        eb = _placeholder(q).float().view(1, 1, 1, 1)
+        eb = _placeholder(q, torch.float32).view(1, 1, 1, 1)
         dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
         E = 0
         block_e = 16
