@@ -167,4 +167,4 @@ def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
     torch.testing.assert_close(logits, expected, **tol)
     _assert_same_states(cache, reference, **tol)
     pool = graph_prefill.shared_decoder_pool(model)
-    assert any((64, True) in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
+    assert any((64, "read") in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
