@@ -106,3 +106,22 @@ def margin_safe_case(shape: str, config: str, batch: int = 2) -> tuple[int, int]
 
 def bounded_config(config: str) -> BoundedConfig:
     return BoundedConfig(**CONFIGS[config])
+
+
+GRAPH_CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+
+
+def tiny_bounded_llama(
+    seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32, config: BoundedConfig = GRAPH_CONFIG
+) -> torch.nn.Module:
+    """The tiny Llama converted to bounded CoDA, in eval mode, with a write gate that opens for some tokens so the
+    banks fill within a few segments (the graph decode and prefill tests need routing into the banks)."""
+    from coda_gqa_l.models import convert
+    from coda_gqa_l.models.tiny import tiny_llama
+
+    model, _ = tiny_llama(seed=seed)
+    model = convert(model, config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for adapter in (block.self_attn for block in model.model.layers):
+            adapter.layer.gate_proj.weight.mul_(8.0)
+    return model.eval()

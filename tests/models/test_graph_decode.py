@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
 from coda_gqa_l import BoundedConfig
 from coda_gqa_l.kernels import dispatch
@@ -15,16 +16,11 @@ from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.models.tiny import tiny_llama
 
-CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+CONFIG = GRAPH_CONFIG
 
 
 def _model(device: str = "cpu", dtype: torch.dtype = torch.float32, config: BoundedConfig = CONFIG) -> torch.nn.Module:
-    model, _ = tiny_llama(seed=3)
-    model = convert(model, config).to(device=device, dtype=dtype)
-    with torch.no_grad():  # a write gate that opens for some tokens, so the banks fill
-        for adapter in (block.self_attn for block in model.model.layers):
-            adapter.layer.gate_proj.weight.mul_(8.0)
-    return model.eval()
+    return tiny_bounded_llama(seed=3, device=device, dtype=dtype, config=config)
 
 
 def _prefilled(model: torch.nn.Module, ids: torch.Tensor) -> BoundedCache:

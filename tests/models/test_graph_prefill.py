@@ -8,25 +8,19 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
-from coda_gqa_l import BoundedConfig
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.models import BoundedCache, convert, graph_prefill
+from coda_gqa_l.models import BoundedCache, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphDecoderPool, GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
-from coda_gqa_l.models.tiny import tiny_llama
 from coda_gqa_l.state import BoundedState
 
-CONFIG = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+CONFIG = GRAPH_CONFIG
 
 
 def _model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    model, _ = tiny_llama(seed=5)
-    model = convert(model, CONFIG).to(device=device, dtype=dtype)
-    with torch.no_grad():  # a write gate that opens for some tokens, so the banks fill
-        for adapter in (block.self_attn for block in model.model.layers):
-            adapter.layer.gate_proj.weight.mul_(8.0)
-    return model.eval()
+    return tiny_bounded_llama(seed=5, device=device, dtype=dtype)
 
 
 def _forward(model: torch.nn.Module, cache: BoundedCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
