@@ -29,8 +29,8 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help", "run_settings")),
     ("kernels", ("kernels",)),
-    ("core", ("segment_attention", "decode_view", "step_tables", "differential", "attention", "baseline",
-              "decode", "statefile")),
+    ("core", ("segment_attention", "banded_attention", "decode_view", "step_tables", "differential", "attention",
+              "baseline", "decode", "statefile")),
     ("models", ("models",)),
     ("data", ("data",)),
     ("apps", ("training", "evaluation", "neuraldb", "demo")),

@@ -9,7 +9,8 @@ One code path serves every way of feeding tokens: ``prefill_chunked`` (any block
    the window are routed into the banks (``kernels.routing_reference.route_segment``), and the bank snapshot each
    segment's queries see is kept;
 3. attends every query to sinks + window + its segment's bank snapshot in one block-sparse
-   pass (``segment_attention.attend_segments``), cost ``O(n * (W + Me + Ms))``;
+   pass (``segment_attention.attend_segments``; for inference on the CPU the same outputs from
+   ``banded_attention.attend_banded``), cost ``O(n * (W + Me + Ms))``;
 4. writes the new tokens into the ring and the sinks.
 
 Because routing happens only at segment boundaries and only ever reads tokens that are
@@ -26,10 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from . import decode_view, step_tables
+from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .kernels.diff_attention import Pattern, fused_attention
-from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_routing
+from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
@@ -350,7 +352,13 @@ class BoundedCoDAAttention(nn.Module):
         if fused:
             y = self.attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
         else:
-            attended = attend_segments(
+            needs_grad = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias)
+            )
+            # more than one segment's rows and no gradients: the banded path (window keys rotated once per
+            # chunk); a step or a short chunk scores only its own rows on the reference
+            banded = n > cfg.segment and not needs_grad and inference_attention(device)
+            attended = (attend_banded if banded else attend_segments)(
                 core.stack_queries(q),
                 ext_k,
                 ext_v,

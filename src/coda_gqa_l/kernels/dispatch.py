@@ -3,7 +3,7 @@ made here, from three environment variables read nowhere else: ``CODA_GQA_L_KERN
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton) and ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
-``fused_combine``, ``inference_routing``); the kernel modules ask ``use_triton``.
+``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,13 @@ def decode_view_allowed() -> bool:
 def inference_routing(device: torch.device | str) -> bool:
     """Whether bank routing that needs no gradients or metrics may run the CPU inference path
     (``routing_cpu.py``: the reference's results in fewer operations) instead of the plain reference."""
+    return torch.device(device).type == "cpu" and not _PLAIN_REFERENCE.get()
+
+
+def inference_attention(device: torch.device | str) -> bool:
+    """Whether the bounded layer's attention over a chunk that needs no gradients may run the banded
+    inference path (``banded_attention.py``: window keys rotated once per chunk, read in place) instead of
+    the plain reference's per-segment key blocks."""
     return torch.device(device).type == "cpu" and not _PLAIN_REFERENCE.get()
 
 
