@@ -30,7 +30,7 @@ from . import decode_view, step_tables
 from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
-from .kernels.diff_attention import Pattern, fused_attention
+from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
 from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
@@ -424,6 +424,7 @@ class BoundedCoDAAttention(nn.Module):
         bank_bias: Tensor | None,
         start: int | Tensor,
         extras: SegmentExtras | None = None,
+        segment_window: bool = False,
     ) -> Tensor:
         """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
         ``decode.CapturedDecoder`` calls it inside its CUDA graph.
@@ -433,6 +434,8 @@ class BoundedCoDAAttention(nn.Module):
         the stream. Sinks and bank slots sit at per-segment positions (docs/semantics.md section 4), so they are
         rotated once per segment (``segment_extras``) and handed to the kernel as that segment's extra keys;
         ``extras`` given (a one-token step inside a segment whose extras a graph decoder kept) skips that.
+        ``segment_window``: ``ext_k``/``ext_v`` are not the window in token order but a graph decoder's buffer of the
+        segment's window (``decode.KeptExtras``: tokens ``b - W + S ..``, keys already rotated), read in place.
         """
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
@@ -461,7 +464,7 @@ class BoundedCoDAAttention(nn.Module):
             stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
-        if cfg.position_mode == "relative":
+        if cfg.position_mode == "relative" and not segment_window:
             cos, sin = step_tables.cos_sin(
                 rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
             )
@@ -473,7 +476,7 @@ class BoundedCoDAAttention(nn.Module):
             ext_v,
             lam,
             q_start=start,
-            k_offset=W,
+            k_offset=SEGMENT_WINDOW if segment_window else W,
             scale=core.softmax_scale,
             pattern=Pattern(bounded=True, window=W, segment=S, num_sink=Ns),
             extra_k=extras.keys,

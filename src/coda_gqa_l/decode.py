@@ -24,8 +24,10 @@ from torch import Tensor
 
 from . import step_tables
 from .attention import BoundedCoDAAttention, SegmentExtras
+from .kernels.rope import rotate_keys
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
+from .kernels.window_step import WindowStep, write_window_step
 from .primitives import apply_rope
 from .state import BANK_FIELDS, Banks, BoundedState
 
@@ -146,9 +148,16 @@ class CapturedDecoder:
 class KeptExtras:
     """One layer's segment extras (sinks and bank slots rotated, their logit offsets, the noise rotation's tables:
     ``BoundedCoDAAttention.segment_extras``) kept across the one-token steps of a segment, which do not change
-    them: a graph decoder's static buffers, written by the steps that compute them and read by the others."""
+    them: a graph decoder's static buffers, written by the steps that compute them and read by the others.
+
+    Beside them the segment's window in token order, ``window_k``/``window_v`` ``(B, Hkv, W, Dh)``: slot ``i`` holds
+    token ``b - W + S + i`` of the segment starting at ``b`` (keys rotated at their positions in relative mode), the
+    keys and values the segment's queries see. The step that computes the extras fills it from the ring; each later
+    step adds its own token (``kernels.window_step``), so those steps gather and rotate no window."""
 
     value: SegmentExtras | None = None
+    window_k: Tensor | None = None
+    window_v: Tensor | None = None
 
 
 def advance_at_device_position(
@@ -173,27 +182,45 @@ def advance_at_device_position(
     them once for all its layers). ``window_offsets`` is ``arange(window)`` and ``sink_index`` ``arange(num_sink)``
     on the device.
 
-    ``kept`` (one token only): the step writes its segment extras there, or with ``reuse`` reads them from there
-    instead of computing them (and writes no sink): right only inside the segment they were computed in, after the
-    sinks are written (the caller's bookkeeping: ``models.graph_decode``).
+    ``kept`` (one token only): the step writes its segment extras and the segment's window there, or with ``reuse``
+    reads them from there instead of computing them, adds its token to the kept window, and writes no sink: right
+    only inside the segment they were computed in, after the sinks are written (the caller's bookkeeping:
+    ``models.graph_decode``).
     """
     cfg, core = layer.config, layer.core
     W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
     n = x.shape[1]
     if n > 1 and (n % S or not routes or kept is not None):
         raise ValueError(f"a chunk at a device position must be a multiple of the segment ({S}) and route, got {n}")
-    if reuse and (routes or kept is None or kept.value is None):
+    if reuse and (routes or kept is None or kept.value is None or kept.window_k is None):
         raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
     at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
     q, k, v, lam = core.project(x)
     g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
-    if cfg.position_mode == "absolute":
+    relative = cfg.position_mode == "relative"
+    if not relative:
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
         k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
+    if reuse:
+        assert kept is not None and kept.window_k is not None and kept.window_v is not None  # checked above
+        # the token into the ring and into the segment's window buffer in one pass, then attention over the buffer
+        token_step = WindowStep(k, v, g, None, None)
+        if relative:  # the queries' table of this step (attend_fused reads the same one)
+            token_step.cos, token_step.sin = step_tables.cos_sin(
+                core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device)
+            )
+        write_window_step(
+            token_step, st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v,
+            pos, S, core.rope.layout,
+        )  # fmt: skip
+        return layer.attend_fused(
+            q, lam, kept.window_k, kept.window_v, st.sink_k, st.sink_v, None, None, None, pos,
+            extras=kept.value, segment_window=True,
+        )  # fmt: skip
     ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
-    if Ns and not reuse:  # a reusing step is past the sinks (the caller's bookkeeping)
+    if Ns:
         # tokens among the first Ns are also sinks (a no-op write at later positions)
         if n == 1:  # the decode step: fewer kernels than the chunk's gather
             is_new = step_tables.table(("sink", at, Ns), lambda: (sink_index == pos).view(1, 1, Ns, 1))
@@ -205,31 +232,26 @@ def advance_at_device_position(
             k_new, v_new = k.index_select(2, pick), v.index_select(2, pick)
         st.sink_k.copy_(torch.where(is_new, k_new.to(st.sink_k.dtype), st.sink_k))
         st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
-    extras: SegmentExtras | None = None
-    if reuse:
-        assert kept is not None  # checked above
-        extras = kept.value
-    else:
-        banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
-        if routes:
-            # the capture-time start fixes only the number of segments (n / S, routing at each start); only routing
-            # reads the window's write gates
-            ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
-            new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-                banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
-            )
-            for name, value in zip(BANK_FIELDS, new_banks, strict=True):
-                getattr(st, name).copy_(value)
-        else:
-            bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
-        extras = layer.segment_extras(
-            st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos, q.dtype, one_pass=not torch.is_grad_enabled()
+    banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
+    if routes:
+        # the capture-time start fixes only the number of segments (n / S, routing at each start); only routing
+        # reads the window's write gates
+        ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
+        new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
+            banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
         )
-        if kept is not None:
-            if kept.value is None:  # the first step allocates the buffers (a warm-up, before any capture)
-                kept.value = extras.clone()
-            else:
-                kept.value.copy_(extras)
+        for name, value in zip(BANK_FIELDS, new_banks, strict=True):
+            getattr(st, name).copy_(value)
+    else:
+        bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+    extras = layer.segment_extras(
+        st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos, q.dtype, one_pass=not torch.is_grad_enabled()
+    )
+    if kept is not None:
+        if kept.value is None:  # the first step allocates the buffers (a warm-up, before any capture)
+            kept.value = extras.clone()
+        else:
+            kept.value.copy_(extras)
     y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras)
     kept_tokens = min(n, W)  # the chunk's last W tokens stay in the window
     slots = step_tables.table(("slots", at, W, n), lambda: (pos + (n - kept_tokens) + window_offsets[:kept_tokens]) % W)
@@ -237,4 +259,29 @@ def advance_at_device_position(
     st.win_v.index_copy_(2, slots, v[:, :, n - kept_tokens :].to(st.win_v.dtype))
     st.win_g.index_copy_(2, slots, g[:, :, n - kept_tokens :])
     st.position.add_(n)
+    if kept is not None:
+        _fill_segment_window(layer, st, kept, pos, window_offsets, q.dtype)
     return y
+
+
+def _fill_segment_window(
+    layer: BoundedCoDAAttention, st: BoundedState, kept: KeptExtras, pos: Tensor, window_offsets: Tensor,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """``kept.window_k``/``window_v`` <- the window of the segment holding ``pos``, from the ring (which already holds
+    the token at ``pos``): slot ``i`` is token ``b - W + S + i``, keys rotated as ``attend_fused`` rotates them.
+    Slots of the segment's later tokens get whatever the ring holds (the kernel masks them until a step writes
+    them)."""
+    cfg, rope = layer.config, layer.core.rope
+    W, S = cfg.window, cfg.segment
+    at = ("device", id(pos))
+    tokens = step_tables.table(("segment window", at, S, W), lambda: pos - pos % S - W + S + window_offsets)
+    slots = step_tables.table(("segment window slots", at, S, W), lambda: tokens % W)
+    keys = st.win_k.index_select(2, slots).to(dtype)
+    if cfg.position_mode == "relative":
+        cos, sin = step_tables.cos_sin(rope, ("segment window", at, S, W), lambda: tokens)
+        keys = rotate_keys(keys, cos, sin, rope.layout)
+    if kept.window_k is None or kept.window_v is None:  # allocated by the first step (a warm-up, before any capture)
+        kept.window_k, kept.window_v = torch.empty_like(keys), torch.empty_like(keys)
+    kept.window_k.copy_(keys)
+    kept.window_v.copy_(st.win_v.index_select(2, slots))

@@ -6,7 +6,9 @@ Problem (shapes; ``Q`` stacked query heads per KV head, ``2G`` when differential
 * ``q (B, Hkv, Q, L, Dh)``: queries after RoPE, of tokens ``q_start .. q_start + L - 1``;
   streams ``[0, G)`` are the signal heads of the KV group, ``[G, 2G)`` their noise heads;
 * ``k, v (B, Hkv, LK, Dh)``: main keys (after RoPE) and values of tokens
-  ``q_start - k_offset .. q_start - k_offset + LK - 1``;
+  ``q_start - k_offset .. q_start - k_offset + LK - 1``; or, with ``k_offset=SEGMENT_WINDOW`` (bounded, forward
+  only, queries in one segment starting at ``b``), of tokens ``b - W + S .. b - W + S + LK - 1``: a buffer that holds
+  one segment's window, which a graph decoder fills once per segment and then one token per step;
 * ``lam (B, H, L)`` float32, or None (plain attention, ``Q = G``);
 * bounded pattern only: ``extra_k, extra_v (B, Hkv, nseg, E, Dh)`` and
   ``extra_bias (B, Hkv, nseg, E)`` float32: per segment of the chunk, the sinks (first
@@ -42,6 +44,10 @@ class Pattern:
 
 
 CAUSAL = Pattern()
+
+# ``k_offset`` for keys that are the query segment's window buffer (module docstring); negative, so the kernel tells
+# it from an offset
+SEGMENT_WINDOW = -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +426,13 @@ def fused_attention(
     then reads it with a host synchronisation.
     """
     _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+    if k_offset == SEGMENT_WINDOW:
+        if not pattern.bounded:
+            raise ValueError("k_offset=SEGMENT_WINDOW needs the bounded pattern (a segment's window)")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, lam)):
+            raise ValueError("k_offset=SEGMENT_WINDOW is for inference: the backward kernels take offsets only")
+    elif k_offset < 0:
+        raise ValueError(f"k_offset must be >= 0 or SEGMENT_WINDOW, got {k_offset}")
     if use_triton(q.device):
         # torch.full writes the position with a kernel; torch.tensor would copy it from the host and wait for the
         # stream to drain first (a synchronisation per layer and chunk)
@@ -433,6 +446,9 @@ def fused_attention(
         )  # fmt: skip
         return o
     start = int(q_start) if isinstance(q_start, Tensor) else q_start
+    if k_offset == SEGMENT_WINDOW:
+        S = pattern.segment
+        k_offset = start - ((start // S) * S - pattern.window + S)
     return reference_attention(
         q, k, v, lam, q_start=start, k_offset=k_offset, scale=scale, pattern=pattern,
         extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,

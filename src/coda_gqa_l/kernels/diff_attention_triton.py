@@ -6,7 +6,9 @@ One index space serves the plain causal pattern and the bounded one (docs/semant
   positions (``BLOCK_M`` divides the segment length in the usual configs), so a block sits in
   one segment and sees one bank snapshot;
 * main keys are tokens ``j = q_start - K_OFFSET + jj``; a row sees ``lo(t) <= j <= t`` with
-  ``lo = 0`` (causal) or ``lo = max(Ns, seg_start(t) - W + S)`` (bounded window);
+  ``lo = 0`` (causal) or ``lo = max(Ns, seg_start(t) - W + S)`` (bounded window); a negative ``K_OFFSET``
+  (forward only) says the keys are one segment's window, ``j = seg_start(q_start) - W + S + jj`` (a graph decoder's
+  per-segment buffer, so a step inside a segment reads no ring);
 * "extra" keys are per segment (sinks, then exact and summary bank slots): ``E`` of them with a
   float32 logit offset each (``log g``, ``-inf`` for an empty slot); the first ``NUM_SINK``
   are sinks and follow causality (``e <= t``).
@@ -192,7 +194,10 @@ def _fwd_kernel(
     kvh = h // GROUP
     g = h % GROUP
     q_start = tl.load(POS).to(tl.int32)
-    k_start = q_start - K_OFFSET
+    if K_OFFSET < 0:  # the keys are the query segment's window (SEGMENT_WINDOW): token b - W + S first
+        k_start = (q_start // SEG) * SEG - WINDOW + SEG
+    else:
+        k_start = q_start - K_OFFSET
     first = (q_start // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if first >= q_start + L:
         return
