@@ -27,7 +27,8 @@ PACKAGE = "coda_gqa_l"
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help", "run_settings")),
+    ("base", ("config", "primitives", "state", "version", "fetch", "cpu_threads", "cli_help", "run_settings",
+              "fused_linear")),
     ("kernels", ("kernels",)),
     ("core", ("segment_attention", "banded_attention", "decode_view", "step_tables", "differential", "attention",
               "baseline", "decode", "statefile")),

@@ -30,6 +30,7 @@ from . import decode_view, step_tables
 from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
+from .fused_linear import fusable_linears, fuse_linears
 from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
 from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
 from .kernels.rope import rotate_keys, stack_rotated_queries
@@ -139,6 +140,8 @@ class BoundedCoDAAttention(nn.Module):
         nn.init.constant_(self.gate_proj.bias, config.gate_bias_init)
         self.summary_rate_logit = nn.Parameter(torch.full((num_kv_heads,), float(config.summary_rate_logit_init)))
         self.collect_metrics = collect_metrics
+        # set by fuse_input_projections (inference): queries, keys, values, lambda and write gate in one product
+        self.input_projection: nn.Linear | None = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -161,6 +164,45 @@ class BoundedCoDAAttention(nn.Module):
         """Bytes a full (unbounded) KV cache would need for ``tokens`` tokens: keys plus values."""
         itemsize = torch.empty((), dtype=dtype or self.core.q_proj.weight.dtype).element_size()
         return 2 * batch_size * tokens * self.num_kv_heads * self.head_dim * itemsize
+
+    # ------------------------------------------------------------------ projections
+    def fuse_input_projections(self) -> bool:
+        """For inference: the query, key, value, lambda and write-gate projections become one matrix product
+        (``fused_linear``; the original modules read their rows of it). Returns whether it fused: not when any of
+        them is not a plain ``nn.Linear`` (LoRA adapters: ``models.lora.merge_lora`` first) or it already did."""
+        core = self.core
+        parts = [
+            core.q_proj,
+            core.k_proj,
+            core.v_proj,
+            *([core.lambda_proj] if core.lambda_proj else []),
+            self.gate_proj,
+        ]
+        if self.input_projection is not None or not fusable_linears(parts):
+            return False
+        fused, slices = fuse_linears(parts)  # type: ignore[arg-type]
+        self.input_projection = fused
+        core.q_proj, core.k_proj, core.v_proj = slices[:3]  # type: ignore[assignment]
+        if core.lambda_proj is not None:
+            core.lambda_proj = slices[3]  # type: ignore[assignment]
+        self.gate_proj = slices[-1]  # type: ignore[assignment]
+        return True
+
+    def project_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+        """``x (B, n, D)`` -> ``core.project``'s q, k, v, lambda and the write gate ``g (B, Hkv, n)`` float32: one
+        product and one sigmoid for lambda and the gate once ``fuse_input_projections`` ran."""
+        core = self.core
+        if self.input_projection is None:
+            q, k, v, lam = core.project(x)
+            return q, k, v, lam, torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)
+        width_q, width_kv = core.num_heads * core.head_dim, core.num_kv_heads * core.head_dim
+        fused = self.input_projection(x)
+        gate_width = fused.shape[-1] - width_q - 2 * width_kv
+        q, k, v, logits = fused.split([width_q, width_kv, width_kv, gate_width], dim=-1)
+        gates = torch.sigmoid(logits.float()).transpose(1, 2)  # (B, [H +] Hkv, n): lambda's heads first
+        lam = gates[:, : core.num_heads] if core.lambda_proj is not None else None
+        q, k, v, lam = core.split_heads(q, k, v, lam)
+        return q, k, v, lam, gates[:, gates.shape[1] - core.num_kv_heads :]
 
     # ------------------------------------------------------------------ state
     def init_state(
@@ -308,8 +350,7 @@ class BoundedCoDAAttention(nn.Module):
         W, Ns = cfg.window, cfg.num_sink
         n, start = x.shape[1], state.pos
         device = x.device
-        q, k, v, lam = core.project(x)
-        g = torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
+        q, k, v, lam, g = self.project_inputs(x)  # g: (B, Hkv, n)
         if cfg.position_mode == "absolute":
             cos, sin = core.rope.cos_sin(torch.arange(start, start + n, device=device), torch.float32)
             k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)

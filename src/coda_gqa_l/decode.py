@@ -195,8 +195,7 @@ def advance_at_device_position(
     if reuse and (routes or kept is None or kept.value is None or kept.window_k is None):
         raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
     at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
-    q, k, v, lam = core.project(x)
-    g = torch.sigmoid(layer.gate_proj(x).float()).transpose(1, 2)  # (B, Hkv, n)
+    q, k, v, lam, g = layer.project_inputs(x)  # g: (B, Hkv, n)
     relative = cfg.position_mode == "relative"
     if not relative:
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)

@@ -118,17 +118,24 @@ class DifferentialCore(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``x (B, L, D)`` -> q ``(B, H, L, Dh)``, k and v ``(B, Hkv, L, Dh)`` (no RoPE yet),
         lambda ``(B, H, L)`` in float32 or None when not differential."""
-        b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         lam = None
         if self.lambda_proj is not None:
             lam = torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2)
-            if self.lambda_scale is not None:
-                lam = lam * self.lambda_scale
+        return self.split_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), lam)
+
+    def split_heads(
+        self, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The projections' outputs ``(B, L, heads * Dh)`` and ``sigmoid(lambda logits) (B, H, L)`` -> ``project``'s
+        result (heads split, the query and key norms, lambda's scale)."""
+        b, length, _ = q.shape
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if lam is not None and self.lambda_scale is not None:
+            lam = lam * self.lambda_scale
         return q, k, v, lam
 
     def stack_queries(self, q_roped: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from ..baseline import BaselineGQA, CoDAGQA
 from ..config import BoundedConfig
 from ..models.adapters import CoDAAttentionAdapter
 from ..models.convert import convert, to_bounded
+from ..models.inference import fold_for_inference
 from ..models.lora import merge_lora
 from ..models.weights import apply_coda_weights, read_coda_meta
 from .eval_config import EvalConfig
@@ -49,6 +50,8 @@ def build_method(name: str, args: EvalConfig, base: Callable[[], nn.Module]) -> 
         return _unbound(model), False
     if bounded and not trained_bounded:  # phase 1 only: the banks are new, as in a cold swap
         to_bounded(model, preset)
+    if bounded:
+        fold_for_inference(model)  # the bounded layers' and MLPs' products merged (models/inference.py)
     return model, bounded
 
 

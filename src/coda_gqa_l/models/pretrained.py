@@ -18,8 +18,8 @@ from torch import nn
 from ..config import BoundedConfig
 from ..fetch import sha256_file
 from ..version import __version__
+from .inference import fold_for_inference
 from .loader import load_smollm2
-from .lora import merge_lora
 from .weights import apply_coda_weights, read_coda_meta
 
 SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights" / "smollm2-135m-instruct-coda.safetensors"
@@ -44,10 +44,11 @@ def load_coda_smollm2(
 ) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct converted to bounded CoDA with the shipped trained weights, and its tokenizer.
 
-    ``merge_adapters`` (the default, for inference) folds the LoRA adapters into their projections
-    (``lora.merge_lora``): the same function with fewer kernels per step. ``False`` keeps them, to train further."""
+    ``merge_adapters`` (the default, for inference) folds the LoRA adapters into their projections and merges the
+    products that read the same input (``inference.fold_for_inference``): the same function with fewer kernels per
+    step. ``False`` keeps the model as trained, to train further."""
     base, tokenizer = load_smollm2(dtype=dtype, progress=progress)
     model = apply_coda_weights(base, SHIPPED_WEIGHTS).eval()
     if merge_adapters:
-        merge_lora(model)
+        fold_for_inference(model)
     return model, tokenizer

@@ -33,8 +33,8 @@ from ..models.convert import convert
 from ..models.generation import decode_steps, pick_token
 from ..models.graph_prefill import prefill
 from ..models.hf_compat import cache_kwargs
+from ..models.inference import fold_for_inference
 from ..models.loader import load_smollm2
-from ..models.lora import merge_lora
 from ..models.pretrained import load_coda_smollm2, shipped_config, shipped_weights_label
 from ..models.tiny import tiny_llama
 from ..models.tokenizer import ByteTokenizer
@@ -100,7 +100,7 @@ class NeuralDatabase:
         if owned:
             # after the fingerprint, which stays that of the weights as trained (states saved before still load);
             # a caller's model is left as given (it may go on training its adapters)
-            merge_lora(model)
+            fold_for_inference(model)
         self.format = PromptFormat.for_tokenizer(tokenizer)
         self._stop_ids = self._stop_token_ids()
 

@@ -1,0 +1,92 @@
+"""A converted model folded for inference (models/inference.py): adapters merged, each bounded layer's input
+projections and each MLP's gate and up projections as one product; the same outputs, no weight held twice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_bounded_llama
+from torch import nn
+
+from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.models import BoundedCache
+from coda_gqa_l.models.graph_decode import GraphModelDecoder
+from coda_gqa_l.models.hf_compat import cache_kwargs
+from coda_gqa_l.models.inference import Folded, fold_for_inference
+from coda_gqa_l.models.lora import LoRALinear, add_lora
+
+
+def _adapted_model(differential_lambda: bool = True) -> nn.Module:
+    model = tiny_bounded_llama(seed=4)
+    add_lora(model, rank=4)
+    with torch.no_grad():  # adapters and a lambda gate that change the outputs
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.normal_(std=0.05)
+        for block in model.model.layers:
+            core = block.self_attn.layer.core
+            if differential_lambda and core.lambda_proj is not None:
+                core.lambda_proj.weight.normal_(std=0.2)
+                core.lambda_proj.bias.fill_(-1.0)
+    return model.eval()
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A 70-token prompt in chunks of 16 (routing into the banks), then 10 tokens one by one."""
+    cache = BoundedCache(model, block_size=16)
+    with torch.no_grad():
+        out = [model(input_ids=ids[:, :70], **cache_kwargs(cache), use_cache=True).logits]
+        for t in range(70, ids.shape[1]):
+            out.append(model(input_ids=ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+def _unique_weight_elements(model: nn.Module) -> int:
+    """Elements of the model's weight matrices (biases aside: a fused bias has zeros for projections without one)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.dim() == 2)
+
+
+def test_a_folded_model_computes_what_it_did() -> None:
+    adapted = _adapted_model()
+    layers = len(adapted.model.layers)
+    folded = copy.deepcopy(adapted)
+    assert fold_for_inference(folded) == Folded(adapters=4 * layers, attention=layers, mlps=layers)
+    ids = torch.randint(0, adapted.config.vocab_size, (2, 80))
+    torch.testing.assert_close(_logits(folded, ids), _logits(adapted, ids), rtol=1e-4, atol=1e-4)
+    block = folded.model.layers[0]
+    assert block.self_attn.layer.input_projection is not None and hasattr(block.mlp, "gate_up_proj")
+    assert fold_for_inference(folded) == Folded(0, 0, 0)  # folding twice changes nothing
+
+
+def test_folding_holds_no_weight_twice() -> None:
+    merged = _adapted_model()
+    from coda_gqa_l.models.lora import merge_lora
+
+    merge_lora(merged)
+    before = _unique_weight_elements(merged)
+    fold_for_inference(merged)
+    assert _unique_weight_elements(merged) == before
+
+
+def test_graph_decode_of_a_folded_model_equals_its_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-model step reads the fused products too (on the CPU in Triton's interpreter)."""
+    assert dispatch.interpreting() or torch.cuda.is_available()
+    model = _adapted_model()
+    fold_for_inference(model)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 200, (2, 40))
+    cache = BoundedCache(model, block_size=16)
+    reference = BoundedCache(model, block_size=16)
+    with torch.no_grad():
+        model(ids[:, :21], **cache_kwargs(cache), use_cache=True)
+        model(ids[:, :21], **cache_kwargs(reference), use_cache=True)
+        want = [
+            model(ids[:, t : t + 1], **cache_kwargs(reference), use_cache=True).logits[:, -1].float()
+            for t in range(21, 40)
+        ]
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    got = [decoder(ids[:, t]) for t in range(21, 40)]
+    torch.testing.assert_close(torch.stack(got, 1), torch.stack(want, 1), atol=2e-4, rtol=2e-4)
