@@ -23,11 +23,14 @@ from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
 from ..fused_linear import fusable_linears, fuse_linears
+from ..kernels.gated_activation import silu_and_mul
 from .lora import merge_lora
 
 # transformers' gated MLPs whose forward is down(act(gate(x)) * up(x)), all with .gate_proj, .up_proj, .down_proj and
 # .act_fn
 GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+# transformers' and PyTorch's SiLU modules (ACT2FN["silu"]): F.silu
+SILU_ACTIVATIONS = frozenset({"SiLUActivation", "SiLU"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ def fuse_gated_mlp(mlp: nn.Module) -> bool:
     gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
     if not isinstance(gate, nn.Linear) or not isinstance(up, nn.Linear) or not fusable_linears([gate, up]):
         return False
+    if gate.out_features != up.out_features:
+        return False
     fused, (gate_rows, up_rows) = fuse_linears([gate, up])
     mlp.gate_up_proj = fused
     mlp.gate_proj, mlp.up_proj = gate_rows, up_rows
@@ -55,9 +60,14 @@ def fuse_gated_mlp(mlp: nn.Module) -> bool:
 
 
 def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
-    """transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with the two products as one."""
-    gate, up = self.gate_up_proj(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
-    out: Tensor = self.down_proj(self.act_fn(gate) * up)
+    """transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with the two products as one, and for SiLU the
+    activation and the product as one pass (``kernels.gated_activation``)."""
+    gate_up = self.gate_up_proj(x)
+    if type(self.act_fn).__name__ in SILU_ACTIVATIONS:
+        out: Tensor = self.down_proj(silu_and_mul(gate_up))
+        return out
+    gate, up = gate_up.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
+    out = self.down_proj(self.act_fn(gate) * up)
     return out
 
 
