@@ -90,3 +90,27 @@ def test_graph_decode_of_a_folded_model_equals_its_forward(monkeypatch: pytest.M
     decoder = GraphModelDecoder(model, cache, capture=False)
     got = [decoder(ids[:, t]) for t in range(21, 40)]
     torch.testing.assert_close(torch.stack(got, 1), torch.stack(want, 1), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_steps_of_a_folded_model_equal_its_forward(dtype: torch.dtype) -> None:
+    """On CUDA the folded products, the window buffer's step and the fused MLP activation run captured."""
+    model = _adapted_model().to("cuda", dtype)
+    fold_for_inference(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (2, 100), device="cuda")
+    cache = BoundedCache(model, block_size=16)
+    reference = BoundedCache(model, block_size=16)
+    with torch.no_grad():
+        model(ids[:, :21], **cache_kwargs(cache), use_cache=True)
+        model(ids[:, :21], **cache_kwargs(reference), use_cache=True)
+        want = [
+            model(ids[:, t : t + 1], **cache_kwargs(reference), use_cache=True).logits[:, -1].float()
+            for t in range(21, 100)
+        ]
+    decoder = GraphModelDecoder(model, cache)
+    got = torch.stack([decoder(ids[:, t]) for t in range(21, 100)], 1)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got, torch.stack(want, 1), **tol)
+    assert {kind for _, kind in decoder._graphs} == {"route", "refresh", "step"}
