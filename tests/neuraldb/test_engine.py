@@ -219,8 +219,9 @@ def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     answer = NeuralDatabase(store).ask("essay", "What is the pass key for the vault?", max_new_tokens=20)
     assert "95319" in answer
 
-    # the CPU's shortcuts (inference routing, decode view) against the plain reference: the same state, bit for bit,
-    # and the same answer
+    # the CPU's shortcuts (inference routing, decode view, banded attention) against the plain reference: the same
+    # answer and the same routing decisions (fill flags, last uses, positions, bit for bit); the stored keys, values
+    # and gates to float rounding (the banded attention rotates from another base: the same distances, other roundings)
     with plain_reference():
         plain_db = NeuralDatabase(tmp_path / "plain")
         plain_info = plain_db.ingest(text, label="essay")
@@ -230,7 +231,11 @@ def test_default_model_answers_a_key_from_a_saved_state(tmp_path: Path) -> None:
     with safe_open(str(fast_file), framework="pt") as fast, safe_open(str(plain_file), framework="pt") as plain:
         assert set(fast.keys()) == set(plain.keys())
         for name in fast.keys():
-            assert torch.equal(fast.get_tensor(name), plain.get_tensor(name)), name
+            got, want = fast.get_tensor(name), plain.get_tensor(name)
+            if want.is_floating_point():
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+            else:
+                assert torch.equal(got, want), name
 
 
 def _rewrite_metadata(path: Path, out: Path, edit: object) -> Path:
