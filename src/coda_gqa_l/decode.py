@@ -236,11 +236,10 @@ def advance_at_device_position(
         # the capture-time start fixes only the number of segments (n / S, routing at each start); only routing
         # reads the window's write gates
         ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
-        new_banks, bank_k, bank_v, bank_bias = route_chunk_triton(
-            banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos
+        # the state's banks routed in place: no copies after the kernel
+        _, bank_k, bank_v, bank_bias = route_chunk_triton(
+            banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos, out=banks
         )
-        for name, value in zip(BANK_FIELDS, new_banks, strict=True):
-            getattr(st, name).copy_(value)
     else:
         bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
     extras = layer.segment_extras(

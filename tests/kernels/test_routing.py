@@ -300,6 +300,30 @@ def test_decode_steps_read_the_position_on_the_device() -> None:
             banks = out[0]
 
 
+@pytest.mark.parametrize("name", ["both", "sinks"])
+def test_routing_in_place_gives_what_routing_into_new_tensors_gives(name: str) -> None:
+    """``out=banks`` (a graph step routes the state's banks in place): the same banks and snapshots, bit for bit,
+    chunk after chunk; a bad ``out`` is refused."""
+    case = CASES[name]
+    cfg = BoundedConfig(**case.config)
+    steps, _, _ = run_reference(case, safe_seed(name), torch.float32)
+    fresh = steps[0][4]
+    in_place = type(fresh)(*(t.clone() for t in fresh))
+    with torch.no_grad():
+        for start, n, ext, eta, _, _ in steps:
+            expected = route_chunk_triton(fresh, *ext, start=start, n=n, eta=eta, config=cfg)
+            got = route_chunk_triton(in_place, *ext, start=start, n=n, eta=eta, config=cfg, out=in_place)
+            assert all(a is b for a, b in zip(got[0], in_place, strict=True))  # written into the given tensors
+            for a, b in zip((*expected[0], *expected[1:]), (*got[0], *got[1:]), strict=True):
+                assert torch.equal(a, b)
+            fresh = expected[0]
+        bad = type(fresh)(*(t.clone() for t in fresh))._replace(
+            ex_k=fresh.ex_k.transpose(2, 3).contiguous().transpose(2, 3)
+        )
+        with pytest.raises(ValueError, match="contiguous"):
+            route_chunk_triton(fresh, *ext, start=start, n=n, eta=eta, config=cfg, out=bad)
+
+
 def test_refuses_autograd_and_bad_shapes() -> None:
     case = CASES["both"]
     cfg = BoundedConfig(**case.config)

@@ -36,6 +36,7 @@ def route_chunk_triton(
     eta: Tensor,
     config: BoundedConfig,
     start_dev: Tensor | None = None,
+    out: Banks | None = None,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
 
@@ -46,20 +47,31 @@ def route_chunk_triton(
             must be the same for the value in ``start_dev``. Without it ``start`` is passed as a
             kernel argument (no host-to-device copy).
 
-    The inputs are left untouched; the returned banks are new tensors.
+        out: contiguous tensors shaped as ``banks``' to write the new banks into (returned as the new banks), which
+            may be ``banks`` itself: each program reads its input bank before the segment loop and writes its result
+            after it (a graph step routes the state's banks in place, with no copies after). Without it the inputs
+            are left untouched and the returned banks are new tensors.
     """
     _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
     B, Hkv, ext_len, Dh = ext_k.shape
     Me, Ms = banks.ex_k.shape[2], banks.sm_k.shape[2]
     nseg = len(chunk_segments(start, n, config.segment))
     dtype, device = banks.ex_k.dtype, ext_k.device
-    out = Banks(*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in banks))
+    if out is None:
+        out = Banks(*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in banks))
+    else:
+        for name, dst, src in zip(Banks._fields, out, banks, strict=True):
+            if dst.shape != src.shape or dst.dtype != src.dtype or not dst.is_contiguous():
+                raise ValueError(f"out.{name} must be a contiguous {src.dtype} tensor of shape {tuple(src.shape)}")
+        if any(not src.is_contiguous() for src in banks):  # an input copy would not alias the output
+            raise ValueError("routing in place needs contiguous banks")
     snap_k = torch.empty(B, Hkv, nseg, Me + Ms, Dh, dtype=dtype, device=device)
     snap_v = torch.empty_like(snap_k)
     snap_b = torch.empty(B, Hkv, nseg, Me + Ms, dtype=torch.float32, device=device)
     if nseg == 0 or Me + Ms == 0:
         for dst, src in zip(out, banks, strict=True):
-            dst.copy_(src)
+            if dst is not src:
+                dst.copy_(src)
         return out, snap_k, snap_v, snap_b
 
     from .routing_triton import _route_chunk_kernel
