@@ -62,10 +62,17 @@ def run(model, cache):
 bounded, tok = load_coda_smollm2(progress=False)
 original, _ = load_smollm2(progress=False)
 original.eval()
+merged_only = None
+if "bounded-merged" in models:  # adapters merged, products not fused: the model before the inference fold
+    from coda_gqa_l.models.lora import merge_lora
+    merged_only, _ = load_coda_smollm2(progress=False, merge_adapters=False)
+    merge_lora(merged_only)
 runs = {name: [] for name in models}
 for _ in range(repeats):  # interleaved, so that a slow spell of the machine falls on both
     if "bounded" in runs:
         runs["bounded"].append(run(bounded, BoundedCache(bounded, block_size=1024)))
+    if "bounded-merged" in runs:
+        runs["bounded-merged"].append(run(merged_only, BoundedCache(merged_only, block_size=1024)))
     if "original" in runs:
         runs["original"].append(run(original, DynamicCache()))
 result = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
@@ -82,9 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2048, help="tokens ingested per cell (default 2048)")
     p.add_argument("--answer-tokens", type=int, default=32, help="tokens decoded per cell (default 32)")
     p.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1 and every core)")
-    models_help = "models per cell: the bounded one alone for contexts the original cannot read in time"
-    p.add_argument("--models", nargs="+", default=["bounded", "original"], choices=["bounded", "original"],
-                   help=models_help + " (default both)")  # fmt: skip
+    models_help = (
+        "models per cell: the bounded one alone for contexts the original cannot read in time; bounded-merged: "
+        "adapters merged, products not fused (the inference fold's baseline)"
+    )
+    p.add_argument("--models", nargs="+", default=["bounded", "original"],
+                   help=models_help + " (default bounded original)",
+                   choices=["bounded", "original", "bounded-merged"])  # fmt: skip
     repeats_help = "interleaved runs of each model per cell, reported as medians (default 1)"
     p.add_argument("--repeats", type=int, default=1, help=repeats_help)
     p.add_argument("--neighbours", nargs="+", default=["idle", "busy"], choices=["idle", "busy"],
@@ -142,6 +153,17 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {_rate(b, 'answer_tokens_per_s', '.1f')} | {_rate(o, 'answer_tokens_per_s', '.1f')} "
             f"| {_ratio(b, o, 'answer_tokens_per_s')} | {r['wall_s']:.0f} |"
         )
+    if any("bounded-merged" in r for r in rows):
+        lines += ["", "| threads | neighbour | merged-only ingest tok/s | folded / merged-only ingest "
+                  "| merged-only answer tok/s | folded / merged-only answer |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            b, m = r.get("bounded"), r.get("bounded-merged")
+            lines.append(
+                f"| {r['threads']} | {r['neighbour']} | {_rate(m, 'ingest_tokens_per_s', ',.0f')} "
+                f"| {_ratio(b, m, 'ingest_tokens_per_s')} | {_rate(m, 'answer_tokens_per_s', '.1f')} "
+                f"| {_ratio(b, m, 'answer_tokens_per_s')} |"
+            )
     return "\n".join(lines)
 
 
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for busy in [n == "busy" for n in args.neighbours]:
         for threads in thread_counts:
             rows.append(cell(threads, busy, args))
-            print(render(rows[-1:]).splitlines()[-1], flush=True)
+            print(render(rows[-1:]).splitlines()[2], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/cpu_threads.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
