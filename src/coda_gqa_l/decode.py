@@ -170,6 +170,7 @@ def advance_at_device_position(
     routes: bool,
     kept: KeptExtras | None = None,
     reuse: bool = False,
+    sinks: bool = True,
 ) -> Tensor:
     """``n`` tokens ``x (B, n, D)`` from the 0-d device position ``pos``: returns ``(B, n, D)`` and writes the
     state's tensors in place (their identity is kept, so they can be a graph's static buffers).
@@ -186,6 +187,8 @@ def advance_at_device_position(
     reads them from there instead of computing them, adds its token to the kept window, and writes no sink: right
     only inside the segment they were computed in, after the sinks are written (the caller's bookkeeping:
     ``models.graph_decode``).
+    ``sinks=False``: the tokens are past the sinks (``pos >= num_sink``, the caller knows it on the host), so no sink
+    is written (a captured chunk read after the first chunk).
     """
     cfg, core = layer.config, layer.core
     W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
@@ -219,7 +222,7 @@ def advance_at_device_position(
     ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
-    if Ns:
+    if Ns and sinks:
         # tokens among the first Ns are also sinks (a no-op write at later positions)
         if n == 1:  # the decode step: fewer kernels than the chunk's gather
             is_new = step_tables.table(("sink", at, Ns), lambda: (sink_index == pos).view(1, 1, Ns, 1))

@@ -4,6 +4,7 @@ eagerly with Triton's interpreter; on CUDA it is captured."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -66,6 +67,30 @@ def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(dispatch.BACKEND_ENV)
     nxt = torch.randint(0, 200, (2, 1))
     torch.testing.assert_close(_forward(model, cache, nxt, 1), _forward(model, reference, nxt, 1), atol=2e-4, rtol=2e-4)
+
+
+def test_a_read_that_reaches_the_sinks_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments shorter than the sinks: a read from position 4 holds sinks 4 and 5 (its "read sinks" graph writes
+    them); the next read, past the sinks, skips the write. The state and logits are the forward's."""
+    torch.manual_seed(2)
+    config = dataclasses.replace(GRAPH_CONFIG, segment=4, num_sink=6)
+    model = tiny_bounded_llama(seed=5, config=config)
+    ids = torch.randint(0, 200, (2, 28))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 28)
+    cache = BoundedCache(model)
+    _forward(model, cache, ids[:, :4], 4)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    kinds: list[str] = []
+    real_step = decoder._step
+    monkeypatch.setattr(decoder, "_step", lambda states, ids, kind: kinds.append(kind) or real_step(states, ids, kind))
+    decoder.read(ids[:, 4:12])
+    logits = decoder.read(ids[:, 12:28])
+    assert kinds == ["read sinks", "read"]
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    decoder.release()
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
 
 
 def test_a_read_must_start_and_end_on_segment_boundaries() -> None:

@@ -95,7 +95,8 @@ class GraphModelDecoder:
             self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
         # keyed by (tokens, kind): (1, "step") a step inside a segment, reading the segment's extras kept by
         # (1, "refresh") a step that computes them (the first after an adopt, a read or a capture; one that writes a
-        # sink) and (1, "route") the step that starts a segment and routes into the banks; (n, "read") a chunk
+        # sink) and (1, "route") the step that starts a segment and routes into the banks; (n, "read") a chunk past
+        # the sinks, (n, "read sinks") one that writes sinks
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self._kept = [KeptExtras() for _ in self.attention]  # each layer's segment extras, static buffers
         self._extras_valid = False  # whether _kept holds the live state's current segment
@@ -193,7 +194,9 @@ class GraphModelDecoder:
         if buffer is None:
             with torch.inference_mode(False):
                 buffer = self._chunk_ids[n] = torch.zeros(self.batch_size, n, dtype=torch.int64, device=self.device)
-        self._run(states, buffer, token_ids, "read")
+        # a chunk past the sinks skips their write (a graph node per layer and tensor); only a stream's first
+        # tokens need it
+        self._run(states, buffer, token_ids, "read" if states[0].pos >= self._num_sink else "read sinks")
         self._extras_valid = False
         return self._logits.clone()
 
@@ -267,9 +270,10 @@ class GraphModelDecoder:
                 self._pos,
                 self._window_offsets[index],
                 self._sink_index[index],
-                kind in ("route", "read"),
-                self._kept[index] if kind != "read" else None,
+                kind in ("route", "read", "read sinks"),
+                self._kept[index] if not kind.startswith("read") else None,
                 reuse=kind == "step",
+                sinks=kind != "read",
             )
             h, x = self._add_norm(h, attended, block.post_attention_layernorm)
             h, x = self._add_norm(h, block.mlp(x), norms[index])
@@ -298,7 +302,7 @@ class GraphModelDecoder:
             graph = capture_step(lambda: self._step(live, ids, kind), warm_up, self.device, self._stream, self._pool)
         except Exception as error:
             self.failed = True
-            step = f"{ids.shape[1]}-token read" if kind == "read" else f"{kind} decode"
+            step = f"{ids.shape[1]}-token {kind}" if kind.startswith("read") else f"{kind} decode"
             raise GraphCaptureError(f"capturing the {step} step failed: {error}") from error
         # capturing records the step without running it: the live state and position are unchanged
         self._pool = graph.pool()
