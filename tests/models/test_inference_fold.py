@@ -114,3 +114,21 @@ def test_captured_steps_of_a_folded_model_equal_its_forward(dtype: torch.dtype) 
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(got, torch.stack(want, 1), **tol)
     assert {kind for _, kind in decoder._graphs} == {"route", "refresh", "step"}
+
+
+def test_the_gate_logits_hook_sees_a_folded_layers_gates() -> None:
+    """``recorded_gate_logits`` (needle_trace, the gate's training loss) reads the gate columns of the fused product."""
+    from coda_gqa_l.training.gate_supervision import recorded_gate_logits
+
+    adapted = _adapted_model()
+    folded = copy.deepcopy(adapted)
+    fold_for_inference(folded)
+    ids = torch.randint(0, 200, (1, 24))
+    seen = []
+    for model in (adapted, folded):
+        with torch.no_grad(), recorded_gate_logits(model) as logits:
+            model(ids, **cache_kwargs(BoundedCache(model)), use_cache=True)
+        seen.append(logits)
+    assert len(seen[1]) == len(seen[0]) == len(adapted.model.layers)
+    for got, want in zip(seen[1], seen[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -42,7 +42,15 @@ def recorded_gate_logits(model: nn.Module, enabled: bool = True) -> Iterator[lis
     if not enabled:
         yield logits
         return
-    hooks = [m.gate_proj.register_forward_hook(lambda _m, _i, out: logits.append(out)) for m in bounded_modules(model)]
+    hooks = []
+    for m in bounded_modules(model):
+        if m.input_projection is not None:
+            # a layer folded for inference computes the gate as the last columns of its one input product
+            width = m.num_kv_heads
+            hook = m.input_projection.register_forward_hook(lambda _m, _i, out, w=width: logits.append(out[..., -w:]))
+        else:
+            hook = m.gate_proj.register_forward_hook(lambda _m, _i, out: logits.append(out))
+        hooks.append(hook)
     try:
         yield logits
     finally:
