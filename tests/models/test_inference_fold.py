@@ -132,3 +132,15 @@ def test_the_gate_logits_hook_sees_a_folded_layers_gates() -> None:
     assert len(seen[1]) == len(seen[0]) == len(adapted.model.layers)
     for got, want in zip(seen[1], seen[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_folded_model_is_not_saved_as_coda_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its parameters no longer split into base weights and adapters: saving it would lose the trained function."""
+    from coda_gqa_l.models.weights import save_coda_weights
+
+    model = _adapted_model()
+    save_coda_weights(model, tmp_path / "before.safetensors", base="tiny")  # unfolded: fine
+    fold_for_inference(model)
+    with pytest.raises(ValueError, match="folded for inference"):
+        save_coda_weights(model, tmp_path / "after.safetensors", base="tiny")
+    assert not (tmp_path / "after.safetensors").exists()

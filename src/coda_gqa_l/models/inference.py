@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..attention import BoundedCoDAAttention
 from ..fused_linear import fusable_linears, fuse_linears
 from ..kernels.gated_activation import silu_and_mul
-from .lora import merge_lora
+from .lora import INFERENCE_ONLY, merge_lora
 
 # transformers' gated MLPs whose forward is down(act(gate(x)) * up(x)), all with .gate_proj, .up_proj, .down_proj and
 # .act_fn
@@ -77,4 +77,6 @@ def fold_for_inference(model: nn.Module) -> Folded:
     layers = [m for m in model.modules() if isinstance(m, BoundedCoDAAttention)]
     attention = sum(layer.fuse_input_projections() for layer in layers)
     mlps = sum(fuse_gated_mlp(module) for module in list(model.modules()))
+    if attention or mlps:
+        setattr(model, INFERENCE_ONLY, True)
     return Folded(adapters, attention, mlps)

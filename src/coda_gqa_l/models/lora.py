@@ -79,6 +79,11 @@ def lora_settings(model: nn.Module) -> dict[str, float] | None:
     return None
 
 
+# set on a model whose adapters were merged or whose products were fused (models/inference.py): its parameters no
+# longer split into base weights and adapters, so save_coda_weights refuses it
+INFERENCE_ONLY = "_coda_gqa_l_inference_only"
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base projection: ``W + scale * B A`` in one ``nn.Linear``; returns how many.
 
@@ -105,4 +110,6 @@ def merge_lora(model: nn.Module) -> int:
             linear.requires_grad_(base.weight.requires_grad)
             setattr(parent, name, linear)
             merged += 1
+    if merged:
+        setattr(model, INFERENCE_ONLY, True)
     return merged

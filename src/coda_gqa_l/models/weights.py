@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import BoundedConfig, check_routing_names
 from .convert import convert
-from .lora import add_lora, lora_settings
+from .lora import INFERENCE_ONLY, add_lora, lora_settings
 from .params import saved_parameters
 
 FORMAT = "coda-gqa-l/weights"
@@ -41,6 +41,12 @@ def save_coda_weights(
     settings = getattr(getattr(model, "config", None), "coda_gqa_l", None)
     if not settings:
         raise ValueError("the model is not converted (no config.coda_gqa_l): nothing to save")
+    if getattr(model, INFERENCE_ONLY, False):
+        raise ValueError(
+            "the model was folded for inference (LoRA merged or products fused: lora.merge_lora, "
+            "inference.fold_for_inference), so its parameters no longer split into base weights and adapters; "
+            "save from a model loaded without folding (load_coda_smollm2(merge_adapters=False))"
+        )
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in saved_parameters(model).items()}
     meta = {
         "format": FORMAT,
