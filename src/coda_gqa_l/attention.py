@@ -175,7 +175,7 @@ class BoundedCoDAAttention(nn.Module):
             core.q_proj,
             core.k_proj,
             core.v_proj,
-            *([core.lambda_proj] if core.lambda_proj else []),
+            *([core.lambda_proj] if core.lambda_proj is not None else []),
             self.gate_proj,
         ]
         if self.input_projection is not None or not fusable_linears(parts):
