@@ -51,18 +51,8 @@ def attend_banded(
     rope: RotaryEmbedding,
     scale: float,
 ) -> Tensor:
-    """Attention outputs for tokens ``start .. start + n - 1``; arguments and result as ``attend_segments``'s:
-
-    Args:
-        q: ``(B, Hkv, Q, n, Dh)`` stacked queries before RoPE.
-        ext_k, ext_v: ``(B, Hkv, W + n, Dh)`` keys (as stored) and values of tokens
-            ``start - W .. start + n - 1``; entries for tokens ``< 0`` are ignored.
-        sink_k, sink_v: ``(B, Hkv, Ns, Dh)`` sinks, those of this chunk already written.
-        bank_k, bank_v: ``(B, Hkv, nseg, M, Dh)`` bank snapshot per segment the chunk touches.
-        bank_bias: ``(B, Hkv, nseg, M)`` float32 logit offsets (``log g``; ``-inf`` if empty).
-    Returns:
-        ``(B, Hkv, Q, n, Dh)`` in the dtype of ``q``.
-    """
+    """``segment_attention.attend_segments``'s outputs (its arguments and shapes) by the banded path (module
+    docstring)."""
     S, W, Ns = config.segment, config.window, config.num_sink
     B, Hkv, Qs, n, D = q.shape
     device = q.device

@@ -27,7 +27,7 @@ from .attention import BoundedCoDAAttention, SegmentExtras
 from .kernels.rope import rotate_keys
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
-from .kernels.window_step import WindowStep, write_window_step
+from .kernels.window_step import WindowStep, WindowTargets, write_window_step
 from .primitives import apply_rope
 from .state import BANK_FIELDS, Banks, BoundedState
 
@@ -211,10 +211,8 @@ def advance_at_device_position(
             token_step.cos, token_step.sin = step_tables.cos_sin(
                 core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device)
             )
-        write_window_step(
-            token_step, st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v,
-            pos, S, core.rope.layout,
-        )  # fmt: skip
+        targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
+        write_window_step(token_step, targets, pos, S, core.rope.layout)
         return layer.attend_fused(
             q, lam, kept.window_k, kept.window_v, st.sink_k, st.sink_v, None, None, None, pos,
             extras=kept.value, segment_window=True,

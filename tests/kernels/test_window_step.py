@@ -8,7 +8,12 @@ import torch
 
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
-from coda_gqa_l.kernels.window_step import WindowStep, write_window_step, write_window_step_reference
+from coda_gqa_l.kernels.window_step import (
+    WindowStep,
+    WindowTargets,
+    write_window_step,
+    write_window_step_reference,
+)
 from coda_gqa_l.primitives import RotaryEmbedding, apply_rope
 
 B, HKV, W, S, D = 2, 3, 32, 8, 24  # a head size that is not a power of two: the masked tail
@@ -43,8 +48,8 @@ def _check_against_reference(device: str, dtype: torch.dtype, layout: str, rotat
         )
         ours = _targets(device, dtype, torch.Generator().manual_seed(pos_value))
         expected = [t.clone() for t in ours]
-        write_window_step(step, *ours, pos, S, layout)  # type: ignore[arg-type]
-        write_window_step_reference(step, *expected, pos, S, layout)  # type: ignore[arg-type]
+        write_window_step(step, WindowTargets(*ours), pos, S, layout)  # type: ignore[arg-type]
+        write_window_step_reference(step, WindowTargets(*expected), pos, S, layout)  # type: ignore[arg-type]
         for got, want in zip(ours, expected, strict=True):
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
         slot, at = pos_value % W, W - S + pos_value % S

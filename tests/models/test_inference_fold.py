@@ -70,6 +70,20 @@ def test_folding_holds_no_weight_twice() -> None:
     assert _unique_weight_elements(merged) == before
 
 
+def _prompted_and_expected(model: nn.Module, ids: torch.Tensor) -> tuple[BoundedCache, torch.Tensor]:
+    """A cache that read the first 21 tokens, and the forward's next-token logits for the rest, one step each
+    (from a second cache): what a graph decoder continuing the first cache must give."""
+    cache, reference = BoundedCache(model, block_size=16), BoundedCache(model, block_size=16)
+    with torch.no_grad():
+        model(ids[:, :21], **cache_kwargs(cache), use_cache=True)
+        model(ids[:, :21], **cache_kwargs(reference), use_cache=True)
+        want = [
+            model(ids[:, t : t + 1], **cache_kwargs(reference), use_cache=True).logits[:, -1].float()
+            for t in range(21, ids.shape[1])
+        ]
+    return cache, torch.stack(want, 1)
+
+
 def test_graph_decode_of_a_folded_model_equals_its_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole-model step reads the fused products too (on the CPU in Triton's interpreter)."""
     assert dispatch.interpreting() or torch.cuda.is_available()
@@ -77,19 +91,11 @@ def test_graph_decode_of_a_folded_model_equals_its_forward(monkeypatch: pytest.M
     fold_for_inference(model)
     torch.manual_seed(1)
     ids = torch.randint(0, 200, (2, 40))
-    cache = BoundedCache(model, block_size=16)
-    reference = BoundedCache(model, block_size=16)
-    with torch.no_grad():
-        model(ids[:, :21], **cache_kwargs(cache), use_cache=True)
-        model(ids[:, :21], **cache_kwargs(reference), use_cache=True)
-        want = [
-            model(ids[:, t : t + 1], **cache_kwargs(reference), use_cache=True).logits[:, -1].float()
-            for t in range(21, 40)
-        ]
+    cache, want = _prompted_and_expected(model, ids)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     decoder = GraphModelDecoder(model, cache, capture=False)
     got = [decoder(ids[:, t]) for t in range(21, 40)]
-    torch.testing.assert_close(torch.stack(got, 1), torch.stack(want, 1), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(torch.stack(got, 1), want, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.gpu
@@ -100,19 +106,11 @@ def test_captured_steps_of_a_folded_model_equal_its_forward(dtype: torch.dtype) 
     fold_for_inference(model)
     torch.manual_seed(0)
     ids = torch.randint(0, 200, (2, 100), device="cuda")
-    cache = BoundedCache(model, block_size=16)
-    reference = BoundedCache(model, block_size=16)
-    with torch.no_grad():
-        model(ids[:, :21], **cache_kwargs(cache), use_cache=True)
-        model(ids[:, :21], **cache_kwargs(reference), use_cache=True)
-        want = [
-            model(ids[:, t : t + 1], **cache_kwargs(reference), use_cache=True).logits[:, -1].float()
-            for t in range(21, 100)
-        ]
+    cache, want = _prompted_and_expected(model, ids)
     decoder = GraphModelDecoder(model, cache)
     got = torch.stack([decoder(ids[:, t]) for t in range(21, 100)], 1)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
-    torch.testing.assert_close(got, torch.stack(want, 1), **tol)
+    torch.testing.assert_close(got, want, **tol)
     assert {kind for _, kind in decoder._graphs} == {"route", "refresh", "step"}
 
 

@@ -42,56 +42,49 @@ def _check(step: WindowStep, ring_k: Tensor, buffer_k: Tensor, segment: int) -> 
         raise ValueError(f"the window ({W}) must be a multiple of the segment ({segment})")
 
 
+@dataclass
+class WindowTargets:
+    """Where a step writes, in place: the state's ring ``ring_k``/``ring_v`` ``(B, Hkv, W, Dh)`` and ``ring_g``
+    ``(B, Hkv, W)``, its row positions ``position (B,)``, and the segment's window buffer ``buffer_k``/``buffer_v``
+    ``(B, Hkv, W, Dh)`` (``decode.KeptExtras``)."""
+
+    ring_k: Tensor
+    ring_v: Tensor
+    ring_g: Tensor
+    position: Tensor
+    buffer_k: Tensor
+    buffer_v: Tensor
+
+
 def write_window_step_reference(
-    step: WindowStep,
-    ring_k: Tensor,
-    ring_v: Tensor,
-    ring_g: Tensor,
-    position: Tensor,
-    buffer_k: Tensor,
-    buffer_v: Tensor,
-    pos: Tensor,
-    segment: int,
-    layout: RopeLayout,
+    step: WindowStep, to: WindowTargets, pos: Tensor, segment: int, layout: RopeLayout
 ) -> None:
     """In place: ring slot ``pos % W`` <- (k, v, g); ``position += 1``; buffer slot ``W - S + pos % S`` <- (k rotated
     at ``pos``, v)."""
-    W = ring_k.shape[2]
+    W = to.ring_k.shape[2]
     slot = (pos % W).view(1)
-    ring_k.index_copy_(2, slot, step.k.to(ring_k.dtype))
-    ring_v.index_copy_(2, slot, step.v.to(ring_v.dtype))
-    ring_g.index_copy_(2, slot, step.g.to(ring_g.dtype))
-    position.add_(1)
+    to.ring_k.index_copy_(2, slot, step.k.to(to.ring_k.dtype))
+    to.ring_v.index_copy_(2, slot, step.v.to(to.ring_v.dtype))
+    to.ring_g.index_copy_(2, slot, step.g.to(to.ring_g.dtype))
+    to.position.add_(1)
     key = step.k
     if step.cos is not None and step.sin is not None:
         key = apply_rope(key.float(), step.cos, step.sin, layout)
     at = (W - segment + pos % segment).view(1)
-    buffer_k.index_copy_(2, at, key.to(buffer_k.dtype))
-    buffer_v.index_copy_(2, at, step.v.to(buffer_v.dtype))
+    to.buffer_k.index_copy_(2, at, key.to(to.buffer_k.dtype))
+    to.buffer_v.index_copy_(2, at, step.v.to(to.buffer_v.dtype))
 
 
-def write_window_step(
-    step: WindowStep,
-    ring_k: Tensor,
-    ring_v: Tensor,
-    ring_g: Tensor,
-    position: Tensor,
-    buffer_k: Tensor,
-    buffer_v: Tensor,
-    pos: Tensor,
-    segment: int,
-    layout: RopeLayout,
-) -> None:
-    """``write_window_step_reference`` in one Triton launch on the Triton backend (every tensor contiguous)."""
-    _check(step, ring_k, buffer_k, segment)
+def write_window_step(step: WindowStep, to: WindowTargets, pos: Tensor, segment: int, layout: RopeLayout) -> None:
+    """``write_window_step_reference`` in one Triton launch on the Triton backend (every target contiguous)."""
+    _check(step, to.ring_k, to.buffer_k, segment)
     if not use_triton(step.k.device):
-        write_window_step_reference(step, ring_k, ring_v, ring_g, position, buffer_k, buffer_v, pos, segment, layout)
+        write_window_step_reference(step, to, pos, segment, layout)
         return
     from .window_step_triton import _window_step_kernel
 
     B, Hkv, _, D = step.k.shape
-    for name, t in (("ring_k", ring_k), ("ring_v", ring_v), ("ring_g", ring_g), ("buffer_k", buffer_k),
-                    ("buffer_v", buffer_v), ("position", position)):  # fmt: skip
+    for name, t in vars(to).items():
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is written in place)")
     k, v, g = step.k.contiguous(), step.v.contiguous(), step.g.contiguous()
@@ -99,7 +92,7 @@ def write_window_step(
     cos = step.cos.contiguous() if step.cos is not None else k  # unread without ROTATE
     sin = step.sin.contiguous() if step.sin is not None else k
     _window_step_kernel[(B * Hkv,)](
-        k, v, g, cos, sin, pos, ring_k, ring_v, ring_g, position, buffer_k, buffer_v,
-        Hkv, ring_k.shape[2], segment,
+        k, v, g, cos, sin, pos, to.ring_k, to.ring_v, to.ring_g, to.position, to.buffer_k, to.buffer_v,
+        Hkv, to.ring_k.shape[2], segment,
         HEAD_DIM=D, BLOCK_D=tile_size(D, least=2), ROTATE=rotate, HALF=layout == "half", num_warps=1,
     )  # fmt: skip
