@@ -576,7 +576,9 @@ class BoundedCoDAAttention(nn.Module):
                     return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
 
                 cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
-                sinks_k = apply_rope(sinks_k.float(), cos, sin, layout).to(sink_k.dtype)
+                # one rotation pass over the segments' sink rows (as the banks' above), not five elementwise ones
+                flat = sinks_k.reshape(B, sink_k.shape[1], nseg * Ns, D)
+                sinks_k = rotate(flat, cos.reshape(nseg * Ns, D), sin.reshape(nseg * Ns, D), layout).view(sinks_k.shape)
             extra_k = torch.cat([sinks_k, extra_k], dim=3)
             extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
             extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
