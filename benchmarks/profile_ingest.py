@@ -9,7 +9,8 @@ through transformers' ``DynamicCache``. The next chunk is then read again ``--re
 cache, once under ``torch.profiler`` and once without it (the wall time: the profiler slows every launch it records);
 each figure is the median over those reads. On CUDA a third column reads the chunk with one replay of the whole
 model's captured chunk graph (``GraphModelDecoder.read``, as the neural database ingests there), and a last table
-times one answer token's graph-decoded step and lists its kernels. Per model: the chunk's wall time; on
+times one answer token's graph-decoded step (its wall time, and the host's own time per call when it does not wait)
+and lists its kernels with their calls per step. Per model: the chunk's wall time; on
 CUDA the device-busy time (kernel times added up), the kernel launches and the host synchronisations (counted with
 ``torch.cuda.set_sync_debug_mode("warn")`` in a separate read, since each stalls the queue of launches); the time per
 family of kernels (CUDA) or operators (CPU): bank routing, attention, RoPE, matrix products, copies, elementwise and
@@ -245,16 +246,25 @@ def profile_decode(
             decoder(token)
         synchronise(device)
         times.append((time.perf_counter() - began) / steps)
+    host = []  # the host's own time per step: 20 calls queued behind a synchronisation, not waited for
+    for _ in range(3):
+        synchronise(device)
+        began = time.perf_counter()
+        for _ in range(20):
+            decoder(token)
+        host.append((time.perf_counter() - began) / 20)
     synchronise(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             decoder(token)
         synchronise(device)
     per_name: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
     kernels = 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_name[event.name] += event.time_range.elapsed_us() / 1e6 / 20
+            calls[event.name] += 1 / 20
             kernels += not COPIES.search(event.name)
     families: Counter[str] = Counter()
     for name, seconds in per_name.items():
@@ -264,11 +274,12 @@ def profile_decode(
         "context": context.shape[1],
         "step_wall_s": step_s,
         "tokens_per_s": 1 / step_s,
+        "step_host_s": statistics.median(host),
         "step_busy_s": sum(per_name.values()),
         "kernels_per_step": kernels / 20,
         "families_s": dict(sorted(families.items(), key=lambda item: -item[1])),
         "top": [
-            {"name": name[:120], "s": seconds, "family": family(name)}
+            {"name": name[:120], "s": seconds, "calls": calls[name], "family": family(name)}
             for name, seconds in sorted(per_name.items(), key=lambda item: -item[1])[:15]
         ],
     }
@@ -306,14 +317,17 @@ def table(result: dict[str, Any]) -> list[str]:
             "",
             f"bounded, one decode step through the whole model's CUDA graphs after {decode['context']:,} tokens: "
             f"{decode['step_wall_s'] * 1e3:.2f} ms wall ({decode['tokens_per_s']:,.0f} tokens/s), "
-            f"{decode['step_busy_s'] * 1e3:.2f} ms device busy, {decode['kernels_per_step']:.0f} kernels per step",
+            f"{decode['step_busy_s'] * 1e3:.2f} ms device busy, {decode['step_host_s'] * 1e3:.2f} ms of host work "
+            f"(calls not waited for), {decode['kernels_per_step']:.0f} kernels per step",
             "",
             "| family | ms per step |",
             "|---|---|",
         ]
         lines += [f"| {f} | {sec * 1e3:.3f} |" for f, sec in decode["families_s"].items()]
-        lines += ["", "| decode kernel | family | ms per step |", "|---|---|---|"]
-        lines += [f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.3f} |" for row in decode["top"]]
+        lines += ["", "| decode kernel | family | ms per step | calls per step |", "|---|---|---|---|"]
+        lines += [
+            f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.3f} | {row['calls']:.0f} |" for row in decode["top"]
+        ]
     return lines
 
 

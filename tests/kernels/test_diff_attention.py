@@ -15,7 +15,13 @@ import torch
 from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, token_like
 
 from coda_gqa_l.kernels import BACKEND_ENV, backend
-from coda_gqa_l.kernels.diff_attention import Pattern, differential_attention, fused_attention, reference_attention
+from coda_gqa_l.kernels.diff_attention import (
+    SEGMENT_WINDOW,
+    Pattern,
+    differential_attention,
+    fused_attention,
+    reference_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -160,6 +166,48 @@ def test_kernel_matches_reference_in_bfloat16(name: str, use_triton: None) -> No
         err = (ours - truth).norm().item()
         ref_err = (theirs - truth).norm().item()
         assert err <= 2 * ref_err + 1e-3 * truth.norm().item(), f"{name}/{label}: {err:.3e} vs {ref_err:.3e}"
+
+
+# ------------------------------------------------------------------ a one-token step (the split forward)
+DECODE_CASES = {
+    # name: (pattern, q_start, main keys, k_offset, head_dim, group, extras, differential, norm)
+    "causal": (Pattern(), 200, 201, 200, 16, 2, 0, True, True),
+    "causal-long-stretches": (Pattern(), 4000, 4001, 4000, 16, 1, 0, True, False),  # 63 tiles in 32 stretches
+    "causal-plain-gqa": (Pattern(), 90, 91, 90, 12, 3, 0, False, False),
+    "bounded-midsegment": (Pattern(True, 32, 8, 3), 45, 33, 32, 16, 2, 7, True, True),
+    "bounded-sink-token": (Pattern(True, 32, 8, 3), 1, 33, 32, 16, 2, 7, True, False),  # sinks follow causality
+    "bounded-many-extras": (Pattern(True, 64, 8, 4), 301, 65, 64, 16, 2, 150, True, True),  # three extra chunks
+    "segment-window": (Pattern(True, 32, 8, 3), 46, 32, SEGMENT_WINDOW, 16, 2, 7, True, True),
+    "segment-window-first": (Pattern(True, 256, 64, 4), 8192, 256, SEGMENT_WINDOW, 64, 3, 128, True, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_one_token_step_matches_reference(name: str, dtype: torch.dtype, use_triton: None) -> None:
+    """A decode step (one query row, no gradient) runs the split forward and its combine: the reference's output
+    within the dtype's rule (twice the same-dtype reference's error against float64, plus a rounding floor)."""
+    pattern, q_start, keys, k_offset, head_dim, group, extras, differential, norm = DECODE_CASES[name]
+    with torch.no_grad():
+        tensors = _problem(
+            batch=2, kv_heads=2, group=group, length=1, head_dim=head_dim, keys=keys, extras=extras, segments=1,
+            differential=differential, norm=norm, dtype=dtype, seed=int(torch.randint(0, 2**31, ()).item()),
+        )  # fmt: skip
+        q, k, v, lam = tensors["q"], tensors["k"], tensors["v"], tensors["lam"]
+        assert q is not None and k is not None and v is not None
+        args = {key: tensors[key] for key in ("extra_k", "extra_v", "extra_bias", "norm_weight")}
+        ours = fused_attention(q, k, v, lam, q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5,
+                               pattern=pattern, **args)  # type: ignore[arg-type]  # fmt: skip
+        if k_offset == SEGMENT_WINDOW:  # the buffer's first key is token b - W + S
+            S = pattern.segment
+            k_offset = q_start - ((q_start // S) * S - pattern.window + S)
+        kwargs = dict(q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5, pattern=pattern, **args)
+        exact = reference_attention(q, k, v, lam, **kwargs, compute_dtype=torch.float64)  # type: ignore[arg-type]
+        same = reference_attention(q, k, v, lam, **kwargs, compute_dtype=dtype)  # type: ignore[arg-type]
+    err = (ours.double() - exact).abs().max().item()
+    ref_err = (same.double() - exact).abs().max().item()
+    floor = (2e-6 if dtype == torch.float32 else 1e-2) * max(exact.abs().max().item(), 1.0)
+    assert err <= 2 * ref_err + floor, f"{name}: {err:.2e} against the reference's {ref_err:.2e}"
 
 
 def test_differential_attention_is_causal_and_differentiable(use_triton: None) -> None:

@@ -35,7 +35,7 @@ def _targets(device: str, dtype: torch.dtype, gen: torch.Generator) -> list[torc
 
 def _check_against_reference(device: str, dtype: torch.dtype, layout: str, rotate: bool, tol: float) -> None:
     gen = torch.Generator().manual_seed(7)
-    rope = RotaryEmbedding(D, base=10000.0, layout=layout)  # type: ignore[arg-type]
+    rope = RotaryEmbedding(D, base=10000.0, layout=layout).to(device)  # type: ignore[arg-type]
     for pos_value in (77, 80, 95):  # inside a segment, its first token, its last
         pos = torch.tensor(pos_value, device=device)
         cos, sin = rope.cos_sin(pos.view(1), torch.float32) if rotate else (None, None)

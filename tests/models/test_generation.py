@@ -226,4 +226,6 @@ def test_generate_with_our_loop_on_cuda_captures_once_and_gives_the_forwards_tok
         second = _generate(model, ids, BoundedCache(model), max_new_tokens=40, custom_generate=bounded_decoding)
         assert torch.equal(first, expected) and torch.equal(second, expected), device
         pool = shared_decoder_pool(model)
-        assert len(pool._idle) == 1 and len(pool._idle[0]._graphs) == 2 and not pool.capture_failed
+        # one graph per kind of one-token step: a plain step, the step that refreshes the segment's extras, the route
+        assert len(pool._idle) == 1 and not pool.capture_failed
+        assert set(pool._idle[0]._graphs) == {(1, "step"), (1, "refresh"), (1, "route")}

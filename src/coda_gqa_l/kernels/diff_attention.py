@@ -209,6 +209,10 @@ def _diff_attn_fwd(
     E = ek.shape[3] if has_extras else 0
     lam_t = lam if lam is not None else _placeholder(q, torch.float32).view(1, 1, 1)
     nw = norm_weight if norm_weight is not None else _placeholder(q)
+    if L == 1 and not store_streams:  # a decode step: the keys split over programs
+        _decode_split(q, k, v, lam_t, ek, ev, eb, nw, pos, o, k_offset, E, H, G, scale, eps, bounded, window, seg,
+                      num_sink, diff, norm_weight is not None)  # fmt: skip
+        return o, a, lse
     block_m, block_n, warps = _fwd_blocks(D)
     grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
     kernels = _kernels()
@@ -234,6 +238,46 @@ def _diff_attn_fwd(
         **launch,
     )  # fmt: skip
     return o, a, lse
+
+
+# a decode step's main keys are split into at most this many stretches (a stretch is whole BLOCK_N tiles): a full
+# cache of 128K tokens gets 32 stretches of 64 tiles per head, a graph decoder's 256-token window four of one tile
+_DECODE_MAIN_SPLITS = 32
+
+
+def _decode_split(
+    q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ek: Tensor, ev: Tensor, eb: Tensor, nw: Tensor, pos: Tensor,
+    o: Tensor, k_offset: int, E: int, H: int, G: int, scale: float, eps: float, bounded: bool, window: int, seg: int,
+    num_sink: int, diff: bool, norm: bool,
+) -> None:  # fmt: skip
+    """One token per row (L == 1) into ``o``: the split forward and its combine (diff_attention_triton)."""
+    from . import diff_attention_triton as kt
+
+    B, _, _, _, D = q.shape
+    LK = k.shape[2]
+    block_n, block_d = 64, tile_size(D)
+    block_e = min(64, tile_size(E)) if E else 16
+    tiles = triton_cdiv(LK, block_n)
+    main_splits = min(tiles, _DECODE_MAIN_SPLITS)
+    main_chunk = triton_cdiv(tiles, main_splits) * block_n
+    main_splits = triton_cdiv(LK, main_chunk)
+    splits = main_splits + (triton_cdiv(E, block_e) if E else 0)
+    partial_m = torch.empty(B * H, 2, splits, device=q.device, dtype=torch.float32)
+    partial_l = torch.empty_like(partial_m)
+    partial_acc = torch.empty(B * H, 2, splits, block_d, device=q.device, dtype=torch.float32)
+    kt._decode_split_kernel[(B * H, splits)](
+        q, k, v, ek, ev, eb, pos, partial_m, partial_l, partial_acc,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        ek.stride(0), ek.stride(1), ek.stride(3), ev.stride(0), ev.stride(1), ev.stride(3), eb.stride(0), eb.stride(1),
+        LK, k_offset, E, H, G, main_splits, main_chunk, splits, scale * _LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=16, BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
+        WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
+    )  # fmt: skip
+    kt._decode_combine_kernel[(B * H,)](
+        partial_m, partial_l, partial_acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
+        splits, H, eps,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=tile_size(splits), DIFF=diff, NORM=norm, num_warps=1,
+    )  # fmt: skip
 
 
 @_diff_attn_fwd.register_fake

@@ -664,3 +664,176 @@ def _bwd_dq_kernel(
         (dq * scale).to(DQ.dtype.element_ty),
         mask=ok[:, None] & d_ok[None, :],
     )
+
+
+# A one-token step (decode) has one query row per head: the forward above would run one program per head walking
+# every key tile in turn (about 18 us a layer for SmolLM2's 9 heads over 384 slots on an H100, 9 busy SMs). The
+# split forward spreads the keys instead: program (head, split) scores one stretch of the main keys or one chunk of
+# the extras and writes its partial softmax (running max, sum, unnormalised output, per stream); a second kernel
+# merges the splits per head and forms ``signal - lambda * noise`` and the norm, as the forward's epilogue does.
+@triton.jit(do_not_specialize=["LK", "K_OFFSET", "E", "MAIN_SPLITS", "MAIN_CHUNK", "SPLITS"])
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    EK,
+    EV,
+    EB,
+    POS,
+    PM,
+    PL,
+    PACC,
+    sqb,
+    sqh,
+    sqs,
+    skb,
+    skh,
+    skl,
+    svb,
+    svh,
+    svl,
+    sekb,
+    sekh,
+    seke,
+    sevb,
+    sevh,
+    seve,
+    sebb,
+    sebh,
+    LK,
+    K_OFFSET,
+    E,
+    NUM_HEADS,
+    GROUP,
+    MAIN_SPLITS,
+    MAIN_CHUNK,
+    SPLITS,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    DIFF: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SEG: tl.constexpr,
+    NUM_SINK: tl.constexpr,
+    HAS_EXTRAS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    kvh = h // GROUP
+    g = h % GROUP
+    q_start = tl.load(POS).to(tl.int32)
+    if K_OFFSET < 0:  # SEGMENT_WINDOW, as in the forward
+        k_start = (q_start // SEG) * SEG - WINDOW + SEG
+    else:
+        k_start = q_start - K_OFFSET
+    # BLOCK_R rows so that the products have the matrix units' smallest shape; row 0 is the token
+    r = tl.arange(0, BLOCK_R)
+    row_ok = r == 0
+    t = q_start + r * 0
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    qmask = row_ok[:, None] & d_ok[None, :]
+    q_base = Q + b64 * sqb + kvh64 * sqh
+    q_sig = tl.load(q_base + g * sqs + r[:, None] * 0 + d[None, :], mask=qmask, other=0.0)
+    if DIFF:
+        q_noi = tl.load(q_base + (GROUP + g) * sqs + r[:, None] * 0 + d[None, :], mask=qmask, other=0.0)
+    else:
+        q_noi = q_sig
+    m_s = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    l_s = tl.zeros([BLOCK_R], tl.float32)
+    acc_s = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    m_n = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    l_n = tl.zeros([BLOCK_R], tl.float32)
+    acc_n = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    if split < MAIN_SPLITS:
+        head, _, _, end = _tile_ranges(q_start, q_start, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
+        lo = tl.maximum(split * MAIN_CHUNK, head)
+        hi = tl.minimum(split * MAIN_CHUNK + MAIN_CHUNK, end)
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+            q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, K + b64 * skb + kvh64 * skh, V + b64 * svb + kvh64 * svh,
+            skl, svl, lo, hi, t, row_ok, k_start, LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK,
+            BLOCK_N, PREC,
+        )  # fmt: skip
+    elif HAS_EXTRAS:  # one chunk of the extras of the token's segment (the first of the chunk: index 0)
+        e = (split - MAIN_SPLITS) * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_mask = (e < E)[:, None] & d_ok[None, :]
+        kt = tl.load(EK + b64 * sekb + kvh64 * sekh + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
+        vt = tl.load(EV + b64 * sevb + kvh64 * sevh + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
+        bias = tl.load(EB + b64 * sebb + kvh64 * sebh + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+        mask = _extra_mask(t, e, row_ok, row_ok, E, NUM_SINK)
+        s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+        m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
+        if DIFF:
+            s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+            m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt, PREC)
+    # partials laid out (B * H, 2 streams, SPLITS[, BLOCK_D]), contiguous; only row 0 is stored
+    at = (pid_bh * 2 * SPLITS + split).to(tl.int64) + r * 0
+    tl.store(PM + at, m_s, mask=row_ok)
+    tl.store(PL + at, l_s, mask=row_ok)
+    tl.store(PACC + at[:, None] * BLOCK_D + d[None, :], acc_s, mask=row_ok[:, None])
+    if DIFF:
+        tl.store(PM + at + SPLITS, m_n, mask=row_ok)
+        tl.store(PL + at + SPLITS, l_n, mask=row_ok)
+        tl.store(PACC + (at[:, None] + SPLITS) * BLOCK_D + d[None, :], acc_n, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D: tl.constexpr):
+    """One stream's attention output from its splits' partial softmaxes (base 2)."""
+    s_ok = s < SPLITS
+    at = row * SPLITS + s
+    m = tl.load(PM + at, mask=s_ok, other=-1.0e30)
+    total = tl.load(PL + at, mask=s_ok, other=0.0)
+    acc = tl.load(PACC + at[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(total * weight, 0)
+    total = tl.where(total == 0.0, 1.0, total)
+    return tl.sum(acc * weight[:, None], 0) / total
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _decode_combine_kernel(
+    PM,
+    PL,
+    PACC,
+    LAM,
+    NW,
+    OUT,
+    slb,
+    slh,
+    sob,
+    soh,
+    SPLITS,
+    NUM_HEADS,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    DIFF: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b64 = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = pid_bh % NUM_HEADS
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row = pid_bh.to(tl.int64) * 2
+    out = _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D)
+    if DIFF:
+        lam = tl.load(LAM + b64 * slb + h * slh)
+        out = out - lam * _merge_splits(PM, PL, PACC, row + 1, SPLITS, s, d, BLOCK_D)
+    if NORM:
+        mean_sq = tl.sum(tl.where(d_ok, out * out, 0.0), 0) / HEAD_DIM
+        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        out = out * tl.rsqrt(mean_sq + eps) * w
+    tl.store(OUT + b64 * sob + h * soh + d, out.to(OUT.dtype.element_ty), mask=d_ok)
