@@ -139,3 +139,46 @@ def test_the_segment_window_is_for_inference_and_the_bounded_pattern() -> None:
         fused_attention(q, k, k, lam, q_start=40, k_offset=SEGMENT_WINDOW, scale=1.0, pattern=Pattern(True, W, S, 0))
     with pytest.raises(ValueError, match="k_offset must be"):
         fused_attention(q.detach(), k, k, lam, q_start=40, k_offset=-3, scale=1.0)
+
+
+def _step_and_targets(device: str) -> tuple[WindowStep, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(11)
+    step = WindowStep(
+        torch.randn(B, HKV, 1, D, generator=gen).to(device),
+        torch.randn(B, HKV, 1, D, generator=gen).to(device),
+        torch.rand(B, HKV, 1, generator=gen).to(device),
+        None,
+        None,
+    )
+    return step, _targets(device, torch.float32, torch.Generator().manual_seed(12))
+
+
+def test_compile_ahead_is_off_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter has nothing to compile: inside ``compile_ahead`` kernels run as usual."""
+    if not dispatch.interpreting():
+        pytest.skip("the CPU check runs Triton's interpreter")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    step, targets = _step_and_targets("cpu")
+    before = [t.clone() for t in targets]
+    with dispatch.compile_ahead() as active:
+        write_window_step(step, WindowTargets(*targets), torch.tensor(77), S, "half")
+    assert not active
+    assert not torch.equal(targets[0], before[0])  # the ring was written
+
+
+@pytest.mark.gpu
+def test_compile_ahead_compiles_without_writing() -> None:
+    """On the GPU a launch inside ``compile_ahead`` compiles its kernel and writes nothing; the same launch after it
+    writes what the reference writes (the graph decoders' warm-ups rely on both)."""
+    step, targets = _step_and_targets("cuda")
+    before = [t.clone() for t in targets]
+    pos = torch.tensor(77, device="cuda")
+    with dispatch.compile_ahead() as active:
+        write_window_step(step, WindowTargets(*targets), pos, S, "half")
+    assert active, "this Triton has no AsyncCompileMode: a fresh process compiles kernels one by one"
+    assert all(torch.equal(t, b) for t, b in zip(targets, before, strict=True))
+    expected = [t.clone() for t in before]
+    write_window_step(step, WindowTargets(*targets), pos, S, "half")
+    write_window_step_reference(step, WindowTargets(*expected), pos, S, "half")
+    for got, want in zip(targets, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import tile_size, use_triton
+from .dispatch import launch, tile_size, use_triton
 
 
 def combine_reference(attended: Tensor, lam: Tensor, norm_weight: Tensor | None, eps: float) -> Tensor:
@@ -65,7 +65,7 @@ class _FusedCombine(torch.autograd.Function):
         rstd = torch.empty(heads, rows, device=attended.device, dtype=torch.float32)
         weight = norm_weight if norm_weight is not None else rstd  # a placeholder pointer when there is no norm
         grid = (-(-rows // _BLOCK_ROWS), heads)
-        _combine_fwd_kernel[grid](
+        launch(_combine_fwd_kernel, grid,
             attended, lam, weight, out, rstd,
             attended.stride(0), attended.stride(1), attended.stride(2), attended.stride(3),
             lam.stride(0), lam.stride(1), lam.stride(2),
@@ -88,7 +88,7 @@ class _FusedCombine(torch.autograd.Function):
         grad_lam = torch.empty(b, heads, length, device=lam.device, dtype=torch.float32)
         grad_weight = torch.zeros(heads, d, device=attended.device, dtype=torch.float32)
         grid = (-(-rows // _BLOCK_ROWS), heads)
-        _combine_bwd_kernel[grid](
+        launch(_combine_bwd_kernel, grid,
             attended, lam, weight if ctx.has_norm else rstd, rstd, grad_out, grad_attended, grad_lam, grad_weight,
             attended.stride(0), attended.stride(1), attended.stride(2), attended.stride(3),
             lam.stride(0), lam.stride(1), lam.stride(2),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import autotune, tile_size, use_triton
+from .dispatch import autotune, launch, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -216,8 +216,8 @@ def _diff_attn_fwd(
     block_m, block_n, warps = _fwd_blocks(D)
     grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
     kernels = _kernels()
-    launch = dict(BLOCK_N=block_n, num_warps=warps) if not kernels["tuned"] else {}
-    kernels["fwd"][grid](
+    blocks = dict(BLOCK_N=block_n, num_warps=warps) if not kernels["tuned"] else {}
+    launch(kernels["fwd"], grid,
         q, k, v, lam_t, ek, ev, eb, nw, pos,
         o, a, lse,
         *q.stride()[:4],
@@ -235,7 +235,7 @@ def _diff_attn_fwd(
         HEAD_DIM=D, BLOCK_D=tile_size(D), BLOCK_M=block_m, BLOCK_E=min(64, tile_size(E)),
         DIFF=diff, BOUNDED=bounded, WINDOW=window, SEG=seg, NUM_SINK=num_sink,
         HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams, PREC=_precision(q),
-        **launch,
+        **blocks,
     )  # fmt: skip
     return o, a, lse
 
@@ -265,7 +265,7 @@ def _decode_split(
     partial_m = torch.empty(B * H, 2, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
     partial_acc = torch.empty(B * H, 2, splits, block_d, device=q.device, dtype=torch.float32)
-    kt._decode_split_kernel[(B * H, splits)](
+    launch(kt._decode_split_kernel, (B * H, splits),
         q, k, v, ek, ev, eb, pos, partial_m, partial_l, partial_acc,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         ek.stride(0), ek.stride(1), ek.stride(3), ev.stride(0), ev.stride(1), ev.stride(3), eb.stride(0), eb.stride(1),
@@ -273,7 +273,7 @@ def _decode_split(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=16, BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
         WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
     )  # fmt: skip
-    kt._decode_combine_kernel[(B * H,)](
+    launch(kt._decode_combine_kernel, (B * H,),
         partial_m, partial_l, partial_acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
         splits, H, eps,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=tile_size(splits), DIFF=diff, NORM=norm, num_warps=1,
@@ -327,7 +327,7 @@ def _diff_attn_bwd(
     window_args = dict(BOUNDED=bounded, WINDOW=window)
     kernels = _kernels()
     tiles = dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps) if not kernels["tuned"] else {}
-    kernels["dkdv"][lambda meta: (triton_cdiv(LK, meta["BLOCK_N"]), B * Hkv)](
+    launch(kernels["dkdv"], lambda meta: (triton_cdiv(LK, meta["BLOCK_N"]), B * Hkv),
         q, k, v, d_streams, lse, delta, pos, dk, dv,
         *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *d_streams.stride()[:4], *lse.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3],
@@ -342,7 +342,7 @@ def _diff_attn_bwd(
         nseg, E = ek.shape[2], ek.shape[3]
         block_e = min(64, tile_size(E))
         e_tiles = triton_cdiv(E, block_e)
-        _bwd_extras_kernel[(nseg * e_tiles, B * Hkv)](
+        launch(_bwd_extras_kernel, (nseg * e_tiles, B * Hkv),
             q, ek, ev, eb, d_streams, lse, delta, pos, dek, dev, deb,
             *q.stride()[:4], *ek.stride()[:4], *ev.stride()[:4], *eb.stride()[:3], *d_streams.stride()[:4],
             *lse.stride()[:3],
@@ -355,7 +355,7 @@ def _diff_attn_bwd(
         dek, dev, deb = torch.empty_like(ek), torch.empty_like(ev), torch.empty_like(eb)
         E = 0
         block_e = 16
-    kernels["dq"][lambda meta: (triton_cdiv(L + meta["BLOCK_M"] - 1, meta["BLOCK_M"]), B * Hkv * Qs)](
+    launch(kernels["dq"], lambda meta: (triton_cdiv(L + meta["BLOCK_M"] - 1, meta["BLOCK_M"]), B * Hkv * Qs),
         q, k, v, ek, ev, eb, d_streams, lse, delta, pos, dq,
         *q.stride()[:4], *k.stride()[:3], *v.stride()[:3], *ek.stride()[:4], *ev.stride()[:4], *eb.stride()[:3],
         *d_streams.stride()[:4], *lse.stride()[:3],

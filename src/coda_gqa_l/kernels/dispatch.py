@@ -15,7 +15,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -108,6 +108,44 @@ def unbounded_path() -> UnboundedPath:
     if choice not in ("fused", "sdpa"):
         raise ValueError(f"{UNBOUNDED_ENV} must be 'fused' or 'sdpa', got {choice!r}")
     return choice  # type: ignore[return-value]
+
+
+_COMPILING_AHEAD = contextvars.ContextVar("coda_gqa_l_compiling_ahead", default=False)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+    """Every Triton kernel of the package starts here: it runs, or, inside ``compile_ahead``, only has its binary
+    for these arguments compiled (on the thread pool), writing nothing."""
+    if _COMPILING_AHEAD.get():
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def compile_ahead(workers: int | None = None) -> Iterator[bool]:
+    """Inside, kernel launches compile their kernels on ``workers`` threads instead of running (Triton's
+    ``AsyncCompileMode``); leaving waits for every compile. Yields whether it is active: not in the interpreter
+    (nothing to compile) nor with a Triton without the mode, where launches run as usual.
+
+    For a warm-up whose outputs are thrown away (a graph decoder's, on scratch states): a first request in a fresh
+    process otherwise compiles its kernels one after another (about a minute for SmolLM2's ingest and answers on an
+    H100). The outputs the skipped kernels would have written stay uninitialised; torch's own operations still run
+    on them, so nothing in such a warm-up may index with a kernel's output."""
+    import triton
+
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or interpreting() or _COMPILING_AHEAD.get():
+        yield False
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool, mode(pool):
+        token = _COMPILING_AHEAD.set(True)
+        try:
+            yield True
+        finally:
+            _COMPILING_AHEAD.reset(token)
 
 
 def tile_size(n: int, least: int = 16) -> int:

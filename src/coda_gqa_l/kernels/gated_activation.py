@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import use_triton
+from .dispatch import launch, use_triton
 
 _BLOCK = 1024
 
@@ -36,5 +36,5 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     rows = gate_up.numel() // width
     gate_up = gate_up.contiguous()
     out = torch.empty(*gate_up.shape[:-1], half, device=gate_up.device, dtype=gate_up.dtype)
-    _silu_and_mul_kernel[(rows, -(-half // _BLOCK))](gate_up, out, half, BLOCK=_BLOCK, num_warps=4)
+    launch(_silu_and_mul_kernel, (rows, -(-half // _BLOCK)), gate_up, out, half, BLOCK=_BLOCK, num_warps=4)
     return out

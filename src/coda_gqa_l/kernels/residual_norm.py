@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dispatch import tile_size, use_triton
+from .dispatch import launch, tile_size, use_triton
 
 # transformers' RMSNorm classes of the families models.graph_decode supports: all compute
 # weight * (x32 * rsqrt(mean(x32^2) + eps)).to(input dtype)
@@ -49,7 +49,18 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, norm: nn.Module) -> tuple[Tens
     delta_c = delta.to(h.dtype).contiguous() if delta is not None else h
     h_out = torch.empty_like(h) if delta is not None else h
     y = torch.empty(h.shape, device=h.device, dtype=torch.promote_types(weight.dtype, h.dtype))
-    _add_rms_norm_kernel[(rows,)](
-        h, delta_c, weight, h_out, y, eps, D, HAS_DELTA=delta is not None, BLOCK_D=tile_size(D), num_warps=4
+    launch(
+        _add_rms_norm_kernel,
+        (rows,),
+        h,
+        delta_c,
+        weight,
+        h_out,
+        y,
+        eps,
+        D,
+        HAS_DELTA=delta is not None,
+        BLOCK_D=tile_size(D),
+        num_warps=4,
     )
     return h_out, y

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import RopeLayout, apply_rope, expand_pairs
-from .dispatch import use_triton
+from .dispatch import launch, use_triton
 
 
 def _block_d(head_dim: int) -> int:
@@ -48,7 +48,7 @@ def stack_rotated_queries(
     from .rope_triton import _rotate_kernel
 
     block_l = 32
-    _rotate_kernel[(-(-L // block_l), B * H)](
+    launch(_rotate_kernel, (-(-L // block_l), B * H),
         q, cos, sin, tcos, tsin, out,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -126,7 +126,7 @@ class _RotateStack(torch.autograd.Function):
         grad_q = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype)
         per_dim = torch.zeros(H, D, device=q.device, dtype=torch.float32)  # d loss / d angle, per dimension
         block_l = 32
-        _rotate_bwd_kernel[(-(-L // block_l), B * H)](
+        launch(_rotate_bwd_kernel, (-(-L // block_l), B * H),
             grad, q, cos, sin, t_cos if noise else cos, t_sin if noise else sin, grad_q, per_dim,
             grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
             q.stride(0), q.stride(1), q.stride(2),

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..config import BoundedConfig, chunk_segments
 from ..state import Banks
-from .dispatch import interpreting, tile_size
+from .dispatch import interpreting, launch, tile_size
 
 # One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the
 # parallelism there is: 8 warps keep a 64x64 tile at 16 values a thread and the whole state in
@@ -83,7 +83,7 @@ def route_chunk_triton(
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
     cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
-    _route_chunk_kernel[(B * Hkv, 2)](
+    launch(_route_chunk_kernel, (B * Hkv, 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
         c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),

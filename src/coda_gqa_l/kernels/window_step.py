@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..primitives import RopeLayout, apply_rope
-from .dispatch import tile_size, use_triton
+from .dispatch import launch, tile_size, use_triton
 
 
 @dataclass
@@ -91,7 +91,7 @@ def write_window_step(step: WindowStep, to: WindowTargets, pos: Tensor, segment:
     rotate = step.cos is not None and step.sin is not None
     cos = step.cos.contiguous() if step.cos is not None else k  # unread without ROTATE
     sin = step.sin.contiguous() if step.sin is not None else k
-    _window_step_kernel[(B * Hkv,)](
+    launch(_window_step_kernel, (B * Hkv,),
         k, v, g, cos, sin, pos, to.ring_k, to.ring_v, to.ring_g, to.position, to.buffer_k, to.buffer_v,
         Hkv, to.ring_k.shape[2], segment,
         HEAD_DIM=D, BLOCK_D=tile_size(D, least=2), ROTATE=rotate, HALF=layout == "half", num_warps=1,
