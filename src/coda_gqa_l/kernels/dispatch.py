@@ -14,7 +14,7 @@ import functools
 import importlib.util
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -113,7 +113,9 @@ def unbounded_path() -> UnboundedPath:
 _COMPILING_AHEAD = contextvars.ContextVar("coda_gqa_l_compiling_ahead", default=False)
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+def launch(
+    kernel: Any, grid: tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]], *args: Any, **meta: Any
+) -> None:
     """Every Triton kernel of the package starts here: it runs, or, inside ``compile_ahead``, only has its binary
     for these arguments compiled (on the thread pool), writing nothing."""
     if _COMPILING_AHEAD.get():
