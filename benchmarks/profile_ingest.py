@@ -325,9 +325,8 @@ def table(result: dict[str, Any]) -> list[str]:
         ]
         lines += [f"| {f} | {sec * 1e3:.3f} |" for f, sec in decode["families_s"].items()]
         lines += ["", "| decode kernel | family | ms per step | calls per step |", "|---|---|---|---|"]
-        lines += [
-            f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.3f} | {row['calls']:.0f} |" for row in decode["top"]
-        ]
+        for row in decode["top"]:
+            lines.append(f"| `{row['name']}` | {row['family']} | {row['s'] * 1e3:.3f} | {row['calls']:.0f} |")
     return lines
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, token_like
 
-from coda_gqa_l.kernels import BACKEND_ENV, backend
+from coda_gqa_l.kernels import BACKEND_ENV, backend, dispatch
 from coda_gqa_l.kernels.diff_attention import (
     SEGMENT_WINDOW,
     Pattern,
@@ -198,6 +198,9 @@ def test_one_token_step_matches_reference(name: str, dtype: torch.dtype, use_tri
         args = {key: tensors[key] for key in ("extra_k", "extra_v", "extra_bias", "norm_weight")}
         ours = fused_attention(q, k, v, lam, q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5,
                                pattern=pattern, **args)  # type: ignore[arg-type]  # fmt: skip
+        with dispatch.one_program_decode():  # the forward's one program per head, on the same inputs
+            one = fused_attention(q, k, v, lam, q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5,
+                                  pattern=pattern, **args)  # type: ignore[arg-type]  # fmt: skip
         if k_offset == SEGMENT_WINDOW:  # the buffer's first key is token b - W + S
             S = pattern.segment
             k_offset = q_start - ((q_start // S) * S - pattern.window + S)
@@ -208,6 +211,8 @@ def test_one_token_step_matches_reference(name: str, dtype: torch.dtype, use_tri
     ref_err = (same.double() - exact).abs().max().item()
     floor = (2e-6 if dtype == torch.float32 else 1e-2) * max(exact.abs().max().item(), 1.0)
     assert err <= 2 * ref_err + floor, f"{name}: {err:.2e} against the reference's {ref_err:.2e}"
+    one_err = (one.double() - exact).abs().max().item()
+    assert one_err <= 2 * ref_err + floor, f"{name}, one program: {one_err:.2e} against {ref_err:.2e}"
 
 
 def test_differential_attention_is_causal_and_differentiable(use_triton: None) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import autotune, launch, tile_size, use_triton
+from .dispatch import autotune, launch, split_decode, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -209,7 +209,7 @@ def _diff_attn_fwd(
     E = ek.shape[3] if has_extras else 0
     lam_t = lam if lam is not None else _placeholder(q, torch.float32).view(1, 1, 1)
     nw = norm_weight if norm_weight is not None else _placeholder(q)
-    if L == 1 and not store_streams:  # a decode step: the keys split over programs
+    if L == 1 and not store_streams and split_decode():  # a decode step: the keys split over programs
         _decode_split(q, k, v, lam_t, ek, ev, eb, nw, pos, o, k_offset, E, H, G, scale, eps, bounded, window, seg,
                       num_sink, diff, norm_weight is not None)  # fmt: skip
         return o, a, lse

@@ -150,6 +150,25 @@ def compile_ahead(workers: int | None = None) -> Iterator[bool]:
             _COMPILING_AHEAD.reset(token)
 
 
+_ONE_PROGRAM_DECODE = contextvars.ContextVar("coda_gqa_l_one_program_decode", default=False)
+
+
+@contextlib.contextmanager
+def one_program_decode() -> Iterator[None]:
+    """Inside, a one-token attention step runs the forward's one program per head instead of the split forward
+    (``diff_attention``): for the benchmark and tests that compare the two on the same inputs."""
+    token = _ONE_PROGRAM_DECODE.set(True)
+    try:
+        yield
+    finally:
+        _ONE_PROGRAM_DECODE.reset(token)
+
+
+def split_decode() -> bool:
+    """Whether a one-token attention step splits its keys over programs (the default)."""
+    return not _ONE_PROGRAM_DECODE.get()
+
+
 def tile_size(n: int, least: int = 16) -> int:
     """Power-of-two tile size for ``n`` rows or columns, at least ``least`` (16: the smallest ``tl.dot`` tile)."""
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
