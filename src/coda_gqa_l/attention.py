@@ -33,6 +33,7 @@ from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
 from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
 from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
+from .kernels.gated_activation import gate_sigmoid
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
@@ -199,7 +200,7 @@ class BoundedCoDAAttention(nn.Module):
         fused = self.input_projection(x)
         gate_width = fused.shape[-1] - width_q - 2 * width_kv
         q, k, v, logits = fused.split([width_q, width_kv, width_kv, gate_width], dim=-1)
-        gates = torch.sigmoid(logits.float()).transpose(1, 2)  # (B, [H +] Hkv, n): lambda's heads first
+        gates = gate_sigmoid(logits).transpose(1, 2)  # (B, [H +] Hkv, n) float32: lambda's heads first
         lam = gates[:, : core.num_heads] if core.lambda_proj is not None else None
         q, k, v, lam = core.split_heads(q, k, v, lam)
         return q, k, v, lam, gates[:, gates.shape[1] - core.num_kv_heads :]
@@ -501,7 +502,7 @@ class BoundedCoDAAttention(nn.Module):
         if one_pass:
             t_cos, t_sin = extras.theta_cos, extras.theta_sin
             if t_cos is None and core.theta is not None:  # extras built for autograd
-                t_cos, t_sin = expand_pairs(core.theta.cos(), core.theta.sin(), layout)
+                t_cos, t_sin = expand_pairs(core.theta.float().cos(), core.theta.float().sin(), layout)
             stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
@@ -554,7 +555,9 @@ class BoundedCoDAAttention(nn.Module):
         at = ("device", id(start)) if isinstance(start, Tensor) else start
         theta_cos = theta_sin = None
         if one_pass and core.theta is not None:
-            theta_cos, theta_sin = expand_pairs(core.theta.cos(), core.theta.sin(), layout)
+            # float32 tables, as the rotation kernel reads them: a 16-bit model's would be converted per step
+            theta = core.theta.float()
+            theta_cos, theta_sin = expand_pairs(theta.cos(), theta.sin(), layout)
 
         def segment_starts() -> Tensor:
             return (start // S + torch.arange(nseg, device=device)) * S

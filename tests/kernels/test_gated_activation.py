@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.kernels.gated_activation import silu_and_mul, silu_and_mul_reference
+from coda_gqa_l.kernels.gated_activation import (
+    gate_sigmoid,
+    gate_sigmoid_reference,
+    silu_and_mul,
+    silu_and_mul_reference,
+)
 
 
 def test_the_reference_is_the_modules_computation() -> None:
@@ -47,3 +52,37 @@ def test_the_kernel_matches_the_module_on_the_gpu(dtype: torch.dtype) -> None:
         got = silu_and_mul(gate_up)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
     torch.testing.assert_close(got, F.silu(gate) * up, **tol)
+
+
+def _gate_columns(device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A column slice of a fused product's output, as ``project_inputs`` takes its gate logits: (B, n, 12) views
+    of a (B, n, 972) tensor."""
+    gen = torch.Generator().manual_seed(3)
+    fused = (torch.randn(2, 5, 972, generator=gen) * 3).to(device, dtype)
+    return fused[..., 960:]
+
+
+def test_gate_sigmoid_matches_the_reference_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not dispatch.interpreting():
+        pytest.skip("the CPU check runs Triton's interpreter")
+    from coda_gqa_l.kernels import gated_activation_triton
+
+    assert "Interpreted" in type(gated_activation_triton._gate_sigmoid_kernel).__name__
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    for logits in (_gate_columns("cpu", torch.float32), _gate_columns("cpu", torch.float32)[:, :1]):
+        with torch.no_grad():
+            got = gate_sigmoid(logits)
+        assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == logits.shape
+        torch.testing.assert_close(got, gate_sigmoid_reference(logits), atol=1e-6, rtol=1e-6)
+    transposed = _gate_columns("cpu", torch.float32).transpose(0, 1)  # rows of two strides: copied first
+    with torch.no_grad():
+        torch.testing.assert_close(gate_sigmoid(transposed), gate_sigmoid_reference(transposed), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_sigmoid_matches_the_reference_on_the_gpu(dtype: torch.dtype) -> None:
+    logits = _gate_columns("cuda", dtype)
+    with torch.no_grad():
+        got = gate_sigmoid(logits)
+    torch.testing.assert_close(got, gate_sigmoid_reference(logits), atol=1e-6, rtol=1e-6)

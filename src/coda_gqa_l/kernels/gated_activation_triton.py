@@ -1,4 +1,4 @@
-"""Triton kernel of ``gated_activation.silu_and_mul`` (imported only when it runs)."""
+"""Triton kernels of ``gated_activation`` (imported only when they run)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ def _silu_and_mul_kernel(GATE_UP, OUT, HALF, BLOCK: tl.constexpr):
     silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
     out = silu.to(tl.float32) * up.to(tl.float32)
     tl.store(OUT + row * HALF + cols, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["ROW_STRIDE", "WIDTH"])
+def _gate_sigmoid_kernel(LOGITS, OUT, ROW_STRIDE, WIDTH, BLOCK: tl.constexpr):
+    """Row ``program_id(0)``: ``OUT[row, c] = sigmoid(float32(LOGITS[row * ROW_STRIDE + c]))``, OUT contiguous."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < WIDTH
+    x = tl.load(LOGITS + row * ROW_STRIDE + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * WIDTH + cols, 1.0 / (1.0 + tl.exp(-x)), mask=ok)

@@ -253,7 +253,7 @@ class GraphModelDecoder:
         h = self.embed(ids)
         with step_tables():  # the layers work at the same positions: one set of RoPE tables and ring slots per step
             normed = self._blocks(states, h, kind)
-        self._logits.copy_(self.lm_head(normed[:, -1:])[:, -1].float())
+        self._logits.copy_(self.lm_head(normed[:, -1:])[:, -1])  # copy_ converts to float32 in the same pass
         self._pos.add_(ids.shape[1])
 
     def _blocks(self, states: list[BoundedState], h: Tensor, kind: str) -> Tensor:
