@@ -223,3 +223,21 @@ def test_exact_routing_can_be_observed() -> None:
     with torch.no_grad(), plain_reference():
         layer.prefill_chunked(x[:, 64:], state, block_size=16)
     assert len(seen) == 4
+
+
+def test_noise_tables_are_kept_until_theta_changes() -> None:
+    """The inference paths' float32 noise tables are built once per theta, and again after it changes in place."""
+    from coda_gqa_l.primitives import expand_pairs
+
+    core = make_layer("gqa", "full").to(torch.bfloat16).core
+    assert core.theta is not None
+    first = core.noise_tables()
+    assert first is not None and first[0].dtype == torch.float32
+    assert core.noise_tables() is first
+    with torch.no_grad():
+        core.theta.add_(0.25)
+    again = core.noise_tables()
+    assert again is not first
+    angles = core.theta.float()
+    expected = expand_pairs(angles.cos(), angles.sin(), core.rope.layout)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])

@@ -38,7 +38,7 @@ from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
-from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope, expand_pairs
+from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
 
@@ -502,7 +502,7 @@ class BoundedCoDAAttention(nn.Module):
         if one_pass:
             t_cos, t_sin = extras.theta_cos, extras.theta_sin
             if t_cos is None and core.theta is not None:  # extras built for autograd
-                t_cos, t_sin = expand_pairs(core.theta.float().cos(), core.theta.float().sin(), layout)
+                t_cos, t_sin = core.noise_tables()  # type: ignore[misc]
             stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
@@ -553,11 +553,9 @@ class BoundedCoDAAttention(nn.Module):
         relative = cfg.position_mode == "relative"
         rotate = _one_pass_rotate if one_pass else _autograd_rotate
         at = ("device", id(start)) if isinstance(start, Tensor) else start
-        theta_cos = theta_sin = None
-        if one_pass and core.theta is not None:
-            # float32 tables, as the rotation kernel reads them: a 16-bit model's would be converted per step
-            theta = core.theta.float()
-            theta_cos, theta_sin = expand_pairs(theta.cos(), theta.sin(), layout)
+        # float32 tables, as the rotation kernel reads them, kept by the core between chunks and steps
+        tables = core.noise_tables() if one_pass else None
+        theta_cos, theta_sin = tables if tables is not None else (None, None)
 
         def segment_starts() -> Tensor:
             return (start // S + torch.arange(nseg, device=device)) * S

@@ -154,6 +154,23 @@ class DifferentialCore(nn.Module):
         )
         return torch.cat([signal, noise.view(b, self.num_kv_heads, self.group, length, d)], dim=2)
 
+    def noise_tables(self) -> tuple[Tensor, Tensor] | None:
+        """The noise rotation's cos and sin ``(H, Dh)`` in float32 (None without noise heads), for inference paths
+        that take no gradient through ``theta``. Kept between calls while ``theta`` is unchanged (same storage, same
+        version): a chunk or decode step would otherwise rebuild them in every layer (five kernels each)."""
+        theta = self.theta
+        if theta is None:
+            return None
+        key = (id(theta), theta.data_ptr(), theta._version, theta.device, theta.dtype)
+        kept = getattr(self, "_noise_tables", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: usable outside inference mode too
+            angles = theta.detach().float()
+            tables = expand_pairs(angles.cos(), angles.sin(), self.rope.layout)
+        self._noise_tables = (key, tables)
+        return tables
+
     def combine(self, attended: Tensor, lam: Tensor | None) -> Tensor:
         """Stacked attention outputs ``(B, Hkv, streams, L, Dh)`` -> ``(B, L, D)``.
 
