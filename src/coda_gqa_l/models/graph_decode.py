@@ -295,8 +295,9 @@ class GraphModelDecoder:
         def warm_up() -> None:
             # the step's kernels compiled side by side first: a fresh process would compile them one by one as the
             # step reaches them (about a minute for SmolLM2's ingest and answers on an H100)
-            with dispatch.compile_ahead():
-                self._step([state.clone() for state in live], ids, kind)
+            with dispatch.compile_ahead() as compiling:
+                if compiling:
+                    self._step([state.clone() for state in live], ids, kind)
             self._pos.copy_(saved_pos)
             scratch = [state.clone() for state in live]
             for _ in range(2):
