@@ -115,6 +115,44 @@ def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_ba
     return m_s, l_s, acc_s, m_n, l_n, acc_n
 
 
+@triton.jit
+def _key_start(q_start, K_OFFSET, WINDOW: tl.constexpr, SEG: tl.constexpr):
+    """Token index of main key 0: ``q_start - K_OFFSET``, or with ``SEGMENT_WINDOW`` (a negative offset) the query
+    segment's window buffer's first token, ``b - W + S``."""
+    if K_OFFSET < 0:
+        k_start = (q_start // SEG) * SEG - WINDOW + SEG
+    else:
+        k_start = q_start - K_OFFSET
+    return k_start
+
+
+@triton.jit
+def _empty_streams(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Running max, sum and accumulator of both streams' online softmaxes, before any key."""
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    return m, total, acc, m, total, acc
+
+
+@triton.jit
+def _fwd_extra_tile(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_base, eb_base, seke, seve, e, d, d_ok,
+                    t, row_ok, in_seg, E, qk_scale, DIFF: tl.constexpr, NUM_SINK: tl.constexpr,
+                    PREC: tl.constexpr):  # fmt: skip
+    """One tile ``e`` of a segment's extra keys (sinks, bank slots with their logit offsets) for both streams."""
+    e_mask = (e < E)[:, None] & d_ok[None, :]
+    kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
+    vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
+    bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+    mask = _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK)
+    s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+    m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
+    if DIFF:
+        s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+        m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt, PREC)
+    return m_s, l_s, acc_s, m_n, l_n, acc_n
+
+
 # Lengths and offsets change with every chunk (a 1,024-token chunk, a shorter last one, a one-token decode step):
 # left unspecialised, one compiled binary serves them all instead of one per value class (each compile takes seconds).
 @triton.jit(do_not_specialize=["L", "LK", "K_OFFSET", "E"])
@@ -194,10 +232,7 @@ def _fwd_kernel(
     kvh = h // GROUP
     g = h % GROUP
     q_start = tl.load(POS).to(tl.int32)
-    if K_OFFSET < 0:  # the keys are the query segment's window (SEGMENT_WINDOW): token b - W + S first
-        k_start = (q_start // SEG) * SEG - WINDOW + SEG
-    else:
-        k_start = q_start - K_OFFSET
+    k_start = _key_start(q_start, K_OFFSET, WINDOW, SEG)
     first = (q_start // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if first >= q_start + L:
         return
@@ -217,12 +252,7 @@ def _fwd_kernel(
     else:
         q_noi = q_sig
 
-    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_s = tl.zeros([BLOCK_M], tl.float32)
-    acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_n = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_n = tl.zeros([BLOCK_M], tl.float32)
-    acc_n = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_s, l_s, acc_s, m_n, l_n, acc_n = _empty_streams(BLOCK_M, BLOCK_D)
 
     t_first = tl.maximum(first, q_start)
     t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
@@ -251,17 +281,10 @@ def _fwd_kernel(
             ev_base = EV + b64 * sevb + kvh64 * sevh + eseg * sevs
             eb_base = EB + b64 * sebb + kvh64 * sebh + eseg * sebs
             for e0 in range(0, E, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                e_mask = (e < E)[:, None] & d_ok[None, :]
-                kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
-                vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
-                bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
-                mask = _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK)
-                s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
-                m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
-                if DIFF:
-                    s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
-                    m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt, PREC)
+                m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_extra_tile(
+                    q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_base, eb_base, seke, seve,
+                    e0 + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, in_seg, E, qk_scale, DIFF, NUM_SINK, PREC,
+                )  # fmt: skip
 
     l_s = tl.where(l_s == 0.0, 1.0, l_s)
     a_sig = acc_s / l_s[:, None]
@@ -729,10 +752,7 @@ def _decode_split_kernel(
     kvh = h // GROUP
     g = h % GROUP
     q_start = tl.load(POS).to(tl.int32)
-    if K_OFFSET < 0:  # SEGMENT_WINDOW, as in the forward
-        k_start = (q_start // SEG) * SEG - WINDOW + SEG
-    else:
-        k_start = q_start - K_OFFSET
+    k_start = _key_start(q_start, K_OFFSET, WINDOW, SEG)
     # BLOCK_R rows so that the products have the matrix units' smallest shape; row 0 is the token
     r = tl.arange(0, BLOCK_R)
     row_ok = r == 0
@@ -748,12 +768,7 @@ def _decode_split_kernel(
         q_noi = tl.load(q_base + (GROUP + g) * sqs + r[:, None] * 0 + d[None, :], mask=qmask, other=0.0)
     else:
         q_noi = q_sig
-    m_s = tl.full([BLOCK_R], -1.0e30, tl.float32)
-    l_s = tl.zeros([BLOCK_R], tl.float32)
-    acc_s = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    m_n = tl.full([BLOCK_R], -1.0e30, tl.float32)
-    l_n = tl.zeros([BLOCK_R], tl.float32)
-    acc_n = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    m_s, l_s, acc_s, m_n, l_n, acc_n = _empty_streams(BLOCK_R, BLOCK_D)
     if split < MAIN_SPLITS:
         head, _, _, end = _tile_ranges(q_start, q_start, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
         lo = tl.maximum(split * MAIN_CHUNK, head)
@@ -764,17 +779,12 @@ def _decode_split_kernel(
             BLOCK_N, PREC,
         )  # fmt: skip
     elif HAS_EXTRAS:  # one chunk of the extras of the token's segment (the first of the chunk: index 0)
-        e = (split - MAIN_SPLITS) * BLOCK_E + tl.arange(0, BLOCK_E)
-        e_mask = (e < E)[:, None] & d_ok[None, :]
-        kt = tl.load(EK + b64 * sekb + kvh64 * sekh + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
-        vt = tl.load(EV + b64 * sevb + kvh64 * sevh + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
-        bias = tl.load(EB + b64 * sebb + kvh64 * sebh + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
-        mask = _extra_mask(t, e, row_ok, row_ok, E, NUM_SINK)
-        s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
-        m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
-        if DIFF:
-            s2 = tl.dot(q_noi, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
-            m_n, l_n, acc_n = _online_update(tl.where(mask, s2, float("-inf")), m_n, l_n, acc_n, vt, PREC)
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_extra_tile(
+            q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, EK + b64 * sekb + kvh64 * sekh,
+            EV + b64 * sevb + kvh64 * sevh, EB + b64 * sebb + kvh64 * sebh, seke, seve,
+            (split - MAIN_SPLITS) * BLOCK_E + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, row_ok, E, qk_scale, DIFF,
+            NUM_SINK, PREC,
+        )  # fmt: skip
     # partials laid out (B * H, 2 streams, SPLITS[, BLOCK_D]), contiguous; only row 0 is stored
     at = (pid_bh * 2 * SPLITS + split).to(tl.int64) + r * 0
     tl.store(PM + at, m_s, mask=row_ok)

@@ -64,15 +64,19 @@ _PLAIN_REFERENCE = contextvars.ContextVar("coda_gqa_l_plain_reference", default=
 
 
 @contextlib.contextmanager
-def plain_reference() -> Iterator[None]:
-    """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
-    per-segment view, decode_view.py; the CPU inference routing, routing_cpu.py): what the
-    tests compare the shortcuts against."""
-    token = _PLAIN_REFERENCE.set(True)
+def _switched_on(flag: contextvars.ContextVar[bool]) -> Iterator[None]:
+    token = flag.set(True)
     try:
         yield
     finally:
-        _PLAIN_REFERENCE.reset(token)
+        flag.reset(token)
+
+
+def plain_reference() -> contextlib.AbstractContextManager[None]:
+    """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
+    per-segment view, decode_view.py; the CPU inference routing, routing_cpu.py): what the
+    tests compare the shortcuts against."""
+    return _switched_on(_PLAIN_REFERENCE)
 
 
 def decode_view_allowed() -> bool:
@@ -153,15 +157,10 @@ def compile_ahead(workers: int | None = None) -> Iterator[bool]:
 _ONE_PROGRAM_DECODE = contextvars.ContextVar("coda_gqa_l_one_program_decode", default=False)
 
 
-@contextlib.contextmanager
-def one_program_decode() -> Iterator[None]:
+def one_program_decode() -> contextlib.AbstractContextManager[None]:
     """Inside, a one-token attention step runs the forward's one program per head instead of the split forward
     (``diff_attention``): for the benchmark and tests that compare the two on the same inputs."""
-    token = _ONE_PROGRAM_DECODE.set(True)
-    try:
-        yield
-    finally:
-        _ONE_PROGRAM_DECODE.reset(token)
+    return _switched_on(_ONE_PROGRAM_DECODE)
 
 
 def split_decode() -> bool:
