@@ -2,6 +2,8 @@
 against the forward's one program per head, in the same process on the same inputs.
 
     PYTHONPATH=src python benchmarks/decode_attention.py [--out DIR] [--calls 30] [--repeats 20]
+    TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/decode_attention.py --quick
+        # CPU: tiny shapes in Triton's interpreter, plain loops (the test runs this; no timing worth reading)
 
 Shapes are SmolLM2-135M's (9 query heads over 3 KV heads, head dim 64, bfloat16, batch 1) in the neural database's
 bounded config: the graph decoder's step reads its segment's 256-token window buffer (``k_offset=SEGMENT_WINDOW``)
@@ -29,12 +31,17 @@ from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
 
 REPO = Path(__file__).resolve().parents[1]
-HKV, GROUP, HEAD_DIM = 3, 3, 64
+# (KV heads, query heads per KV head, head dim) and the cases: name -> (pattern, position, main keys, k_offset, extras)
+SHAPE = (3, 3, 64)
 CASES = {
-    # name: (pattern, position, main keys, k_offset, extras)
     "graph step: window buffer 256 + 128 extras": (Pattern(True, 256, 64, 4), 8192 + 37, 256, SEGMENT_WINDOW, 128),
     "full cache, 8K keys": (Pattern(), 8191, 8192, 8191, 0),
     "full cache, 32K keys": (Pattern(), 32767, 32768, 32767, 0),
+}
+QUICK_SHAPE = (2, 2, 16)
+QUICK_CASES = {
+    "graph step: window buffer 32 + 12 extras": (Pattern(True, 32, 8, 2), 64 + 5, 32, SEGMENT_WINDOW, 12),
+    "full cache, 300 keys": (Pattern(), 299, 300, 299, 0),
 }
 
 
@@ -43,15 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_attention")
     p.add_argument("--calls", type=int, default=30, help="launches per captured graph (a model's layers)")
     p.add_argument("--repeats", type=int, default=20, help="replays timed per path")
+    p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, Triton's interpreter, plain loops")
     return p.parse_args(argv)
 
 
-def inputs(case: str, device: torch.device) -> dict[str, Any]:
-    pattern, position, keys, k_offset, extras = CASES[case]
+def inputs(
+    case: tuple[Pattern, int, int, int, int], shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    pattern, position, keys, k_offset, extras = case
+    HKV, GROUP, HEAD_DIM = shape
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device).to(torch.bfloat16)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
     args: dict[str, Any] = {
         "q": rand(1, HKV, 2 * GROUP, 1, HEAD_DIM),
@@ -72,10 +83,19 @@ def inputs(case: str, device: torch.device) -> dict[str, Any]:
 
 
 def time_path(args: dict[str, Any], calls: int, repeats: int, one_program: bool) -> tuple[float, torch.Tensor]:
-    """Median seconds per call over ``repeats`` replays of a graph of ``calls`` launches, and the output."""
+    """Median seconds per call over ``repeats`` replays of a graph of ``calls`` launches (on the CPU: loops of
+    ``calls`` calls), and the output."""
     context = dispatch.one_program_decode() if one_program else torch.no_grad()
     with context, torch.no_grad():
         out = fused_attention(**args)  # compiles
+        if args["q"].device.type != "cuda":
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                for _ in range(calls):
+                    fused_attention(**args)
+                times.append((time.perf_counter() - began) / calls)
+            return statistics.median(times), out
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -99,13 +119,19 @@ def time_path(args: dict[str, Any], calls: int, repeats: int, one_program: bool)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decode_attention.py times CUDA kernels: no GPU here")
+    if args.quick:
+        if not dispatch.interpreting() or dispatch.backend("cpu") != "triton":
+            print("--quick runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton")
+            return 1
+        device, dtype, shape, cases = torch.device("cpu"), torch.float32, QUICK_SHAPE, QUICK_CASES
+    elif torch.cuda.is_available():
+        device, dtype, shape, cases = torch.device("cuda"), torch.bfloat16, SHAPE, CASES
+    else:
+        print("decode_attention.py times CUDA kernels: no GPU here (--quick runs tiny shapes in the interpreter)")
         return 1
-    device = torch.device("cuda")
     rows = []
-    for case in CASES:
-        problem = inputs(case, device)
+    for case in cases:
+        problem = inputs(cases[case], shape, device, dtype)
         split_s, split_out = time_path(problem, args.calls, args.repeats, one_program=False)
         one_s, one_out = time_path(problem, args.calls, args.repeats, one_program=True)
         rows.append(
@@ -119,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)",
+        "dtype": str(dtype).removeprefix("torch."),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "calls": args.calls,
         "repeats": args.repeats,
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decode_attention.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"one decode step's attention, {result['device']}, bfloat16, {args.calls} launches per graph, medians")
+    print(f"one decode step's attention, {result['device']}, {result['dtype']}, {args.calls} calls, medians")
     print(f"{'case':46} {'split us':>9} {'one program us':>15} {'speed-up':>9} {'max |diff|':>11}")
     for row in rows:
         print(
