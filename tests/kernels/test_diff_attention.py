@@ -176,6 +176,7 @@ DECODE_CASES = {
     "causal-plain-gqa": (Pattern(), 90, 91, 90, 12, 3, 0, False, False),
     "bounded-midsegment": (Pattern(True, 32, 8, 3), 45, 33, 32, 16, 2, 7, True, True),
     "bounded-sink-token": (Pattern(True, 32, 8, 3), 1, 33, 32, 16, 2, 7, True, False),  # sinks follow causality
+    "extras-only": (Pattern(True, 32, 8, 3), 40, 0, 0, 16, 2, 7, True, True),  # no main keys at all
     "bounded-many-extras": (Pattern(True, 64, 8, 4), 301, 65, 64, 16, 2, 150, True, True),  # three extra chunks
     "segment-window": (Pattern(True, 32, 8, 3), 46, 32, SEGMENT_WINDOW, 16, 2, 7, True, True),
     "segment-window-first": (Pattern(True, 256, 64, 4), 8192, 256, SEGMENT_WINDOW, 64, 3, 128, True, True),

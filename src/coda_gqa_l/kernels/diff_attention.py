@@ -257,10 +257,10 @@ def _decode_split(
     LK = k.shape[2]
     block_n, block_d = 64, tile_size(D)
     block_e = min(64, tile_size(E)) if E else 16
-    tiles = triton_cdiv(LK, block_n)
+    tiles = max(1, triton_cdiv(LK, block_n))  # no main keys at all: one empty stretch
     main_splits = min(tiles, _DECODE_MAIN_SPLITS)
     main_chunk = triton_cdiv(tiles, main_splits) * block_n
-    main_splits = triton_cdiv(LK, main_chunk)
+    main_splits = max(1, triton_cdiv(LK, main_chunk))
     splits = main_splits + (triton_cdiv(E, block_e) if E else 0)
     partial_m = torch.empty(B * H, 2, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
