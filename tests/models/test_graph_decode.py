@@ -167,9 +167,9 @@ def test_a_pool_lends_one_decoder_per_generation_and_leaves_each_cache_its_own(
 def test_the_pool_drops_decoders_of_moved_weights_and_lends_none_it_cannot_serve(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A captured graph has the weights' addresses baked in: after a weight moves, the idle decoder is dropped and
-    a new one made. A cache a decoder refuses (routing metrics on) gets None and a warning: the caller decodes
-    through the forward. A released decoder holds no cache."""
+    """A captured graph has the weights' addresses baked in, and values derived from them: after a weight moves or
+    changes in place, the idle decoder is dropped and a new one made. A cache a decoder refuses (routing metrics on)
+    gets None and a warning: the caller decodes through the forward. A released decoder holds no cache."""
     from coda_gqa_l.models.graph_decode import GraphDecoderPool
 
     torch.manual_seed(3)
@@ -190,6 +190,11 @@ def test_the_pool_drops_decoders_of_moved_weights_and_lends_none_it_cannot_serve
     with pool.lend(_prefilled(model, ids)) as fresh:
         assert fresh is not None and fresh is not first
     assert pool._idle == [fresh]
+    with torch.no_grad():  # weights loaded in place: the graphs' kept noise tables would be stale
+        theta = model.model.layers[0].self_attn.layer.core.theta
+        theta.copy_(theta + 0.01)
+    with pool.lend(_prefilled(model, ids)) as reloaded:
+        assert reloaded is not None and reloaded is not fresh
     cache = _prefilled(model, ids)
     for adapter in (block.self_attn for block in model.model.layers):
         adapter.layer.collect_metrics = True

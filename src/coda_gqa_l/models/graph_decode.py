@@ -336,10 +336,12 @@ def bounded_layers(model: nn.Module) -> list[BoundedCoDAAttention]:
     return layers
 
 
-def weights_key(model: nn.Module) -> tuple[tuple[int, torch.dtype, torch.device], ...]:
-    """Address, dtype and device of every parameter and buffer: what a captured graph has baked in."""
+def weights_key(model: nn.Module) -> tuple[tuple[int, int, torch.dtype, torch.device], ...]:
+    """Address, version, dtype and device of every parameter and buffer: what a captured graph has baked in. The
+    version too, since a graph also reads values derived from the weights once and kept (the noise rotation's
+    tables, ``DifferentialCore.noise_tables``): weights loaded in place make it stale."""
     tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def graph_decode_supported(model: nn.Module) -> bool:
