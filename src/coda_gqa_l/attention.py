@@ -500,9 +500,9 @@ class BoundedCoDAAttention(nn.Module):
         at = ("device", id(start)) if isinstance(start, Tensor) else start
         cos, sin = step_tables.cos_sin(rope, ("queries", at, n), lambda: start + torch.arange(n, device=device))
         if one_pass:
-            t_cos, t_sin = extras.theta_cos, extras.theta_sin
-            if t_cos is None and core.theta is not None:  # extras built for autograd
-                t_cos, t_sin = core.noise_tables()  # type: ignore[misc]
+            # float32 tables, as the rotation kernel reads them, kept by the core between chunks and steps
+            tables = core.noise_tables()
+            t_cos, t_sin = tables if tables is not None else (None, None)
             stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
             stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
@@ -542,8 +542,8 @@ class BoundedCoDAAttention(nn.Module):
     ) -> SegmentExtras:
         """What each segment's queries see beside the window: the sinks and bank slots, rotated to their per-segment
         positions, with their logit offsets (``bank_* (B, Hkv, nseg, M, ...)``, one snapshot per segment the chunk
-        from ``start`` touches), and the noise rotation's cos and sin (``one_pass``). Within a segment none of it
-        changes once the sinks are written, which lets a graph decoder compute it once per segment."""
+        from ``start`` touches). Within a segment none of it changes once the sinks are written, which lets a graph
+        decoder compute it once per segment."""
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         sink_k, sink_v, bank_k, bank_v = (t.to(dtype) for t in (sink_k, sink_v, bank_k, bank_v))
@@ -553,9 +553,6 @@ class BoundedCoDAAttention(nn.Module):
         relative = cfg.position_mode == "relative"
         rotate = _one_pass_rotate if one_pass else _autograd_rotate
         at = ("device", id(start)) if isinstance(start, Tensor) else start
-        # float32 tables, as the rotation kernel reads them, kept by the core between chunks and steps
-        tables = core.noise_tables() if one_pass else None
-        theta_cos, theta_sin = tables if tables is not None else (None, None)
 
         def segment_starts() -> Tensor:
             return (start // S + torch.arange(nseg, device=device)) * S
@@ -583,7 +580,7 @@ class BoundedCoDAAttention(nn.Module):
             extra_k = torch.cat([sinks_k, extra_k], dim=3)
             extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
             extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
-        return SegmentExtras(extra_k, extra_v, extra_bias, theta_cos, theta_sin)
+        return SegmentExtras(extra_k, extra_v, extra_bias)
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -596,25 +593,18 @@ class BoundedCoDAAttention(nn.Module):
 @dataclasses.dataclass
 class SegmentExtras:
     """A segment's extra keys for the fused kernel (``BoundedCoDAAttention.segment_extras``): ``keys``/``values``
-    ``(B, Hkv, nseg, Ns + M, Dh)``, ``bias`` ``(B, Hkv, nseg, Ns + M)``, and the noise rotation's ``theta_cos`` /
-    ``theta_sin`` ``(H, Dh)`` (None without noise heads or with autograd)."""
+    ``(B, Hkv, nseg, Ns + M, Dh)`` and ``bias`` ``(B, Hkv, nseg, Ns + M)``. (The noise rotation's tables are the
+    core's, ``DifferentialCore.noise_tables``.)"""
 
     keys: Tensor
     values: Tensor
     bias: Tensor
-    theta_cos: Tensor | None
-    theta_sin: Tensor | None
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.keys, self.values, self.bias, self.theta_cos, self.theta_sin) if t is not None]
+        return [self.keys, self.values, self.bias]
 
     def clone(self) -> SegmentExtras:
-        def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.clone()
-
-        return SegmentExtras(
-            self.keys.clone(), self.values.clone(), self.bias.clone(), copy(self.theta_cos), copy(self.theta_sin)
-        )
+        return SegmentExtras(self.keys.clone(), self.values.clone(), self.bias.clone())
 
     def copy_(self, other: SegmentExtras) -> None:
         """Write ``other``'s values into these tensors (static buffers of a captured graph)."""
