@@ -17,6 +17,7 @@ call, the ratio a ratio of medians, and the two paths' outputs are compared. Pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -85,7 +86,7 @@ def inputs(
 def time_path(args: dict[str, Any], calls: int, repeats: int, one_program: bool) -> tuple[float, torch.Tensor]:
     """Median seconds per call over ``repeats`` replays of a graph of ``calls`` launches (on the CPU: loops of
     ``calls`` calls), and the output."""
-    context = dispatch.one_program_decode() if one_program else torch.no_grad()
+    context = dispatch.one_program_decode() if one_program else contextlib.nullcontext()
     with context, torch.no_grad():
         out = fused_attention(**args)  # compiles
         if args["q"].device.type != "cuda":
