@@ -480,7 +480,7 @@ class BoundedCoDAAttention(nn.Module):
         segment's window (``decode.KeptExtras``: tokens ``b - W + S ..``, keys already rotated), read in place.
         """
         cfg, core = self.config, self.core
-        W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
+        W = cfg.window
         B, H, n, D = q.shape
         # under autocast q is bf16 while a float32 model's state is float32: one dtype for the kernel
         ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)
@@ -511,6 +511,25 @@ class BoundedCoDAAttention(nn.Module):
                 rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
             )
             ext_k = rotate(ext_k, cos, sin, layout)
+        return self.attend_stacked(stacked, lam, ext_k, ext_v, start, extras, segment_window)
+
+    def attend_stacked(
+        self,
+        stacked: Tensor,
+        lam: Tensor | None,
+        ext_k: Tensor,
+        ext_v: Tensor,
+        start: int | Tensor,
+        extras: SegmentExtras,
+        segment_window: bool = False,
+    ) -> Tensor:
+        """``attend_fused`` from its rotated, stacked queries ``(B, Hkv, streams, n, Dh)`` on: the kernel over the
+        window keys as given (rotated, or a graph decoder's segment buffer) and the segment's extras, then ``W_o``.
+        A graph decoder's plain step comes here directly (``kernels.step_inputs`` stacks its queries)."""
+        cfg, core = self.config, self.core
+        W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
+        B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
+        H = core.num_heads
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
         out = fused_attention(
             stacked,

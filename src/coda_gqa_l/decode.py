@@ -27,6 +27,7 @@ from .attention import BoundedCoDAAttention, SegmentExtras
 from .kernels.rope import rotate_keys
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
+from .kernels.step_inputs import step_inputs
 from .kernels.window_step import WindowStep, WindowTargets, write_window_step
 from .primitives import apply_rope
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -198,6 +199,20 @@ def advance_at_device_position(
     if reuse and (routes or kept is None or kept.value is None or kept.window_k is None):
         raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
     at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
+    if reuse and one_pass_step_inputs(layer):
+        assert kept is not None and kept.value is not None and kept.window_k is not None  # checked above
+        assert kept.window_v is not None and layer.input_projection is not None  # and by one_pass_step_inputs
+        # the gates' sigmoid, the token into ring and buffer, and the queries' rotation: one kernel (step_inputs.py)
+        cos, sin = step_tables.cos_sin(core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device))
+        noise_cos, noise_sin = core.noise_tables() or (None, None)
+        targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
+        stacked, step_lam = step_inputs(
+            layer.input_projection(x), core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
+            pos, S, core.rope.layout,
+        )  # fmt: skip
+        return layer.attend_stacked(
+            stacked, step_lam, kept.window_k, kept.window_v, pos, kept.value, segment_window=True
+        )
     q, k, v, lam, g = layer.project_inputs(x)  # g: (B, Hkv, n)
     relative = cfg.position_mode == "relative"
     if not relative:
@@ -261,6 +276,21 @@ def advance_at_device_position(
     if kept is not None:
         _fill_segment_window(layer, st, kept, pos, window_offsets, q.dtype)
     return y
+
+
+def one_pass_step_inputs(layer: BoundedCoDAAttention) -> bool:
+    """Whether a plain step of ``layer`` can take its attention inputs from the fused product in one pass
+    (``kernels.step_inputs``): one input product laid out q, k, v, lambda's logits, the gate's logits; relative
+    positions; no query or key norm and no lambda scale (the kernel applies neither)."""
+    core = layer.core
+    return (
+        layer.input_projection is not None
+        and core.lambda_proj is not None
+        and core.lambda_scale is None
+        and core.q_norm is None
+        and core.k_norm is None
+        and layer.config.position_mode == "relative"
+    )
 
 
 def _fill_segment_window(
