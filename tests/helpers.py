@@ -125,3 +125,23 @@ def tiny_bounded_llama(
         for adapter in (block.self_attn for block in model.model.layers):
             adapter.layer.gate_proj.weight.mul_(8.0)
     return model.eval()
+
+
+def window_step_targets(
+    batch: int, kv_heads: int, window: int, head_dim: int, device: str, dtype: torch.dtype, seed: int
+) -> list[torch.Tensor]:
+    """Random targets of a graph step's window write, in ``WindowTargets``' order: ring keys, values and gates, the
+    row positions (all 77), and the segment window buffer's keys and values."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+
+    return [
+        rand(batch, kv_heads, window, head_dim),
+        rand(batch, kv_heads, window, head_dim),
+        rand(batch, kv_heads, window, dt=torch.float32),
+        torch.full((batch,), 77, dtype=torch.int64, device=device),
+        rand(batch, kv_heads, window, head_dim),
+        rand(batch, kv_heads, window, head_dim),
+    ]

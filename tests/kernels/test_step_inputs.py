@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import window_step_targets
 
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.rope import stack_rotated_queries_reference
@@ -18,19 +19,7 @@ WIDTH = (H + 2 * HKV) * D + H + HKV
 
 
 def _targets(device: str, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
-
-    return [
-        rand(B, HKV, W, D),  # ring keys
-        rand(B, HKV, W, D),  # ring values
-        rand(B, HKV, W, dt=torch.float32),  # ring gates
-        torch.full((B,), 77, dtype=torch.int64, device=device),  # row positions
-        rand(B, HKV, W, D),  # segment window keys
-        rand(B, HKV, W, D),  # segment window values
-    ]
+    return window_step_targets(B, HKV, W, D, device, dtype, seed)
 
 
 def _noise_tables(layout: str, device: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import window_step_targets
 
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
@@ -19,18 +20,8 @@ from coda_gqa_l.primitives import RotaryEmbedding, apply_rope
 B, HKV, W, S, D = 2, 3, 32, 8, 24  # a head size that is not a power of two: the masked tail
 
 
-def _targets(device: str, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
-    def rand(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
-
-    return [
-        rand(B, HKV, W, D),  # ring keys
-        rand(B, HKV, W, D),  # ring values
-        rand(B, HKV, W, dt=torch.float32),  # ring gates
-        torch.full((B,), 77, dtype=torch.int64, device=device),  # row positions
-        rand(B, HKV, W, D),  # segment window keys
-        rand(B, HKV, W, D),  # segment window values
-    ]
+def _targets(device: str, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    return window_step_targets(B, HKV, W, D, device, dtype, seed)
 
 
 def _check_against_reference(device: str, dtype: torch.dtype, layout: str, rotate: bool, tol: float) -> None:
@@ -46,7 +37,7 @@ def _check_against_reference(device: str, dtype: torch.dtype, layout: str, rotat
             cos,
             sin,
         )
-        ours = _targets(device, dtype, torch.Generator().manual_seed(pos_value))
+        ours = _targets(device, dtype, pos_value)
         expected = [t.clone() for t in ours]
         write_window_step(step, WindowTargets(*ours), pos, S, layout)  # type: ignore[arg-type]
         write_window_step_reference(step, WindowTargets(*expected), pos, S, layout)  # type: ignore[arg-type]
@@ -150,7 +141,7 @@ def _step_and_targets(device: str) -> tuple[WindowStep, list[torch.Tensor]]:
         None,
         None,
     )
-    return step, _targets(device, torch.float32, torch.Generator().manual_seed(12))
+    return step, _targets(device, torch.float32, 12)
 
 
 def test_compile_ahead_is_off_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
