@@ -187,3 +187,42 @@ def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
     _assert_same_states(cache, reference, **tol)
     pool = graph_prefill.shared_decoder_pool(model)
     assert any((64, "read") in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
+
+
+def test_the_first_chunk_compiles_ahead_once_per_model_on_a_scratch_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first eager chunk's kernels compile side by side before the real forward (``compile_first_chunk_ahead``):
+    once per model, on a scratch cache, leaving the caller's cache and the model's outputs as they were. On the CPU
+    the interpreter compiles nothing, so the pass is skipped; with the mode standing in (launches running as usual),
+    the scratch forward must still run and change nothing the caller holds."""
+    import contextlib
+
+    model = _model()
+    ids = torch.randint(0, 200, (1, 2 * CONFIG.segment))
+    assert not graph_prefill.compile_first_chunk_ahead(model, ids)  # the interpreter: nothing to compile
+    assert not graph_prefill.compile_first_chunk_ahead(model, ids)  # and never twice
+
+    @contextlib.contextmanager
+    def standing_in() -> Any:
+        yield True
+
+    fresh = _model()
+    reference = BoundedCache(fresh)
+    want = _forward(fresh, reference, ids, CONFIG.segment)
+    calls: list[torch.Tensor] = []
+    original_forward = fresh.model.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["input_ids"])
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(graph_prefill.dispatch, "compile_ahead", standing_in)
+    monkeypatch.setattr(fresh.model, "forward", counting_forward)
+    cache = BoundedCache(fresh)
+    with torch.no_grad():
+        assert graph_prefill.compile_first_chunk_ahead(fresh, ids)
+        assert not graph_prefill.compile_first_chunk_ahead(fresh, ids)
+    assert len(calls) == 1 and torch.equal(calls[0], ids)  # one scratch pass over the chunk, without the LM head
+    assert all(state is None for state in cache.states)  # the caller's cache: untouched
+    monkeypatch.setattr(fresh.model, "forward", original_forward)
+    torch.testing.assert_close(_forward(fresh, cache, ids, CONFIG.segment), want, atol=0, rtol=0)
+    _assert_same_states(cache, reference, atol=0, rtol=0)
