@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import step_tables
 from .attention import BoundedCoDAAttention, SegmentExtras
+from .kernels import dispatch
 from .kernels.rope import rotate_keys
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
@@ -281,10 +282,12 @@ def advance_at_device_position(
 def one_pass_step_inputs(layer: BoundedCoDAAttention) -> bool:
     """Whether a plain step of ``layer`` can take its attention inputs from the fused product in one pass
     (``kernels.step_inputs``): one input product laid out q, k, v, lambda's logits, the gate's logits; relative
-    positions; no query or key norm and no lambda scale (the kernel applies neither)."""
+    positions; no query or key norm and no lambda scale (the kernel applies neither); not inside
+    ``dispatch.separate_step_inputs()``."""
     core = layer.core
     return (
-        layer.input_projection is not None
+        dispatch.one_pass_step_inputs_allowed()
+        and layer.input_projection is not None
         and core.lambda_proj is not None
         and core.lambda_scale is None
         and core.q_norm is None

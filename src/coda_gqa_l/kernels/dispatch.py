@@ -168,6 +168,21 @@ def split_decode() -> bool:
     return not _ONE_PROGRAM_DECODE.get()
 
 
+_SEPARATE_STEP_INPUTS = contextvars.ContextVar("coda_gqa_l_separate_step_inputs", default=False)
+
+
+def separate_step_inputs() -> contextlib.AbstractContextManager[None]:
+    """Inside, a graph decoder's plain step computes the gates' sigmoid, the window write and the queries' rotation
+    as three kernels instead of ``step_inputs``' one (a graph captured inside keeps its choice): for the benchmark
+    and tests that compare the two."""
+    return _switched_on(_SEPARATE_STEP_INPUTS)
+
+
+def one_pass_step_inputs_allowed() -> bool:
+    """Whether a plain graph step may take its attention inputs in one pass (``step_inputs``; the default)."""
+    return not _SEPARATE_STEP_INPUTS.get()
+
+
 def tile_size(n: int, least: int = 16) -> int:
     """Power-of-two tile size for ``n`` rows or columns, at least ``least`` (16: the smallest ``tl.dot`` tile)."""
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

@@ -1,0 +1,195 @@
+"""A graph-decoded step of the neural database's model, path against path in one process: the step's choices that
+``kernels/dispatch`` can switch, each decoding the same context with the same greedy tokens.
+
+    PYTHONPATH=src python benchmarks/decode_step.py [--context 8192] [--tokens 128] [--repeats 5] [--out DIR]
+    TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/decode_step.py --quick
+        # CPU: a tiny random Llama in Triton's interpreter, eager steps (the test runs this; no timing worth reading)
+
+Variants (each on its own cache, prefilled through the model's graphs as the database ingests, then decoded by its
+own ``GraphModelDecoder``, captured inside the variant's switches):
+
+* ``default``: the step as shipped (one-pass step inputs, ``kernels/step_inputs.py``; split attention);
+* ``separate inputs``: ``dispatch.separate_step_inputs()``: the gates' sigmoid, the window step and the queries'
+  rotation as three kernels;
+* ``one-program attention``: ``dispatch.one_program_decode()``: the attention's one program per head;
+* ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before).
+
+Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
+medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
+run. "same tokens" says whether a variant's first repeat chose the default's tokens (bf16 paths may round apart).
+Prints a table last; writes ``DIR/decode_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.models import BoundedCache
+from coda_gqa_l.models.graph_decode import GraphModelDecoder, graph_decode_supported
+from coda_gqa_l.models.graph_prefill import prefill
+from coda_gqa_l.models.hf_compat import cache_kwargs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_step"
+
+
+@contextlib.contextmanager
+def _both() -> Iterator[None]:
+    with dispatch.separate_step_inputs(), dispatch.one_program_decode():
+        yield
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "default": contextlib.nullcontext,
+    "separate inputs": dispatch.separate_step_inputs,
+    "one-program attention": dispatch.one_program_decode,
+    "both": _both,
+}
+
+
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Tensor, str]:
+    """The database's model (folded for inference) and ``context`` token ids on ``device``."""
+    if args.quick:
+        from model_generate import random_ids, tiny_llama
+
+        from coda_gqa_l.config import BoundedConfig
+        from coda_gqa_l.models import convert
+        from coda_gqa_l.models.inference import fold_for_inference
+
+        config = BoundedConfig(window=32, segment=8, num_landmarks_exact=4, num_landmarks_summary=4, num_sink=2)
+        model = convert(tiny_llama().to(dtype), config)
+        fold_for_inference(model)
+        ids, _ = random_ids(model.config.vocab_size, args.context)
+        name = "tiny random Llama (4/2 heads, 2 layers, D 64), untrained conversion, folded"
+    else:
+        from model_generate import wikipedia_ids
+
+        from coda_gqa_l.models.pretrained import load_coda_smollm2
+
+        model, tokenizer = load_coda_smollm2(dtype=dtype, progress=False)
+        ids, _ = wikipedia_ids(tokenizer, args.context)
+        name = "SmolLM2-135M-Instruct, shipped weights, folded (the neural database's model)"
+    return model.to(device).eval(), ids.to(device), name
+
+
+def clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_variant(
+    model: nn.Module, ids: Tensor, switch: Callable[[], contextlib.AbstractContextManager[None]],
+    args: argparse.Namespace, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Prefill ``ids`` into a fresh cache, then greedy-decode under ``switch``: tokens/s per repeat and the tokens."""
+    cache = BoundedCache(model, block_size=args.chunk)
+
+    def forward(piece: Tensor) -> Tensor:
+        return model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    with torch.inference_mode():
+        logits = prefill(model, cache, ids, chunk_tokens=args.chunk, forward=forward)
+    assert logits is not None
+    token = logits.argmax(-1)
+    capture = device.type == "cuda"
+    with switch(), torch.inference_mode():
+        decoder = GraphModelDecoder(model, cache, capture=capture)
+        start = clock(device)
+        if capture:
+            decoder.capture_all()
+        for _ in range(args.warmup):
+            token = decoder(token).argmax(-1)
+        warmup_s = clock(device) - start
+        rates, chosen = [], []
+        for _ in range(args.repeats):
+            picked = []
+            start = clock(device)
+            for _ in range(args.tokens):
+                token = decoder(token).argmax(-1)
+                picked.append(token)
+            rates.append(args.tokens / (clock(device) - start))
+            chosen.append(torch.stack(picked, 1)[0].tolist())
+    return {"tokens_per_s": rates, "median_tokens_per_s": statistics.median(rates), "warmup_s": warmup_s,
+            "first_repeat_tokens": chosen[0]}  # fmt: skip
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    rows = result["variants"]
+    base = rows["default"]
+    lines = [
+        f"{result['model']}, {result['dtype']} on {result['device']}, {result['context']:,} tokens of context, "
+        f"{result['tokens']} tokens x {result['repeats']} repeats, medians",
+        f"{'variant':<24}{'tokens/s':>10}{'ms/step':>10}{'vs default':>12}  same tokens",
+    ]
+    for name, row in rows.items():
+        rate = row["median_tokens_per_s"]
+        same = "yes" if row["first_repeat_tokens"] == base["first_repeat_tokens"] else "no"
+        ratio = rate / base["median_tokens_per_s"]
+        lines.append(f"{name:<24}{rate:>10.1f}{1000 / rate:>10.3f}{ratio:>11.3f}x  {same}")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--context", type=int, default=8192, help="tokens read before decoding")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (whole chunks replay the model's graphs)")
+    p.add_argument("--tokens", type=int, default=128, help="timed greedy tokens per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=32, help="untimed greedy tokens after the capture")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, 64 tokens of context, 4 x 2 tokens")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --quick)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context, args.chunk, args.tokens, args.repeats, args.warmup = 64, 16, 4, 2, 2
+        args.device = args.device or "cpu"
+    if "default" not in args.variants:
+        args.variants = ["default", *args.variants]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, ids, name = load(args, device, dtype)
+    if not graph_decode_supported(model) and device.type == "cuda":
+        raise SystemExit("this model cannot be graph-decoded")
+    variants = {v: run_variant(model, ids, VARIANTS[v], args, device) for v in args.variants}
+    result = {
+        "command": "python benchmarks/decode_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "model": name,
+        "context": args.context,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "variants": variants,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_step.json").write_text(json.dumps(result, indent=1))
+    print("\n".join(table(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
