@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import statistics
 import time
 import traceback
@@ -246,6 +247,20 @@ def describe(row: dict[str, Any]) -> str:
         value = next((f"{k}={row[k]:.4g}" for k in ("tokens_per_s", "tflops", "median_ms") if row.get(k)), "")
         return f"{where} {size} ok {value}"
     return f"{where} {size} {row.get('status')}: {row.get('error') or row.get('reason')}"
+
+
+def run_header(script: str, argv: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What every result file starts with: the command, the time, the device (with the GPU's name), the dtype, torch's
+    version and the machine."""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": str(device) + gpu,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
 
 
 def write_result(result: dict[str, Any], path: Path, table: list[str]) -> None:

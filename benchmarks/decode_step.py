@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import run_header, write_result
 from torch import Tensor, nn
 
 from coda_gqa_l.kernels import dispatch
@@ -41,8 +40,6 @@ from coda_gqa_l.models import BoundedCache
 from coda_gqa_l.models.graph_decode import GraphModelDecoder, graph_decode_supported
 from coda_gqa_l.models.graph_prefill import prefill
 from coda_gqa_l.models.hf_compat import cache_kwargs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_step"
 
@@ -173,21 +170,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("this model cannot be graph-decoded")
     variants = {v: run_variant(model, ids, VARIANTS[v], args, device) for v in args.variants}
     result = {
-        "command": "python benchmarks/decode_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_header("decode_step.py", sys.argv[1:] if argv is None else argv, device, dtype),
         "model": name,
         "context": args.context,
         "tokens": args.tokens,
         "repeats": args.repeats,
         "variants": variants,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_step.json").write_text(json.dumps(result, indent=1))
-    print("\n".join(table(result)))
+    write_result(result, args.out / "decode_step.json", table(result))
     return result
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import re
 import statistics
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import write_result
+from bench_common import run_header, write_result
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
@@ -362,12 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 device)  # fmt: skip
     decode = profile_decode(bounded, bounded_cache, ids[:, : args.context], args, device) if graphs else None
     result = {
-        "command": "python benchmarks/profile_ingest.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_header("profile_ingest.py", sys.argv[1:] if argv is None else argv, device, dtype),
         "model": name,
         "context": args.context,
         "chunk": args.chunk,

@@ -145,3 +145,26 @@ def window_step_targets(
         rand(batch, kv_heads, window, head_dim),
         rand(batch, kv_heads, window, head_dim),
     ]
+
+
+def run_benchmark_in_interpreter(script: str, *args: str, timeout: float = 300) -> Any:
+    """``python benchmarks/SCRIPT ARGS`` in a child process with the package on its path and the Triton kernels run
+    in Triton's interpreter (a benchmark's ``--quick`` smoke run); the finished process, checked for success."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
+        "TRITON_INTERPRET": "1",
+        "CODA_GQA_L_KERNELS": "triton",
+    }
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True, env=env,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

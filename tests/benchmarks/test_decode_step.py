@@ -4,32 +4,17 @@ the switch it measures: inside ``dispatch.separate_step_inputs()`` a plain step 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import tiny_bounded_llama
+from helpers import run_benchmark_in_interpreter, tiny_bounded_llama
 
 from coda_gqa_l.decode import one_pass_step_inputs
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models.inference import fold_for_inference
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_quick_run_decodes_the_same_tokens_on_every_path(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-        "TRITON_INTERPRET": "1",
-        "CODA_GQA_L_KERNELS": "triton",
-    }
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "decode_step.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_benchmark_in_interpreter("decode_step.py", "--quick", "--out", str(tmp_path))
     result = json.loads((tmp_path / "decode_step.json").read_text())
     rows = result["variants"]
     assert list(rows) == ["default", "separate inputs", "one-program attention", "both"]
@@ -37,7 +22,8 @@ def test_quick_run_decodes_the_same_tokens_on_every_path(tmp_path: Path) -> None
         assert len(row["tokens_per_s"]) == 2 and row["median_tokens_per_s"] > 0
         # float32 in the interpreter: every path picks the default's greedy tokens
         assert row["first_repeat_tokens"] == rows["default"]["first_repeat_tokens"]
-    assert done.stdout.strip().splitlines()[-4].startswith("default")
+    lines = done.stdout.strip().splitlines()
+    assert lines[-5].startswith("default") and lines[-1].startswith("wrote ")  # the table, then where the JSON went
 
 
 def test_the_switch_turns_the_one_pass_step_inputs_off() -> None:
