@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,6 @@ from torch import Tensor, nn
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache
 from coda_gqa_l.models.graph_decode import GraphModelDecoder, graph_decode_supported
-from coda_gqa_l.models.graph_prefill import prefill
-from coda_gqa_l.models.hf_compat import cache_kwargs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_step"
 
@@ -83,44 +81,33 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     return model.to(device).eval(), ids.to(device), name
 
 
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def run_variant(
     model: nn.Module, ids: Tensor, switch: Callable[[], contextlib.AbstractContextManager[None]],
     args: argparse.Namespace, device: torch.device,
 ) -> dict[str, Any]:  # fmt: skip
     """Prefill ``ids`` into a fresh cache, then greedy-decode under ``switch``: tokens/s per repeat and the tokens."""
+    from model_generate import clock, graph_decode, prefill
+
     cache = BoundedCache(model, block_size=args.chunk)
-
-    def forward(piece: Tensor) -> Tensor:
-        return model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    with torch.inference_mode():
-        logits = prefill(model, cache, ids, chunk_tokens=args.chunk, forward=forward)
-    assert logits is not None
-    token = logits.argmax(-1)
     capture = device.type == "cuda"
+    with torch.inference_mode():
+        first, _ = prefill(model, cache, ids, args.chunk, math.inf, graphs=capture)
+    assert first is not None  # no deadline
+    seq = ids.new_tensor([[first]])
     with switch(), torch.inference_mode():
         decoder = GraphModelDecoder(model, cache, capture=capture)
         start = clock(device)
         if capture:
             decoder.capture_all()
-        for _ in range(args.warmup):
-            token = decoder(token).argmax(-1)
+        seq = graph_decode(decoder, seq, args.warmup, math.inf)[:, -1:]
         warmup_s = clock(device) - start
         rates, chosen = [], []
         for _ in range(args.repeats):
-            picked = []
             start = clock(device)
-            for _ in range(args.tokens):
-                token = decoder(token).argmax(-1)
-                picked.append(token)
+            out = graph_decode(decoder, seq, args.tokens, math.inf)
             rates.append(args.tokens / (clock(device) - start))
-            chosen.append(torch.stack(picked, 1)[0].tolist())
+            chosen.append(out[0, 1:].tolist())
+            seq = out[:, -1:]
     return {"tokens_per_s": rates, "median_tokens_per_s": statistics.median(rates), "warmup_s": warmup_s,
             "first_repeat_tokens": chosen[0]}  # fmt: skip
 

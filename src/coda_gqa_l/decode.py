@@ -200,39 +200,14 @@ def advance_at_device_position(
     if reuse and (routes or kept is None or kept.value is None or kept.window_k is None):
         raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
     at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
-    if reuse and one_pass_step_inputs(layer):
-        assert kept is not None and kept.value is not None and kept.window_k is not None  # checked above
-        assert kept.window_v is not None and layer.input_projection is not None  # and by one_pass_step_inputs
-        # the gates' sigmoid, the token into ring and buffer, and the queries' rotation: one kernel (step_inputs.py)
-        cos, sin = step_tables.cos_sin(core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device))
-        noise_cos, noise_sin = core.noise_tables() or (None, None)
-        targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
-        stacked, step_lam = step_inputs(
-            layer.input_projection(x), core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
-            pos, S, core.rope.layout,
-        )  # fmt: skip
-        return layer.attend_stacked(
-            stacked, step_lam, kept.window_k, kept.window_v, pos, kept.value, segment_window=True
-        )
+    if reuse:
+        assert kept is not None  # checked above
+        return _plain_step(layer, st, x, pos, kept, at)
     q, k, v, lam, g = layer.project_inputs(x)  # g: (B, Hkv, n)
     relative = cfg.position_mode == "relative"
     if not relative:
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
         k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
-    if reuse:
-        assert kept is not None and kept.window_k is not None and kept.window_v is not None  # checked above
-        # the token into the ring and into the segment's window buffer in one pass, then attention over the buffer
-        token_step = WindowStep(k, v, g, None, None)
-        if relative:  # the queries' table of this step (attend_fused reads the same one)
-            token_step.cos, token_step.sin = step_tables.cos_sin(
-                core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device)
-            )
-        targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
-        write_window_step(token_step, targets, pos, S, core.rope.layout)
-        return layer.attend_fused(
-            q, lam, kept.window_k, kept.window_v, st.sink_k, st.sink_v, None, None, None, pos,
-            extras=kept.value, segment_window=True,
-        )  # fmt: skip
     ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
     ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
     ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
@@ -277,6 +252,39 @@ def advance_at_device_position(
     if kept is not None:
         _fill_segment_window(layer, st, kept, pos, window_offsets, q.dtype)
     return y
+
+
+def _plain_step(
+    layer: BoundedCoDAAttention, st: BoundedState, x: Tensor, pos: Tensor, kept: KeptExtras, at: tuple[str, int]
+) -> Tensor:
+    """One token inside its segment, from the segment's kept extras and window buffer: the token into the ring and
+    the buffer, then attention over the buffer. From a folded layer's product in one pass (``kernels.step_inputs``)
+    where ``one_pass_step_inputs`` allows, else projections, window step and the queries' rotation apart."""
+    core, S = layer.core, layer.config.segment
+    assert kept.value is not None and kept.window_k is not None and kept.window_v is not None  # checked by the caller
+    targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
+    # the step's table: the queries', and the key the buffer holds (attend_fused reads the same one)
+    cos, sin = step_tables.cos_sin(core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device))
+    if one_pass_step_inputs(layer):
+        assert layer.input_projection is not None  # one_pass_step_inputs checked it
+        noise_cos, noise_sin = core.noise_tables() or (None, None)
+        stacked, step_lam = step_inputs(
+            layer.input_projection(x), core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
+            pos, S, core.rope.layout,
+        )  # fmt: skip
+        return layer.attend_stacked(
+            stacked, step_lam, kept.window_k, kept.window_v, pos, kept.value, segment_window=True
+        )
+    q, k, v, lam, g = layer.project_inputs(x)
+    if layer.config.position_mode == "relative":
+        token_step = WindowStep(k, v, g, cos, sin)
+    else:  # absolute positions: the key is kept rotated, and goes into the buffer as it is
+        token_step = WindowStep(apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype), v, g, None, None)
+    write_window_step(token_step, targets, pos, S, core.rope.layout)
+    return layer.attend_fused(
+        q, lam, kept.window_k, kept.window_v, st.sink_k, st.sink_v, None, None, None, pos,
+        extras=kept.value, segment_window=True,
+    )  # fmt: skip
 
 
 def one_pass_step_inputs(layer: BoundedCoDAAttention) -> bool:

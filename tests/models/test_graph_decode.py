@@ -38,11 +38,12 @@ def _model_steps(model: torch.nn.Module, cache: BoundedCache, tokens: torch.Tens
     return torch.stack(out, 1)
 
 
-def test_eager_steps_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("position_mode", ["relative", "absolute"])
+def test_eager_steps_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch, position_mode: str) -> None:
     """Prompt of 21 tokens, then 27 one by one: the steps at 24, 32 and 40 route (at 40 into the banks)."""
     assert dispatch.interpreting() or torch.cuda.is_available()
     torch.manual_seed(0)
-    model = _model()
+    model = _model(config=dataclasses.replace(CONFIG, position_mode=position_mode))
     ids = torch.randint(0, 200, (2, 48))
     expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])  # the PyTorch reference path
     cache = _prefilled(model, ids[:, :21])
