@@ -1,0 +1,18 @@
+"""Smoke test of benchmarks/routing_kernel.py in its --quick mode (CPU, Triton's interpreter, a tiny bank config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import run_benchmark_in_interpreter
+
+
+def test_quick_run_times_each_bank_split(tmp_path: Path) -> None:
+    done = run_benchmark_in_interpreter("routing_kernel.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "routing_kernel.json").read_text())
+    assert [row["banks"] for row in result["rows"]] == ["both banks", "exact bank only", "summary bank only"]
+    for row in result["rows"]:
+        assert row["segments"] == 8 and row["launch_us"] > 0  # a 64-token chunk at 256 crosses 8 boundaries of 8
+    lines = done.stdout.strip().splitlines()
+    assert lines[-4].startswith("tiny") and lines[-1].startswith("wrote ")
