@@ -12,7 +12,7 @@ import torch
 from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.models import BoundedCache, graph_prefill
+from coda_gqa_l.models import BoundedCache, graph_decode, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphDecoderPool, GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.state import BoundedState
@@ -69,6 +69,27 @@ def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(_forward(model, cache, nxt, 1), _forward(model, reference, nxt, 1), atol=2e-4, rtol=2e-4)
 
 
+def test_a_read_from_position_0_on_empty_states_equals_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first chunk of a stream through the graph step, on the empty states the forward would make (its "read
+    sinks" graph writes the sinks): the forward's state and logits."""
+    torch.manual_seed(3)
+    model = _model()
+    ids = torch.randint(0, 200, (2, 48))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 48)
+    cache = BoundedCache(model)
+    for index, layer in enumerate(graph_decode.bounded_layers(model)):
+        cache.state_for(index, layer, 2)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    decoder.read(ids[:, :32])
+    logits = decoder.read(ids[:, 32:48])
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    decoder.release()
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+    assert any(bool(state.ex_filled.any()) for state in cache.states)
+
+
 def test_a_read_that_reaches_the_sinks_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Segments shorter than the sinks: a read from position 4 holds sinks 4 and 5 (its "read sinks" graph writes
     them); the next read, past the sinks, skips the write. The state and logits are the forward's."""
@@ -112,8 +133,8 @@ def test_a_read_must_start_and_end_on_segment_boundaries() -> None:
 
 @pytest.mark.parametrize("already", [0, 5])
 def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pytest.MonkeyPatch, already: int) -> None:
-    """Chunks of 16: the first (or a realigning piece) and the last partial one go through the forward, the whole
-    chunks in between through ``read``; the state and logits are the forward's."""
+    """Chunks of 16: whole chunks through ``read`` (the first one too, on empty states), a realigning piece and the
+    last partial one through the forward; the state and logits are the forward's."""
     torch.manual_seed(1)
     model = _model()
     ids = torch.randint(0, 200, (1, already + 75))
@@ -140,8 +161,8 @@ def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pyte
         logits = graph_prefill.prefill(
             model, cache, ids[:, already:], chunk_tokens=16, forward=forward, on_chunk=progress.append
         )
-    assert forwarded == ([16, 11] if not already else [3, 8])  # 5 + 3 = 8: realigned, then 16-token reads
-    assert reads == ([16, 16, 16] if not already else [16, 16, 16, 16])
+    assert forwarded == ([11] if not already else [3, 8])  # 5 + 3 = 8: realigned, then 16-token reads
+    assert reads == [16, 16, 16, 16]
     assert sum(progress) == 75
     assert logits is not None
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)

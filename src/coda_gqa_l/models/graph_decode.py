@@ -58,8 +58,8 @@ class GraphModelDecoder:
 
     Args:
         model: a Llama-family causal LM converted with ``convert(model, config)`` (every layer bounded).
-        cache: a ``BoundedCache`` the model has prefilled (at least one token); its states become the
-            decoder's buffers (``adopt``).
+        cache: a ``BoundedCache`` with every layer's state (prefilled, or empty states a first ``read`` fills);
+            its states become the decoder's buffers (``adopt``). A decode step needs at least one token read.
         capture: ``True`` (the default) captures CUDA graphs and needs the model on CUDA; ``False`` runs
             the same step eagerly (on the CPU with Triton's interpreter: how the tests check the step).
 
@@ -165,6 +165,8 @@ class GraphModelDecoder:
             raise GraphDecodeError(f"token_ids must be {tuple(self._ids.shape)}, got {tuple(token_ids.shape)}")
         states = self._check_buffers()
         pos = states[0].pos
+        if not pos:
+            raise GraphDecodeError("a decode step follows a prompt: read or prefill at least one token first")
         if pos % self.attention[0].config.segment == 0:
             kind = "route"
         elif not self._extras_valid or pos < self._num_sink:
@@ -241,7 +243,7 @@ class GraphModelDecoder:
         if len(states) != len(self.attention) or any(s is None for s in states):
             raise GraphDecodeError("prefill the cache through the model first (every layer needs its state)")
         ready: list[BoundedState] = [s for s in states if s is not None]
-        if len({s.pos for s in ready}) != 1 or ready[0].pos < 1:
+        if len({s.pos for s in ready}) != 1:
             raise GraphDecodeError(f"the layers' states are at positions {sorted({s.pos for s in ready})}")
         if any(s.metrics for s in ready) or any(layer.collect_metrics for layer in self.attention):
             raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")

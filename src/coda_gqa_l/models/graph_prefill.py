@@ -4,9 +4,10 @@ A bounded model's prefill on the GPU is launch-bound, not compute-bound: after 8
 SmolLM2 kept an H200 busy for 14 ms but took 103 ms of wall time for its 4,646 kernel launches
 (benchmarks/results/speed.md, "Where an ingest chunk's time goes"). ``prefill`` sends every whole chunk that starts on a
 segment boundary through ``GraphModelDecoder.read`` (one graph replay per chunk, captured once per chunk length
-and shared through the model's decoder pool) and the rest (the first chunk, which creates the states and writes
-the sinks; a piece that realigns to a segment boundary; the last partial chunk) through the model's own forward.
-The state is the same either way: chunking never changes a bounded model's results (docs/semantics.md section 3).
+and shared through the model's decoder pool), the first one too (on empty states made up front, as the forward
+would make them), and the rest (a piece that realigns to a segment boundary; the last partial chunk; a prompt
+shorter than a chunk) through the model's own forward. The state is the same either way: chunking never changes a
+bounded model's results (docs/semantics.md section 3).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .cache import BoundedCache
 from .graph_decode import GraphCaptureError, bounded_layers, graph_decode_supported, shared_decoder_pool
 from .hf_compat import cache_kwargs
 
-# models whose first eager chunk has had its kernels compiled ahead in this process
+# models whose first eager piece has had its kernels compiled ahead in this process
 _COMPILED_AHEAD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -50,7 +51,9 @@ def prefill(
     total, start, last = ids.shape[1], 0, None
     while start < total:
         pos = _position(cache)
-        if graphs and pos and pos % segment == 0 and total - start >= chunk_tokens:
+        if graphs and pos % segment == 0 and total - start >= chunk_tokens:
+            if not pos:
+                _start_states(model, cache, ids.shape[0])  # the first chunk reads through a graph too
             with shared_decoder_pool(model).lend(cache) as decoder:
                 if decoder is None:
                     graphs = False
@@ -69,8 +72,8 @@ def prefill(
         if graphs and pos and pos % segment:
             take = min(take, segment - pos % segment)  # realign, so the next whole chunk can replay a graph
         piece = ids[:, start : start + take]
-        if graphs and not pos:
-            compile_first_chunk_ahead(model, piece)
+        if graphs:
+            compile_first_chunk_ahead(model, piece)  # once per model: the eager forward's kernels side by side
         last = forward(piece)
         start += piece.shape[1]
         if on_chunk is not None:
@@ -79,7 +82,7 @@ def prefill(
 
 
 def compile_first_chunk_ahead(model: nn.Module, piece: Tensor) -> bool:
-    """Once per model and process, before its first eager chunk on a GPU: that chunk through the model on a scratch
+    """Once per model and process, before its first eager piece on a GPU: that piece through the model on a scratch
     cache inside ``dispatch.compile_ahead``, so its Triton kernels compile side by side instead of one after another
     as the real forward reaches them (the demo's first ingest on a fresh H200: 76.0 s against 1.7 s in the next
     process; benchmarks/results/speed.md). Returns whether it ran (not in Triton's interpreter, nor twice).
@@ -102,6 +105,14 @@ def compile_first_chunk_ahead(model: nn.Module, piece: Tensor) -> bool:
             # and the real forward that follows reports any error of its own
             pass
     return True
+
+
+def _start_states(model: nn.Module, cache: BoundedCache, batch_size: int) -> None:
+    """Every layer's empty state, as the forward creates them on its first chunk: a graph read from position 0 on
+    them gives the forward's state and logits (the "read sinks" graph writes the sinks), so a document's first chunk
+    need not pay the eager forward's launches (about 90 ms of host time for SmolLM2 on an H200)."""
+    for index, layer in enumerate(bounded_layers(model)):
+        cache.state_for(index, layer, batch_size)
 
 
 def _position(cache: BoundedCache) -> int:
