@@ -78,9 +78,11 @@ def route_chunk_triton(
 
     c = _contiguous
     on_device = start_dev is not None
-    # 16-bit tokens and banks: tensor-core dots with exact products; float32: float32 dots (no tf32).
+    block_d = tile_size(Dh)
+    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
+    cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
     launch(_route_chunk_kernel, (B * Hkv, 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
@@ -93,7 +95,7 @@ def route_chunk_triton(
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts, START_ON_DEVICE=on_device,
         BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
-        LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

@@ -5,11 +5,9 @@ Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, K
 the evicted tokens, which both programs load), so splitting them halves the sequential chain
 at no cost in determinism. Each program loops over the chunk's segments in order; at each one
 it routes the ``S`` tokens that leave the window and writes the snapshot that segment's queries
-see. The bank (its key and value rows and the per-slot bookkeeping: gate, last use, fill) lives in
-registers from the first segment to the last: snapshots are stored and never read back, and the
-token rows a segment writes into the bank are picked out of the segment's token tiles by a one-hot
-product, so the serial chain from one segment to the next holds no global load (on an H200 a
-chunk's routing was 49% of a graph-read ingest chunk when each segment read its bank back).
+see. The snapshot it has just written is the bank the next segment starts from, so the bank
+rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
+registers; the final bank is copied out of the last snapshot.
 
 Token indices and validity come from ``start`` inside the kernel (read from a device tensor when
 given, for CUDA-graph capture of a decode step): a segment that does not route in the reference
@@ -19,11 +17,11 @@ Decisions are made in float32 with the reference's tie rules spelled out as inde
 (no sorting): candidates rank by gate descending then token index ascending, victims by
 free-first then last use then slot index, argmax ties go to the lower slot. Cosines are raw dot
 products divided by the two norms. With float32 tensors the dots run as plain float32 FMAs
-(``input_precision="ieee"``). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
+(``input_precision="ieee"``, the reduction dimension cut into short chunks so the operands fit
+in registers). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
 products of two 16-bit floats are exact in float32 and accumulate in float32, so the result is
 what float32 arithmetic gives (no tf32 rounding anywhere); the summary's gate-weighted sums
-split the float32 weights into three 16-bit parts for the same reason. The one-hot picks are
-exact in both (one product of 1.0 and a token value per output).
+split the float32 weights into three 16-bit parts for the same reason.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ def _weight_parts(w, dtype: tl.constexpr, LOWP: tl.constexpr):
 
     For 16-bit tokens the weights are split into three ``dtype`` parts whose sum is ``w`` to
     float32 precision: each part's products with the tokens are exact, so three tensor-core dots
-    give the float32 result. Computed once per segment, used for the keys and the values.
+    give the float32 result. Computed once per segment, used for every column chunk.
     """
     wt = tl.trans(w)
     if LOWP:
@@ -116,35 +114,53 @@ def _inv_norm(sq):
 
 
 @triton.jit
-def _tile(base, rows, ok, DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``rows`` of a ``(*, DH)`` matrix, all columns, as one register tile (zeros where masked)."""
-    return _rows(base, rows, ok, tl.arange(0, BLOCK_D), DH, BLOCK_D)
+def _row_norms(base, rows, ok, BLOCK_M: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr):
+    """Inverse norms of some rows of a ``(*, DH)`` matrix (the bank before the first segment)."""
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        x = _rows(base, rows, ok, k0 + tl.arange(0, BK), DH, BLOCK_D).to(tl.float32)
+        sq += tl.sum(x * x, 1)
+    return _inv_norm(sq)
 
 
 @triton.jit
-def _store_tile(dst, x, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A register tile's rows ``ok`` to the ``(BLOCK_M, DH)`` block at ``dst``."""
-    p = tl.arange(0, BLOCK_M)
-    dk = tl.arange(0, BLOCK_D)
-    tl.store(dst + p[:, None] * DH + dk[None, :], x, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+def _token_bank_dots(ext_v, row, valid, bank_v, slot, slot_ok, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw value dot products of the segment's tokens with the bank rows, and the tokens' squared norms."""
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    sq = tl.zeros([BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        v = _rows(ext_v, row, valid, dk, DH, BLOCK_D)
+        dots += _dot_nt(v, _rows(bank_v, slot, slot_ok, dk, DH, BLOCK_D), LOWP)
+        vf = v.to(tl.float32)
+        sq += tl.sum(vf * vf, 1)
+    return dots, sq
 
 
 @triton.jit
-def _tile_inv_norms(x):
-    """Inverse norms of a tile's rows, as stored (the next segment's cosines read them)."""
-    xf = x.to(tl.float32)
-    return _inv_norm(tl.sum(xf * xf, 1))
+def _token_dots_and_gram(ext_v, row, valid, bank_v, slot, slot_ok, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw dots of the tokens with the bank rows and with each other (each token chunk loaded once)."""
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        v = _rows(ext_v, row, valid, dk, DH, BLOCK_D)
+        dots += _dot_nt(v, _rows(bank_v, slot, slot_ok, dk, DH, BLOCK_D), LOWP)
+        gram += _dot_nt(v, v, LOWP)
+    return dots, gram
 
 
 @triton.jit
-def _pick_rows(take, tokens, LOWP: tl.constexpr):
-    """``take (M, S) @ tokens (S, D)`` for a 0/1 ``take`` with at most one 1 a row: the picked token rows (zeros
-    where none is picked), in float32 and exact (one product of 1.0 and a token value per output). The rows come
-    from the tile already in registers, not from a load that would wait for the decisions."""
-    if LOWP:
-        return tl.dot(take.to(tokens.dtype), tokens)
-    else:
-        return tl.dot(take.to(tl.float32), tokens.to(tl.float32), input_precision="ieee")
+def _token_gram(ext_v, row, valid, BLOCK_S: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw dots of the segment's tokens with each other (the summary bank needs them only to seed)."""
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        v = _rows(ext_v, row, valid, k0 + tl.arange(0, BK), DH, BLOCK_D)
+        gram += _dot_nt(v, v, LOWP)
+    return gram
 
 
 @triton.jit
@@ -183,6 +199,16 @@ def _gate_order(gate, BLOCK_S: tl.constexpr):
     g_j = gate[:, None]
     g_i = gate[None, :]
     return (g_i > g_j) | ((g_i == g_j) & (idx[None, :] < idx[:, None]))
+
+
+@triton.jit
+def _bank_base(e, in_base, snap, prev_slot, DH: tl.constexpr):
+    """Rows of the bank a segment starts from: the input bank, then the previous segment's snapshot."""
+    if e == 0:
+        base = in_base
+    else:
+        base = snap + prev_slot * DH
+    return base
 
 
 @triton.jit
@@ -229,6 +255,39 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
 
 
 @triton.jit
+def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Write bank rows to ``dst``: token row ``src_rows`` where ``take``, else the current row.
+
+    Returns the inverse norms of the rows written (as stored), for the next segment's cosines.
+    """
+    p = tl.arange(0, BLOCK_M)
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
+        new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
+        out = tl.where(take[:, None], new, cur)
+        tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+        stored = out.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+    return _inv_norm(sq)
+
+
+@triton.jit
+def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr):
+    """Copy rows ``ok`` of a ``(BLOCK_M, DH)`` block (the last snapshot into the returned bank)."""
+    p = tl.arange(0, BLOCK_M)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        tl.store(
+            dst + p[:, None] * DH + dk[None, :],
+            _rows(src, p, ok, dk, DH, BLOCK_D),
+            mask=_tile_mask(ok, dk, DH, BLOCK_D),
+        )
+
+
+@triton.jit
 def _log(x, INTERPRET: tl.constexpr):
     """Natural log; on the GPU through the one-instruction ``lg2.approx`` (relative error ~2^-22): the
     accurate libdevice polynomial costs ~25 instructions per copy of a vector every thread holds."""
@@ -253,62 +312,59 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    snap_k, snap_v, snap_b, start, nseg, tau_exact, novelty, match, DH: tl.constexpr,
                    ME: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, LOWP: tl.constexpr,
-                   INTERPRET: tl.constexpr):  # fmt: skip
-    """The exact bank of one head through every segment of the chunk (``banks._route_exact``).
-
-    The bank's keys and values stay in registers from the first segment to the last: each segment's snapshot is
-    stored and never read back, and the rows a segment writes are picked from its token tiles by a one-hot
-    product, so no global load waits on a decision."""
+                   BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
+                   LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """The exact bank of one head through every segment of the chunk (``banks._route_exact``)."""
     p = tl.arange(0, BLOCK_ME)
-    j = tl.arange(0, BLOCK_S)
     p_ok = p < ME
     bank = row_id * ME
     xg = tl.load(ex_g + bank + p, mask=p_ok, other=1.0)
     xlast = tl.load(ex_last + bank + p, mask=p_ok, other=0)
     xfill = tl.load(ex_fill + bank + p, mask=p_ok, other=0).to(tl.int32)
-    xk = _tile(ex_k + bank * DH, p, p_ok, DH, BLOCK_D)
-    xv = _tile(ex_v + bank * DH, p, p_ok, DH, BLOCK_D)
-    xinv = _tile_inv_norms(xv)
+    xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
     for e in range(nseg):
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        tk = _tile(ext_k, at + j, valid, DH, BLOCK_D)
-        tv = _tile(ext_v, at + j, valid, DH, BLOCK_D)
-        pair_cos, vinv = _gram_cosines(_dot_nt(tv, tv, LOWP), BLOCK_S)
-        cos = _dot_nt(tv, xv, LOWP) * vinv[:, None] * xinv[None, :]
+        row = at + tl.arange(0, BLOCK_S)
+        cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
+        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                          COS_BK, LOWP)  # fmt: skip
+        pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
+        cos = dots * vinv[:, None] * xinv[None, :]
         xlast, write, src = _exact_decisions(
             cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
             BLOCK_S, BLOCK_ME,
         )  # fmt: skip
-        take = write[:, None] & (src[:, None] == j[None, :])  # slot p takes token src[p]
-        xg = tl.where(write, tl.sum(tl.where(take, gate[None, :], 0.0), 1), xg)
+        src_row = at + src
+        xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
-        xk = tl.where(write[:, None], _to_storage(_pick_rows(take, tk, LOWP), xk.dtype, INTERPRET), xk)
-        xv = tl.where(write[:, None], _to_storage(_pick_rows(take, tv, LOWP), xv.dtype, INTERPRET), xv)
-        xinv = _tile_inv_norms(xv)
         here = slot0 + e * M_TOTAL
-        _store_tile(snap_k + here * DH, xk, p_ok, DH, BLOCK_ME, BLOCK_D)
-        _store_tile(snap_v + here * DH, xv, p_ok, DH, BLOCK_ME, BLOCK_D)
+        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
+        xinv = _copy_rows(
+            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+        )
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
-    _store_tile(o_k + bank * DH, xk, p_ok, DH, BLOCK_ME, BLOCK_D)
-    _store_tile(o_v + bank * DH, xv, p_ok, DH, BLOCK_ME, BLOCK_D)
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
+    _copy_block(o_v + bank * DH, snap_v + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     tl.store(o_g + bank + p, xg, mask=p_ok)
     tl.store(o_last + bank + p, xlast, mask=p_ok)
     tl.store(o_fill + bank + p, xfill.to(o_fill.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
-def _pick_seeds(proto_cos, avail, empty, gate, tv, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
-                LOWP: tl.constexpr):  # fmt: skip
+def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
     """Seed empty prototypes farthest first (``banks._pick_seeds``), one per round.
 
     Each round the lowest empty slot takes the available candidate whose highest cosine to the
     filled prototypes is lowest (ties: higher gate, then lower index); its cosines then join
-    ``nearest`` and become that slot's column. The candidate-candidate cosines (from the value tile
-    ``tv``) are computed only when some slot is empty. Returns ``(cosines after seeding, seed_src, avail)``.
+    ``nearest`` and become that slot's column. The candidate-candidate cosines are computed only
+    when some slot is empty. Returns ``(cosines after seeding, seed_src, avail)``.
     """
     j = tl.arange(0, BLOCK_S)
     q = tl.arange(0, BLOCK_MS)
@@ -317,7 +373,7 @@ def _pick_seeds(proto_cos, avail, empty, gate, tv, BLOCK_S: tl.constexpr, BLOCK_
     seed_src = tl.full([BLOCK_MS], -1, tl.int32)
     rounds = tl.minimum(tl.sum(empty.to(tl.int32), 0), tl.sum(avail.to(tl.int32), 0))
     if rounds > 0:
-        pair_cos, _ = _gram_cosines(_dot_nt(tv, tv, LOWP), BLOCK_S)
+        pair_cos, _ = _gram_cosines(_token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP), BLOCK_S)
         for _ in range(rounds):
             key = tl.where(avail, nearest, POS_INF)
             tied = avail & (key == tl.min(key, 0))
@@ -334,12 +390,25 @@ def _pick_seeds(proto_cos, avail, empty, gate, tv, BLOCK_S: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _ema_tile(cur, tokens, w_hi, w_mid, w_lo, inv_denom, seed_take, seeded, updated, keep, eta, LOWP: tl.constexpr,
-              INTERPRET: tl.constexpr):  # fmt: skip
-    """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``, as stored."""
-    mean = _dot_weights(w_hi, w_mid, w_lo, tokens, LOWP) * inv_denom[:, None]
-    base = tl.where(seeded[:, None], _pick_rows(seed_take, tokens, LOWP), cur.to(tl.float32))
-    return _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), cur.dtype, INTERPRET)
+def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok, keep,
+              eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+              LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
+
+    Returns the inverse norms of the rows as stored, for the next segment's cosines.
+    """
+    q = tl.arange(0, BLOCK_MS)
+    sq = tl.zeros([BLOCK_MS], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
+        base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
+        new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
+        tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
+        stored = new.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+    return _inv_norm(sq)
 
 
 @triton.jit
@@ -347,33 +416,33 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      snap_k, snap_v, snap_b, start, nseg, tau_summary, DH: tl.constexpr, ME: tl.constexpr,
                      MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
-                     LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """The summary bank of one head through every segment of the chunk (``banks._route_summary``), its keys and
-    values in registers throughout (as in ``_exact_program``)."""
+                     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
+                     INTERPRET: tl.constexpr):  # fmt: skip
+    """The summary bank of one head through every segment of the chunk (``banks._route_summary``)."""
     q = tl.arange(0, BLOCK_MS)
-    j = tl.arange(0, BLOCK_S)
     q_ok = q < MS
     bank = row_id * MS
     sg = tl.load(sm_g + bank + q, mask=q_ok, other=1.0)
     sfill = tl.load(sm_fill + bank + q, mask=q_ok, other=0).to(tl.int32)
-    sk = _tile(sm_k + bank * DH, q, q_ok, DH, BLOCK_D)
-    sv = _tile(sm_v + bank * DH, q, q_ok, DH, BLOCK_D)
-    sinv = _tile_inv_norms(sv)
+    sinv = _row_norms(sm_v + bank * DH, q, q_ok, BLOCK_MS, DH, BLOCK_D, EMA_BK)
     eta = tl.load(eta_ptr + head).to(tl.float32)
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
     for e in range(nseg):
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        tk = _tile(ext_k, at + j, valid, DH, BLOCK_D)
-        tv = _tile(ext_v, at + j, valid, DH, BLOCK_D)
+        row = at + tl.arange(0, BLOCK_S)
+        cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
         filled = sfill != 0
         cand = valid & (gate > tau_summary)
-        vinv = _tile_inv_norms(tv)
-        proto_cos = tl.where(filled[None, :], _dot_nt(tv, sv, LOWP) * vinv[:, None] * sinv[None, :], NEG_INF)
-        full, seed_src, avail = _pick_seeds(proto_cos, cand, q_ok & ~filled, gate, tv, BLOCK_S, BLOCK_MS, LOWP)
+        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
+        proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
+        full, seed_src, avail = _pick_seeds(
+            proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
+        )
         seeded = seed_src >= 0
-        seed_take = seeded[:, None] & (seed_src[:, None] == j[None, :])  # prototype q seeded by token seed_src[q]
+        seed_row = at + seed_src
 
         # every other candidate joins its most similar prototype (ties to the lower slot)
         best = tl.max(full, 1)
@@ -386,19 +455,20 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         inv_denom = tl.fdiv(1.0, tl.maximum(weight_sum, FLOAT32_TINY))
 
         # seeding sets the slot; the EMA then moves every prototype that received members
+        here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        sk = _ema_tile(sk, tk, w_hi, w_mid, w_lo, inv_denom, seed_take, seeded, updated, keep, eta, LOWP, INTERPRET)
-        sv = _ema_tile(sv, tv, w_hi, w_mid, w_lo, inv_denom, seed_take, seeded, updated, keep, eta, LOWP, INTERPRET)
-        sinv = _tile_inv_norms(sv)
-        sg = tl.where(seeded, tl.sum(tl.where(seed_take, gate[None, :], 0.0), 1), sg)
+        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
-        here = slot0 + e * M_TOTAL
-        _store_tile(snap_k + here * DH, sk, q_ok, DH, BLOCK_MS, BLOCK_D)
-        _store_tile(snap_v + here * DH, sv, q_ok, DH, BLOCK_MS, BLOCK_D)
         _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
-    _store_tile(o_k + bank * DH, sk, q_ok, DH, BLOCK_MS, BLOCK_D)
-    _store_tile(o_v + bank * DH, sv, q_ok, DH, BLOCK_MS, BLOCK_D)
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
+    _copy_block(o_v + bank * DH, snap_v + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     tl.store(o_g + bank + q, sg, mask=q_ok)
     tl.store(o_fill + bank + q, sfill.to(o_fill.dtype.element_ty), mask=q_ok)
 
@@ -414,7 +484,7 @@ def _route_chunk_kernel(
     DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, START_ON_DEVICE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
-    LOWP: tl.constexpr, INTERPRET: tl.constexpr,
+    COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head."""
     row_id = tl.program_id(0).to(tl.int64)
@@ -430,7 +500,7 @@ def _route_chunk_kernel(
                 row_id, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, ex_k, ex_v, ex_g, ex_last, ex_fill,
                 o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME, BLOCK_D, LOWP, INTERPRET,
+                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
     else:
         if MS > 0:
@@ -438,5 +508,5 @@ def _route_chunk_kernel(
                 row_id, row_id % num_heads, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, eta,
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
-                BLOCK_S, BLOCK_MS, BLOCK_D, LOWP, INTERPRET,
+                BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
