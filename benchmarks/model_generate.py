@@ -340,16 +340,20 @@ def loop_decode(step: Any, cache: Any, seq: Tensor, tokens: int, max_time: float
     not) on one token at a time with explicit position ids, as ``generate`` passes them (a StaticCache counts its own
     length on the device; without them the model would ask the cache); the argmax stays on the device.
 
-    Each step's position is a tensor of its own, as ``generate`` makes them. With slices of one long range instead
-    (a new storage offset at every step) the first static-loop run in a process decoded at 3-5 tokens/s on an H100
-    and an H200 (2026-12-05) and a second run at 271: the compiled step's CUDA graph trees appear to record anew
-    for each offset until a re-record limit."""
+    The static-loop row decoded at 3.2-3.5 tokens/s on an H100 and an H200 (2026-12-05, three runs) while each
+    step's logits were still alive when the next step began: CUDA graph trees then record a new graph for every
+    call (a step is a new iteration only once ``cudagraph_mark_step_begin`` says so or the last outputs are gone).
+    So each step begins with that mark, drops its output once the token is taken, and feeds ids of one stride (a
+    column of ``seq`` has the sequence's stride: a guard failure and a recompile at every run's first step, seen
+    on the CPU with ``TORCH_LOGS=recompiles``)."""
     end = time.perf_counter() + max(max_time, 1e-3)
-    pieces, token = [seq], seq[:, -1]
+    pieces, token = [seq], seq[:, -1].clone(memory_format=torch.contiguous_format)
     position = torch.full((1, 1), seq.shape[1] - 1, dtype=torch.long, device=seq.device)
     for _ in range(tokens):
+        torch.compiler.cudagraph_mark_step_begin()
         out = step(input_ids=token[:, None], **cache_kwargs(cache), position_ids=position, use_cache=True)
         token = out.logits[:, -1].argmax(-1)
+        del out  # the graph's outputs die here, before the next step reuses its memory
         pieces.append(token[:, None])
         position = position + 1
         if time.perf_counter() > end:
