@@ -44,8 +44,10 @@ def route_chunk_triton(
         start_dev: optional 0-d int64 tensor on the device holding ``start``; the kernel reads
             the position from it, so a captured launch stays right when replayed later. ``start``
             still fixes the number of snapshots (``len(chunk_segments(start, n, S))``), which
-            must be the same for the value in ``start_dev``. Without it ``start`` is passed as a
-            kernel argument (no host-to-device copy).
+            must be the same for the value in ``start_dev``. Without it ``start`` is written into
+            a device scalar by a fill (no host-to-device copy): one binary for both paths, so a
+            fresh process compiles the kernel once (its largest compile: 3.1 of 10.6 s for the
+            database's first request, compiled for sm_90 on a 2-core CPU, benchmarks/kernel_compiles.py).
 
         out: contiguous tensors shaped as ``banks``' to write the new banks into (returned as the new banks), which
             may be ``banks`` itself: each program reads its input bank before the segment loop and writes its result
@@ -77,7 +79,8 @@ def route_chunk_triton(
     from .routing_triton import _route_chunk_kernel
 
     c = _contiguous
-    on_device = start_dev is not None
+    if start_dev is None:
+        start_dev = torch.full((), start, dtype=torch.int64, device=device)
     block_d = tile_size(Dh)
     # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
@@ -90,10 +93,10 @@ def route_chunk_triton(
         out.ex_k, out.ex_v, out.ex_g, out.ex_last, _bytes(out.ex_filled),
         out.sm_k, out.sm_v, out.sm_g, _bytes(out.sm_filled),
         snap_k, snap_v, snap_b,
-        start_dev if on_device else snap_b, 0 if on_device else start, nseg, ext_len, Hkv,
+        start_dev, nseg, ext_len, Hkv,
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
-        MAX_INSERTS=config.max_inserts, START_ON_DEVICE=on_device,
+        MAX_INSERTS=config.max_inserts,
         BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
     )  # fmt: skip

@@ -9,9 +9,10 @@ see. The snapshot it has just written is the bank the next segment starts from, 
 rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
 registers; the final bank is copied out of the last snapshot.
 
-Token indices and validity come from ``start`` inside the kernel (read from a device tensor when
-given, for CUDA-graph capture of a decode step): a segment that does not route in the reference
-has no valid token here, which leaves the bank untouched.
+Token indices and validity come from ``start`` inside the kernel, read from a device scalar (so a
+launch captured in a CUDA graph replays at any position, and the eager and captured paths share
+one binary): a segment that does not route in the reference has no valid token here, which
+leaves the bank untouched.
 
 Decisions are made in float32 with the reference's tie rules spelled out as index arithmetic
 (no sorting): candidates rank by gate descending then token index ascending, victims by
@@ -473,26 +474,23 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     tl.store(o_fill + bank + q, sfill.to(o_fill.dtype.element_ty), mask=q_ok)
 
 
-@triton.jit(do_not_specialize=["start_value", "nseg", "ext_len"])
+@triton.jit(do_not_specialize=["nseg", "ext_len"])
 def _route_chunk_kernel(
     ext_k, ext_v, ext_g, eta,
     ex_k, ex_v, ex_g, ex_last, ex_fill, sm_k, sm_v, sm_g, sm_fill,
     o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill,
     snap_k, snap_v, snap_b,
-    start_ptr, start_value, nseg, ext_len, num_heads,
+    start_ptr, nseg, ext_len, num_heads,
     tau_exact, tau_summary, novelty, match,
     DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
-    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, START_ON_DEVICE: tl.constexpr,
+    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
-    if START_ON_DEVICE:
-        start = tl.load(start_ptr).to(tl.int64)
-    else:
-        start = start_value.to(tl.int64)
+    start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
     ext = row_id * ext_len
     if which == 0:
         if ME > 0:

@@ -1,0 +1,36 @@
+"""benchmarks/kernel_compiles.py in its --quick mode (the tiny Llama; Triton's real compiler, for sm_90, on the CPU):
+the inventory of binaries a first request compiles, and one routing binary for the eager and the graph paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_lists_the_first_requests_binaries(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_compiles.py"), "--quick", "--threads", "2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "kernel_compiles.json").read_text())
+    names = [b["kernel"] for b in result["binaries"]]
+    assert {"_route_chunk_kernel", "_fwd_kernel", "_decode_split_kernel", "_window_step_kernel"} <= set(names)
+    # the eager forward and the graph step route with one binary (the position read from the device in both)
+    assert names.count("_route_chunk_kernel") == 1
+    routing = next(b for b in result["binaries"] if b["kernel"] == "_route_chunk_kernel")
+    assert {"ingest: read", "ingest: tail forward", "answer: steps"} <= set(routing["phases"])
+    assert all(b["compile_s"] > 0 for b in result["binaries"])
+    assert result["serial_s"] > 0 and result["threaded_s"] > 0
+    assert done.stdout.strip().splitlines()[-1].startswith("wrote ")
