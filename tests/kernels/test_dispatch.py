@@ -4,6 +4,8 @@ kernels/dispatch.py, from environment variables read nowhere else."""
 from __future__ import annotations
 
 import ast
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,48 @@ def test_autotuning_runs_only_when_asked_and_never_in_the_interpreter(monkeypatc
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not dispatch.autotune()
+
+
+class _Kernel:
+    """Stands in for a compiled Triton kernel: counts its loads, which may fail."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.loads, self.fails = 0, fails
+
+    def _init_handles(self) -> None:
+        self.loads += 1
+        if self.fails:
+            raise RuntimeError("no such device")
+
+
+def test_compile_ahead_loads_each_kernel_on_its_worker_thread() -> None:
+    """The wrapped compile loads the kernel inside the device context; a failed load is left to the first launch;
+    something without a load is returned as it is."""
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def on_device() -> Iterator[None]:
+        entered.append("device")
+        yield
+
+    kernel = _Kernel()
+    assert dispatch.compile_then_load(lambda: kernel, on_device)() is kernel
+    assert kernel.loads == 1 and entered == ["device"]
+    failing = _Kernel(fails=True)
+    assert dispatch.compile_then_load(lambda: failing, on_device)() is failing and failing.loads == 1
+    plain = object()
+    assert dispatch.compile_then_load(lambda: plain, on_device)() is plain
+
+    class Mode:  # the shape of triton.AsyncCompileMode.submit, as the JIT calls it
+        def __init__(self, pool: object) -> None:
+            self.submitted: list[tuple[object, object, tuple[object, ...]]] = []
+
+        def submit(self, key: object, compile_fn: object, *callbacks: object) -> object:
+            self.submitted.append((key, compile_fn, callbacks))
+            return "future"
+
+    mode = dispatch._loading_too(Mode)(None)
+    assert mode.submit("key", lambda: kernel, "finalize", "cleanup") == "future"
+    key, wrapped, callbacks = mode.submitted[0]
+    assert key == "key" and callbacks == ("finalize", "cleanup")
+    assert wrapped() is kernel and kernel.loads == 2  # the worker's compile now loads too

@@ -131,8 +131,9 @@ def launch(
 @contextlib.contextmanager
 def compile_ahead(workers: int | None = None) -> Iterator[bool]:
     """Inside, kernel launches compile their kernels on ``workers`` threads instead of running (Triton's
-    ``AsyncCompileMode``); leaving waits for every compile. Yields whether it is active: not in the interpreter
-    (nothing to compile) nor with a Triton without the mode, where launches run as usual.
+    ``AsyncCompileMode``), each thread loading what it compiled (``_loading_too``); leaving waits for every
+    compile. Yields whether it is active: not in the interpreter (nothing to compile) nor with a Triton without the
+    mode, where launches run as usual.
 
     For a warm-up whose outputs are thrown away (a graph decoder's, on scratch states): a first request in a fresh
     process otherwise compiles its kernels one after another (about a minute for SmolLM2's ingest and answers on an
@@ -146,12 +147,48 @@ def compile_ahead(workers: int | None = None) -> Iterator[bool]:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool, mode(pool):
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool, _loading_too(mode)(pool):
         token = _COMPILING_AHEAD.set(True)
         try:
             yield True
         finally:
             _COMPILING_AHEAD.reset(token)
+
+
+def _loading_too(mode: type) -> type:
+    """Triton's ``AsyncCompileMode`` whose worker threads also load each compiled kernel (``_init_handles``: the
+    module load and, in Triton releases before the shared launcher, a C launcher built with the system compiler for
+    each signature). Otherwise those run one after another in the thread of each binary's first launch: with 11
+    binaries for the database's first request (benchmarks/kernel_compiles.py) the compiles overlap on the threads but
+    the launcher builds would not. The device is the one current where the launch asked for the compile."""
+
+    class CompileAndLoad(mode):  # type: ignore[misc,valid-type]
+        def submit(self, key: Any, compile_fn: Callable[[], Any], *callbacks: Any) -> Any:
+            index = torch.cuda.current_device() if torch.cuda.is_available() else None
+            on_device = (lambda: torch.cuda.device(index)) if index is not None else contextlib.nullcontext
+            return super().submit(key, compile_then_load(compile_fn, on_device), *callbacks)
+
+    return CompileAndLoad
+
+
+def compile_then_load(
+    compile_fn: Callable[[], Any], on_device: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Callable[[], Any]:
+    """``compile_fn`` followed by the compiled kernel's load on the device ``on_device()`` makes current. A failed
+    load is left for the kernel's first launch to report (it loads again there)."""
+
+    def run() -> Any:
+        kernel = compile_fn()
+        load = getattr(kernel, "_init_handles", None)
+        if load is not None:
+            try:
+                with on_device():
+                    load()
+            except Exception:  # noqa: BLE001 - reported by the first launch, which retries the load
+                pass
+        return kernel
+
+    return run
 
 
 _ONE_PROGRAM_DECODE = contextvars.ContextVar("coda_gqa_l_one_program_decode", default=False)
