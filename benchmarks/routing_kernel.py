@@ -11,9 +11,9 @@ Shapes: SmolLM2-135M in the neural database's shipped config (3 KV heads, head d
 sinks, 60 exact and 64 summary slots) and one 7B-shaped layer in the medium preset (8 KV heads, head dim 128). The
 banks are filled by routing four chunks first; values lie around a few directions (so hits, inserts and EMA updates
 happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
-how many pass). Each row's ``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed
-``--repeats`` times; figures are medians per launch and per segment. Prints a table last; writes
-``DIR/routing_kernel.json``.
+how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
+``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
+medians per launch and per segment. Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "routing_kernel")
     p.add_argument("--calls", type=int, default=30, help="launches per captured graph (a model's layers)")
     p.add_argument("--repeats", type=int, default=20, help="replays timed per row")
+    p.add_argument("--warps", type=int, nargs="+", default=[8], help="warps per program, each timed (8: the kernel's)")
     p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, Triton's interpreter, plain loops")
     return p.parse_args(argv)
 
@@ -74,8 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Problem:
     """A token stream for one layer's routing and the banks after its first chunks."""
 
-    def __init__(self, shape: Shape, config: BoundedConfig, device: torch.device, dtype: torch.dtype) -> None:
-        self.shape, self.config = shape, config
+    def __init__(
+        self, shape: Shape, config: BoundedConfig, device: torch.device, dtype: torch.dtype, warps: int = 8
+    ) -> None:
+        self.shape, self.config, self.warps = shape, config, warps
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -107,7 +110,7 @@ class Problem:
         k, v, g = self.ext(start)
         return route_chunk_triton(
             self.banks, k.contiguous(), v.contiguous(), g.contiguous(), start=start, n=self.shape.chunk,
-            eta=self.eta, config=self.config,
+            eta=self.eta, config=self.config, num_warps=self.warps,
         )  # fmt: skip
 
 
@@ -117,7 +120,7 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
 
     def launch() -> None:
         route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=problem.shape.chunk, eta=problem.eta,
-                           config=problem.config)  # fmt: skip
+                           config=problem.config, num_warps=problem.warps)  # fmt: skip
 
     with torch.no_grad():
         launch()
@@ -165,19 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in shapes:
         for split, make in BANK_SPLITS.items():
-            config = make(shape.config)
-            problem = Problem(shape, config, device, dtype)
-            seconds = time_route(problem, args.calls, args.repeats)
-            segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
-            rows.append({"shape": shape.name, "banks": split, "segments": segments, "launch_us": seconds * 1e6,
-                         "segment_us": seconds * 1e6 / segments})  # fmt: skip
+            for warps in args.warps:
+                config = make(shape.config)
+                problem = Problem(shape, config, device, dtype, warps)
+                seconds = time_route(problem, args.calls, args.repeats)
+                segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
+                rows.append({"shape": shape.name, "banks": split, "warps": warps, "segments": segments,
+                             "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments})  # fmt: skip
     result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
-    table.append(f"{'shape':32} {'banks':18} {'segments':>8} {'launch us':>10} {'per segment us':>15}")
+    table.append(f"{'shape':32} {'banks':18} {'warps':>5} {'segments':>8} {'launch us':>10} {'per segment us':>15}")
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['segments']:8d} {row['launch_us']:10.1f} "
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['segments']:8d} {row['launch_us']:10.1f} "
             f"{row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)

@@ -8,11 +8,12 @@ from pathlib import Path
 from helpers import run_benchmark_in_interpreter
 
 
-def test_quick_run_times_each_bank_split(tmp_path: Path) -> None:
-    done = run_benchmark_in_interpreter("routing_kernel.py", "--quick", "--out", str(tmp_path))
-    result = json.loads((tmp_path / "routing_kernel.json").read_text())
-    assert [row["banks"] for row in result["rows"]] == ["both banks", "exact bank only", "summary bank only"]
-    for row in result["rows"]:
+def test_quick_run_times_each_bank_split_at_each_width(tmp_path: Path) -> None:
+    done = run_benchmark_in_interpreter("routing_kernel.py", "--quick", "--warps", "4", "8", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
+    splits = ["both banks", "exact bank only", "summary bank only"]
+    assert [(row["banks"], row["warps"]) for row in rows] == [(split, w) for split in splits for w in (4, 8)]
+    for row in rows:
         assert row["segments"] == 8 and row["launch_us"] > 0  # a 64-token chunk at 256 crosses 8 boundaries of 8
     lines = done.stdout.strip().splitlines()
-    assert lines[-4].startswith("tiny") and lines[-1].startswith("wrote ")
+    assert lines[-7].startswith("tiny") and lines[-1].startswith("wrote ")

@@ -37,6 +37,7 @@ def route_chunk_triton(
     config: BoundedConfig,
     start_dev: Tensor | None = None,
     out: Banks | None = None,
+    num_warps: int = _WARPS,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
 
@@ -53,6 +54,8 @@ def route_chunk_triton(
             may be ``banks`` itself: each program reads its input bank before the segment loop and writes its result
             after it (a graph step routes the state's banks in place, with no copies after). Without it the inputs
             are left untouched and the returned banks are new tensors.
+        num_warps: warps per program (for benchmarks/routing_kernel.py, which times the choices; results do not
+            depend on it).
     """
     _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
     B, Hkv, ext_len, Dh = ext_k.shape
@@ -98,7 +101,7 @@ def route_chunk_triton(
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
-        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=_WARPS,
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 
