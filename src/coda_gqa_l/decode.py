@@ -29,6 +29,7 @@ from .kernels.rope import rotate_keys
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_reference import bank_view
 from .kernels.step_inputs import step_inputs
+from .kernels.window_chunk import extend_window
 from .kernels.window_step import WindowStep, WindowTargets, write_window_step
 from .primitives import apply_rope
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -193,7 +194,7 @@ def advance_at_device_position(
     is written (a captured chunk read after the first chunk).
     """
     cfg, core = layer.config, layer.core
-    W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
+    S, Ns = cfg.segment, cfg.num_sink
     n = x.shape[1]
     if n > 1 and (n % S or not routes or kept is not None):
         raise ValueError(f"a chunk at a device position must be a multiple of the segment ({S}) and route, got {n}")
@@ -208,9 +209,9 @@ def advance_at_device_position(
     if not relative:
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
         k = apply_rope(k.float(), cos, sin, core.rope.layout).to(k.dtype)
-    ring = step_tables.table(("ring", at, W), lambda: (pos - W + window_offsets) % W)
-    ext_k = torch.cat([st.win_k.index_select(2, ring), k.to(st.win_k.dtype)], dim=2)
-    ext_v = torch.cat([st.win_v.index_select(2, ring), v.to(st.win_v.dtype)], dim=2)
+    # the window before pos in token order, then the tokens; the ring then takes the tokens (one pass: nothing
+    # below reads the ring, until _fill_segment_window, which wants the new token in it)
+    ext_k, ext_v, ext_g = extend_window(st.win_k, st.win_v, st.win_g, pos, k, v, g, window_offsets)
     if Ns and sinks:
         # tokens among the first Ns are also sinks (a no-op write at later positions)
         if n == 1:  # the decode step: fewer kernels than the chunk's gather
@@ -225,10 +226,8 @@ def advance_at_device_position(
         st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
     banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
     if routes:
-        # the capture-time start fixes only the number of segments (n / S, routing at each start); only routing
-        # reads the window's write gates
-        ext_g = torch.cat([st.win_g.index_select(2, ring), g], dim=2)
-        # the state's banks routed in place: no copies after the kernel
+        # the capture-time start fixes only the number of segments (n / S, routing at each start); the state's
+        # banks routed in place: no copies after the kernel
         _, bank_k, bank_v, bank_bias = route_chunk_triton(
             banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos, out=banks
         )
@@ -243,11 +242,6 @@ def advance_at_device_position(
         else:
             kept.value.copy_(extras)
     y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras)
-    kept_tokens = min(n, W)  # the chunk's last W tokens stay in the window
-    slots = step_tables.table(("slots", at, W, n), lambda: (pos + (n - kept_tokens) + window_offsets[:kept_tokens]) % W)
-    st.win_k.index_copy_(2, slots, k[:, :, n - kept_tokens :].to(st.win_k.dtype))
-    st.win_v.index_copy_(2, slots, v[:, :, n - kept_tokens :].to(st.win_v.dtype))
-    st.win_g.index_copy_(2, slots, g[:, :, n - kept_tokens :])
     st.position.add_(n)
     if kept is not None:
         _fill_segment_window(layer, st, kept, pos, window_offsets, q.dtype)
