@@ -38,6 +38,7 @@ from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
+from .kernels.segment_extras import build_extras
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -570,12 +571,27 @@ class BoundedCoDAAttention(nn.Module):
         device = bank_k.device
         rope, layout = core.rope, core.rope.layout
         relative = cfg.position_mode == "relative"
-        rotate = _one_pass_rotate if one_pass else _autograd_rotate
         at = ("device", id(start)) if isinstance(start, Tensor) else start
 
         def segment_starts() -> Tensor:
             return (start // S + torch.arange(nseg, device=device)) * S
 
+        def sink_positions() -> Tensor:
+            i = torch.arange(Ns, device=device)
+            return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
+
+        if one_pass:  # inference: one pass over sinks and snapshots (kernels/segment_extras.py)
+            sink_angles = bank_angles = None
+            if relative:
+                bank_angles = step_tables.cos_sin(rope, ("bank angles", at, S, W, nseg), lambda: segment_starts() - W)
+                if Ns:
+                    cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
+                    sink_angles = (cos.reshape(nseg, Ns, D), sin.reshape(nseg, Ns, D))
+                else:
+                    sink_angles = (bank_angles[0].new_empty(nseg, 0, D), bank_angles[1].new_empty(nseg, 0, D))
+            return SegmentExtras(
+                *build_extras(sink_k, sink_v, bank_k, bank_v, bank_bias, dtype, sink_angles, bank_angles, layout)
+            )
         extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
         if relative and slots:
             # every slot of a segment sits at b - W: one angle per segment, repeated per slot
@@ -583,19 +599,15 @@ class BoundedCoDAAttention(nn.Module):
                 rope, ("banks", at, S, W, nseg, slots), lambda: (segment_starts() - W).repeat_interleave(slots)
             )
             flat = bank_k.reshape(B, bank_k.shape[1], nseg * slots, D)
-            extra_k = rotate(flat, cos, sin, layout).view(bank_k.shape)
+            extra_k = _autograd_rotate(flat, cos, sin, layout).view(bank_k.shape)
         if Ns:
             sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
             if relative:
-
-                def sink_positions() -> Tensor:
-                    i = torch.arange(Ns, device=device)
-                    return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
-
                 cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
                 # one rotation pass over the segments' sink rows (as the banks' above), not five elementwise ones
                 flat = sinks_k.reshape(B, sink_k.shape[1], nseg * Ns, D)
-                sinks_k = rotate(flat, cos.reshape(nseg * Ns, D), sin.reshape(nseg * Ns, D), layout).view(sinks_k.shape)
+                sinks_k = _autograd_rotate(flat, cos.reshape(nseg * Ns, D), sin.reshape(nseg * Ns, D), layout)
+                sinks_k = sinks_k.view(B, sink_k.shape[1], nseg, Ns, D)
             extra_k = torch.cat([sinks_k, extra_k], dim=3)
             extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
             extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
