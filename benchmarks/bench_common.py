@@ -269,3 +269,35 @@ def write_result(result: dict[str, Any], path: Path, table: list[str]) -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(table))
     print(f"wrote {path}")
+
+
+def graphed_call_seconds(call: Callable[[], object], calls: int, repeats: int, device: torch.device) -> float:
+    """Median seconds per ``call()``: on CUDA, ``calls`` calls captured in one CUDA graph (after two warm-up calls on
+    a side stream, as capture wants) and the graph replayed ``repeats`` times, so launch overhead is a graph's, as in
+    a model's captured step; elsewhere ``repeats`` plain loops of ``calls`` calls."""
+    times = []
+    if device.type != "cuda":
+        for _ in range(repeats):
+            began = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times.append((time.perf_counter() - began) / calls)
+        return statistics.median(times)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    for _ in range(repeats):
+        began = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - began) / calls)
+    return statistics.median(times)

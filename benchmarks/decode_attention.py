@@ -20,13 +20,12 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import graphed_call_seconds
 
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
@@ -89,33 +88,7 @@ def time_path(args: dict[str, Any], calls: int, repeats: int, one_program: bool)
     context = dispatch.one_program_decode() if one_program else contextlib.nullcontext()
     with context, torch.no_grad():
         out = fused_attention(**args)  # compiles
-        if args["q"].device.type != "cuda":
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                for _ in range(calls):
-                    fused_attention(**args)
-                times.append((time.perf_counter() - began) / calls)
-            return statistics.median(times), out
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fused_attention(**args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fused_attention(**args)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) / calls)
-    return statistics.median(times), out
+        return graphed_call_seconds(lambda: fused_attention(**args), calls, repeats, args["q"].device), out
 
 
 def main(argv: list[str] | None = None) -> int:

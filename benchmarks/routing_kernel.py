@@ -19,9 +19,7 @@ medians per launch and per segment. Prints a table last; writes ``DIR/routing_ke
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import run_header, write_result  # noqa: E402
+from bench_common import graphed_call_seconds, run_header, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = BoundedConfig(window=256, num_landmarks_exact=60, num_landmarks_summary=64, num_sink=4, segment=64,
@@ -123,33 +121,8 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
                            config=problem.config, num_warps=problem.warps)  # fmt: skip
 
     with torch.no_grad():
-        launch()
-        if k.device.type != "cuda":
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                for _ in range(calls):
-                    launch()
-                times.append((time.perf_counter() - began) / calls)
-            return statistics.median(times)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            launch()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                launch()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) / calls)
-    return statistics.median(times)
+        launch()  # compiles
+        return graphed_call_seconds(launch, calls, repeats, k.device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,11 @@ def _assert_same_states(ours: BoundedCache, reference: BoundedCache, **tol: Any)
                 torch.testing.assert_close(got, tensor, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """16 tokens through the forward, then chunks of 32 and 16 from positions 16 and 48: the same state and logits
-    as the forward reading all 64, with the banks written on the way."""
+@pytest.mark.parametrize("forwarded", [16, 0])
+def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatch, forwarded: int) -> None:
+    """16 tokens through the forward (or none: the empty states the forward would make, whose first read writes the
+    sinks), then chunks up to position 48 and from 48 to 64: the same state and logits as the forward reading all 64,
+    with the banks written on the way."""
     assert dispatch.interpreting() or torch.cuda.is_available()
     torch.manual_seed(0)
     model = _model()
@@ -54,10 +56,14 @@ def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatc
     reference = BoundedCache(model)
     expected = _forward(model, reference, ids, 64)
     cache = BoundedCache(model)
-    _forward(model, cache, ids[:, :16], 16)
+    if forwarded:
+        _forward(model, cache, ids[:, :forwarded], forwarded)
+    else:
+        for index, layer in enumerate(graph_decode.bounded_layers(model)):
+            cache.state_for(index, layer, 2)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the step's kernels, in the interpreter on the CPU
     decoder = GraphModelDecoder(model, cache, capture=False)
-    decoder.read(ids[:, 16:48])
+    decoder.read(ids[:, forwarded:48])
     logits = decoder.read(ids[:, 48:64])
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
     decoder.release()
@@ -67,27 +73,6 @@ def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(dispatch.BACKEND_ENV)
     nxt = torch.randint(0, 200, (2, 1))
     torch.testing.assert_close(_forward(model, cache, nxt, 1), _forward(model, reference, nxt, 1), atol=2e-4, rtol=2e-4)
-
-
-def test_a_read_from_position_0_on_empty_states_equals_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first chunk of a stream through the graph step, on the empty states the forward would make (its "read
-    sinks" graph writes the sinks): the forward's state and logits."""
-    torch.manual_seed(3)
-    model = _model()
-    ids = torch.randint(0, 200, (2, 48))
-    reference = BoundedCache(model)
-    expected = _forward(model, reference, ids, 48)
-    cache = BoundedCache(model)
-    for index, layer in enumerate(graph_decode.bounded_layers(model)):
-        cache.state_for(index, layer, 2)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    decoder = GraphModelDecoder(model, cache, capture=False)
-    decoder.read(ids[:, :32])
-    logits = decoder.read(ids[:, 32:48])
-    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
-    decoder.release()
-    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
-    assert any(bool(state.ex_filled.any()) for state in cache.states)
 
 
 def test_a_read_that_reaches_the_sinks_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
