@@ -1,0 +1,128 @@
+"""How many operations a graph step of the neural database's model launches per layer, counted on the CPU: PyTorch
+operators (views and no-op conversions left out) and Triton kernels, for a 1,024-token chunk read and for a plain
+decode step. A step under a CUDA graph is launch-bound on a small model (an ingest chunk was 1,065 launches on an
+H200), so fewer operations per layer is what the glue kernels are for; this counts them without a GPU.
+
+    PYTHONPATH=src python benchmarks/step_operations.py [--out DIR]
+    PYTHONPATH=src python benchmarks/step_operations.py --quick    # the tiny Llama: a smoke run (the test runs it)
+
+The model runs with the package's Triton path switched on and every kernel launch recorded instead of run (as in
+``kernel_compiles.py``), so the counts are the GPU path's; each PyTorch operator counted is a top-level ``aten``
+call that is not a view, an allocation or a conversion to the tensor's own dtype (those launch nothing). A CUDA
+operator may launch more than one kernel (a product with a bias), so these are lower bounds on the GPU's launches.
+Prints a table last; writes ``DIR/step_operations.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import run_header, write_result  # noqa: E402
+from kernel_compiles import load_model, recorded_launches  # noqa: E402  (sets the Triton path first)
+
+from coda_gqa_l.models import BoundedCache  # noqa: E402
+from coda_gqa_l.models.graph_decode import GraphModelDecoder  # noqa: E402
+from coda_gqa_l.models.graph_prefill import _start_states  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# launch nothing on a GPU: views, allocations, dtype queries, same-dtype conversions (counted apart when they copy)
+SILENT = {"view", "reshape", "slice", "select", "unsqueeze", "expand", "as_strided", "t", "transpose", "permute",
+          "split", "chunk", "narrow", "squeeze", "empty", "empty_like", "detach", "alias", "split_with_sizes",
+          "_unsafe_view", "lift_fresh", "unbind", "empty_strided", "result_type", "promote_types", "to"}  # fmt: skip
+
+
+def top_level_operators(run: Callable[[], object]) -> Counter[str]:
+    """The top-level ``aten`` operators ``run()`` calls (an operator inside another is the outer one's work), and
+    ``_to_copy`` wherever a conversion really copies."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        name = event.name.removeprefix("aten::")
+        parent, nested = event.cpu_parent, False
+        while parent is not None and not nested:
+            nested = parent.name.startswith("aten::") and parent.name != "aten::to"
+            parent = parent.cpu_parent
+        if name == "_to_copy" or not nested and name not in SILENT:
+            counts[name] += 1
+    return counts
+
+
+def measure(model: torch.nn.Module, chunk: int) -> dict[str, Any]:
+    """Operations per layer of a chunk read (after two chunks) and of a plain decode step (after a routing one)."""
+    from triton.runtime.jit import JITFunction
+
+    layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+    ids = torch.randint(0, 100, (1, 3 * chunk))
+    token = ids[:, :1]
+    rows: dict[str, Any] = {}
+    with torch.inference_mode(), recorded_launches():
+        cache = BoundedCache(model, block_size=chunk)
+        _start_states(model, cache, 1)
+        decoder = GraphModelDecoder(model, cache, capture=False)
+        decoder.read(ids[:, : 2 * chunk])
+        steps: dict[str, Callable[[], object]] = {
+            "chunk read": lambda: decoder.read(ids[:, 2 * chunk :]),
+            "plain step": lambda: decoder(token),  # after the routing step that follows the read, below
+        }
+        recorder = JITFunction.run
+        for name, run in steps.items():
+            if name == "plain step":
+                decoder(token)  # the segment-starting step: the next one is plain
+            launches: Counter[str] = Counter()
+
+            def counting(kernel: Any, *args: Any, launches: Counter[str] = launches, **kwargs: Any) -> None:
+                launches[kernel.fn.__name__] += 1
+                recorder(kernel, *args, **kwargs)
+
+            JITFunction.run = counting  # type: ignore[method-assign,assignment]
+            try:
+                operators = top_level_operators(run)
+            finally:
+                JITFunction.run = recorder  # type: ignore[method-assign]
+            rows[name] = {
+                "pytorch_per_layer": sum(operators.values()) / layers,
+                "triton_per_layer": sum(launches.values()) / layers,
+                "pytorch": dict(operators.most_common()),
+                "triton": dict(launches.most_common()),
+            }
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_operations")
+    p.add_argument("--quick", action="store_true", help="the tiny Llama instead of SmolLM2 (a smoke run)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model, label = load_model(args.quick)
+    segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
+    rows = measure(model, 4 * segment if args.quick else 1024)
+    result = run_header("step_operations.py", argv if argv is not None else sys.argv[1:], torch.device("cpu"),
+                        torch.bfloat16)  # fmt: skip
+    result.update(model=label, steps=rows)
+    table = [f"operations per layer, {label} (the GPU path, counted on the CPU)"]
+    table.append(f"{'step':12} {'PyTorch':>8} {'Triton':>7}  most frequent PyTorch operators")
+    for name, row in rows.items():
+        common = ", ".join(f"{op} {n / len(model.model.layers):.1f}" for op, n in list(row["pytorch"].items())[:4])  # type: ignore[union-attr,arg-type]
+        table.append(f"{name:12} {row['pytorch_per_layer']:8.1f} {row['triton_per_layer']:7.1f}  {common}")
+    write_result(result, args.out / "step_operations.json", table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
