@@ -11,13 +11,13 @@ through what a first request runs, on the CPU with the package's Triton path swi
 recorded instead of run (Triton's ``JITFunction.run`` patched; outputs stay uninitialised, as inside
 ``compile_ahead``): a document's first chunk and a second one through the graph decoder's step (``read sinks``,
 ``read``), a tail piece through the forward, a question through the forward, then decode steps across a segment
-boundary (``refresh``, ``step``, ``route``). Each distinct binary (kernel, argument types, constexprs, warps) is
-then compiled for the GPU architecture ``--arch`` (through ptxas to a cubin, as on the device) into an empty cache:
-once one after another, timing each, and once all at once on ``--threads`` threads, as ``dispatch.compile_ahead``
-does. The CPU and the Triton here are not the device's: the figures are this machine's, and what they tell is each
-kernel's share and whether compiles on threads overlap. Not counted: what Triton builds besides (older versions
-compile a C launcher per signature at a binary's first launch), module loads, CUDA graph captures. Prints a table
-last; writes ``DIR/kernel_compiles.json``.
+boundary (``refresh``, ``step``, ``route``). Each distinct binary (as Triton's JIT keys it: argument types, pointer
+alignment and integer divisibility, constexprs, warps) is then compiled for the GPU architecture ``--arch`` (through
+ptxas to a cubin, as on the device) into an empty cache: once one after another, timing each, and once all at once on
+``--threads`` threads, as ``dispatch.compile_ahead`` does. The CPU and the Triton here are not the device's: the
+figures are this machine's, and what they tell is each kernel's share and whether compiles on threads overlap. Not
+counted: what Triton builds besides (older versions compile a C launcher per signature at a binary's first launch),
+module loads, CUDA graph captures. Prints a table last; writes ``DIR/kernel_compiles.json``.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Binary:
-    """One distinct compile: a kernel with its argument types, constexprs and launch options."""
+    """One distinct compile, as Triton's JIT keys it: a kernel's specialisation for a launch (argument types, pointer
+    alignment and integer divisibility, constexprs) and its options (warps, stages)."""
 
     kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    options: dict[str, int]
+    key: str
+    source: Any  # triton's ASTSource, ready to compile
+    options: Any  # the backend's parsed options
     phases: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -68,46 +69,55 @@ class Binary:
     def name(self) -> str:
         return str(self.kernel.fn.__name__)
 
-    def key(self) -> tuple[Any, ...]:
-        return (self.name, tuple(self.signature.items()), tuple(sorted(map(str, self.constexprs.items()))),
-                tuple(self.options.items()))  # fmt: skip
+    @property
+    def constexprs(self) -> dict[str, str]:
+        names = self.kernel.arg_names
+        return {names[path[0]]: str(value) for path, value in self.source.constants.items()}
 
 
-def describe(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> Binary:
-    """The compile a launch of ``kernel`` with these arguments asks for (types as Triton's JIT mangles them)."""
-    from triton.runtime.jit import mangle_type
+_BINDERS: dict[Any, Any] = {}
 
-    options: dict[str, int] = {name: int(meta[name]) for name in ("num_warps", "num_stages") if name in meta}
-    values = dict(zip(kernel.arg_names, args, strict=False))
-    values.update({k: v for k, v in meta.items() if k not in options})
-    signature: dict[str, str] = {}
-    constexprs: dict[str, Any] = {}
-    for param in kernel.params:
-        value = values.get(param.name, param.default)
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        else:
-            signature[param.name] = mangle_type(value)
-    return Binary(kernel, signature, constexprs, options)
+
+def describe(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], backend: Any) -> Binary:
+    """The compile a launch of ``kernel`` asks for, found as ``JITFunction.run`` finds it (its binder and argument
+    packing: Triton 3.9's, the version CI pins), for ``backend``'s target instead of a device's."""
+    from triton import knobs
+    from triton.compiler.compiler import ASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    meta = dict(meta)
+    meta.setdefault("debug", kernel.debug or knobs.runtime.debug)  # the options JITFunction.run adds
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            meta.setdefault(name, getattr(knobs.compilation, name))
+    binder = _BINDERS.get(kernel)
+    if binder is None:
+        binder = _BINDERS[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **meta)
+    key = f"{kernel.fn.__name__}:{specialization}:{options}"
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound_args, specialization, options)
+    return Binary(kernel, key, ASTSource(kernel, signature, constexprs, attrs), options)
 
 
 @contextmanager
-def recorded_launches() -> Iterator[Callable[[str], dict[tuple[Any, ...], Binary]]]:
-    """Inside, Triton kernel launches are recorded (by the phase set with the yielded function), not run, and the
-    package's dispatch takes its Triton path for CPU tensors."""
+def recorded_launches(arch: int = 90) -> Iterator[Callable[[str], dict[str, Binary]]]:
+    """Inside, Triton kernel launches are recorded (by the phase set with the yielded function) as compiles for
+    ``sm_{arch}``, not run, and the package's dispatch takes its Triton path for CPU tensors."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
 
-    binaries: dict[tuple[Any, ...], Binary] = {}
+    target_backend = make_backend(GPUTarget("cuda", arch, 32))
+    binaries: dict[str, Binary] = {}
     phase = ["start"]
 
     def record(kernel: Any, *args: Any, grid: Any, warmup: bool, **meta: Any) -> None:
-        binary = describe(kernel, args, meta)
-        binary = binaries.setdefault(binary.key(), binary)
+        binary = describe(kernel, args, meta, target_backend)
+        binary = binaries.setdefault(binary.key, binary)
         if phase[0] not in binary.phases:
             binary.phases.append(phase[0])
 
-    def set_phase(name: str) -> dict[tuple[Any, ...], Binary]:
+    def set_phase(name: str) -> dict[str, Binary]:
         phase[0] = name
         return binaries
 
@@ -154,11 +164,9 @@ def compile_binary(binary: Binary, arch: int) -> float:
     """Compile ``binary`` for ``sm_{arch}`` (to a cubin) and return the seconds it took."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
 
-    source = ASTSource(fn=binary.kernel, signature=binary.signature, constexprs=binary.constexprs)
     began = time.perf_counter()
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=binary.options)
+    triton.compile(binary.source, target=GPUTarget("cuda", arch, 32), options=binary.options.__dict__)
     return time.perf_counter() - began
 
 
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     model, label = load_model(args.quick)
     segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
     chunk = 4 * segment if args.quick else 1024
-    with torch.inference_mode(), recorded_launches() as set_phase:
+    with torch.inference_mode(), recorded_launches(args.arch) as set_phase:
         first_request(model, segment, chunk, set_phase)
         binaries = list(set_phase("done").values())
     with empty_triton_cache():
@@ -221,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         model=label, arch=f"sm_{args.arch}", triton=triton.__version__, cpus=os.cpu_count(), threads=args.threads,
         serial_s=serial, threaded_s=threaded,
-        binaries=[{"kernel": b.name, "constexprs": {k: str(v) for k, v in b.constexprs.items()}, "options": b.options,
-                   "phases": b.phases, "compile_s": b.seconds} for b in binaries],
+        binaries=[{"kernel": b.name, "constexprs": b.constexprs, "warps": b.options.num_warps,
+                   "stages": b.options.num_stages, "phases": b.phases, "compile_s": b.seconds} for b in binaries],
     )  # fmt: skip
     table = [f"first-request compiles, {label}, sm_{args.arch}, Triton {triton.__version__}, {os.cpu_count()} CPUs"]
     table.append(f"{'kernel':32} {'compile s':>9}  phases")
