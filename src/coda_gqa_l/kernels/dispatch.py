@@ -158,9 +158,9 @@ def compile_ahead(workers: int | None = None) -> Iterator[bool]:
 def _loading_too(mode: type) -> type:
     """Triton's ``AsyncCompileMode`` whose worker threads also load each compiled kernel (``_init_handles``: the
     module load and, in Triton releases before the shared launcher, a C launcher built with the system compiler for
-    each signature). Otherwise those run one after another in the thread of each binary's first launch: with 11
-    binaries for the database's first request (benchmarks/kernel_compiles.py) the compiles overlap on the threads but
-    the launcher builds would not. The device is the one current where the launch asked for the compile."""
+    each signature). Otherwise those run one after another in the thread of each binary's first launch: for the
+    database's first request (17 binaries, benchmarks/kernel_compiles.py) the compiles would overlap on the threads
+    but the launcher builds would not. The device is the one current where the launch asked for the compile."""
 
     class CompileAndLoad(mode):  # type: ignore[misc,valid-type]
         def submit(self, key: Any, compile_fn: Callable[[], Any], *callbacks: Any) -> Any:
