@@ -47,7 +47,7 @@ from coda_gqa_l.differential import DifferentialCore  # noqa: E402
 from coda_gqa_l.kernels import dispatch  # noqa: E402
 from coda_gqa_l.models import BoundedCache  # noqa: E402
 from coda_gqa_l.models.graph_decode import GraphModelDecoder  # noqa: E402
-from coda_gqa_l.models.graph_prefill import _start_states  # noqa: E402
+from coda_gqa_l.models.graph_prefill import start_states  # noqa: E402
 from coda_gqa_l.models.hf_compat import cache_kwargs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def first_request(model: torch.nn.Module, segment: int, chunk: int, set_phase: C
     base: Any = getattr(model, "model", model)
     ids = torch.randint(0, 100, (1, 2 * chunk + segment + 11))
     cache = BoundedCache(model, block_size=chunk)
-    _start_states(model, cache, 1)
+    start_states(model, cache, 1)
     decoder = GraphModelDecoder(model, cache, capture=False)
     set_phase("ingest: read sinks")
     decoder.read(ids[:, :chunk])
@@ -185,6 +185,14 @@ def empty_triton_cache() -> Iterator[None]:
             knobs.dir = before
 
 
+def model_and_chunk(quick: bool) -> tuple[torch.nn.Module, str, int, int]:
+    """``load_model``'s model and label, its segment length and the chunk a first request reads (1,024 tokens; four
+    segments for the tiny Llama)."""
+    model, label = load_model(quick)
+    segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
+    return model, label, segment, 4 * segment if quick else 1024
+
+
 def load_model(quick: bool) -> tuple[torch.nn.Module, str]:
     if quick:
         sys.path.insert(0, str(REPO / "tests"))
@@ -208,9 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, label = load_model(args.quick)
-    segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
-    chunk = 4 * segment if args.quick else 1024
+    model, label, segment, chunk = model_and_chunk(args.quick)
     with torch.inference_mode(), recorded_launches(args.arch) as set_phase:
         first_request(model, segment, chunk, set_phase)
         binaries = list(set_phase("done").values())

@@ -27,11 +27,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import run_header, write_result  # noqa: E402
-from kernel_compiles import load_model, recorded_launches  # noqa: E402  (sets the Triton path first)
+from kernel_compiles import model_and_chunk, recorded_launches  # noqa: E402  (sets the Triton path first)
 
 from coda_gqa_l.models import BoundedCache  # noqa: E402
 from coda_gqa_l.models.graph_decode import GraphModelDecoder  # noqa: E402
-from coda_gqa_l.models.graph_prefill import _start_states  # noqa: E402
+from coda_gqa_l.models.graph_prefill import start_states  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # launch nothing on a GPU: views, allocations, dtype queries, same-dtype conversions (counted apart when they copy)
@@ -69,7 +69,7 @@ def measure(model: torch.nn.Module, chunk: int) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     with torch.inference_mode(), recorded_launches():
         cache = BoundedCache(model, block_size=chunk)
-        _start_states(model, cache, 1)
+        start_states(model, cache, 1)
         decoder = GraphModelDecoder(model, cache, capture=False)
         decoder.read(ids[:, : 2 * chunk])
         steps: dict[str, Callable[[], object]] = {
@@ -109,9 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, label = load_model(args.quick)
-    segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
-    rows = measure(model, 4 * segment if args.quick else 1024)
+    model, label, _, chunk = model_and_chunk(args.quick)
+    rows = measure(model, chunk)
     result = run_header("step_operations.py", argv if argv is not None else sys.argv[1:], torch.device("cpu"),
                         torch.bfloat16)  # fmt: skip
     result.update(model=label, steps=rows)

@@ -12,7 +12,7 @@ import torch
 from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.models import BoundedCache, graph_decode, graph_prefill
+from coda_gqa_l.models import BoundedCache, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphDecoderPool, GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.state import BoundedState
@@ -59,8 +59,7 @@ def test_reading_chunks_equals_the_models_forward(monkeypatch: pytest.MonkeyPatc
     if forwarded:
         _forward(model, cache, ids[:, :forwarded], forwarded)
     else:
-        for index, layer in enumerate(graph_decode.bounded_layers(model)):
-            cache.state_for(index, layer, 2)
+        graph_prefill.start_states(model, cache, 2)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the step's kernels, in the interpreter on the CPU
     decoder = GraphModelDecoder(model, cache, capture=False)
     decoder.read(ids[:, forwarded:48])

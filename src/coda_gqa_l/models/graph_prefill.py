@@ -53,7 +53,7 @@ def prefill(
         pos = _position(cache)
         if graphs and pos % segment == 0 and total - start >= chunk_tokens:
             if not pos:
-                _start_states(model, cache, ids.shape[0])  # the first chunk reads through a graph too
+                start_states(model, cache, ids.shape[0])  # the first chunk reads through a graph too
             with shared_decoder_pool(model).lend(cache) as decoder:
                 if decoder is None:
                     graphs = False
@@ -107,7 +107,7 @@ def compile_first_chunk_ahead(model: nn.Module, piece: Tensor) -> bool:
     return True
 
 
-def _start_states(model: nn.Module, cache: BoundedCache, batch_size: int) -> None:
+def start_states(model: nn.Module, cache: BoundedCache, batch_size: int) -> None:
     """Every layer's empty state, as the forward creates them on its first chunk: a graph read from position 0 on
     them gives the forward's state and logits (the "read sinks" graph writes the sinks), so a document's first chunk
     need not pay the eager forward's launches (about 90 ms of host time for SmolLM2 on an H200)."""
