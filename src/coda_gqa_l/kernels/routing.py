@@ -47,8 +47,8 @@ def route_chunk_triton(
             still fixes the number of snapshots (``len(chunk_segments(start, n, S))``), which
             must be the same for the value in ``start_dev``. Without it ``start`` is written into
             a device scalar by a fill (no host-to-device copy): one binary for both paths, so a
-            fresh process compiles the kernel once (its largest compile: 3.1 of 10.6 s for the
-            database's first request, compiled for sm_90 on a 2-core CPU, benchmarks/kernel_compiles.py).
+            fresh process compiles the kernel once (with the attention forward its largest compile: about
+            2.5 of 9.6 s for the database's first request, sm_90 on a 2-core CPU, benchmarks/kernel_compiles.py).
 
         out: contiguous tensors shaped as ``banks``' to write the new banks into (returned as the new banks), which
             may be ``banks`` itself: each program reads its input bank before the segment loop and writes its result
