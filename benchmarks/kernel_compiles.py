@@ -3,10 +3,14 @@ measured without a GPU: the first-request target of issue 19 (at most 10 s slowe
 demo's first ingest 87.6 s against 3.1 s on an H100, benchmarks/results/speed.md), and this says how much of that
 Triton's compiles can be.
 
-    PYTHONPATH=src python benchmarks/kernel_compiles.py [--out DIR] [--arch 90] [--threads 16]
+    PYTHONPATH=src python benchmarks/kernel_compiles.py [--out DIR] [--arch 90] [--threads 16] \
+        [--dtype float32|bfloat16] [--float32-dots ieee|tf32x3|tf32]
     PYTHONPATH=src python benchmarks/kernel_compiles.py --quick    # the tiny Llama: a smoke run (the test runs it)
+    PYTHONPATH=/tmp/triton36:src python benchmarks/kernel_compiles.py   # with the device's Triton (3.6), installed
+                                                 # by `pip install --no-deps --target /tmp/triton36 triton==3.6.0`
 
-The database's model (SmolLM2 in bfloat16, folded as the database folds it; ``--quick``: the tiny random Llama) goes
+The database's model (SmolLM2 as the database runs it: float32 weights, folded, its float32 attention tiles
+multiplied as the database on CUDA asks, ``--float32-dots``; ``--quick``: the tiny random Llama) goes
 through what a first request runs, on the CPU with the package's Triton path switched on and every kernel launch
 recorded instead of run (Triton's ``JITFunction.run`` patched; outputs stay uninitialised, as inside
 ``compile_ahead``): a document's first chunk and a second one through the graph decoder's step (``read sinks``,
@@ -64,6 +68,7 @@ class Binary:
     options: Any  # the backend's parsed options
     phases: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cubin_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -161,13 +166,15 @@ def first_request(model: torch.nn.Module, segment: int, chunk: int, set_phase: C
 
 
 def compile_binary(binary: Binary, arch: int) -> float:
-    """Compile ``binary`` for ``sm_{arch}`` (to a cubin) and return the seconds it took."""
+    """Compile ``binary`` for ``sm_{arch}`` (to a cubin), note the cubin's size, and return the seconds it took."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     began = time.perf_counter()
-    triton.compile(binary.source, target=GPUTarget("cuda", arch, 32), options=binary.options.__dict__)
-    return time.perf_counter() - began
+    compiled = triton.compile(binary.source, target=GPUTarget("cuda", arch, 32), options=binary.options.__dict__)
+    seconds = time.perf_counter() - began
+    binary.cubin_bytes = len(compiled.asm.get("cubin", b""))
+    return seconds
 
 
 @contextmanager
@@ -185,24 +192,25 @@ def empty_triton_cache() -> Iterator[None]:
             knobs.dir = before
 
 
-def model_and_chunk(quick: bool) -> tuple[torch.nn.Module, str, int, int]:
+def model_and_chunk(quick: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, str, int, int]:
     """``load_model``'s model and label, its segment length and the chunk a first request reads (1,024 tokens; four
     segments for the tiny Llama)."""
-    model, label = load_model(quick)
+    model, label = load_model(quick, dtype)
     segment = model.model.layers[0].self_attn.layer.config.segment  # type: ignore[union-attr,index]
     return model, label, segment, 4 * segment if quick else 1024
 
 
-def load_model(quick: bool) -> tuple[torch.nn.Module, str]:
+def load_model(quick: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, str]:
+    name = str(dtype).removeprefix("torch.")
     if quick:
         sys.path.insert(0, str(REPO / "tests"))
         from helpers import tiny_bounded_llama
 
-        return tiny_bounded_llama(seed=5, dtype=torch.bfloat16), "tiny random Llama (tests/helpers.py), bfloat16"
+        return tiny_bounded_llama(seed=5, dtype=dtype), f"tiny random Llama (tests/helpers.py), {name}"
     from coda_gqa_l.models.pretrained import load_coda_smollm2
 
-    model, _ = load_coda_smollm2(dtype=torch.bfloat16, progress=False)
-    return model, "SmolLM2-135M-Instruct, shipped weights, folded (the neural database's model), bfloat16"
+    model, _ = load_coda_smollm2(dtype=dtype, progress=False)
+    return model, f"SmolLM2-135M-Instruct, shipped weights, folded (the neural database's model), {name}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,12 +219,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", type=int, default=90, help="GPU architecture to compile for (90: H100/H200)")
     p.add_argument("--threads", type=int, default=16, help="threads for the compile-ahead row (the device's CPUs)")
     p.add_argument("--quick", action="store_true", help="the tiny Llama instead of SmolLM2 (a smoke run)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the model's dtype (float32: the database's, whose weights keep the CPU's dtype on a GPU)",
+    )
+    p.add_argument(
+        "--float32-dots",
+        choices=list(dispatch.FLOAT32_DOTS),
+        default="tf32x3",
+        help="how float32 attention tiles multiply (tf32x3: what the database on CUDA sets)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, label, segment, chunk = model_and_chunk(args.quick)
+    dtype = getattr(torch, args.dtype)
+    dispatch.set_float32_dots(args.float32_dots)
+    model, label, segment, chunk = model_and_chunk(args.quick, dtype)
+    if dtype == torch.float32:
+        label += f", float32 dots {args.float32_dots}"
     with torch.inference_mode(), recorded_launches(args.arch) as set_phase:
         first_request(model, segment, chunk, set_phase)
         binaries = list(set_phase("done").values())
@@ -229,19 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(lambda b: compile_binary(b, args.arch), binaries))
         threaded = time.perf_counter() - began
     result = run_header("kernel_compiles.py", argv if argv is not None else sys.argv[1:], torch.device("cpu"),
-                        torch.bfloat16)  # fmt: skip
+                        dtype)  # fmt: skip
     import triton
 
     result.update(
         model=label, arch=f"sm_{args.arch}", triton=triton.__version__, cpus=os.cpu_count(), threads=args.threads,
         serial_s=serial, threaded_s=threaded,
         binaries=[{"kernel": b.name, "constexprs": b.constexprs, "warps": b.options.num_warps,
-                   "stages": b.options.num_stages, "phases": b.phases, "compile_s": b.seconds} for b in binaries],
+                   "stages": b.options.num_stages, "phases": b.phases, "compile_s": b.seconds,
+                   "cubin_bytes": b.cubin_bytes} for b in binaries],
     )  # fmt: skip
     table = [f"first-request compiles, {label}, sm_{args.arch}, Triton {triton.__version__}, {os.cpu_count()} CPUs"]
-    table.append(f"{'kernel':32} {'compile s':>9}  phases")
+    table.append(f"{'kernel':32} {'compile s':>9} {'cubin KiB':>9}  phases")
     for b in sorted(binaries, key=lambda b: -b.seconds):
-        table.append(f"{b.name:32} {b.seconds:9.2f}  {', '.join(b.phases)}")
+        table.append(f"{b.name:32} {b.seconds:9.2f} {b.cubin_bytes / 1024:9.0f}  {', '.join(b.phases)}")
     table.append(f"{len(binaries)} binaries: {serial:.1f} s one after another, {threaded:.1f} s on {args.threads} "
                  "threads")  # fmt: skip
     write_result(result, args.out / "kernel_compiles.json", table)

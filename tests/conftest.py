@@ -1,5 +1,6 @@
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ def _deterministic_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
     # coda-db's main sets it for the processes it starts; a test that calls main in-process must not leak it
     monkeypatch.delenv("CODA_GQA_L_THREADS", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _float32_dots_back_to_default() -> Iterator[None]:
+    # a CUDA neural database chooses three-TF32 float32 tiles for its process: not for the tests that follow it
+    yield
+    from coda_gqa_l.kernels import dispatch
+
+    dispatch.set_float32_dots(None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -161,6 +161,22 @@ def test_kernel_matches_reference_in_float32(name: str, use_triton: None) -> Non
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_three_tf32_products_keep_the_float32_rule(
+    name: str, use_triton: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The neural database on CUDA multiplies float32 tiles as three TF32 products (``dispatch.float32_dots``,
+    whose exact float32 forward takes about 20 s to compile): forward and gradients still within float32's rule."""
+    monkeypatch.setenv(dispatch.FP32_DOTS_ENV, "tf32x3")
+    kernel, exact, ref32, labels = _run(name, torch.float32, seed=int(torch.randint(0, 2**31, ()).item()))
+    for label, ours, truth, theirs in zip(labels, kernel, exact, ref32, strict=True):
+        err = (ours - truth).abs().max().item()
+        ref_err = (theirs - truth).abs().max().item()
+        scale = truth.abs().max().item()
+        assert err <= 2 * ref_err + 2e-6 * max(scale, 1.0), f"{name}/{label}: {err:.2e} vs reference {ref_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_matches_reference_in_bfloat16(name: str, use_triton: None) -> None:
     kernel, exact, ref_bf16, labels = _run(name, torch.bfloat16, seed=int(torch.randint(0, 2**31, ()).item()))
     for label, ours, truth, theirs in zip(labels, kernel, exact, ref_bf16, strict=True):
@@ -185,10 +201,19 @@ DECODE_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(DECODE_CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
-def test_one_token_step_matches_reference(name: str, dtype: torch.dtype, use_triton: None) -> None:
+@pytest.mark.parametrize(
+    "dtype, dots",
+    [(torch.float32, None), pytest.param(torch.float32, "tf32x3", marks=pytest.mark.gpu),
+     pytest.param(torch.bfloat16, None, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_one_token_step_matches_reference(
+    name: str, dtype: torch.dtype, dots: str | None, use_triton: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A decode step (one query row, no gradient) runs the split forward and its combine: the reference's output
-    within the dtype's rule (twice the same-dtype reference's error against float64, plus a rounding floor)."""
+    within the dtype's rule (twice the same-dtype reference's error against float64, plus a rounding floor); in
+    float32 also with three TF32 products per tile (the neural database's choice on CUDA)."""
+    if dots is not None:
+        monkeypatch.setenv(dispatch.FP32_DOTS_ENV, dots)
     pattern, q_start, keys, k_offset, head_dim, group, extras, differential, norm = DECODE_CASES[name]
     with torch.no_grad():
         tensors = _problem(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from coda_gqa_l.kernels import dispatch
 
@@ -16,7 +17,7 @@ SOURCE = Path(dispatch.__file__).resolve().parents[1]
 
 
 def test_the_kernel_settings_are_read_in_dispatch_only() -> None:
-    names = {dispatch.BACKEND_ENV, dispatch.UNBOUNDED_ENV, dispatch.AUTOTUNE_ENV}
+    names = {dispatch.BACKEND_ENV, dispatch.UNBOUNDED_ENV, dispatch.AUTOTUNE_ENV, dispatch.FP32_DOTS_ENV}
     readers = set()
     for path in SOURCE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -97,6 +98,31 @@ def test_autotuning_runs_only_when_asked_and_never_in_the_interpreter(monkeypatc
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not dispatch.autotune()
+
+
+def test_float32_dots_follow_the_environment_then_the_choice_then_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(dispatch.FP32_DOTS_ENV, raising=False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for torch_precision, ours in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(torch_precision)
+            assert dispatch.float32_dots() == ours
+        torch.set_float32_matmul_precision("highest")  # torch's default: exact float32 tiles
+        dispatch.set_float32_dots("tf32x3")  # what the neural database on CUDA chooses
+        assert dispatch.float32_dots() == "tf32x3" and not dispatch.float32_dots_forced()
+        monkeypatch.setenv(dispatch.FP32_DOTS_ENV, "ieee")  # the user's environment stands over the choice
+        assert dispatch.float32_dots() == "ieee" and dispatch.float32_dots_forced()
+        monkeypatch.setenv(dispatch.FP32_DOTS_ENV, "fp64")
+        with pytest.raises(ValueError, match="CODA_GQA_L_FP32_DOTS must be one of ieee, tf32x3, tf32, got 'fp64'"):
+            dispatch.float32_dots()
+        with pytest.raises(ValueError, match="float32 dots must be one of"):
+            dispatch.set_float32_dots("bf16")  # type: ignore[arg-type]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter computes in float32 whatever is asked
+        assert dispatch.float32_dots() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        dispatch.set_float32_dots(None)
 
 
 class _Kernel:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import autotune, combine_in_last_split, launch, split_decode, tile_size, use_triton
+from .dispatch import autotune, combine_in_last_split, float32_dots, launch, split_decode, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -153,9 +153,9 @@ def _kernels() -> dict[str, Any]:
 
 
 def _precision(ref: Tensor) -> str:
-    """float32 stays float32 in the matrix units (tests compare with a float32 reference);
-    tf32 would cost three digits. bf16/fp16 operands ignore it."""
-    return "ieee" if ref.dtype == torch.float32 else "tf32"
+    """``tl.dot``'s input precision: for float32 operands ``dispatch.float32_dots`` (``ieee`` by default, as exact
+    as the float32 reference the tests compare with); bf16/fp16 operands ignore it."""
+    return float32_dots() if ref.dtype == torch.float32 else "tf32"
 
 
 def _placeholder(ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -155,7 +155,10 @@ def _fwd_extra_tile(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_
 
 # Lengths and offsets change with every chunk (a 1,024-token chunk, a shorter last one, a one-token decode step):
 # left unspecialised, one compiled binary serves them all instead of one per value class (each compile takes seconds).
-@triton.jit(do_not_specialize=["L", "LK", "K_OFFSET", "E"])
+# So are the strides of the lambda (its rows are the chunk's length: a 403-token tail is not a multiple of 16) and of
+# the extras' logit offsets (segments x slots), both read as short vectors; the keys' and values' strides keep their
+# divisibility (every one a multiple of the head size), which their tile loads are vectorised on.
+@triton.jit(do_not_specialize=["L", "LK", "K_OFFSET", "E", "slb", "slh", "sebb", "sebh", "sebs"])
 def _fwd_kernel(
     Q,
     K,

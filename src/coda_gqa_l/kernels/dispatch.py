@@ -1,7 +1,8 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from three environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from four environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
-differential attention runs on Triton) and ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune). The
+differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune) and
+``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
 ``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
@@ -24,6 +25,12 @@ Backend = Literal["triton", "torch"]
 UNBOUNDED_ENV = "CODA_GQA_L_UNBOUNDED_ATTENTION"
 UnboundedPath = Literal["fused", "sdpa"]
 AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
+FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
+Float32Dots = Literal["ieee", "tf32x3", "tf32"]
+FLOAT32_DOTS: tuple[Float32Dots, ...] = ("ieee", "tf32x3", "tf32")
+# torch.get_float32_matmul_precision() -> ours: "high" allows TF32 in torch's own products; ours take the three-pass
+# TF32 split (near float32) there, and one TF32 pass only where torch would drop to bfloat16 ("medium")
+_FROM_TORCH_PRECISION: dict[str, Float32Dots] = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 UnboundedAttention = Literal["sdpa", "fused", "reference"]
 
 
@@ -234,6 +241,46 @@ def separate_step_inputs() -> contextlib.AbstractContextManager[None]:
 def one_pass_step_inputs_allowed() -> bool:
     """Whether a plain graph step may take its attention inputs in one pass (``step_inputs``; the default)."""
     return not _SEPARATE_STEP_INPUTS.get()
+
+
+_chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide
+
+
+def set_float32_dots(mode: Float32Dots | None) -> None:
+    """Chooses, for this process, how the attention kernels multiply float32 tiles on a GPU (``float32_dots``);
+    ``None`` goes back to following torch's float32 matmul precision. ``CODA_GQA_L_FP32_DOTS`` still wins."""
+    if mode is not None and mode not in FLOAT32_DOTS:
+        raise ValueError(f"float32 dots must be one of {', '.join(FLOAT32_DOTS)}, got {mode!r}")
+    _chosen_float32_dots[0] = mode
+
+
+def float32_dots() -> Float32Dots:
+    """``tl.dot``'s input precision for float32 tiles in the attention kernels on a GPU.
+
+    ``ieee`` multiplies in float32 on the CUDA cores: exact as the float32 reference, but Triton unrolls each tile
+    product into fused multiply-adds, and the forward's binary takes about 20 s to compile (4 MB against 0.3 MB in
+    bfloat16; benchmarks/kernel_compiles.py). ``tf32x3`` splits each operand into two TF32 parts and adds three
+    tensor-core products (the error stays near float32's; tests/kernels/test_diff_attention.py measures it on a
+    GPU) and compiles in about 5 s; ``tf32`` is one TF32 product (ten mantissa bits). In order: the environment
+    variable ``CODA_GQA_L_FP32_DOTS``, ``set_float32_dots`` (the neural database on CUDA picks ``tf32x3``), then
+    torch's ``get_float32_matmul_precision()`` (``highest``, torch's default: ``ieee``). The interpreter computes
+    in float32 whatever is asked: ``ieee`` there."""
+    if interpreting():
+        return "ieee"
+    forced = os.environ.get(FP32_DOTS_ENV, "").strip().lower()
+    if forced:
+        if forced not in FLOAT32_DOTS:
+            raise ValueError(f"{FP32_DOTS_ENV} must be one of {', '.join(FLOAT32_DOTS)}, got {forced!r}")
+        return forced  # type: ignore[return-value]
+    chosen = _chosen_float32_dots[0]
+    if chosen is not None:
+        return chosen
+    return _FROM_TORCH_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+def float32_dots_forced() -> bool:
+    """Whether ``CODA_GQA_L_FP32_DOTS`` is set (a caller's own choice then stands over a library's)."""
+    return bool(os.environ.get(FP32_DOTS_ENV, "").strip())
 
 
 def tile_size(n: int, least: int = 16) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import BoundedConfig
 from ..data.prompts import PromptFormat
+from ..kernels import dispatch
 from ..models.cache import BoundedCache, bounded_modules
 from ..models.convert import convert
 from ..models.generation import decode_steps, pick_token
@@ -64,7 +65,9 @@ class NeuralDatabase:
         weights: a name for the model's trained weights, recorded with each state.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` leaves it where it is). The
             weights keep their dtype, so states move between a CPU and a GPU database of one model. On CUDA
-            answers decode through the whole model's CUDA graphs (``models.graph_decode``).
+            answers decode through the whole model's CUDA graphs (``models.graph_decode``), and the attention
+            kernels multiply float32 tiles in three TF32 products for the whole process
+            (``kernels.dispatch.set_float32_dots("tf32x3")``; ``CODA_GQA_L_FP32_DOTS`` overrides it).
     """
 
     def __init__(
@@ -86,6 +89,10 @@ class NeuralDatabase:
             raise NeuralDBError("a model needs its tokenizer")
         if target is not None:
             model = model.to(target)
+            if target.type == "cuda" and not dispatch.float32_dots_forced():
+                # float32 attention tiles in three TF32 products (near float32's error): the exact float32 path's
+                # forward takes about 20 s to compile, which a fresh process's first ingest would wait for
+                dispatch.set_float32_dots("tf32x3")
         self.store = DocumentStore(folder)
         self.folder, self.states_dir, self.index = self.store.folder, self.store.states_dir, self.store.index
         self.model = model.eval()
