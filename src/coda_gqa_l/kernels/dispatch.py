@@ -258,10 +258,10 @@ def float32_dots() -> Float32Dots:
     """``tl.dot``'s input precision for float32 tiles in the attention kernels on a GPU.
 
     ``ieee`` multiplies in float32 on the CUDA cores: exact as the float32 reference, but Triton unrolls each tile
-    product into fused multiply-adds, and the forward's binary takes about 20 s to compile (4 MB against 0.3 MB in
-    bfloat16; benchmarks/kernel_compiles.py). ``tf32x3`` splits each operand into two TF32 parts and adds three
-    tensor-core products (the error stays near float32's; tests/kernels/test_diff_attention.py measures it on a
-    GPU) and compiles in about 5 s; ``tf32`` is one TF32 product (ten mantissa bits). In order: the environment
+    product into fused multiply-adds, and the forward's binary takes about 20 s to compile (a 3.9 MB cubin against
+    0.3 MB in bfloat16; benchmarks/kernel_compiles.py, Triton 3.6). ``tf32x3`` splits each operand into two TF32
+    parts and adds three tensor-core products (within float32's error rule: tests/kernels/test_diff_attention.py on a
+    GPU) and compiles in about 4 s; ``tf32`` is one TF32 product (ten mantissa bits). In order: the environment
     variable ``CODA_GQA_L_FP32_DOTS``, ``set_float32_dots`` (the neural database on CUDA picks ``tf32x3``), then
     torch's ``get_float32_matmul_precision()`` (``highest``, torch's default: ``ieee``). The interpreter computes
     in float32 whatever is asked: ``ieee`` there."""
