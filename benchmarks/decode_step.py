@@ -14,10 +14,7 @@ own ``GraphModelDecoder``, captured inside the variant's switches):
 * ``one-program attention``: ``dispatch.one_program_decode()``: the attention's one program per head;
 * ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before);
 * ``last split combines``: ``dispatch.last_split_combines()``: the split attention merged by each head's last
-  program instead of a second kernel (off: 0.984x on an H100, 2026-12-05);
-* ``row products``: ``dispatch.row_product_kernels()``: the step's one-row products through
-  ``kernels/row_product.py`` instead of cuBLAS, the down product with the activation in its prologue (off by default
-  until this measures it; ``benchmarks/row_products.py`` times each product alone).
+  program instead of a second kernel (off by default until this measures it).
 
 Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
 medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
@@ -59,7 +56,6 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "one-program attention": dispatch.one_program_decode,
     "both": _both,
     "last split combines": dispatch.last_split_combines,
-    "row products": dispatch.row_product_kernels,
 }
 
 

@@ -21,7 +21,7 @@ case $part in
   tests)
     python -m pytest -q -m gpu tests/models/test_graph_decode.py tests/models/test_graph_prefill.py tests/models/test_generation.py \
       tests/neuraldb/test_engine.py tests/test_decode.py tests/kernels/test_diff_attention.py tests/kernels/test_residual_norm.py \
-      tests/kernels/test_window_step.py tests/kernels/test_window_chunk.py tests/kernels/test_segment_extras.py tests/kernels/test_step_inputs.py tests/kernels/test_gated_activation.py tests/kernels/test_row_product.py tests/models/test_inference_fold.py \
+      tests/kernels/test_window_step.py tests/kernels/test_window_chunk.py tests/kernels/test_segment_extras.py tests/kernels/test_step_inputs.py tests/kernels/test_gated_activation.py tests/models/test_inference_fold.py \
       tests/test_no_host_sync.py > "$results/gpu_tests.txt" 2>&1
     tail -n 15 "$results/gpu_tests.txt" ;;
   bench)

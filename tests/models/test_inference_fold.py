@@ -52,9 +52,7 @@ def test_a_folded_model_computes_what_it_did() -> None:
     adapted = _adapted_model()
     layers = len(adapted.model.layers)
     folded = copy.deepcopy(adapted)
-    # four products a block left as plain nn.Linear after the fusions (inputs, output, gate-and-up, down)
-    assert fold_for_inference(folded) == Folded(adapters=4 * layers, attention=layers, mlps=layers,
-                                                row_products=4 * layers)  # fmt: skip
+    assert fold_for_inference(folded) == Folded(adapters=4 * layers, attention=layers, mlps=layers)
     ids = torch.randint(0, adapted.config.vocab_size, (2, 80))
     torch.testing.assert_close(_logits(folded, ids), _logits(adapted, ids), rtol=1e-4, atol=1e-4)
     block = folded.model.layers[0]
@@ -144,30 +142,3 @@ def test_a_folded_model_is_not_saved_as_coda_weights(tmp_path) -> None:  # type:
     with pytest.raises(ValueError, match="folded for inference"):
         save_coda_weights(model, tmp_path / "after.safetensors", base="tiny")
     assert not (tmp_path / "after.safetensors").exists()
-
-
-def test_row_product_kernels_decode_as_the_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``dispatch.row_product_kernels()`` a one-row step's products (the down product with the activation in its
-    prologue) run ``kernels.row_product``'s kernel (on the CPU in Triton's interpreter): the forward's logits."""
-    assert dispatch.interpreting() or torch.cuda.is_available()
-    model = _adapted_model()
-    fold_for_inference(model)
-    torch.manual_seed(2)
-    ids = torch.randint(0, 200, (1, 30))  # one row: the kernel's case
-    cache, want = _prompted_and_expected(model, ids)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    from coda_gqa_l.kernels import row_product_triton
-
-    launches = []
-    real_launch = dispatch.launch
-
-    def counting_launch(kernel, grid, *args, **meta):  # type: ignore[no-untyped-def]
-        launches.append(kernel)
-        real_launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr("coda_gqa_l.kernels.row_product.launch", counting_launch)
-    with dispatch.row_product_kernels():
-        decoder = GraphModelDecoder(model, cache, capture=False)
-        got = [decoder(ids[:, t]) for t in range(21, 30)]
-    assert launches.count(row_product_triton._row_product_kernel) == 9 * 4 * len(model.model.layers)
-    torch.testing.assert_close(torch.stack(got, 1), want, atol=2e-4, rtol=2e-4)

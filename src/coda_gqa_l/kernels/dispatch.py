@@ -283,21 +283,6 @@ def float32_dots_forced() -> bool:
     return bool(os.environ.get(FP32_DOTS_ENV, "").strip())
 
 
-_ROW_PRODUCT_KERNELS = contextvars.ContextVar("coda_gqa_l_row_product_kernels", default=False)
-
-
-def row_product_kernels() -> contextlib.AbstractContextManager[None]:
-    """Inside, a folded model's one-row products (a decode step's) run ``kernels.row_product``'s kernel instead of
-    cuBLAS, the down product with the gated activation in its prologue (a graph captured inside keeps its choice).
-    Off by default until ``benchmarks/row_products.py`` and ``benchmarks/decode_step.py`` measure it on a GPU."""
-    return _switched_on(_ROW_PRODUCT_KERNELS)
-
-
-def row_products() -> bool:
-    """Whether one-row products run ``kernels.row_product``'s kernel (``row_product_kernels``)."""
-    return _ROW_PRODUCT_KERNELS.get()
-
-
 def tile_size(n: int, least: int = 16) -> int:
     """Power-of-two tile size for ``n`` rows or columns, at least ``least`` (16: the smallest ``tl.dot`` tile)."""
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

@@ -6,10 +6,7 @@ own overhead), so the model that only reads gets its products merged where the f
 * LoRA adapters folded into their projections (``lora.merge_lora``);
 * in each bounded layer, the query, key, value, lambda and write-gate projections as one product
   (``BoundedCoDAAttention.fuse_input_projections``);
-* in each gated MLP of the Llama family, the gate and up projections as one product (``fuse_gated_mlp``);
-* the decoder blocks' products as ``RowProductLinear``: a one-row input (a decode step's) may take
-  ``kernels.row_product``'s kernel, the down product with the activation in its prologue, when
-  ``dispatch.row_product_kernels()`` is on (off by default until measured on a GPU).
+* in each gated MLP of the Llama family, the gate and up projections as one product (``fuse_gated_mlp``).
 
 The outputs are the same to float rounding (tested). The original modules stay, reading their rows of the fused
 weights, so nothing is held twice; but the model can no longer be trained or saved as CoDA weights: fold a copy, or
@@ -27,7 +24,6 @@ from torch import Tensor, nn
 from ..attention import BoundedCoDAAttention
 from ..fused_linear import fusable_linears, fuse_linears
 from ..kernels.gated_activation import silu_and_mul
-from ..kernels.row_product import row_product
 from .lora import INFERENCE_ONLY, merge_lora
 
 # transformers' gated MLPs whose forward is down(act(gate(x)) * up(x)), all with .gate_proj, .up_proj, .down_proj and
@@ -44,15 +40,6 @@ class Folded:
     adapters: int
     attention: int
     mlps: int
-    row_products: int = 0
-
-
-class RowProductLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state dict) whose one-row inputs may run ``kernels.row_product``'s
-    kernel; ``fold_for_inference`` turns the decoder blocks' plain ``nn.Linear`` modules into it in place."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return row_product(x, self.weight, self.bias)
 
 
 def fuse_gated_mlp(mlp: nn.Module) -> bool:
@@ -77,10 +64,7 @@ def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
     activation and the product as one pass (``kernels.gated_activation``)."""
     gate_up = self.gate_up_proj(x)
     if type(self.act_fn).__name__ in SILU_ACTIVATIONS:
-        down = self.down_proj
-        if type(down) in (nn.Linear, RowProductLinear):  # the activation in the down product's prologue, if asked
-            return row_product(gate_up, down.weight, down.bias, silu_mul=True)
-        out: Tensor = down(silu_and_mul(gate_up))
+        out: Tensor = self.down_proj(silu_and_mul(gate_up))
         return out
     gate, up = gate_up.split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
     out = self.down_proj(self.act_fn(gate) * up)
@@ -93,19 +77,6 @@ def fold_for_inference(model: nn.Module) -> Folded:
     layers = [m for m in model.modules() if isinstance(m, BoundedCoDAAttention)]
     attention = sum(layer.fuse_input_projections() for layer in layers)
     mlps = sum(fuse_gated_mlp(module) for module in list(model.modules()))
-    products = 0
-    for block in _decoder_blocks(model):
-        for module in block.modules():
-            if type(module) is nn.Linear:
-                module.__class__ = RowProductLinear  # same parameters; only the forward may take the kernel
-                products += 1
-    if attention or mlps or products:
+    if attention or mlps:
         setattr(model, INFERENCE_ONLY, True)
-    return Folded(adapters, attention, mlps, products)
-
-
-def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a transformers causal LM (``model.model.layers``), or none (the LM head, a product of
-    the vocabulary's size, stays with cuBLAS)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
+    return Folded(adapters, attention, mlps)
