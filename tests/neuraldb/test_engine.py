@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.dispatch import plain_reference
 from coda_gqa_l.neuraldb import DocumentNotFound, NeuralDatabase, NeuralDBError
 from coda_gqa_l.neuraldb.store import DocumentStore
@@ -391,6 +392,14 @@ def test_a_store_made_by_release_0_1_0_still_opens_and_answers(tmp_path: Path) -
     assert db.ask("keeper", "Code?", max_new_tokens=8) == '\ufffd\x171\x14{"i'
 
 
+def test_a_cpu_database_leaves_the_float32_tiles_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a CUDA database picks three-TF32 float32 tiles for its process (kernels/dispatch.float32_dots)."""
+    NeuralDatabase.tiny_for_tests(tmp_path / "store")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the choice a GPU would see
+    monkeypatch.delenv(dispatch.FP32_DOTS_ENV, raising=False)
+    assert dispatch.float32_dots() == "ieee"
+
+
 @pytest.mark.gpu
 def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -407,6 +416,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     model, _ = tiny_llama(seed=0, max_position_embeddings=4096)
     bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
     db = NeuralDatabase(tmp_path / "store", convert(model, bounded).cuda(), ByteTokenizer(), chunk_tokens=256)
+    assert dispatch.float32_dots() == "tf32x3"  # a CUDA database's float32 tiles (its forward compiles in seconds)
     info = db.ingest(DOC_B)
     questions = [f"Question number {i}?" for i in range(4)]
 

@@ -89,10 +89,11 @@ class NeuralDatabase:
             raise NeuralDBError("a model needs its tokenizer")
         if target is not None:
             model = model.to(target)
-            if target.type == "cuda" and not dispatch.float32_dots_forced():
-                # float32 attention tiles in three TF32 products (near float32's error): the exact float32 path's
-                # forward takes about 20 s to compile, which a fresh process's first ingest would wait for
-                dispatch.set_float32_dots("tf32x3")
+        on_cuda = any(p.is_cuda for p in model.parameters())  # moved here, or given there
+        if on_cuda and not dispatch.float32_dots_forced():
+            # float32 attention tiles in three TF32 products (near float32's error): the exact float32 path's
+            # forward takes about 20 s to compile, which a fresh process's first ingest would wait for
+            dispatch.set_float32_dots("tf32x3")
         self.store = DocumentStore(folder)
         self.folder, self.states_dir, self.index = self.store.folder, self.store.states_dir, self.store.index
         self.model = model.eval()
