@@ -12,9 +12,7 @@ own ``GraphModelDecoder``, captured inside the variant's switches):
 * ``separate inputs``: ``dispatch.separate_step_inputs()``: the gates' sigmoid, the window step and the queries'
   rotation as three kernels;
 * ``one-program attention``: ``dispatch.one_program_decode()``: the attention's one program per head;
-* ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before);
-* ``last split combines``: ``dispatch.last_split_combines()``: the split attention merged by each head's last
-  program instead of a second kernel (off by default until this measures it).
+* ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before).
 
 Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
 medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
@@ -55,7 +53,6 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "separate inputs": dispatch.separate_step_inputs,
     "one-program attention": dispatch.one_program_decode,
     "both": _both,
-    "last split combines": dispatch.last_split_combines,
 }
 
 

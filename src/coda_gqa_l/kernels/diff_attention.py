@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import autotune, combine_in_last_split, float32_dots, launch, split_decode, tile_size, use_triton
+from .dispatch import autotune, float32_dots, launch, split_decode, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -245,24 +245,6 @@ def _diff_attn_fwd(
 _DECODE_MAIN_SPLITS = 32
 
 
-# per (device, stream): the arrival counters of the split forward that combines in its last program, zero between
-# launches (the combining program resets its head's). Allocated once and never freed: a captured graph keeps their
-# address; a stream's own counters, so steps on different streams never share one.
-_ARRIVALS: dict[tuple[str, int, int], Tensor] = {}
-_ARRIVAL_SLOTS = 4096  # heads x batch rows a launch may count (beyond it: the separate combine kernel)
-
-
-def _arrival_counts(device: torch.device, rows: int) -> Tensor | None:
-    if rows > _ARRIVAL_SLOTS:
-        return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index or 0, stream)
-    counts = _ARRIVALS.get(key)
-    if counts is None:
-        counts = _ARRIVALS[key] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
-    return counts
-
-
 def _decode_split(
     q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ek: Tensor, ev: Tensor, eb: Tensor, nw: Tensor, pos: Tensor,
     o: Tensor, k_offset: int, E: int, H: int, G: int, scale: float, eps: float, bounded: bool, window: int, seg: int,
@@ -283,20 +265,14 @@ def _decode_split(
     partial_m = torch.empty(B * H, 2, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
     partial_acc = torch.empty(B * H, 2, splits, block_d, device=q.device, dtype=torch.float32)
-    arrivals = _arrival_counts(q.device, B * H) if combine_in_last_split() else None
     launch(kt._decode_split_kernel, (B * H, splits),
         q, k, v, ek, ev, eb, pos, partial_m, partial_l, partial_acc,
-        lam, nw, o, arrivals if arrivals is not None else partial_m,
-        lam.stride(0), lam.stride(1), o.stride(0), o.stride(2), eps,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         ek.stride(0), ek.stride(1), ek.stride(3), ev.stride(0), ev.stride(1), ev.stride(3), eb.stride(0), eb.stride(1),
         LK, k_offset, E, H, G, main_splits, main_chunk, splits, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=16, BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
-        WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q),
-        LAST_COMBINES=arrivals is not None, BLOCK_S=tile_size(splits), NORM=norm, num_warps=4,
+        WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
     )  # fmt: skip
-    if arrivals is not None:
-        return
     launch(kt._decode_combine_kernel, (B * H,),
         partial_m, partial_l, partial_acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
         splits, H, eps,

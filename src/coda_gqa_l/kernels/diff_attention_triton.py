@@ -709,15 +709,6 @@ def _decode_split_kernel(
     PM,
     PL,
     PACC,
-    LAM,
-    NW,
-    OUT,
-    COUNT,
-    slb,
-    slh,
-    sob,
-    soh,
-    eps,
     sqb,
     sqh,
     sqs,
@@ -756,9 +747,6 @@ def _decode_split_kernel(
     NUM_SINK: tl.constexpr,
     HAS_EXTRAS: tl.constexpr,
     PREC: tl.constexpr,
-    LAST_COMBINES: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    NORM: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -809,52 +797,20 @@ def _decode_split_kernel(
         tl.store(PM + at + SPLITS, m_n, mask=row_ok)
         tl.store(PL + at + SPLITS, l_n, mask=row_ok)
         tl.store(PACC + (at[:, None] + SPLITS) * BLOCK_D + d[None, :], acc_n, mask=row_ok[:, None])
-    if LAST_COMBINES:
-        # the head's last split to arrive merges them all (no second kernel): every thread's partials are stored
-        # before the arrival is counted, and the merge reads them from L2 (.cg), past this SM's L1
-        tl.debug_barrier()
-        arrived = tl.atomic_add(COUNT + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            _combine_head(PM, PL, PACC, LAM, NW, OUT, slb, slh, sob, soh, SPLITS, NUM_HEADS, eps, pid_bh,
-                          HEAD_DIM, BLOCK_D, BLOCK_S, DIFF, NORM, ".cg")  # fmt: skip
-            tl.atomic_xchg(COUNT + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch (a replay)
 
 
 @triton.jit
-def _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+def _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D: tl.constexpr):
     """One stream's attention output from its splits' partial softmaxes (base 2)."""
     s_ok = s < SPLITS
     at = row * SPLITS + s
-    m = tl.load(PM + at, mask=s_ok, other=-1.0e30, cache_modifier=CACHE)
-    total = tl.load(PL + at, mask=s_ok, other=0.0, cache_modifier=CACHE)
-    acc = tl.load(PACC + at[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=CACHE)
+    m = tl.load(PM + at, mask=s_ok, other=-1.0e30)
+    total = tl.load(PL + at, mask=s_ok, other=0.0)
+    acc = tl.load(PACC + at[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
     weight = tl.exp2(m - tl.max(m, 0))
     total = tl.sum(total * weight, 0)
     total = tl.where(total == 0.0, 1.0, total)
     return tl.sum(acc * weight[:, None], 0) / total
-
-
-@triton.jit
-def _combine_head(PM, PL, PACC, LAM, NW, OUT, slb, slh, sob, soh, SPLITS, NUM_HEADS, eps, pid_bh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DIFF: tl.constexpr,
-                  NORM: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
-    """One head's output from its splits: ``signal - lambda * noise``, then the head norm, as the forward's
-    epilogue forms it."""
-    b64 = (pid_bh // NUM_HEADS).to(tl.int64)
-    h = pid_bh % NUM_HEADS
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    row = pid_bh.to(tl.int64) * 2
-    out = _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D, CACHE)
-    if DIFF:
-        lam = tl.load(LAM + b64 * slb + h * slh)
-        out = out - lam * _merge_splits(PM, PL, PACC, row + 1, SPLITS, s, d, BLOCK_D, CACHE)
-    if NORM:
-        mean_sq = tl.sum(tl.where(d_ok, out * out, 0.0), 0) / HEAD_DIM
-        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
-        out = out * tl.rsqrt(mean_sq + eps) * w
-    tl.store(OUT + b64 * sob + h * soh + d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
@@ -878,5 +834,19 @@ def _decode_combine_kernel(
     DIFF: tl.constexpr,
     NORM: tl.constexpr,
 ):
-    _combine_head(PM, PL, PACC, LAM, NW, OUT, slb, slh, sob, soh, SPLITS, NUM_HEADS, eps, tl.program_id(0),
-                  HEAD_DIM, BLOCK_D, BLOCK_S, DIFF, NORM, "")  # fmt: skip
+    pid_bh = tl.program_id(0)
+    b64 = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = pid_bh % NUM_HEADS
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row = pid_bh.to(tl.int64) * 2
+    out = _merge_splits(PM, PL, PACC, row, SPLITS, s, d, BLOCK_D)
+    if DIFF:
+        lam = tl.load(LAM + b64 * slb + h * slh)
+        out = out - lam * _merge_splits(PM, PL, PACC, row + 1, SPLITS, s, d, BLOCK_D)
+    if NORM:
+        mean_sq = tl.sum(tl.where(d_ok, out * out, 0.0), 0) / HEAD_DIM
+        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        out = out * tl.rsqrt(mean_sq + eps) * w
+    tl.store(OUT + b64 * sob + h * soh + d, out.to(OUT.dtype.element_ty), mask=d_ok)

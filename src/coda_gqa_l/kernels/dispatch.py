@@ -212,22 +212,6 @@ def split_decode() -> bool:
     return not _ONE_PROGRAM_DECODE.get()
 
 
-_LAST_SPLIT_COMBINES = contextvars.ContextVar("coda_gqa_l_last_split_combines", default=False)
-
-
-def last_split_combines() -> contextlib.AbstractContextManager[None]:
-    """Inside, a one-token attention step's split forward merges its splits in the head's last program to finish
-    (an arrival counter per head) instead of a second kernel: one launch fewer per layer and step. Off by default
-    until it is measured on a GPU against the two kernels (``benchmarks/decode_step.py``); a graph captured inside
-    keeps its choice."""
-    return _switched_on(_LAST_SPLIT_COMBINES)
-
-
-def combine_in_last_split() -> bool:
-    """Whether the split forward merges in its last program (``last_split_combines``)."""
-    return _LAST_SPLIT_COMBINES.get()
-
-
 _SEPARATE_STEP_INPUTS = contextvars.ContextVar("coda_gqa_l_separate_step_inputs", default=False)
 
 
