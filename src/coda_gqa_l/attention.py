@@ -38,7 +38,7 @@ from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
-from .kernels.segment_extras import build_extras
+from .kernels.segment_extras import build_extras, build_extras_reference
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -567,7 +567,7 @@ class BoundedCoDAAttention(nn.Module):
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         sink_k, sink_v, bank_k, bank_v = (t.to(dtype) for t in (sink_k, sink_v, bank_k, bank_v))
-        B, _, nseg, slots, D = bank_k.shape
+        nseg, D = bank_k.shape[2], bank_k.shape[4]
         device = bank_k.device
         rope, layout = core.rope, core.rope.layout
         relative = cfg.position_mode == "relative"
@@ -580,38 +580,18 @@ class BoundedCoDAAttention(nn.Module):
             i = torch.arange(Ns, device=device)
             return torch.maximum(i, segment_starts()[:, None] - W - Ns + i)
 
-        if one_pass:  # inference: one pass over sinks and snapshots (kernels/segment_extras.py)
-            sink_angles = bank_angles = None
-            if relative:
-                bank_angles = step_tables.cos_sin(rope, ("bank angles", at, S, W, nseg), lambda: segment_starts() - W)
-                if Ns:
-                    cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
-                    sink_angles = (cos.reshape(nseg, Ns, D), sin.reshape(nseg, Ns, D))
-                else:
-                    sink_angles = (bank_angles[0].new_empty(nseg, 0, D), bank_angles[1].new_empty(nseg, 0, D))
-            return SegmentExtras(
-                *build_extras(sink_k, sink_v, bank_k, bank_v, bank_bias, dtype, sink_angles, bank_angles, layout)
-            )
-        extra_k, extra_v, extra_bias = bank_k, bank_v, bank_bias
-        if relative and slots:
-            # every slot of a segment sits at b - W: one angle per segment, repeated per slot
-            cos, sin = step_tables.cos_sin(
-                rope, ("banks", at, S, W, nseg, slots), lambda: (segment_starts() - W).repeat_interleave(slots)
-            )
-            flat = bank_k.reshape(B, bank_k.shape[1], nseg * slots, D)
-            extra_k = _autograd_rotate(flat, cos, sin, layout).view(bank_k.shape)
-        if Ns:
-            sinks_k = sink_k[:, :, None].expand(B, sink_k.shape[1], nseg, Ns, D)
-            if relative:
+        sink_angles = bank_angles = None
+        if relative:  # every slot of a segment sits at b - W: one angle per segment; sink i at its own position
+            bank_angles = step_tables.cos_sin(rope, ("bank angles", at, S, W, nseg), lambda: segment_starts() - W)
+            if Ns:
                 cos, sin = step_tables.cos_sin(rope, ("sinks", at, S, W, Ns, nseg), sink_positions)
-                # one rotation pass over the segments' sink rows (as the banks' above), not five elementwise ones
-                flat = sinks_k.reshape(B, sink_k.shape[1], nseg * Ns, D)
-                sinks_k = _autograd_rotate(flat, cos.reshape(nseg * Ns, D), sin.reshape(nseg * Ns, D), layout)
-                sinks_k = sinks_k.view(B, sink_k.shape[1], nseg, Ns, D)
-            extra_k = torch.cat([sinks_k, extra_k], dim=3)
-            extra_v = torch.cat([sink_v[:, :, None].expand(B, sink_v.shape[1], nseg, Ns, D), extra_v], dim=3)
-            extra_bias = torch.cat([extra_bias.new_zeros(B, extra_bias.shape[1], nseg, Ns), extra_bias], dim=3)
-        return SegmentExtras(extra_k, extra_v, extra_bias)
+                sink_angles = (cos.reshape(nseg, Ns, D), sin.reshape(nseg, Ns, D))
+            else:
+                sink_angles = (bank_angles[0].new_empty(nseg, 0, D), bank_angles[1].new_empty(nseg, 0, D))
+        args = (sink_k, sink_v, bank_k, bank_v, bank_bias, dtype, sink_angles, bank_angles, layout)
+        if one_pass:  # inference: one pass over sinks and snapshots (kernels/segment_extras.py)
+            return SegmentExtras(*build_extras(*args))
+        return SegmentExtras(*build_extras_reference(*args, rotate=_autograd_rotate))  # gradients flow through
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -9,6 +9,8 @@ same float32 arithmetic, so the results are the reference's bit for bit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,24 +24,26 @@ _ROWS = 32  # extra slots a program writes
 def build_extras_reference(
     sink_k: Tensor, sink_v: Tensor, bank_k: Tensor, bank_v: Tensor, bank_bias: Tensor, dtype: torch.dtype,
     sink_angles: tuple[Tensor, Tensor] | None, bank_angles: tuple[Tensor, Tensor] | None, layout: RopeLayout,
+    rotate: Callable[[Tensor, Tensor, Tensor, RopeLayout], Tensor] = rotate_keys,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``extra_k``/``extra_v`` ``(B, Hkv, nseg, Ns + M, Dh)`` in ``dtype`` and ``extra_bias (B, Hkv, nseg, Ns + M)``:
     per segment the sinks ``sink_* (B, Hkv, Ns, Dh)`` then its bank snapshot ``bank_* (B, Hkv, nseg, M, Dh)``,
     offsets ``bank_bias (B, Hkv, nseg, M)`` (zero for the sinks). Keys rotated where angles are given:
-    ``sink_angles`` cos and sin ``(nseg, Ns, Dh)``, ``bank_angles`` ``(nseg, Dh)`` (one position per segment)."""
+    ``sink_angles`` cos and sin ``(nseg, Ns, Dh)``, ``bank_angles`` ``(nseg, Dh)`` (one position per segment), by
+    ``rotate`` (the layer's training path passes one that autograd differentiates)."""
     sink_k, sink_v, bank_k, bank_v = (t.to(dtype) for t in (sink_k, sink_v, bank_k, bank_v))
     B, Hkv, nseg, M, D = bank_k.shape
     Ns = sink_k.shape[2]
     extra_k = bank_k
     if bank_angles is not None and M:
         cos, sin = (a.repeat_interleave(M, dim=0) for a in bank_angles)
-        extra_k = rotate_keys(bank_k.reshape(B, Hkv, nseg * M, D), cos, sin, layout).view(bank_k.shape)
+        extra_k = rotate(bank_k.reshape(B, Hkv, nseg * M, D), cos, sin, layout).view(bank_k.shape)
     extra_v, extra_bias = bank_v, bank_bias
     if Ns:
         sinks_k = sink_k[:, :, None].expand(B, Hkv, nseg, Ns, D)
         if sink_angles is not None:
             cos, sin = (a.reshape(nseg * Ns, D) for a in sink_angles)
-            sinks_k = rotate_keys(sinks_k.reshape(B, Hkv, nseg * Ns, D), cos, sin, layout).view(sinks_k.shape)
+            sinks_k = rotate(sinks_k.reshape(B, Hkv, nseg * Ns, D), cos, sin, layout).view(sinks_k.shape)
         extra_k = torch.cat([sinks_k, extra_k], dim=3)
         extra_v = torch.cat([sink_v[:, :, None].expand(B, Hkv, nseg, Ns, D), extra_v], dim=3)
         extra_bias = torch.cat([bank_bias.new_zeros(B, Hkv, nseg, Ns), extra_bias], dim=3)
