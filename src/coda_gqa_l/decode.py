@@ -37,19 +37,37 @@ from .state import BANK_FIELDS, Banks, BoundedState
 # One capture at a time in a process; other threads may go on running their kernels and graphs meanwhile
 # (thread-local capture mode), as a server answering several questions does.
 CAPTURE_LOCK = threading.Lock()
+_CAPTURE_STREAMS: dict[int, Any] = {}
+_STREAMS_LOCK = threading.Lock()
+
+
+def capture_stream(device: torch.device) -> Any:
+    """The one side stream a process captures its graphs on, per CUDA device.
+
+    PyTorch gives each (cuBLAS handle, stream) pair its own workspace (32 MiB on Hopper) and keeps it for the
+    process's life: a stream per decoder (a database's pool holds several) would pin one workspace each. Captures
+    are serialised by ``CAPTURE_LOCK`` and replays run on the caller's stream, so one stream serves them all.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _STREAMS_LOCK:
+        if index not in _CAPTURE_STREAMS:
+            _CAPTURE_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
+        return _CAPTURE_STREAMS[index]
 
 
 def capture_step(
-    step: Callable[[], None], warm_up: Callable[[], None], device: torch.device, stream: Any, pool: Any
+    step: Callable[[], None], warm_up: Callable[[], None], device: torch.device, pool: Any
 ) -> torch.cuda.CUDAGraph:
-    """``warm_up()`` (compilation, autotuning: work that must not happen inside a capture) on ``stream``, then
-    ``step()`` captured on it into a graph sharing memory ``pool`` (None: a new one).
+    """``warm_up()`` (compilation, autotuning: work that must not happen inside a capture) on the device's capture
+    stream (``capture_stream``), then ``step()`` captured on it into a graph sharing memory ``pool`` (None: a new
+    one).
 
     On ``device`` whatever device is current (a model on ``cuda:1``), with autocast off (a graph captured under it
     would replay casts cached outside its pool), one capture at a time. Our own stream context around the capture:
     if ending a failed capture raises, leaving it still puts the thread back on the stream it was on
     (``torch.cuda.graph`` restores it only after a clean end). The caller's warm-up must not change its live state.
     """
+    stream = capture_stream(device)
     with CAPTURE_LOCK, torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.no_grad():
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -133,7 +151,7 @@ class CapturedDecoder:
                 self.state = live
 
         device = self._x.device
-        graph = capture_step(lambda: self._step(routes), warm_up, device, torch.cuda.Stream(device), self._pool)
+        graph = capture_step(lambda: self._step(routes), warm_up, device, self._pool)
         self._pool = graph.pool()
         self._graphs[routes] = graph
         return graph

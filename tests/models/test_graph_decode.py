@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
-from coda_gqa_l import BoundedConfig
+from coda_gqa_l import BoundedConfig, decode
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache, convert
 from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphModelDecoder
@@ -131,6 +131,26 @@ def test_captured_steps_equal_the_models_forward(dtype: torch.dtype) -> None:
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(ours, expected, **tol)
     assert {kind for _, kind in decoder._graphs} == {"route", "refresh", "step"}
+
+
+@pytest.mark.gpu
+def test_decoders_capture_on_one_stream_so_more_documents_pin_no_more_cublas_workspaces() -> None:
+    # PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) per stream a product ran on, for the process's life: with a
+    # stream per decoder, every document a database decodes would pin one more
+    torch.manual_seed(0)
+    model = _model("cuda", torch.bfloat16)
+    ids = torch.randint(0, 200, (1, 40), device="cuda")
+    first = GraphModelDecoder(model, _prefilled(model, ids))
+    first(ids[:, -1])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    others = [GraphModelDecoder(model, _prefilled(model, ids)) for _ in range(3)]
+    for decoder in others:
+        decoder(ids[:, -1])
+    torch.cuda.synchronize()
+    added = torch.cuda.memory_allocated() - before
+    assert decode.capture_stream(torch.device("cuda")) is decode.capture_stream(torch.device("cuda", 0))
+    assert added < 8 * 2**20, f"three more decoders added {added / 2**20:.1f} MiB"
 
 
 def test_a_pool_lends_one_decoder_per_generation_and_leaves_each_cache_its_own(

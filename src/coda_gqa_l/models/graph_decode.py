@@ -82,7 +82,6 @@ class GraphModelDecoder:
         self.capture = capture
         self.failed = False  # a capture failed: the pool lends this decoder no more
         self.weights = weights_key(model)  # the graphs read these addresses: a moved weight makes them stale
-        self._stream: Any = torch.cuda.Stream(self.device) if capture else None
         states = self._states_of(cache)
         self.batch_size = states[0].batch_size
         with torch.inference_mode(False):
@@ -307,7 +306,7 @@ class GraphModelDecoder:
                 self._pos.copy_(saved_pos)
 
         try:
-            graph = capture_step(lambda: self._step(live, ids, kind), warm_up, self.device, self._stream, self._pool)
+            graph = capture_step(lambda: self._step(live, ids, kind), warm_up, self.device, self._pool)
         except Exception as error:
             self.failed = True
             step = f"{ids.shape[1]}-token {kind}" if kind.startswith("read") else f"{kind} decode"
