@@ -13,6 +13,10 @@
 #              the exact bank's 60 slots per 16K tokens if the load grows with the share
 #   distill_vf05_4096  the same on 4,096-token rows (8 per update): the answer loss then sees read-outs from further
 #              back, among more held tokens (results/facts.md: distill_vf05's 16K misses are read-out)
+#   distill_vf05_after  distill_vf05 whose value-first statements keep the tokens after the value, not the value
+#              (--value-first-keep after): tokens that have read the value and the statement's frame, which a causal
+#              gate can recognise (benchmarks/results/facts.md: keeping the value itself floods the exact bank)
+#   distill_vf20_after  the same with one fact in five value first
 #   refuse     multi2048 with the hinge's refusal side per false write (--gate-refuse violations): value-first rows
 #              without flooding the exact bank (benchmarks/results/facts.md, "Value-first rows flood the exact bank")
 #   refuse_distill  the same plus --distill-weight 1 (the Bible)
@@ -54,6 +58,10 @@ for arm in "${arms[@]}"; do
       --value-first-share 0) ;;
     distill_vf05) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
       --value-first-share 0.05) ;;
+    distill_vf05_after) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
+      --value-first-share 0.05 --value-first-keep after) ;;
+    distill_vf20_after) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1
+      --value-first-share 0.2 --value-first-keep after) ;;
     distill_vf05_4096) extra=("${many[@]}" --phase2-seq-len 4096 --batch-size 8 --distill-weight 1
       --value-first-share 0.05) ;;
     distill_lowlr) extra=("${many[@]}" --phase2-seq-len 2048 --batch-size 16 --distill-weight 1 --lr 2e-4) ;;

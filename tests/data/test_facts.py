@@ -109,6 +109,29 @@ def test_value_first_patterns_in_both_splits_and_their_values_kept() -> None:
     assert TOKENIZER.decode(ids[start : doc.keep_positions[-1] + 1]) == f" {doc.facts[0].value.capitalize()}"
 
 
+def test_value_first_keep_after_marks_what_follows_the_value_and_leaves_other_statements_alone() -> None:
+    """``value_first_keep="after"``: a value-first statement's keep targets are its tokens after the value (they have
+    read it), not the value; a statement with its subject first keeps its value as before."""
+    first = Relation("colour", "{value} is the colour of the lamps of {subject}.", "What colour are the lamps?")
+    last = Relation("colour", "The lamps of {subject} are painted {value}.", "What colour are the lamps?")
+    for relation, expected in ((first, " is the colour of the lamps of the mill."), (last, None)):
+        sampler = FactSampler("train")
+        sampler.by_kind = {**sampler.by_kind, "colour": (relation,)}
+        sampler.subject = lambda rng: "the mill"  # type: ignore[method-assign]
+        kept = {}
+        for mode in ("value", "after"):
+            doc = make_fact_document(TOKENIZER, LAYOUT, FILLER, random.Random(3), sampler=sampler, length=1200,
+                                     kinds=["colour"], value_first_keep=mode)  # fmt: skip
+            ids = doc.ids.tolist()
+            kept[mode] = TOKENIZER.decode([ids[i] for i in doc.keep_positions])
+            value = doc.facts[0].value
+        assert kept["value"] in (f" {value.capitalize()}", f" {value}")
+        assert kept["after"] == (expected if expected is not None else kept["value"])
+    with pytest.raises(ValueError, match="value_first_keep must be one of value, after"):
+        make_fact_document(TOKENIZER, LAYOUT, FILLER, random.Random(3), sampler=FactSampler("train"), length=1200,
+                           value_first_keep="before")  # fmt: skip
+
+
 @pytest.mark.parametrize("share", [0.0, 0.1, 1.0])
 def test_value_first_share_sets_how_often_a_fact_comes_value_first(share: float) -> None:
     """``FactSampler(value_first_share=p)``: a share p of the facts of kinds that have value-first patterns are

@@ -404,6 +404,8 @@ def test_the_command_line_fills_the_config_a_script_builds_by_name() -> None:
         TrainConfig.preset("huge")
     with pytest.raises(ValueError, match="value-first-share"):
         TrainConfig(value_first_share=2.0).check()
+    with pytest.raises(ValueError, match="--value-first-keep must be one of value, after"):
+        TrainConfig(value_first_keep="before").check()
 
 
 def test_coda_train_refuses_to_train_weights_its_file_cannot_hold(capsys: pytest.CaptureFixture[str]) -> None:
@@ -417,3 +419,7 @@ def test_coda_train_refuses_to_train_weights_its_file_cannot_hold(capsys: pytest
         parse_args(["--value-first-share", "1.5"])
     assert "--value-first-share must be between 0 and 1, got 1.5" in capsys.readouterr().err
     assert parse_args(["--value-first-share", "0.1"]).value_first_share == 0.1
+    assert parse_args(["--value-first-keep", "after"]).value_first_keep == "after"
+    with pytest.raises(SystemExit):
+        parse_args(["--value-first-keep", "before"])
+    assert "invalid choice: 'before'" in capsys.readouterr().err

@@ -51,6 +51,9 @@ KINDS = ("person", "place", "organisation", "number", "date", "year", "colour", 
 EVAL_EVERY = 5  # every fifth relation pattern, and about one value in five, is evaluation-only
 
 
+VALUE_FIRST_KEEP = ("value", "after")  # make_fact_document's keep targets in value-first statements
+
+
 @dataclass(frozen=True)
 class Relation:
     """One relation pattern: a statement and its question, about ``{subject}``, with the answer ``{value}``."""
@@ -376,7 +379,8 @@ class FactDocument:
     ``ids`` is the whole sequence: prompt prefix, haystack with the fact sentences, then each
     question followed by its answer and the end-of-answer marker. ``answer_mask[i]`` is True where
     token ``i + 1`` is part of an answer (the positions whose next-token loss trains the answer);
-    ``keep_positions`` are the value tokens inside the fact statements (what the answers copy).
+    ``keep_positions`` are the value tokens inside the fact statements (what the answers copy), or for value-first
+    statements what follows the value (``make_fact_document``'s ``value_first_keep``).
     ``prompt_end`` is where the first question begins.
     """
 
@@ -409,6 +413,7 @@ def make_fact_document(
     depth_range: tuple[float, float] = (0.0, 0.6),
     min_distance: int = 0,
     include_facts: bool = True,
+    value_first_keep: str = "value",
 ) -> FactDocument:
     """A document of about ``length`` tokens: haystack with ``num_facts`` fact sentences (distinct
     relations, one subject) spread over ``depth_range`` of it, then ``num_asked`` of them asked.
@@ -416,7 +421,14 @@ def make_fact_document(
     ``min_distance``: every asked fact ends at least this many tokens before the first question.
     ``include_facts=False`` leaves the fact sentences out (the no-fact control: the same questions
     about a document that does not hold the answer). A ValueError says when ``length`` is too short.
+    ``value_first_keep``: the keep targets of a statement that gives its value first (``Relation.value_first``):
+    ``"value"`` its value's tokens, as for every other statement; ``"after"`` the statement's tokens after the value
+    instead. A causal write gate at the value has seen nothing that says a fact is coming, so a gate taught to keep
+    such values learns to keep ordinary tokens (benchmarks/results/facts.md: the exact bank floods); the tokens after
+    it have read the value and the statement's frame, and their values carry it.
     """
+    if value_first_keep not in VALUE_FIRST_KEEP:
+        raise ValueError(f"value_first_keep must be one of {', '.join(VALUE_FIRST_KEEP)}, got {value_first_keep!r}")
     encode = tokenizer.encode  # type: ignore[attr-defined]
 
     def tokens(text: str) -> list[int]:
@@ -449,7 +461,7 @@ def make_fact_document(
     asked = rng.sample(facts, min(num_asked, len(facts)))
 
     # fact sentences: the statement split around its value, so the value's tokens are known exactly
-    pieces: list[tuple[list[int], int, int]] = []  # (tokens, value start, value end)
+    pieces: list[tuple[list[int], int, int]] = []  # (tokens, keep start, keep end): the value, or what follows it
     for fact in facts:
         before, shown, after = fact.split_statement()
         head, value_ids, tail = tokens(" " + before.rstrip(" ")), tokens(" " + shown), tokens(after)
@@ -457,7 +469,11 @@ def make_fact_document(
             head, value_ids = tokens(" " + before), tokens(shown)
         elif not before:  # the value opens the sentence
             head = []
-        pieces.append((head + value_ids + tail, len(head), len(head) + len(value_ids)))
+        piece = head + value_ids + tail
+        if value_first_keep == "after" and fact.relation.value_first and tail:
+            pieces.append((piece, len(head) + len(value_ids), len(piece)))
+        else:
+            pieces.append((piece, len(head), len(head) + len(value_ids)))
     prefix = tokens(layout.document_prefix)
     end_marker = tokens(layout.end_of_answer)
     turns: list[tuple[list[int], list[int]]] = []  # (question tokens, answer tokens with the end marker)
@@ -486,12 +502,12 @@ def make_fact_document(
     keep: list[int] = []
     positions: list[int] = []
     consumed = 0
-    for (piece, v_start, v_end), point in zip(pieces, points, strict=True):
+    for (piece, keep_start, keep_end), point in zip(pieces, points, strict=True):
         ids += body[consumed:point]
         consumed = point
         positions.append(len(ids))
         if include_facts:
-            keep += range(len(ids) + v_start, len(ids) + v_end)
+            keep += range(len(ids) + keep_start, len(ids) + keep_end)
             ids += piece
     ids += body[consumed:]
     prompt_end = len(ids)

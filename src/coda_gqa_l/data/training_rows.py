@@ -105,10 +105,12 @@ def batches(
     fact_counts: tuple[int, ...] = FACT_COUNTS,
     min_distance: int = 0,
     value_first_share: float | None = None,
+    value_first_keep: str = "value",
 ) -> Iterator[Batch]:
     """Endless batches of random ``seq_len`` windows of ``stream``; a ``retrieval_fraction`` of the
     rows are passkey documents and a ``fact_fraction`` fact documents (training phrasings and
-    values only), built on the same stream; see the module docstring for ``recurring_keep``."""
+    values only), built on the same stream; see the module docstring for ``recurring_keep`` and
+    ``facts.make_fact_document`` for ``value_first_keep``."""
     if len(stream) <= seq_len + 1:
         raise ValueError(f"the training text has {len(stream)} tokens, a sequence needs {seq_len + 1}")
     if retrieval_fraction < 0 or fact_fraction < 0 or retrieval_fraction + fact_fraction > 1:
@@ -132,7 +134,7 @@ def batches(
                 keep[doc.key_positions] = True
             elif sampler is not None and draw < retrieval_fraction + fact_fraction:
                 ids, answer = _fact_row(tokenizer, layout, stream, rng, sampler, seq_len, min_distance, keep,
-                                        fact_counts)  # fmt: skip
+                                        fact_counts, value_first_keep)  # fmt: skip
             else:
                 start = rng.randrange(len(stream) - seq_len - 1)
                 ids = torch.tensor(stream[start : start + seq_len])
@@ -156,6 +158,7 @@ def _fact_row(
     min_distance: int,
     keep: Tensor,
     counts: tuple[int, ...],
+    value_first_keep: str = "value",
 ) -> tuple[Tensor, Tensor]:
     """A fact document of exactly ``seq_len`` tokens (a number of facts drawn from ``counts``, 1 to
     ``MAX_ASKED`` of them asked; fewer when they do not fit ``min_distance`` before the questions); sets ``keep``."""
@@ -164,7 +167,7 @@ def _fact_row(
         try:
             doc = make_fact_document(tokenizer, layout, stream, rng, sampler=sampler, length=seq_len,
                                      num_facts=facts, num_asked=rng.randint(1, min(MAX_ASKED, facts)),
-                                     min_distance=min_distance)  # fmt: skip
+                                     min_distance=min_distance, value_first_keep=value_first_keep)  # fmt: skip
             break
         except ValueError:
             if facts == 1:

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..cli_help import HelpFormatter, first_paragraph
+from ..data.facts import VALUE_FIRST_KEEP
 from .gate_supervision import REFUSE_MODES
 from .scratch import main as scratch_main
 from .train_config import ATTENTIONS, TRAINABLE, TrainConfig
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "such patterns (default: none, every pattern of the kind alike)"
     )
     p.add_argument("--value-first-share", type=float, default=DEFAULTS.value_first_share, help=value_first_help)
+    value_first_keep_help = (
+        "phase 2: the write gate's keep targets in a value-first statement: 'value' its value's tokens, 'after' the "
+        "statement's tokens after the value, which have read it (default value)"
+    )
+    p.add_argument(
+        "--value-first-keep", choices=VALUE_FIRST_KEEP, default=DEFAULTS.value_first_keep, help=value_first_keep_help
+    )
     recurring_help = "phase 2: in plain rows, capitalised words and numbers that recur 2 windows later are keep targets"
     p.add_argument("--recurring-keep", action="store_true", help=recurring_help)
     p.add_argument(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from ..data.facts import VALUE_FIRST_KEEP
 from ..data.training_rows import FACT_COUNTS
 from ..models.pretrained import SHIPPED_WEIGHTS
 from ..run_settings import RunSettings
@@ -51,6 +52,7 @@ class TrainConfig(RunSettings):
     fact_fraction: float = 0.0
     fact_counts: list[int] = field(default_factory=lambda: list(FACT_COUNTS))
     value_first_share: float | None = None
+    value_first_keep: str = "value"
     recurring_keep: bool = False
     needle_distance: int | None = None
     answer_weight: float = 1.0
@@ -79,6 +81,9 @@ class TrainConfig(RunSettings):
             raise ValueError(f"trainable {self.trainable!r} is not one of {list(TRAINABLE)}")
         if self.gate_refuse not in REFUSE_MODES:
             raise ValueError(f"gate_refuse {self.gate_refuse!r} is not one of {list(REFUSE_MODES)}")
+        if self.value_first_keep not in VALUE_FIRST_KEEP:
+            choices = ", ".join(VALUE_FIRST_KEEP)
+            raise ValueError(f"--value-first-keep must be one of {choices}, got {self.value_first_keep!r}")
         if self.value_first_share is not None and not 0.0 <= self.value_first_share <= 1.0:
             raise ValueError(f"--value-first-share must be between 0 and 1, got {self.value_first_share}")
 

@@ -158,6 +158,7 @@ def _save_weights(model: nn.Module, args: TrainConfig, base: str, device: torch.
         "recurring_keep": args.recurring_keep,
         "fact_counts": args.fact_counts,
         "value_first_share": args.value_first_share,
+        "value_first_keep": args.value_first_keep,
         "distill_weight": args.distill_weight,
         "gate_supervision": {
             "weight": args.gate_weight,
@@ -262,6 +263,7 @@ def _run_phase(
         recurring_keep=args.recurring_keep and phase == 2,
         fact_counts=tuple(args.fact_counts),
         value_first_share=args.value_first_share,
+        value_first_keep=args.value_first_keep,
         min_distance=args.needle_distance if args.needle_distance is not None else 2 * bounded.window,
     )
     autocast = device.type == "cuda" and args.dtype == "bfloat16"
