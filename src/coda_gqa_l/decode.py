@@ -26,7 +26,7 @@ from . import step_tables
 from .attention import BoundedCoDAAttention, SegmentExtras
 from .kernels import dispatch
 from .kernels.rope import rotate_keys
-from .kernels.routing import route_chunk_triton
+from .kernels.routing import route_chunk_triton, routing_snapshots
 from .kernels.routing_reference import bank_view
 from .kernels.step_inputs import step_inputs
 from .kernels.window_chunk import extend_window
@@ -38,6 +38,7 @@ from .state import BANK_FIELDS, Banks, BoundedState
 # (thread-local capture mode), as a server answering several questions does.
 CAPTURE_LOCK = threading.Lock()
 _CAPTURE_STREAMS: dict[int, Any] = {}
+_ROUTING_STREAMS: dict[int, list[Any]] = {}
 _STREAMS_LOCK = threading.Lock()
 
 
@@ -53,6 +54,17 @@ def capture_stream(device: torch.device) -> Any:
         if index not in _CAPTURE_STREAMS:
             _CAPTURE_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))
         return _CAPTURE_STREAMS[index]
+
+
+def routing_streams(device: torch.device, count: int) -> list[Any]:
+    """``count`` side streams of ``device`` for the routing of a pipelined read (``models.graph_decode``), the same
+    ones every time: only Triton kernels run on them, so they pin no cuBLAS workspace."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _STREAMS_LOCK:
+        streams = _ROUTING_STREAMS.setdefault(index, [])
+        while len(streams) < count:
+            streams.append(torch.cuda.Stream(torch.device("cuda", index)))
+        return streams[:count]
 
 
 def capture_step(
@@ -211,8 +223,7 @@ def advance_at_device_position(
     ``sinks=False``: the tokens are past the sinks (``pos >= num_sink``, the caller knows it on the host), so no sink
     is written (a captured chunk read after the first chunk).
     """
-    cfg, core = layer.config, layer.core
-    S, Ns = cfg.segment, cfg.num_sink
+    S = layer.config.segment
     n = x.shape[1]
     if n > 1 and (n % S or not routes or kept is not None):
         raise ValueError(f"a chunk at a device position must be a multiple of the segment ({S}) and route, got {n}")
@@ -222,6 +233,51 @@ def advance_at_device_position(
     if reuse:
         assert kept is not None  # checked above
         return _plain_step(layer, st, x, pos, kept, at)
+    chunk = begin_at_device_position(layer, st, x, pos, window_offsets, sink_index, routes, sinks=sinks)
+    return finish_at_device_position(layer, st, chunk, pos, kept)
+
+
+@dataclass
+class ChunkInFlight:
+    """What a chunk's attention needs between the launch of its routing and the attention (a pipelined read):
+    its queries and lambda, the window extended by its tokens, the banks as each of its segments sees them, and the
+    event its routing records on a side stream (``None``: routed on the caller's stream, or not routed)."""
+
+    q: Tensor
+    lam: Tensor | None
+    ext_k: Tensor
+    ext_v: Tensor
+    bank_k: Tensor
+    bank_v: Tensor
+    bank_bias: Tensor
+    tokens: int
+    window_offsets: Tensor
+    routed: Any = None
+
+
+def begin_at_device_position(
+    layer: BoundedCoDAAttention,
+    st: BoundedState,
+    x: Tensor,
+    pos: Tensor,
+    window_offsets: Tensor,
+    sink_index: Tensor,
+    routes: bool,
+    *,
+    sinks: bool = True,
+    routing_stream: Any = None,
+    after: Any = None,
+) -> ChunkInFlight:
+    """The first half of ``advance_at_device_position`` (not ``reuse``): projections, the window extended and the
+    ring written, the sinks, and the routing launched. With ``routing_stream`` (CUDA) the routing kernel runs there,
+    after the caller's stream has produced its inputs and after the event ``after`` (this layer's routing of the
+    previous chunk, which wrote the banks it reads); its snapshots are allocated on the caller's stream, which
+    ``finish_at_device_position`` makes wait for the kernel. The routing is Triton only, so a side stream adds no
+    cuBLAS workspace."""
+    cfg, core = layer.config, layer.core
+    S, Ns = cfg.segment, cfg.num_sink
+    n = x.shape[1]
+    at = ("device", id(pos))
     q, k, v, lam, g = layer.project_inputs(x)  # g: (B, Hkv, n)
     relative = cfg.position_mode == "relative"
     if not relative:
@@ -243,26 +299,53 @@ def advance_at_device_position(
         st.sink_k.copy_(torch.where(is_new, k_new.to(st.sink_k.dtype), st.sink_k))
         st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
     banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
-    if routes:
+    routed = None
+    if not routes:
+        bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+    elif routing_stream is None:
         # the capture-time start fixes only the number of segments (n / S, routing at each start); the state's
         # banks routed in place: no copies after the kernel
         _, bank_k, bank_v, bank_bias = route_chunk_triton(
             banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos, out=banks
         )
     else:
-        bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
+        snapshots = routing_snapshots(banks, n // S)
+        routing_stream.wait_stream(torch.cuda.current_stream())
+        if after is not None:
+            routing_stream.wait_event(after)
+        with torch.cuda.stream(routing_stream):
+            route_chunk_triton(
+                banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos, out=banks,
+                snapshots=snapshots,
+            )  # fmt: skip
+            routed = torch.cuda.Event()
+            routed.record(routing_stream)
+        bank_k, bank_v, bank_bias = snapshots
+    return ChunkInFlight(q, lam, ext_k, ext_v, bank_k, bank_v, bank_bias, n, window_offsets, routed)
+
+
+def finish_at_device_position(
+    layer: BoundedCoDAAttention, st: BoundedState, chunk: ChunkInFlight, pos: Tensor, kept: KeptExtras | None = None
+) -> Tensor:
+    """The second half of ``advance_at_device_position``: the segment extras from the banks the routing left, and
+    the attention; waits for a routing launched on a side stream first."""
+    if chunk.routed is not None:
+        torch.cuda.current_stream().wait_event(chunk.routed)
     extras = layer.segment_extras(
-        st.sink_k, st.sink_v, bank_k, bank_v, bank_bias, pos, q.dtype, one_pass=not torch.is_grad_enabled()
-    )
+        st.sink_k, st.sink_v, chunk.bank_k, chunk.bank_v, chunk.bank_bias, pos, chunk.q.dtype,
+        one_pass=not torch.is_grad_enabled(),
+    )  # fmt: skip
     if kept is not None:
         if kept.value is None:  # the first step allocates the buffers (a warm-up, before any capture)
             kept.value = extras.clone()
         else:
             kept.value.copy_(extras)
-    y = layer.attend_fused(q, lam, ext_k, ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras)
-    st.position.add_(n)
+    y = layer.attend_fused(
+        chunk.q, chunk.lam, chunk.ext_k, chunk.ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras
+    )
+    st.position.add_(chunk.tokens)
     if kept is not None:
-        _fill_segment_window(layer, st, kept, pos, window_offsets, q.dtype)
+        _fill_segment_window(layer, st, kept, pos, chunk.window_offsets, chunk.q.dtype)
     return y
 
 

@@ -130,7 +130,9 @@ def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pyte
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     reads: list[int] = []
     real_read = GraphModelDecoder.read
-    monkeypatch.setattr(GraphModelDecoder, "read", lambda self, t: reads.append(t.shape[1]) or real_read(self, t))
+    monkeypatch.setattr(
+        GraphModelDecoder, "read", lambda self, t, pieces=1: reads.append(t.shape[1]) or real_read(self, t, pieces)
+    )
     cache = BoundedCache(model)
     if already:
         _forward(model, cache, ids[:, :already], already)
@@ -151,6 +153,103 @@ def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pyte
     assert logits is not None
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
     _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("forwarded", [16, 0])
+def test_a_pipelined_read_equals_its_pieces_read_one_after_another(
+    monkeypatch: pytest.MonkeyPatch, forwarded: int
+) -> None:
+    """Three 16-token pieces in one pipelined read (layer l of piece p beside layer l - 1 of piece p + 1; on the CPU
+    in that order on one stream): bit for bit the state and logits of reading the pieces one after another, from a
+    forwarded prompt or from empty states (the first read writes the sinks)."""
+    torch.manual_seed(3)
+    model = _model()
+    ids = torch.randint(0, 200, (2, 64))
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    caches = []
+    for pipelined in (False, True):
+        cache = BoundedCache(model)
+        if forwarded:
+            _forward(model, cache, ids[:, :forwarded], forwarded)
+        else:
+            graph_prefill.start_states(model, cache, 2)
+        decoder = GraphModelDecoder(model, cache, capture=False)
+        kinds: list[str] = []
+        real_step = decoder._step
+        monkeypatch.setattr(
+            decoder,
+            "_step",
+            lambda states, ids, kind, real=real_step, k=kinds: k.append(kind) or real(states, ids, kind),
+        )
+        end = forwarded + 48
+        if pipelined:
+            logits = decoder.read(ids[:, forwarded:end], pieces=3)
+            assert kinds == ["read in 3" if forwarded else "read sinks in 3"]
+        else:
+            for start in range(forwarded, end, 16):
+                logits = decoder.read(ids[:, start : start + 16])
+        decoder.release()
+        caches.append((cache, logits))
+    (one_by_one, expected), (pipelined_cache, logits) = caches
+    assert torch.equal(logits, expected)
+    _assert_same_states(pipelined_cache, one_by_one, atol=0, rtol=0)
+    assert any(bool(state.ex_filled.any()) for state in pipelined_cache.states)
+
+
+def test_a_pipelined_read_needs_whole_segments_in_every_piece() -> None:
+    model = _model()
+    cache = BoundedCache(model)
+    graph_prefill.start_states(model, cache, 1)
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    ids = torch.randint(0, 200, (1, 48))
+    with pytest.raises(GraphDecodeError, match="do not split into 4 pieces of whole 8-token segments"):
+        decoder.read(ids, pieces=4)  # 12 tokens a piece
+    with pytest.raises(GraphDecodeError, match="into 0 pieces"):
+        decoder.read(ids, pieces=0)
+
+
+def test_prefill_pipelines_read_pieces_chunks_and_reads_the_rest_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CODA_GQA_L_READ_PIECES=3``: 5 whole chunks of 16 go as one read of 3 pieces, then 2 reads of one; the state
+    and logits are the forward's."""
+    torch.manual_seed(4)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 85))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 16)
+    pool = GraphDecoderPool(model, capture=False)
+    monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_prefill, "shared_decoder_pool", lambda model: pool)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.READ_PIECES_ENV, "3")
+    reads: list[tuple[int, int]] = []
+    real_read = GraphModelDecoder.read
+    monkeypatch.setattr(
+        GraphModelDecoder,
+        "read",
+        lambda self, t, pieces=1: reads.append((t.shape[1], pieces)) or real_read(self, t, pieces),
+    )
+    cache = BoundedCache(model)
+
+    def forward(piece: torch.Tensor) -> torch.Tensor:
+        return model(piece, **cache_kwargs(cache), use_cache=True).logits[:, -1].float()
+
+    with torch.no_grad():
+        logits = graph_prefill.prefill(model, cache, ids, chunk_tokens=16, forward=forward)
+    assert reads == [(48, 3), (16, 1), (16, 1)]
+    assert logits is not None
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+
+
+def test_read_pieces_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatch.READ_PIECES_ENV, raising=False)
+    assert dispatch.read_pieces() == dispatch.DEFAULT_READ_PIECES
+    monkeypatch.setenv(dispatch.READ_PIECES_ENV, "4")
+    assert dispatch.read_pieces() == 4
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(dispatch.READ_PIECES_ENV, bad)
+        with pytest.raises(ValueError, match="CODA_GQA_L_READ_PIECES must be a positive whole number"):
+            dispatch.read_pieces()
 
 
 def test_prefill_without_graphs_is_the_chunked_forward() -> None:
@@ -192,6 +291,34 @@ def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
     _assert_same_states(cache, reference, **tol)
     pool = graph_prefill.shared_decoder_pool(model)
     assert any((64, "read") in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_pipelined_reads_equal_reads_one_after_another(dtype: torch.dtype) -> None:
+    """On CUDA the pieces' routings run on side streams: the captured graph must still give, bit for bit, what
+    reading the pieces one after another gives (the same kernels on the same inputs), twice in a row."""
+    torch.manual_seed(0)
+    model = _model("cuda", dtype)
+    ids = torch.randint(0, 200, (2, 16 + 4 * 128), device="cuda")
+    results = []
+    for pieces in (1, 4):
+        cache = BoundedCache(model)
+        _forward(model, cache, ids[:, :16], 16)
+        decoder = GraphModelDecoder(model, cache)
+        with torch.inference_mode():
+            for start in range(16, ids.shape[1], 256):
+                if pieces == 1:
+                    for at in range(start, start + 256, 64):
+                        logits = decoder.read(ids[:, at : at + 64])
+                else:
+                    logits = decoder.read(ids[:, start : start + 256], pieces)
+        decoder.release()
+        results.append((cache, logits))
+    (one_by_one, expected), (pipelined, logits) = results
+    assert torch.equal(logits, expected)
+    _assert_same_states(pipelined, one_by_one, atol=0, rtol=0)
+    assert any(bool(state.ex_filled.any()) for state in pipelined.states)
 
 
 def test_the_first_chunk_compiles_ahead_once_per_model_on_a_scratch_cache(monkeypatch: pytest.MonkeyPatch) -> None:

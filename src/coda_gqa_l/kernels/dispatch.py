@@ -1,8 +1,9 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from four environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from five environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
-differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune) and
-``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU). The
+differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune),
+``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU) and
+``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
 ``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
@@ -26,6 +27,8 @@ UNBOUNDED_ENV = "CODA_GQA_L_UNBOUNDED_ATTENTION"
 UnboundedPath = Literal["fused", "sdpa"]
 AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
 FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
+READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
+DEFAULT_READ_PIECES = 1
 Float32Dots = Literal["ieee", "tf32x3", "tf32"]
 FLOAT32_DOTS: tuple[Float32Dots, ...] = ("ieee", "tf32x3", "tf32")
 # torch.get_float32_matmul_precision() -> ours: "high" allows TF32 in torch's own products; ours take the three-pass
@@ -210,6 +213,19 @@ def one_program_decode() -> contextlib.AbstractContextManager[None]:
 def split_decode() -> bool:
     """Whether a one-token attention step splits its keys over programs (the default)."""
     return not _ONE_PROGRAM_DECODE.get()
+
+
+def read_pieces() -> int:
+    """How many chunks a graph-captured prefill reads in one replay, as a pipeline: layer ``l`` of chunk ``c`` beside
+    layer ``l - 1`` of chunk ``c + 1``, each chunk's routing on a side stream (``models.graph_decode``). The routing
+    kernel runs one program per KV head and bank, so one chunk leaves most of a GPU idle while it routes.
+    ``CODA_GQA_L_READ_PIECES`` overrides the default (1: one chunk at a time)."""
+    raw = os.environ.get(READ_PIECES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_READ_PIECES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{READ_PIECES_ENV} must be a positive whole number, got {raw!r}")
+    return int(raw)
 
 
 _SEPARATE_STEP_INPUTS = contextvars.ContextVar("coda_gqa_l_separate_step_inputs", default=False)

@@ -37,6 +37,7 @@ def route_chunk_triton(
     config: BoundedConfig,
     start_dev: Tensor | None = None,
     out: Banks | None = None,
+    snapshots: tuple[Tensor, Tensor, Tensor] | None = None,
     num_warps: int = _WARPS,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
@@ -54,6 +55,8 @@ def route_chunk_triton(
             may be ``banks`` itself: each program reads its input bank before the segment loop and writes its result
             after it (a graph step routes the state's banks in place, with no copies after). Without it the inputs
             are left untouched and the returned banks are new tensors.
+        snapshots: ``routing_snapshots(banks, segments)`` to write the snapshots into (returned as they are): a caller
+            launching the kernel on a side stream allocates them on its own stream, which reads them.
         num_warps: warps per program (for benchmarks/routing_kernel.py, which times the choices; results do not
             depend on it).
     """
@@ -70,9 +73,17 @@ def route_chunk_triton(
                 raise ValueError(f"out.{name} must be a contiguous {src.dtype} tensor of shape {tuple(src.shape)}")
         if any(not src.is_contiguous() for src in banks):  # an input copy would not alias the output
             raise ValueError("routing in place needs contiguous banks")
-    snap_k = torch.empty(B, Hkv, nseg, Me + Ms, Dh, dtype=dtype, device=device)
-    snap_v = torch.empty_like(snap_k)
-    snap_b = torch.empty(B, Hkv, nseg, Me + Ms, dtype=torch.float32, device=device)
+    if snapshots is None:
+        snap_k, snap_v, snap_b = routing_snapshots(banks, nseg)
+    else:
+        snap_k, snap_v, snap_b = snapshots
+        expected = routing_snapshots(banks, nseg, allocate=False)
+        for name, given, want in zip(("keys", "values", "biases"), snapshots, expected, strict=True):
+            if given.shape != want.shape or given.dtype != want.dtype or not given.is_contiguous():
+                raise ValueError(
+                    f"snapshot {name} must be a contiguous {want.dtype} tensor of shape {tuple(want.shape)}, "
+                    f"got {given.dtype} {tuple(given.shape)}"
+                )
     if nseg == 0 or Me + Ms == 0:
         for dst, src in zip(out, banks, strict=True):
             if dst is not src:
@@ -104,6 +115,17 @@ def route_chunk_triton(
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
+
+
+def routing_snapshots(banks: Banks, segments: int, *, allocate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised ``(keys, values, logit biases)`` for the banks as each of ``segments`` segments sees them:
+    ``(B, Hkv, segments, Me + Ms, Dh)`` in the banks' dtype twice, then ``(B, Hkv, segments, Me + Ms)`` float32.
+    ``allocate=False`` gives meta tensors of those shapes (for checks)."""
+    B, Hkv, Me, Dh = banks.ex_k.shape
+    slots = Me + banks.sm_k.shape[2]
+    device = banks.ex_k.device if allocate else torch.device("meta")
+    keys = torch.empty(B, Hkv, segments, slots, Dh, dtype=banks.ex_k.dtype, device=device)
+    return keys, torch.empty_like(keys), torch.empty(B, Hkv, segments, slots, dtype=torch.float32, device=device)
 
 
 def _contiguous(t: Tensor) -> Tensor:

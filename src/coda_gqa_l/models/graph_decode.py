@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import BoundedCoDAAttention
-from ..decode import KeptExtras, advance_at_device_position, capture_step
+from ..decode import (
+    KeptExtras,
+    advance_at_device_position,
+    begin_at_device_position,
+    capture_step,
+    finish_at_device_position,
+    routing_streams,
+)
 from ..kernels import dispatch
 from ..kernels.residual_norm import add_rms_norm, fusable
 from ..state import BoundedState
@@ -176,12 +183,15 @@ class GraphModelDecoder:
         self._extras_valid = True  # every kind but a read leaves the live segment's extras kept
         return self._logits.clone()
 
-    def read(self, token_ids: Tensor) -> Tensor:
+    def read(self, token_ids: Tensor, pieces: int = 1) -> Tensor:
         """Read a chunk ``(B, n)`` of prompt or document tokens (a prefill), returning its last token's logits
         ``(B, vocab)`` float32: what ``model(token_ids, cache=cache)`` does, under one graph per chunk length.
 
         ``n`` and the state's position must be multiples of the segment length (the chunk then routes at each of its
-        segment starts, wherever it lies in the stream): ``prefill`` sends the other tokens through the forward."""
+        segment starts, wherever it lies in the stream): ``prefill`` sends the other tokens through the forward.
+        ``pieces > 1`` reads the chunk as that many equal pieces in a pipeline (``dispatch.read_pieces``): layer
+        ``l`` of piece ``p`` runs beside layer ``l - 1`` of piece ``p + 1`` and each piece's routing on a side
+        stream, with the same kernels on the same inputs as pieces read one after another."""
         if token_ids.dim() != 2 or token_ids.shape[0] != self.batch_size:
             raise GraphDecodeError(f"token_ids must be ({self.batch_size}, n), got {tuple(token_ids.shape)}")
         segment, n = self.attention[0].config.segment, token_ids.shape[1]
@@ -191,13 +201,16 @@ class GraphModelDecoder:
                 f"a graph-read chunk must start and end on segment boundaries ({segment} tokens): "
                 f"{n} tokens from position {states[0].pos}"
             )
+        if pieces < 1 or n % (pieces * segment):
+            raise GraphDecodeError(f"{n} tokens do not split into {pieces} pieces of whole {segment}-token segments")
         buffer = self._chunk_ids.get(n)
         if buffer is None:
             with torch.inference_mode(False):
                 buffer = self._chunk_ids[n] = torch.zeros(self.batch_size, n, dtype=torch.int64, device=self.device)
         # a chunk past the sinks skips their write (a graph node per layer and tensor); only a stream's first
         # tokens need it
-        self._run(states, buffer, token_ids, "read" if states[0].pos >= self._num_sink else "read sinks")
+        kind = "read" if states[0].pos >= self._num_sink else "read sinks"
+        self._run(states, buffer, token_ids, kind if pieces == 1 else f"{kind} in {pieces}")
         self._extras_valid = False
         return self._logits.clone()
 
@@ -251,9 +264,11 @@ class GraphModelDecoder:
     def _step(self, states: list[BoundedState], ids: Tensor, kind: str) -> None:
         """The tokens in ``ids`` (one, or a chunk) from the device position ``self._pos``: the last one's logits into
         ``self._logits``."""
-        h = self.embed(ids)
         with step_tables():  # the layers work at the same positions: one set of RoPE tables and ring slots per step
-            normed = self._blocks(states, h, kind)
+            if " in " in kind:
+                normed = self._pipelined_read(states, ids, kind)
+            else:
+                normed = self._blocks(states, self.embed(ids), kind)
         self._logits.copy_(self.lm_head(normed[:, -1:])[:, -1])  # copy_ converts to float32 in the same pass
         self._pos.add_(ids.shape[1])
 
@@ -279,6 +294,43 @@ class GraphModelDecoder:
             h, x = self._add_norm(h, attended, block.post_attention_layernorm)
             h, x = self._add_norm(h, block.mlp(x), norms[index])
         return x
+
+    def _pipelined_read(self, states: list[BoundedState], ids: Tensor, kind: str) -> Tensor:
+        """A read of ``ids`` as equal pieces in a wavefront: at time ``t`` piece ``p`` runs layer ``t - p``. Each
+        layer's work on a piece is split around its routing: first every live piece's projections, window and
+        routing launch (on the piece's side stream, after this layer's routing of the piece before, which wrote
+        the banks), then every live piece's attention and MLP on this stream. A piece's layer thus reads the state
+        its layer left after the piece before, as in reads one after another, while the routings of different
+        pieces (one program per KV head and bank each) run side by side. Returns the last piece's normalised
+        hidden states."""
+        kind, pieces = kind.rsplit(" in ", 1)[0], int(kind.rsplit(" in ", 1)[1])
+        size = ids.shape[1] // pieces
+        streams = routing_streams(self.device, pieces) if self.capture else [None] * pieces
+        positions = [self._pos + p * size for p in range(pieces)]  # kept alive: step tables key on their ids
+        norms = [block.input_layernorm for block in self.blocks[1:]] + [self.norm]
+        hidden: list[Tensor] = []
+        normed: list[Tensor] = []
+        for p in range(pieces):
+            h, x = self._add_norm(self.embed(ids[:, p * size : (p + 1) * size]), None, self.blocks[0].input_layernorm)
+            hidden.append(h)
+            normed.append(x)
+        routed: list[Any] = [None] * len(self.blocks)  # each layer's last routing event
+        for time in range(len(self.blocks) + pieces - 1):
+            live = [(p, time - p) for p in range(pieces) if 0 <= time - p < len(self.blocks)]
+            begun = {}
+            for p, index in live:
+                begun[p] = begin_at_device_position(
+                    self.attention[index], states[index], normed[p], positions[p], self._window_offsets[index],
+                    self._sink_index[index], True, sinks=kind != "read", routing_stream=streams[p],
+                    after=routed[index],
+                )  # fmt: skip
+                routed[index] = begun[p].routed
+            for p, index in live:
+                block = self.blocks[index]
+                attended = finish_at_device_position(self.attention[index], states[index], begun[p], positions[p])
+                hidden[p], normed[p] = self._add_norm(hidden[p], attended, block.post_attention_layernorm)
+                hidden[p], normed[p] = self._add_norm(hidden[p], block.mlp(normed[p]), norms[index])
+        return normed[-1]
 
     def _add_norm(self, h: Tensor, delta: Tensor | None, norm: Any) -> tuple[Tensor, Tensor]:
         """``h + delta`` (or ``h``) and its norm: fused for transformers' Llama-family RMSNorm."""

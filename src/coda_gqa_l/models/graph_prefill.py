@@ -60,10 +60,16 @@ def prefill(
                     continue
                 try:
                     while total - start >= chunk_tokens:
-                        last = decoder.read(ids[:, start : start + chunk_tokens])
-                        start += chunk_tokens
+                        # several chunks in one pipelined replay where the document has them (dispatch.read_pieces);
+                        # the rest one at a time, so a document needs at most two captured read graphs
+                        pieces = dispatch.read_pieces()
+                        if total - start < pieces * chunk_tokens:
+                            pieces = 1
+                        tokens = pieces * chunk_tokens
+                        last = decoder.read(ids[:, start : start + tokens], pieces)
+                        start += tokens
                         if on_chunk is not None:
-                            on_chunk(chunk_tokens)
+                            on_chunk(tokens)
                 except GraphCaptureError as error:
                     warnings.warn(f"{error}; reading through the model's forward from now on", stacklevel=2)
                     graphs = False
