@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine, after `source scripts/device_setup.sh`: the pipelined graph read (dispatch.read_pieces) and
+# the cuBLAS workspace, measured in one call. The GPU tests of the graph reads and decoders first, then
+# benchmarks/model_generate.py with 1, 2, 4 and 8 pieces a read (DynamicCache beside the first: the baseline of the
+# same run), then the 128K row again with a 4 MiB cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG=:4096:1): peak memory.
+# Results: $OUT/pipelined_read.tgz; the tables printed last.
+set -uo pipefail
+results=/tmp/pipelined_read
+mkdir -p "$results"
+timeout 150 python -m pytest -q -m gpu tests/models/test_graph_prefill.py tests/models/test_graph_decode.py \
+  > "$results/gpu_tests.txt" 2>&1
+run=(python benchmarks/model_generate.py --contexts 8192 32768 131072 --warmup-tokens 32 --new-tokens 64 --time-budget 100)
+for pieces in 1 2 4 8; do
+  methods=(bounded-graph)
+  [ "$pieces" = 1 ] && methods+=(dynamic)
+  CODA_GQA_L_READ_PIECES=$pieces timeout 120 "${run[@]}" --methods "${methods[@]}" --out "$results/pieces$pieces" \
+    > "$results/pieces$pieces.txt" 2>&1
+done
+CUBLAS_WORKSPACE_CONFIG=:4096:1 timeout 110 "${run[@]}" --contexts 131072 --methods bounded-graph \
+  --out "$results/workspace_4m" > "$results/workspace_4m.txt" 2>&1
+tar czf "$OUT/pipelined_read.tgz" -C /tmp pipelined_read
+tail -n 3 "$results/gpu_tests.txt"
+for f in "$results"/pieces*.txt "$results/workspace_4m.txt"; do
+  echo "== $(basename "$f")"
+  grep -A4 "^method" "$f" | cut -c1-130
+done
