@@ -18,8 +18,26 @@ for pieces in 1 2 4 8; do
 done
 CUBLAS_WORKSPACE_CONFIG=:4096:1 timeout 110 "${run[@]}" --contexts 131072 --methods bounded-graph \
   --out "$results/workspace_4m" > "$results/workspace_4m.txt" 2>&1
+python - "$results" > "$results/same_tokens.txt" <<'PY'
+import json, sys
+rows = {}
+for pieces in (1, 2, 4, 8):
+    try:
+        data = json.load(open(f"{sys.argv[1]}/pieces{pieces}/model_generate.json"))
+    except OSError:
+        continue
+    for row in data["rows"]:
+        if row["method"] == "bounded-graph" and "generated_ids" in row:
+            rows[(pieces, row["context"])] = row["generated_ids"]
+for (pieces, context), ids in sorted(rows.items()):
+    base = rows.get((1, context))
+    if pieces > 1 and base is not None:
+        same = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), len(ids))
+        print(f"{pieces} pieces, {context} tokens: greedy tokens equal to one piece's for {same} of {len(ids)}")
+PY
 tar czf "$OUT/pipelined_read.tgz" -C /tmp pipelined_read
 tail -n 3 "$results/gpu_tests.txt"
+cat "$results/same_tokens.txt"
 for f in "$results"/pieces*.txt "$results/workspace_4m.txt"; do
   echo "== $(basename "$f")"
   grep -A4 "^method" "$f" | cut -c1-130

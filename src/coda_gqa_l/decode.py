@@ -253,6 +253,11 @@ class ChunkInFlight:
     tokens: int
     window_offsets: Tensor
     routed: Any = None
+    # the caller-stream tensors the side stream's routing reads that nothing else here holds (the gates ``ext_g``
+    # above all): freed early, the caching allocator hands their blocks to the caller's stream's next allocation (in
+    # a capture, from the private pool, with no graph edge to the routing kernel) while the kernel still reads them.
+    # Dropped with the chunk, after ``finish_at_device_position`` made the caller's stream wait for the routing.
+    keep: tuple[Tensor, ...] = ()
 
 
 def begin_at_device_position(
@@ -300,6 +305,7 @@ def begin_at_device_position(
         st.sink_v.copy_(torch.where(is_new, v_new.to(st.sink_v.dtype), st.sink_v))
     banks = Banks(*(getattr(st, name) for name in BANK_FIELDS))
     routed = None
+    keep: tuple[Tensor, ...] = ()
     if not routes:
         bank_k, bank_v, bank_bias = (part.unsqueeze(2) for part in bank_view(banks))
     elif routing_stream is None:
@@ -310,18 +316,20 @@ def begin_at_device_position(
         )
     else:
         snapshots = routing_snapshots(banks, n // S)
+        eta = layer.eta  # a new tensor each call (a sigmoid), computed here on the caller's stream and kept
+        keep = (ext_g, eta, pos, *snapshots)
         routing_stream.wait_stream(torch.cuda.current_stream())
         if after is not None:
             routing_stream.wait_event(after)
         with torch.cuda.stream(routing_stream):
             route_chunk_triton(
-                banks, ext_k, ext_v, ext_g, start=S, n=n, eta=layer.eta, config=cfg, start_dev=pos, out=banks,
+                banks, ext_k, ext_v, ext_g, start=S, n=n, eta=eta, config=cfg, start_dev=pos, out=banks,
                 snapshots=snapshots,
             )  # fmt: skip
             routed = torch.cuda.Event()
             routed.record(routing_stream)
         bank_k, bank_v, bank_bias = snapshots
-    return ChunkInFlight(q, lam, ext_k, ext_v, bank_k, bank_v, bank_bias, n, window_offsets, routed)
+    return ChunkInFlight(q, lam, ext_k, ext_v, bank_k, bank_v, bank_bias, n, window_offsets, routed, keep)
 
 
 def finish_at_device_position(

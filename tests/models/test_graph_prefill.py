@@ -293,11 +293,9 @@ def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
     assert any((64, "read") in decoder._graphs for decoder in pool._idle)  # captured once, kept for the next prompt
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_captured_pipelined_reads_equal_reads_one_after_another(dtype: torch.dtype) -> None:
-    """On CUDA the pieces' routings run on side streams: the captured graph must still give, bit for bit, what
-    reading the pieces one after another gives (the same kernels on the same inputs), twice in a row."""
+def _captured_reads_one_by_one_and_pipelined(dtype: torch.dtype) -> None:
+    """Four 64-token pieces a read, twice, captured: bit for bit the same logits and states as the pieces read one
+    after another (the same kernels on the same inputs)."""
     torch.manual_seed(0)
     model = _model("cuda", dtype)
     ids = torch.randint(0, 200, (2, 16 + 4 * 128), device="cuda")
@@ -319,6 +317,31 @@ def test_captured_pipelined_reads_equal_reads_one_after_another(dtype: torch.dty
     assert torch.equal(logits, expected)
     _assert_same_states(pipelined, one_by_one, atol=0, rtol=0)
     assert any(bool(state.ex_filled.any()) for state in pipelined.states)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_pipelined_reads_equal_reads_one_after_another(dtype: torch.dtype) -> None:
+    """On CUDA the pieces' routings run on side streams, captured with the rest."""
+    _captured_reads_one_by_one_and_pipelined(dtype)
+
+
+@pytest.mark.gpu
+def test_a_late_routing_on_its_side_stream_still_reads_its_own_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each routing held back by a sleep kernel before it on its side stream (captured with it): meanwhile the
+    caller's stream goes on allocating, so an input of the routing that nothing keeps alive would be handed to
+    another tensor and overwritten before the kernel reads it (the gates were, until they were kept with the chunk:
+    the first pipelined reads on an H100 answered `<|endoftext|>`). The reads must still be bit for bit right."""
+    from coda_gqa_l import decode
+
+    real = decode.route_chunk_triton
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda._sleep(5_000_000)  # a few milliseconds of spinning on the stream the routing runs on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "route_chunk_triton", late)
+    _captured_reads_one_by_one_and_pipelined(torch.bfloat16)
 
 
 def test_the_first_chunk_compiles_ahead_once_per_model_on_a_scratch_cache(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -219,7 +219,11 @@ def read_pieces() -> int:
     """How many chunks a graph-captured prefill reads in one replay, as a pipeline: layer ``l`` of chunk ``c`` beside
     layer ``l - 1`` of chunk ``c + 1``, each chunk's routing on a side stream (``models.graph_decode``). The routing
     kernel runs one program per KV head and bank, so one chunk leaves most of a GPU idle while it routes.
-    ``CODA_GQA_L_READ_PIECES`` overrides the default (1: one chunk at a time)."""
+    ``CODA_GQA_L_READ_PIECES`` overrides the default (1: one chunk at a time). Not yet shown right on a GPU: the first
+    pipelined reads on an H100 (2026-12-05) freed the gates the side stream's routing still read and answered
+    garbage; the fix (the chunk keeps every tensor its routing reads) awaits its GPU tests
+    (``tests/models/test_graph_prefill.py``) and the measurement (``scripts/device_pipelined_read.sh``) before the
+    default may change."""
     raw = os.environ.get(READ_PIECES_ENV, "").strip()
     if not raw:
         return DEFAULT_READ_PIECES
