@@ -42,7 +42,7 @@ import json
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ import torch
 if TYPE_CHECKING:
     from coda_gqa_l.kernels.routing_reference import ExactRouting
 
+EARLY_LAYERS = 6  # SmolLM2's first six layers pass about 20x more ordinary tokens than the rest (results/facts.md)
 FATES = ("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment", "cut_by_max_inserts",
          "written")  # fmt: skip
 
@@ -182,8 +183,10 @@ class TracedRead:
 
 
 def read_traced(model: torch.nn.Module, ids: torch.Tensor, groups: Sequence[list[int]], *,
-                logits: bool = False, chunk: int = 1024) -> TracedRead:  # fmt: skip
-    """Read ``ids`` (1D) in ``chunk``-token forwards, tracing the needles ``groups`` (token positions)."""
+                logits: bool = False, chunk: int = 1024, watch: Sequence[list[int]] = ()) -> TracedRead:  # fmt: skip
+    """Read ``ids`` (1D) in ``chunk``-token forwards, tracing the needles ``groups`` (token positions). ``watch``:
+    more token groups whose gates are recorded per layer (``watch_gates``: mean, and the share of their (token, KV
+    head) pairs above ``tau_exact``) without counting them as needles, so the other tokens' figures are unchanged."""
     from coda_gqa_l.models import BoundedCache
     from coda_gqa_l.models.cache import bounded_modules
     from coda_gqa_l.models.hf_compat import cache_kwargs
@@ -203,7 +206,9 @@ def read_traced(model: torch.nn.Module, ids: torch.Tensor, groups: Sequence[list
             gate_logits.clear()
     is_key = torch.zeros(len(ids), dtype=torch.bool)
     is_key[ledger.keys] = True
-    rows, per_needle_held, held_anywhere = [], [], torch.zeros(len(ids), dtype=torch.bool)
+    rows: list[dict[str, Any]] = []
+    per_needle_held: list[list[int]] = []
+    held_anywhere = torch.zeros(len(ids), dtype=torch.bool)
     for layer, state in enumerate(cache.states):
         assert state is not None
         gates = torch.sigmoid(torch.cat([p[layer][0] for p in pieces]).float())  # (L, Hkv)
@@ -226,6 +231,10 @@ def read_traced(model: torch.nn.Module, ids: torch.Tensor, groups: Sequence[list
             "key_pairs": int(is_key.sum()) * gates.shape[1],
             "oldest_token_held": int(oldest),
             "needle_gate_means": [float(gates[g].mean()) for g in tensors],
+            "watch_gates": [
+                (float(gates[w].mean()), float((gates[w] > config.tau_exact).float().mean())) if w else None
+                for w in watch
+            ],
         })  # fmt: skip
     needles = []
     for i, group in enumerate(groups):
@@ -305,6 +314,7 @@ class FactCase:
     questions: list[str]
     positions: list[list[int]]
     others: list[Any]  # what answer_holds checks a wrong value against (the document's other facts)
+    after: list[list[int]] = field(default_factory=list)  # a value-first statement's tokens after its value, or []
 
 
 def _fact_cases(args: argparse.Namespace, tokenizer: Any, min_distance: int) -> list[FactCase]:
@@ -317,16 +327,21 @@ def _fact_cases(args: argparse.Namespace, tokenizer: Any, min_distance: int) -> 
     sampler, hay, rng = FactSampler("eval"), heldout_fact_haystack(tokenizer), random.Random(args.seed)
     cases = []
     for _ in range(args.trials):
+        # keep targets after the value only mark value-first statements' tails: the document is the same either way
         doc = make_fact_document(tokenizer, layout, hay, rng, sampler=sampler, length=args.length,
                                  num_facts=args.facts, num_asked=args.facts, kinds=args.kinds or KINDS,
-                                 depth_range=(0.1, 0.6), min_distance=min_distance)  # fmt: skip
+                                 depth_range=(0.1, 0.6), min_distance=min_distance,
+                                 value_first_keep="after")  # fmt: skip
         prompt = doc.ids[: doc.prompt_end]
         positions = [_value_positions(prompt, tokenizer, f.value, near=p) for f, p in
                      zip(doc.facts, doc.fact_positions, strict=True)]  # fmt: skip
         order = [doc.facts.index(f) for f in doc.asked]
+        bounds = [*doc.fact_positions[1:], doc.prompt_end]
+        after = [[p for p in doc.keep_positions if start <= p < end] if fact.relation.value_first else []
+                 for fact, start, end in zip(doc.facts, doc.fact_positions, bounds, strict=True)]  # fmt: skip
         cases.append(FactCase(prompt, [doc.facts[i].value for i in order], [doc.facts[i].relation.kind for i in order],
                               [doc.facts[i].question() for i in order], [positions[i] for i in order],
-                              doc.facts))  # fmt: skip
+                              doc.facts, [after[i] for i in order]))  # fmt: skip
     return cases
 
 
@@ -367,7 +382,7 @@ def trace_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
     trials = []
     for trial, case in enumerate(_fact_cases(args, tokenizer, 2 * config.window)):
         began = time.perf_counter()
-        read = read_traced(model, case.ids, case.positions)
+        read = read_traced(model, case.ids, case.positions, watch=case.after)
         facts = []
         for i, (value, question) in enumerate(zip(case.values, case.questions, strict=True)):
             prompt = tokenizer.encode(layout.question.format(question=question), add_special_tokens=False)
@@ -381,10 +396,27 @@ def trace_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
             needle = read.needles[i]
             facts.append({"value": value, "kind": case.kinds[i], "question": question, "answer": answer,
                           "correct": correct, "verdict": verdict(needle, correct),
-                          "distance": len(case.ids) - needle["tokens"][-1], **needle})  # fmt: skip
+                          "distance": len(case.ids) - needle["tokens"][-1], **needle,
+                          **_after_value_gates(read.layers, i)})  # fmt: skip
         trials.append({"trial": trial, "length": len(case.ids), "seconds": time.perf_counter() - began,
                        "tau_exact": config.tau_exact, "facts": facts, "layers": read.layers})  # fmt: skip
     return trials
+
+
+def _after_value_gates(layers: list[dict[str, Any]], i: int) -> dict[str, Any]:
+    """For a value-first fact: the mean gate of its value's tokens and of the statement's tokens after the value, in
+    layers 6 on (``EARLY_LAYERS``), and the share of those (token, KV head) pairs above ``tau_exact``: whether the
+    gate could tell the tokens after the value from ordinary ones (``coda-train --value-first-keep after``)."""
+    watched = [row["watch_gates"][i] for row in layers[EARLY_LAYERS:] if row.get("watch_gates")]
+    if not watched or any(w is None for w in watched):
+        return {}
+    late = layers[EARLY_LAYERS:]
+    return {
+        "late_value_gate": sum(row["needle_gate_means"][i] for row in late) / len(late),
+        "late_after_gate": sum(w[0] for w in watched) / len(watched),
+        "late_after_above_tau": sum(w[1] for w in watched) / len(watched),
+        "late_other_gate": sum(row["other_gate_mean"] for row in late) / len(late),
+    }
 
 
 def render_facts(trial: dict[str, Any]) -> str:
@@ -405,10 +437,21 @@ def render_facts(trial: dict[str, Any]) -> str:
                  fates["written"], fates["below_tau"], refused, fates["cut_by_max_inserts"], layers,
                  tokens]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    first = [f for f in trial["facts"] if "late_after_gate" in f]
+    if first:
+        title = (
+            f"value-first facts, layers {EARLY_LAYERS} on: mean gates of the value's tokens, of the statement's "
+            "tokens after it, and of the other tokens; share of the after-tokens' pairs above tau_exact"
+        )
+        lines += ["", title, "",
+                  "| value | kind | correct | value gate | after gate | other gate | after above tau |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for f in first:
+            lines.append(
+                f"| {f['value']} | {f['kind']} | {f['correct']} | {f['late_value_gate']:.4f} | "
+                f"{f['late_after_gate']:.4f} | {f['late_other_gate']:.4f} | {f['late_after_above_tau']:.2%} |"
+            )
     return "\n".join(lines)
-
-
-EARLY_LAYERS = 6  # SmolLM2's first six layers pass about 20x more ordinary tokens than the rest (results/facts.md)
 
 
 def gate_load(layers: list[dict[str, Any]]) -> str:

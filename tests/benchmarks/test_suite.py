@@ -226,6 +226,21 @@ def test_needle_trace_locates_each_fact_of_the_demo_document(tmp_path: Path) -> 
             assert f["layers_holding"] >= 20 and f["gate_mean"] > trial["tau_exact"]
 
 
+def test_needle_trace_gates_after_a_value_first_value() -> None:
+    """The gates of a value-first statement's tokens after its value, from layer 6 on, beside its value's and the
+    other tokens': what ``coda-train --value-first-keep after`` would teach the gate to keep."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from needle_trace import EARLY_LAYERS, _after_value_gates
+
+    rows = [{"needle_gate_means": [0.9, 0.1], "other_gate_mean": 0.5, "watch_gates": [None, (0.9, 1.0)]}] * EARLY_LAYERS
+    rows += [{"needle_gate_means": [0.2, 0.4], "other_gate_mean": 0.01, "watch_gates": [None, (0.3, 0.25)]}] * 24
+    assert _after_value_gates(rows, 0) == {}  # not a value-first fact: nothing watched
+    late = _after_value_gates(rows, 1)
+    assert late == pytest.approx(
+        {"late_value_gate": 0.4, "late_after_gate": 0.3, "late_after_above_tau": 0.25, "late_other_gate": 0.01}
+    )
+
+
 def test_needle_trace_verdicts() -> None:
     """Where a missed needle was lost, from its fates: refused by the gate, evicted, or held and not read."""
     sys.path.insert(0, str(BENCHMARKS))
