@@ -155,45 +155,56 @@ def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pyte
     _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("forwarded", [16, 0])
-def test_a_pipelined_read_equals_its_pieces_read_one_after_another(
-    monkeypatch: pytest.MonkeyPatch, forwarded: int
+def _assert_pipelined_reads_equal_reads_one_by_one(
+    model: torch.nn.Module, ids: torch.Tensor, *, forwarded: int, pieces: int, piece: int, capture: bool
 ) -> None:
-    """Three 16-token pieces in one pipelined read (layer l of piece p beside layer l - 1 of piece p + 1; on the CPU
-    in that order on one stream): bit for bit the state and logits of reading the pieces one after another, from a
-    forwarded prompt or from empty states (the first read writes the sinks)."""
-    torch.manual_seed(3)
-    model = _model()
-    ids = torch.randint(0, 200, (2, 64))
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    caches = []
+    """``ids`` after its first ``forwarded`` tokens (none: from the empty states, the first read writing the sinks) read
+    ``pieces`` pieces of ``piece`` tokens at a time, and again one piece a read: bit for bit the same logits and
+    states (the same kernels on the same inputs), with the banks written on the way."""
+    results = []
     for pipelined in (False, True):
         cache = BoundedCache(model)
         if forwarded:
             _forward(model, cache, ids[:, :forwarded], forwarded)
         else:
-            graph_prefill.start_states(model, cache, 2)
-        decoder = GraphModelDecoder(model, cache, capture=False)
-        kinds: list[str] = []
-        real_step = decoder._step
-        monkeypatch.setattr(
-            decoder,
-            "_step",
-            lambda states, ids, kind, real=real_step, k=kinds: k.append(kind) or real(states, ids, kind),
-        )
-        end = forwarded + 48
-        if pipelined:
-            logits = decoder.read(ids[:, forwarded:end], pieces=3)
-            assert kinds == ["read in 3" if forwarded else "read sinks in 3"]
-        else:
-            for start in range(forwarded, end, 16):
-                logits = decoder.read(ids[:, start : start + 16])
+            graph_prefill.start_states(model, cache, ids.shape[0])
+        decoder = GraphModelDecoder(model, cache, capture=capture)
+        with torch.inference_mode():
+            for start in range(forwarded, ids.shape[1], pieces * piece):
+                if pipelined:
+                    logits = decoder.read(ids[:, start : start + pieces * piece], pieces)
+                else:
+                    for at in range(start, start + pieces * piece, piece):
+                        logits = decoder.read(ids[:, at : at + piece])
         decoder.release()
-        caches.append((cache, logits))
-    (one_by_one, expected), (pipelined_cache, logits) = caches
+        results.append((cache, logits))
+    (one_by_one, expected), (pipelined_cache, logits) = results
     assert torch.equal(logits, expected)
     _assert_same_states(pipelined_cache, one_by_one, atol=0, rtol=0)
     assert any(bool(state.ex_filled.any()) for state in pipelined_cache.states)
+
+
+@pytest.mark.parametrize("forwarded", [16, 0])
+def test_a_pipelined_read_equals_its_pieces_read_one_after_another(
+    monkeypatch: pytest.MonkeyPatch, forwarded: int
+) -> None:
+    """Three 16-token pieces in one pipelined read (layer l of piece p beside layer l - 1 of piece p + 1; on the CPU
+    in that order on one stream), from a forwarded prompt or from empty states."""
+    torch.manual_seed(3)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    kinds: list[str] = []
+    real_step = GraphModelDecoder._step
+
+    def step(self: GraphModelDecoder, states: Any, ids: torch.Tensor, kind: str) -> None:
+        kinds.append(kind)
+        real_step(self, states, ids, kind)
+
+    monkeypatch.setattr(GraphModelDecoder, "_step", step)
+    ids = torch.randint(0, 200, (2, forwarded + 48))
+    model = _model()
+    _assert_pipelined_reads_equal_reads_one_by_one(model, ids, forwarded=forwarded, pieces=3, piece=16, capture=False)
+    first = "read" if forwarded else "read sinks"
+    assert kinds == [first, "read", "read", f"{first} in 3"]
 
 
 def test_a_pipelined_read_needs_whole_segments_in_every_piece() -> None:
@@ -294,29 +305,12 @@ def test_captured_reads_equal_the_models_forward(dtype: torch.dtype) -> None:
 
 
 def _captured_reads_one_by_one_and_pipelined(dtype: torch.dtype) -> None:
-    """Four 64-token pieces a read, twice, captured: bit for bit the same logits and states as the pieces read one
-    after another (the same kernels on the same inputs)."""
+    """Four 64-token pieces a read, twice, captured."""
     torch.manual_seed(0)
-    model = _model("cuda", dtype)
     ids = torch.randint(0, 200, (2, 16 + 4 * 128), device="cuda")
-    results = []
-    for pieces in (1, 4):
-        cache = BoundedCache(model)
-        _forward(model, cache, ids[:, :16], 16)
-        decoder = GraphModelDecoder(model, cache)
-        with torch.inference_mode():
-            for start in range(16, ids.shape[1], 256):
-                if pieces == 1:
-                    for at in range(start, start + 256, 64):
-                        logits = decoder.read(ids[:, at : at + 64])
-                else:
-                    logits = decoder.read(ids[:, start : start + 256], pieces)
-        decoder.release()
-        results.append((cache, logits))
-    (one_by_one, expected), (pipelined, logits) = results
-    assert torch.equal(logits, expected)
-    _assert_same_states(pipelined, one_by_one, atol=0, rtol=0)
-    assert any(bool(state.ex_filled.any()) for state in pipelined.states)
+    _assert_pipelined_reads_equal_reads_one_by_one(
+        _model("cuda", dtype), ids, forwarded=16, pieces=4, piece=64, capture=True
+    )
 
 
 @pytest.mark.gpu
