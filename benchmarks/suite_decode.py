@@ -2,7 +2,9 @@
 
 Methods:
 - ``gqa-static-graph``: ``BaselineGQA.step_static`` over a preallocated cache of ``C`` plus the
-  steps timed, captured in a CUDA graph and replayed (eager on the CPU); the decode baseline.
+  steps timed, captured in a CUDA graph and replayed (eager on the CPU); the decode baseline. On the
+  GPU its attention is the split decode kernel over the slots written so far (found from the
+  position on the device), not SDPA over every slot with a mask (``dispatch.static_cache_kernel``);
 - ``gqa-flash-fixed``: ``BareGQA.decode_fixed``, flash SDPA over exactly ``C`` keys with no mask,
   graph-captured; a reference for how fast static-cache GQA decode could be, not a decoder.
 - ``gqa-growing``: ``BaselineGQA`` with its growing ``KVCache`` (``torch.cat`` each step), eager.

@@ -3,7 +3,8 @@
 Every ratio is taken against the fastest baseline of its kind in the run (the bare layer or
 ``BaselineGQA`` for prefill and training; the graph-captured static cache or the fixed-length
 flash reference for decode), so that no ratio is inflated by a slow baseline. The fairness of
-``BaselineGQA`` itself (within 10% of the bare layer) is checked at every shape and length.
+``BaselineGQA`` itself (within 10% of the bare layer) is checked at every shape and length, and so is the
+static-cache decode step's (within 10% of the fixed-length flash step) at every context.
 
 Roofline floors are added to the rows here too: decode from the bytes a step must read (weights
 plus the attended cache or state) over the measured copy bandwidth, GQA prefill from its matrix
@@ -111,6 +112,13 @@ def _fairness(rows: list[Row]) -> list[Row]:
         )
         name = f"fair baseline: BaselineGQA / bare GQA prefill, L {bare['length']:,} ({bare['shape']})"
         out.append(_target(name, ratio, 0.9, ">=", "gqa-bare"))
+    for flash in (r for r in rows if r.get("section") == "decode" and r.get("method") == "gqa-flash-fixed"):
+        # the static-cache decoder against flash over exactly the written keys: a minimal hand-written step
+        where = {"section": "decode", "shape": flash["shape"], "context": flash["context"]}
+        ratio = _ratio(find(rows, method="gqa-static-graph", **where), flash if flash.get("status") == "ok" else None,
+                       "tokens_per_s")  # fmt: skip
+        name = f"fair baseline: static-cache GQA / fixed-length flash decode, C {flash['context']:,} ({flash['shape']})"
+        out.append(_target(name, ratio, 0.9, ">=", "gqa-flash-fixed"))
     return out
 
 

@@ -97,6 +97,45 @@ def test_static_cache_decoding_equals_growing_cache(cls, prompt) -> None:
     assert (torch.cat(parts, 1) - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("cls", [BaselineGQA, CoDAGQA])
+def test_static_steps_on_the_split_kernel_equal_the_masked_sdpa_steps(cls, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton path (the interpreter on a CPU) finds the written slots from the position on the device and reads
+    no slot past it: slots past the position hold garbage here, which the masked SDPA path never reads either."""
+    from coda_gqa_l.kernels import diff_attention_triton, dispatch
+
+    torch.manual_seed(3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = cls(64, 4, 2, head_dim=32, rope_base=50000.0).to(device)
+    x = torch.randn(2, 90, 64, device=device)
+    launches: list[str] = []
+    real_launch = dispatch.launch
+
+    def counted(kernel, *args, **kwargs):  # type: ignore[no-untyped-def]
+        launches.append(getattr(kernel, "__name__", str(kernel)))
+        return real_launch(kernel, *args, **kwargs)
+
+    def decode(kernels: str) -> torch.Tensor:
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+        cache = layer.init_static_cache(2, max_len=200)
+        cache.k.normal_().mul_(1e3)  # never read: a read of one shows in the outputs
+        cache.v.normal_().mul_(1e3)
+        with torch.no_grad():
+            parts = [layer(x[:, :7], cache)]
+            monkeypatch.setenv(dispatch.BACKEND_ENV, kernels)
+            parts += [layer.step_static(x[:, t : t + 1], cache) for t in range(7, 90)]  # 90 > one 64-key tile
+        assert cache.pos == 90
+        return torch.cat(parts, 1)
+
+    expected = decode("torch")
+    monkeypatch.setattr(dispatch, "launch", counted)
+    monkeypatch.setattr("coda_gqa_l.kernels.diff_attention.launch", counted)
+    got = decode("triton")
+    assert "_decode_split_kernel" in launches  # the split kernel really ran
+    if device == "cpu":
+        assert type(diff_attention_triton._decode_split_kernel).__name__ == "InterpretedFunction"
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_static_cache_steps_from_empty_and_chunks_continue_it() -> None:
     torch.manual_seed(1)
     layer = CoDAGQA(48, 6, 3)

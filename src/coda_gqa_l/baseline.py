@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .differential import DifferentialCore, HeadNorm, sdpa_stacked
-from .kernels.diff_attention import fused_attention
-from .kernels.dispatch import unbounded_attention
+from .kernels.diff_attention import KEYS_FROM_ZERO, fused_attention
+from .kernels.dispatch import static_cache_kernel, unbounded_attention
 from .kernels.rope import rotate_and_stack
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 
@@ -186,9 +186,20 @@ class _UnboundedAttention(nn.Module):
         k = apply_rope(k, cos, sin, core.rope.layout)
         cache.k.index_copy_(2, index, k.to(cache.k.dtype))
         cache.v.index_copy_(2, index, v.to(cache.v.dtype))
-        visible = (cache.slots <= cache.position).view(1, 1, 1, -1)
         stacked = core.stack_queries(q)  # (B, Hkv, streams, 1, Dh)
         b, hkv, streams, _, d = stacked.shape
+        if static_cache_kernel(x_t.device):
+            # split over the written slots only: the kernel finds them from the position on the device, where the
+            # masked SDPA below reads all max_len slots every step (the benchmarks' fair static-cache baseline)
+            norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
+            out = fused_attention(
+                stacked, cache.k, cache.v, lam, q_start=cache.position, k_offset=KEYS_FROM_ZERO,
+                scale=core.softmax_scale, norm_weight=norm.weight if norm is not None else None,
+                eps=norm.eps if norm is not None else 1e-6,
+            )  # fmt: skip
+            cache.position.add_(1)
+            return core.o_proj(out.reshape(b, 1, -1))
+        visible = (cache.slots <= cache.position).view(1, 1, 1, -1)
         # A group's query heads stand in for query positions: plain attention per KV head, so no
         # backend has to expand the cache for GQA (the math backend would copy all of it).
         attended = F.scaled_dot_product_attention(

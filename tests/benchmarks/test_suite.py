@@ -155,6 +155,23 @@ def test_targets_use_the_fastest_baseline() -> None:
     assert targets["train: CoDA / fastest GQA step time, L None (7B)"]["status"] == "not measured"
 
 
+def test_the_static_cache_decode_is_checked_against_the_flash_step() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from suite_targets import evaluate
+
+    def row(method: str, tokens_per_s: float, context: int) -> dict:
+        return {"section": "decode", "shape": "7B", "method": method, "status": "ok", "tokens_per_s": tokens_per_s,
+                "context": context}  # fmt: skip
+
+    rows = [row("gqa-flash-fixed", 100.0, 2048), row("gqa-static-graph", 95.0, 2048),
+            row("gqa-flash-fixed", 100.0, 131072), row("gqa-static-graph", 10.0, 131072)]  # fmt: skip
+    targets = {t["name"]: t for t in evaluate(rows, "7B", "medium", [], [2048, 131072])}
+    short = targets["fair baseline: static-cache GQA / fixed-length flash decode, C 2,048 (7B)"]
+    assert short["value"] == pytest.approx(0.95) and short["status"] == "pass"
+    long = targets["fair baseline: static-cache GQA / fixed-length flash decode, C 131,072 (7B)"]
+    assert long["value"] == pytest.approx(0.1) and long["status"] == "miss"
+
+
 def test_public_child_never_sees_our_package(tmp_path, monkeypatch) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from public_package import child_environment

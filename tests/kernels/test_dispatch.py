@@ -83,6 +83,7 @@ def test_unbounded_attention_plans(
         assert dispatch.unbounded_attention("cpu", differential, prefix, padded) == plan
     triton = kernels == "triton"
     assert dispatch.use_triton("cpu") is triton and dispatch.fused_bounded_chunk("cpu") is triton
+    assert dispatch.static_cache_kernel("cpu") is triton
     assert dispatch.fused_combine("cpu", differential=True) is (triton and unbounded == "sdpa")
     assert dispatch.fused_combine("cpu", differential=False) is False
 

@@ -8,7 +8,9 @@ Problem (shapes; ``Q`` stacked query heads per KV head, ``2G`` when differential
 * ``k, v (B, Hkv, LK, Dh)``: main keys (after RoPE) and values of tokens
   ``q_start - k_offset .. q_start - k_offset + LK - 1``; or, with ``k_offset=SEGMENT_WINDOW`` (bounded, forward
   only, queries in one segment starting at ``b``), of tokens ``b - W + S .. b - W + S + LK - 1``: a buffer that holds
-  one segment's window, which a graph decoder fills once per segment and then one token per step;
+  one segment's window, which a graph decoder fills once per segment and then one token per step; or, with
+  ``k_offset=KEYS_FROM_ZERO`` (forward only), of tokens ``0 .. LK - 1`` (a static cache, its unwritten slots past
+  the queries never read);
 * ``lam (B, H, L)`` float32, or None (plain attention, ``Q = G``);
 * bounded pattern only: ``extra_k, extra_v (B, Hkv, nseg, E, Dh)`` and
   ``extra_bias (B, Hkv, nseg, E)`` float32: per segment of the chunk, the sinks (first
@@ -48,6 +50,9 @@ CAUSAL = Pattern()
 # ``k_offset`` for keys that are the query segment's window buffer (module docstring); negative, so the kernel tells
 # it from an offset
 SEGMENT_WINDOW = -1
+# ``k_offset`` for keys that start at token 0 whatever ``q_start`` is: a preallocated cache read at a position held on
+# the device (``BaselineGQA.step_static`` under a CUDA graph), where the offset, ``q_start``, is not known on the host
+KEYS_FROM_ZERO = -2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,8 +480,11 @@ def fused_attention(
             raise ValueError("k_offset=SEGMENT_WINDOW needs the bounded pattern (a segment's window)")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, lam)):
             raise ValueError("k_offset=SEGMENT_WINDOW is for inference: the backward kernels take offsets only")
+    elif k_offset == KEYS_FROM_ZERO:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, lam)):
+            raise ValueError("k_offset=KEYS_FROM_ZERO is for inference: the backward kernels take offsets only")
     elif k_offset < 0:
-        raise ValueError(f"k_offset must be >= 0 or SEGMENT_WINDOW, got {k_offset}")
+        raise ValueError(f"k_offset must be >= 0, SEGMENT_WINDOW or KEYS_FROM_ZERO, got {k_offset}")
     if use_triton(q.device):
         # torch.full writes the position with a kernel; torch.tensor would copy it from the host and wait for the
         # stream to drain first (a synchronisation per layer and chunk)
@@ -493,6 +501,8 @@ def fused_attention(
     if k_offset == SEGMENT_WINDOW:
         S = pattern.segment
         k_offset = start - ((start // S) * S - pattern.window + S)
+    elif k_offset == KEYS_FROM_ZERO:
+        k_offset = start
     return reference_attention(
         q, k, v, lam, q_start=start, k_offset=k_offset, scale=scale, pattern=pattern,
         extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,

@@ -7,8 +7,9 @@ One index space serves the plain causal pattern and the bounded one (docs/semant
   one segment and sees one bank snapshot;
 * main keys are tokens ``j = q_start - K_OFFSET + jj``; a row sees ``lo(t) <= j <= t`` with
   ``lo = 0`` (causal) or ``lo = max(Ns, seg_start(t) - W + S)`` (bounded window); a negative ``K_OFFSET``
-  (forward only) says the keys are one segment's window, ``j = seg_start(q_start) - W + S + jj`` (a graph decoder's
-  per-segment buffer, so a step inside a segment reads no ring);
+  (forward only) says the keys are one segment's window, ``j = seg_start(q_start) - W + S + jj`` (-1: a graph
+  decoder's per-segment buffer, so a step inside a segment reads no ring), or start at token 0, ``j = jj`` (-2: a
+  static cache read at a position held on the device);
 * "extra" keys are per segment (sinks, then exact and summary bank slots): ``E`` of them with a
   float32 logit offset each (``log g``, ``-inf`` for an empty slot); the first ``NUM_SINK``
   are sinks and follow causality (``e <= t``).
@@ -117,9 +118,11 @@ def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_ba
 
 @triton.jit
 def _key_start(q_start, K_OFFSET, WINDOW: tl.constexpr, SEG: tl.constexpr):
-    """Token index of main key 0: ``q_start - K_OFFSET``, or with ``SEGMENT_WINDOW`` (a negative offset) the query
-    segment's window buffer's first token, ``b - W + S``."""
-    if K_OFFSET < 0:
+    """Token index of main key 0: ``q_start - K_OFFSET``, or with ``SEGMENT_WINDOW`` (-1) the query segment's window
+    buffer's first token, ``b - W + S``, or with ``KEYS_FROM_ZERO`` (-2) token 0."""
+    if K_OFFSET == -2:
+        k_start = q_start * 0
+    elif K_OFFSET < 0:
         k_start = (q_start // SEG) * SEG - WINDOW + SEG
     else:
         k_start = q_start - K_OFFSET
