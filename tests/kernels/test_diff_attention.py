@@ -16,6 +16,7 @@ from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, token_like
 
 from coda_gqa_l.kernels import BACKEND_ENV, backend, dispatch
 from coda_gqa_l.kernels.diff_attention import (
+    KEYS_FROM_ZERO,
     SEGMENT_WINDOW,
     Pattern,
     differential_attention,
@@ -187,6 +188,8 @@ DECODE_CASES = {
     "bounded-many-extras": (Pattern(True, 64, 8, 4), 301, 65, 64, 16, 2, 150, True, True),  # three extra chunks
     "segment-window": (Pattern(True, 32, 8, 3), 46, 32, SEGMENT_WINDOW, 16, 2, 7, True, True),
     "segment-window-first": (Pattern(True, 256, 64, 4), 8192, 256, SEGMENT_WINDOW, 64, 3, 128, True, True),
+    "static-cache": (Pattern(), 90, 200, KEYS_FROM_ZERO, 16, 4, 0, False, False),  # slots past the token unread
+    "causal-group-8": (Pattern(), 150, 151, 150, 16, 8, 0, True, True),  # eight query heads a program
 }
 
 
@@ -221,6 +224,8 @@ def test_one_token_step_matches_reference(
         if k_offset == SEGMENT_WINDOW:  # the buffer's first key is token b - W + S
             S = pattern.segment
             k_offset = q_start - ((q_start // S) * S - pattern.window + S)
+        elif k_offset == KEYS_FROM_ZERO:
+            k_offset = q_start
         kwargs = dict(q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5, pattern=pattern, **args)
         exact = reference_attention(q, k, v, lam, **kwargs, compute_dtype=torch.float64)  # type: ignore[arg-type]
         same = reference_attention(q, k, v, lam, **kwargs, compute_dtype=dtype)  # type: ignore[arg-type]

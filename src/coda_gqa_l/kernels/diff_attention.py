@@ -270,12 +270,12 @@ def _decode_split(
     partial_m = torch.empty(B * H, 2, splits, device=q.device, dtype=torch.float32)
     partial_l = torch.empty_like(partial_m)
     partial_acc = torch.empty(B * H, 2, splits, block_d, device=q.device, dtype=torch.float32)
-    launch(kt._decode_split_kernel, (B * H, splits),
+    launch(kt._decode_split_kernel, (B * (H // G), splits),
         q, k, v, ek, ev, eb, pos, partial_m, partial_l, partial_acc,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         ek.stride(0), ek.stride(1), ek.stride(3), ev.stride(0), ev.stride(1), ev.stride(3), eb.stride(0), eb.stride(1),
         LK, k_offset, E, H, G, main_splits, main_chunk, splits, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=16, BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=tile_size(G), BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
         WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
     )  # fmt: skip
     launch(kt._decode_combine_kernel, (B * H,),

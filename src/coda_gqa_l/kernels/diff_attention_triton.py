@@ -697,9 +697,11 @@ def _bwd_dq_kernel(
 
 # A one-token step (decode) has one query row per head: the forward above would run one program per head walking
 # every key tile in turn (about 18 us a layer for SmolLM2's 9 heads over 384 slots on an H100, 9 busy SMs). The
-# split forward spreads the keys instead: program (head, split) scores one stretch of the main keys or one chunk of
-# the extras and writes its partial softmax (running max, sum, unnormalised output, per stream); a second kernel
-# merges the splits per head and forms ``signal - lambda * noise`` and the norm, as the forward's epilogue does.
+# split forward spreads the keys instead: program (KV head, split) scores one stretch of the main keys or one chunk
+# of the extras for every query head of the group at once (the heads are the rows of its products, so each K/V tile
+# is read once per group, not once per head) and writes their partial softmaxes (running max, sum, unnormalised
+# output, per stream); a second kernel merges the splits per head and forms ``signal - lambda * noise`` and the norm,
+# as the forward's epilogue does.
 @triton.jit(do_not_specialize=["LK", "K_OFFSET", "E", "MAIN_SPLITS", "MAIN_CHUNK", "SPLITS"])
 def _decode_split_kernel(
     Q,
@@ -751,17 +753,17 @@ def _decode_split_kernel(
     HAS_EXTRAS: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // NUM_HEADS
-    h = pid_bh % NUM_HEADS
-    kvh = h // GROUP
-    g = h % GROUP
+    num_kv_heads = NUM_HEADS // GROUP
+    b = pid_bkv // num_kv_heads
+    kvh = pid_bkv % num_kv_heads
     q_start = tl.load(POS).to(tl.int32)
     k_start = _key_start(q_start, K_OFFSET, WINDOW, SEG)
-    # BLOCK_R rows so that the products have the matrix units' smallest shape; row 0 is the token
+    # row r is query head r of the group (the token is the same for all: one position); BLOCK_R >= 16 rows so that
+    # the products have the matrix units' smallest shape
     r = tl.arange(0, BLOCK_R)
-    row_ok = r == 0
+    row_ok = r < GROUP
     t = q_start + r * 0
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -769,9 +771,9 @@ def _decode_split_kernel(
     kvh64 = kvh.to(tl.int64)
     qmask = row_ok[:, None] & d_ok[None, :]
     q_base = Q + b64 * sqb + kvh64 * sqh
-    q_sig = tl.load(q_base + g * sqs + r[:, None] * 0 + d[None, :], mask=qmask, other=0.0)
+    q_sig = tl.load(q_base + r[:, None] * sqs + d[None, :], mask=qmask, other=0.0)
     if DIFF:
-        q_noi = tl.load(q_base + (GROUP + g) * sqs + r[:, None] * 0 + d[None, :], mask=qmask, other=0.0)
+        q_noi = tl.load(q_base + (GROUP + r)[:, None] * sqs + d[None, :], mask=qmask, other=0.0)
     else:
         q_noi = q_sig
     m_s, l_s, acc_s, m_n, l_n, acc_n = _empty_streams(BLOCK_R, BLOCK_D)
@@ -791,8 +793,8 @@ def _decode_split_kernel(
             (split - MAIN_SPLITS) * BLOCK_E + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, row_ok, E, qk_scale, DIFF,
             NUM_SINK, PREC,
         )  # fmt: skip
-    # partials laid out (B * H, 2 streams, SPLITS[, BLOCK_D]), contiguous; only row 0 is stored
-    at = (pid_bh * 2 * SPLITS + split).to(tl.int64) + r * 0
+    # partials laid out (B * H, 2 streams, SPLITS[, BLOCK_D]), contiguous; row r is head b * H + kvh * GROUP + r
+    at = ((pid_bkv * GROUP + r).to(tl.int64) * 2 * SPLITS + split)
     tl.store(PM + at, m_s, mask=row_ok)
     tl.store(PL + at, l_s, mask=row_ok)
     tl.store(PACC + at[:, None] * BLOCK_D + d[None, :], acc_s, mask=row_ok[:, None])
