@@ -794,7 +794,7 @@ def _decode_split_kernel(
             NUM_SINK, PREC,
         )  # fmt: skip
     # partials laid out (B * H, 2 streams, SPLITS[, BLOCK_D]), contiguous; row r is head b * H + kvh * GROUP + r
-    at = ((pid_bkv * GROUP + r).to(tl.int64) * 2 * SPLITS + split)
+    at = (pid_bkv * GROUP + r).to(tl.int64) * 2 * SPLITS + split
     tl.store(PM + at, m_s, mask=row_ok)
     tl.store(PL + at, l_s, mask=row_ok)
     tl.store(PACC + at[:, None] * BLOCK_D + d[None, :], acc_s, mask=row_ok[:, None])
