@@ -8,7 +8,9 @@
 set -uo pipefail
 results=$OUT/pipelined_read
 mkdir -p "$results"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then  # SKIP_TESTS=1: an earlier call ran them (the first of the model pair, say)
+# SKIP_TESTS=1: an earlier call ran the GPU tests (the first of the model pair, say); WORKSPACE_RUN=0 leaves out the
+# 4 MiB workspace row
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 150 python -m pytest -q -m gpu tests/models/test_graph_prefill.py tests/models/test_graph_decode.py \
     > "$results/gpu_tests.txt" 2>&1
 fi
@@ -19,7 +21,7 @@ for pieces in ${PIECES:-1 2 4 8}; do
   CODA_GQA_L_READ_PIECES=$pieces timeout 120 "${run[@]}" --methods "${methods[@]}" --out "$results/pieces$pieces" \
     > "$results/pieces$pieces.txt" 2>&1
 done
-CUBLAS_WORKSPACE_CONFIG=:4096:1 timeout 110 "${run[@]}" --contexts 131072 --methods bounded-graph \
+[ "${WORKSPACE_RUN:-1}" = 1 ] && CUBLAS_WORKSPACE_CONFIG=:4096:1 timeout 110 "${run[@]}" --contexts 131072 --methods bounded-graph \
   --out "$results/workspace_4m" > "$results/workspace_4m.txt" 2>&1
 python - "$results" > "$results/same_tokens.txt" <<'PY'
 import json, sys
