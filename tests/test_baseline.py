@@ -100,7 +100,7 @@ def test_static_cache_decoding_equals_growing_cache(cls, prompt) -> None:
 @pytest.mark.parametrize("cls", [BaselineGQA, CoDAGQA])
 def test_static_steps_on_the_split_kernel_equal_the_masked_sdpa_steps(cls, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Triton path (the interpreter on a CPU) finds the written slots from the position on the device and reads
-    no slot past it: slots past the position hold garbage here, which the masked SDPA path never reads either."""
+    no slot past it: slots past the position hold garbage here, which neither path attends."""
     from coda_gqa_l.kernels import diff_attention_triton, dispatch
 
     torch.manual_seed(3)
@@ -117,7 +117,7 @@ def test_static_steps_on_the_split_kernel_equal_the_masked_sdpa_steps(cls, monke
     def decode(kernels: str) -> torch.Tensor:
         monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
         cache = layer.init_static_cache(2, max_len=200)
-        cache.k.normal_().mul_(1e3)  # never read: a read of one shows in the outputs
+        cache.k.normal_().mul_(1e3)  # never attended: a weight on one shows in the outputs
         cache.v.normal_().mul_(1e3)
         with torch.no_grad():
             parts = [layer(x[:, :7], cache)]
@@ -134,6 +134,24 @@ def test_static_steps_on_the_split_kernel_equal_the_masked_sdpa_steps(cls, monke
     if device == "cpu":
         assert type(diff_attention_triton._decode_split_kernel).__name__ == "InterpretedFunction"
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_static_step_with_autograd_on_keeps_the_masked_sdpa_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split kernel is forward only: a step taken with autograd on (parameters that want gradients) still runs,
+    on the masked SDPA path, and gives what the kernel gives without autograd."""
+    from coda_gqa_l.kernels import dispatch
+
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    torch.manual_seed(0)
+    layer = CoDAGQA(32, 4, 2)
+    x = torch.randn(1, 3, 32)
+    outputs = []
+    for grad in (True, False):
+        cache = layer.init_static_cache(1, max_len=8)
+        with torch.set_grad_enabled(grad):
+            outputs.append(torch.cat([layer.step_static(x[:, t : t + 1], cache) for t in range(3)], 1))
+    assert outputs[0].requires_grad and not outputs[1].requires_grad
+    torch.testing.assert_close(outputs[0].detach(), outputs[1], atol=1e-5, rtol=1e-5)
 
 
 def test_static_cache_steps_from_empty_and_chunks_continue_it() -> None:

@@ -47,7 +47,7 @@ class StaticKVCache:
     """A preallocated cache for decoding under a CUDA graph.
 
     ``k``, ``v``: ``(B, Hkv, max_len, Dh)``, keys after RoPE; slots ``0 .. position - 1`` hold
-    tokens, the rest is unused (never read: it is masked out).
+    tokens, the rest is unused (never attended: masked out, or past the token's tile in the split decode kernel).
     ``position``: 0-d int64 tensor on the cache's device, the number of tokens written.
     ``slots``: ``arange(max_len)`` on the device; ``slots <= position`` is the attention mask,
     built on the device so that no step reads the position back to the host.
@@ -188,9 +188,10 @@ class _UnboundedAttention(nn.Module):
         cache.v.index_copy_(2, index, v.to(cache.v.dtype))
         stacked = core.stack_queries(q)  # (B, Hkv, streams, 1, Dh)
         b, hkv, streams, _, d = stacked.shape
-        if static_cache_kernel(x_t.device):
+        if static_cache_kernel(x_t.device) and not torch.is_grad_enabled():
             # split over the written slots only: the kernel finds them from the position on the device, where the
-            # masked SDPA below reads all max_len slots every step (the benchmarks' fair static-cache baseline)
+            # masked SDPA below reads all max_len slots every step (the benchmarks' fair static-cache baseline);
+            # forward only, so a step with autograd on keeps the SDPA path
             norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
             out = fused_attention(
                 stacked, cache.k, cache.v, lam, q_start=cache.position, k_offset=KEYS_FROM_ZERO,

@@ -188,7 +188,7 @@ DECODE_CASES = {
     "bounded-many-extras": (Pattern(True, 64, 8, 4), 301, 65, 64, 16, 2, 150, True, True),  # three extra chunks
     "segment-window": (Pattern(True, 32, 8, 3), 46, 32, SEGMENT_WINDOW, 16, 2, 7, True, True),
     "segment-window-first": (Pattern(True, 256, 64, 4), 8192, 256, SEGMENT_WINDOW, 64, 3, 128, True, True),
-    "static-cache": (Pattern(), 90, 200, KEYS_FROM_ZERO, 16, 4, 0, False, False),  # slots past the token unread
+    "static-cache": (Pattern(), 90, 200, KEYS_FROM_ZERO, 16, 4, 0, False, False),  # slots past the token unattended
     "causal-group-8": (Pattern(), 150, 151, 150, 16, 8, 0, True, True),  # eight query heads a program
 }
 

@@ -10,7 +10,7 @@ Problem (shapes; ``Q`` stacked query heads per KV head, ``2G`` when differential
   only, queries in one segment starting at ``b``), of tokens ``b - W + S .. b - W + S + LK - 1``: a buffer that holds
   one segment's window, which a graph decoder fills once per segment and then one token per step; or, with
   ``k_offset=KEYS_FROM_ZERO`` (forward only), of tokens ``0 .. LK - 1`` (a static cache, its unwritten slots past
-  the queries never read);
+  the queries never attended: whole tiles past the token are not loaded, the rest of its tile weighs 0);
 * ``lam (B, H, L)`` float32, or None (plain attention, ``Q = G``);
 * bounded pattern only: ``extra_k, extra_v (B, Hkv, nseg, E, Dh)`` and
   ``extra_bias (B, Hkv, nseg, E)`` float32: per segment of the chunk, the sinks (first
@@ -475,13 +475,17 @@ def fused_attention(
     then reads it with a host synchronisation.
     """
     _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+    # any input that wants a gradient sends the call through the backward kernels, which take plain offsets only
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+    )
     if k_offset == SEGMENT_WINDOW:
         if not pattern.bounded:
             raise ValueError("k_offset=SEGMENT_WINDOW needs the bounded pattern (a segment's window)")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, lam)):
+        if needs_grad:
             raise ValueError("k_offset=SEGMENT_WINDOW is for inference: the backward kernels take offsets only")
     elif k_offset == KEYS_FROM_ZERO:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, lam)):
+        if needs_grad:
             raise ValueError("k_offset=KEYS_FROM_ZERO is for inference: the backward kernels take offsets only")
     elif k_offset < 0:
         raise ValueError(f"k_offset must be >= 0, SEGMENT_WINDOW or KEYS_FROM_ZERO, got {k_offset}")
@@ -489,9 +493,6 @@ def fused_attention(
         # torch.full writes the position with a kernel; torch.tensor would copy it from the host and wait for the
         # stream to drain first (a synchronisation per layer and chunk)
         pos = q_start if isinstance(q_start, Tensor) else torch.full((), q_start, device=q.device, dtype=torch.int64)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
-        )
         o, _, _ = _diff_attn_fwd(
             q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, pos, k_offset, scale, eps,
             pattern.bounded, pattern.window, pattern.segment, pattern.num_sink, needs_grad,
