@@ -31,6 +31,11 @@ not copy it; ``tokens held`` says how many of its tokens some layer still holds)
 fewer layers gets the verdict of what kept it out of the others: the commonest fate of its
 (token, KV head, layer) candidacies. Routing of the question's
 own tokens is not traced.
+
+``--force-gates value|after`` is an oracle for value-first facts (a statement that gives its value before saying
+what it is): while the document is read, the write gates of their value tokens, or of their tokens after the value,
+are 1 in every layer and KV head. Whether such a fact then comes back says whether keeping those tokens is enough
+for the read-out (``coda-train --value-first-keep``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ import torch
 if TYPE_CHECKING:
     from coda_gqa_l.kernels.routing_reference import ExactRouting
 
+FORCED = ("value", "after")  # --force-gates: which tokens of a value-first statement the oracle gate keeps
+FORCED_LOGIT = 30.0  # sigmoid(30) is 1 in float32: the token is a candidate at every layer whatever tau_exact is
 EARLY_LAYERS = 6  # SmolLM2's first six layers pass about 20x more ordinary tokens than the rest (results/facts.md)
 FATES = ("below_tau", "hit_own_key", "hit_other", "similar_to_bank", "duplicate_in_segment", "cut_by_max_inserts",
          "written")  # fmt: skip
@@ -149,8 +156,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="document draws (default 1)")
     p.add_argument("--routing", nargs="*", default=[], metavar="NAME=VALUE",
                    help="bank-routing thresholds to read with instead of the file's (e.g. novelty=0.85)")  # fmt: skip
+    p.add_argument("--force-gates", choices=FORCED, default=None,
+                   help="fact mode, an oracle: while the document is read, the write gates of every value-first "
+                   "statement's value tokens (value) or of its tokens after the value (after) are set to 1 in every "
+                   "layer and KV head. Does the fact come back when the gate keeps those tokens?")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="JSON file for every layer's figures")
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def forced_gates(model: torch.nn.Module, positions: Sequence[int]) -> Iterator[None]:
+    """Set the write-gate logits of the document tokens at ``positions`` to ``FORCED_LOGIT`` in every bounded layer
+    and KV head (an oracle gate), for a document read from its first token in order: each layer counts the tokens
+    it has projected, so a chunk's positions are known. Forward hooks replace the gate's output: a hook installed
+    after this one (``recorded_gate_logits``) sees the forced logits."""
+    from coda_gqa_l.models.cache import bounded_modules
+
+    wanted = torch.tensor(sorted(set(positions)), dtype=torch.long)
+    hooks = []
+    for module in bounded_modules(model):
+        seen = [0]  # tokens this layer has projected so far
+        width = module.num_kv_heads
+
+        def force(_m: Any, _i: Any, out: torch.Tensor, seen: list[int] = seen, width: int = width) -> torch.Tensor:
+            n = out.shape[1]
+            local = wanted[(wanted >= seen[0]) & (wanted < seen[0] + n)] - seen[0]
+            seen[0] += n
+            if local.numel() == 0:
+                return out
+            out = out.clone()
+            out[:, local.to(out.device), out.shape[-1] - width :] = FORCED_LOGIT
+            return out
+
+        target = module.input_projection if module.input_projection is not None else module.gate_proj
+        hooks.append(target.register_forward_hook(force))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
@@ -382,7 +426,13 @@ def trace_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
     trials = []
     for trial, case in enumerate(_fact_cases(args, tokenizer, 2 * config.window)):
         began = time.perf_counter()
-        read = read_traced(model, case.ids, case.positions, watch=case.after)
+        forced: list[int] = []
+        if args.force_gates is not None:  # value-first facts only: ``case.after`` is empty for the others
+            for value_tokens, after in zip(case.positions, case.after or [[]] * len(case.positions), strict=True):
+                if after:
+                    forced += value_tokens if args.force_gates == "value" else after
+        with forced_gates(model, forced) if forced else contextlib.nullcontext():
+            read = read_traced(model, case.ids, case.positions, watch=case.after)
         facts = []
         for i, (value, question) in enumerate(zip(case.values, case.questions, strict=True)):
             prompt = tokenizer.encode(layout.question.format(question=question), add_special_tokens=False)

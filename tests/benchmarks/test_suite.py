@@ -258,6 +258,40 @@ def test_needle_trace_gates_after_a_value_first_value() -> None:
     )
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_needle_trace_forces_the_gates_of_the_chosen_tokens(fold: bool) -> None:
+    """--force-gates' oracle: the chosen document tokens' write-gate logits are FORCED_LOGIT in every layer and KV
+    head, counted across chunks, whether the gate is its own product or the last columns of a folded one; the
+    other tokens' logits are untouched, and the hooks go when the block ends."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from helpers import tiny_bounded_llama
+    from needle_trace import FORCED_LOGIT, forced_gates
+
+    from coda_gqa_l.models.inference import fold_for_inference
+    from coda_gqa_l.training.gate_supervision import recorded_gate_logits
+
+    model = tiny_bounded_llama(0)
+    if fold:
+        fold_for_inference(model)
+    ids = torch.randint(0, 200, (1, 40))
+
+    def logits() -> torch.Tensor:  # (layers, 40, Hkv), read in chunks of 16, 16 and 8
+        with torch.no_grad(), recorded_gate_logits(model) as got:
+            for start in range(0, 40, 16):
+                model(ids[:, start : start + 16])
+        return torch.stack([torch.cat(got[i::2], 1)[0] for i in range(2)])
+
+    plain = logits()
+    with forced_gates(model, [3, 17, 33, 33]):
+        forced = logits()
+    chosen = torch.zeros(40, dtype=torch.bool)
+    chosen[[3, 17, 33]] = True
+    assert (forced[:, chosen] == FORCED_LOGIT).all()
+    torch.testing.assert_close(forced[:, ~chosen], plain[:, ~chosen])
+    torch.testing.assert_close(logits(), plain)
+
+
 def test_needle_trace_verdicts() -> None:
     """Where a missed needle was lost, from its fates: refused by the gate, evicted, or held and not read."""
     sys.path.insert(0, str(BENCHMARKS))
