@@ -6,7 +6,8 @@
 # weights files; the last lines printed are each cell's table rows and each arm's gate load (needle_trace on the CPU,
 # 8K pass-key document: the share of ordinary tokens above tau_exact, which says whether the exact bank floods).
 # EVAL_ONLY=1 skips the training and evaluates the arms' files left in /tmp/train_ARM by an earlier call (the machine
-# still warm): a long training call, then this one. GPU_TESTS=1 also runs the GPU kernel tests beside the training (results/gpu_tests.txt).
+# still warm): a long training call, then this one. GPU_TESTS=1 also runs the GPU kernel tests beside the training (results/gpu_tests.txt;
+# GPU_TEST_PATHS="tests/... tests/..." picks which).
 # Usage: bash scripts/device_facts_round.sh SECONDS ARM [ARM...]   (a call of 600 s fits SECONDS = 300)
 set -uo pipefail
 budget=${1:?seconds of training}
@@ -15,8 +16,9 @@ arms=("$@")
 results=/tmp/round
 mkdir -p "$results"
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  python -m pytest -q -m gpu tests/test_decode.py tests/kernels/test_routing.py tests/kernels/test_diff_attention.py \
-    tests/kernels/test_combine.py tests/kernels/test_rope.py tests/test_baseline.py > "$results/gpu_tests.txt" 2>&1 &
+  read -r -a test_paths <<< "${GPU_TEST_PATHS:-tests/test_decode.py tests/kernels/test_routing.py \
+    tests/kernels/test_diff_attention.py tests/kernels/test_combine.py tests/kernels/test_rope.py tests/test_baseline.py}"
+  python -m pytest -q -m gpu "${test_paths[@]}" > "$results/gpu_tests.txt" 2>&1 &
 fi
 if [ "${EVAL_ONLY:-0}" != 1 ]; then
   bash scripts/device_train_facts.sh "$budget" "$results" "${arms[@]}" > "$results/train.txt" 2>&1
