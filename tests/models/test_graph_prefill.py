@@ -128,6 +128,7 @@ def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pyte
     monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: True)
     monkeypatch.setattr(graph_prefill, "shared_decoder_pool", lambda model: pool)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.READ_PIECES_ENV, "1")  # one chunk a read; the pipelined reads have their own test
     reads: list[int] = []
     real_read = GraphModelDecoder.read
     monkeypatch.setattr(

@@ -28,7 +28,7 @@ UnboundedPath = Literal["fused", "sdpa"]
 AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
 FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
 READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
-DEFAULT_READ_PIECES = 1
+DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
 Float32Dots = Literal["ieee", "tf32x3", "tf32"]
 FLOAT32_DOTS: tuple[Float32Dots, ...] = ("ieee", "tf32x3", "tf32")
 # torch.get_float32_matmul_precision() -> ours: "high" allows TF32 in torch's own products; ours take the three-pass
@@ -219,11 +219,11 @@ def read_pieces() -> int:
     """How many chunks a graph-captured prefill reads in one replay, as a pipeline: layer ``l`` of chunk ``c`` beside
     layer ``l - 1`` of chunk ``c + 1``, each chunk's routing on a side stream (``models.graph_decode``). The routing
     kernel runs one program per KV head and bank, so one chunk leaves most of a GPU idle while it routes.
-    ``CODA_GQA_L_READ_PIECES`` overrides the default (1: one chunk at a time). Not yet shown right on a GPU: the first
-    pipelined reads on an H100 (2026-12-05) freed the gates the side stream's routing still read and answered
-    garbage; the fix (the chunk keeps every tensor its routing reads) awaits its GPU tests
-    (``tests/models/test_graph_prefill.py``) and the measurement (``scripts/device_pipelined_read.sh``) before the
-    default may change."""
+    ``CODA_GQA_L_READ_PIECES`` overrides the default (2; 1 reads one chunk at a time). Two pieces were chosen on an
+    H100 (2026-12-06, the greedy tokens of 2 and 4 pieces equal to one piece's at 8K, 32K and 128K): ingest at
+    128K 1.4x one piece's with peak memory unchanged (285 MiB); four pieces read 1.8x but peak at 318 MiB, above
+    the issue's 312. The first read in a process captures the pipelined graph: 8K tokens in 0.07 s with one piece,
+    0.38 s with two, 2.8 s with four."""
     raw = os.environ.get(READ_PIECES_ENV, "").strip()
     if not raw:
         return DEFAULT_READ_PIECES
