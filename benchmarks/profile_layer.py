@@ -112,17 +112,19 @@ def decode_rows(out: list) -> None:  # type: ignore[type-arg]
     for _ in range(3 * layer.config.segment):
         decoder(x_t)
     t_graph = bench(lambda: decoder(x_t), rep=200)
-    for routes in (False, True):
+    # the plain step (reads the segment's kept extras; they are the live segment's after the replays above) and the
+    # step that starts a segment and routes
+    for kind in ("step", "route"):
         with torch.no_grad():
             for _ in range(3):
-                decoder._step(routes)
+                decoder._step(kind)
             torch.cuda.synchronize()
-            t_eager = bench(lambda r=routes: decoder._step(r), rep=100)  # type: ignore[misc]
+            t_eager = bench(lambda k=kind: decoder._step(k), rep=100)  # type: ignore[misc]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
-                    decoder._step(routes)
+                    decoder._step(kind)
                 torch.cuda.synchronize()
-        row = dict(part="decode", routes=routes, graph_ms=t_graph, eager_ms=t_eager)
+        row = dict(part="decode", kind=kind, graph_ms=t_graph, eager_ms=t_eager)
         out.append(row)
         print(json.dumps(row), flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)

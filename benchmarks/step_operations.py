@@ -5,6 +5,11 @@ H200), so fewer operations per layer is what the glue kernels are for; this coun
 
     PYTHONPATH=src python benchmarks/step_operations.py [--out DIR]
     PYTHONPATH=src python benchmarks/step_operations.py --quick    # the tiny Llama: a smoke run (the test runs it)
+    PYTHONPATH=src python benchmarks/step_operations.py --layer 4096 32 8 [--fold]   # one layer's CapturedDecoder
+
+``--layer D H HKV`` counts instead one bounded layer (medium config, bfloat16) stepped by ``decode.CapturedDecoder``,
+the suite's decode path, per step kind after a 512-token prefill: the step that routes and a plain step, whole
+(its copies in and out included); ``--fold`` first fuses the layer's input projections, as the database does.
 
 The model runs with the package's Triton path switched on and every kernel launch recorded instead of run (as in
 ``kernel_compiles.py``), so the counts are the GPU path's; each PyTorch operator counted is a top-level ``aten``
@@ -100,26 +105,82 @@ def measure(model: torch.nn.Module, chunk: int) -> dict[str, Any]:
     return rows
 
 
+def counted(run: Callable[[], object]) -> tuple[Counter[str], Counter[str]]:
+    """The top-level PyTorch operators and the Triton kernels ``run()`` launches (inside ``recorded_launches``)."""
+    from triton.runtime.jit import JITFunction
+
+    launches: Counter[str] = Counter()
+    recorder = JITFunction.run
+
+    def counting(kernel: Any, *args: Any, **kwargs: Any) -> None:
+        launches[kernel.fn.__name__] += 1
+        recorder(kernel, *args, **kwargs)
+
+    JITFunction.run = counting  # type: ignore[method-assign,assignment]
+    try:
+        operators = top_level_operators(run)
+    finally:
+        JITFunction.run = recorder  # type: ignore[method-assign]
+    return operators, launches
+
+
+def measure_layer(embed_dim: int, heads: int, kv_heads: int, fold: bool) -> dict[str, Any]:
+    """Operations of one bounded layer's ``CapturedDecoder`` steps (eager, kernels recorded): a routing step at a
+    segment start, then a plain step inside the segment."""
+    from coda_gqa_l import BoundedCoDAAttention, BoundedConfig
+    from coda_gqa_l.decode import CapturedDecoder
+
+    torch.manual_seed(0)
+    layer = BoundedCoDAAttention(embed_dim, heads, kv_heads, config=BoundedConfig.preset("medium")).bfloat16()
+    if fold and not layer.fuse_input_projections():
+        raise SystemExit("--fold: the layer's input projections could not be fused")
+    token = torch.randn(1, 1, embed_dim, dtype=torch.bfloat16)
+    rows: dict[str, Any] = {}
+    with recorded_launches():
+        with torch.inference_mode():
+            prompt = torch.randn(1, 512, embed_dim, dtype=torch.bfloat16)
+            _, state = layer.prefill_chunked(prompt, layer.init_state(1), block_size=512, return_outputs=False)
+        decoder = CapturedDecoder(layer, state, capture=False)
+        for name in ("routing step", "plain step"):  # 512 starts a segment; 513 reads the extras it kept
+            operators, launches = counted(lambda: decoder(token))
+            rows[name] = {
+                "pytorch_per_layer": sum(operators.values()),
+                "triton_per_layer": sum(launches.values()),
+                "pytorch": dict(operators.most_common()),
+                "triton": dict(launches.most_common()),
+            }
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "step_operations")
     p.add_argument("--quick", action="store_true", help="the tiny Llama instead of SmolLM2 (a smoke run)")
+    p.add_argument("--layer", type=int, nargs=3, metavar=("D", "H", "HKV"), help="one bounded layer of this shape")
+    p.add_argument("--fold", action="store_true", help="with --layer: fuse the input projections first")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, label, _, chunk = model_and_chunk(args.quick)
-    rows = measure(model, chunk)
+    if args.layer:
+        rows = measure_layer(*args.layer, fold=args.fold)
+        label, layers = f"one bounded layer D={args.layer[0]} H={args.layer[1]} Hkv={args.layer[2]}", 1
+        label += ", input projections fused" if args.fold else ""
+        name = "step_operations_layer.json"
+    else:
+        model, label, _, chunk = model_and_chunk(args.quick)
+        rows = measure(model, chunk)
+        layers, name = len(model.model.layers), "step_operations.json"  # type: ignore[union-attr,arg-type]
     result = run_header("step_operations.py", argv if argv is not None else sys.argv[1:], torch.device("cpu"),
                         torch.bfloat16)  # fmt: skip
     result.update(model=label, steps=rows)
     table = [f"operations per layer, {label} (the GPU path, counted on the CPU)"]
     table.append(f"{'step':12} {'PyTorch':>8} {'Triton':>7}  most frequent PyTorch operators")
-    for name, row in rows.items():
-        common = ", ".join(f"{op} {n / len(model.model.layers):.1f}" for op, n in list(row["pytorch"].items())[:4])  # type: ignore[union-attr,arg-type]
-        table.append(f"{name:12} {row['pytorch_per_layer']:8.1f} {row['triton_per_layer']:7.1f}  {common}")
-    write_result(result, args.out / "step_operations.json", table)
+    for step, row in rows.items():
+        common = ", ".join(f"{op} {n / layers:.1f}" for op, n in list(row["pytorch"].items())[:4])
+        table.append(f"{step:12} {row['pytorch_per_layer']:8.1f} {row['triton_per_layer']:7.1f}  {common}")
+    write_result(result, args.out / name, table)
     return 0
 
 

@@ -4,8 +4,9 @@ A bounded layer's step has static shapes (the state never grows), so it can be c
 and replayed at every later position. Everything that depends on the position is computed on
 the device from a 0-d position tensor: the ring slots, the RoPE angles, the sink write, the
 routing's token indices and the kernels' query offset. The host keeps only ``state.pos``, which
-picks between two captured graphs: the plain step, and the step whose token starts a segment
-and routes the ``S`` tokens leaving the window into the banks (docs/semantics.md section 3). No host
+picks one of three captured graphs: the step whose token starts a segment and routes the ``S`` tokens
+leaving the window into the banks (docs/semantics.md section 3), a step that computes the segment's
+extras and window and keeps them, and the plain step that reads them (``KeptExtras``). No host
 synchronisation, no Python loop over heads or slots.
 
 The decoder owns the state's tensors as its static buffers: advance the state only through it
@@ -100,14 +101,18 @@ class CapturedDecoder:
     Args:
         layer: the bounded layer (on CUDA; Triton kernels are used).
         state: the state to continue; its tensors become the decoder's static buffers.
+        capture: False runs the same steps eagerly (no graphs): on the CPU with Triton's interpreter, for tests.
 
     ``decoder(x_t)`` takes ``(B, 1, D)`` (or ``(B, D)``) and returns ``(B, 1, D)``; it equals
-    ``layer.step`` up to float rounding. Graphs are captured on first use of each kind.
+    ``layer.step`` up to float rounding. Three kinds of step, each captured on first use, as the whole model's
+    decoder has them (``models.graph_decode``): the step whose token starts a segment and routes; a step that
+    computes the segment's extras (sinks and bank slots rotated, their logit offsets, the segment's window) and keeps
+    them in static buffers; and the plain step, which reads them, since they do not change before the next routing.
     """
 
-    def __init__(self, layer: BoundedCoDAAttention, state: BoundedState) -> None:
+    def __init__(self, layer: BoundedCoDAAttention, state: BoundedState, *, capture: bool = True) -> None:
         weight = layer.core.q_proj.weight
-        if weight.device.type != "cuda":
+        if capture and weight.device.type != "cuda":
             raise ValueError(f"CapturedDecoder needs the layer on a CUDA device, it is on {weight.device}")
         layer.check_state(state, state.batch_size)
         if state.metrics:
@@ -120,13 +125,16 @@ class CapturedDecoder:
                     setattr(state, name, tensor.clone())
         self.layer = layer
         self.state = state
+        self.capture = capture
         device, dtype = weight.device, weight.dtype
         self._pos = torch.tensor(state.pos, dtype=torch.int64, device=device)
         self._x = torch.zeros(state.batch_size, 1, layer.embed_dim, device=device, dtype=dtype)
         self._y = torch.zeros_like(self._x)
         self._window_offsets = torch.arange(layer.config.window, device=device)
         self._sink_index = torch.arange(layer.config.num_sink, device=device)
-        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._kept = KeptExtras()  # the segment's extras and window: static buffers of the three graphs
+        self._extras_valid = False  # whether _kept holds the live state's current segment
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None  # the graphs share one memory pool
 
     # ------------------------------------------------------------------ public
@@ -138,17 +146,28 @@ class CapturedDecoder:
                 f"x_t must be {tuple(self._x.shape)} {self._x.dtype} on {self._x.device}, got "
                 f"{tuple(x_t.shape)} {x_t.dtype} on {x_t.device}"
             )
-        routes = self.state.pos % self.layer.config.segment == 0
-        graph = self._graphs.get(routes)
-        if graph is None:
-            graph = self._capture(routes)
+        pos = self.state.pos
+        if pos % self.layer.config.segment == 0:
+            kind = "route"
+        elif not self._extras_valid or pos < self.layer.config.num_sink:
+            kind = "refresh"  # no extras kept yet (a fresh decoder, or a capture's warm-up wrote them), or a sink
+        else:
+            kind = "step"
         self._x.copy_(x_t)
-        graph.replay()
+        if self.capture:
+            graph = self._graphs.get(kind)
+            if graph is None:
+                graph = self._capture(kind)
+            graph.replay()
+        else:
+            with torch.no_grad():
+                self._step(kind)
+        self._extras_valid = True  # every kind leaves the live segment's extras kept
         self.state.pos += 1
         return self._y.clone()
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, routes: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, kind: str) -> torch.cuda.CUDAGraph:
         """Warm up (compile, autotune) on a scratch copy of the state, then capture in place."""
         live = self.state
 
@@ -157,22 +176,31 @@ class CapturedDecoder:
             saved_pos = self._pos.clone()
             try:
                 for _ in range(2):
-                    self._step(routes)
+                    self._step(kind)
                     self._pos.copy_(saved_pos)
             finally:
                 self.state = live
 
         device = self._x.device
-        graph = capture_step(lambda: self._step(routes), warm_up, device, self._pool)
+        graph = capture_step(lambda: self._step(kind), warm_up, device, self._pool)
         self._pool = graph.pool()
-        self._graphs[routes] = graph
+        self._graphs[kind] = graph
         return graph
 
-    def _step(self, routes: bool) -> None:
+    def _step(self, kind: str) -> None:
         """One token at the device position ``self._pos``, written into the static buffers."""
-        y = advance_at_device_position(
-            self.layer, self.state, self._x, self._pos, self._window_offsets, self._sink_index, routes
-        )
+        with step_tables.step_tables():  # the step's RoPE tables and ring slots, computed once
+            y = advance_at_device_position(
+                self.layer,
+                self.state,
+                self._x,
+                self._pos,
+                self._window_offsets,
+                self._sink_index,
+                kind == "route",
+                self._kept,
+                reuse=kind == "step",
+            )
         self._pos.add_(1)
         self._y.copy_(y)
 

@@ -30,3 +30,29 @@ def test_quick_run_counts_a_chunk_read_and_a_plain_step(tmp_path: Path) -> None:
     assert "_route_chunk_kernel" not in step["triton"] and "_window_step_kernel" in step["triton"]
     assert 0 < step["pytorch_per_layer"] < read["pytorch_per_layer"]
     assert done.stdout.strip().splitlines()[-1].startswith("wrote ")
+
+
+def test_layer_run_counts_a_captured_decoders_routing_and_plain_steps(tmp_path: Path) -> None:
+    """``--layer``: the plain step reads the segment's kept extras (one window-step kernel, no extras or window
+    gather), the routing step computes them; ``--fold`` leaves the plain step one input kernel."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    counts = {}
+    for fold in ([], ["--fold"]):
+        out = tmp_path / ("folded" if fold else "plain")
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "step_operations.py"), "--layer", "256", "4", "2", *fold,
+             "--out", str(out)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[bool(fold)] = json.loads((out / "step_operations_layer.json").read_text())["steps"]
+    route, step = counts[False]["routing step"], counts[False]["plain step"]
+    assert {"_route_chunk_kernel", "_segment_extras_kernel", "_extend_window_kernel"} <= set(route["triton"])
+    assert set(step["triton"]) == {"_window_step_kernel", "_rotate_kernel", "_decode_split_kernel",
+                                   "_decode_combine_kernel"}  # fmt: skip
+    assert step["pytorch_per_layer"] < 40  # 66 and 6 kernels before the kept extras (7B shape)
+    folded = counts[True]["plain step"]
+    assert "_step_inputs_kernel" in folded["triton"] and "_window_step_kernel" not in folded["triton"]
+    assert folded["pytorch_per_layer"] < step["pytorch_per_layer"] < route["pytorch_per_layer"]
