@@ -64,47 +64,6 @@ def top_level_operators(run: Callable[[], object]) -> Counter[str]:
     return counts
 
 
-def measure(model: torch.nn.Module, chunk: int) -> dict[str, Any]:
-    """Operations per layer of a chunk read (after two chunks) and of a plain decode step (after a routing one)."""
-    from triton.runtime.jit import JITFunction
-
-    layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
-    ids = torch.randint(0, 100, (1, 3 * chunk))
-    token = ids[:, :1]
-    rows: dict[str, Any] = {}
-    with torch.inference_mode(), recorded_launches():
-        cache = BoundedCache(model, block_size=chunk)
-        start_states(model, cache, 1)
-        decoder = GraphModelDecoder(model, cache, capture=False)
-        decoder.read(ids[:, : 2 * chunk])
-        steps: dict[str, Callable[[], object]] = {
-            "chunk read": lambda: decoder.read(ids[:, 2 * chunk :]),
-            "plain step": lambda: decoder(token),  # after the routing step that follows the read, below
-        }
-        recorder = JITFunction.run
-        for name, run in steps.items():
-            if name == "plain step":
-                decoder(token)  # the segment-starting step: the next one is plain
-            launches: Counter[str] = Counter()
-
-            def counting(kernel: Any, *args: Any, launches: Counter[str] = launches, **kwargs: Any) -> None:
-                launches[kernel.fn.__name__] += 1
-                recorder(kernel, *args, **kwargs)
-
-            JITFunction.run = counting  # type: ignore[method-assign,assignment]
-            try:
-                operators = top_level_operators(run)
-            finally:
-                JITFunction.run = recorder  # type: ignore[method-assign]
-            rows[name] = {
-                "pytorch_per_layer": sum(operators.values()) / layers,
-                "triton_per_layer": sum(launches.values()) / layers,
-                "pytorch": dict(operators.most_common()),
-                "triton": dict(launches.most_common()),
-            }
-    return rows
-
-
 def counted(run: Callable[[], object]) -> tuple[Counter[str], Counter[str]]:
     """The top-level PyTorch operators and the Triton kernels ``run()`` launches (inside ``recorded_launches``)."""
     from triton.runtime.jit import JITFunction
@@ -122,6 +81,34 @@ def counted(run: Callable[[], object]) -> tuple[Counter[str], Counter[str]]:
     finally:
         JITFunction.run = recorder  # type: ignore[method-assign]
     return operators, launches
+
+
+def counted_row(run: Callable[[], object], layers: int) -> dict[str, Any]:
+    """``counted(run)`` as a result row, per layer."""
+    operators, launches = counted(run)
+    return {
+        "pytorch_per_layer": sum(operators.values()) / layers,
+        "triton_per_layer": sum(launches.values()) / layers,
+        "pytorch": dict(operators.most_common()),
+        "triton": dict(launches.most_common()),
+    }
+
+
+def measure(model: torch.nn.Module, chunk: int) -> dict[str, Any]:
+    """Operations per layer of a chunk read (after two chunks) and of a plain decode step (after a routing one)."""
+    layers = len(model.model.layers)  # type: ignore[union-attr,arg-type]
+    ids = torch.randint(0, 100, (1, 3 * chunk))
+    token = ids[:, :1]
+    rows: dict[str, Any] = {}
+    with torch.inference_mode(), recorded_launches():
+        cache = BoundedCache(model, block_size=chunk)
+        start_states(model, cache, 1)
+        decoder = GraphModelDecoder(model, cache, capture=False)
+        decoder.read(ids[:, : 2 * chunk])
+        rows["chunk read"] = counted_row(lambda: decoder.read(ids[:, 2 * chunk :]), layers)
+        decoder(token)  # the segment-starting step: the next one is plain
+        rows["plain step"] = counted_row(lambda: decoder(token), layers)
+    return rows
 
 
 def measure_layer(embed_dim: int, heads: int, kv_heads: int, fold: bool) -> dict[str, Any]:
@@ -142,13 +129,7 @@ def measure_layer(embed_dim: int, heads: int, kv_heads: int, fold: bool) -> dict
             _, state = layer.prefill_chunked(prompt, layer.init_state(1), block_size=512, return_outputs=False)
         decoder = CapturedDecoder(layer, state, capture=False)
         for name in ("routing step", "plain step"):  # 512 starts a segment; 513 reads the extras it kept
-            operators, launches = counted(lambda: decoder(token))
-            rows[name] = {
-                "pytorch_per_layer": sum(operators.values()),
-                "triton_per_layer": sum(launches.values()),
-                "pytorch": dict(operators.most_common()),
-                "triton": dict(launches.most_common()),
-            }
+            rows[name] = counted_row(lambda: decoder(token), 1)
     return rows
 
 
