@@ -59,7 +59,7 @@ def test_eager_decoder_steps_equal_the_layers_steps(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("sinks", [0, 3])
 @pytest.mark.parametrize("position_mode", ["relative", "absolute"])
 def test_captured_steps_equal_eager_steps(dtype: torch.dtype, sinks: int, position_mode: str) -> None:
