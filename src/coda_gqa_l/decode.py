@@ -95,6 +95,18 @@ def capture_step(
     return graph
 
 
+def step_kind(pos: int, segment: int, num_sink: int, extras_valid: bool) -> str:
+    """Which graph a graph decoder's one-token step at ``pos`` replays: ``"route"`` when the token starts a segment
+    (it routes, and computes and keeps the segment's extras), ``"refresh"`` when the kept extras are not the live
+    segment's (a fresh decoder, a capture's warm-up wrote them from a scratch copy) or the token is a sink, else
+    ``"step"``, which reads them."""
+    if pos % segment == 0:
+        return "route"
+    if not extras_valid or pos < num_sink:
+        return "refresh"
+    return "step"
+
+
 class CapturedDecoder:
     """Graph-captured ``step`` of one bounded layer on CUDA.
 
@@ -146,13 +158,8 @@ class CapturedDecoder:
                 f"x_t must be {tuple(self._x.shape)} {self._x.dtype} on {self._x.device}, got "
                 f"{tuple(x_t.shape)} {x_t.dtype} on {x_t.device}"
             )
-        pos = self.state.pos
-        if pos % self.layer.config.segment == 0:
-            kind = "route"
-        elif not self._extras_valid or pos < self.layer.config.num_sink:
-            kind = "refresh"  # no extras kept yet (a fresh decoder, or a capture's warm-up wrote them), or a sink
-        else:
-            kind = "step"
+        config = self.layer.config
+        kind = step_kind(self.state.pos, config.segment, config.num_sink, self._extras_valid)
         self._x.copy_(x_t)
         if self.capture:
             graph = self._graphs.get(kind)

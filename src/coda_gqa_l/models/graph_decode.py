@@ -40,6 +40,7 @@ from ..decode import (
     capture_step,
     finish_at_device_position,
     routing_streams,
+    step_kind,
 )
 from ..kernels import dispatch
 from ..kernels.residual_norm import add_rms_norm, fusable
@@ -173,12 +174,7 @@ class GraphModelDecoder:
         pos = states[0].pos
         if not pos:
             raise GraphDecodeError("a decode step follows a prompt: read or prefill at least one token first")
-        if pos % self.attention[0].config.segment == 0:
-            kind = "route"
-        elif not self._extras_valid or pos < self._num_sink:
-            kind = "refresh"  # the extras kept are another segment's or stale, or this token is a sink
-        else:
-            kind = "step"
+        kind = step_kind(pos, self.attention[0].config.segment, self._num_sink, self._extras_valid)
         self._run(states, self._ids, token_ids, kind)
         self._extras_valid = True  # every kind but a read leaves the live segment's extras kept
         return self._logits.clone()
