@@ -8,6 +8,8 @@ fair and every ratio against it would be inflated; the suite prints and records 
 ``decode_fixed`` is a decode-speed reference, not a decoder: it writes the new key and value at
 a fixed slot and attends over all ``C`` cached keys with no mask, so SDPA can take its fastest
 (flash) kernel. It bounds what a static-cache GQA decoder could reach at context ``C``.
+``fuse_qkv`` makes the three input projections one product, as an inference engine would (vLLM's fused QKV): the
+decode reference for a bounded layer whose input projections are fused too.
 """
 
 from __future__ import annotations
@@ -42,11 +44,23 @@ class BareGQA(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def fuse_qkv(self) -> None:
+        """The query, key and value projections as one product (one weight, rows q then k then v)."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.qkv_proj.weight.data.copy_(weight)
+        del self.q_proj, self.k_proj, self.v_proj  # nothing held twice
+
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        width_q, width_kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([width_q, width_kv, width_kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self._rope(positions, x.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 

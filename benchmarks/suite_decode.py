@@ -7,10 +7,14 @@ Methods:
   position on the device), not SDPA over every slot with a mask (``dispatch.static_cache_kernel``);
 - ``gqa-flash-fixed``: ``BareGQA.decode_fixed``, flash SDPA over exactly ``C`` keys with no mask,
   graph-captured; a reference for how fast static-cache GQA decode could be, not a decoder.
+- ``gqa-flash-fused``: the same with the query, key and value projections as one product
+  (``BareGQA.fuse_qkv``): the baseline for the bounded layer, whose input projections are fused too.
 - ``gqa-growing``: ``BaselineGQA`` with its growing ``KVCache`` (``torch.cat`` each step), eager.
 - ``bounded-<config>``: the bounded layer after ``prefill_chunked(..., return_outputs=False)`` of
   the context, stepped through ``coda_gqa_l.decode.CapturedDecoder`` where that exists, else
-  eagerly through ``layer.step``. One state is prefilled up to each context in turn.
+  eagerly through ``layer.step``. One state is prefilled up to each context in turn. Its query, key, value,
+  lambda and write-gate projections are one product (``fuse_input_projections``, as the neural database's
+  folded model has them), so its step reads the same weights as ``gqa-flash-fused``'s in as many products.
 
 Steps are timed in samples of ``decode_steps`` (a multiple of every segment length, so each
 sample holds the same share of routing steps); tokens/s is 1000 over the median ms per step.
@@ -116,8 +120,10 @@ def _gqa_static(shape: Shape, context: int, settings: Settings) -> dict[str, Any
     return result
 
 
-def _gqa_flash_fixed(shape: Shape, context: int, settings: Settings) -> dict[str, Any]:
+def _gqa_flash_fixed(shape: Shape, context: int, settings: Settings, fused: bool = False) -> dict[str, Any]:
     layer = build(lambda: bare_gqa(shape), settings)
+    if fused:
+        layer.fuse_qkv()
     cache_shape = (1, shape.num_kv_heads, context, shape.head_dim)
     k_cache = torch.randn(cache_shape, device=settings.device, dtype=settings.torch_dtype)
     v_cache = torch.randn_like(k_cache)
@@ -164,7 +170,12 @@ def _attention_kernels(step: Callable[[], object], settings: Settings) -> list[s
 def _run_gqa(
     shape: Shape, contexts: list[int], settings: Settings, deadline: Deadline, rows: list[dict[str, Any]]
 ) -> None:
-    methods = {"gqa-static-graph": _gqa_static, "gqa-flash-fixed": _gqa_flash_fixed, "gqa-growing": _gqa_growing}
+    methods = {
+        "gqa-static-graph": _gqa_static,
+        "gqa-flash-fixed": _gqa_flash_fixed,
+        "gqa-flash-fused": lambda shape, context, settings: _gqa_flash_fixed(shape, context, settings, fused=True),
+        "gqa-growing": _gqa_growing,
+    }
     for method, run in methods.items():
         for context in contexts:
             row = _row(shape, method, context) | {"full_cache_bytes": kv_bytes(shape, context, settings)}
@@ -201,6 +212,7 @@ def _run_bounded(
 ) -> None:
     layer = build(lambda: bounded_layer(shape, config), settings)
     assert isinstance(layer, BoundedCoDAAttention)
+    layer.fuse_input_projections()  # inference only, as the folded model of the neural database
     state = layer.init_state(1)
     prefill_rate: float | None = None  # tokens/s of the context prefills so far, to plan ahead
     for context in sorted(contexts):

@@ -18,7 +18,7 @@ from typing import Any
 Row = dict[str, Any]
 
 GQA_PREFILL = ("gqa-bare", "gqa-baseline")
-GQA_DECODE = ("gqa-static-graph", "gqa-flash-fixed")
+GQA_DECODE = ("gqa-static-graph", "gqa-flash-fixed", "gqa-flash-fused")
 GQA_TRAIN = ("gqa-bare", "gqa-baseline")
 
 
