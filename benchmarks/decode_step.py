@@ -12,7 +12,10 @@ own ``GraphModelDecoder``, captured inside the variant's switches):
 * ``separate inputs``: ``dispatch.separate_step_inputs()``: the gates' sigmoid, the window step and the queries'
   rotation as three kernels;
 * ``one-program attention``: ``dispatch.one_program_decode()``: the attention's one program per head;
-* ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before).
+* ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before);
+* ``products with prologues`` / ``products after kernels``: ``dispatch.step_product_prologues(True / False)``: the
+  residual norms and the MLP's activation in the prologues of the products that read them
+  (``kernels/step_products.py``, three kernels fewer a layer), or as separate kernels before cuBLAS.
 
 Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
 medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
@@ -53,6 +56,8 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "separate inputs": dispatch.separate_step_inputs,
     "one-program attention": dispatch.one_program_decode,
     "both": _both,
+    "products with prologues": lambda: dispatch.step_product_prologues(True),
+    "products after kernels": lambda: dispatch.step_product_prologues(False),
 }
 
 

@@ -239,6 +239,7 @@ def advance_at_device_position(
     kept: KeptExtras | None = None,
     reuse: bool = False,
     sinks: bool = True,
+    projected: Tensor | None = None,
 ) -> Tensor:
     """``n`` tokens ``x (B, n, D)`` from the 0-d device position ``pos``: returns ``(B, n, D)`` and writes the
     state's tensors in place (their identity is kept, so they can be a graph's static buffers).
@@ -257,6 +258,9 @@ def advance_at_device_position(
     ``models.graph_decode``).
     ``sinks=False``: the tokens are past the sinks (``pos >= num_sink``, the caller knows it on the host), so no sink
     is written (a captured chunk read after the first chunk).
+    ``projected`` (a plain step with ``reuse`` whose layer takes ``one_pass_step_inputs``): the layer's fused input
+    product of ``x``, already computed (``kernels.step_products.norm_product`` forms it from the residual stream in
+    one kernel); ``x`` then gives only the shapes.
     """
     S = layer.config.segment
     n = x.shape[1]
@@ -265,9 +269,11 @@ def advance_at_device_position(
     if reuse and (routes or kept is None or kept.value is None or kept.window_k is None):
         raise ValueError("reusing segment extras needs a plain step and extras kept by an earlier one")
     at = ("device", id(pos))  # the step's tables (ring slots, sink flags) are shared by its layers: step_tables.py
+    if projected is not None and not (reuse and one_pass_step_inputs(layer)):
+        raise ValueError("a projected input serves only a plain step that takes its inputs in one pass")
     if reuse:
         assert kept is not None  # checked above
-        return _plain_step(layer, st, x, pos, kept, at)
+        return _plain_step(layer, st, x, pos, kept, at, projected)
     chunk = begin_at_device_position(layer, st, x, pos, window_offsets, sink_index, routes, sinks=sinks)
     return finish_at_device_position(layer, st, chunk, pos, kept)
 
@@ -393,7 +399,13 @@ def finish_at_device_position(
 
 
 def _plain_step(
-    layer: BoundedCoDAAttention, st: BoundedState, x: Tensor, pos: Tensor, kept: KeptExtras, at: tuple[str, int]
+    layer: BoundedCoDAAttention,
+    st: BoundedState,
+    x: Tensor,
+    pos: Tensor,
+    kept: KeptExtras,
+    at: tuple[str, int],
+    projected: Tensor | None = None,
 ) -> Tensor:
     """One token inside its segment, from the segment's kept extras and window buffer: the token into the ring and
     the buffer, then attention over the buffer. From a folded layer's product in one pass (``kernels.step_inputs``)
@@ -407,7 +419,7 @@ def _plain_step(
         assert layer.input_projection is not None  # one_pass_step_inputs checked it
         noise_cos, noise_sin = core.noise_tables() or (None, None)
         stacked, step_lam = step_inputs(
-            layer.input_projection(x), core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
+            layer.input_projection(x) if projected is None else projected, core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
             pos, S, core.rope.layout,
         )  # fmt: skip
         return layer.attend_stacked(

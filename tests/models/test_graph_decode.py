@@ -221,3 +221,55 @@ def test_the_pool_drops_decoders_of_moved_weights_and_lends_none_it_cannot_serve
         adapter.layer.collect_metrics = True
     with pytest.warns(UserWarning, match="collect_metrics=True"), pool.lend(cache) as refused:
         assert refused is None
+
+
+def _folded(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from coda_gqa_l.models.inference import fold_for_inference
+
+    model = _model(device, dtype)
+    folded = fold_for_inference(model)
+    assert folded.attention == folded.mlps == len(model.model.layers)
+    return model
+
+
+def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row, folded model: the norms and the activation in the products' prologues (kernels.step_products)
+    through plain, refresh and route steps give the model's logits; the kernel ran for every block's products."""
+    assert dispatch.interpreting() or torch.cuda.is_available()
+    from coda_gqa_l.kernels import step_products
+
+    torch.manual_seed(4)
+    model = _folded()
+    ids = torch.randint(0, 200, (1, 48))
+    expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])
+    launches: list[int] = []
+    launch = step_products._launch
+    monkeypatch.setattr(step_products, "_launch", lambda *a, **k: launches.append(a[-1]) or launch(*a, **k))
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, _prefilled(model, ids[:, :21]), capture=False)
+    with dispatch.step_product_prologues():
+        ours = torch.stack([decoder(ids[:, t]) for t in range(21, 48)], 1)
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+    layers = len(model.model.layers)
+    # per plain step: each block's input product (norm: 1 first, add + norm: 2 after), gate-up (2), down (3)
+    assert launches[-3 * layers :] == [1, 2, 3] + [2, 2, 3] * (layers - 1)
+    assert 3 in launches and launches.count(1) < 27  # steps that route or refresh normalise apart
+    launches.clear()
+    off = GraphModelDecoder(model, _prefilled(model, ids[:, :21]), capture=False)
+    with dispatch.step_product_prologues(False):
+        torch.testing.assert_close(torch.stack([off(ids[:, t]) for t in range(21, 48)], 1), ours, atol=2e-4, rtol=2e-4)
+    assert not launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_step_products_with_prologues_equal_the_models_forward(dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    model = _folded("cuda", dtype)
+    ids = torch.randint(0, 200, (1, 100), device="cuda")
+    expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])
+    with dispatch.step_product_prologues():
+        decoder = GraphModelDecoder(model, _prefilled(model, ids[:, :21]))
+        ours = torch.stack([decoder(ids[:, t]) for t in range(21, 100)], 1)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(ours, expected, **tol)

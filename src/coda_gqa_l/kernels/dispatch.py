@@ -247,6 +247,33 @@ def one_pass_step_inputs_allowed() -> bool:
     return not _SEPARATE_STEP_INPUTS.get()
 
 
+# whether a graph decoder's one-token steps take kernels.step_products (the residual norms and the activation in
+# their products' prologues); off until measured on a GPU against cuBLAS after the separate kernels
+DEFAULT_STEP_PRODUCT_PROLOGUES = False
+_STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "coda_gqa_l_step_product_prologues", default=None
+)
+
+
+@contextlib.contextmanager
+def step_product_prologues(on: bool = True) -> Iterator[None]:
+    """Inside, a graph decoder's one-token steps form each block's normalised input and the MLP's activation in the
+    prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer), or with
+    ``on=False`` keep the separate norm and activation kernels before cuBLAS; a graph captured inside keeps its
+    choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES``."""
+    token = _STEP_PRODUCT_PROLOGUES.set(on)
+    try:
+        yield
+    finally:
+        _STEP_PRODUCT_PROLOGUES.reset(token)
+
+
+def step_products_in_prologue(device: torch.device | str) -> bool:
+    """Whether a one-token graph step on ``device`` takes ``kernels.step_products`` (``step_product_prologues``)."""
+    chosen = _STEP_PRODUCT_PROLOGUES.get()
+    return use_triton(device) and (DEFAULT_STEP_PRODUCT_PROLOGUES if chosen is None else chosen)
+
+
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide
 
 

@@ -24,6 +24,11 @@ def fusable(norm: nn.Module) -> bool:
     return type(norm).__name__ in LLAMA_STYLE_NORMS and isinstance(getattr(norm, "weight", None), Tensor)
 
 
+def rms_norm_eps(norm: nn.Module) -> float:
+    """The epsilon of a transformers RMSNorm (``variance_epsilon`` in the Llama family)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
 def add_rms_norm_reference(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(h + delta, RMSNorm(h + delta))`` as transformers computes them (``delta`` None: no add)."""
     if delta is not None:
@@ -38,7 +43,7 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, norm: nn.Module) -> tuple[Tens
     one Triton pass on the Triton backend, else the reference. Returns (new residual, normalised)."""
     weight = norm.weight
     assert isinstance(weight, Tensor)  # fusable(norm)
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    eps = rms_norm_eps(norm)
     if not use_triton(h.device):
         return add_rms_norm_reference(h, delta, weight, eps)
     from .residual_norm_triton import _add_rms_norm_kernel

@@ -39,15 +39,18 @@ from ..decode import (
     begin_at_device_position,
     capture_step,
     finish_at_device_position,
+    one_pass_step_inputs,
     routing_streams,
     step_kind,
 )
 from ..kernels import dispatch
-from ..kernels.residual_norm import add_rms_norm, fusable
+from ..kernels.residual_norm import add_rms_norm, fusable, rms_norm_eps
+from ..kernels.step_products import activated_product, norm_product
 from ..state import BoundedState
 from ..step_tables import step_tables
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
+from .inference import silu_gated_mlp
 
 GRAPH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -111,6 +114,14 @@ class GraphModelDecoder:
         self._fused_norms = all(
             fusable(norm) for block in self.blocks for norm in (block.input_layernorm, block.post_attention_layernorm)
         ) and fusable(self.norm)
+        # whether one-token steps may take kernels.step_products (norms and activation in the products' prologues):
+        # every block folded (fused input product, fused gate-and-up SiLU MLP) with norms in the model's dtype
+        self._prologue_blocks = self._fused_norms and all(
+            layer.input_projection is not None
+            and silu_gated_mlp(block.mlp) is not None
+            and block.input_layernorm.weight.dtype == block.post_attention_layernorm.weight.dtype == weight.dtype
+            for block, layer in zip(self.blocks, self.attention, strict=True)
+        )
         self._chunk_ids: dict[int, Tensor] = {}  # the captured chunks' token-id buffers, by length
         self._pool: Any = None  # the graphs share one memory pool
         self.cache: BoundedCache | None = cache
@@ -273,8 +284,23 @@ class GraphModelDecoder:
         and the final norm: returns the normalised last hidden states. Each residual add and the norm after it
         are one fused pass where the norms allow (``kernels.residual_norm``)."""
         norms = [block.input_layernorm for block in self.blocks[1:]] + [self.norm]
-        _, x = self._add_norm(h, None, self.blocks[0].input_layernorm)
+        # one token: the norms and the MLP's activation in the prologues of the products that read them (three kernels
+        # fewer a layer); a plain step also takes its attention's input product so (the others compute the segment's
+        # extras from the normalised row)
+        prologues = (
+            self._prologue_blocks and h.shape[0] * h.shape[1] == 1 and dispatch.step_products_in_prologue(self.device)
+        )
+        inputs_in_prologue = prologues and kind == "step" and all(one_pass_step_inputs(a) for a in self.attention)
+        delta: Tensor | None = None  # the last block's MLP output while its residual add waits for the next product
+        x = h
+        if not inputs_in_prologue:
+            _, x = self._add_norm(h, None, self.blocks[0].input_layernorm)
         for index, (block, layer, state) in enumerate(zip(self.blocks, self.attention, states, strict=True)):
+            projected = None
+            if inputs_in_prologue:
+                product, norm = layer.input_projection, block.input_layernorm
+                h, projected = norm_product(h, delta, norm.weight, rms_norm_eps(norm), product.weight, product.bias)
+                x = h  # the step reads only its shape
             attended = advance_at_device_position(
                 layer,
                 state,
@@ -286,9 +312,19 @@ class GraphModelDecoder:
                 self._kept[index] if not kind.startswith("read") else None,
                 reuse=kind == "step",
                 sinks=kind != "read",
+                projected=projected,
             )
-            h, x = self._add_norm(h, attended, block.post_attention_layernorm)
-            h, x = self._add_norm(h, block.mlp(x), norms[index])
+            if not prologues:
+                h, x = self._add_norm(h, attended, block.post_attention_layernorm)
+                h, x = self._add_norm(h, block.mlp(x), norms[index])
+                continue
+            gate_up, down = silu_gated_mlp(block.mlp)  # type: ignore[misc]  # _prologue_blocks checked it
+            norm = block.post_attention_layernorm
+            h, both = norm_product(h, attended, norm.weight, rms_norm_eps(norm), gate_up.weight, gate_up.bias)
+            delta = activated_product(both, down.weight, down.bias)
+            if not inputs_in_prologue or index == len(self.blocks) - 1:
+                h, x = self._add_norm(h, delta, norms[index])
+                delta = None
         return x
 
     def _pipelined_read(self, states: list[BoundedState], ids: Tensor, kind: str) -> Tensor:

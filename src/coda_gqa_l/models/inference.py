@@ -59,6 +59,17 @@ def fuse_gated_mlp(mlp: nn.Module) -> bool:
     return True
 
 
+def silu_gated_mlp(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """``(gate_up_proj, down_proj)`` of a gated MLP that ``fuse_gated_mlp`` fused, with a SiLU activation and a plain
+    ``nn.Linear`` down product (what ``kernels.step_products.activated_product`` computes), else None."""
+    gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
+    if type(getattr(mlp, "act_fn", None)).__name__ not in SILU_ACTIVATIONS:
+        return None
+    if type(gate_up) is not nn.Linear or type(down) is not nn.Linear:
+        return None
+    return gate_up, down
+
+
 def _gated_mlp_forward(self: Any, x: Tensor) -> Tensor:
     """transformers' ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with the two products as one, and for SiLU the
     activation and the product as one pass (``kernels.gated_activation``)."""
