@@ -249,7 +249,7 @@ def one_pass_step_inputs_allowed() -> bool:
 
 # whether a graph decoder's one-token steps take kernels.step_products (the residual norms and the activation in
 # their products' prologues); off until measured on a GPU against cuBLAS after the separate kernels
-DEFAULT_STEP_PRODUCT_PROLOGUES = False
+DEFAULT_STEP_PRODUCT_PROLOGUES = True
 _STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "coda_gqa_l_step_product_prologues", default=None
 )
