@@ -248,7 +248,8 @@ def one_pass_step_inputs_allowed() -> bool:
 
 
 # whether a graph decoder's one-token steps take kernels.step_products (the residual norms and the activation in
-# their products' prologues); off until measured on a GPU against cuBLAS after the separate kernels
+# their products' prologues): on, measured on an H100 on 2026-12-06 (benchmarks/results/speed.md, "Norms and the
+# activation in the products' prologues"): SmolLM2's step 1.155x the separate kernels before cuBLAS
 DEFAULT_STEP_PRODUCT_PROLOGUES = True
 _STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "coda_gqa_l_step_product_prologues", default=None
@@ -260,7 +261,7 @@ def step_product_prologues(on: bool = True) -> Iterator[None]:
     """Inside, a graph decoder's one-token steps form each block's normalised input and the MLP's activation in the
     prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer), or with
     ``on=False`` keep the separate norm and activation kernels before cuBLAS; a graph captured inside keeps its
-    choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES``."""
+    choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES`` (on)."""
     token = _STEP_PRODUCT_PROLOGUES.set(on)
     try:
         yield

@@ -12,7 +12,8 @@ their gaps (benchmarks/results/speed.md). Here each program of a one-row product
 the normalised row to the residual's dtype, the activation's two products to the input's) and accumulates the
 product in float32, in another order than cuBLAS; the references (``norm_product_reference``,
 ``activated_product_reference``) are the computations they replace. Whether the decoder takes them is
-``dispatch.step_product_prologues``' choice.
+``dispatch.step_product_prologues``' choice (on by default: on an H100 the folded SmolLM2's step went from 952 to
+1,100 tokens/s, benchmarks/results/speed.md).
 """
 
 from __future__ import annotations
