@@ -47,7 +47,9 @@ class BareGQA(nn.Module):
     def fuse_qkv(self) -> None:
         """The query, key and value projections as one product (one weight, rows q then k then v)."""
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.qkv_proj = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+        )
         self.qkv_proj.weight.data.copy_(weight)
         del self.q_proj, self.k_proj, self.v_proj  # nothing held twice
 

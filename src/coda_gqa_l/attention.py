@@ -499,7 +499,7 @@ class BoundedCoDAAttention(nn.Module):
         # the tables depend on the start and the shape only: inside a model step's step_tables() the layers share
         # them (a device start is the step's one position tensor)
         at = ("device", id(start)) if isinstance(start, Tensor) else start
-        cos, sin = step_tables.cos_sin(rope, ("queries", at, n), lambda: start + torch.arange(n, device=device))
+        cos, sin = step_tables.cos_sin_range(rope, ("queries", at, n), start, n)
         if one_pass:
             # float32 tables, as the rotation kernel reads them, kept by the core between chunks and steps
             tables = core.noise_tables()

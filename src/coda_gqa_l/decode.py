@@ -414,13 +414,13 @@ def _plain_step(
     assert kept.value is not None and kept.window_k is not None and kept.window_v is not None  # checked by the caller
     targets = WindowTargets(st.win_k, st.win_v, st.win_g, st.position, kept.window_k, kept.window_v)
     # the step's table: the queries', and the key the buffer holds (attend_fused reads the same one)
-    cos, sin = step_tables.cos_sin(core.rope, ("queries", at, 1), lambda: pos + torch.arange(1, device=pos.device))
+    cos, sin = step_tables.cos_sin_range(core.rope, ("queries", at, 1), pos, 1)
     if one_pass_step_inputs(layer):
         assert layer.input_projection is not None  # one_pass_step_inputs checked it
         noise_cos, noise_sin = core.noise_tables() or (None, None)
+        row = layer.input_projection(x) if projected is None else projected
         stacked, step_lam = step_inputs(
-            layer.input_projection(x) if projected is None else projected, core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets,
-            pos, S, core.rope.layout,
+            row, core.num_heads, core.num_kv_heads, cos, sin, noise_cos, noise_sin, targets, pos, S, core.rope.layout,
         )  # fmt: skip
         return layer.attend_stacked(
             stacked, step_lam, kept.window_k, kept.window_v, pos, kept.value, segment_window=True

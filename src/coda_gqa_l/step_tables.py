@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kernels.rope_table import rope_cos_sin
 from .primitives import RotaryEmbedding
 
 _TABLES: contextvars.ContextVar[dict[Hashable, Any] | None] = contextvars.ContextVar(
@@ -51,8 +52,23 @@ def table(key: Hashable, build: Callable[[], Any]) -> Any:
 def cos_sin(
     rope: RotaryEmbedding, key: Hashable, positions: Callable[[], Tensor], dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
-    """``rope.cos_sin(positions(), dtype)``, shared inside ``step_tables()`` by rotary embeddings of the same
-    settings (``rope.signature``) for the same ``key``."""
+    """``rope.cos_sin(positions(), dtype)`` (one kernel on the Triton backend: ``kernels.rope_table``), shared inside
+    ``step_tables()`` by rotary embeddings of the same settings (``rope.signature``) for the same ``key``."""
     full_key = ("rope", rope.signature, key, dtype, rope.inv_freq.device)
-    result: tuple[Tensor, Tensor] = table(full_key, lambda: rope.cos_sin(positions(), dtype))
+    result: tuple[Tensor, Tensor] = table(full_key, lambda: rope_cos_sin(rope, positions(), dtype))
     return result
+
+
+def cos_sin_range(
+    rope: RotaryEmbedding, key: Hashable, start: int | Tensor, count: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """``cos_sin`` of the positions ``start + arange(count)``: from a device ``start`` (a 0-d tensor) the Triton
+    backend forms them inside the table's kernel, two kernels fewer than building them first."""
+    if isinstance(start, Tensor):
+        full_key = ("rope", rope.signature, key, dtype, rope.inv_freq.device)
+        result: tuple[Tensor, Tensor] = table(
+            full_key, lambda: rope_cos_sin(rope, None, dtype, start=start, count=count)
+        )
+        return result
+    device = rope.inv_freq.device
+    return cos_sin(rope, key, lambda: start + torch.arange(count, device=device), dtype)

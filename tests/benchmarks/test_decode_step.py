@@ -26,7 +26,9 @@ def test_quick_run_decodes_the_same_tokens_on_every_path(tmp_path: Path) -> None
         # float32 in the interpreter: every path picks the default's greedy tokens
         assert row["first_repeat_tokens"] == rows["default"]["first_repeat_tokens"]
     lines = done.stdout.strip().splitlines()
-    assert lines[-len(rows) - 1].startswith("default") and lines[-1].startswith("wrote ")  # the table, then where the JSON went
+    assert lines[-len(rows) - 1].startswith("default") and lines[-1].startswith(
+        "wrote "
+    )  # the table, then where the JSON went
 
 
 def test_the_switch_turns_the_one_pass_step_inputs_off() -> None:

@@ -65,7 +65,9 @@ def test_activated_product_matches_the_activation_then_the_product(
     _interpreter(monkeypatch)
     t = _inputs(width, rows, "cpu", torch.float32, seed=width)
     y = activated_product(t["gate_up"], t["weight"], t["bias"])
-    torch.testing.assert_close(y, activated_product_reference(t["gate_up"], t["weight"], t["bias"]), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        y, activated_product_reference(t["gate_up"], t["weight"], t["bias"]), atol=2e-5, rtol=2e-5
+    )
 
 
 def test_more_than_one_row_or_a_gradient_takes_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -299,6 +299,7 @@ class GraphModelDecoder:
             projected = None
             if inputs_in_prologue:
                 product, norm = layer.input_projection, block.input_layernorm
+                assert product is not None  # _prologue_blocks checked every layer
                 h, projected = norm_product(h, delta, norm.weight, rms_norm_eps(norm), product.weight, product.bias)
                 x = h  # the step reads only its shape
             attended = advance_at_device_position(
