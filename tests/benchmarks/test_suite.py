@@ -172,6 +172,21 @@ def test_the_static_cache_decode_is_checked_against_the_flash_step() -> None:
     assert long["value"] == pytest.approx(0.1) and long["status"] == "miss"
 
 
+def test_each_decode_context_of_the_issue_keeps_its_own_goal_in_a_run_of_one_context() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from suite_targets import evaluate
+
+    def goal(context: int) -> float:
+        rows = [{"section": "decode", "shape": "7B", "method": m, "status": "ok", "tokens_per_s": 10.0,
+                 "context": context} for m in ("gqa-flash-fused", "bounded-medium")]  # fmt: skip
+        name = f"decode: bounded-medium / fastest GQA at context {context:,} (7B)"
+        found = {t["name"]: t for t in evaluate(rows, "7B", "medium", [], [context])}[name]
+        assert found["against"] == "gqa-flash-fused"  # the fused flash step is a GQA baseline
+        return float(found["goal"])
+
+    assert goal(2048) == 1.2 and goal(131072) == 3.5 and goal(64) == 1.2
+
+
 def test_public_child_never_sees_our_package(tmp_path, monkeypatch) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from public_package import child_environment

@@ -86,6 +86,10 @@ def test_more_than_one_row_or_a_gradient_takes_the_reference(monkeypatch: pytest
     y = activated_product(t["gate_up"], weight)
     y.sum().backward()
     assert weight.grad is not None
+    gain = t["norm_weight"].clone().requires_grad_(True)  # a trainable norm before a frozen product
+    _, y = norm_product(t["h"], t["delta"], gain, 1e-6, t["weight"])
+    y.sum().backward()
+    assert gain.grad is not None
 
 
 def test_bad_shapes_and_dtypes_are_named() -> None:

@@ -54,7 +54,7 @@ def norm_product(
         raise ValueError(
             f"the norm's weight must be ({h.shape[-1]},) {h.dtype}, got {tuple(norm_weight.shape)} {norm_weight.dtype}"
         )
-    if not _kernel_runs(h, weight):
+    if not _kernel_runs(h, weight, delta, norm_weight, bias):
         return norm_product_reference(h, delta, norm_weight, eps, weight, bias)
     h = h.contiguous()
     h_out = torch.empty_like(h) if delta is not None else h
@@ -70,7 +70,7 @@ def activated_product(gate_up: Tensor, weight: Tensor, bias: Tensor | None = Non
     if width % 2:
         raise ValueError(f"gate_up must hold the gate and up halves side by side, got a last dimension of {width}")
     _check(gate_up, weight, width // 2, "gate_up's halves")
-    if not _kernel_runs(gate_up, weight):
+    if not _kernel_runs(gate_up, weight, bias):
         return activated_product_reference(gate_up, weight, bias)
     gate_up = gate_up.contiguous()
     return _launch(gate_up, gate_up, weight, gate_up, weight, bias, 0.0, 3)
@@ -83,11 +83,11 @@ def _check(x: Tensor, weight: Tensor, width: int, what: str) -> None:
         raise ValueError(f"the input is {x.dtype} but the weight is {weight.dtype}")
 
 
-def _kernel_runs(x: Tensor, weight: Tensor) -> bool:
-    """One input row on the Triton backend, no gradient wanted."""
+def _kernel_runs(x: Tensor, *others: Tensor | None) -> bool:
+    """One input row on the Triton backend, no gradient wanted for it or any of ``others``."""
     if x.numel() != x.shape[-1] or not use_triton(x.device):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)))
 
 
 def _launch(
@@ -103,8 +103,8 @@ def _launch(
     block_n = 4 if rows_out >= 2048 else 2
     y = torch.empty(*x.shape[:-1], rows_out, device=x.device, dtype=x.dtype)
     launch(
-        _step_product_kernel, (-(-rows_out // block_n),), x, delta, norm_weight, h_out, weight,
-        bias if bias is not None else y, y, rows_out, inputs, weight.stride(0), eps, PROLOGUE=prologue,
+        _step_product_kernel, (-(-rows_out // block_n),), x, delta, norm_weight.contiguous(), h_out, weight,
+        bias.contiguous() if bias is not None else y, y, rows_out, inputs, weight.stride(0), eps, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(MAX_BLOCK_K, tile_size(inputs)), num_warps=4,
     )  # fmt: skip
     return y

@@ -115,11 +115,9 @@ class GraphModelDecoder:
             fusable(norm) for block in self.blocks for norm in (block.input_layernorm, block.post_attention_layernorm)
         ) and fusable(self.norm)
         # whether one-token steps may take kernels.step_products (norms and activation in the products' prologues):
-        # every block folded (fused input product, fused gate-and-up SiLU MLP) with norms in the model's dtype
+        # every block folded (fused input product, fused gate-and-up SiLU MLP), its norms and products in one dtype
         self._prologue_blocks = self._fused_norms and all(
-            layer.input_projection is not None
-            and silu_gated_mlp(block.mlp) is not None
-            and block.input_layernorm.weight.dtype == block.post_attention_layernorm.weight.dtype == weight.dtype
+            _prologue_ready(block, layer, weight.dtype)
             for block, layer in zip(self.blocks, self.attention, strict=True)
         )
         self._chunk_ids: dict[int, Tensor] = {}  # the captured chunks' token-id buffers, by length
@@ -401,6 +399,16 @@ class GraphModelDecoder:
         self._graphs[(ids.shape[1], kind)] = graph
         self._extras_valid = False  # the warm-up wrote the kept extras from a scratch copy
         return graph
+
+
+def _prologue_ready(block: Any, layer: BoundedCoDAAttention, dtype: torch.dtype) -> bool:
+    """Whether ``block``'s one-token step can take ``kernels.step_products``: a fused input product, a fused SiLU
+    gated MLP, and norms and products all in ``dtype``."""
+    mlp = silu_gated_mlp(block.mlp)
+    if layer.input_projection is None or mlp is None:
+        return False
+    tensors = [block.input_layernorm.weight, block.post_attention_layernorm.weight, layer.input_projection.weight]
+    return all(t.dtype == dtype for t in tensors + [mlp[0].weight, mlp[1].weight])
 
 
 def bounded_layers(model: nn.Module) -> list[BoundedCoDAAttention]:
