@@ -54,8 +54,7 @@ def cos_sin(
 ) -> tuple[Tensor, Tensor]:
     """``rope.cos_sin(positions(), dtype)`` (one kernel on the Triton backend: ``kernels.rope_table``), shared inside
     ``step_tables()`` by rotary embeddings of the same settings (``rope.signature``) for the same ``key``."""
-    full_key = ("rope", rope.signature, key, dtype, rope.inv_freq.device)
-    result: tuple[Tensor, Tensor] = table(full_key, lambda: rope_cos_sin(rope, positions(), dtype))
+    result: tuple[Tensor, Tensor] = table(_rope_key(rope, key, dtype), lambda: rope_cos_sin(rope, positions(), dtype))
     return result
 
 
@@ -65,10 +64,14 @@ def cos_sin_range(
     """``cos_sin`` of the positions ``start + arange(count)``: from a device ``start`` (a 0-d tensor) the Triton
     backend forms them inside the table's kernel, two kernels fewer than building them first."""
     if isinstance(start, Tensor):
-        full_key = ("rope", rope.signature, key, dtype, rope.inv_freq.device)
-        result: tuple[Tensor, Tensor] = table(
-            full_key, lambda: rope_cos_sin(rope, None, dtype, start=start, count=count)
-        )
+        build = lambda: rope_cos_sin(rope, None, dtype, start=start, count=count)  # noqa: E731
+        result: tuple[Tensor, Tensor] = table(_rope_key(rope, key, dtype), build)
         return result
     device = rope.inv_freq.device
     return cos_sin(rope, key, lambda: start + torch.arange(count, device=device), dtype)
+
+
+def _rope_key(rope: RotaryEmbedding, key: Hashable, dtype: torch.dtype) -> Hashable:
+    """One key for a table however it is built (``cos_sin`` or ``cos_sin_range``): rotary embeddings of the same
+    settings share it."""
+    return ("rope", rope.signature, key, dtype, rope.inv_freq.device)
