@@ -13,7 +13,7 @@ from helpers import GRAPH_CONFIG, tiny_bounded_llama
 
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache, graph_prefill
-from coda_gqa_l.models.graph_decode import GraphDecodeError, GraphDecoderPool, GraphModelDecoder
+from coda_gqa_l.models.graph_decode import GraphCaptureError, GraphDecodeError, GraphDecoderPool, GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
 from coda_gqa_l.state import BoundedState
 
@@ -115,42 +115,95 @@ def test_a_read_must_start_and_end_on_segment_boundaries() -> None:
         decoder.read(ids[0])
 
 
-@pytest.mark.parametrize("already", [0, 5])
-def test_prefill_sends_whole_aligned_chunks_through_the_graphs(monkeypatch: pytest.MonkeyPatch, already: int) -> None:
-    """Chunks of 16: whole chunks through ``read`` (the first one too, on empty states), a realigning piece and the
-    last partial one through the forward; the state and logits are the forward's."""
+def _graph_prefill(
+    monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, cache: BoundedCache, ids: torch.Tensor, stepped: str
+) -> tuple[torch.Tensor | None, dict[str, list[int]]]:
+    """``graph_prefill.prefill`` of ``ids`` in chunks of 16 with eager graph steps (the CPU stands in for CUDA) and
+    at most ``stepped`` tokens a piece by steps; what went where: ``reads`` (chunk lengths), ``forwarded`` (piece
+    lengths), ``steps`` (tokens stepped) and ``progress``."""
+    pool = GraphDecoderPool(model, capture=False)
+    monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: True)
+    monkeypatch.setattr(graph_prefill, "shared_decoder_pool", lambda model: pool)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    monkeypatch.setenv(dispatch.READ_PIECES_ENV, "1")  # one chunk a read; the pipelined reads have their own test
+    monkeypatch.setenv(dispatch.STEPPED_READ_ENV, stepped)
+    seen: dict[str, list[int]] = {"reads": [], "forwarded": [], "steps": [], "progress": []}
+    real_read, real_call = GraphModelDecoder.read, GraphModelDecoder.__call__
+    monkeypatch.setattr(
+        GraphModelDecoder,
+        "read",
+        lambda self, t, pieces=1: seen["reads"].append(t.shape[1]) or real_read(self, t, pieces),
+    )
+    monkeypatch.setattr(
+        GraphModelDecoder, "__call__", lambda self, t: seen["steps"].append(t.shape[-1]) or real_call(self, t)
+    )
+
+    def forward(piece: torch.Tensor) -> torch.Tensor:
+        seen["forwarded"].append(piece.shape[1])
+        return model(piece, **cache_kwargs(cache), use_cache=True).logits[:, -1].float()
+
+    with torch.no_grad():
+        logits = graph_prefill.prefill(
+            model, cache, ids, chunk_tokens=16, forward=forward, on_chunk=seen["progress"].append
+        )
+    return logits, seen
+
+
+@pytest.mark.parametrize(
+    ("already", "stepped", "forwarded", "steps"),
+    [(0, "0", [11], 0), (5, "0", [3, 8], 0), (5, "12", [], 11)],
+    ids=["empty-forward", "realigned-forward", "realigned-stepped"],
+)
+def test_prefill_sends_whole_aligned_chunks_through_the_graphs(
+    monkeypatch: pytest.MonkeyPatch, already: int, stepped: str, forwarded: list[int], steps: int
+) -> None:
+    """Chunks of 16: whole chunks through ``read`` (the first one too, on empty states); a realigning piece and the
+    last partial one through the forward, or one token at a time through the decode steps when they are short
+    (``dispatch.stepped_read_tokens``; 5 + 3 = 8 realigns, 8 tokens are left after the reads); the state and logits
+    are the forward's either way."""
     torch.manual_seed(1)
     model = _model()
     ids = torch.randint(0, 200, (1, already + 75))
     reference = BoundedCache(model)
     expected = _forward(model, reference, ids, 16)
-    pool = GraphDecoderPool(model, capture=False)  # eager graph steps: the CPU stands in for CUDA
-    monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: True)
-    monkeypatch.setattr(graph_prefill, "shared_decoder_pool", lambda model: pool)
-    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    monkeypatch.setenv(dispatch.READ_PIECES_ENV, "1")  # one chunk a read; the pipelined reads have their own test
-    reads: list[int] = []
-    real_read = GraphModelDecoder.read
-    monkeypatch.setattr(
-        GraphModelDecoder, "read", lambda self, t, pieces=1: reads.append(t.shape[1]) or real_read(self, t, pieces)
-    )
     cache = BoundedCache(model)
     if already:
         _forward(model, cache, ids[:, :already], already)
-    forwarded: list[int] = []
-    progress: list[int] = []
+    logits, seen = _graph_prefill(monkeypatch, model, cache, ids[:, already:], stepped)
+    assert seen["forwarded"] == forwarded
+    assert seen["reads"] == [16, 16, 16, 16]
+    assert seen["steps"] == [1] * steps
+    assert sum(seen["progress"]) == 75
+    assert logits is not None
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
 
-    def forward(piece: torch.Tensor) -> torch.Tensor:
-        forwarded.append(piece.shape[1])
-        return model(piece, **cache_kwargs(cache), use_cache=True).logits[:, -1].float()
 
-    with torch.no_grad():
-        logits = graph_prefill.prefill(
-            model, cache, ids[:, already:], chunk_tokens=16, forward=forward, on_chunk=progress.append
-        )
-    assert forwarded == ([11] if not already else [3, 8])  # 5 + 3 = 8: realigned, then 16-token reads
-    assert reads == [16, 16, 16, 16]
-    assert sum(progress) == 75
+def test_a_failed_step_capture_leaves_the_rest_of_the_prefill_to_the_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The realigning piece's second step fails to capture: the first token stays read, a warning says so, and the
+    forward reads everything after it (no more graph reads); the state and logits are the forward's."""
+    torch.manual_seed(2)  # routing scores at least 3.8e-4 from every threshold in both chunkings (seed 4: a tie)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 5 + 40))
+    reference = BoundedCache(model)
+    expected = _forward(model, reference, ids, 16)
+    cache = BoundedCache(model)
+    _forward(model, cache, ids[:, :5], 5)
+    real_step = GraphModelDecoder._step
+    calls: list[str] = []
+
+    def failing_step(self: GraphModelDecoder, states: Any, step_ids: torch.Tensor, kind: str) -> None:
+        calls.append(kind)
+        if len(calls) == 2:
+            raise GraphCaptureError("capture refused (test)")
+        real_step(self, states, step_ids, kind)
+
+    monkeypatch.setattr(GraphModelDecoder, "_step", failing_step)
+    with pytest.warns(UserWarning, match=r"capture refused \(test\); reading through the model's forward"):
+        logits, seen = _graph_prefill(monkeypatch, model, cache, ids[:, 5:], "12")
+    assert seen["steps"] == [1, 1] and seen["reads"] == []
+    assert seen["forwarded"] == [16, 16, 7]
+    assert sum(seen["progress"]) == 40
     assert logits is not None
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
     _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)

@@ -420,7 +420,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     the model's forward gives, also for follow-ups in a session and questions asked at the same time."""
 
     from coda_gqa_l import BoundedConfig
-    from coda_gqa_l.models import convert, generation
+    from coda_gqa_l.models import convert, generation, graph_prefill
     from coda_gqa_l.models.graph_decode import shared_decoder_pool
     from coda_gqa_l.models.tiny import tiny_llama
     from coda_gqa_l.models.tokenizer import ByteTokenizer
@@ -443,6 +443,7 @@ def test_graph_decoded_answers_on_cuda_equal_the_forward_decoded_ones(
     graph = answers()
     assert shared_decoder_pool(db.model)._idle  # the decoders went back to the model's pool
     monkeypatch.setattr(generation, "graph_decode_supported", lambda model: False)
+    monkeypatch.setattr(graph_prefill, "graph_decode_supported", lambda model: False)  # questions read by the forward
     assert answers() == graph
 
 

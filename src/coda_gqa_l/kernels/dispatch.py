@@ -1,9 +1,10 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from five environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from six environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune),
 ``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU) and
-``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines). The
+``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines) and
+``CODA_GQA_L_STEPPED_READ_TOKENS`` (how short a prefill's piece is read by graph steps). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
 ``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
@@ -29,6 +30,8 @@ AUTOTUNE_ENV = "CODA_GQA_L_AUTOTUNE"
 FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
 READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
 DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
+STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
+DEFAULT_STEPPED_READ_TOKENS = 64
 Float32Dots = Literal["ieee", "tf32x3", "tf32"]
 FLOAT32_DOTS: tuple[Float32Dots, ...] = ("ieee", "tf32x3", "tf32")
 # torch.get_float32_matmul_precision() -> ours: "high" allows TF32 in torch's own products; ours take the three-pass
@@ -229,6 +232,20 @@ def read_pieces() -> int:
         return DEFAULT_READ_PIECES
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{READ_PIECES_ENV} must be a positive whole number, got {raw!r}")
+    return int(raw)
+
+
+def stepped_read_tokens() -> int:
+    """The longest piece of a prompt or document that a graph-captured prefill reads one token at a time through the
+    decode step's graphs rather than through the model's eager forward: a question after a saved document, the
+    token ``generate()`` hands over with a filled cache, a piece that realigns to a segment boundary. An eager forward
+    of a few tokens is bound by its launches (hundreds of kernels a layer), a graph step by the weights it reads.
+    ``CODA_GQA_L_STEPPED_READ_TOKENS`` overrides the default (0 sends every such piece through the forward)."""
+    raw = os.environ.get(STEPPED_READ_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STEPPED_READ_TOKENS
+    if not raw.isdigit():
+        raise ValueError(f"{STEPPED_READ_ENV} must be a whole number (0 or more), got {raw!r}")
     return int(raw)
 
 

@@ -5,9 +5,11 @@ SmolLM2 kept an H200 busy for 14 ms but took 103 ms of wall time for its 4,646 k
 (benchmarks/results/speed.md, "Where an ingest chunk's time goes"). ``prefill`` sends every whole chunk that starts on a
 segment boundary through ``GraphModelDecoder.read`` (one graph replay per chunk, captured once per chunk length
 and shared through the model's decoder pool), the first one too (on empty states made up front, as the forward
-would make them), and the rest (a piece that realigns to a segment boundary; the last partial chunk; a prompt
-shorter than a chunk) through the model's own forward. The state is the same either way: chunking never changes a
-bounded model's results (docs/semantics.md section 3).
+would make them). The rest (a piece that realigns to a segment boundary; the last partial chunk; a prompt shorter
+than a chunk) goes one token at a time through the decode step's graphs when it is short
+(``dispatch.stepped_read_tokens``: a question after a saved document, the token ``generate()`` hands over) and the
+state holds at least one token, else through the model's own forward. The state is the same either way: chunking
+never changes a bounded model's results (docs/semantics.md section 3).
 """
 
 from __future__ import annotations
@@ -77,7 +79,20 @@ def prefill(
         take = chunk_tokens
         if graphs and pos and pos % segment:
             take = min(take, segment - pos % segment)  # realign, so the next whole chunk can replay a graph
+        stepped = dispatch.stepped_read_tokens() if graphs and pos else 0  # a step follows at least one token
+        if total - start <= stepped:
+            take = total - start  # the whole tail by steps: no realigning piece needed
         piece = ids[:, start : start + take]
+        if piece.shape[1] <= stepped:
+            read, logits = _read_by_steps(model, cache, piece)
+            if read < piece.shape[1]:
+                graphs = False  # the pool lends no decoder, or a capture failed: the forward reads the rest
+            if read:
+                last = logits
+                start += read
+                if on_chunk is not None:
+                    on_chunk(read)
+            continue
         if graphs:
             compile_first_chunk_ahead(model, piece)  # once per model: the eager forward's kernels side by side
         last = forward(piece)
@@ -85,6 +100,23 @@ def prefill(
         if on_chunk is not None:
             on_chunk(piece.shape[1])
     return last
+
+
+def _read_by_steps(model: nn.Module, cache: BoundedCache, piece: Tensor) -> tuple[int, Tensor | None]:
+    """``piece (B, n)`` through the decode step's graphs, one token at a time (``dispatch.stepped_read_tokens``):
+    how many tokens were read, and the last one's logits. Fewer than ``n`` when the pool lends no decoder or a capture
+    fails (warned; the state holds exactly the tokens read)."""
+    logits = None
+    with shared_decoder_pool(model).lend(cache) as decoder:
+        if decoder is None:
+            return 0, None
+        for read in range(piece.shape[1]):
+            try:
+                logits = decoder(piece[:, read])
+            except GraphCaptureError as error:
+                warnings.warn(f"{error}; reading through the model's forward from now on", stacklevel=3)
+                return read, logits
+    return piece.shape[1], logits
 
 
 def compile_first_chunk_ahead(model: nn.Module, piece: Tensor) -> bool:

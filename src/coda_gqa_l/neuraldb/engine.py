@@ -359,16 +359,24 @@ class Session:
         self.turns += 1
         return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)
 
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        # Inference mode is entered per step, not across the generator's yields: it is
-        # per thread, and a web server may resume the generator on another thread.
+    def _read_question(self, ids: torch.Tensor) -> torch.Tensor:
+        """The question's last token's logits. A short question after the document goes through the decode step's
+        graphs where they run (``graph_prefill.prefill``), else through the forward. Inference mode is entered here,
+        not across the generator's yields: it is per thread, and a web server may resume the generator on another
+        thread."""
+
+        def forward(piece: torch.Tensor) -> torch.Tensor:
+            return self.db.model(piece, **cache_kwargs(self.cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+
         with torch.inference_mode():
-            return self.db.model(ids, **cache_kwargs(self.cache), use_cache=True).logits[:, -1]
+            logits = prefill(self.db.model, self.cache, ids, chunk_tokens=self.db.chunk_tokens, forward=forward)
+        assert logits is not None  # the question holds at least one token and forward returns logits
+        return logits
 
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
-        logits = self._logits(db._encode(prompt))
+        logits = self._read_question(db._encode(prompt))
         # each answer token through the whole model's CUDA graphs where they run, else the forward
         with decode_steps(db.model, self.cache) as next_logits:
             yield from self._answer(logits, next_logits, generator, max_new_tokens, temperature)
