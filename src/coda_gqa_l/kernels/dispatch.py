@@ -31,7 +31,9 @@ FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
 READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
 DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
 STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
-DEFAULT_STEPPED_READ_TOKENS = 64
+# H100, 2026-12-06, SmolLM2 after 8K tokens (benchmarks/question_read.py): steps 6.3x the forward's speed for 1
+# token, 1.6x for 32, 0.90x for 64
+DEFAULT_STEPPED_READ_TOKENS = 32
 Float32Dots = Literal["ieee", "tf32x3", "tf32"]
 FLOAT32_DOTS: tuple[Float32Dots, ...] = ("ieee", "tf32x3", "tf32")
 # torch.get_float32_matmul_precision() -> ours: "high" allows TF32 in torch's own products; ours take the three-pass
@@ -240,7 +242,9 @@ def stepped_read_tokens() -> int:
     decode step's graphs rather than through the model's eager forward: a question after a saved document, the
     token ``generate()`` hands over with a filled cache, a piece that realigns to a segment boundary. An eager forward
     of a few tokens is bound by its launches (hundreds of kernels a layer), a graph step by the weights it reads.
-    ``CODA_GQA_L_STEPPED_READ_TOKENS`` overrides the default (0 sends every such piece through the forward)."""
+    ``CODA_GQA_L_STEPPED_READ_TOKENS`` overrides the default (32; 0 sends every such piece through the forward): on an
+    H100 a piece of 1 token read in 8.8 ms by steps against 55.9 ms by the forward, 32 tokens in 35.0 ms against 56.1,
+    64 in 61.9 against 55.7 (SmolLM2 after 8K tokens, benchmarks/results/speed.md, "Short pieces by steps")."""
     raw = os.environ.get(STEPPED_READ_ENV, "").strip()
     if not raw:
         return DEFAULT_STEPPED_READ_TOKENS

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from ..cli_help import HelpFormatter
 from ..fetch import data_dir
+from .interrupts import catch_ctrl_c
 from .store import DocumentStore
 
 if TYPE_CHECKING:
@@ -290,14 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[THREADS_ENV] = str(threads)  # the demo's asking process uses the same count
 
     try:
-        if args.command == "demo":
-            from .demo import run_demo
+        with catch_ctrl_c():
+            if args.command == "demo":
+                from .demo import run_demo
 
-            return run_demo(args)
-        if args.command in STORE_COMMANDS:
-            STORE_COMMANDS[args.command](DocumentStore(store_folder(args)), args, Console())
-        else:
-            MODEL_COMMANDS[args.command](open_db(args), args, Console())
+                return run_demo(args)
+            if args.command in STORE_COMMANDS:
+                STORE_COMMANDS[args.command](DocumentStore(store_folder(args)), args, Console())
+            else:
+                MODEL_COMMANDS[args.command](open_db(args), args, Console())
     except NeuralDBError as err:
         print(f"coda-db: error: {err}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ from ..models.tokenizer import ByteTokenizer
 from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
 from .errors import NeuralDBError
+from .interrupts import stop_if_asked
 from .store import DocumentInfo, DocumentStore
 
 # The shipped weights' config, as their file states it (one place): medium with 4 sinks, routed with the
@@ -164,7 +165,11 @@ class NeuralDatabase:
                 base(input_ids=piece, **cache_kwargs(cache), use_cache=True)
 
             # whole chunks replay the model's CUDA graphs where they run (models/graph_prefill.py)
-            prefill(self.model, cache, ids, chunk_tokens=self.chunk_tokens, forward=read, on_chunk=bar.update)
+            def read_more(tokens: int) -> None:
+                bar.update(tokens)
+                stop_if_asked()  # a Ctrl-C that Python dropped in a finalizer (neuraldb/interrupts.py)
+
+            prefill(self.model, cache, ids, chunk_tokens=self.chunk_tokens, forward=read, on_chunk=read_more)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         path = self.store.new_state_path()
         extra = {"label": label, "source_sha256": source, "tokens": int(ids.shape[1]), "created": created}

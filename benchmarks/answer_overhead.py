@@ -1,0 +1,160 @@
+"""Where an answer's time goes between the whole-model graph step and ``generate()``: the same graph-decoded model
+after the same document, four loops around it, in one process.
+
+    PYTHONPATH=src python benchmarks/answer_overhead.py [--context 8192] [--tokens 128] [--repeats 3] [--out DIR]
+
+Loops (each on a fork of the document's state, greedy; the first untimed run of each captures and compiles):
+
+* ``graph loop``: ``decoder(token).argmax(-1)`` and nothing else; the host never waits for a token;
+* ``graph loop, token to host``: the same, reading each token on the host (``int(token)``), as any loop that stops
+  at an end-of-sequence token must: the host then waits for every step before it launches the next;
+* ``bounded_generate``: ``models.generation.bounded_generate`` (its own loop, an end-of-sequence check per token);
+* ``generate()``: transformers' ``generate(custom_generate=bounded_decoding)`` with the model's generation config
+  (its logits processors and stopping criteria per token).
+
+For the last two, ``fixed ms`` is a call that makes one new token (prompt read, decoder lent and given back,
+transformers' set-up) and ``ms/token`` is the slope ``(t(1 + n) - t(1)) / n``; for the loops, the time per token.
+Medians of ``--repeats``; ratios against ``graph loop`` measured in the same run. Prints a table last; writes
+``DIR/answer_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import run_header, write_result
+from torch import Tensor, nn
+
+from coda_gqa_l.models import BoundedCache, bounded_decoding, bounded_generate, graph_prefill
+from coda_gqa_l.models.graph_decode import GraphDecoderPool, graph_decode_supported, shared_decoder_pool
+from coda_gqa_l.models.hf_compat import cache_kwargs
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "answer_overhead"
+
+
+def graph_loop(model: nn.Module, cache: BoundedCache, last: Tensor, tokens: int, to_host: bool) -> None:
+    with shared_decoder_pool(model).lend(cache) as decoder:
+        assert decoder is not None
+        token = last
+        for _ in range(tokens):
+            token = decoder(token).argmax(-1)
+            if to_host:
+                int(token[0])
+
+
+def generate_call(model: nn.Module, cache: BoundedCache, seq: Tensor, tokens: int) -> None:
+    generate: Any = model.generate  # type: ignore[operator]
+    generate(
+        seq, attention_mask=torch.ones_like(seq), **cache_kwargs(cache), custom_generate=bounded_decoding,
+        do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens,
+    )  # fmt: skip
+
+
+def timed(run: Callable[[], None], device: torch.device, repeats: int) -> float:
+    from model_generate import clock
+
+    run()  # captures, compiles, allocator
+    times = []
+    for _ in range(repeats):
+        start = clock(device)
+        run()
+        times.append(clock(device) - start)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, document: BoundedCache, seq: Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    device, n = seq.device, args.tokens
+    last = seq[:, -1]
+    rows: dict[str, Any] = {}
+    for name, to_host in (("graph loop", False), ("graph loop, token to host", True)):
+        seconds = timed(lambda h=to_host: graph_loop(model, document.fork(), last, n, h), device, args.repeats)
+        rows[name] = {"ms_per_token": 1000 * seconds / n}
+
+    def ours(cache: BoundedCache, k: int) -> None:
+        bounded_generate(model, seq[:, -1:], k, cache=cache)  # its input ids are the tokens the cache lacks
+
+    calls: dict[str, Callable[[BoundedCache, int], None]] = {
+        "bounded_generate": ours,
+        "generate()": lambda cache, k: generate_call(model, cache, seq, k),
+    }
+    for name, call in calls.items():
+        one = timed(lambda c=call: c(document.fork(), 1), device, args.repeats)
+        many = timed(lambda c=call: c(document.fork(), 1 + n), device, args.repeats)
+        rows[name] = {"fixed_ms": 1000 * one, "ms_per_token": 1000 * (many - one) / n}
+    base = rows["graph loop"]["ms_per_token"]
+    for row in rows.values():
+        row["tokens_per_s"] = 1000 / row["ms_per_token"]
+        row["vs_graph_loop"] = base / row["ms_per_token"]
+    return rows
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{result['model']}, {result['dtype']} on {result['device']}, after {result['context']:,} tokens, "
+        f"{result['tokens']} tokens, medians of {result['repeats']}",
+        f"{'loop':<28}{'ms/token':>10}{'tokens/s':>10}{'vs graph loop':>15}{'fixed ms':>10}",
+    ]
+    for name, row in result["rows"].items():
+        fixed = f"{row['fixed_ms']:>10.1f}" if "fixed_ms" in row else f"{'':>10}"
+        lines.append(
+            f"{name:<28}{row['ms_per_token']:>10.3f}{row['tokens_per_s']:>10.1f}{row['vs_graph_loop']:>14.3f}x{fixed}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from decode_step import load
+
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--context", type=int, default=8192, help="document tokens read before answering")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (whole chunks replay the model's graphs)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens a timed run makes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, eager graph steps: the script runs")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context, args.chunk, args.tokens, args.repeats = 64, 16, 2, 1
+        device, dtype = torch.device("cpu"), torch.float32
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        raise SystemExit("answer_overhead.py measures the CUDA graph loops: it needs a GPU (or --quick)")
+    model, ids, name = load(argparse.Namespace(quick=args.quick, context=args.context + 1), device, dtype)
+    if args.quick:
+        # the CPU has no CUDA graphs: eager graph steps in Triton's interpreter stand in for them
+        from coda_gqa_l.models import generation
+
+        pool = GraphDecoderPool(model, capture=False)
+        for module in (graph_prefill, generation, sys.modules[__name__]):
+            module.graph_decode_supported = lambda model: True  # type: ignore[attr-defined]
+            module.shared_decoder_pool = lambda model: pool  # type: ignore[attr-defined]
+    elif not graph_decode_supported(model):
+        raise SystemExit("this model cannot be graph-decoded")
+    document = BoundedCache(model, block_size=args.chunk)
+    with torch.inference_mode():
+        graph_prefill.prefill(
+            model, document, ids[:, : args.context], chunk_tokens=args.chunk,
+            forward=lambda piece: model(piece, **cache_kwargs(document), use_cache=True).logits[:, -1],
+        )  # fmt: skip
+    rows = measure(model, document, ids[:, : args.context + 1], args)
+    result = {
+        **run_header("answer_overhead.py", sys.argv[1:] if argv is None else argv, device, dtype),
+        "model": name,
+        "context": args.context,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    write_result(result, args.out / "answer_overhead.json", table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
