@@ -363,7 +363,13 @@ def test_ctrl_c_stops_an_ingest_promptly_and_keeps_the_store(tmp_path: Path) -> 
     command = [sys.executable, "-m", "coda_gqa_l.neuraldb.cli", "--store", str(store), "--tiny", "ingest"]
     # PYTHONFAULTHANDLER: a child that does not stop is sent SIGABRT below and prints every thread's stack first
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen([*command, str(big)], stderr=subprocess.PIPE, text=True, env=env)
+    # the child gets SIGINT's default disposition, as a command started from a terminal has: a test run started as a
+    # shell's background job ignores SIGINT, its children inherit that, and the ingest then never stops (the
+    # failures of 2026-12-06: local CI runs started with "nohup ... &")
+    proc = subprocess.Popen(
+        [*command, str(big)], stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stderr is not None
     try:
         # interrupt once the ingest has read tokens (its progress bar counts them), however long loading took on a

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,6 +20,16 @@ class _CtrlCInFinalizer:
     def __del__(self) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+
+@pytest.fixture(autouse=True)
+def _pythons_own_handler() -> Iterator[None]:
+    """Python's SIGINT handler, whatever the test run has (a shell's background job ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ctrl_c_in_a_finalizer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,8 +48,14 @@ def test_a_dropped_ctrl_c_is_raised_at_the_next_check(monkeypatch: pytest.Monkey
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_or_taken_sigint_is_left_alone() -> None:
+    for handler in (signal.SIG_IGN, lambda signum, frame: None):
+        signal.signal(signal.SIGINT, handler)
+        with catch_ctrl_c():
+            assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_without_it_the_ctrl_c_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``catch_ctrl_c`` mends: with Python's own handler the interrupt is gone once the finalizer returns."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     _ctrl_c_in_a_finalizer(monkeypatch)
     stop_if_asked()

@@ -2,9 +2,9 @@
 
 Python raises ``KeyboardInterrupt`` at whatever bytecode the main thread runs when the signal arrives. If that is a
 finalizer (an object's ``__del__``, a weakref callback, run by the garbage collector in the middle of an ingest),
-Python prints "Exception ignored in ..." and goes on: the ingest keeps reading. CI saw a ``coda-db ingest`` run on
-for more than 60 s after Ctrl-C (2026-12-06, twice, on a loaded machine). Inside ``catch_ctrl_c`` a Ctrl-C raises as
-usual and is also remembered, and ``stop_if_asked`` (called after every chunk an ingest reads) raises it again.
+Python prints "Exception ignored in ..." and goes on: the ingest would keep reading (tests/neuraldb/test_interrupts.py
+shows the drop). Inside ``catch_ctrl_c`` a Ctrl-C raises as usual and is also remembered, and ``stop_if_asked``
+(called after every chunk an ingest reads) raises it again.
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ _asked = threading.Event()
 
 @contextlib.contextmanager
 def catch_ctrl_c() -> Iterator[None]:
-    """Inside, Ctrl-C raises ``KeyboardInterrupt`` and is remembered for ``stop_if_asked``. Outside the main thread
-    (where Python cannot install signal handlers) it changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    """Inside, Ctrl-C raises ``KeyboardInterrupt`` and is remembered for ``stop_if_asked``. It changes nothing outside
+    the main thread (where Python cannot install signal handlers) or where SIGINT does not have Python's own handler
+    (ignored, as in a shell's background job, or handled by the caller)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
 
