@@ -185,7 +185,32 @@ def test_generate_through_the_graph_step(
     ours = _generate(model, ids, cache, max_new_tokens=24, do_sample=False, custom_generate=bounded_decoding)
     assert torch.equal(ours, expected)
     assert shared_decoder_pool(model)._idle and len(made) <= 1  # a decoder served it (made here, or by a test before)
-    assert [s.pos for s in cache.states] == [s.pos for s in reference.states]
+    # the step launched ahead of the stop was taken back: the state is the forward's, token for token
+    _assert_same_states(cache, reference)
+
+
+def test_bounded_generate_stops_at_the_end_token_through_the_graph_step(
+    model: torch.nn.Module, graph_path_on_the_cpu: Callable[[], list[object]]
+) -> None:
+    ids = torch.randint(0, 200, (1, 27), generator=torch.Generator().manual_seed(12))
+    free = bounded_generate(model, ids, 8)
+    eos = int(free[0, 27 + 2])  # the third new token
+    reference = BoundedCache(model)
+    expected = bounded_generate(model, ids, 8, cache=reference, eos_token_id=eos)
+    graph_path_on_the_cpu()
+    cache = BoundedCache(model)
+    assert torch.equal(bounded_generate(model, ids, 8, cache=cache, eos_token_id=eos), expected)
+    _assert_same_states(cache, reference)
+
+
+def _assert_same_states(ours: BoundedCache, reference: BoundedCache) -> None:
+    for mine, theirs in zip(ours.states, reference.states, strict=True):
+        assert mine is not None and theirs is not None and mine.pos == theirs.pos
+        for name, tensor in theirs.tensors().items():
+            if tensor.is_floating_point():
+                torch.testing.assert_close(getattr(mine, name), tensor, atol=2e-4, rtol=2e-4)
+            else:
+                assert torch.equal(getattr(mine, name), tensor), name
 
 
 def test_generate_calls_share_the_models_decoders(graph_path_on_the_cpu: Callable[[], list[object]]) -> None:

@@ -108,6 +108,66 @@ def test_a_prefill_between_decodes_needs_adopt(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(decoder(ids[:, 20]), expected.float(), atol=2e-4, rtol=2e-4)
 
 
+def _steps_with_undone_ones(
+    decoder: GraphModelDecoder, ids: torch.Tensor, start: int, junk: torch.Tensor
+) -> torch.Tensor:
+    """Steps of ``ids[:, start:]``, each real step after position 22 preceded by an undoable step of ``junk`` that is
+    taken back (the one before position 24 would route: segments of 8)."""
+    out = []
+    for t in range(start, ids.shape[1]):
+        if t >= 23:
+            decoder(junk, undoable=True)
+            decoder.undo()
+        out.append(decoder(ids[:, t]))
+    return torch.stack(out, 1)
+
+
+def _assert_same_states(ours: BoundedCache, reference: BoundedCache, **tol: float) -> None:
+    for mine, theirs in zip(ours.states, reference.states, strict=True):
+        assert mine is not None and theirs is not None and mine.pos == theirs.pos
+        for name, tensor in theirs.tensors().items():
+            got = getattr(mine, name)
+            if tensor.is_floating_point():
+                torch.testing.assert_close(got, tensor, **tol, msg=lambda m, name=name: f"{name}: {m}")
+            else:
+                assert torch.equal(got, tensor), name
+
+
+def test_an_undone_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps launched ahead and taken back (``undoable=True``, ``undo``), a routing one among them: the logits and
+    the state are those of the steps without them."""
+    torch.manual_seed(4)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 26))
+    reference = _prefilled(model, ids[:, :21])
+    expected = _model_steps(model, reference, ids[:, 21:])
+    cache = _prefilled(model, ids[:, :21])
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    ours = _steps_with_undone_ones(decoder, ids, 21, torch.tensor([7]))
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
+    decoder.release()
+    _assert_same_states(cache, reference, atol=2e-4, rtol=2e-4)
+    with pytest.raises(GraphDecodeError, match="undo follows a step made with undoable=True"):
+        decoder.adopt(cache)
+        decoder.undo()
+
+
+@pytest.mark.gpu
+def test_captured_undone_steps_leave_no_trace() -> None:
+    torch.manual_seed(4)
+    model = _model("cuda")
+    ids = torch.randint(0, 200, (1, 40), device="cuda")
+    reference = _prefilled(model, ids[:, :21])
+    expected = _model_steps(model, reference, ids[:, 21:])
+    cache = _prefilled(model, ids[:, :21])
+    decoder = GraphModelDecoder(model, cache)
+    ours = _steps_with_undone_ones(decoder, ids, 21, torch.tensor([7], device="cuda"))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    decoder.release()
+    _assert_same_states(cache, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_refusals_name_the_problem() -> None:
     model = _model()
     with pytest.raises(GraphDecodeError, match="CUDA"):

@@ -463,7 +463,7 @@ def test_a_failed_graph_capture_falls_back_to_the_forward_with_a_warning(
     info = db.ingest(DOC_A)
     plain = db.ask(info.id, "What is the code word?", max_new_tokens=12)
 
-    def failing_call(self: graph_decode.GraphModelDecoder, token_ids: object) -> None:
+    def failing_call(self: graph_decode.GraphModelDecoder, token_ids: object, *, undoable: bool = False) -> None:
         self.failed = True  # what a failed capture does to the decoder
         raise graph_decode.GraphCaptureError("capturing the plain decode step failed: a test")
 

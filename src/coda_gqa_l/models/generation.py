@@ -55,17 +55,21 @@ def bounded_generate(
     logits = _prefill(model, cache, input_ids, chunk_tokens)
     produced: list[Tensor] = []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    with decode_steps(model, cache) as next_logits:
-        for step in range(max_new_tokens):
-            if step:
-                logits = next_logits(produced[-1])
+    with decode_steps(model, cache) as steps:
+        for made in range(1, max_new_tokens + 1):
             token = pick_token(logits.float(), temperature, generator)
             if eos_token_id is not None:
                 token = torch.where(finished, torch.full_like(token, eos_token_id), token)
                 finished |= token == eos_token_id
             produced.append(token)
-            if eos_token_id is not None and bool(finished.all()):
+            if made == max_new_tokens:
                 break
+            all_done = steps.read_later(finished.all()) if eos_token_id is not None else None
+            step = steps.ahead(token)  # runs on the GPU while the host waits to know whether it is wanted
+            if all_done is not None and bool(all_done()):
+                step.take_back()
+                break
+            logits = step.logits
     return torch.cat([input_ids, torch.stack(produced, dim=1)], dim=1)
 
 
@@ -104,7 +108,7 @@ def bounded_decoding(
     stops_at_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)  # type: ignore[attr-defined]
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     logits = _prefill(model, cache, input_ids[:, cache.get_seq_length() :], chunk).float()
-    with decode_steps(model, cache) as next_logits:
+    with decode_steps(model, cache) as steps:
         while True:
             next_scores = logits_processor(input_ids, logits)
             if want_dict and generation_config.output_scores:
@@ -121,9 +125,12 @@ def bounded_decoding(
             if streamer is not None:
                 streamer.put(tokens.cpu())
             unfinished = unfinished & ~stopping_criteria(input_ids, next_scores)
-            if int(unfinished.max()) == 0:
+            going_on = steps.read_later(unfinished.max())
+            step = steps.ahead(tokens)  # runs on the GPU while the host waits to know whether it is wanted
+            if int(going_on()) == 0:
+                step.take_back()  # the cache holds every token but the last, as transformers' loop leaves it
                 break
-            logits = next_logits(tokens).float()
+            logits = step.logits.float()
     if streamer is not None:
         streamer.end()
     if not want_dict:
@@ -189,28 +196,89 @@ def _prefill(model: nn.Module, cache: BoundedCache, input_ids: Tensor, chunk_tok
     return logits
 
 
+class StepAhead:
+    """A step launched before the caller knows whether it is wanted (``DecodeSteps.ahead``): ``logits`` if it is,
+    ``take_back()`` if generation stopped at the token it read."""
+
+    def __init__(self, steps: DecodeSteps, tokens: Tensor, launched: Tensor | None) -> None:
+        self._steps, self._tokens, self._logits = steps, tokens, launched
+
+    @property
+    def logits(self) -> Tensor:
+        """The next logits ``(B, vocab)``; a step not launched ahead (the forward's) runs now."""
+        if self._logits is None:
+            self._logits = self._steps(self._tokens)
+        return self._logits
+
+    def take_back(self) -> None:
+        """The state as it was before this step (a step that has not run is simply dropped)."""
+        if self._logits is not None:
+            self._steps.undo_last()
+        self._logits = None
+
+
+class DecodeSteps:
+    """One token per row at a time, through a graph decoder lent by the model's pool or else the model's forward
+    (``decode_steps``). ``steps(tokens)`` is the next logits; a loop that must look at a token on the host before it
+    knows whether to go on (an end-of-sequence token, a stop string, a line's end) instead asks for the values it
+    needs with ``read_later`` and launches the step with ``ahead``, so the GPU runs the step while the host waits for
+    those values, and takes the step back if generation stopped: the same tokens and the same final state as
+    stepping only once it knows, without waiting for the GPU between steps."""
+
+    def __init__(self, model: nn.Module, cache: BoundedCache, decoder: GraphModelDecoder | None) -> None:
+        self.model, self.cache, self.decoder = model, cache, decoder
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self._step(tokens, undoable=False)
+
+    def read_later(self, values: Tensor) -> Callable[[], Tensor]:
+        """``values`` as they are now, on the host when the returned function is called. On CUDA the copy is queued
+        now, so a step launched after this call does not delay it."""
+        if values.device.type != "cuda":
+            return lambda: values
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> Tensor:
+            copied.synchronize()
+            return host
+
+        return wait
+
+    def ahead(self, tokens: Tensor) -> StepAhead:
+        """The step of ``tokens`` launched now where it can be taken back (a graph decoder keeps the state before
+        it), else left to run when its logits are asked for."""
+        if self.decoder is None:
+            return StepAhead(self, tokens, None)
+        return StepAhead(self, tokens, self._step(tokens, undoable=True))
+
+    def undo_last(self) -> None:
+        assert self.decoder is not None  # only a step the decoder made is launched ahead
+        self.decoder.undo()
+
+    def _step(self, tokens: Tensor, *, undoable: bool) -> Tensor:
+        if self.decoder is not None:
+            try:
+                return self.decoder(tokens, undoable=undoable)
+            except GraphCaptureError as error:
+                warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=3)
+                self.decoder = None
+        with torch.inference_mode():
+            return self.model(tokens[:, None], **cache_kwargs(self.cache), use_cache=True).logits[:, -1]
+
+
 @contextlib.contextmanager
-def decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[Callable[[Tensor], Tensor]]:
-    """``next_logits(tokens (B,))``: one step of every row, through a graph decoder lent by the model's shared pool
-    where it runs (captured once per model and batch size, not once per call), else through the forward. A failed
-    capture leaves the state untouched and the steps go on through the forward (the pool lends no decoder to later
-    generations). On leaving, the cache holds tensors of its own again (the decoder's buffers are not shared).
-    Each step enters inference mode on its own: a web server may resume a generator on another thread."""
+def decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[DecodeSteps]:
+    """Steps of every row (``DecodeSteps``), through a graph decoder lent by the model's shared pool where it runs
+    (captured once per model and batch size, not once per call), else through the forward. A failed capture leaves
+    the state untouched and the steps go on through the forward (the pool lends no decoder to later generations).
+    On leaving, the cache holds tensors of its own again (the decoder's buffers are not shared). Each step enters
+    inference mode on its own: a web server may resume a generator on another thread."""
     lent = shared_decoder_pool(model).lend(cache) if graph_decode_supported(model) else contextlib.nullcontext()
     with lent as decoder:
-        graph: list[GraphModelDecoder | None] = [decoder]
-
-        def next_logits(tokens: Tensor) -> Tensor:
-            if graph[0] is not None:
-                try:
-                    return graph[0](tokens)
-                except GraphCaptureError as error:
-                    warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=2)
-                    graph[0] = None
-            with torch.inference_mode():
-                return model(tokens[:, None], **cache_kwargs(cache), use_cache=True).logits[:, -1]
-
-        yield next_logits
+        yield DecodeSteps(model, cache, decoder)
 
 
 def pick_token(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:

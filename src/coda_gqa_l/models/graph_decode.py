@@ -110,6 +110,9 @@ class GraphModelDecoder:
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self._kept = [KeptExtras() for _ in self.attention]  # each layer's segment extras, static buffers
         self._extras_valid = False  # whether _kept holds the live state's current segment
+        self._undoable = False  # whether the last step kept the state before it (``undo``)
+        self._before_step: list[Tensor] = []  # that state, and the device position
+        self._before_step_pos: Tensor | None = None
         self._num_sink = max(layer.config.num_sink for layer in self.attention)
         self._fused_norms = all(
             fusable(norm) for block in self.blocks for norm in (block.input_layernorm, block.post_attention_layernorm)
@@ -153,6 +156,7 @@ class GraphModelDecoder:
                 state.decode_view = None  # the reference path's derived view would be stale
             self._pos.fill_(states[0].pos)
         self._extras_valid = False
+        self._undoable = False
         self.cache = cache
 
     def capture_all(self) -> None:
@@ -181,13 +185,17 @@ class GraphModelDecoder:
             for (state, name, _), copy in zip(held, copies, strict=True):
                 setattr(state, name, copy)
         self.cache = None  # an idle decoder in a pool must not keep a finished answer's state alive
+        self._undoable = False
 
     @property
     def pos(self) -> int:
         """Tokens the state has seen (the position of the next token)."""
         return self._states_of(self._held())[0].pos
 
-    def __call__(self, token_ids: Tensor) -> Tensor:
+    def __call__(self, token_ids: Tensor, *, undoable: bool = False) -> Tensor:
+        """One token per row ``(B,)`` or ``(B, 1)`` -> its logits ``(B, vocab)`` float32. ``undoable``: the state
+        before the step is kept (one device copy of the state) so that ``undo`` can take the step back: a loop may
+        launch the next step before it knows whether generation has stopped, instead of waiting for every token."""
         if token_ids.dim() == 1:
             token_ids = token_ids[:, None]
         if token_ids.shape != self._ids.shape:
@@ -197,9 +205,36 @@ class GraphModelDecoder:
         if not pos:
             raise GraphDecodeError("a decode step follows a prompt: read or prefill at least one token first")
         kind = step_kind(pos, self.attention[0].config.segment, self._num_sink, self._extras_valid)
+        self._undoable = False
+        if undoable:
+            self._keep_before_step()
         self._run(states, self._ids, token_ids, kind)
+        self._undoable = undoable
         self._extras_valid = True  # every kind but a read leaves the live segment's extras kept
         return self._logits.clone()
+
+    def undo(self) -> None:
+        """Take back the last step, made with ``undoable=True``: the state is as it was before it."""
+        if not self._undoable:
+            raise GraphDecodeError("undo follows a step made with undoable=True, and only once")
+        states = self._check_buffers()
+        assert self._before_step_pos is not None  # kept with the state by the undoable step
+        with torch.inference_mode(False), torch.no_grad(), self._on_device():
+            _copy_all([*self._flat_buffers(), self._pos], [*self._before_step, self._before_step_pos])
+        for state in states:
+            state.pos -= 1
+        self._undoable = False
+        self._extras_valid = False  # the next step recomputes the segment's extras, not trusting any the undone wrote
+
+    def _keep_before_step(self) -> None:
+        with torch.inference_mode(False), torch.no_grad(), self._on_device():
+            if self._before_step_pos is None:  # allocated on the first undoable step: one state's device memory
+                self._before_step = [torch.empty_like(t) for t in self._flat_buffers()]
+                self._before_step_pos = torch.empty_like(self._pos)
+            _copy_all([*self._before_step, self._before_step_pos], [*self._flat_buffers(), self._pos])
+
+    def _flat_buffers(self) -> list[Tensor]:
+        return [buffer for buffers in self._buffers for buffer in buffers.values()]
 
     def read(self, token_ids: Tensor, pieces: int = 1) -> Tensor:
         """Read a chunk ``(B, n)`` of prompt or document tokens (a prefill), returning its last token's logits
@@ -230,6 +265,7 @@ class GraphModelDecoder:
         kind = "read" if states[0].pos >= self._num_sink else "read sinks"
         self._run(states, buffer, token_ids, kind if pieces == 1 else f"{kind} in {pieces}")
         self._extras_valid = False
+        self._undoable = False
         return self._logits.clone()
 
     # ------------------------------------------------------------------ internals

@@ -19,7 +19,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from ..data.prompts import PromptFormat
 from ..kernels import dispatch
 from ..models.cache import BoundedCache, bounded_modules
 from ..models.convert import convert
-from ..models.generation import decode_steps, pick_token
+from ..models.generation import DecodeSteps, StepAhead, decode_steps, pick_token
 from ..models.graph_prefill import prefill
 from ..models.hf_compat import cache_kwargs
 from ..models.inference import fold_for_inference
@@ -383,13 +383,13 @@ class Session:
         generator = torch.Generator(device=db._device).manual_seed(0)
         logits = self._read_question(db._encode(prompt))
         # each answer token through the whole model's CUDA graphs where they run, else the forward
-        with decode_steps(db.model, self.cache) as next_logits:
-            yield from self._answer(logits, next_logits, generator, max_new_tokens, temperature)
+        with decode_steps(db.model, self.cache) as steps:
+            yield from self._answer(logits, steps, generator, max_new_tokens, temperature)
 
     def _answer(
         self,
         logits: torch.Tensor,
-        next_logits: Callable[[torch.Tensor], torch.Tensor],
+        steps: DecodeSteps,
         generator: torch.Generator,
         max_new_tokens: int,
         temperature: float,
@@ -397,22 +397,33 @@ class Session:
         db = self.db
         produced: list[int] = []
         shown = ""
-        for _ in range(max_new_tokens):
-            token = int(pick_token(logits.float(), temperature, generator))
-            if token in db._stop_ids:
-                break
-            produced.append(token)
-            text = db.tokenizer.decode(produced, skip_special_tokens=True)
-            line_end = _first_line_end(text)
-            if line_end is not None:  # an answer is one line: it stops where its first non-empty line ends
-                if line_end > len(shown):
-                    yield text[len(shown) : line_end]
-                break
-            # wait for the rest of a multi-byte character before showing it
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-            logits = next_logits(torch.tensor([token], device=db._device))
+        step: StepAhead | None = None  # a step launched ahead whose token the answer has not yet kept
+        try:
+            for _ in range(max_new_tokens):
+                picked = pick_token(logits.float(), temperature, generator)
+                on_host = steps.read_later(picked)
+                # the next step runs on the GPU while the host reads the token and decides whether the answer goes on
+                step = steps.ahead(picked)
+                token = int(on_host()[0])
+                if token in db._stop_ids:
+                    break
+                produced.append(token)
+                text = db.tokenizer.decode(produced, skip_special_tokens=True)
+                line_end = _first_line_end(text)
+                if line_end is not None:  # an answer is one line: it stops where its first non-empty line ends
+                    if line_end > len(shown):
+                        yield text[len(shown) : line_end]
+                    break
+                # wait for the rest of a multi-byte character before showing it
+                if not text.endswith("\ufffd") and len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+                logits, step = step.logits, None
+        finally:
+            # the answer stopped at this token (or its reader went away at a yield): the session's state is what it
+            # would be had the step never been launched
+            if step is not None:
+                step.take_back()
 
 
 def check_device(device: str | torch.device) -> torch.device:
