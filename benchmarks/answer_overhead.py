@@ -10,7 +10,9 @@ Loops (each on a fork of the document's state, greedy; the first untimed run of 
   at an end-of-sequence token must: the host then waits for every step before it launches the next;
 * ``bounded_generate``: ``models.generation.bounded_generate`` (its own loop, an end-of-sequence check per token);
 * ``generate()``: transformers' ``generate(custom_generate=bounded_decoding)`` with the model's generation config
-  (its logits processors and stopping criteria per token).
+  (its logits processors and stopping criteria per token), each step launched before the host has read the token
+  it follows (``DecodeSteps.ahead``);
+* ``generate(), no steps ahead``: the same inside ``dispatch.steps_ahead(False)``: the host waits for each token.
 
 For the last two, ``fixed ms`` is a call that makes one new token (prompt read, decoder lent and given back,
 transformers' set-up) and ``ms/token`` is the slope ``(t(1 + n) - t(1)) / n``; for the loops, the time per token.
@@ -31,6 +33,7 @@ import torch
 from bench_common import run_header, write_result
 from torch import Tensor, nn
 
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache, bounded_decoding, bounded_generate, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphDecoderPool, graph_decode_supported, shared_decoder_pool
 from coda_gqa_l.models.hf_compat import cache_kwargs
@@ -48,12 +51,13 @@ def graph_loop(model: nn.Module, cache: BoundedCache, last: Tensor, tokens: int,
                 int(token[0])
 
 
-def generate_call(model: nn.Module, cache: BoundedCache, seq: Tensor, tokens: int) -> None:
+def generate_call(model: nn.Module, cache: BoundedCache, seq: Tensor, tokens: int, ahead: bool = True) -> None:
     generate: Any = model.generate  # type: ignore[operator]
-    generate(
-        seq, attention_mask=torch.ones_like(seq), **cache_kwargs(cache), custom_generate=bounded_decoding,
-        do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens,
-    )  # fmt: skip
+    with dispatch.steps_ahead(ahead):
+        generate(
+            seq, attention_mask=torch.ones_like(seq), **cache_kwargs(cache), custom_generate=bounded_decoding,
+            do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens,
+        )  # fmt: skip
 
 
 def timed(run: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -82,6 +86,7 @@ def measure(model: nn.Module, document: BoundedCache, seq: Tensor, args: argpars
     calls: dict[str, Callable[[BoundedCache, int], None]] = {
         "bounded_generate": ours,
         "generate()": lambda cache, k: generate_call(model, cache, seq, k),
+        "generate(), no steps ahead": lambda cache, k: generate_call(model, cache, seq, k, ahead=False),
     }
     for name, call in calls.items():
         one = timed(lambda c=call: c(document.fork(), 1), device, args.repeats)
@@ -98,12 +103,12 @@ def table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"{result['model']}, {result['dtype']} on {result['device']}, after {result['context']:,} tokens, "
         f"{result['tokens']} tokens, medians of {result['repeats']}",
-        f"{'loop':<28}{'ms/token':>10}{'tokens/s':>10}{'vs graph loop':>15}{'fixed ms':>10}",
+        f"{'loop':<30}{'ms/token':>10}{'tokens/s':>10}{'vs graph loop':>15}{'fixed ms':>10}",
     ]
     for name, row in result["rows"].items():
         fixed = f"{row['fixed_ms']:>10.1f}" if "fixed_ms" in row else f"{'':>10}"
         lines.append(
-            f"{name:<28}{row['ms_per_token']:>10.3f}{row['tokens_per_s']:>10.1f}{row['vs_graph_loop']:>14.3f}x{fixed}"
+            f"{name:<30}{row['ms_per_token']:>10.3f}{row['tokens_per_s']:>10.1f}{row['vs_graph_loop']:>14.3f}x{fixed}"
         )
     return lines
 

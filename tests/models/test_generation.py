@@ -254,3 +254,27 @@ def test_generate_with_our_loop_on_cuda_captures_once_and_gives_the_forwards_tok
         # one graph per kind of one-token step: a plain step, the step that refreshes the segment's extras, the route
         assert len(pool._idle) == 1 and not pool.capture_failed
         assert set(pool._idle[0]._graphs) == {(1, "step"), (1, "refresh"), (1, "route")}
+
+
+def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: torch.nn.Module) -> None:
+    """``DecodeSteps.ahead`` makes an undoable decoder step and ``take_back`` undoes it; inside
+    ``dispatch.steps_ahead(False)`` the step waits until its logits are asked for, and a step taken back never runs."""
+    from coda_gqa_l.models.generation import DecodeSteps
+
+    calls: list[object] = []
+
+    class RecordingDecoder:
+        def __call__(self, tokens: torch.Tensor, *, undoable: bool = False) -> torch.Tensor:
+            calls.append(("step", int(tokens[0]), undoable))
+            return torch.zeros(1, 3)
+
+        def undo(self) -> None:
+            calls.append("undo")
+
+    steps = DecodeSteps(model, BoundedCache(model), RecordingDecoder())  # type: ignore[arg-type]
+    steps.ahead(torch.tensor([1])).take_back()
+    assert steps.ahead(torch.tensor([2])).logits.shape == (1, 3)
+    with dispatch.steps_ahead(False):
+        steps.ahead(torch.tensor([3])).take_back()
+        assert steps.ahead(torch.tensor([4])).logits.shape == (1, 3)
+    assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False)]

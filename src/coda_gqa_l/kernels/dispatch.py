@@ -296,6 +296,28 @@ def step_products_in_prologue(device: torch.device | str) -> bool:
     return use_triton(device) and (DEFAULT_STEP_PRODUCT_PROLOGUES if chosen is None else chosen)
 
 
+DEFAULT_STEPS_AHEAD = True
+_STEPS_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_steps_ahead", default=None)
+
+
+@contextlib.contextmanager
+def steps_ahead(on: bool = True) -> Iterator[None]:
+    """Inside, answer loops on a graph decoder launch each step before the host has read the token it follows and
+    take it back if generation stopped there (``models.generation.DecodeSteps.ahead``), or with ``on=False`` wait
+    for the token first, so the GPU idles while the host looks. For the benchmark and tests that compare the two;
+    outside, ``DEFAULT_STEPS_AHEAD`` (on)."""
+    token = _STEPS_AHEAD.set(on)
+    try:
+        yield
+    finally:
+        _STEPS_AHEAD.reset(token)
+
+
+def launch_steps_ahead() -> bool:
+    chosen = _STEPS_AHEAD.get()
+    return DEFAULT_STEPS_AHEAD if chosen is None else chosen
+
+
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide
 
 

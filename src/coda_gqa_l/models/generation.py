@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..kernels import dispatch
 from .cache import BoundedCache
 from .graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
 from .graph_prefill import prefill
@@ -239,7 +240,7 @@ class DecodeSteps:
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         host.copy_(values, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(values.device))  # the copy's stream, on the model's GPU
 
         def wait() -> Tensor:
             copied.synchronize()
@@ -250,7 +251,7 @@ class DecodeSteps:
     def ahead(self, tokens: Tensor) -> StepAhead:
         """The step of ``tokens`` launched now where it can be taken back (a graph decoder keeps the state before
         it), else left to run when its logits are asked for."""
-        if self.decoder is None:
+        if self.decoder is None or not dispatch.launch_steps_ahead():
             return StepAhead(self, tokens, None)
         return StepAhead(self, tokens, self._step(tokens, undoable=True))
 
