@@ -278,3 +278,26 @@ def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: 
         steps.ahead(torch.tensor([3])).take_back()
         assert steps.ahead(torch.tensor([4])).logits.shape == (1, 3)
     assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False)]
+
+
+def test_a_step_ahead_whose_capture_fails_is_left_to_the_forward(model: torch.nn.Module) -> None:
+    """The decoder fails to capture the step launched ahead (the state untouched): a warning, no graph from then on,
+    and the step waits for its logits to be asked for (through the forward); taken back, it never ran."""
+    from coda_gqa_l.models.generation import DecodeSteps
+    from coda_gqa_l.models.graph_decode import GraphCaptureError
+
+    class FailingDecoder:
+        def __call__(self, tokens: torch.Tensor, *, undoable: bool = False) -> torch.Tensor:
+            raise GraphCaptureError("capturing the step failed: a test")
+
+    cache = BoundedCache(model)
+    with torch.no_grad():
+        model(torch.randint(0, 200, (1, 5)), **cache_kwargs(cache), use_cache=True)
+    steps = DecodeSteps(model, cache, FailingDecoder())  # type: ignore[arg-type]
+    with pytest.warns(UserWarning, match="a test; answers decode through the model's forward"):
+        step = steps.ahead(torch.tensor([3]))
+    assert steps.decoder is None
+    step.take_back()
+    assert cache.get_seq_length() == 5  # nothing ran
+    assert steps.ahead(torch.tensor([3])).logits.shape == (1, model.config.vocab_size)
+    assert cache.get_seq_length() == 6

@@ -203,6 +203,7 @@ class StepAhead:
 
     def __init__(self, steps: DecodeSteps, tokens: Tensor, launched: Tensor | None) -> None:
         self._steps, self._tokens, self._logits = steps, tokens, launched
+        self._undoable = launched is not None  # made by the decoder with undoable=True
 
     @property
     def logits(self) -> Tensor:
@@ -213,9 +214,11 @@ class StepAhead:
 
     def take_back(self) -> None:
         """The state as it was before this step (a step that has not run is simply dropped)."""
-        if self._logits is not None:
+        if self._undoable:
             self._steps.undo_last()
-        self._logits = None
+        elif self._logits is not None:
+            raise RuntimeError("a step that ran when its logits were asked for cannot be taken back")
+        self._undoable, self._logits = False, None
 
 
 class DecodeSteps:
@@ -251,9 +254,12 @@ class DecodeSteps:
     def ahead(self, tokens: Tensor) -> StepAhead:
         """The step of ``tokens`` launched now where it can be taken back (a graph decoder keeps the state before
         it), else left to run when its logits are asked for."""
-        if self.decoder is None or not dispatch.launch_steps_ahead():
-            return StepAhead(self, tokens, None)
-        return StepAhead(self, tokens, self._step(tokens, undoable=True))
+        if self.decoder is not None and dispatch.launch_steps_ahead():
+            try:
+                return StepAhead(self, tokens, self.decoder(tokens, undoable=True))
+            except GraphCaptureError as error:  # the state is untouched: the forward takes the step when asked
+                self._give_up_graphs(error)
+        return StepAhead(self, tokens, None)
 
     def undo_last(self) -> None:
         assert self.decoder is not None  # only a step the decoder made is launched ahead
@@ -264,10 +270,13 @@ class DecodeSteps:
             try:
                 return self.decoder(tokens, undoable=undoable)
             except GraphCaptureError as error:
-                warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=3)
-                self.decoder = None
+                self._give_up_graphs(error)
         with torch.inference_mode():
             return self.model(tokens[:, None], **cache_kwargs(self.cache), use_cache=True).logits[:, -1]
+
+    def _give_up_graphs(self, error: GraphCaptureError) -> None:
+        warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=4)
+        self.decoder = None
 
 
 @contextlib.contextmanager
