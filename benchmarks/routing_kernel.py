@@ -33,8 +33,7 @@ from typing import Any
 import torch
 
 from coda_gqa_l.config import BoundedConfig, chunk_segments
-from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.kernels import routing_triton
+from coda_gqa_l.kernels import dispatch, routing_triton
 from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
@@ -73,10 +72,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=30, help="launches per captured graph (a model's layers)")
     p.add_argument("--repeats", type=int, default=20, help="replays timed per row")
     p.add_argument("--warps", type=int, nargs="+", default=[8], help="warps per program, each timed (8: the kernel's)")
-    p.add_argument("--kernels", nargs="+", default=["current"], choices=["current", "previous"],
-                   help="previous: the kernel of 50710ee (benchmarks/routing_kernel_previous.py), timed in the same run")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float32"],
-                   help="bank and token dtype (float32: the neural database on CUDA, its dots as dispatch.float32_dots)")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["current"],
+        choices=["current", "previous"],
+        help="previous: the kernel of 50710ee (routing_kernel_previous.py), timed in the same run",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["bfloat16"],
+        choices=["bfloat16", "float32"],
+        help="bank and token dtype (float32: the neural database on CUDA; dots as dispatch.float32_dots)",
+    )
     p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, Triton's interpreter, plain loops")
     return p.parse_args(argv)
 
@@ -127,11 +136,11 @@ def same_routing(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """The same decisions (fills, last uses, which slots are empty in every snapshot) and values within a 16-bit
     float's rounding: the two kernels sum in different orders, and the EMA's last bit may differ."""
     (banks_a, *snaps_a), (banks_b, *snaps_b) = a, b
-    decisions = all(torch.equal(x, y) for x, y in zip(banks_a[3:5] + banks_a[8:], banks_b[3:5] + banks_b[8:]))
+    flags = (3, 4, 8)  # ex_last, ex_filled, sm_filled
+    decisions = all(torch.equal(banks_a[i], banks_b[i]) for i in flags)
     empty = torch.equal(torch.isinf(snaps_a[2]), torch.isinf(snaps_b[2]))
-    values = all(
-        torch.allclose(x.float(), y.float(), atol=1e-5, rtol=2**-7) for x, y in zip([*banks_a, *snaps_a], [*banks_b, *snaps_b])
-    )
+    pairs = zip([*banks_a, *snaps_a], [*banks_b, *snaps_b], strict=True)
+    values = all(torch.allclose(x.float(), y.float(), atol=1e-5, rtol=2**-7) for x, y in pairs)
     return decisions and empty and values
 
 
@@ -194,14 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"dtype": dtype_name, "shape": shape.name, "banks": split, "warps": warps, "kernel": kernel,
                      "segments": segments, "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments,
                      "same_routing_as_current": agrees})  # fmt: skip
-    result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, getattr(torch, args.dtypes[0]))
+    argv = argv if argv is not None else sys.argv[1:]
+    result = run_header("routing_kernel.py", argv, device, getattr(torch, args.dtypes[0]))
     result.update(calls=args.calls, repeats=args.repeats, float32_dots=dispatch.float32_dots(), rows=rows)
     table = [f"routing one chunk, {result['device']}, medians of {args.repeats} replays"]
     table.append(
         f"{'dtype':9} {'shape':30} {'banks':18} {'warps':>5} {'kernel':>9} {'segments':>8} {'launch us':>10} "
         f"{'per segment us':>15} {'vs previous':>11} {'same':>5}"
     )
-    previous = {(r["dtype"], r["shape"], r["banks"], r["warps"]): r["launch_us"] for r in rows if r["kernel"] == "previous"}
+    previous = {
+        (r["dtype"], r["shape"], r["banks"], r["warps"]): r["launch_us"] for r in rows if r["kernel"] == "previous"
+    }
     for row in rows:
         base = previous.get((row["dtype"], row["shape"], row["banks"], row["warps"]))
         ratio = f"{base / row['launch_us']:10.2f}x" if base and row["kernel"] == "current" else ""

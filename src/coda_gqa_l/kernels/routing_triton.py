@@ -132,7 +132,8 @@ def _gram_cosines(gram, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def _segment_tokens(e, nseg, seg0, start, ext_v, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr,
-                    NUM_SINK: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    NUM_SINK: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
     """The tokens leaving the window at the ``e``-th segment boundary of the chunk, with their values and gates.
 
     Returns ``(first, at, valid, gate, values)``: the token index of the first evicted token (int64),
@@ -360,11 +361,11 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
-    first, at, valid, gate, values = _segment_tokens(
+    _, at, valid, gate, values = _segment_tokens(
         0, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
     )
     for e in range(nseg):
-        next_first, next_at, next_valid, next_gate, next_values = _segment_tokens(
+        _, next_at, next_valid, next_gate, next_values = _segment_tokens(
             e + 1, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
         )
         keys = _rows(ext_k, at + tl.arange(0, BLOCK_S), valid, dk, DH, BLOCK_D)  # used last: its load overlaps
@@ -372,7 +373,9 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         cand = valid & (gate > tau_summary)
         dots = _dot_nt(values, proto_v, LOWP, F32_DOTS)
         proto_cos = tl.where(filled[None, :], dots * _tile_inv_norms(values)[:, None] * sinv[None, :], NEG_INF)
-        full, seed_src, avail = _pick_seeds(proto_cos, cand, q_ok & ~filled, gate, values, BLOCK_S, BLOCK_MS, LOWP, F32_DOTS)
+        full, seed_src, avail = _pick_seeds(
+            proto_cos, cand, q_ok & ~filled, gate, values, BLOCK_S, BLOCK_MS, LOWP, F32_DOTS
+        )
         seeded = seed_src >= 0
 
         # every other candidate joins its most similar prototype (ties to the lower slot)
@@ -394,16 +397,16 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
             base_v = tl.where(seeded[:, None], _rows(ext_v, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32), base_v)
             sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        proto_v = _ema(proto_v, base_v, _dot_weights(w_hi, w_mid, w_lo, values, LOWP, F32_DOTS) * inv_denom[:, None], updated,
-                       keep, eta, INTERPRET)  # fmt: skip
+        mean_v = _dot_weights(w_hi, w_mid, w_lo, values, LOWP, F32_DOTS) * inv_denom[:, None]
+        proto_v = _ema(proto_v, base_v, mean_v, updated, keep, eta, INTERPRET)
         sinv = _tile_inv_norms(proto_v)
-        proto_k = _ema(proto_k, base_k, _dot_weights(w_hi, w_mid, w_lo, keys, LOWP, F32_DOTS) * inv_denom[:, None], updated,
-                       keep, eta, INTERPRET)  # fmt: skip
+        mean_k = _dot_weights(w_hi, w_mid, w_lo, keys, LOWP, F32_DOTS) * inv_denom[:, None]
+        proto_k = _ema(proto_k, base_k, mean_k, updated, keep, eta, INTERPRET)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
         _store_snapshot(snap_k, snap_v, snap_b, slot0 + e * M_TOTAL, proto_k, proto_v, sg, sfill, MS, DH, BLOCK_MS,
                         BLOCK_D, INTERPRET)  # fmt: skip
-        first, at, valid, gate, values = next_first, next_at, next_valid, next_gate, next_values
+        at, valid, gate, values = next_at, next_valid, next_gate, next_values
     _store_rows(o_k + bank * DH, proto_k, q_ok, DH, BLOCK_MS, BLOCK_D)
     _store_rows(o_v + bank * DH, proto_v, q_ok, DH, BLOCK_MS, BLOCK_D)
     tl.store(o_g + bank + q, sg, mask=q_ok)
