@@ -5,9 +5,12 @@ Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, K
 the evicted tokens, which both programs load), so splitting them halves the sequential chain
 at no cost in determinism. Each program loops over the chunk's segments in order; at each one
 it routes the ``S`` tokens that leave the window and writes the snapshot that segment's queries
-see. The snapshot it has just written is the bank the next segment starts from, so the bank
-rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
-registers; the final bank is copied out of the last snapshot.
+see. The bank's rows and bookkeeping (gate, last use, fill) stay in registers from the first
+segment to the last, so a segment's chain of decisions reads no memory that the chain wrote:
+its snapshot stores leave the chain at once, the next segment's values and gates are loaded
+while this one routes, and the exact bank gathers token rows only in a segment that writes a
+slot (the summary only in one that seeds). The kernel of ``50710ee`` read each segment's bank
+back from the snapshot before it, a global-memory round trip and a barrier a segment.
 
 Token indices and validity come from ``start`` inside the kernel, read from a device scalar (so a
 launch captured in a CUDA graph replays at any position, and the eager and captured paths share
@@ -17,9 +20,9 @@ leaves the bank untouched.
 Decisions are made in float32 with the reference's tie rules spelled out as index arithmetic
 (no sorting): candidates rank by gate descending then token index ascending, victims by
 free-first then last use then slot index, argmax ties go to the lower slot. Cosines are raw dot
-products divided by the two norms. With float32 tensors the dots run as plain float32 FMAs
-(``input_precision="ieee"``, the reduction dimension cut into short chunks so the operands fit
-in registers). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
+products divided by the two norms. With float32 tensors the dots run as the attention kernels'
+float32 dots do (``dispatch.float32_dots``: plain float32 FMAs, or three TF32 products, never
+one). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
 products of two 16-bit floats are exact in float32 and accumulate in float32, so the result is
 what float32 arithmetic gives (no tf32 rounding anywhere); the summary's gate-weighted sums
 split the float32 weights into three 16-bit parts for the same reason.
