@@ -2,7 +2,7 @@
 bank only and through the summary bank only, so the serial chain that bounds a chunk's routing shows itself.
 
     PYTHONPATH=src python benchmarks/routing_kernel.py [--out DIR] [--calls 30] [--repeats 20] \
-        [--kernels current previous] [--dtypes bfloat16 float32]
+        [--banks registers memory] [--dtypes bfloat16 float32]
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_kernel.py --quick
         # CPU: tiny shapes in Triton's interpreter, plain loops (the test runs this; no timing worth reading)
 
@@ -14,8 +14,9 @@ banks are filled by routing four chunks first; values lie around a few direction
 happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
 how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
 ``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
-medians per launch and per segment. ``--kernels current previous`` times the kernel of ``50710ee`` (its bank read back
-from memory every segment) beside the current one on the same problems, and says whether both route alike.
+medians per launch and per segment. ``--banks registers memory`` times both kernels (``dispatch.routing_bank``: each
+bank kept in registers across the segments, or read back from memory at each, the kernel of ``50710ee``) on the same
+problems, and says whether the second routes as the first.
 Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
@@ -24,8 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from coda_gqa_l.config import BoundedConfig, chunk_segments
-from coda_gqa_l.kernels import dispatch, routing_triton
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="replays timed per row")
     p.add_argument("--warps", type=int, nargs="+", default=[8], help="warps per program, each timed (8: the kernel's)")
     p.add_argument(
-        "--kernels",
+        "--banks",
         nargs="+",
-        default=["current"],
-        choices=["current", "previous"],
-        help="previous: the kernel of 50710ee (routing_kernel_previous.py), timed in the same run",
+        default=None,
+        choices=["registers", "memory"],
+        help="where the kernel keeps a bank across a chunk's segments (dispatch.routing_bank), each timed; "
+        "default: what the dtype picks",
     )
     p.add_argument(
         "--dtypes",
@@ -157,22 +158,6 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
         return graphed_call_seconds(launch, calls, repeats, k.device)
 
 
-@contextmanager
-def kernel_version(name: str) -> Iterator[None]:
-    """The wrapper launches ``routing_triton._route_chunk_kernel``, looked up at each call: swap it for a version."""
-    if name == "current":
-        yield
-        return
-    from routing_kernel_previous import PreviousKernel
-
-    current = routing_triton._route_chunk_kernel
-    routing_triton._route_chunk_kernel = PreviousKernel()  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        routing_triton._route_chunk_kernel = current
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -187,40 +172,39 @@ def main(argv: list[str] | None = None) -> int:
         print("routing_kernel.py times a CUDA kernel: no GPU here (--quick runs tiny shapes in the interpreter)")
         return 1
     rows = []
-    firsts: dict[tuple[str, str, str, int], Any] = {}  # the current kernel's result for each problem
-    for dtype_name, shape, (split, make), warps, kernel in itertools.product(
-        args.dtypes, shapes, BANK_SPLITS.items(), args.warps, args.kernels
+    firsts: dict[tuple[str, str, str, int], Any] = {}  # the first kernel's result for each problem
+    for dtype_name, shape, (split, make), warps, bank in itertools.product(
+        args.dtypes, shapes, BANK_SPLITS.items(), args.warps, args.banks or [None]
     ):
         config = make(shape.config)
-        with kernel_version(kernel), torch.no_grad():
+        kernel = bank or dispatch.routing_bank_for(getattr(torch, dtype_name))
+        with dispatch.routing_bank(bank) if bank else nullcontext(), torch.no_grad():
             problem = Problem(shape, config, device, getattr(torch, dtype_name), warps)
             seconds = time_route(problem, args.calls, args.repeats)
             routed = problem.route(problem.start)
         key = (dtype_name, shape.name, split, warps)
-        agrees = None if kernel == "current" or key not in firsts else same_routing(firsts[key], routed)
+        agrees = None if key not in firsts else same_routing(firsts[key], routed)
         firsts.setdefault(key, routed)
         segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
         rows.append({"dtype": dtype_name, "shape": shape.name, "banks": split, "warps": warps, "kernel": kernel,
                      "segments": segments, "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments,
-                     "same_routing_as_current": agrees})  # fmt: skip
+                     "same_routing_as_first": agrees})  # fmt: skip
     argv = argv if argv is not None else sys.argv[1:]
     result = run_header("routing_kernel.py", argv, device, getattr(torch, args.dtypes[0]))
     result.update(calls=args.calls, repeats=args.repeats, float32_dots=dispatch.float32_dots(), rows=rows)
     table = [f"routing one chunk, {result['device']}, medians of {args.repeats} replays"]
     table.append(
         f"{'dtype':9} {'shape':30} {'banks':18} {'warps':>5} {'kernel':>9} {'segments':>8} {'launch us':>10} "
-        f"{'per segment us':>15} {'vs previous':>11} {'same':>5}"
+        f"{'per segment us':>15} {'vs memory':>11} {'same':>5}"
     )
-    previous = {
-        (r["dtype"], r["shape"], r["banks"], r["warps"]): r["launch_us"] for r in rows if r["kernel"] == "previous"
-    }
+    memory = {(r["dtype"], r["shape"], r["banks"], r["warps"]): r["launch_us"] for r in rows if r["kernel"] == "memory"}
     for row in rows:
-        base = previous.get((row["dtype"], row["shape"], row["banks"], row["warps"]))
-        ratio = f"{base / row['launch_us']:10.2f}x" if base and row["kernel"] == "current" else ""
+        base = memory.get((row["dtype"], row["shape"], row["banks"], row["warps"]))
+        ratio = f"{base / row['launch_us']:10.2f}x" if base and row["kernel"] == "registers" else ""
         table.append(
             f"{row['dtype']:9} {row['shape'][:30]:30} {row['banks']:18} {row['warps']:5d} {row['kernel']:>9} "
             f"{row['segments']:8d} {row['launch_us']:10.1f} {row['segment_us']:15.2f} {ratio:>11} "
-            f"{'' if row['same_routing_as_current'] is None else row['same_routing_as_current']!s:>5}"
+            f"{'' if row['same_routing_as_first'] is None else row['same_routing_as_first']!s:>5}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0

@@ -91,14 +91,22 @@ def route_chunk_triton(
                 dst.copy_(src)
         return out, snap_k, snap_v, snap_b
 
-    from .routing_triton import _route_chunk_kernel
-
     c = _contiguous
     if start_dev is None:
         start_dev = torch.full((), start, dtype=torch.int64, device=device)
-    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots.
+    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots (or three TF32 products).
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
+    block_d = tile_size(Dh)
+    if dispatch.routing_bank_for(dtype) == "registers":
+        from .routing_triton import _route_chunk_kernel
+
+        variant: dict[str, object] = {"F32_DOTS": _float32_dots()}
+    else:
+        from .routing_triton_memory import _route_chunk_kernel
+
+        cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
+        variant = {"COS_BK": cos_bk, "EMA_BK": ema_bk}
     launch(_route_chunk_kernel, (B * Hkv, 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
@@ -110,8 +118,8 @@ def route_chunk_triton(
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
-        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
-        LOWP=lowp, F32_DOTS=_float32_dots(), INTERPRET=interpreting(), num_warps=num_warps,
+        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=block_d,
+        LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps, **variant,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

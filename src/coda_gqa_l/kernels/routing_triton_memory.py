@@ -1,9 +1,14 @@
-"""The routing kernel as it was before the bank stayed in registers across a chunk's segments (``50710ee``), kept
-only so ``routing_kernel.py --kernels current previous`` times both in one run; to be deleted once the new kernel's
-GPU timings are recorded in benchmarks/results/speed.md.
+"""Triton kernel of fused bank routing for float32 banks (docs/kernels.md): what ``routing_triton.py`` computes,
+with each bank read back from memory at every segment instead of kept in registers.
 
-Each program walks its chunk's segments reading its bank from the snapshot the previous segment wrote (a global
-memory round trip and a barrier a segment), in chunks of ``COS_BK`` / ``EMA_BK`` columns.
+A float32 bank's tiles and the float32 dots over whole rows do not fit in a program's registers (compiled for sm_90
+with Triton 3.6, the register kernel's SmolLM2 summary program spills 16.6 KB with ``ieee`` dots and 1.4 KB with
+``tf32x3``, against at most 0.5 KB for bfloat16 at either shape: ``benchmarks/routing_registers.py``), so here
+each program walks its chunk's segments reading the bank from the snapshot the segment before wrote (a
+global-memory round trip and a barrier a segment), in chunks of ``COS_BK`` columns for the cosines and ``EMA_BK``
+for the summary's means, with float32 FMA dots. This is the kernel of ``50710ee``; ``dispatch.routing_bank``
+chooses between the two (the tests and ``benchmarks/routing_kernel.py`` run both on the same inputs). Its decisions,
+tie rules and float32 arithmetic are as ``routing_triton.py`` describes.
 """
 
 from __future__ import annotations
@@ -11,88 +16,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_INF = tl.constexpr(float("-inf"))
-POS_INF = tl.constexpr(float("inf"))
-FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, the reference's clamp
-NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp
-LN2 = tl.constexpr(0.6931471805599453)
+from .routing_triton import (
+    FLOAT32_TINY,
+    NEG_INF,
+    POS_INF,
+    _dot_weights,
+    _exact_decisions,
+    _gram_cosines,
+    _inv_norm,
+    _log,
+    _rows,
+    _tile_mask,
+    _to_storage,
+    _weight_parts,
+)
+from .routing_triton import _dot_nt as _dot
 
 
 @triton.jit
 def _dot_nt(a, b, LOWP: tl.constexpr):
-    """``a (M, K) @ b (N, K)^T`` in float32: tensor cores on 16-bit inputs (exact products), else FMAs."""
-    if LOWP:
-        return tl.dot(a, tl.trans(b))
-    else:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-
-
-@triton.jit
-def _weight_parts(w, dtype: tl.constexpr, LOWP: tl.constexpr):
-    """``w (S, M)`` float32 weights, transposed, as the operands of ``_dot_weights``.
-
-    For 16-bit tokens the weights are split into three ``dtype`` parts whose sum is ``w`` to
-    float32 precision: each part's products with the tokens are exact, so three tensor-core dots
-    give the float32 result. Computed once per segment, used for every column chunk.
-    """
-    wt = tl.trans(w)
-    if LOWP:
-        hi = wt.to(dtype)
-        rest = wt - hi.to(tl.float32)
-        mid = rest.to(dtype)
-        lo = (rest - mid.to(tl.float32)).to(dtype)
-        return hi, mid, lo
-    else:
-        return wt, wt, wt
-
-
-@triton.jit
-def _dot_weights(hi, mid, lo, x, LOWP: tl.constexpr):
-    """``w^T @ x`` in float32 from the parts ``_weight_parts`` made."""
-    if LOWP:
-        return tl.dot(hi, x) + tl.dot(mid, x) + tl.dot(lo, x)
-    else:
-        return tl.dot(hi, x.to(tl.float32), input_precision="ieee")
-
-
-@triton.jit
-def _tile_mask(ok, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``ok`` and columns below ``DH``; with no padded column the mask is constant along a row,
-    which lets loads and stores use vector instructions."""
-    if BLOCK_D == DH:
-        return ok[:, None]  # broadcast along the row by tl.load / tl.store
-    else:
-        return ok[:, None] & (dk < DH)[None, :]
-
-
-@triton.jit
-def _to_storage(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """Round float32 ``x`` to the bank dtype, to nearest even like torch.
-
-    Triton's interpreter truncates float32 to bf16, so there the rounding is done by hand.
-    """
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def _rows(base, rows, ok, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Columns ``dk`` of rows ``rows`` (one per lane of ``ok``) of a ``(*, DH)`` matrix; zeros where masked."""
-    ptrs = base + rows[:, None] * DH + dk[None, :]  # int32 offsets inside one head's slab
-    return tl.load(ptrs, mask=_tile_mask(ok, dk, DH, BLOCK_D), other=0.0)
-
-
-@triton.jit
-def _inv_norm(sq):
-    """Reciprocal of ``F.normalize``'s divisor ``max(||x||, 1e-12)``, from a squared norm.
-
-    Cosines are raw dots times two of these: multiplications instead of per-element divisions.
-    """
-    return tl.fdiv(1.0, tl.maximum(tl.sqrt(sq), NORM_EPS))  # approximate division: ~1 ulp, cheap
+    """``routing_triton._dot_nt`` with float32 tiles multiplied as plain FMAs."""
+    return _dot(a, b, LOWP, "ieee")
 
 
 @triton.jit
@@ -146,14 +90,6 @@ def _token_gram(ext_v, row, valid, BLOCK_S: tl.constexpr, DH: tl.constexpr, BLOC
 
 
 @triton.jit
-def _gram_cosines(gram, BLOCK_S: tl.constexpr):
-    """Cosines from a Gram matrix, and the inverse norms from its diagonal."""
-    j = tl.arange(0, BLOCK_S)
-    inv = _inv_norm(tl.sum(tl.where(j[:, None] == j[None, :], gram, 0.0), 1))
-    return gram * inv[:, None] * inv[None, :], inv
-
-
-@triton.jit
 def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
                     BLOCK_S: tl.constexpr):  # fmt: skip
     """The tokens leaving the window at the ``e``-th segment boundary of the chunk.
@@ -175,15 +111,6 @@ def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constex
 
 
 @triton.jit
-def _gate_order(gate, BLOCK_S: tl.constexpr):
-    """``above[j, i]``: token ``i`` ranks above token ``j``: higher gate, or equal gate and lower index."""
-    idx = tl.arange(0, BLOCK_S)
-    g_j = gate[:, None]
-    g_i = gate[None, :]
-    return (g_i > g_j) | ((g_i == g_j) & (idx[None, :] < idx[:, None]))
-
-
-@triton.jit
 def _bank_base(e, in_base, snap, prev_slot, DH: tl.constexpr):
     """Rows of the bank a segment starts from: the input bank, then the previous segment's snapshot."""
     if e == 0:
@@ -191,49 +118,6 @@ def _bank_base(e, in_base, snap, prev_slot, DH: tl.constexpr):
     else:
         base = snap + prev_slot * DH
     return base
-
-
-@triton.jit
-def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME: tl.constexpr,
-                     MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr):  # fmt: skip
-    """One segment's exact-bank decisions (``banks._route_exact``).
-
-    Returns ``(xlast, write, src)``: last use after hits, which slots are written and the
-    candidate (0..S-1) each written slot takes.
-    """
-    p = tl.arange(0, BLOCK_ME)
-    j = tl.arange(0, BLOCK_S)
-    filled = xfill != 0
-    cand = valid & (gate > tau_exact)
-    cos = tl.where(filled[None, :], cos, NEG_INF)
-    best = tl.max(cos, 1)
-    best_slot = tl.min(tl.where(cos == best[:, None], p[None, :], BLOCK_ME), 1)
-    hit = cand & (best >= match)
-    # near-duplicates of any higher-ranked candidate of the segment are not novel
-    above = _gate_order(gate, BLOCK_S)
-    duplicate = tl.max((cand[None, :] & above & (pair_cos >= novelty)).to(tl.int32), 1) > 0
-    novel = cand & (best < novelty) & ~duplicate
-
-    # hits refresh last use to the latest hitting token, before victims are chosen
-    hit_on = hit[:, None] & (best_slot[:, None] == p[None, :])
-    latest = tl.max(tl.where(hit_on, j[:, None], -1), 0)
-    slot_hit = latest >= 0
-    xlast = tl.where(slot_hit, tl.maximum(xlast, first + latest), xlast)
-
-    # victim rank: free slots first (key -1), then least recent, then lower slot; hit slots excluded
-    eligible = (p < ME) & ~slot_hit
-    key = tl.where(filled, xlast, -1)
-    before = eligible[None, :] & (
-        (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (p[None, :] < p[:, None]))
-    )
-    victim_rank = tl.sum(before.to(tl.int32), 1)
-    # the r-th novel candidate (gate desc, index asc) takes the r-th victim
-    novel_rank = tl.sum((novel[None, :] & above).to(tl.int32), 1)
-    inserts = tl.minimum(tl.sum(novel.to(tl.int32), 0), tl.sum(eligible.to(tl.int32), 0))
-    write = eligible & (victim_rank < tl.minimum(inserts, MAX_INSERTS))
-    takes = novel[None, :] & (novel_rank[None, :] == victim_rank[:, None])
-    src = tl.sum(tl.where(takes, j[None, :], 0), 1)
-    return xlast, write, src
 
 
 @triton.jit
@@ -267,17 +151,6 @@ def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: 
             _rows(src, p, ok, dk, DH, BLOCK_D),
             mask=_tile_mask(ok, dk, DH, BLOCK_D),
         )
-
-
-@triton.jit
-def _log(x, INTERPRET: tl.constexpr):
-    """Natural log; on the GPU through the one-instruction ``lg2.approx`` (relative error ~2^-22): the
-    accurate libdevice polynomial costs ~25 instructions per copy of a vector every thread holds."""
-    if INTERPRET:
-        return tl.log(x)
-    else:
-        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-        return log2 * LN2
 
 
 @triton.jit
@@ -383,7 +256,9 @@ def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed
     sq = tl.zeros([BLOCK_MS], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        mean = (
+            _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP, "ieee") * inv_denom[:, None]
+        )
         seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
         base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
         new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
@@ -489,17 +364,3 @@ def _route_chunk_kernel(
                 start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
                 BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
-
-
-class PreviousKernel:
-    """``_route_chunk_kernel`` launched with the current wrapper's arguments: the column chunks it took as
-    constexprs are chosen here as the wrapper of ``50710ee`` chose them, and ``F32_DOTS`` is dropped (always ieee)."""
-
-    def __getitem__(self, grid: tuple[int, ...]):  # type: ignore[no-untyped-def]
-        def run(*args, **meta):  # type: ignore[no-untyped-def]
-            meta.pop("F32_DOTS")
-            block_d, lowp = meta["BLOCK_D"], meta["LOWP"]
-            meta["COS_BK"], meta["EMA_BK"] = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
-            return _route_chunk_kernel[grid](*args, **meta)
-
-        return run
