@@ -1,8 +1,7 @@
 """The fused routing kernel alone on the GPU: one 1,024-token prefill chunk through both banks, through the exact
 bank only and through the summary bank only, so the serial chain that bounds a chunk's routing shows itself.
 
-    PYTHONPATH=src python benchmarks/routing_kernel.py [--out DIR] [--calls 30] [--repeats 20] \
-        [--banks registers memory] [--dtypes bfloat16 float32]
+    PYTHONPATH=src python benchmarks/routing_kernel.py [--out DIR] [--calls 30] [--repeats 20]
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_kernel.py --quick
         # CPU: tiny shapes in Triton's interpreter, plain loops (the test runs this; no timing worth reading)
 
@@ -14,18 +13,13 @@ banks are filled by routing four chunks first; values lie around a few direction
 happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
 how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
 ``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
-medians per launch and per segment. ``--banks registers memory`` times both kernels (``dispatch.routing_bank``: each
-bank kept in registers across the segments, or read back from memory at each, the kernel of ``50710ee``) on the same
-problems, and says whether the second routes as the first.
-Prints a table last; writes ``DIR/routing_kernel.json``.
+medians per launch and per segment. Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,21 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=30, help="launches per captured graph (a model's layers)")
     p.add_argument("--repeats", type=int, default=20, help="replays timed per row")
     p.add_argument("--warps", type=int, nargs="+", default=[8], help="warps per program, each timed (8: the kernel's)")
-    p.add_argument(
-        "--banks",
-        nargs="+",
-        default=None,
-        choices=["registers", "memory"],
-        help="where the kernel keeps a bank across a chunk's segments (dispatch.routing_bank), each timed; "
-        "default: what the dtype picks",
-    )
-    p.add_argument(
-        "--dtypes",
-        nargs="+",
-        default=["bfloat16"],
-        choices=["bfloat16", "float32"],
-        help="bank and token dtype (float32: the neural database on CUDA; dots as dispatch.float32_dots)",
-    )
     p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, Triton's interpreter, plain loops")
     return p.parse_args(argv)
 
@@ -133,18 +112,6 @@ class Problem:
         )  # fmt: skip
 
 
-def same_routing(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """The same decisions (fills, last uses, which slots are empty in every snapshot) and values within a 16-bit
-    float's rounding: the two kernels sum in different orders, and the EMA's last bit may differ."""
-    (banks_a, *snaps_a), (banks_b, *snaps_b) = a, b
-    flags = (3, 4, 8)  # ex_last, ex_filled, sm_filled
-    decisions = all(torch.equal(banks_a[i], banks_b[i]) for i in flags)
-    empty = torch.equal(torch.isinf(snaps_a[2]), torch.isinf(snaps_b[2]))
-    pairs = zip([*banks_a, *snaps_a], [*banks_b, *snaps_b], strict=True)
-    values = all(torch.allclose(x.float(), y.float(), atol=1e-5, rtol=2**-7) for x, y in pairs)
-    return decisions and empty and values
-
-
 def time_route(problem: Problem, calls: int, repeats: int) -> float:
     """Median seconds per launch: a graph of ``calls`` launches replayed (on the CPU: plain loops)."""
     k, v, g = (x.contiguous() for x in problem.ext(problem.start))
@@ -164,47 +131,31 @@ def main(argv: list[str] | None = None) -> int:
         if not dispatch.interpreting():
             print("--quick runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton")
             return 1
-        device, shapes = torch.device("cpu"), QUICK_SHAPES
-        args.calls, args.repeats, args.dtypes = 1, 1, ["float32"]
+        device, dtype, shapes = torch.device("cpu"), torch.float32, QUICK_SHAPES
+        args.calls, args.repeats = 1, 1
     elif torch.cuda.is_available():
-        device, shapes = torch.device("cuda"), SHAPES
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SHAPES
     else:
         print("routing_kernel.py times a CUDA kernel: no GPU here (--quick runs tiny shapes in the interpreter)")
         return 1
     rows = []
-    firsts: dict[tuple[str, str, str, int], Any] = {}  # the first kernel's result for each problem
-    for dtype_name, shape, (split, make), warps, bank in itertools.product(
-        args.dtypes, shapes, BANK_SPLITS.items(), args.warps, args.banks or [None]
-    ):
-        config = make(shape.config)
-        kernel = bank or dispatch.routing_bank_for(getattr(torch, dtype_name))
-        with dispatch.routing_bank(bank) if bank else nullcontext(), torch.no_grad():
-            problem = Problem(shape, config, device, getattr(torch, dtype_name), warps)
-            seconds = time_route(problem, args.calls, args.repeats)
-            routed = problem.route(problem.start)
-        key = (dtype_name, shape.name, split, warps)
-        agrees = None if key not in firsts else same_routing(firsts[key], routed)
-        firsts.setdefault(key, routed)
-        segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
-        rows.append({"dtype": dtype_name, "shape": shape.name, "banks": split, "warps": warps, "kernel": kernel,
-                     "segments": segments, "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments,
-                     "same_routing_as_first": agrees})  # fmt: skip
-    argv = argv if argv is not None else sys.argv[1:]
-    result = run_header("routing_kernel.py", argv, device, getattr(torch, args.dtypes[0]))
-    result.update(calls=args.calls, repeats=args.repeats, float32_dots=dispatch.float32_dots(), rows=rows)
-    table = [f"routing one chunk, {result['device']}, medians of {args.repeats} replays"]
-    table.append(
-        f"{'dtype':9} {'shape':30} {'banks':18} {'warps':>5} {'kernel':>9} {'segments':>8} {'launch us':>10} "
-        f"{'per segment us':>15} {'vs memory':>11} {'same':>5}"
-    )
-    memory = {(r["dtype"], r["shape"], r["banks"], r["warps"]): r["launch_us"] for r in rows if r["kernel"] == "memory"}
+    for shape in shapes:
+        for split, make in BANK_SPLITS.items():
+            for warps in args.warps:
+                config = make(shape.config)
+                problem = Problem(shape, config, device, dtype, warps)
+                seconds = time_route(problem, args.calls, args.repeats)
+                segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
+                rows.append({"shape": shape.name, "banks": split, "warps": warps, "segments": segments,
+                             "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments})  # fmt: skip
+    result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
+    result.update(calls=args.calls, repeats=args.repeats, rows=rows)
+    table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
+    table.append(f"{'shape':32} {'banks':18} {'warps':>5} {'segments':>8} {'launch us':>10} {'per segment us':>15}")
     for row in rows:
-        base = memory.get((row["dtype"], row["shape"], row["banks"], row["warps"]))
-        ratio = f"{base / row['launch_us']:10.2f}x" if base and row["kernel"] == "registers" else ""
         table.append(
-            f"{row['dtype']:9} {row['shape'][:30]:30} {row['banks']:18} {row['warps']:5d} {row['kernel']:>9} "
-            f"{row['segments']:8d} {row['launch_us']:10.1f} {row['segment_us']:15.2f} {ratio:>11} "
-            f"{'' if row['same_routing_as_first'] is None else row['same_routing_as_first']!s:>5}"
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['segments']:8d} {row['launch_us']:10.1f} "
+            f"{row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0

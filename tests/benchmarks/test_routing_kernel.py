@@ -16,13 +16,4 @@ def test_quick_run_times_each_bank_split_at_each_width(tmp_path: Path) -> None:
     for row in rows:
         assert row["segments"] == 8 and row["launch_us"] > 0  # a 64-token chunk at 256 crosses 8 boundaries of 8
     lines = done.stdout.strip().splitlines()
-    assert lines[-7].startswith("float32   tiny") and lines[-1].startswith("wrote ")
-
-
-def test_both_kernels_route_alike(tmp_path: Path) -> None:
-    run_benchmark_in_interpreter(
-        "routing_kernel.py", "--quick", "--banks", "registers", "memory", "--out", str(tmp_path)
-    )
-    rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
-    assert [row["kernel"] for row in rows] == ["registers", "memory"] * 3
-    assert [row["same_routing_as_first"] for row in rows] == [None, True] * 3
+    assert lines[-7].startswith("tiny") and lines[-1].startswith("wrote ")

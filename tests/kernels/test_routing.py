@@ -32,7 +32,6 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 from coda_gqa_l.config import BoundedConfig  # noqa: E402
-from coda_gqa_l.kernels import dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing_reference as banks_module  # noqa: E402
 from coda_gqa_l.kernels.dispatch import interpreting  # noqa: E402
 from coda_gqa_l.kernels.routing import route_chunk_triton  # noqa: E402
@@ -258,45 +257,27 @@ def test_interpreter_really_runs_on_cpu() -> None:
         assert type(routing_triton._route_chunk_kernel).__name__ == "JITFunction"
 
 
-@pytest.fixture(params=["registers", "memory"])
-def bank_in(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Both kernels (``dispatch.routing_bank``: the bank kept in registers across a chunk's segments, or read back from
-    memory at each), whatever the dtype would pick."""
-    with dispatch.routing_bank(request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name: str, bank_in: str) -> None:
+def test_kernel_matches_reference(name: str) -> None:
     compare_stream(name, torch.float32, atol=1e-5)
 
 
-def test_bfloat16_banks_in_the_interpreter(bank_in: str) -> None:
+def test_bfloat16_banks_in_the_interpreter() -> None:
     """bf16 storage: values rounded to bf16 after each update, like the reference (float32 dots here)."""
     compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
-
-
-def test_each_dtype_picks_its_kernel() -> None:
-    assert dispatch.routing_bank_for(torch.bfloat16) == dispatch.routing_bank_for(torch.float16) == "registers"
-    assert dispatch.routing_bank_for(torch.float32) == "memory"
-    with dispatch.routing_bank("registers"):
-        assert dispatch.routing_bank_for(torch.float32) == "registers"
-    with pytest.raises(ValueError, match="registers"):
-        with dispatch.routing_bank("disk"):  # type: ignore[arg-type]
-            pass
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype, bank_in: str) -> None:
+def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
     assert DEVICE == "cuda"
     compare_stream(
         name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
     )
 
 
-def test_decode_steps_read_the_position_on_the_device(bank_in: str) -> None:
+def test_decode_steps_read_the_position_on_the_device() -> None:
     """Token by token (the CUDA-graph decode step): the host ``start`` stays 0 and the position comes
     from ``start_dev``; routing happens exactly at segment boundaries and matches the reference."""
     name = "sinks"
@@ -320,7 +301,7 @@ def test_decode_steps_read_the_position_on_the_device(bank_in: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["both", "sinks"])
-def test_routing_in_place_gives_what_routing_into_new_tensors_gives(name: str, bank_in: str) -> None:
+def test_routing_in_place_gives_what_routing_into_new_tensors_gives(name: str) -> None:
     """``out=banks`` (a graph step routes the state's banks in place): the same banks and snapshots, bit for bit,
     chunk after chunk; a bad ``out`` is refused."""
     case = CASES[name]

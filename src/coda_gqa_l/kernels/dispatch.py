@@ -318,35 +318,6 @@ def launch_steps_ahead() -> bool:
     return DEFAULT_STEPS_AHEAD if chosen is None else chosen
 
 
-RoutingBank = Literal["registers", "memory"]
-_ROUTING_BANK: contextvars.ContextVar[RoutingBank | None] = contextvars.ContextVar(
-    "coda_gqa_l_routing_bank", default=None
-)
-
-
-@contextlib.contextmanager
-def routing_bank(where: RoutingBank) -> Iterator[None]:
-    """Inside, the fused routing kernel keeps each bank in registers across a chunk's segments
-    (``kernels/routing_triton.py``) or reads it back from memory at every segment (``routing_triton_memory.py``),
-    whatever the banks' dtype. For the benchmark and tests that compare the two; outside, ``routing_bank_for``."""
-    if where not in ("registers", "memory"):
-        raise ValueError(f"the routing bank lives in 'registers' or 'memory', got {where!r}")
-    token = _ROUTING_BANK.set(where)
-    try:
-        yield
-    finally:
-        _ROUTING_BANK.reset(token)
-
-
-def routing_bank_for(dtype: torch.dtype) -> RoutingBank:
-    """Where the routing kernel keeps a bank of ``dtype``: registers for 16-bit banks, memory for float32 ones,
-    whose tiles and float32 dots spill registers (docs/kernels.md), unless ``routing_bank`` says otherwise."""
-    chosen = _ROUTING_BANK.get()
-    if chosen is not None:
-        return chosen
-    return "registers" if dtype in (torch.bfloat16, torch.float16) else "memory"
-
-
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide
 
 

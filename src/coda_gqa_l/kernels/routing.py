@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ..config import BoundedConfig, chunk_segments
 from ..state import Banks
-from . import dispatch
 from .dispatch import interpreting, launch, tile_size
 
 # One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the
@@ -91,22 +90,16 @@ def route_chunk_triton(
                 dst.copy_(src)
         return out, snap_k, snap_v, snap_b
 
+    from .routing_triton import _route_chunk_kernel
+
     c = _contiguous
     if start_dev is None:
         start_dev = torch.full((), start, dtype=torch.int64, device=device)
-    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots (or three TF32 products).
+    block_d = tile_size(Dh)
+    # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
-    block_d = tile_size(Dh)
-    if dispatch.routing_bank_for(dtype) == "registers":
-        from .routing_triton import _route_chunk_kernel
-
-        variant: dict[str, object] = {"F32_DOTS": _float32_dots()}
-    else:
-        from .routing_triton_memory import _route_chunk_kernel
-
-        cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
-        variant = {"COS_BK": cos_bk, "EMA_BK": ema_bk}
+    cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
     launch(_route_chunk_kernel, (B * Hkv, 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
@@ -118,8 +111,8 @@ def route_chunk_triton(
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
-        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=block_d,
-        LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps, **variant,
+        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 
@@ -133,13 +126,6 @@ def routing_snapshots(banks: Banks, segments: int, *, allocate: bool = True) -> 
     device = banks.ex_k.device if allocate else torch.device("meta")
     keys = torch.empty(B, Hkv, segments, slots, Dh, dtype=banks.ex_k.dtype, device=device)
     return keys, torch.empty_like(keys), torch.empty(B, Hkv, segments, slots, dtype=torch.float32, device=device)
-
-
-def _float32_dots() -> str:
-    """How float32 tiles multiply: as the attention kernels do (``dispatch.float32_dots``), but never in one TF32
-    product: its ten mantissa bits would move cosines near a threshold across it."""
-    mode = dispatch.float32_dots()
-    return "tf32x3" if mode == "tf32" else mode
 
 
 def _contiguous(t: Tensor) -> Tensor:

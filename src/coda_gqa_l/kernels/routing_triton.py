@@ -5,12 +5,9 @@ Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, K
 the evicted tokens, which both programs load), so splitting them halves the sequential chain
 at no cost in determinism. Each program loops over the chunk's segments in order; at each one
 it routes the ``S`` tokens that leave the window and writes the snapshot that segment's queries
-see. The bank's rows and bookkeeping (gate, last use, fill) stay in registers from the first
-segment to the last, so a segment's chain of decisions reads no memory that the chain wrote:
-its snapshot stores leave the chain at once, the next segment's values and gates are loaded
-while this one routes, and the exact bank gathers token rows only in a segment that writes a
-slot (the summary only in one that seeds). The kernel of ``50710ee`` read each segment's bank
-back from the snapshot before it, a global-memory round trip and a barrier a segment.
+see. The snapshot it has just written is the bank the next segment starts from, so the bank
+rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
+registers; the final bank is copied out of the last snapshot.
 
 Token indices and validity come from ``start`` inside the kernel, read from a device scalar (so a
 launch captured in a CUDA graph replays at any position, and the eager and captured paths share
@@ -20,9 +17,9 @@ leaves the bank untouched.
 Decisions are made in float32 with the reference's tie rules spelled out as index arithmetic
 (no sorting): candidates rank by gate descending then token index ascending, victims by
 free-first then last use then slot index, argmax ties go to the lower slot. Cosines are raw dot
-products divided by the two norms. With float32 tensors the dots run as the attention kernels'
-float32 dots do (``dispatch.float32_dots``: plain float32 FMAs, or three TF32 products, never
-one). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
+products divided by the two norms. With float32 tensors the dots run as plain float32 FMAs
+(``input_precision="ieee"``, the reduction dimension cut into short chunks so the operands fit
+in registers). With bfloat16/float16 banks and tokens the same dots run on tensor cores: the
 products of two 16-bit floats are exact in float32 and accumulate in float32, so the result is
 what float32 arithmetic gives (no tf32 rounding anywhere); the summary's gate-weighted sums
 split the float32 weights into three 16-bit parts for the same reason.
@@ -41,13 +38,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _dot_nt(a, b, LOWP: tl.constexpr, F32_DOTS: tl.constexpr):
-    """``a (M, K) @ b (N, K)^T`` in float32: tensor cores on 16-bit inputs (exact products), else as ``F32_DOTS``
-    says (``dispatch.float32_dots``)."""
+def _dot_nt(a, b, LOWP: tl.constexpr):
+    """``a (M, K) @ b (N, K)^T`` in float32: tensor cores on 16-bit inputs (exact products), else FMAs."""
     if LOWP:
         return tl.dot(a, tl.trans(b))
     else:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=F32_DOTS)
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
 
 
 @triton.jit
@@ -70,12 +66,12 @@ def _weight_parts(w, dtype: tl.constexpr, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _dot_weights(hi, mid, lo, x, LOWP: tl.constexpr, F32_DOTS: tl.constexpr):
+def _dot_weights(hi, mid, lo, x, LOWP: tl.constexpr):
     """``w^T @ x`` in float32 from the parts ``_weight_parts`` made."""
     if LOWP:
         return tl.dot(hi, x) + tl.dot(mid, x) + tl.dot(lo, x)
     else:
-        return tl.dot(hi, x.to(tl.float32), input_precision=F32_DOTS)
+        return tl.dot(hi, x.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -119,10 +115,53 @@ def _inv_norm(sq):
 
 
 @triton.jit
-def _tile_inv_norms(x):
-    """Inverse norms of the rows of a register tile, from the values as stored."""
-    xf = x.to(tl.float32)
-    return _inv_norm(tl.sum(xf * xf, 1))
+def _row_norms(base, rows, ok, BLOCK_M: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr):
+    """Inverse norms of some rows of a ``(*, DH)`` matrix (the bank before the first segment)."""
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        x = _rows(base, rows, ok, k0 + tl.arange(0, BK), DH, BLOCK_D).to(tl.float32)
+        sq += tl.sum(x * x, 1)
+    return _inv_norm(sq)
+
+
+@triton.jit
+def _token_bank_dots(ext_v, row, valid, bank_v, slot, slot_ok, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw value dot products of the segment's tokens with the bank rows, and the tokens' squared norms."""
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    sq = tl.zeros([BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        v = _rows(ext_v, row, valid, dk, DH, BLOCK_D)
+        dots += _dot_nt(v, _rows(bank_v, slot, slot_ok, dk, DH, BLOCK_D), LOWP)
+        vf = v.to(tl.float32)
+        sq += tl.sum(vf * vf, 1)
+    return dots, sq
+
+
+@triton.jit
+def _token_dots_and_gram(ext_v, row, valid, bank_v, slot, slot_ok, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DH: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw dots of the tokens with the bank rows and with each other (each token chunk loaded once)."""
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        v = _rows(ext_v, row, valid, dk, DH, BLOCK_D)
+        dots += _dot_nt(v, _rows(bank_v, slot, slot_ok, dk, DH, BLOCK_D), LOWP)
+        gram += _dot_nt(v, v, LOWP)
+    return dots, gram
+
+
+@triton.jit
+def _token_gram(ext_v, row, valid, BLOCK_S: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """Raw dots of the segment's tokens with each other (the summary bank needs them only to seed)."""
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        v = _rows(ext_v, row, valid, k0 + tl.arange(0, BK), DH, BLOCK_D)
+        gram += _dot_nt(v, v, LOWP)
+    return gram
 
 
 @triton.jit
@@ -134,28 +173,24 @@ def _gram_cosines(gram, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _segment_tokens(e, nseg, seg0, start, ext_v, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr,
-                    NUM_SINK: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr):  # fmt: skip
-    """The tokens leaving the window at the ``e``-th segment boundary of the chunk, with their values and gates.
+def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
+                    BLOCK_S: tl.constexpr):  # fmt: skip
+    """The tokens leaving the window at the ``e``-th segment boundary of the chunk.
 
-    Returns ``(first, at, valid, gate, values)``: the token index of the first evicted token (int64),
+    Returns ``(first, at, valid, gate)``: the token index of the first evicted token (int64),
     its row in the extended sequence (int32; token ``j`` is row ``at + j``), whether each token
-    is routable (the segment is one of the chunk's ``nseg`` and begins inside the chunk, the
-    token is neither a sink nor before the stream), its gate and its value row (zeros where not
-    routable). Per-token arithmetic stays in int32. Called one segment ahead, so the loads of the
-    next segment are in flight while this one routes.
+    is routable (the segment begins inside the chunk, the token is neither a sink nor before the
+    stream) and its gate. Per-token arithmetic stays in int32.
     """
     j = tl.arange(0, BLOCK_S)
     seg_begin = seg0 + e * SEG
     first = seg_begin - WINDOW
     at = (seg_begin - start).to(tl.int32)
     lowest = tl.minimum(tl.maximum(NUM_SINK - first, -1), BLOCK_S).to(tl.int32)  # first routable j
-    # as vectors (the interpreter mishandles scalar & vector masks): row >= j says seg_begin >= start
-    valid = (j < SEG) & (at + j >= j) & (j >= lowest) & (j * 0 + e < nseg)
+    # row >= j says seg_begin >= start, as a vector (the interpreter mishandles scalar & vector masks)
+    valid = (j < SEG) & (at + j >= j) & (j >= lowest)
     gate = tl.load(ext_g + at + j, mask=valid, other=0.0)
-    values = _rows(ext_v, at + j, valid, tl.arange(0, BLOCK_D), DH, BLOCK_D)
-    return first, at, valid, gate, values
+    return first, at, valid, gate
 
 
 @triton.jit
@@ -165,6 +200,16 @@ def _gate_order(gate, BLOCK_S: tl.constexpr):
     g_j = gate[:, None]
     g_i = gate[None, :]
     return (g_i > g_j) | ((g_i == g_j) & (idx[None, :] < idx[:, None]))
+
+
+@triton.jit
+def _bank_base(e, in_base, snap, prev_slot, DH: tl.constexpr):
+    """Rows of the bank a segment starts from: the input bank, then the previous segment's snapshot."""
+    if e == 0:
+        base = in_base
+    else:
+        base = snap + prev_slot * DH
+    return base
 
 
 @triton.jit
@@ -211,11 +256,36 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
 
 
 @triton.jit
-def _store_rows(dst, x, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store the rows ``ok`` of a ``(BLOCK_M, BLOCK_D)`` register tile into a ``(*, DH)`` matrix."""
+def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """Write bank rows to ``dst``: token row ``src_rows`` where ``take``, else the current row.
+
+    Returns the inverse norms of the rows written (as stored), for the next segment's cosines.
+    """
     p = tl.arange(0, BLOCK_M)
-    dk = tl.arange(0, BLOCK_D)
-    tl.store(dst + p[:, None] * DH + dk[None, :], x, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
+        new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
+        out = tl.where(take[:, None], new, cur)
+        tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+        stored = out.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+    return _inv_norm(sq)
+
+
+@triton.jit
+def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr):
+    """Copy rows ``ok`` of a ``(BLOCK_M, DH)`` block (the last snapshot into the returned bank)."""
+    p = tl.arange(0, BLOCK_M)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        tl.store(
+            dst + p[:, None] * DH + dk[None, :],
+            _rows(src, p, ok, dk, DH, BLOCK_D),
+            mask=_tile_mask(ok, dk, DH, BLOCK_D),
+        )
 
 
 @triton.jit
@@ -230,17 +300,12 @@ def _log(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _store_snapshot(snap_k, snap_v, snap_b, here, bank_k, bank_v, bg, bfill, NUM: tl.constexpr, DH: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """One bank as a segment's queries see it: its rows, and its logit offsets (``log g`` of filled slots, ``-inf``
-    for empty ones). Nothing reads these back in the kernel: the stores leave the serial chain at once."""
+def _store_bias(snap_b, slot0, bg, bfill, NUM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """A bank's logit offsets in a snapshot: ``log g`` of filled slots, ``-inf`` for empty ones."""
     p = tl.arange(0, BLOCK_M)
-    ok = p < NUM
-    _store_rows(snap_k + here * DH, bank_k, ok, DH, BLOCK_M, BLOCK_D)
-    _store_rows(snap_v + here * DH, bank_v, ok, DH, BLOCK_M, BLOCK_D)
     filled = bfill != 0
     bias = tl.where(filled, _log(tl.where(filled, bg, 1.0), INTERPRET), NEG_INF)
-    tl.store(snap_b + here + p, bias, mask=ok)
+    tl.store(snap_b + slot0 + p, bias, mask=p < NUM)
 
 
 @triton.jit
@@ -248,61 +313,53 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    snap_k, snap_v, snap_b, start, nseg, tau_exact, novelty, match, DH: tl.constexpr,
                    ME: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, LOWP: tl.constexpr,
-                   F32_DOTS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """The exact bank of one head through every segment of the chunk (``banks._route_exact``).
-
-    The bank's rows stay in registers across the segments; a segment that writes no slot (most of
-    them once the gate has learned to be selective) loads nothing on the serial chain.
-    """
+                   BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
+                   LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """The exact bank of one head through every segment of the chunk (``banks._route_exact``)."""
     p = tl.arange(0, BLOCK_ME)
-    dk = tl.arange(0, BLOCK_D)
     p_ok = p < ME
     bank = row_id * ME
     xg = tl.load(ex_g + bank + p, mask=p_ok, other=1.0)
     xlast = tl.load(ex_last + bank + p, mask=p_ok, other=0)
     xfill = tl.load(ex_fill + bank + p, mask=p_ok, other=0).to(tl.int32)
-    bank_k = _rows(ex_k + bank * DH, p, p_ok, dk, DH, BLOCK_D)
-    bank_v = _rows(ex_v + bank * DH, p, p_ok, dk, DH, BLOCK_D)
-    xinv = _tile_inv_norms(bank_v)
+    xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
-    first, at, valid, gate, values = _segment_tokens(
-        0, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
-    )
     for e in range(nseg):
-        next_first, next_at, next_valid, next_gate, next_values = _segment_tokens(
-            e + 1, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
-        )
-        pair_cos, vinv = _gram_cosines(_dot_nt(values, values, LOWP, F32_DOTS), BLOCK_S)
-        cos = _dot_nt(values, bank_v, LOWP, F32_DOTS) * vinv[:, None] * xinv[None, :]
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        row = at + tl.arange(0, BLOCK_S)
+        cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
+        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                          COS_BK, LOWP)  # fmt: skip
+        pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
+        cos = dots * vinv[:, None] * xinv[None, :]
         xlast, write, src = _exact_decisions(
             cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
             BLOCK_S, BLOCK_ME,
         )  # fmt: skip
-        if tl.max(write.to(tl.int32), 0) > 0:
-            src_row = at + src
-            xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
-            new_k = _to_storage(_rows(ext_k, src_row, write, dk, DH, BLOCK_D).to(tl.float32), bank_k.dtype, INTERPRET)
-            new_v = _to_storage(_rows(ext_v, src_row, write, dk, DH, BLOCK_D).to(tl.float32), bank_v.dtype, INTERPRET)
-            bank_k = tl.where(write[:, None], new_k, bank_k)
-            bank_v = tl.where(write[:, None], new_v, bank_v)
-            xinv = _tile_inv_norms(bank_v)
+        src_row = at + src
+        xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
-        _store_snapshot(snap_k, snap_v, snap_b, slot0 + e * M_TOTAL, bank_k, bank_v, xg, xfill, ME, DH, BLOCK_ME,
-                        BLOCK_D, INTERPRET)  # fmt: skip
-        first, at, valid, gate, values = next_first, next_at, next_valid, next_gate, next_values
-    _store_rows(o_k + bank * DH, bank_k, p_ok, DH, BLOCK_ME, BLOCK_D)
-    _store_rows(o_v + bank * DH, bank_v, p_ok, DH, BLOCK_ME, BLOCK_D)
+        here = slot0 + e * M_TOTAL
+        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
+        xinv = _copy_rows(
+            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+        )
+        _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
+    _copy_block(o_v + bank * DH, snap_v + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     tl.store(o_g + bank + p, xg, mask=p_ok)
     tl.store(o_last + bank + p, xlast, mask=p_ok)
     tl.store(o_fill + bank + p, xfill.to(o_fill.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
-def _pick_seeds(proto_cos, avail, empty, gate, values, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
-                LOWP: tl.constexpr, F32_DOTS: tl.constexpr):  # fmt: skip
+def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
     """Seed empty prototypes farthest first (``banks._pick_seeds``), one per round.
 
     Each round the lowest empty slot takes the available candidate whose highest cosine to the
@@ -317,7 +374,7 @@ def _pick_seeds(proto_cos, avail, empty, gate, values, BLOCK_S: tl.constexpr, BL
     seed_src = tl.full([BLOCK_MS], -1, tl.int32)
     rounds = tl.minimum(tl.sum(empty.to(tl.int32), 0), tl.sum(avail.to(tl.int32), 0))
     if rounds > 0:
-        pair_cos, _ = _gram_cosines(_dot_nt(values, values, LOWP, F32_DOTS), BLOCK_S)
+        pair_cos, _ = _gram_cosines(_token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP), BLOCK_S)
         for _ in range(rounds):
             key = tl.where(avail, nearest, POS_INF)
             tied = avail & (key == tl.min(key, 0))
@@ -334,10 +391,25 @@ def _pick_seeds(proto_cos, avail, empty, gate, values, BLOCK_S: tl.constexpr, BL
 
 
 @triton.jit
-def _ema(proto, base, mean, updated, keep, eta, INTERPRET: tl.constexpr):
-    """Prototype rows after a segment: the base (the seed's row or the current one), moved by the EMA where
-    ``updated``, rounded to the bank's dtype."""
-    return _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), proto.dtype, INTERPRET)
+def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok, keep,
+              eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+              LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
+
+    Returns the inverse norms of the rows as stored, for the next segment's cosines.
+    """
+    q = tl.arange(0, BLOCK_MS)
+    sq = tl.zeros([BLOCK_MS], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
+        base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
+        new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
+        tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
+        stored = new.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+    return _inv_norm(sq)
 
 
 @triton.jit
@@ -345,41 +417,33 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      snap_k, snap_v, snap_b, start, nseg, tau_summary, DH: tl.constexpr, ME: tl.constexpr,
                      MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
-                     LOWP: tl.constexpr, F32_DOTS: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """The summary bank of one head through every segment of the chunk (``banks._route_summary``).
-
-    The prototypes stay in registers across the segments; only a segment that seeds loads rows on
-    the serial chain (the next segment's values and this segment's keys load ahead of their use).
-    """
+                     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
+                     INTERPRET: tl.constexpr):  # fmt: skip
+    """The summary bank of one head through every segment of the chunk (``banks._route_summary``)."""
     q = tl.arange(0, BLOCK_MS)
-    dk = tl.arange(0, BLOCK_D)
     q_ok = q < MS
     bank = row_id * MS
     sg = tl.load(sm_g + bank + q, mask=q_ok, other=1.0)
     sfill = tl.load(sm_fill + bank + q, mask=q_ok, other=0).to(tl.int32)
-    proto_k = _rows(sm_k + bank * DH, q, q_ok, dk, DH, BLOCK_D)
-    proto_v = _rows(sm_v + bank * DH, q, q_ok, dk, DH, BLOCK_D)
-    sinv = _tile_inv_norms(proto_v)
+    sinv = _row_norms(sm_v + bank * DH, q, q_ok, BLOCK_MS, DH, BLOCK_D, EMA_BK)
     eta = tl.load(eta_ptr + head).to(tl.float32)
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
-    _, at, valid, gate, values = _segment_tokens(
-        0, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
-    )
     for e in range(nseg):
-        _, next_at, next_valid, next_gate, next_values = _segment_tokens(
-            e + 1, nseg, seg0, start, ext_v, ext_g, SEG, WINDOW, NUM_SINK, DH, BLOCK_S, BLOCK_D
-        )
-        keys = _rows(ext_k, at + tl.arange(0, BLOCK_S), valid, dk, DH, BLOCK_D)  # used last: its load overlaps
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        row = at + tl.arange(0, BLOCK_S)
+        cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
         filled = sfill != 0
         cand = valid & (gate > tau_summary)
-        dots = _dot_nt(values, proto_v, LOWP, F32_DOTS)
-        proto_cos = tl.where(filled[None, :], dots * _tile_inv_norms(values)[:, None] * sinv[None, :], NEG_INF)
+        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
+        proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
         full, seed_src, avail = _pick_seeds(
-            proto_cos, cand, q_ok & ~filled, gate, values, BLOCK_S, BLOCK_MS, LOWP, F32_DOTS
+            proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
         )
         seeded = seed_src >= 0
+        seed_row = at + seed_src
 
         # every other candidate joins its most similar prototype (ties to the lower slot)
         best = tl.max(full, 1)
@@ -392,26 +456,20 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         inv_denom = tl.fdiv(1.0, tl.maximum(weight_sum, FLOAT32_TINY))
 
         # seeding sets the slot; the EMA then moves every prototype that received members
-        base_k = proto_k.to(tl.float32)
-        base_v = proto_v.to(tl.float32)
-        if tl.max(seeded.to(tl.int32), 0) > 0:
-            seed_row = at + seed_src
-            base_k = tl.where(seeded[:, None], _rows(ext_k, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32), base_k)
-            base_v = tl.where(seeded[:, None], _rows(ext_v, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32), base_v)
-            sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
+        here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        mean_v = _dot_weights(w_hi, w_mid, w_lo, values, LOWP, F32_DOTS) * inv_denom[:, None]
-        proto_v = _ema(proto_v, base_v, mean_v, updated, keep, eta, INTERPRET)
-        sinv = _tile_inv_norms(proto_v)
-        mean_k = _dot_weights(w_hi, w_mid, w_lo, keys, LOWP, F32_DOTS) * inv_denom[:, None]
-        proto_k = _ema(proto_k, base_k, mean_k, updated, keep, eta, INTERPRET)
+        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
-        _store_snapshot(snap_k, snap_v, snap_b, slot0 + e * M_TOTAL, proto_k, proto_v, sg, sfill, MS, DH, BLOCK_MS,
-                        BLOCK_D, INTERPRET)  # fmt: skip
-        at, valid, gate, values = next_at, next_valid, next_gate, next_values
-    _store_rows(o_k + bank * DH, proto_k, q_ok, DH, BLOCK_MS, BLOCK_D)
-    _store_rows(o_v + bank * DH, proto_v, q_ok, DH, BLOCK_MS, BLOCK_D)
+        _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
+    _copy_block(o_v + bank * DH, snap_v + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     tl.store(o_g + bank + q, sg, mask=q_ok)
     tl.store(o_fill + bank + q, sfill.to(o_fill.dtype.element_ty), mask=q_ok)
 
@@ -427,7 +485,7 @@ def _route_chunk_kernel(
     DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
-    LOWP: tl.constexpr, F32_DOTS: tl.constexpr, INTERPRET: tl.constexpr,
+    COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head."""
     row_id = tl.program_id(0).to(tl.int64)
@@ -440,7 +498,7 @@ def _route_chunk_kernel(
                 row_id, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, ex_k, ex_v, ex_g, ex_last, ex_fill,
                 o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME, BLOCK_D, LOWP, F32_DOTS, INTERPRET,
+                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
     else:
         if MS > 0:
@@ -448,5 +506,5 @@ def _route_chunk_kernel(
                 row_id, row_id % num_heads, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, eta,
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
-                BLOCK_S, BLOCK_MS, BLOCK_D, LOWP, F32_DOTS, INTERPRET,
+                BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
