@@ -10,9 +10,10 @@ Loops (each on a fork of the document's state, greedy; the first untimed run of 
   at an end-of-sequence token must: the host then waits for every step before it launches the next;
 * ``bounded_generate``: ``models.generation.bounded_generate`` (its own loop, an end-of-sequence check per token);
 * ``generate()``: transformers' ``generate(custom_generate=bounded_decoding)`` with the model's generation config
-  (its logits processors and stopping criteria per token), each step launched before the host has read the token
-  it follows (``DecodeSteps.ahead``);
-* ``generate(), no steps ahead``: the same inside ``dispatch.steps_ahead(False)``: the host waits for each token.
+  (its logits processors and stopping criteria per token), inside ``dispatch.steps_ahead(True)``: each step launched
+  before the host has read the token it follows (``DecodeSteps.ahead``; off by default, being slower);
+* ``generate(), no steps ahead``: the same inside ``dispatch.steps_ahead(False)``, the default: the host waits for
+  each token.
 
 For the last two, ``fixed ms`` is a call that makes one new token (prompt read, decoder lent and given back,
 transformers' set-up) and ``ms/token`` is the slope ``(t(1 + n) - t(1)) / n``; for the loops, the time per token.

@@ -272,11 +272,13 @@ def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: 
             calls.append("undo")
 
     steps = DecodeSteps(model, BoundedCache(model), RecordingDecoder())  # type: ignore[arg-type]
-    steps.ahead(torch.tensor([1])).take_back()
-    assert steps.ahead(torch.tensor([2])).logits.shape == (1, 3)
+    with dispatch.steps_ahead(True):
+        steps.ahead(torch.tensor([1])).take_back()
+        assert steps.ahead(torch.tensor([2])).logits.shape == (1, 3)
     with dispatch.steps_ahead(False):
         steps.ahead(torch.tensor([3])).take_back()
         assert steps.ahead(torch.tensor([4])).logits.shape == (1, 3)
+    steps.ahead(torch.tensor([5])).take_back()  # off unless asked for (dispatch.DEFAULT_STEPS_AHEAD)
     assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False)]
 
 
@@ -294,7 +296,10 @@ def test_a_step_ahead_whose_capture_fails_is_left_to_the_forward(model: torch.nn
     with torch.no_grad():
         model(torch.randint(0, 200, (1, 5)), **cache_kwargs(cache), use_cache=True)
     steps = DecodeSteps(model, cache, FailingDecoder())  # type: ignore[arg-type]
-    with pytest.warns(UserWarning, match="a test; answers decode through the model's forward"):
+    with (
+        dispatch.steps_ahead(True),
+        pytest.warns(UserWarning, match="a test; answers decode through the model's forward"),
+    ):
         step = steps.ahead(torch.tensor([3]))
     assert steps.decoder is None
     step.take_back()

@@ -296,7 +296,7 @@ def step_products_in_prologue(device: torch.device | str) -> bool:
     return use_triton(device) and (DEFAULT_STEP_PRODUCT_PROLOGUES if chosen is None else chosen)
 
 
-DEFAULT_STEPS_AHEAD = True
+DEFAULT_STEPS_AHEAD = False
 _STEPS_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_steps_ahead", default=None)
 
 
@@ -305,7 +305,9 @@ def steps_ahead(on: bool = True) -> Iterator[None]:
     """Inside, answer loops on a graph decoder launch each step before the host has read the token it follows and
     take it back if generation stopped there (``models.generation.DecodeSteps.ahead``), or with ``on=False`` wait
     for the token first, so the GPU idles while the host looks. For the benchmark and tests that compare the two;
-    outside, ``DEFAULT_STEPS_AHEAD`` (on)."""
+    outside, ``DEFAULT_STEPS_AHEAD`` (off: measured on an H100, ``generate()`` took 1.440 ms a token with steps ahead
+    against 1.149 without, the state kept before each step costing the host more than the wait it saves;
+    benchmarks/results/speed.md)."""
     token = _STEPS_AHEAD.set(on)
     try:
         yield
