@@ -326,3 +326,23 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
             torch.stack([off(ids[:, t]) for t in range(21, 24)], 1), ours[:, :3], atol=2e-4, rtol=2e-4
         )
     assert not launches
+
+
+def test_batched_copies_copy_every_tensor_of_every_dtype() -> None:
+    """``_copy_all`` (a decoder's state kept, lent and given back) sends each dtype's contiguous tensors as one
+    multi-tensor copy and the others one by one: every tensor arrives, whatever its dtype or layout."""
+    from coda_gqa_l.models.graph_decode import _copy_all
+
+    sources = [
+        torch.randn(3, 4),
+        torch.randint(0, 9, (5,)),
+        torch.rand(2, 3) > 0.5,
+        torch.randn(4, 6).to(torch.bfloat16),
+        torch.randn(6, 4).t(),  # not contiguous
+        torch.randn(7),
+    ]
+    targets = [torch.zeros(x.shape, dtype=x.dtype) for x in sources]
+    _copy_all(targets, sources)
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+    with pytest.raises(ValueError):
+        _copy_all(targets[:2], sources)  # lists of different lengths
