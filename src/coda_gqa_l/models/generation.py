@@ -237,8 +237,9 @@ class DecodeSteps:
 
     def read_later(self, values: Tensor) -> Callable[[], Tensor]:
         """``values`` as they are now, on the host when the returned function is called. On CUDA the copy is queued
-        now, so a step launched after this call does not delay it."""
-        if values.device.type != "cuda":
+        now, so a step launched after this call does not delay it. With no step launched ahead nothing runs in
+        between: the values are read where they are when asked for, as a loop without steps ahead reads them."""
+        if values.device.type != "cuda" or not self._launches_ahead():
             return lambda: values
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         host.copy_(values, non_blocking=True)
@@ -254,12 +255,15 @@ class DecodeSteps:
     def ahead(self, tokens: Tensor) -> StepAhead:
         """The step of ``tokens`` launched now where it can be taken back (a graph decoder keeps the state before
         it), else left to run when its logits are asked for."""
-        if self.decoder is not None and dispatch.launch_steps_ahead():
+        if self.decoder is not None and self._launches_ahead():
             try:
                 return StepAhead(self, tokens, self.decoder(tokens, undoable=True))
             except GraphCaptureError as error:  # the state is untouched: the forward takes the step when asked
                 self._give_up_graphs(error)
         return StepAhead(self, tokens, None)
+
+    def _launches_ahead(self) -> bool:
+        return self.decoder is not None and dispatch.launch_steps_ahead()
 
     def undo_last(self) -> None:
         assert self.decoder is not None  # only a step the decoder made is launched ahead
