@@ -61,14 +61,17 @@ def generate_call(model: nn.Module, cache: BoundedCache, seq: Tensor, tokens: in
         )  # fmt: skip
 
 
-def timed(run: Callable[[], None], device: torch.device, repeats: int) -> float:
+def timed(run: Callable[[BoundedCache], None], document: BoundedCache, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``run`` on a fork of ``document``, forked before the clock starts (a fork is 450 tensor
+    copies: the benchmark's, not the loop's)."""
     from model_generate import clock
 
-    run()  # captures, compiles, allocator
+    run(document.fork())  # captures, compiles, allocator
     times = []
     for _ in range(repeats):
+        cache = document.fork()
         start = clock(device)
-        run()
+        run(cache)
         times.append(clock(device) - start)
     return statistics.median(times)
 
@@ -78,7 +81,7 @@ def measure(model: nn.Module, document: BoundedCache, seq: Tensor, args: argpars
     last = seq[:, -1]
     rows: dict[str, Any] = {}
     for name, to_host in (("graph loop", False), ("graph loop, token to host", True)):
-        seconds = timed(lambda h=to_host: graph_loop(model, document.fork(), last, n, h), device, args.repeats)
+        seconds = timed(lambda cache, h=to_host: graph_loop(model, cache, last, n, h), document, device, args.repeats)
         rows[name] = {"ms_per_token": 1000 * seconds / n}
 
     def ours(cache: BoundedCache, k: int) -> None:
@@ -90,14 +93,44 @@ def measure(model: nn.Module, document: BoundedCache, seq: Tensor, args: argpars
         "generate(), no steps ahead": lambda cache, k: generate_call(model, cache, seq, k, ahead=False),
     }
     for name, call in calls.items():
-        one = timed(lambda c=call: c(document.fork(), 1), device, args.repeats)
-        many = timed(lambda c=call: c(document.fork(), 1 + n), device, args.repeats)
+        one = timed(lambda cache, c=call: c(cache, 1), document, device, args.repeats)
+        many = timed(lambda cache, c=call: c(cache, 1 + n), document, device, args.repeats)
         rows[name] = {"fixed_ms": 1000 * one, "ms_per_token": 1000 * (many - one) / n}
     base = rows["graph loop"]["ms_per_token"]
     for row in rows.values():
         row["tokens_per_s"] = 1000 / row["ms_per_token"]
         row["vs_graph_loop"] = base / row["ms_per_token"]
     return rows
+
+
+def profile_fixed_cost(model: nn.Module, document: BoundedCache, seq: Tensor, args: argparse.Namespace) -> None:
+    """Where a one-token call's fixed time goes, by function (host time; a wait for the GPU shows in the function
+    that waits): ``args.profile`` calls of each loop under cProfile, the 40 largest cumulative times to a file."""
+    import cProfile
+    import io
+    import pstats
+
+    from model_generate import clock
+
+    calls: dict[str, Callable[[BoundedCache], None]] = {
+        "bounded_generate": lambda cache: bounded_generate(model, seq[:, -1:], 1, cache=cache),
+        "generate": lambda cache: generate_call(model, cache, seq, 1, ahead=dispatch.launch_steps_ahead()),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, call in calls.items():
+        call(document.fork())  # warm
+        forks = [document.fork() for _ in range(args.profile)]  # forked outside the profile: not the call's cost
+        clock(seq.device)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for cache in forks:
+            call(cache)
+        clock(seq.device)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        (args.out / f"{name}.prof.txt").write_text(text.getvalue())
+        print(f"{name}: {args.profile} one-token calls profiled -> {args.out / f'{name}.prof.txt'}")
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -123,6 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tokens", type=int, default=128, help="new tokens a timed run makes")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, eager graph steps: the script runs")
+    p.add_argument(
+        "--random-weights", action="store_true", help="SmolLM2's shape with random base weights (no model files)"
+    )
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="also profile N one-token calls of each answer loop (cProfile, host time by function): DIR/*.prof.txt",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
@@ -132,7 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device, dtype = torch.device("cuda"), torch.bfloat16
     else:
         raise SystemExit("answer_overhead.py measures the CUDA graph loops: it needs a GPU (or --quick)")
-    model, ids, name = load(argparse.Namespace(quick=args.quick, context=args.context + 1), device, dtype)
+    model, ids, name = load(
+        argparse.Namespace(quick=args.quick, random_weights=args.random_weights, context=args.context + 1),
+        device,
+        dtype,
+    )
     if args.quick:
         # the CPU has no CUDA graphs: eager graph steps in Triton's interpreter stand in for them
         from coda_gqa_l.models import generation
@@ -150,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             forward=lambda piece: model(piece, **cache_kwargs(document), use_cache=True).logits[:, -1],
         )  # fmt: skip
     rows = measure(model, document, ids[:, : args.context + 1], args)
+    if args.profile:
+        profile_fixed_cost(model, document, ids[:, : args.context + 1], args)
     result = {
         **run_header("answer_overhead.py", sys.argv[1:] if argv is None else argv, device, dtype),
         "model": name,

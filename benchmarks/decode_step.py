@@ -75,6 +75,12 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
         fold_for_inference(model)
         ids, _ = random_ids(model.config.vocab_size, args.context)
         name = "tiny random Llama (4/2 heads, 2 layers, D 64), untrained conversion, folded"
+    elif getattr(args, "random_weights", False):
+        from model_generate import random_ids
+
+        model = smollm2_shaped_random(dtype)
+        ids, _ = random_ids(49152, args.context)
+        name = "SmolLM2-135M's shape, random base weights + the shipped CoDA weights, folded (no model files needed)"
     else:
         from model_generate import wikipedia_ids
 
@@ -84,6 +90,27 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
         ids, _ = wikipedia_ids(tokenizer, args.context)
         name = "SmolLM2-135M-Instruct, shipped weights, folded (the neural database's model)"
     return model.to(device).eval(), ids.to(device), name
+
+
+def smollm2_shaped_random(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """SmolLM2-135M-Instruct's architecture with random base weights, converted with the shipped CoDA weights and
+    folded: the database's model in every shape and kernel (its answers are noise), for timing host and launch costs
+    on a machine that does not have the model's files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from coda_gqa_l.models.inference import fold_for_inference
+    from coda_gqa_l.models.pretrained import SHIPPED_WEIGHTS
+    from coda_gqa_l.models.weights import apply_coda_weights
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    model = apply_coda_weights(LlamaForCausalLM(config).to(dtype).eval(), SHIPPED_WEIGHTS).eval()
+    fold_for_inference(model)
+    return model
 
 
 def run_variant(
@@ -142,6 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=32, help="untimed greedy tokens after the capture")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, 64 tokens of context, 4 x 2 tokens")
+    p.add_argument(
+        "--random-weights", action="store_true", help="SmolLM2's shape with random base weights (no model files)"
+    )
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --quick)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
