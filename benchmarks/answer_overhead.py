@@ -133,6 +133,38 @@ def profile_fixed_cost(model: nn.Module, document: BoundedCache, seq: Tensor, ar
         print(f"{name}: {args.profile} one-token calls profiled -> {args.out / f'{name}.prof.txt'}")
 
 
+def fixed_cost_parts(model: nn.Module, document: BoundedCache, seq: Tensor, repeats: int) -> dict[str, float]:
+    """Milliseconds (medians of ``repeats``, the GPU idle at start and end) of the pieces a one-token call is made
+    of, each on its own: transformers' ``generate()`` up to the loop it hands over to (a loop that returns at once),
+    a decoder lent and given back (adopt and release), the same with the one step that reads the token the cache
+    lacks, and the two whole calls."""
+
+    def handed_over(*_: Any, **__: Any) -> Tensor:
+        return seq
+
+    def generate_set_up(cache: BoundedCache) -> None:
+        generate: Any = model.generate  # type: ignore[operator]
+        generate(
+            seq, attention_mask=torch.ones_like(seq), **cache_kwargs(cache), custom_generate=handed_over,
+            do_sample=False, min_new_tokens=1, max_new_tokens=1,
+        )  # fmt: skip
+
+    def lent(cache: BoundedCache, step: bool) -> None:
+        with shared_decoder_pool(model).lend(cache) as decoder:
+            assert decoder is not None
+            if step:
+                decoder(seq[:, -1])
+
+    parts: dict[str, Callable[[BoundedCache], None]] = {
+        "generate() set-up, no loop": generate_set_up,
+        "decoder lent and given back": lambda cache: lent(cache, False),
+        "the same, one step": lambda cache: lent(cache, True),
+        "bounded_generate, one token": lambda cache: bounded_generate(model, seq[:, -1:], 1, cache=cache),
+        "generate(), one token": lambda cache: generate_call(model, cache, seq, 1, ahead=dispatch.launch_steps_ahead()),
+    }
+    return {name: 1000 * timed(part, document, seq.device, repeats) for name, part in parts.items()}
+
+
 def table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"{result['model']}, {result['dtype']} on {result['device']}, after {result['context']:,} tokens, "
@@ -144,6 +176,8 @@ def table(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"{name:<30}{row['ms_per_token']:>10.3f}{row['tokens_per_s']:>10.1f}{row['vs_graph_loop']:>14.3f}x{fixed}"
         )
+    lines.append(f"{'a one-token call, part by part':<40}{'ms':>8}")
+    lines += [f"{name:<40}{ms:>8.2f}" for name, ms in result["fixed_cost_parts"].items()]
     return lines
 
 
@@ -194,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             forward=lambda piece: model(piece, **cache_kwargs(document), use_cache=True).logits[:, -1],
         )  # fmt: skip
     rows = measure(model, document, ids[:, : args.context + 1], args)
+    parts = fixed_cost_parts(model, document, ids[:, : args.context + 1], max(5, args.repeats))
     if args.profile:
         profile_fixed_cost(model, document, ids[:, : args.context + 1], args)
     result = {
@@ -203,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens": args.tokens,
         "repeats": args.repeats,
         "rows": rows,
+        "fixed_cost_parts": parts,
     }
     write_result(result, args.out / "answer_overhead.json", table(result))
     return result

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from ..kernels import dispatch
 from .cache import BoundedCache
-from .graph_decode import GraphCaptureError, GraphModelDecoder, graph_decode_supported, shared_decoder_pool
+from .graph_decode import (
+    GraphCaptureError,
+    GraphDecodeError,
+    GraphModelDecoder,
+    graph_decode_supported,
+    shared_decoder_pool,
+)
 from .graph_prefill import prefill
 from .hf_compat import CACHE_ARGUMENTS, cache_argument, cache_kwargs, generate_output_cache
 
@@ -53,10 +59,10 @@ def bounded_generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     cache = cache if cache is not None else BoundedCache(model, block_size=chunk_tokens)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    logits = _prefill(model, cache, input_ids, chunk_tokens)
     produced: list[Tensor] = []
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with decode_steps(model, cache) as steps:
+        logits = steps.read(input_ids, chunk_tokens)
         for made in range(1, max_new_tokens + 1):
             token = pick_token(logits.float(), temperature, generator)
             if eos_token_id is not None:
@@ -108,8 +114,8 @@ def bounded_decoding(
     pad = generation_config._pad_token_tensor
     stops_at_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)  # type: ignore[attr-defined]
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    logits = _prefill(model, cache, input_ids[:, cache.get_seq_length() :], chunk).float()
     with decode_steps(model, cache) as steps:
+        logits = steps.read(input_ids[:, cache.get_seq_length() :], chunk).float()
         while True:
             next_scores = logits_processor(input_ids, logits)
             if want_dict and generation_config.output_scores:
@@ -184,19 +190,6 @@ def _check_decoding_request(
         )
 
 
-def _prefill(model: nn.Module, cache: BoundedCache, input_ids: Tensor, chunk_tokens: int) -> Tensor:
-    """Run ``input_ids`` into ``cache`` in chunks (whole ones through the model's CUDA graphs where they run,
-    ``graph_prefill.prefill``); the last position's logits ``(B, vocab)``."""
-
-    def forward(piece: Tensor) -> Tensor:
-        return model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    with torch.inference_mode():
-        logits = prefill(model, cache, input_ids, chunk_tokens=chunk_tokens, forward=forward)
-    assert logits is not None  # input_ids holds at least one token and forward returns logits
-    return logits
-
-
 class StepAhead:
     """A step launched before the caller knows whether it is wanted (``DecodeSteps.ahead``): ``logits`` if it is,
     ``take_back()`` if generation stopped at the token it read."""
@@ -222,15 +215,58 @@ class StepAhead:
 
 
 class DecodeSteps:
-    """One token per row at a time, through a graph decoder lent by the model's pool or else the model's forward
-    (``decode_steps``). ``steps(tokens)`` is the next logits; a loop that must look at a token on the host before it
-    knows whether to go on (an end-of-sequence token, a stop string, a line's end) instead asks for the values it
-    needs with ``read_later`` and launches the step with ``ahead``, so the GPU runs the step while the host waits for
-    those values, and takes the step back if generation stopped: the same tokens and the same final state as
+    """A prompt read, then one token per row at a time, through a graph decoder lent by the model's pool or else the
+    model's forward (``decode_steps``). ``steps.read(ids, chunk_tokens)`` reads tokens the cache has not seen and
+    returns the last one's logits; ``steps(tokens)`` is the next logits; a loop that must look at a token on the host
+    before it knows whether to go on (an end-of-sequence token, a stop string, a line's end) instead asks for the
+    values it needs with ``read_later`` and launches the step with ``ahead``, so the GPU runs the step while the host
+    waits for those values, and takes the step back if generation stopped: the same tokens and the same final state as
     stepping only once it knows, without waiting for the GPU between steps."""
 
-    def __init__(self, model: nn.Module, cache: BoundedCache, decoder: GraphModelDecoder | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: BoundedCache,
+        decoder: GraphModelDecoder | None = None,
+        lending: contextlib.ExitStack | None = None,
+    ) -> None:
+        """``decoder``: one holding ``cache``; else, given ``lending`` (which gives it back when the steps end), one
+        lent by the model's pool once the cache has states."""
         self.model, self.cache, self.decoder = model, cache, decoder
+        self._lending = lending
+        self._graphs = decoder is None and lending is not None and graph_decode_supported(model)
+        self._lend()
+
+    def _lend(self) -> None:
+        """Borrow a decoder from the model's pool once the cache holds states (a fresh cache first reads its prompt),
+        once per ``decode_steps``: a question read by steps and its answer share it, one adopt and one release."""
+        if self._graphs and self.decoder is None and self.cache.states and self.cache.states[0] is not None:
+            self._graphs = False  # lent once: a pool that lends none (a failed capture) is not asked again
+            assert self._lending is not None  # _graphs needs it
+            self.decoder = self._lending.enter_context(shared_decoder_pool(self.model).lend(self.cache))
+
+    def read(self, input_ids: Tensor, chunk_tokens: int) -> Tensor:
+        """Read ``input_ids (B, n)`` into the cache in chunks (whole ones through the model's CUDA graphs where they
+        run, a short piece by decode steps, ``graph_prefill.prefill``); the last position's logits ``(B, vocab)``.
+        Inference mode is entered here, not across a caller's yields: a web server may resume it on another
+        thread."""
+        cache = self.cache
+
+        def forward(piece: Tensor) -> Tensor:
+            return self.model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        with torch.inference_mode():
+            logits = prefill(
+                self.model, cache, input_ids, chunk_tokens=chunk_tokens, forward=forward, decoder=self.decoder
+            )
+        assert logits is not None  # input_ids holds at least one token and forward returns logits
+        self._lend()  # a fresh cache has states now
+        if self.decoder is not None:
+            try:
+                self.decoder.adopt(cache)  # a piece read by the forward replaced the states; a no-op otherwise
+            except GraphDecodeError as error:
+                self._give_up_graphs(error)
+        return logits
 
     def __call__(self, tokens: Tensor) -> Tensor:
         return self._step(tokens, undoable=False)
@@ -278,21 +314,20 @@ class DecodeSteps:
         with torch.inference_mode():
             return self.model(tokens[:, None], **cache_kwargs(self.cache), use_cache=True).logits[:, -1]
 
-    def _give_up_graphs(self, error: GraphCaptureError) -> None:
+    def _give_up_graphs(self, error: GraphCaptureError | GraphDecodeError) -> None:
         warnings.warn(f"{error}; answers decode through the model's forward from now on", stacklevel=4)
         self.decoder = None
 
 
 @contextlib.contextmanager
 def decode_steps(model: nn.Module, cache: BoundedCache) -> Iterator[DecodeSteps]:
-    """Steps of every row (``DecodeSteps``), through a graph decoder lent by the model's shared pool where it runs
-    (captured once per model and batch size, not once per call), else through the forward. A failed capture leaves
-    the state untouched and the steps go on through the forward (the pool lends no decoder to later generations).
-    On leaving, the cache holds tensors of its own again (the decoder's buffers are not shared). Each step enters
-    inference mode on its own: a web server may resume a generator on another thread."""
-    lent = shared_decoder_pool(model).lend(cache) if graph_decode_supported(model) else contextlib.nullcontext()
-    with lent as decoder:
-        yield DecodeSteps(model, cache, decoder)
+    """A prompt's read and the steps of every row (``DecodeSteps``), through one graph decoder lent by the model's
+    shared pool where it runs (captured once per model and batch size, not once per call), else through the forward.
+    A failed capture leaves the state untouched and the steps go on through the forward (the pool lends no decoder to
+    later generations). On leaving, the cache holds tensors of its own again (the decoder's buffers are not shared).
+    Each step enters inference mode on its own: a web server may resume a generator on another thread."""
+    with contextlib.ExitStack() as lending:
+        yield DecodeSteps(model, cache, lending=lending)
 
 
 def pick_token(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:

@@ -26,7 +26,7 @@ import contextlib
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,10 +97,13 @@ class GraphModelDecoder:
         self.batch_size = states[0].batch_size
         with torch.inference_mode(False):
             # normal tensors (a state prefilled under inference mode cannot be written in place outside it)
-            self._buffers = [{name: t.clone() for name, t in state.tensors().items()} for state in states]
+            # every state buffer and the device position are views into one allocation, so keeping the state before
+            # a step (``undo``) is one copy: grouped by dtype, 450 tensors took 0.69 ms of host time a step
+            position = {"pos": torch.zeros((), dtype=torch.int64, device=self.device)}
+            self._arena, (position, *self._buffers) = arena_views([position] + [s.tensors() for s in states])
+            self._pos = position["pos"]
             self._ids = torch.zeros(self.batch_size, 1, dtype=torch.int64, device=self.device)
             self._logits = torch.zeros(self.batch_size, weight.shape[0], dtype=torch.float32, device=self.device)
-            self._pos = torch.zeros((), dtype=torch.int64, device=self.device)
             self._window_offsets = [torch.arange(a.config.window, device=self.device) for a in self.attention]
             self._sink_index = [torch.arange(a.config.num_sink, device=self.device) for a in self.attention]
         # keyed by (tokens, kind): (1, "step") a step inside a segment, reading the segment's extras kept by
@@ -111,8 +114,8 @@ class GraphModelDecoder:
         self._kept = [KeptExtras() for _ in self.attention]  # each layer's segment extras, static buffers
         self._extras_valid = False  # whether _kept holds the live state's current segment
         self._undoable = False  # whether the last step kept the state before it (``undo``)
-        self._before_step: list[Tensor] = []  # that state, and the device position
-        self._before_step_pos: Tensor | None = None
+        self._before_step: Tensor | None = None  # that state and device position: a copy of the arena
+        self._bound: list[BoundedState] = []  # the held cache's states, whose tensors are the buffers
         self._num_sink = max(layer.config.num_sink for layer in self.attention)
         self._fused_norms = all(
             fusable(norm) for block in self.blocks for norm in (block.input_layernorm, block.post_attention_layernorm)
@@ -132,6 +135,8 @@ class GraphModelDecoder:
     def adopt(self, cache: BoundedCache) -> None:
         """Make ``cache``'s states the decoder's buffers: copy their values in, rebind their tensors to them."""
         states = self._states_of(cache)
+        if cache is self.cache and self._still_bound(states):
+            return  # nothing advanced it outside the decoder: the kept segment extras stay valid too
         if states[0].batch_size != self.batch_size:
             raise GraphDecodeError(f"the cache holds {states[0].batch_size} rows, the decoder {self.batch_size}")
         targets: list[Tensor] = []
@@ -158,6 +163,7 @@ class GraphModelDecoder:
         self._extras_valid = False
         self._undoable = False
         self.cache = cache
+        self._bound = list(states)
 
     def capture_all(self) -> None:
         """Capture both graphs now (warm-up, compilation, autotuning), so no later token pays for it."""
@@ -185,6 +191,7 @@ class GraphModelDecoder:
             for (state, name, _), copy in zip(held, copies, strict=True):
                 setattr(state, name, copy)
         self.cache = None  # an idle decoder in a pool must not keep a finished answer's state alive
+        self._bound = []
         self._undoable = False
 
     @property
@@ -218,9 +225,9 @@ class GraphModelDecoder:
         if not self._undoable:
             raise GraphDecodeError("undo follows a step made with undoable=True, and only once")
         states = self._check_buffers()
-        assert self._before_step_pos is not None  # kept with the state by the undoable step
+        assert self._before_step is not None  # kept by the undoable step
         with torch.inference_mode(False), torch.no_grad(), self._on_device():
-            _copy_all([*self._flat_buffers(), self._pos], [*self._before_step, self._before_step_pos])
+            self._arena.copy_(self._before_step)
         for state in states:
             state.pos -= 1
         self._undoable = False
@@ -228,13 +235,9 @@ class GraphModelDecoder:
 
     def _keep_before_step(self) -> None:
         with torch.inference_mode(False), torch.no_grad(), self._on_device():
-            if self._before_step_pos is None:  # allocated on the first undoable step: one state's device memory
-                self._before_step = [torch.empty_like(t) for t in self._flat_buffers()]
-                self._before_step_pos = torch.empty_like(self._pos)
-            _copy_all([*self._before_step, self._before_step_pos], [*self._flat_buffers(), self._pos])
-
-    def _flat_buffers(self) -> list[Tensor]:
-        return [buffer for buffers in self._buffers for buffer in buffers.values()]
+            if self._before_step is None:  # allocated on the first undoable step: one state's device memory
+                self._before_step = torch.empty_like(self._arena)
+            self._before_step.copy_(self._arena)
 
     def read(self, token_ids: Tensor, pieces: int = 1) -> Tensor:
         """Read a chunk ``(B, n)`` of prompt or document tokens (a prefill), returning its last token's logits
@@ -271,14 +274,22 @@ class GraphModelDecoder:
     # ------------------------------------------------------------------ internals
     def _check_buffers(self) -> list[BoundedState]:
         """The held cache's states, which must still be the decoder's buffers."""
-        states = self._states_of(self._held())
-        if any(
-            getattr(state, name) is not buffer
-            for state, buffers in zip(states, self._buffers, strict=True)
-            for name, buffer in buffers.items()
-        ):
+        states = self._held().states
+        if not self._still_bound(states):
             raise GraphDecodeError("the cache was advanced outside the decoder (a prefill): call adopt(cache) first")
-        return states
+        if any(layer.collect_metrics for layer in self.attention):
+            raise GraphDecodeError("graph decode does not collect routing metrics (a layer has collect_metrics=True)")
+        return self._bound
+
+    def _still_bound(self, states: Sequence[BoundedState | None]) -> bool:
+        """Whether ``states`` are the ones ``adopt`` bound, still holding the buffers. Once per step, so cheap: the
+        forward replaces a cache's state objects (``BoundedState.replace``), it never rebinds their fields in place;
+        one field each catches a state bound to another decoder since."""
+        bound = self._bound
+        return len(states) == len(bound) and all(
+            state is mine and state.win_k is buffers["win_k"]
+            for state, mine, buffers in zip(states, bound, self._buffers, strict=True)
+        )
 
     def _run(self, states: list[BoundedState], ids: Tensor, token_ids: Tensor, kind: str) -> None:
         """``token_ids`` into the static buffer ``ids``, then its graph replayed (captured on first use) or, without
@@ -467,6 +478,35 @@ def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
         torch._foreach_copy_(into, out_of)
 
 
+ARENA_ALIGNMENT = 256  # bytes: what torch's CUDA allocator gives each tensor, so kernels see the same alignment
+
+
+def arena_views(groups: list[dict[str, Tensor]]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """One byte buffer and, for each dict of tensors, contiguous views into it of the same names, shapes and dtypes,
+    holding copies of their values (each view starts on an ``ARENA_ALIGNMENT`` boundary). Copying the whole buffer
+    copies every view at once."""
+    layout: list[list[tuple[str, int, Tensor]]] = []
+    size = 0
+    for group in groups:
+        placed = []
+        for name, tensor in group.items():
+            placed.append((name, size, tensor))
+            size += -(-tensor.numel() * tensor.element_size() // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        layout.append(placed)
+    device = next(t.device for group in groups for t in group.values())
+    arena = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    views: list[dict[str, Tensor]] = []
+    for placed in layout:
+        group_views = {}
+        for name, offset, tensor in placed:
+            nbytes = tensor.numel() * tensor.element_size()
+            view = arena[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            view.copy_(tensor)
+            group_views[name] = view
+        views.append(group_views)
+    return arena, views
+
+
 def _prologue_ready(block: Any, layer: BoundedCoDAAttention, dtype: torch.dtype) -> bool:
     """Whether ``block``'s one-token step can take ``kernels.step_products``: a fused input product, a fused SiLU
     gated MLP, and norms and products all in ``dtype``."""
@@ -499,9 +539,38 @@ def bounded_layers(model: nn.Module) -> list[BoundedCoDAAttention]:
 def weights_key(model: nn.Module) -> tuple[tuple[int, int, torch.dtype, torch.device], ...]:
     """Address, version, dtype and device of every parameter and buffer: what a captured graph has baked in. The
     version too, since a graph also reads values derived from the weights once and kept (the noise rotation's
-    tables, ``DifferentialCore.noise_tables``): weights loaded in place make it stale."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    tables, ``DifferentialCore.noise_tables``): weights loaded in place make it stale.
+
+    Asked at every lend, so the model's tensors are listed once and listed again only after a module, parameter or
+    buffer was registered anywhere in the process (``_STRUCTURE``): walking SmolLM2's modules took 1-2 ms of host
+    time a lend, a fifth of a short answer's fixed cost (benchmarks/results/speed.md)."""
+    listed = _WEIGHT_TENSORS.get(model)
+    if listed is None or listed[0] != _STRUCTURE.changes:
+        listed = _WEIGHT_TENSORS[model] = (_STRUCTURE.changes, [*model.parameters(), *model.buffers()])
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in listed[1])
+
+
+class _StructureChanges:
+    """Counts registrations of modules, parameters and buffers in this process (torch's global registration hooks
+    fire for every ``module.x = ...`` of a module, parameter or buffer, ``register_*`` and ``add_module``): a model's
+    list of tensors is stale only when the count moved. A tensor replaced in place (``.to()``, ``load_state_dict``)
+    keeps its object, and its address or version says so."""
+
+    def __init__(self) -> None:
+        self.changes = 0
+        for register in (
+            torch.nn.modules.module.register_module_module_registration_hook,
+            torch.nn.modules.module.register_module_parameter_registration_hook,
+            torch.nn.modules.module.register_module_buffer_registration_hook,
+        ):
+            register(self._changed)
+
+    def _changed(self, module: nn.Module, name: str, value: Any) -> None:
+        self.changes += 1
+
+
+_STRUCTURE = _StructureChanges()
+_WEIGHT_TENSORS: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[Tensor]]] = weakref.WeakKeyDictionary()
 
 
 def graph_decode_supported(model: nn.Module) -> bool:

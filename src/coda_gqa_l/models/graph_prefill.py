@@ -14,15 +14,23 @@ never changes a bounded model's results (docs/semantics.md section 3).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
 from ..kernels import dispatch
 from .cache import BoundedCache
-from .graph_decode import GraphCaptureError, bounded_layers, graph_decode_supported, shared_decoder_pool
+from .graph_decode import (
+    GraphCaptureError,
+    GraphModelDecoder,
+    bounded_layers,
+    graph_decode_supported,
+    shared_decoder_pool,
+)
 from .hf_compat import cache_kwargs
 
 # models whose first eager piece has had its kernels compiled ahead in this process
@@ -37,6 +45,7 @@ def prefill(
     chunk_tokens: int,
     forward: Callable[[Tensor], Tensor | None],
     on_chunk: Callable[[int], None] | None = None,
+    decoder: GraphModelDecoder | None = None,
 ) -> Tensor | None:
     """Read ``ids (B, T)`` into ``cache``, ``chunk_tokens`` at a time; returns the last token's logits ``(B, vocab)``
     (``None`` if the last piece went through a ``forward`` that returns none).
@@ -45,6 +54,8 @@ def prefill(
     returns its last token's logits or ``None``; ``on_chunk(tokens)`` follows progress. Whole chunks go through the
     graphs where ``graph_decode_supported(model)`` and ``chunk_tokens`` is a multiple of the segment length; a failed
     capture warns once and the rest goes through ``forward`` (the state is untouched by a failed capture).
+    ``decoder``: one already lent for ``cache`` (``generation.DecodeSteps``), used instead of lending one from the
+    model's pool for each run of graph work, and kept holding the cache.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -56,8 +67,8 @@ def prefill(
         if graphs and pos % segment == 0 and total - start >= chunk_tokens:
             if not pos:
                 start_states(model, cache, ids.shape[0])  # the first chunk reads through a graph too
-            with shared_decoder_pool(model).lend(cache) as decoder:
-                if decoder is None:
+            with _lent(model, cache, decoder) as reader:
+                if reader is None:
                     graphs = False
                     continue
                 try:
@@ -68,7 +79,7 @@ def prefill(
                         if total - start < pieces * chunk_tokens:
                             pieces = 1
                         tokens = pieces * chunk_tokens
-                        last = decoder.read(ids[:, start : start + tokens], pieces)
+                        last = reader.read(ids[:, start : start + tokens], pieces)
                         start += tokens
                         if on_chunk is not None:
                             on_chunk(tokens)
@@ -84,7 +95,7 @@ def prefill(
             take = total - start  # the whole tail by steps: no realigning piece needed
         piece = ids[:, start : start + take]
         if piece.shape[1] <= stepped:
-            read, logits = _read_by_steps(model, cache, piece)
+            read, logits = _read_by_steps(model, cache, piece, decoder)
             if read < piece.shape[1]:
                 graphs = False  # the pool lends no decoder, or a capture failed: the forward reads the rest
             if read:
@@ -102,21 +113,32 @@ def prefill(
     return last
 
 
-def _read_by_steps(model: nn.Module, cache: BoundedCache, piece: Tensor) -> tuple[int, Tensor | None]:
+def _read_by_steps(
+    model: nn.Module, cache: BoundedCache, piece: Tensor, decoder: GraphModelDecoder | None
+) -> tuple[int, Tensor | None]:
     """``piece (B, n)`` through the decode step's graphs, one token at a time (``dispatch.stepped_read_tokens``):
     how many tokens were read, and the last one's logits. Fewer than ``n`` when the pool lends no decoder or a capture
     fails (warned; the state holds exactly the tokens read)."""
     logits = None
-    with shared_decoder_pool(model).lend(cache) as decoder:
-        if decoder is None:
+    with _lent(model, cache, decoder) as stepper:
+        if stepper is None:
             return 0, None
         for read in range(piece.shape[1]):
             try:
-                logits = decoder(piece[:, read])
+                logits = stepper(piece[:, read])
             except GraphCaptureError as error:
                 warnings.warn(f"{error}; reading through the model's forward from now on", stacklevel=3)
                 return read, logits
     return piece.shape[1], logits
+
+
+def _lent(model: nn.Module, cache: BoundedCache, decoder: GraphModelDecoder | None) -> Any:
+    """A context giving a decoder holding ``cache``: ``decoder`` (adopting the cache again if the forward read a piece
+    since: a no-op otherwise), else one lent by the model's pool for the context's length."""
+    if decoder is None:
+        return shared_decoder_pool(model).lend(cache)
+    decoder.adopt(cache)
+    return contextlib.nullcontext(decoder)
 
 
 def compile_first_chunk_ahead(model: nn.Module, piece: Tensor) -> bool:

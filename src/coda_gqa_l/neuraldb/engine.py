@@ -364,26 +364,13 @@ class Session:
         self.turns += 1
         return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)
 
-    def _read_question(self, ids: torch.Tensor) -> torch.Tensor:
-        """The question's last token's logits. A short question after the document goes through the decode step's
-        graphs where they run (``graph_prefill.prefill``), else through the forward. Inference mode is entered here,
-        not across the generator's yields: it is per thread, and a web server may resume the generator on another
-        thread."""
-
-        def forward(piece: torch.Tensor) -> torch.Tensor:
-            return self.db.model(piece, **cache_kwargs(self.cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-
-        with torch.inference_mode():
-            logits = prefill(self.db.model, self.cache, ids, chunk_tokens=self.db.chunk_tokens, forward=forward)
-        assert logits is not None  # the question holds at least one token and forward returns logits
-        return logits
-
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
-        logits = self._read_question(db._encode(prompt))
-        # each answer token through the whole model's CUDA graphs where they run, else the forward
+        # the question and each answer token through the whole model's CUDA graphs where they run (one decoder lent
+        # for both), else the forward: a short question after the document by decode steps (graph_prefill.prefill)
         with decode_steps(db.model, self.cache) as steps:
+            logits = steps.read(db._encode(prompt), db.chunk_tokens)
             yield from self._answer(logits, steps, generator, max_new_tokens, temperature)
 
     def _answer(
