@@ -15,7 +15,9 @@ own ``GraphModelDecoder``, captured inside the variant's switches):
 * ``both``: both switches (the step as the H100 measured it on 2026-12-05, less what came before);
 * ``products with prologues`` / ``products after kernels``: ``dispatch.step_product_prologues(True / False)``: the
   residual norms and the MLP's activation in the prologues of the products that read them
-  (``kernels/step_products.py``, three kernels fewer a layer), or as separate kernels before cuBLAS.
+  (``kernels/step_products.py``, three kernels fewer a layer), or as separate kernels before cuBLAS;
+* ``no dependent launches``: ``dispatch.dependent_launches(False)``: the step's Triton kernels launched one after
+  another as usual, not as programmatic dependents of the kernel before (on by default on Hopper).
 
 Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
 medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
@@ -58,6 +60,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "both": _both,
     "products with prologues": lambda: dispatch.step_product_prologues(True),
     "products after kernels": lambda: dispatch.step_product_prologues(False),
+    "no dependent launches": lambda: dispatch.dependent_launches(False),
 }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import autotune, float32_dots, launch, split_decode, tile_size, use_triton
+from .dispatch import autotune, dependent_launch_meta, float32_dots, launch, split_decode, tile_size, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -277,11 +277,13 @@ def _decode_split(
         LK, k_offset, E, H, G, main_splits, main_chunk, splits, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=tile_size(G), BLOCK_N=block_n, BLOCK_E=block_e, DIFF=diff, BOUNDED=bounded,
         WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
+        **dependent_launch_meta(q.device),
     )  # fmt: skip
     launch(kt._decode_combine_kernel, (B * H,),
         partial_m, partial_l, partial_acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
         splits, H, eps,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=tile_size(splits), DIFF=diff, NORM=norm, num_warps=1,
+        **dependent_launch_meta(q.device),
     )  # fmt: skip
 
 

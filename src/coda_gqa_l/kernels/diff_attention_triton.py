@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = 1.4426950408889634
 
@@ -752,7 +753,11 @@ def _decode_split_kernel(
     NUM_SINK: tl.constexpr,
     HAS_EXTRAS: tl.constexpr,
     PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # a programmatic dependent launch: the kernel before has finished and its writes are visible past here
+        gdc_wait()
+        gdc_launch_dependents()
     pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     num_kv_heads = NUM_HEADS // GROUP
@@ -838,7 +843,11 @@ def _decode_combine_kernel(
     BLOCK_S: tl.constexpr,
     DIFF: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # a programmatic dependent launch: the kernel before has finished and its writes are visible past here
+        gdc_wait()
+        gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     b64 = (pid_bh // NUM_HEADS).to(tl.int64)
     h = pid_bh % NUM_HEADS

@@ -296,6 +296,51 @@ def step_products_in_prologue(device: torch.device | str) -> bool:
     return use_triton(device) and (DEFAULT_STEP_PRODUCT_PROLOGUES if chosen is None else chosen)
 
 
+# whether a decode step's Triton kernels launch as programmatic dependents of the kernel before them (Hopper and
+# later): each starts while the one before it finishes, loads what does not depend on it (its weights), and waits for
+# it with ``griddepcontrol.wait`` before reading anything it wrote (``dependent_launch_meta``)
+DEFAULT_DEPENDENT_LAUNCHES = True
+_DEPENDENT_LAUNCHES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "coda_gqa_l_dependent_launches", default=None
+)
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
+
+
+@contextlib.contextmanager
+def dependent_launches(on: bool = True) -> Iterator[None]:
+    """Inside, the decode step's kernels launch as programmatic dependents where the GPU has them (compute
+    capability 9.0 or later), or with ``on=False`` one after another as usual; a graph captured inside keeps its
+    choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_DEPENDENT_LAUNCHES``."""
+    token = _DEPENDENT_LAUNCHES.set(on)
+    try:
+        yield
+    finally:
+        _DEPENDENT_LAUNCHES.reset(token)
+
+
+def dependent_launch(device: torch.device | str) -> bool:
+    """Whether a step kernel on ``device`` launches as a programmatic dependent (``dependent_launches``): CUDA with
+    compute capability 9.0 or later, compiled (the interpreter has no such launch)."""
+    chosen = _DEPENDENT_LAUNCHES.get()
+    if not (DEFAULT_DEPENDENT_LAUNCHES if chosen is None else chosen):
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting() or not triton_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index] >= (9, 0)
+
+
+def dependent_launch_meta(device: torch.device | str) -> dict[str, bool]:
+    """A step kernel's launch arguments for ``dependent_launch``: its ``PDL`` constexpr (the kernel waits for the
+    kernel before it with ``gdc_wait`` before touching what that one writes, and lets the next one launch), and
+    Triton's ``launch_pdl`` option where on (never passed to the interpreter)."""
+    on = dependent_launch(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 DEFAULT_STEPS_AHEAD = False
 _STEPS_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_steps_ahead", default=None)
 

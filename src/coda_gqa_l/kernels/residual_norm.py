@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dispatch import launch, tile_size, use_triton
+from .dispatch import dependent_launch_meta, launch, tile_size, use_triton
 
 # transformers' RMSNorm classes of the families models.graph_decode supports: all compute
 # weight * (x32 * rsqrt(mean(x32^2) + eps)).to(input dtype)
@@ -67,5 +67,6 @@ def add_rms_norm(h: Tensor, delta: Tensor | None, norm: nn.Module) -> tuple[Tens
         HAS_DELTA=delta is not None,
         BLOCK_D=tile_size(D),
         num_warps=4,
+        **dependent_launch_meta(h.device),
     )
     return h_out, y

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     H, DELTA, W, H_OUT, Y, eps, D,
-    HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One row: ``h + delta`` rounded to the residual's dtype (written to ``H_OUT``), then its RMS norm in float32,
     rounded to the residual's dtype before the gain, as transformers' Llama-family RMSNorm computes it."""
+    if PDL:  # a programmatic dependent launch: the kernel before has finished and its writes are visible past here
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     ok = d < D

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import RotaryEmbedding
-from .dispatch import launch, tile_size, use_triton
+from .dispatch import dependent_launch_meta, launch, tile_size, use_triton
 
 
 def rope_cos_sin_reference(
@@ -67,6 +67,7 @@ def rope_cos_sin(
         launch(
             _rope_table_kernel, (rows,), where.contiguous(), rope.inv_freq, scale, cos, sin, head_dim // 2,
             FROM_START=start is not None, INTERLEAVED=rope.layout == "interleaved", BLOCK_D=tile_size(head_dim),
+            **dependent_launch_meta(where.device),
         )  # fmt: skip
     return cos, sin
 

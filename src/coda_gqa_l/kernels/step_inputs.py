@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import RopeLayout
-from .dispatch import launch, tile_size, use_triton
+from .dispatch import dependent_launch_meta, launch, tile_size, use_triton
 from .gated_activation import gate_sigmoid_reference
 from .rope import stack_rotated_queries_reference
 from .window_step import WindowStep, WindowTargets, write_window_step_reference
@@ -96,5 +96,6 @@ def step_inputs(
         fused.stride(0), stacked.stride(0), stacked.stride(1), stacked.stride(2),
         num_heads, num_kv_heads, W, segment,
         HEAD_DIM=D, BLOCK_D=tile_size(D, least=2), HALF=layout == "half", NOISE=noise, num_warps=1,
+        **dependent_launch_meta(fused.device),
     )  # fmt: skip
     return stacked, lam

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .rope_triton import _pair_partner
 
@@ -19,10 +20,13 @@ def _step_inputs_kernel(
     RING_K, RING_V, RING_G, POSITION, BUF_K, BUF_V,
     s_fused_b, s_stacked_b, s_stacked_kv, s_stacked_s,
     NUM_HEADS, NUM_KV, WINDOW, SEG,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, NOISE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr, NOISE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch row, query head): the head's rotated signal (and noise) query and its lambda; the
     group's first head also writes its KV head's token into the window (ring and segment buffer)."""
+    if PDL:  # a programmatic dependent launch: the kernel before has finished and its writes are visible past here
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // NUM_HEADS).to(tl.int64)
     h = pid % NUM_HEADS

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import launch, tile_size, use_triton
+from .dispatch import dependent_launch_meta, launch, tile_size, use_triton
 from .gated_activation import silu_and_mul_reference
 from .residual_norm import add_rms_norm_reference
 
@@ -106,5 +106,6 @@ def _launch(
         _step_product_kernel, (-(-rows_out // block_n),), x, delta, norm_weight.contiguous(), h_out, weight,
         bias.contiguous() if bias is not None else y, y, rows_out, inputs, weight.stride(0), eps, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=min(MAX_BLOCK_K, tile_size(inputs)), num_warps=4,
+        **dependent_launch_meta(x.device),
     )  # fmt: skip
     return y
