@@ -32,13 +32,20 @@ from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
 from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
-from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
+from .kernels.dispatch import (
+    decode_view_allowed,
+    fused_bounded_chunk,
+    inference_attention,
+    inference_routing,
+    step_products_in_prologue,
+)
 from .kernels.gated_activation import gate_sigmoid
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
 from .kernels.segment_extras import build_extras, build_extras_reference
+from .kernels.step_products import row_product
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -547,7 +554,10 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        return core.o_proj(out.reshape(B, n, H * D))
+        out = out.reshape(B, n, H * D)
+        if B * n == 1 and type(core.o_proj) is nn.Linear and step_products_in_prologue(out.device):
+            return row_product(out, core.o_proj.weight, core.o_proj.bias)  # one kernel like the step's others
+        return core.o_proj(out)
 
     def segment_extras(
         self,

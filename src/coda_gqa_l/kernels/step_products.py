@@ -76,6 +76,17 @@ def activated_product(gate_up: Tensor, weight: Tensor, bias: Tensor | None = Non
     return _launch(gate_up, gate_up, weight, gate_up, weight, bias, 0.0, 3)
 
 
+def row_product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for one row ``x (1, 1, K)``: one Triton kernel on the Triton backend without
+    autograd (the attention's output product in a decode step: a programmatic dependent launch like the step's
+    other kernels, where cuBLAS's is not), else ``F.linear``. ``weight (N, K)``."""
+    _check(x, weight, x.shape[-1], "x")
+    if not _kernel_runs(x, weight, bias):
+        return F.linear(x, weight, bias)
+    x = x.contiguous()
+    return _launch(x, x, weight, x, weight, bias, 0.0, 0)
+
+
 def _check(x: Tensor, weight: Tensor, width: int, what: str) -> None:
     if weight.dim() != 2 or weight.shape[1] != width:
         raise ValueError(f"weight {tuple(weight.shape)} must be (out_features, {width}) for {what} of width {width}")
