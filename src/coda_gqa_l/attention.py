@@ -31,7 +31,7 @@ from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
-from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
+from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, attention_then_product, fused_attention
 from .kernels.dispatch import (
     decode_view_allowed,
     fused_bounded_chunk,
@@ -45,7 +45,6 @@ from .kernels.routing import route_chunk_triton
 from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
 from .kernels.segment_extras import build_extras, build_extras_reference
-from .kernels.step_products import row_product
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
@@ -539,11 +538,7 @@ class BoundedCoDAAttention(nn.Module):
         B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
         H = core.num_heads
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
-        out = fused_attention(
-            stacked,
-            ext_k,
-            ext_v,
-            lam,
+        attention = dict(
             q_start=start,
             k_offset=SEGMENT_WINDOW if segment_window else W,
             scale=core.softmax_scale,
@@ -554,10 +549,12 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        out = out.reshape(B, n, H * D)
-        if B * n == 1 and type(core.o_proj) is nn.Linear and step_products_in_prologue(out.device):
-            return row_product(out, core.o_proj.weight, core.o_proj.bias)  # one kernel like the step's others
-        return core.o_proj(out)
+        if B * n == 1 and type(core.o_proj) is nn.Linear and step_products_in_prologue(stacked.device):
+            # one token: the split attention's combine in the output product's prologue (one kernel fewer)
+            weight, bias = core.o_proj.weight, core.o_proj.bias
+            return attention_then_product(stacked, ext_k, ext_v, lam, weight, bias, **attention)  # type: ignore[arg-type]
+        out = fused_attention(stacked, ext_k, ext_v, lam, **attention)  # type: ignore[arg-type]
+        return core.o_proj(out.reshape(B, n, H * D))
 
     def segment_extras(
         self,

@@ -314,11 +314,11 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
         ours = torch.stack([decoder(ids[:, t]) for t in range(21, 33)], 1)
     torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
     layers = len(model.model.layers)
-    # the last step (32) routes: its attention reads the normalised row, its output product (0: no prologue) and
-    # its MLP take the kernel (add + norm: 2, then the down product: 3); the plain step before it (31) each block's
-    # input product too (norm: 1 first, add + norm: 2 after)
-    assert launches[-3 * layers :] == [0, 2, 3] * layers
-    assert launches[-7 * layers : -3 * layers] == [1, 0, 2, 3] + [2, 0, 2, 3] * (layers - 1)
+    # the last step (32) routes: its attention reads the normalised row, only its MLP takes the prologues
+    # (add + norm: 2, then the down product: 3); the plain step before it (31) each block's input product too
+    # (norm: 1 first, add + norm: 2 after)
+    assert launches[-2 * layers :] == [2, 3] * layers
+    assert launches[-5 * layers : -2 * layers] == [1, 2, 3] + [2, 2, 3] * (layers - 1)
     launches.clear()
     off = GraphModelDecoder(model, _prefilled(model, ids[:, :21]), capture=False)
     with dispatch.step_product_prologues(False):

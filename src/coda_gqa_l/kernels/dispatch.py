@@ -280,9 +280,10 @@ _STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.Conte
 @contextlib.contextmanager
 def step_product_prologues(on: bool = True) -> Iterator[None]:
     """Inside, a graph decoder's one-token steps form each block's normalised input and the MLP's activation in the
-    prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer), and a one-row
-    attention output goes through its product kernel too, or with ``on=False`` keep the separate norm and activation
-    kernels before cuBLAS; a graph captured inside keeps its choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES`` (on)."""
+    prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer) and merge the
+    split attention in its output product's (``diff_attention.attention_then_product``: one fewer), or with
+    ``on=False`` keep the separate norm, activation and combine kernels before cuBLAS; a graph captured inside keeps
+    its choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES``."""
     token = _STEP_PRODUCT_PROLOGUES.set(on)
     try:
         yield

@@ -81,3 +81,84 @@ def _step_product_kernel(
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _merged_stream(PM, PL, PACC, at, s, d, ok_hs, BLOCK_D: tl.constexpr):
+    """One stream's attention output for a block of heads ``(BLOCK_H, BLOCK_D)`` from its splits' partial softmaxes
+    (base 2; ``at`` the partials' ``(BLOCK_H, BLOCK_S)`` offsets), as ``_merge_splits`` of the combine kernel."""
+    m = tl.load(PM + at, mask=ok_hs, other=-1.0e30)
+    total = tl.load(PL + at, mask=ok_hs, other=0.0)
+    acc = tl.load(PACC + at[:, :, None] * BLOCK_D + d[None, None, :], mask=ok_hs[:, :, None], other=0.0)
+    weight = tl.exp2(m - tl.max(m, 1)[:, None])
+    total = tl.sum(total * weight, 1)
+    total = tl.where(total == 0.0, 1.0, total)
+    return tl.sum(acc * weight[:, :, None], 1) / total[:, None]
+
+
+@triton.jit
+def _merged_heads(
+    PM, PL, PACC, LAM, NW, Y, h0, SPLITS, NUM_HEADS, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    DIFF: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """Heads ``[h0, h0 + BLOCK_H)`` of the attention output row, ``(BLOCK_H, BLOCK_D)`` float32: the combine kernel's
+    ``signal - lambda * noise`` and head norm, rounded to ``Y``'s dtype as it writes them."""
+    heads = h0 + tl.arange(0, BLOCK_H)
+    h_ok = heads < NUM_HEADS
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    ok_hs = h_ok[:, None] & (s < SPLITS)[None, :]
+    row = heads.to(tl.int64) * 2  # partials laid out (H, 2 streams, SPLITS[, BLOCK_D]) for the one batch row
+    out = _merged_stream(PM, PL, PACC, row[:, None] * SPLITS + s[None, :], s, d, ok_hs, BLOCK_D)
+    if DIFF:
+        lam = tl.load(LAM + heads, mask=h_ok, other=0.0)
+        noise = _merged_stream(PM, PL, PACC, (row + 1)[:, None] * SPLITS + s[None, :], s, d, ok_hs, BLOCK_D)
+        out = out - lam[:, None] * noise
+    d_ok = d < HEAD_DIM
+    if NORM:
+        mean_sq = tl.sum(tl.where(d_ok[None, :], out * out, 0.0), 1) / HEAD_DIM
+        w = tl.load(NW + heads[:, None] * HEAD_DIM + d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        out = out * tl.rsqrt(mean_sq + eps)[:, None] * w.to(tl.float32)
+    out = tl.where(h_ok[:, None] & d_ok[None, :], out, 0.0)
+    return out.to(Y.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "SPLITS"])
+def _merged_product_kernel(
+    PM, PL, PACC, LAM, NW, W, B, Y, N, SPLITS, NUM_HEADS, SWN, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIFF: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Rows ``[pid * BLOCK_N, +BLOCK_N)`` of ``Y = W @ x (+ B)`` where ``x`` is one token's attention output,
+    merged from its split partials by every program (``_merged_heads``), ``BLOCK_H`` heads at a time: column
+    ``h * HEAD_DIM + d`` of ``W`` meets head ``h``'s dimension ``d``. With ``PDL`` the first heads' weights are loaded
+    before waiting for the split attention kernel."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    hb = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    w_rows = W + rows.to(tl.int64)[:, None, None] * SWN
+    cols = (hb[:, None] * HEAD_DIM + d[None, :])[None, :, :]
+    ok = row_ok[:, None, None] & ((hb[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM))[None, :, :]
+    w = tl.load(w_rows + cols, mask=ok, other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    x = _merged_heads(
+        PM, PL, PACC, LAM, NW, Y, 0, SPLITS, NUM_HEADS, eps, HEAD_DIM, BLOCK_D, BLOCK_S, BLOCK_H, DIFF, NORM
+    )
+    acc = tl.sum(tl.sum(w.to(tl.float32) * x[None, :, :], 2), 1)
+    for h0 in range(BLOCK_H, NUM_HEADS, BLOCK_H):
+        heads = h0 + hb
+        cols = (heads[:, None] * HEAD_DIM + d[None, :])[None, :, :]
+        ok = row_ok[:, None, None] & ((heads[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM))[None, :, :]
+        w = tl.load(w_rows + cols, mask=ok, other=0.0)
+        x = _merged_heads(
+            PM, PL, PACC, LAM, NW, Y, h0, SPLITS, NUM_HEADS, eps, HEAD_DIM, BLOCK_D, BLOCK_S, BLOCK_H, DIFF, NORM
+        )
+        acc += tl.sum(tl.sum(w.to(tl.float32) * x[None, :, :], 2), 1)
+    if HAS_BIAS:
+        acc += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, acc.to(Y.dtype.element_ty), mask=row_ok)
