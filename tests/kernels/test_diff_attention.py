@@ -246,13 +246,13 @@ def test_attention_then_product_matches_attention_then_linear(
     """One token of one row: the split attention's partials merged by every program of the output product
     (``attention_then_product``) give ``F.linear`` of the combined attention, within the dtype's rule against the
     float64 product of the float64 reference attention."""
-    from coda_gqa_l.kernels import step_products, step_products_triton
+    from coda_gqa_l.kernels import diff_attention, step_products_triton
 
     if dispatch.interpreting():
         assert "Interpreted" in type(step_products_triton._merged_product_kernel).__name__  # the kernel itself runs
-    merged = step_products.merged_product
+    merged = diff_attention.merged_product
     ran: list[int] = []
-    monkeypatch.setattr(step_products, "merged_product", lambda *a, **k: ran.append(1) or merged(*a, **k))
+    monkeypatch.setattr(diff_attention, "merged_product", lambda *a, **k: ran.append(1) or merged(*a, **k))
     pattern, q_start, keys, k_offset, head_dim, group, extras, differential, norm = DECODE_CASES[name]
     seed = int(torch.randint(0, 2**31, ()).item())
     with torch.no_grad():

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import autotune, dependent_launch_meta, float32_dots, launch, split_decode, tile_size, use_triton
+from .step_products import DecodePartials, merged_product
 
 _LOG2E = 1.4426950408889634
 
@@ -273,17 +274,6 @@ def _decode_split(
         HEAD_DIM=q.shape[4], BLOCK_D=partials.acc.shape[-1], BLOCK_S=tile_size(partials.splits), DIFF=diff, NORM=norm,
         num_warps=1, **dependent_launch_meta(q.device),
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DecodePartials:
-    """A decode step's split attention before its combine: per (row * head, stream, split) the running max ``m``
-    and sum ``total`` of the softmax (base 2) and the unnormalised output ``acc`` (``BLOCK_D`` wide), float32."""
-
-    m: Tensor
-    total: Tensor
-    acc: Tensor
-    splits: int
 
 
 def _decode_partials(
@@ -581,8 +571,6 @@ def attention_then_product(
             extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,
         )  # fmt: skip
         return torch.nn.functional.linear(out.reshape(B, L, H * D), weight, bias)
-    from .step_products import merged_product
-
     pos = q_start if isinstance(q_start, Tensor) else torch.full((), q_start, device=q.device, dtype=torch.int64)
     ek, ev, eb, E = _extras_or_placeholders(q, extra_k, extra_v, extra_bias)
     partials = _decode_partials(

@@ -18,11 +18,12 @@ product in float32, in another order than cuBLAS; the references (``norm_product
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .diff_attention import DecodePartials
 from .dispatch import dependent_launch_meta, launch, tile_size, use_triton
 from .gated_activation import silu_and_mul_reference
 from .residual_norm import add_rms_norm_reference
@@ -75,6 +76,18 @@ def activated_product(gate_up: Tensor, weight: Tensor, bias: Tensor | None = Non
         return activated_product_reference(gate_up, weight, bias)
     gate_up = gate_up.contiguous()
     return _launch(gate_up, gate_up, weight, gate_up, weight, bias, 0.0, 3)
+
+
+@dataclass(frozen=True)
+class DecodePartials:
+    """A decode step's split attention before its combine (``diff_attention``'s split forward): per (row * head,
+    stream, split) the running max ``m`` and sum ``total`` of the softmax (base 2) and the unnormalised output
+    ``acc`` (``BLOCK_D`` wide), float32."""
+
+    m: Tensor
+    total: Tensor
+    acc: Tensor
+    splits: int
 
 
 def merged_product(
