@@ -37,7 +37,7 @@ from .kernels.dispatch import (
     fused_bounded_chunk,
     inference_attention,
     inference_routing,
-    step_products_in_prologue,
+    output_product_merges,
 )
 from .kernels.gated_activation import gate_sigmoid
 from .kernels.rope import rotate_keys, stack_rotated_queries
@@ -549,7 +549,7 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        if B * n == 1 and type(core.o_proj) is nn.Linear and step_products_in_prologue(stacked.device):
+        if B * n == 1 and type(core.o_proj) is nn.Linear and output_product_merges(stacked.device):
             # one token: the split attention's combine in the output product's prologue (one kernel fewer)
             weight, bias = core.o_proj.weight, core.o_proj.bias
             return attention_then_product(stacked, ext_k, ext_v, lam, weight, bias, **attention)  # type: ignore[arg-type]

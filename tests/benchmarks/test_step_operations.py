@@ -50,9 +50,8 @@ def test_layer_run_counts_a_captured_decoders_routing_and_plain_steps(tmp_path: 
         counts[bool(fold)] = json.loads((out / "step_operations_layer.json").read_text())["steps"]
     route, step = counts[False]["routing step"], counts[False]["plain step"]
     assert {"_route_chunk_kernel", "_segment_extras_kernel", "_extend_window_kernel"} <= set(route["triton"])
-    # one row: the split attention's combine is in the output product's prologue (attention_then_product)
     assert set(step["triton"]) == {"_window_step_kernel", "_rotate_kernel", "_decode_split_kernel",
-                                   "_merged_product_kernel", "_rope_table_kernel"}  # fmt: skip
+                                   "_decode_combine_kernel", "_rope_table_kernel"}  # fmt: skip
     assert step["pytorch_per_layer"] < 20  # 66 and 6 kernels before the kept extras (7B shape), 19 before the table
     folded = counts[True]["plain step"]
     assert "_step_inputs_kernel" in folded["triton"] and "_window_step_kernel" not in folded["triton"]

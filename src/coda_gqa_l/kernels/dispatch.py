@@ -280,10 +280,9 @@ _STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.Conte
 @contextlib.contextmanager
 def step_product_prologues(on: bool = True) -> Iterator[None]:
     """Inside, a graph decoder's one-token steps form each block's normalised input and the MLP's activation in the
-    prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer) and merge the
-    split attention in its output product's (``diff_attention.attention_then_product``: one fewer), or with
-    ``on=False`` keep the separate norm, activation and combine kernels before cuBLAS; a graph captured inside keeps
-    its choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES``."""
+    prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer), or with
+    ``on=False`` keep the separate norm and activation kernels before cuBLAS; a graph captured inside keeps its
+    choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES`` (on)."""
     token = _STEP_PRODUCT_PROLOGUES.set(on)
     try:
         yield
@@ -300,7 +299,8 @@ def step_products_in_prologue(device: torch.device | str) -> bool:
 # whether a decode step's Triton kernels launch as programmatic dependents of the kernel before them (Hopper and
 # later): each starts while the one before it finishes, loads what does not depend on it (its weights), and waits for
 # it with ``griddepcontrol.wait`` before reading anything it wrote (``dependent_launch_meta``)
-DEFAULT_DEPENDENT_LAUNCHES = True
+# off until a GPU has timed them (built on the CPU on 2026-12-06; benchmarks/decode_step.py compares)
+DEFAULT_DEPENDENT_LAUNCHES = False
 _DEPENDENT_LAUNCHES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "coda_gqa_l_dependent_launches", default=None
 )
@@ -340,6 +340,34 @@ def dependent_launch_meta(device: torch.device | str) -> dict[str, bool]:
     Triton's ``launch_pdl`` option where on (never passed to the interpreter)."""
     on = dependent_launch(device)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+# whether a one-row step merges the split attention in its output product's prologue
+# (``diff_attention.attention_then_product``: the combine kernel and cuBLAS's product as one kernel); off until a GPU
+# has timed it (built on the CPU on 2026-12-06; benchmarks/decode_step.py compares)
+DEFAULT_MERGED_OUTPUT_PRODUCT = False
+_MERGED_OUTPUT_PRODUCT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "coda_gqa_l_merged_output_product", default=None
+)
+
+
+@contextlib.contextmanager
+def merged_output_product(on: bool = True) -> Iterator[None]:
+    """Inside, a one-row attention step (with ``step_product_prologues`` on) merges its split attention in the output
+    product's prologue, or with ``on=False`` runs the combine kernel and cuBLAS's product; a graph captured inside
+    keeps its choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_MERGED_OUTPUT_PRODUCT``."""
+    token = _MERGED_OUTPUT_PRODUCT.set(on)
+    try:
+        yield
+    finally:
+        _MERGED_OUTPUT_PRODUCT.reset(token)
+
+
+def output_product_merges(device: torch.device | str) -> bool:
+    """Whether a one-row attention step on ``device`` takes ``attention_then_product`` (``merged_output_product``)."""
+    chosen = _MERGED_OUTPUT_PRODUCT.get()
+    on = DEFAULT_MERGED_OUTPUT_PRODUCT if chosen is None else chosen
+    return on and step_products_in_prologue(device)
 
 
 DEFAULT_STEPS_AHEAD = False
