@@ -31,14 +31,8 @@ from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
-from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, attention_then_product, fused_attention
-from .kernels.dispatch import (
-    decode_view_allowed,
-    fused_bounded_chunk,
-    inference_attention,
-    inference_routing,
-    output_product_merges,
-)
+from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
+from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
 from .kernels.gated_activation import gate_sigmoid
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
@@ -538,7 +532,11 @@ class BoundedCoDAAttention(nn.Module):
         B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
         H = core.num_heads
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
-        attention = dict(
+        out = fused_attention(
+            stacked,
+            ext_k,
+            ext_v,
+            lam,
             q_start=start,
             k_offset=SEGMENT_WINDOW if segment_window else W,
             scale=core.softmax_scale,
@@ -549,11 +547,6 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        if B * n == 1 and type(core.o_proj) is nn.Linear and output_product_merges(stacked.device):
-            # one token: the split attention's combine in the output product's prologue (one kernel fewer)
-            weight, bias = core.o_proj.weight, core.o_proj.bias
-            return attention_then_product(stacked, ext_k, ext_v, lam, weight, bias, **attention)  # type: ignore[arg-type]
-        out = fused_attention(stacked, ext_k, ext_v, lam, **attention)  # type: ignore[arg-type]
         return core.o_proj(out.reshape(B, n, H * D))
 
     def segment_extras(

@@ -19,7 +19,6 @@ from coda_gqa_l.kernels.diff_attention import (
     KEYS_FROM_ZERO,
     SEGMENT_WINDOW,
     Pattern,
-    attention_then_product,
     differential_attention,
     fused_attention,
     reference_attention,
@@ -236,58 +235,6 @@ def test_one_token_step_matches_reference(
     assert err <= 2 * ref_err + floor, f"{name}: {err:.2e} against the reference's {ref_err:.2e}"
     one_err = (one.double() - exact).abs().max().item()
     assert one_err <= 2 * ref_err + floor, f"{name}, one program: {one_err:.2e} against {ref_err:.2e}"
-
-
-@pytest.mark.parametrize("name", sorted(DECODE_CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
-def test_attention_then_product_matches_attention_then_linear(
-    name: str, dtype: torch.dtype, use_triton: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One token of one row: the split attention's partials merged by every program of the output product
-    (``attention_then_product``) give ``F.linear`` of the combined attention, within the dtype's rule against the
-    float64 product of the float64 reference attention."""
-    from coda_gqa_l.kernels import diff_attention, step_products_triton
-
-    if dispatch.interpreting():
-        assert "Interpreted" in type(step_products_triton._merged_product_kernel).__name__  # the kernel itself runs
-    merged = diff_attention.merged_product
-    ran: list[int] = []
-    monkeypatch.setattr(diff_attention, "merged_product", lambda *a, **k: ran.append(1) or merged(*a, **k))
-    pattern, q_start, keys, k_offset, head_dim, group, extras, differential, norm = DECODE_CASES[name]
-    seed = int(torch.randint(0, 2**31, ()).item())
-    with torch.no_grad():
-        t = _problem(
-            batch=1, kv_heads=3, group=group, length=1, head_dim=head_dim, keys=keys, extras=extras, segments=1,
-            differential=differential, norm=norm, dtype=dtype, seed=seed,
-        )  # fmt: skip
-        q, k, v, lam = t["q"], t["k"], t["v"], t["lam"]
-        assert q is not None and k is not None and v is not None
-        heads = 3 * group
-        gen = torch.Generator().manual_seed(seed + 1)
-        weight = (torch.randn(37, heads * head_dim, generator=gen) * (heads * head_dim) ** -0.5).to(DEVICE, dtype)
-        bias = torch.randn(37, generator=gen).to(DEVICE, dtype)
-        args = {key: t[key] for key in ("extra_k", "extra_v", "extra_bias", "norm_weight")}
-        common = dict(q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5, pattern=pattern, **args)
-        ours = attention_then_product(q, k, v, lam, weight, bias, **common)  # type: ignore[arg-type]
-        same = torch.nn.functional.linear(
-            fused_attention(q, k, v, lam, **common).reshape(1, 1, -1),
-            weight,
-            bias,  # type: ignore[arg-type]
-        )
-        if k_offset == SEGMENT_WINDOW:
-            k_offset = q_start - ((q_start // pattern.segment) * pattern.segment - pattern.window + pattern.segment)
-        elif k_offset == KEYS_FROM_ZERO:
-            k_offset = q_start
-        exact = reference_attention(
-            q, k, v, lam, q_start=q_start, k_offset=k_offset, scale=head_dim**-0.5, pattern=pattern,
-            compute_dtype=torch.float64, **args,  # type: ignore[arg-type]
-        )  # fmt: skip
-        truth = torch.nn.functional.linear(exact.double().reshape(1, 1, -1), weight.double(), bias.double())
-    assert ran and ours.shape == (1, 1, 37) and ours.dtype == dtype
-    err = (ours.double() - truth).abs().max().item()
-    ref_err = (same.double() - truth).abs().max().item()
-    floor = (2e-6 if dtype == torch.float32 else 1e-2) * max(truth.abs().max().item(), 1.0)
-    assert err <= 2 * ref_err + floor, f"{name}: {err:.2e} against attention then linear's {ref_err:.2e}"
 
 
 def test_differential_attention_is_causal_and_differentiable(use_triton: None) -> None:

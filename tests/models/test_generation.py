@@ -278,8 +278,8 @@ def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: 
     with dispatch.steps_ahead(False):
         steps.ahead(torch.tensor([3])).take_back()
         assert steps.ahead(torch.tensor([4])).logits.shape == (1, 3)
-    steps.ahead(torch.tensor([5])).take_back()  # off unless asked for (dispatch.DEFAULT_STEPS_AHEAD)
-    assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False)]
+    steps.ahead(torch.tensor([5])).take_back()  # on unless switched off (dispatch.DEFAULT_STEPS_AHEAD)
+    assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False), ("step", 5, True), "undo"]
 
 
 def test_a_step_ahead_whose_capture_fails_is_left_to_the_forward(model: torch.nn.Module) -> None:

@@ -295,11 +295,9 @@ def _folded(device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn
     return model
 
 
-@pytest.mark.parametrize("merged", [False, True])
-def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch, merged: bool) -> None:
+def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """One row, folded model: the norms and the activation in the products' prologues (kernels.step_products)
-    through plain, refresh and route steps give the model's logits; the kernel ran for every block's products. With
-    ``merged`` the split attention is merged in the output product too (``dispatch.merged_output_product``)."""
+    through plain, refresh and route steps give the model's logits; the kernel ran for every block's products."""
     assert dispatch.interpreting() or torch.cuda.is_available()
     from coda_gqa_l.kernels import step_products
 
@@ -312,14 +310,8 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
     monkeypatch.setattr(step_products, "_launch", lambda *a, **k: launches.append(a[-1]) or launch(*a, **k))
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     decoder = GraphModelDecoder(model, _prefilled(model, ids[:, :21]), capture=False)
-    merges: list[int] = []
-    from coda_gqa_l.kernels import diff_attention
-
-    product = diff_attention.merged_product
-    monkeypatch.setattr(diff_attention, "merged_product", lambda *a, **k: merges.append(1) or product(*a, **k))
-    with dispatch.step_product_prologues(), dispatch.merged_output_product(merged):
+    with dispatch.step_product_prologues():
         ours = torch.stack([decoder(ids[:, t]) for t in range(21, 33)], 1)
-    assert len(merges) == (12 * len(model.model.layers) if merged else 0)  # every step's every layer
     torch.testing.assert_close(ours, expected, atol=2e-4, rtol=2e-4)
     layers = len(model.model.layers)
     # the last step (32) routes: its attention reads the normalised row, only its MLP takes the prologues

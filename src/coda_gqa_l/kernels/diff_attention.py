@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from .dispatch import autotune, dependent_launch_meta, float32_dots, launch, split_decode, tile_size, use_triton
-from .step_products import DecodePartials, merged_product
 
 _LOG2E = 1.4426950408889634
 
@@ -170,19 +169,6 @@ def _placeholder(ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty(1, device=ref.device, dtype=dtype or ref.dtype)
 
 
-def _extras_or_placeholders(
-    q: Tensor, extra_k: Tensor | None, extra_v: Tensor | None, extra_bias: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """The extras' keys, values and biases as the kernels read them (contiguous), or placeholders; and their count."""
-    if extra_k is None or extra_k.shape[3] == 0:
-        ek = _placeholder(q).view(1, 1, 1, 1, 1)
-        return ek, ek, _placeholder(q, torch.float32).view(1, 1, 1, 1), 0
-    ek = extra_k.contiguous()
-    ev = extra_v.contiguous() if extra_v is not None else ek
-    eb = extra_bias.contiguous() if extra_bias is not None else _placeholder(q, torch.float32).view(1, 1, 1, 1)
-    return ek, ev, eb, extra_k.shape[3]
-
-
 @torch.library.custom_op("coda_gqa_l::diff_attn_fwd", mutates_args=())
 def _diff_attn_fwd(
     q: Tensor,
@@ -217,8 +203,15 @@ def _diff_attn_fwd(
     else:
         a = _placeholder(q).view(1, 1, 1, 1, 1)
         lse = _placeholder(q, torch.float32).view(1, 1, 1, 1)
-    ek, ev, eb, E = _extras_or_placeholders(q, extra_k, extra_v, extra_bias)
-    has_extras = E > 0
+    has_extras = extra_k is not None and extra_k.shape[3] > 0
+    ek = extra_k.contiguous() if has_extras and extra_k is not None else _placeholder(q).view(1, 1, 1, 1, 1)
+    ev = extra_v.contiguous() if has_extras and extra_v is not None else ek
+    eb = (
+        extra_bias.contiguous()
+        if has_extras and extra_bias is not None
+        else _placeholder(q, torch.float32).view(1, 1, 1, 1)
+    )
+    E = ek.shape[3] if has_extras else 0
     lam_t = lam if lam is not None else _placeholder(q, torch.float32).view(1, 1, 1)
     nw = norm_weight if norm_weight is not None else _placeholder(q)
     if L == 1 and not store_streams and split_decode():  # a decode step: the keys split over programs
@@ -265,24 +258,6 @@ def _decode_split(
     """One token per row (L == 1) into ``o``: the split forward and its combine (diff_attention_triton)."""
     from . import diff_attention_triton as kt
 
-    partials = _decode_partials(
-        q, k, v, ek, ev, eb, pos, k_offset, E, H, G, scale, bounded, window, seg, num_sink, diff
-    )
-    launch(kt._decode_combine_kernel, (q.shape[0] * H,),
-        partials.m, partials.total, partials.acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
-        partials.splits, H, eps,
-        HEAD_DIM=q.shape[4], BLOCK_D=partials.acc.shape[-1], BLOCK_S=tile_size(partials.splits), DIFF=diff, NORM=norm,
-        num_warps=1, **dependent_launch_meta(q.device),
-    )  # fmt: skip
-
-
-def _decode_partials(
-    q: Tensor, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor, eb: Tensor, pos: Tensor, k_offset: int, E: int, H: int,
-    G: int, scale: float, bounded: bool, window: int, seg: int, num_sink: int, diff: bool,
-) -> DecodePartials:  # fmt: skip
-    """The split forward of one token per row: the keys spread over programs (diff_attention_triton)."""
-    from . import diff_attention_triton as kt
-
     B, _, _, _, D = q.shape
     LK = k.shape[2]
     block_n, block_d = 64, tile_size(D)
@@ -304,7 +279,12 @@ def _decode_partials(
         WINDOW=window, SEG=seg, NUM_SINK=num_sink, HAS_EXTRAS=E > 0, PREC=_precision(q), num_warps=4,
         **dependent_launch_meta(q.device),
     )  # fmt: skip
-    return DecodePartials(partial_m, partial_l, partial_acc, splits)
+    launch(kt._decode_combine_kernel, (B * H,),
+        partial_m, partial_l, partial_acc, lam, nw, o, lam.stride(0), lam.stride(1), o.stride(0), o.stride(2),
+        splits, H, eps,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=tile_size(splits), DIFF=diff, NORM=norm, num_warps=1,
+        **dependent_launch_meta(q.device),
+    )  # fmt: skip
 
 
 @_diff_attn_fwd.register_fake
@@ -530,54 +510,6 @@ def fused_attention(
         q, k, v, lam, q_start=start, k_offset=k_offset, scale=scale, pattern=pattern,
         extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,
     )  # fmt: skip
-
-
-def attention_then_product(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lam: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-    *,
-    q_start: int | Tensor,
-    k_offset: int,
-    scale: float,
-    pattern: Pattern,
-    extra_k: Tensor | None = None,
-    extra_v: Tensor | None = None,
-    extra_bias: Tensor | None = None,
-    norm_weight: Tensor | None = None,
-    eps: float = 1e-6,
-) -> Tensor:
-    """``F.linear(fused_attention(...).reshape(B, 1, H * Dh), weight, bias)`` for one token of one row (a graph
-    decoder's step), ``(1, 1, N)``: on the Triton backend without autograd, the split attention's partials go
-    straight to the output product, whose every program merges them itself (``step_products_triton``): the
-    combine kernel's work in the product's prologue, one kernel fewer a layer. Otherwise the two apart."""
-    _check(q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
-    B, Hkv, Qs, L, D = q.shape
-    diff = lam is not None
-    G = Qs // 2 if diff else Qs
-    H = Hkv * G
-    wanted = (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight, weight, bias)
-    fused = (
-        B == 1 and L == 1 and use_triton(q.device) and split_decode() and weight.dtype == q.dtype
-        and weight.shape[1] == H * D and weight.stride(1) == 1
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in wanted))
-    )  # fmt: skip
-    if not fused:
-        out = fused_attention(
-            q, k, v, lam, q_start=q_start, k_offset=k_offset, scale=scale, pattern=pattern, extra_k=extra_k,
-            extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,
-        )  # fmt: skip
-        return torch.nn.functional.linear(out.reshape(B, L, H * D), weight, bias)
-    pos = q_start if isinstance(q_start, Tensor) else torch.full((), q_start, device=q.device, dtype=torch.int64)
-    ek, ev, eb, E = _extras_or_placeholders(q, extra_k, extra_v, extra_bias)
-    partials = _decode_partials(
-        q.contiguous(), k.contiguous(), v.contiguous(), ek, ev, eb, pos, k_offset, E, H, G, scale,
-        pattern.bounded, pattern.window, pattern.segment, pattern.num_sink, diff,
-    )  # fmt: skip
-    return merged_product(partials, lam, norm_weight, eps, H, D, weight, bias)
 
 
 def differential_attention(

@@ -299,8 +299,9 @@ def step_products_in_prologue(device: torch.device | str) -> bool:
 # whether a decode step's Triton kernels launch as programmatic dependents of the kernel before them (Hopper and
 # later): each starts while the one before it finishes, loads what does not depend on it (its weights), and waits for
 # it with ``griddepcontrol.wait`` before reading anything it wrote (``dependent_launch_meta``)
-# off until a GPU has timed them (built on the CPU on 2026-12-06; benchmarks/decode_step.py compares)
-DEFAULT_DEPENDENT_LAUNCHES = False
+# on: measured on an H100 on 2026-12-06, SmolLM2's graph step 1.231x without them, the same greedy tokens
+# (benchmarks/results/speed.md, "Dependent launches")
+DEFAULT_DEPENDENT_LAUNCHES = True
 _DEPENDENT_LAUNCHES: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "coda_gqa_l_dependent_launches", default=None
 )
@@ -342,35 +343,7 @@ def dependent_launch_meta(device: torch.device | str) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-# whether a one-row step merges the split attention in its output product's prologue
-# (``diff_attention.attention_then_product``: the combine kernel and cuBLAS's product as one kernel); off until a GPU
-# has timed it (built on the CPU on 2026-12-06; benchmarks/decode_step.py compares)
-DEFAULT_MERGED_OUTPUT_PRODUCT = False
-_MERGED_OUTPUT_PRODUCT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "coda_gqa_l_merged_output_product", default=None
-)
-
-
-@contextlib.contextmanager
-def merged_output_product(on: bool = True) -> Iterator[None]:
-    """Inside, a one-row attention step (with ``step_product_prologues`` on) merges its split attention in the output
-    product's prologue, or with ``on=False`` runs the combine kernel and cuBLAS's product; a graph captured inside
-    keeps its choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_MERGED_OUTPUT_PRODUCT``."""
-    token = _MERGED_OUTPUT_PRODUCT.set(on)
-    try:
-        yield
-    finally:
-        _MERGED_OUTPUT_PRODUCT.reset(token)
-
-
-def output_product_merges(device: torch.device | str) -> bool:
-    """Whether a one-row attention step on ``device`` takes ``attention_then_product`` (``merged_output_product``)."""
-    chosen = _MERGED_OUTPUT_PRODUCT.get()
-    on = DEFAULT_MERGED_OUTPUT_PRODUCT if chosen is None else chosen
-    return on and step_products_in_prologue(device)
-
-
-DEFAULT_STEPS_AHEAD = False
+DEFAULT_STEPS_AHEAD = True
 _STEPS_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_steps_ahead", default=None)
 
 
@@ -379,9 +352,9 @@ def steps_ahead(on: bool = True) -> Iterator[None]:
     """Inside, answer loops on a graph decoder launch each step before the host has read the token it follows and
     take it back if generation stopped there (``models.generation.DecodeSteps.ahead``), or with ``on=False`` wait
     for the token first, so the GPU idles while the host looks. For the benchmark and tests that compare the two;
-    outside, ``DEFAULT_STEPS_AHEAD`` (off: measured on an H100, ``generate()`` took 1.440 ms a token with steps ahead
-    against 1.149 without, the state kept before each step costing the host more than the wait it saves;
-    benchmarks/results/speed.md)."""
+    outside, ``DEFAULT_STEPS_AHEAD`` (on since the decoder's state is one allocation, so keeping it before a step is
+    one copy: ``generate()`` took 0.776 ms a token with steps ahead against 0.805 without on an H100, 1.440 against
+    1.149 when it was 450 copies; benchmarks/results/speed.md)."""
     token = _STEPS_AHEAD.set(on)
     try:
         yield

@@ -18,8 +18,6 @@ product in float32, in another order than cuBLAS; the references (``norm_product
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,45 +74,6 @@ def activated_product(gate_up: Tensor, weight: Tensor, bias: Tensor | None = Non
         return activated_product_reference(gate_up, weight, bias)
     gate_up = gate_up.contiguous()
     return _launch(gate_up, gate_up, weight, gate_up, weight, bias, 0.0, 3)
-
-
-@dataclass(frozen=True)
-class DecodePartials:
-    """A decode step's split attention before its combine (``diff_attention``'s split forward): per (row * head,
-    stream, split) the running max ``m`` and sum ``total`` of the softmax (base 2) and the unnormalised output
-    ``acc`` (``BLOCK_D`` wide), float32."""
-
-    m: Tensor
-    total: Tensor
-    acc: Tensor
-    splits: int
-
-
-def merged_product(
-    partials: DecodePartials, lam: Tensor | None, norm_weight: Tensor | None, eps: float, heads: int, head_dim: int,
-    weight: Tensor, bias: Tensor | None,
-) -> Tensor:  # fmt: skip
-    """The output product of one token's split attention (``diff_attention.attention_then_product``), ``(1, 1, N)``:
-    every program merges the splits' partial softmaxes of every head itself (``partials``, one batch row), forms
-    ``signal - lambda * noise`` (``lam (1, H, 1)`` float32, or None: one stream) and the per-head RMS norm
-    (``norm_weight (H, Dh)``, or None), rounds the row to the weight's dtype as the combine kernel writes it, then
-    takes its share of ``weight (N, H * Dh)``'s rows. Triton only."""
-    from .step_products_triton import _merged_product_kernel
-
-    rows_out = weight.shape[0]
-    y = torch.empty(1, 1, rows_out, device=weight.device, dtype=weight.dtype)
-    m, total, acc, splits = partials.m, partials.total, partials.acc, partials.splits
-    lam_t = lam.contiguous() if lam is not None else m  # unread without DIFF
-    block_n = 8  # each program merges every head's splits (a few KiB from L2): fewer programs, each more rows
-    launch(
-        _merged_product_kernel, (-(-rows_out // block_n),), m, total, acc, lam_t,
-        norm_weight.contiguous() if norm_weight is not None else weight, weight,
-        bias.contiguous() if bias is not None else y, y, rows_out, splits, heads, weight.stride(0), eps,
-        HEAD_DIM=head_dim, BLOCK_D=acc.shape[-1], BLOCK_S=tile_size(splits, least=2), BLOCK_H=4, BLOCK_N=block_n,
-        DIFF=lam is not None, NORM=norm_weight is not None, HAS_BIAS=bias is not None, num_warps=4,
-        **dependent_launch_meta(weight.device),
-    )  # fmt: skip
-    return y
 
 
 def _check(x: Tensor, weight: Tensor, width: int, what: str) -> None:
