@@ -16,10 +16,8 @@ own ``GraphModelDecoder``, captured inside the variant's switches):
 * ``products with prologues`` / ``products after kernels``: ``dispatch.step_product_prologues(True / False)``: the
   residual norms and the MLP's activation in the prologues of the products that read them
   (``kernels/step_products.py``, three kernels fewer a layer), or as separate kernels before cuBLAS;
-* ``dependent launches``: ``dispatch.dependent_launches()``: the step's Triton kernels launched as programmatic
-  dependents of the kernel before (Hopper; off by default until timed);
-* ``merged output product``: ``dispatch.merged_output_product()``: the split attention merged in the output
-  product's prologue (one kernel a layer fewer; off by default until timed); ``both new``: both.
+* ``no dependent launches``: ``dispatch.dependent_launches(False)``: the step's Triton kernels launched one after
+  another, not as programmatic dependents of the kernel before (on by default on Hopper).
 
 Each variant decodes ``--tokens`` greedy tokens ``--repeats`` times after ``--warmup`` untimed ones; figures are
 medians of the repeats' tokens per second and the ratio a ratio of medians against ``default`` measured in the same
@@ -55,12 +53,6 @@ def _both() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _both_new() -> Iterator[None]:
-    with dispatch.dependent_launches(), dispatch.merged_output_product():
-        yield
-
-
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "default": contextlib.nullcontext,
     "separate inputs": dispatch.separate_step_inputs,
@@ -68,9 +60,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "both": _both,
     "products with prologues": lambda: dispatch.step_product_prologues(True),
     "products after kernels": lambda: dispatch.step_product_prologues(False),
-    "dependent launches": dispatch.dependent_launches,
-    "merged output product": dispatch.merged_output_product,
-    "both new": _both_new,
+    "no dependent launches": lambda: dispatch.dependent_launches(False),
 }
 
 
