@@ -11,14 +11,15 @@ Loops (each on a fork of the document's state, greedy; the first untimed run of 
 * ``bounded_generate``: ``models.generation.bounded_generate`` (its own loop, an end-of-sequence check per token);
 * ``generate()``: transformers' ``generate(custom_generate=bounded_decoding)`` with the model's generation config
   (its logits processors and stopping criteria per token), inside ``dispatch.steps_ahead(True)``: each step launched
-  before the host has read the token it follows (``DecodeSteps.ahead``; off by default, being slower);
-* ``generate(), no steps ahead``: the same inside ``dispatch.steps_ahead(False)``, the default: the host waits for
-  each token.
+  before the host has read the token it follows (``DecodeSteps.ahead``; the default);
+* ``generate(), no steps ahead``: the same inside ``dispatch.steps_ahead(False)``: the host waits for each token.
 
-For the last two, ``fixed ms`` is a call that makes one new token (prompt read, decoder lent and given back,
+For the last three, ``fixed ms`` is a call that makes one new token (prompt read, decoder lent and given back,
 transformers' set-up) and ``ms/token`` is the slope ``(t(1 + n) - t(1)) / n``; for the loops, the time per token.
-Medians of ``--repeats``; ratios against ``graph loop`` measured in the same run. Prints a table last; writes
-``DIR/answer_overhead.json``.
+Medians of ``--repeats``; ratios against ``graph loop`` measured in the same run. Then a one-token call part by part
+(transformers' set-up alone, a decoder lent and given back, with one step, the whole calls). ``--random-weights``:
+SmolLM2's shapes with random base weights, no model files; ``--profile N``: cProfile of N one-token calls. Prints a
+table last; writes ``DIR/answer_overhead.json``.
 """
 
 from __future__ import annotations
