@@ -264,6 +264,8 @@ def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: 
     calls: list[object] = []
 
     class RecordingDecoder:
+        capture = False
+
         def __call__(self, tokens: torch.Tensor, *, undoable: bool = False) -> torch.Tensor:
             calls.append(("step", int(tokens[0]), undoable))
             return torch.zeros(1, 3)
@@ -271,14 +273,18 @@ def test_a_step_launched_ahead_is_taken_back_and_the_switch_turns_it_off(model: 
         def undo(self) -> None:
             calls.append("undo")
 
-    steps = DecodeSteps(model, BoundedCache(model), RecordingDecoder())  # type: ignore[arg-type]
+    decoder = RecordingDecoder()
+    steps = DecodeSteps(model, BoundedCache(model), decoder)  # type: ignore[arg-type]
     with dispatch.steps_ahead(True):
         steps.ahead(torch.tensor([1])).take_back()
         assert steps.ahead(torch.tensor([2])).logits.shape == (1, 3)
     with dispatch.steps_ahead(False):
         steps.ahead(torch.tensor([3])).take_back()
         assert steps.ahead(torch.tensor([4])).logits.shape == (1, 3)
-    steps.ahead(torch.tensor([5])).take_back()  # on unless switched off (dispatch.DEFAULT_STEPS_AHEAD)
+    decoder.capture = True  # a captured decoder: steps ahead unless switched off (dispatch.DEFAULT_STEPS_AHEAD)
+    steps.ahead(torch.tensor([5])).take_back()
+    decoder.capture = False  # an eager one's step runs before the call returns: none launched ahead by default
+    steps.ahead(torch.tensor([6])).take_back()
     assert calls == [("step", 1, True), "undo", ("step", 2, True), ("step", 4, False), ("step", 5, True), "undo"]
 
 
@@ -289,6 +295,8 @@ def test_a_step_ahead_whose_capture_fails_is_left_to_the_forward(model: torch.nn
     from coda_gqa_l.models.graph_decode import GraphCaptureError
 
     class FailingDecoder:
+        capture = True
+
         def __call__(self, tokens: torch.Tensor, *, undoable: bool = False) -> torch.Tensor:
             raise GraphCaptureError("capturing the step failed: a test")
 

@@ -352,9 +352,9 @@ def steps_ahead(on: bool = True) -> Iterator[None]:
     """Inside, answer loops on a graph decoder launch each step before the host has read the token it follows and
     take it back if generation stopped there (``models.generation.DecodeSteps.ahead``), or with ``on=False`` wait
     for the token first, so the GPU idles while the host looks. For the benchmark and tests that compare the two;
-    outside, ``DEFAULT_STEPS_AHEAD`` (on since the decoder's state is one allocation, so keeping it before a step is
-    one copy: ``generate()`` took 0.776 ms a token with steps ahead against 0.805 without on an H100, 1.440 against
-    1.149 when it was 450 copies; benchmarks/results/speed.md)."""
+    outside, ``DEFAULT_STEPS_AHEAD`` for a captured decoder's steps (on since the decoder's state is one
+    allocation, so keeping it before a step is one copy: ``generate()`` took 0.776 ms a token with steps ahead
+    against 0.805 without on an H100, 1.440 against 1.149 when it was 450 copies; benchmarks/results/speed.md)."""
     token = _STEPS_AHEAD.set(on)
     try:
         yield
@@ -362,9 +362,12 @@ def steps_ahead(on: bool = True) -> Iterator[None]:
         _STEPS_AHEAD.reset(token)
 
 
-def launch_steps_ahead() -> bool:
+def launch_steps_ahead(asynchronous: bool = True) -> bool:
+    """Whether an answer loop launches its steps ahead (``steps_ahead``). Outside ``steps_ahead`` the default holds
+    only for ``asynchronous`` steps (a captured graph's: the GPU runs while the host looks); an eager decoder's step
+    runs before the call returns, so a step launched ahead would only be work to undo."""
     chosen = _STEPS_AHEAD.get()
-    return DEFAULT_STEPS_AHEAD if chosen is None else chosen
+    return DEFAULT_STEPS_AHEAD and asynchronous if chosen is None else chosen
 
 
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide

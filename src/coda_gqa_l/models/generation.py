@@ -299,7 +299,7 @@ class DecodeSteps:
         return StepAhead(self, tokens, None)
 
     def _launches_ahead(self) -> bool:
-        return self.decoder is not None and dispatch.launch_steps_ahead()
+        return self.decoder is not None and dispatch.launch_steps_ahead(self.decoder.capture)
 
     def undo_last(self) -> None:
         assert self.decoder is not None  # only a step the decoder made is launched ahead
