@@ -79,12 +79,17 @@ _PLAIN_REFERENCE = contextvars.ContextVar("coda_gqa_l_plain_reference", default=
 
 
 @contextlib.contextmanager
-def _switched_on(flag: contextvars.ContextVar[bool]) -> Iterator[None]:
-    token = flag.set(True)
+def _chosen(flag: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    """``flag`` set to ``value`` inside the block (this context only), as it was after."""
+    token = flag.set(value)
     try:
         yield
     finally:
         flag.reset(token)
+
+
+def _switched_on(flag: contextvars.ContextVar[bool]) -> contextlib.AbstractContextManager[None]:
+    return _chosen(flag, True)
 
 
 def plain_reference() -> contextlib.AbstractContextManager[None]:
@@ -277,17 +282,12 @@ _STEP_PRODUCT_PROLOGUES: contextvars.ContextVar[bool | None] = contextvars.Conte
 )
 
 
-@contextlib.contextmanager
-def step_product_prologues(on: bool = True) -> Iterator[None]:
+def step_product_prologues(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, a graph decoder's one-token steps form each block's normalised input and the MLP's activation in the
     prologue of the product that reads them (``kernels.step_products``: three kernels fewer a layer), or with
     ``on=False`` keep the separate norm and activation kernels before cuBLAS; a graph captured inside keeps its
     choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_STEP_PRODUCT_PROLOGUES`` (on)."""
-    token = _STEP_PRODUCT_PROLOGUES.set(on)
-    try:
-        yield
-    finally:
-        _STEP_PRODUCT_PROLOGUES.reset(token)
+    return _chosen(_STEP_PRODUCT_PROLOGUES, on)
 
 
 def step_products_in_prologue(device: torch.device | str) -> bool:
@@ -308,16 +308,11 @@ _DEPENDENT_LAUNCHES: contextvars.ContextVar[bool | None] = contextvars.ContextVa
 _CAPABILITIES: dict[int, tuple[int, int]] = {}
 
 
-@contextlib.contextmanager
-def dependent_launches(on: bool = True) -> Iterator[None]:
+def dependent_launches(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, the decode step's kernels launch as programmatic dependents where the GPU has them (compute
     capability 9.0 or later), or with ``on=False`` one after another as usual; a graph captured inside keeps its
     choice. For the benchmark and tests that compare the two; outside, ``DEFAULT_DEPENDENT_LAUNCHES``."""
-    token = _DEPENDENT_LAUNCHES.set(on)
-    try:
-        yield
-    finally:
-        _DEPENDENT_LAUNCHES.reset(token)
+    return _chosen(_DEPENDENT_LAUNCHES, on)
 
 
 def dependent_launch(device: torch.device | str) -> bool:
@@ -347,19 +342,14 @@ DEFAULT_STEPS_AHEAD = True
 _STEPS_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_steps_ahead", default=None)
 
 
-@contextlib.contextmanager
-def steps_ahead(on: bool = True) -> Iterator[None]:
+def steps_ahead(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, answer loops on a graph decoder launch each step before the host has read the token it follows and
     take it back if generation stopped there (``models.generation.DecodeSteps.ahead``), or with ``on=False`` wait
     for the token first, so the GPU idles while the host looks. For the benchmark and tests that compare the two;
     outside, ``DEFAULT_STEPS_AHEAD`` for a captured decoder's steps (on since the decoder's state is one
     allocation, so keeping it before a step is one copy: ``generate()`` took 0.776 ms a token with steps ahead
     against 0.805 without on an H100, 1.440 against 1.149 when it was 450 copies; benchmarks/results/speed.md)."""
-    token = _STEPS_AHEAD.set(on)
-    try:
-        yield
-    finally:
-        _STEPS_AHEAD.reset(token)
+    return _chosen(_STEPS_AHEAD, on)
 
 
 def launch_steps_ahead(asynchronous: bool = True) -> bool:

@@ -18,7 +18,6 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from torch import Tensor, nn
 
@@ -132,7 +131,9 @@ def _read_by_steps(
     return piece.shape[1], logits
 
 
-def _lent(model: nn.Module, cache: BoundedCache, decoder: GraphModelDecoder | None) -> Any:
+def _lent(
+    model: nn.Module, cache: BoundedCache, decoder: GraphModelDecoder | None
+) -> contextlib.AbstractContextManager[GraphModelDecoder | None]:
     """A context giving a decoder holding ``cache``: ``decoder`` (adopting the cache again if the forward read a piece
     since: a no-op otherwise), else one lent by the model's pool for the context's length."""
     if decoder is None:
