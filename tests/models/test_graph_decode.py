@@ -153,6 +153,42 @@ def test_an_undone_step_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None
         decoder.undo()
 
 
+def test_a_released_cache_comes_back_in_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``release`` gives the cache views of one copy of the decoder's arena; adopting it again (a follow-up question)
+    takes that copy back whole, with no per-field copies, and the steps go on as the model's forward would. A field
+    replaced since (a prefill through the forward) sends the adopt through the field-by-field copy."""
+    from coda_gqa_l.models import graph_decode
+
+    torch.manual_seed(5)
+    model = _model()
+    ids = torch.randint(0, 200, (1, 30))
+    expected = _model_steps(model, _prefilled(model, ids[:, :21]), ids[:, 21:])
+    cache = _prefilled(model, ids[:, :21])
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    decoder = GraphModelDecoder(model, cache, capture=False)
+    ours = [decoder(ids[:, 21])]
+    decoder.release()
+    states = [state for state in cache.states if state is not None]
+    storages = {tensor.untyped_storage().data_ptr() for state in states for tensor in state.tensors().values()}
+    assert len(storages) == 1  # every field a view of one copy
+    field_copies = []
+    real_copy_all = graph_decode._copy_all
+    monkeypatch.setattr(
+        graph_decode,
+        "_copy_all",
+        lambda targets, sources: (field_copies.append(len(targets)), real_copy_all(targets, sources)),
+    )
+    decoder.adopt(cache)
+    assert field_copies == []  # taken back whole
+    ours += [decoder(ids[:, t]) for t in range(22, 26)]
+    decoder.release()
+    states[0].win_v = states[0].win_v.clone()  # replaced since the release: not the view it was given
+    decoder.adopt(cache)
+    assert field_copies and field_copies[0] > 0
+    ours += [decoder(ids[:, t]) for t in range(26, 30)]
+    torch.testing.assert_close(torch.stack(ours, 1), expected, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.gpu
 def test_captured_undone_steps_leave_no_trace() -> None:
     torch.manual_seed(4)
