@@ -13,7 +13,10 @@ banks are filled by routing four chunks first; values lie around a few direction
 happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
 how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
 ``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
-medians per launch and per segment. Prints a table last; writes ``DIR/routing_kernel.json``.
+medians per launch and per segment. ``--keys with without`` also times each row with the key rows left unwritten
+(``route_chunk_triton(write_keys=False)``: wrong snapshots, a timing bound only): no decision reads a key, so a
+second pass could write them off the serial chain, and the difference is what that could take off it. Prints a table
+last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="replays timed per row")
     p.add_argument("--warps", type=int, nargs="+", default=[8], help="warps per program, each timed (8: the kernel's)")
     p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, Triton's interpreter, plain loops")
+    p.add_argument(
+        "--keys",
+        nargs="+",
+        choices=["with", "without"],
+        default=["with"],
+        help="time the kernel writing the key rows (as shipped) and/or without them (a bound: wrong keys)",
+    )
     return p.parse_args(argv)
 
 
@@ -77,6 +87,7 @@ class Problem:
         self, shape: Shape, config: BoundedConfig, device: torch.device, dtype: torch.dtype, warps: int = 8
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
+        self.write_keys = True  # the banks below are routed with keys; timed runs may leave them out
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -118,7 +129,7 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
 
     def launch() -> None:
         route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=problem.shape.chunk, eta=problem.eta,
-                           config=problem.config, num_warps=problem.warps)  # fmt: skip
+                           config=problem.config, num_warps=problem.warps, write_keys=problem.write_keys)  # fmt: skip
 
     with torch.no_grad():
         launch()  # compiles
@@ -144,18 +155,23 @@ def main(argv: list[str] | None = None) -> int:
             for warps in args.warps:
                 config = make(shape.config)
                 problem = Problem(shape, config, device, dtype, warps)
-                seconds = time_route(problem, args.calls, args.repeats)
-                segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
-                rows.append({"shape": shape.name, "banks": split, "warps": warps, "segments": segments,
-                             "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments})  # fmt: skip
+                for keys in args.keys:
+                    problem.write_keys = keys == "with"
+                    seconds = time_route(problem, args.calls, args.repeats)
+                    segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
+                    rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys,
+                                 "segments": segments, "launch_us": seconds * 1e6,
+                                 "segment_us": seconds * 1e6 / segments})  # fmt: skip
     result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
-    table.append(f"{'shape':32} {'banks':18} {'warps':>5} {'segments':>8} {'launch us':>10} {'per segment us':>15}")
+    table.append(
+        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>7} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
+    )
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['segments']:8d} {row['launch_us']:10.1f} "
-            f"{row['segment_us']:15.2f}"
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>7} {row['segments']:8d} "
+            f"{row['launch_us']:10.1f} {row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0

@@ -39,6 +39,7 @@ def route_chunk_triton(
     out: Banks | None = None,
     snapshots: tuple[Tensor, Tensor, Tensor] | None = None,
     num_warps: int = _WARPS,
+    write_keys: bool = True,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
 
@@ -59,6 +60,8 @@ def route_chunk_triton(
             launching the kernel on a side stream allocates them on its own stream, which reads them.
         num_warps: warps per program (for benchmarks/routing_kernel.py, which times the choices; results do not
             depend on it).
+        write_keys: ``False`` leaves the key rows of the snapshots and the new banks unwritten (wrong results):
+            benchmarks/routing_kernel.py times the chain without them, the bound on moving them to another pass.
     """
     _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
     B, Hkv, ext_len, Dh = ext_k.shape
@@ -112,7 +115,7 @@ def route_chunk_triton(
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
-        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), num_warps=num_warps,
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys, num_warps=num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

@@ -314,7 +314,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    ME: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
-                   LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+                   LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr):  # fmt: skip
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``)."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
@@ -343,14 +343,18 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
         here = slot0 + e * M_TOTAL
-        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
+        if WRITE_K:
+            _copy_rows(
+                snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+            )
         xinv = _copy_rows(
             snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
         )
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
-    _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
+    if WRITE_K:
+        _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     _copy_block(o_v + bank * DH, snap_v + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     tl.store(o_g + bank + p, xg, mask=p_ok)
     tl.store(o_last + bank + p, xlast, mask=p_ok)
@@ -418,7 +422,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
-                     INTERPRET: tl.constexpr):  # fmt: skip
+                     INTERPRET: tl.constexpr, WRITE_K: tl.constexpr):  # fmt: skip
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``)."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
@@ -458,8 +462,9 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         # seeding sets the slot; the EMA then moves every prototype that received members
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        if WRITE_K:
+            _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                      updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
                          updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
@@ -468,7 +473,8 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
-    _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
+    if WRITE_K:
+        _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     _copy_block(o_v + bank * DH, snap_v + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     tl.store(o_g + bank + q, sg, mask=q_ok)
     tl.store(o_fill + bank + q, sfill.to(o_fill.dtype.element_ty), mask=q_ok)
@@ -486,8 +492,11 @@ def _route_chunk_kernel(
     NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
+    WRITE_K: tl.constexpr = True,
 ):  # fmt: skip
-    """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head."""
+    """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
+    leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
+    whose key rows another pass writes (they feed no decision: cosines read values only)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -498,7 +507,7 @@ def _route_chunk_kernel(
                 row_id, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, ex_k, ex_v, ex_g, ex_last, ex_fill,
                 o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
+                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K,
             )  # fmt: skip
     else:
         if MS > 0:
@@ -506,5 +515,5 @@ def _route_chunk_kernel(
                 row_id, row_id % num_heads, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, eta,
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
-                BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET,
+                BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K,
             )  # fmt: skip
