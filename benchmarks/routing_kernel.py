@@ -13,10 +13,10 @@ banks are filled by routing four chunks first; values lie around a few direction
 happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
 how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
 ``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
-medians per launch and per segment. ``--keys with without`` also times each row with the key rows left unwritten
-(``route_chunk_triton(write_keys=False)``: wrong snapshots, a timing bound only): no decision reads a key, so a
-second pass could write them off the serial chain, and the difference is what that could take off it. Prints a table
-last; writes ``DIR/routing_kernel.json``.
+medians per launch and per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside
+each bank's serial chain, ``followers`` by programs of their own a segment behind it (``dispatch.key_followers``;
+no decision reads a key), ``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound
+on what taking them off the chain can give). Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keys",
         nargs="+",
-        choices=["with", "without"],
-        default=["with"],
-        help="time the kernel writing the key rows (as shipped) and/or without them (a bound: wrong keys)",
+        choices=["chain", "followers", "none"],
+        default=["chain", "followers"],
+        help="where the key rows are written: in the chains, by follower programs, or nowhere (a bound: wrong keys)",
     )
     return p.parse_args(argv)
 
@@ -87,7 +87,7 @@ class Problem:
         self, shape: Shape, config: BoundedConfig, device: torch.device, dtype: torch.dtype, warps: int = 8
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
-        self.write_keys = True  # the banks below are routed with keys; timed runs may leave them out
+        self.keys = "chain"  # the banks below are routed with keys; timed runs pick how (--keys)
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -128,8 +128,10 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
     k, v, g = (x.contiguous() for x in problem.ext(problem.start))
 
     def launch() -> None:
-        route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=problem.shape.chunk, eta=problem.eta,
-                           config=problem.config, num_warps=problem.warps, write_keys=problem.write_keys)  # fmt: skip
+        with dispatch.key_followers(problem.keys == "followers"):
+            route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=problem.shape.chunk, eta=problem.eta,
+                               config=problem.config, num_warps=problem.warps,
+                               write_keys=problem.keys != "none")  # fmt: skip
 
     with torch.no_grad():
         launch()  # compiles
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = make(shape.config)
                 problem = Problem(shape, config, device, dtype, warps)
                 for keys in args.keys:
-                    problem.write_keys = keys == "with"
+                    problem.keys = keys
                     seconds = time_route(problem, args.calls, args.repeats)
                     segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
                     rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys,
@@ -166,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
     table.append(
-        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>7} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
+        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
     )
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>7} {row['segments']:8d} "
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['segments']:8d} "
             f"{row['launch_us']:10.1f} {row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)

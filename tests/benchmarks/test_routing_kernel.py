@@ -8,12 +8,15 @@ from pathlib import Path
 from helpers import run_benchmark_in_interpreter
 
 
-def test_quick_run_times_each_bank_split_at_each_width(tmp_path: Path) -> None:
-    done = run_benchmark_in_interpreter("routing_kernel.py", "--quick", "--warps", "4", "8", "--out", str(tmp_path))
+def test_quick_run_times_each_bank_split_at_each_width_and_way_of_writing_keys(tmp_path: Path) -> None:
+    done = run_benchmark_in_interpreter(
+        "routing_kernel.py", "--quick", "--warps", "4", "8", "--keys", "chain", "followers", "--out", str(tmp_path)
+    )
     rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
     splits = ["both banks", "exact bank only", "summary bank only"]
-    assert [(row["banks"], row["warps"]) for row in rows] == [(split, w) for split in splits for w in (4, 8)]
+    expected = [(split, w, keys) for split in splits for w in (4, 8) for keys in ("chain", "followers")]
+    assert [(row["banks"], row["warps"], row["keys"]) for row in rows] == expected
     for row in rows:
         assert row["segments"] == 8 and row["launch_us"] > 0  # a 64-token chunk at 256 crosses 8 boundaries of 8
     lines = done.stdout.strip().splitlines()
-    assert lines[-7].startswith("tiny") and lines[-1].startswith("wrote ")
+    assert lines[-13].startswith("tiny") and lines[-1].startswith("wrote ")

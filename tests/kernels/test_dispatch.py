@@ -169,3 +169,15 @@ def test_compile_ahead_loads_each_kernel_on_its_worker_thread() -> None:
     key, wrapped, callbacks = mode.submitted[0]
     assert key == "key" and callbacks == ("finalize", "cleanup")
     assert wrapped() is kernel and kernel.loads == 2  # the worker's compile now loads too
+
+
+def test_key_followers_come_from_the_switch_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatch.KEY_FOLLOWERS_ENV, raising=False)
+    assert dispatch.routing_key_followers() is dispatch.DEFAULT_KEY_FOLLOWERS
+    monkeypatch.setenv(dispatch.KEY_FOLLOWERS_ENV, "1")
+    assert dispatch.routing_key_followers() is True
+    with dispatch.key_followers(False):
+        assert dispatch.routing_key_followers() is False
+    monkeypatch.setenv(dispatch.KEY_FOLLOWERS_ENV, "yes")
+    with pytest.raises(ValueError, match="CODA_GQA_L_KEY_FOLLOWERS must be 1 or 0"):
+        dispatch.routing_key_followers()

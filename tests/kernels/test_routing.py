@@ -32,6 +32,7 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 from coda_gqa_l.config import BoundedConfig  # noqa: E402
+from coda_gqa_l.kernels import dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing_reference as banks_module  # noqa: E402
 from coda_gqa_l.kernels.dispatch import interpreting  # noqa: E402
 from coda_gqa_l.kernels.routing import route_chunk_triton  # noqa: E402
@@ -275,6 +276,41 @@ def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
     compare_stream(
         name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
     )
+
+
+def compare_key_followers(name: str, dtype: torch.dtype) -> None:
+    """The same stream routed with the key rows written by follower programs and inside the chains: every bank and
+    snapshot bit for bit, chunk after chunk (both from the same banks), in place as well."""
+    case = CASES[name]
+    cfg = BoundedConfig(**case.config)
+    steps, _, _ = run_reference(case, safe_seed(name, dtype), dtype)
+    banks = steps[0][4]
+    with torch.no_grad():
+        for start, n, ext, eta, _, _ in steps:
+            with dispatch.key_followers(False):
+                expected = route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg)
+            with dispatch.key_followers(True):
+                followed = route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg)
+                in_place = type(banks)(*(t.clone() for t in banks))
+                route_chunk_triton(in_place, *ext, start=start, n=n, eta=eta, config=cfg, out=in_place)
+            for field, a, b, c in zip(Banks._fields, expected[0], followed[0], in_place, strict=True):
+                assert torch.equal(a, b) and torch.equal(a, c), f"{field} differs"
+            for index, (a, b) in enumerate(zip(expected[1:], followed[1:], strict=True)):
+                assert torch.equal(a, b), f"snapshot {('keys', 'values', 'biases')[index]} differs"
+            banks = expected[0]
+
+
+@pytest.mark.parametrize("name", ["both", "sinks", "summary-only-dh48", "exact-only-dh12"])
+def test_key_followers_write_the_keys_the_chains_wrote(name: str) -> None:
+    compare_key_followers(name, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_key_followers_write_the_keys_the_chains_wrote_on_gpu(name: str, dtype: torch.dtype) -> None:
+    assert DEVICE == "cuda"
+    compare_key_followers(name, dtype)
 
 
 def test_decode_steps_read_the_position_on_the_device() -> None:

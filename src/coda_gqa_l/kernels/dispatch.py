@@ -1,10 +1,11 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from six environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from eight environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune),
-``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU) and
-``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines) and
-``CODA_GQA_L_STEPPED_READ_TOKENS`` (how short a prefill's piece is read by graph steps). The
+``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU),
+``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines),
+``CODA_GQA_L_STEPPED_READ_TOKENS`` (how short a prefill's piece is read by graph steps) and
+``CODA_GQA_L_KEY_FOLLOWERS`` (whether the routing kernel writes key rows in programs of their own). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
 ``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
@@ -31,6 +32,7 @@ FP32_DOTS_ENV = "CODA_GQA_L_FP32_DOTS"
 READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
 DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
 STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
+KEY_FOLLOWERS_ENV = "CODA_GQA_L_KEY_FOLLOWERS"
 # H100, 2026-12-06, SmolLM2 after 8K tokens (benchmarks/question_read.py): steps 6.3x the forward's speed for 1
 # token, 1.6x for 32, 0.90x for 64
 DEFAULT_STEPPED_READ_TOKENS = 32
@@ -358,6 +360,31 @@ def launch_steps_ahead(asynchronous: bool = True) -> bool:
     runs before the call returns, so a step launched ahead would only be work to undo."""
     chosen = _STEPS_AHEAD.get()
     return DEFAULT_STEPS_AHEAD and asynchronous if chosen is None else chosen
+
+
+DEFAULT_KEY_FOLLOWERS = False
+_KEY_FOLLOWERS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_key_followers", default=None)
+
+
+def key_followers(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside, the routing kernel writes its banks' key rows in programs of their own that follow each bank's serial
+    chain a segment behind (no decision reads a key, so they need not lengthen it), or with ``on=False`` inside
+    the chain as before. For the benchmark and tests that compare the two; outside, ``DEFAULT_KEY_FOLLOWERS``."""
+    return _chosen(_KEY_FOLLOWERS, on)
+
+
+def routing_key_followers() -> bool:
+    """Whether the routing kernel writes key rows in follower programs: ``key_followers`` inside it, else
+    ``CODA_GQA_L_KEY_FOLLOWERS`` (1 or 0) where set, else ``DEFAULT_KEY_FOLLOWERS``."""
+    chosen = _KEY_FOLLOWERS.get()
+    if chosen is not None:
+        return chosen
+    raw = os.environ.get(KEY_FOLLOWERS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_KEY_FOLLOWERS
+    if raw not in ("0", "1"):
+        raise ValueError(f"{KEY_FOLLOWERS_ENV} must be 1 or 0, got {raw!r}")
+    return raw == "1"
 
 
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import BoundedConfig, chunk_segments
 from ..state import Banks
+from . import dispatch
 from .dispatch import interpreting, launch, tile_size
 
 # One program per (batch, KV head, bank) runs every segment in sequence, so a program is all the
@@ -103,19 +104,31 @@ def route_chunk_triton(
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
     cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
-    launch(_route_chunk_kernel, (B * Hkv, 2),
+    block_s, block_me, block_ms = tile_size(config.segment), tile_size(Me), tile_size(Ms)
+    followers = write_keys and dispatch.routing_key_followers()
+    if followers:  # each chain's published decisions, and how many segments it has published (zero between launches)
+        rows = B * Hkv
+        dec_ex = torch.empty(rows * nseg * block_me, dtype=torch.int32, device=device)
+        dec_sm_i = torch.empty(rows * nseg * (block_s + 2 * block_ms), dtype=torch.int32, device=device)
+        dec_sm_f = torch.empty(rows * nseg * block_ms, dtype=torch.float32, device=device)
+        flags = torch.zeros(rows * 2, dtype=torch.int32, device=device)
+    else:
+        dec_ex = dec_sm_i = flags = torch.empty(1, dtype=torch.int32, device=device)
+        dec_sm_f = torch.empty(1, dtype=torch.float32, device=device)
+    launch(_route_chunk_kernel, (B * Hkv, 4 if followers else 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
         c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),
         out.ex_k, out.ex_v, out.ex_g, out.ex_last, _bytes(out.ex_filled),
         out.sm_k, out.sm_v, out.sm_g, _bytes(out.sm_filled),
-        snap_k, snap_v, snap_b,
+        snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags,
         start_dev, nseg, ext_len, Hkv,
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
-        BLOCK_S=tile_size(config.segment), BLOCK_ME=tile_size(Me), BLOCK_MS=tile_size(Ms), BLOCK_D=tile_size(Dh),
-        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys, num_warps=num_warps,
+        BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
+        COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
+        KEY_FOLLOWERS=followers, num_warps=num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

@@ -310,12 +310,15 @@ def _store_bias(snap_b, slot0, bg, bfill, NUM: tl.constexpr, BLOCK_M: tl.constex
 
 @triton.jit
 def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fill, o_k, o_v, o_g, o_last, o_fill,
-                   snap_k, snap_v, snap_b, start, nseg, tau_exact, novelty, match, DH: tl.constexpr,
+                   snap_k, snap_v, snap_b, dec, flag, start, nseg, tau_exact, novelty, match, DH: tl.constexpr,
                    ME: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
-                   LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr):  # fmt: skip
-    """The exact bank of one head through every segment of the chunk (``banks._route_exact``)."""
+                   LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr,
+                   KEY_FOLLOWERS: tl.constexpr):  # fmt: skip
+    """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
+    ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
+    writing key rows."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
@@ -343,7 +346,10 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
         here = slot0 + e * M_TOTAL
-        if WRITE_K:
+        if KEY_FOLLOWERS:
+            tl.store(dec + (row_id * nseg + e) * BLOCK_ME + p, tl.where(write, src_row, -1))
+            _publish(flag, e)
+        elif WRITE_K:
             _copy_rows(
                 snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
             )
@@ -353,7 +359,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
-    if WRITE_K:
+    if WRITE_K and not KEY_FOLLOWERS:
         _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     _copy_block(o_v + bank * DH, snap_v + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
     tl.store(o_g + bank + p, xg, mask=p_ok)
@@ -418,12 +424,15 @@ def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed
 
 @triton.jit
 def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_g, sm_fill, o_k, o_v, o_g, o_fill,
-                     snap_k, snap_v, snap_b, start, nseg, tau_summary, DH: tl.constexpr, ME: tl.constexpr,
+                     snap_k, snap_v, snap_b, dec_i, dec_f, flag, start, nseg, tau_summary, DH: tl.constexpr,
+                     ME: tl.constexpr,
                      MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
-                     INTERPRET: tl.constexpr, WRITE_K: tl.constexpr):  # fmt: skip
-    """The summary bank of one head through every segment of the chunk (``banks._route_summary``)."""
+                     INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr):  # fmt: skip
+    """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
+    ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
+    for ``_summary_keys`` instead of writing key rows."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
@@ -462,7 +471,11 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         # seeding sets the slot; the EMA then moves every prototype that received members
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        if WRITE_K:
+        if KEY_FOLLOWERS:
+            _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, avail & (best > NEG_INF), assign, seed_src,
+                                     updated, inv_denom, BLOCK_S, BLOCK_MS)  # fmt: skip
+            _publish(flag, e)
+        elif WRITE_K:
             _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
                       updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
@@ -473,11 +486,101 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
-    if WRITE_K:
+    if WRITE_K and not KEY_FOLLOWERS:
         _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     _copy_block(o_v + bank * DH, snap_v + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
     tl.store(o_g + bank + q, sg, mask=q_ok)
     tl.store(o_fill + bank + q, sfill.to(o_fill.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _publish(flag, e):
+    """Tell the bank's key follower that segment ``e``'s decisions are in memory: every thread's stores first
+    (the barrier), then the count, with release semantics at GPU scope."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, e + 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _await(flag, e):
+    """Spin until the chain has published segment ``e`` (``_publish``)."""
+    seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+    while seen <= e:
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _store_summary_decisions(dec_i, dec_f, at_seg, member, assign, seed_src, updated, inv_denom,
+                             BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr):  # fmt: skip
+    """One segment's summary decisions for ``_summary_keys``: each token's prototype (-1: none), each slot's seed
+    (-1: none) and whether it was updated (int32), and each slot's EMA divisor (float32)."""
+    j = tl.arange(0, BLOCK_S)
+    q = tl.arange(0, BLOCK_MS)
+    base = dec_i + at_seg * (BLOCK_S + 2 * BLOCK_MS)
+    tl.store(base + j, tl.where(member, assign, -1))
+    tl.store(base + BLOCK_S + q, seed_src)
+    tl.store(base + BLOCK_S + BLOCK_MS + q, updated.to(tl.int32))
+    tl.store(dec_f + at_seg * BLOCK_MS + q, inv_denom)
+
+
+@triton.jit
+def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.constexpr, ME: tl.constexpr,
+                M_TOTAL: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COPY_BK: tl.constexpr,
+                INTERPRET: tl.constexpr):  # fmt: skip
+    """The exact bank's key rows, a segment behind its chain: the copies the chain made before, of the slots it
+    published as written. Resets ``flag`` for the next launch once done."""
+    p = tl.arange(0, BLOCK_ME)
+    p_ok = p < ME
+    bank = row_id * ME
+    slot0 = row_id * nseg * M_TOTAL
+    for e in range(nseg):
+        _await(flag, e)
+        src_row = tl.load(dec + (row_id * nseg + e) * BLOCK_ME + p, cache_modifier=".cg")
+        write = p_ok & (src_row >= 0)
+        cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        here = slot0 + e * M_TOTAL
+        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
+    tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i, dec_f, flag, start, nseg,
+                  DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr,
+                  WINDOW: tl.constexpr, NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
+                  INTERPRET: tl.constexpr):  # fmt: skip
+    """The summary bank's key rows, a segment behind its chain: the seeds and EMA moves the chain made of its
+    values, made of the keys with the weights (members' gates) and divisors it published. Resets ``flag``."""
+    q = tl.arange(0, BLOCK_MS)
+    q_ok = q < MS
+    bank = row_id * MS
+    eta = tl.load(eta_ptr + head).to(tl.float32)
+    keep = 1.0 - eta
+    seg0 = start // SEG * SEG
+    slot0 = row_id * nseg * M_TOTAL + ME
+    for e in range(nseg):
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        row = at + tl.arange(0, BLOCK_S)
+        _await(flag, e)
+        base = dec_i + (row_id * nseg + e) * (BLOCK_S + 2 * BLOCK_MS)
+        member = tl.load(base + tl.arange(0, BLOCK_S), cache_modifier=".cg")
+        seed_src = tl.load(base + BLOCK_S + q, cache_modifier=".cg")
+        updated = tl.load(base + BLOCK_S + BLOCK_MS + q, cache_modifier=".cg") != 0
+        inv_denom = tl.load(dec_f + (row_id * nseg + e) * BLOCK_MS + q, cache_modifier=".cg")
+        seeded = seed_src >= 0
+        weights = tl.where(member[:, None] == q[None, :], gate[:, None], 0.0)
+        cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        here = slot0 + e * M_TOTAL
+        w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
+        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, at + seed_src, seeded,
+                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        tl.debug_barrier()  # the next segment reads these rows from other threads
+    last = slot0 + (nseg - 1) * M_TOTAL
+    _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
+    tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["nseg", "ext_len"])
@@ -485,18 +588,21 @@ def _route_chunk_kernel(
     ext_k, ext_v, ext_g, eta,
     ex_k, ex_v, ex_g, ex_last, ex_fill, sm_k, sm_v, sm_g, sm_fill,
     o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill,
-    snap_k, snap_v, snap_b,
+    snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags,
     start_ptr, nseg, ext_len, num_heads,
     tau_exact, tau_summary, novelty, match,
     DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
-    WRITE_K: tl.constexpr = True,
+    WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
-    whose key rows another pass writes (they feed no decision: cosines read values only)."""
+    whose key rows another pass writes (they feed no decision: cosines read values only). ``KEY_FOLLOWERS``: the grid
+    is ``(B * Hkv, 4)`` and programs ``(row, 2)`` and ``(row, 3)`` write the exact and summary banks' key rows a
+    segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
+    so every chain is running or done before a follower waits on it."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -505,15 +611,29 @@ def _route_chunk_kernel(
         if ME > 0:
             _exact_program(
                 row_id, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, ex_k, ex_v, ex_g, ex_last, ex_fill,
-                o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, start, nseg,
+                o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, dec_ex, flags + row_id * 2,
+                start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K,
+                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
             )  # fmt: skip
-    else:
+    elif which == 1:
         if MS > 0:
             _summary_program(
                 row_id, row_id % num_heads, ext_k + ext * DH, ext_v + ext * DH, ext_g + ext, eta,
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
-                start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
-                BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K,
+                dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
+                WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
+            )  # fmt: skip
+    elif which == 2:
+        if ME > 0:
+            _exact_keys(
+                row_id, ext_k + ext * DH, ex_k, o_ex_k, snap_k, dec_ex, flags + row_id * 2, nseg,
+                DH, ME, ME + MS, BLOCK_ME, BLOCK_D, EMA_BK, INTERPRET,
+            )  # fmt: skip
+    else:
+        if MS > 0:
+            _summary_keys(
+                row_id, row_id % num_heads, ext_k + ext * DH, ext_g + ext, eta, sm_k, o_sm_k, snap_k,
+                dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
+                BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
             )  # fmt: skip
