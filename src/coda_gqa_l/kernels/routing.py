@@ -106,7 +106,7 @@ def route_chunk_triton(
     cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
     block_s, block_me, block_ms = tile_size(config.segment), tile_size(Me), tile_size(Ms)
     followers = write_keys and dispatch.routing_key_followers()
-    if followers:  # each chain's published decisions, and how many segments it has published (zero between launches)
+    if followers:  # each chain's published decisions, and how many segments it has published (from zero)
         rows = B * Hkv
         dec_ex = torch.empty(rows * nseg * block_me, dtype=torch.int32, device=device)
         dec_sm_i = torch.empty(rows * nseg * (block_s + 2 * block_ms), dtype=torch.int32, device=device)

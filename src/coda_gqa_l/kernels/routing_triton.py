@@ -528,7 +528,7 @@ def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.conste
                 M_TOTAL: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COPY_BK: tl.constexpr,
                 INTERPRET: tl.constexpr):  # fmt: skip
     """The exact bank's key rows, a segment behind its chain: the copies the chain made before, of the slots it
-    published as written. Resets ``flag`` for the next launch once done."""
+    published as written."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
@@ -543,7 +543,6 @@ def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.conste
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
     _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
-    tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -553,7 +552,7 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
                   BLOCK_D: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
                   INTERPRET: tl.constexpr):  # fmt: skip
     """The summary bank's key rows, a segment behind its chain: the seeds and EMA moves the chain made of its
-    values, made of the keys with the weights (members' gates) and divisors it published. Resets ``flag``."""
+    values, made of the keys with the weights (members' gates) and divisors it published."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
@@ -580,7 +579,6 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
     _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
-    tl.atomic_xchg(flag, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["nseg", "ext_len"])
