@@ -90,15 +90,11 @@ def _chosen(flag: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
         flag.reset(token)
 
 
-def _switched_on(flag: contextvars.ContextVar[bool]) -> contextlib.AbstractContextManager[None]:
-    return _chosen(flag, True)
-
-
 def plain_reference() -> contextlib.AbstractContextManager[None]:
     """Inside this block the PyTorch reference runs without its shortcuts (the decode step's
     per-segment view, decode_view.py; the CPU inference routing, routing_cpu.py): what the
     tests compare the shortcuts against."""
-    return _switched_on(_PLAIN_REFERENCE)
+    return _chosen(_PLAIN_REFERENCE, True)
 
 
 def decode_view_allowed() -> bool:
@@ -219,7 +215,7 @@ _ONE_PROGRAM_DECODE = contextvars.ContextVar("coda_gqa_l_one_program_decode", de
 def one_program_decode() -> contextlib.AbstractContextManager[None]:
     """Inside, a one-token attention step runs the forward's one program per head instead of the split forward
     (``diff_attention``): for the benchmark and tests that compare the two on the same inputs."""
-    return _switched_on(_ONE_PROGRAM_DECODE)
+    return _chosen(_ONE_PROGRAM_DECODE, True)
 
 
 def split_decode() -> bool:
@@ -267,7 +263,7 @@ def separate_step_inputs() -> contextlib.AbstractContextManager[None]:
     """Inside, a graph decoder's plain step computes the gates' sigmoid, the window write and the queries' rotation
     as three kernels instead of ``step_inputs``' one (a graph captured inside keeps its choice): for the benchmark
     and tests that compare the two."""
-    return _switched_on(_SEPARATE_STEP_INPUTS)
+    return _chosen(_SEPARATE_STEP_INPUTS, True)
 
 
 def one_pass_step_inputs_allowed() -> bool:
