@@ -2,15 +2,20 @@
 
 The issue's target is bank updates <= 15% of bounded prefill time. Two estimates:
 
-- ``sync_hook``: ``coda_gqa_l.attention.route_chunk`` and ``route_chunk_triton`` (the layer's
-  routing entry points: the reference and the fused kernel, one call per chunk) are wrapped so
+- ``sync_hook``: ``coda_gqa_l.attention.route_chunk`` and ``route_chunk_triton`` and
+  ``coda_gqa_l.routing_ahead.route_chunk_triton`` (the layer's routing entry points: the reference and
+  the fused kernel, in turn or ahead on a side stream, one call per chunk) are wrapped so
   that each call synchronizes the device before and after and adds its wall time; the prefill
   is timed with the hook in place. Exact on the CPU; on CUDA it removes the
   overlap between routing and the rest, so it is an upper bound.
 - ``profiler`` (CUDA only): a ``torch.profiler`` trace of one prefill, with each routing call
   inside a ``record_function`` range; the share is the device time of the kernels launched in
   those ranges over the device time of all kernels. Kernels whose names mention routing or banks
-  are summed too (``named_kernel_share``), for Triton kernels launched outside the hook.
+  are summed too (``named_kernel_share``), for Triton kernels launched outside the hook. Both sum kernel
+  times: where routing runs on a side stream beside the attention (``routing_ahead.py``) they count time
+  the prefill does not wait for. ``exposed_share`` counts only the time in which a routing kernel runs and
+  no other kernel does, over the span from the first kernel's start to the last one's end: the part of the
+  prefill's time that routing alone holds up.
 
 If the layer stops calling routing through these names the hook sees no calls and the row says
 so: update ``ROUTING_ENTRIES`` then.
@@ -29,9 +34,15 @@ from bench_common import Deadline, Settings, Shape, error_fields, skipped, synch
 from suite_layers import DEADLINE_REASON, bounded_layer, build, random_tokens
 
 import coda_gqa_l.attention as attention_module
+import coda_gqa_l.routing_ahead as routing_ahead_module
 from coda_gqa_l import BoundedCoDAAttention
 
-ROUTING_ENTRIES = ("route_chunk", "route_chunk_triton")
+# (module, name): where the layer looks its routing up; a prefill routing ahead calls the kernel from routing_ahead
+ROUTING_ENTRIES = (
+    (attention_module, "route_chunk"),
+    (attention_module, "route_chunk_triton"),
+    (routing_ahead_module, "route_chunk_triton"),
+)
 RANGE_NAME = "coda::route_chunk"
 ROUTING_KERNEL_NAMES = re.compile(r"rout|bank", re.IGNORECASE)
 
@@ -39,7 +50,7 @@ ROUTING_KERNEL_NAMES = re.compile(r"rout|bank", re.IGNORECASE)
 @contextmanager
 def routing_hook(device: str, synchronized: bool) -> Iterator[dict[str, float]]:
     """Wrap the layer's routing entry point; yields ``{"calls", "seconds"}`` filled as it runs."""
-    originals: dict[str, Callable[..., Any]] = {name: getattr(attention_module, name) for name in ROUTING_ENTRIES}
+    originals = {(module, name): getattr(module, name) for module, name in ROUTING_ENTRIES}
     tally = {"calls": 0.0, "seconds": 0.0}
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,13 +68,13 @@ def routing_hook(device: str, synchronized: bool) -> Iterator[dict[str, float]]:
 
         return wrapped
 
-    for name, original in originals.items():
-        setattr(attention_module, name, wrap(original))
+    for (module, name), original in originals.items():
+        setattr(module, name, wrap(original))
     try:
         yield tally
     finally:
-        for name, original in originals.items():
-            setattr(attention_module, name, original)
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
 
 
 def _prefill(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> float:
@@ -87,12 +98,48 @@ def _profiled_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
     routing_us = sum(e.device_time_total for e in events if e.name == RANGE_NAME and e.device_type == DeviceType.CPU)
     named_us = sum(e.time_range.elapsed_us() for e in kernels if ROUTING_KERNEL_NAMES.search(e.name))
+    routing = [(e.time_range.start, e.time_range.end) for e in kernels if ROUTING_KERNEL_NAMES.search(e.name)]
+    others = [(e.time_range.start, e.time_range.end) for e in kernels if not ROUTING_KERNEL_NAMES.search(e.name)]
+    span_us = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels) if kernels else 0
+    alone_us = covered(routing) - overlap(routing, others)
     # some torch versions attribute no device time to CPU ranges: 0 there means "unknown", not "free"
     return {
         "profiler_share": routing_us / total_us if total_us and routing_us else None,
         "named_kernel_share": named_us / total_us if total_us and named_us else None,
+        "exposed_share": alone_us / span_us if span_us and routing else None,
+        "profiled_span_ms": span_us / 1e3,
         "profiled_kernel_ms": total_us / 1e3,
     }
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``(start, end)`` intervals as sorted disjoint intervals."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of the intervals."""
+    return sum(end - start for start, end in _merged(intervals))
+
+
+def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the time covered by both ``a`` and ``b`` (the intersection of their unions)."""
+    total, ua, ub = 0.0, _merged(a), _merged(b)
+    i = j = 0
+    while i < len(ua) and j < len(ub):
+        low, high = max(ua[i][0], ub[j][0]), min(ua[i][1], ub[j][1])
+        total += max(0.0, high - low)
+        if ua[i][1] < ub[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def routing_share(shape: Shape, config: str, length: int, settings: Settings, deadline: Deadline) -> dict[str, Any]:
@@ -110,7 +157,8 @@ def routing_share(shape: Shape, config: str, length: int, settings: Settings, de
                 hooked_s = _prefill(layer, x, settings)
             row |= {"status": "ok", "prefill_s": plain_s, "hooked_prefill_s": hooked_s, "routing_calls": tally["calls"]}
             if not tally["calls"]:
-                row["note"] = f"no call went through attention.{ROUTING_ENTRIES}: update ROUTING_ENTRIES"
+                entries = ", ".join(f"{module.__name__}.{name}" for module, name in ROUTING_ENTRIES)
+                row["note"] = f"no call went through {entries}: update ROUTING_ENTRIES"
             row["sync_hook_share"] = tally["seconds"] / hooked_s if tally["calls"] else None
             if settings.cuda:
                 row |= _profiled_shares(layer, x, settings)

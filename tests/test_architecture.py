@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "fused_linear")),
     ("kernels", ("kernels",)),
     ("core", ("segment_attention", "banded_attention", "decode_view", "step_tables", "differential", "attention",
-              "baseline", "decode", "statefile")),
+              "baseline", "decode", "statefile", "routing_ahead")),
     ("models", ("models",)),
     ("data", ("data",)),
     ("apps", ("training", "evaluation", "neuraldb", "demo")),

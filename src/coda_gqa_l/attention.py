@@ -32,7 +32,13 @@ from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
 from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
-from .kernels.dispatch import decode_view_allowed, fused_bounded_chunk, inference_attention, inference_routing
+from .kernels.dispatch import (
+    decode_view_allowed,
+    fused_bounded_chunk,
+    inference_attention,
+    inference_routing,
+    prefill_routes_ahead,
+)
 from .kernels.gated_activation import gate_sigmoid
 from .kernels.rope import rotate_keys, stack_rotated_queries
 from .kernels.routing import route_chunk_triton
@@ -40,6 +46,7 @@ from .kernels.routing_cpu import route_chunk_inference
 from .kernels.routing_reference import route_chunk
 from .kernels.segment_extras import build_extras, build_extras_reference
 from .primitives import HeadwiseRMSNorm, RopeLayout, apply_rope
+from .routing_ahead import RoutedAhead, RoutingAhead
 from .segment_attention import attend_segments
 from .state import BANK_FIELDS, Banks, BoundedState
 
@@ -312,13 +319,31 @@ class BoundedCoDAAttention(nn.Module):
         if not write_cache:
             state = state.clone()
         outputs = []
-        for start in range(0, x.shape[1], block_size):
-            y, fields, counts = self._advance(x[:, start : start + block_size], state)
-            for name, value in fields.items():
-                setattr(state, name, value)
-            self._record_metrics(state, counts)
-            if return_outputs:
-                outputs.append(y)
+        starts = range(0, x.shape[1], block_size)
+        ahead = self._routing_ahead(state, x, chunks=len(starts))
+        if ahead is not None:
+            # chunk c + 1 projected and its routing launched (side stream) before chunk c attends
+            pending: _ChunkWork | None = None
+            for start in starts:
+                work, fields, _ = self._begin_chunk(x[:, start : start + block_size], state, ahead)
+                assert isinstance(work, _ChunkWork)  # no decode view on the fused path
+                for name, value in fields.items():
+                    setattr(state, name, value)
+                if pending is not None:
+                    outputs.append(self._attend_chunk(pending))
+                pending = work
+            assert pending is not None
+            outputs.append(self._attend_chunk(pending))
+            if not return_outputs:
+                outputs.clear()
+        else:
+            for start in starts:
+                y, fields, counts = self._advance(x[:, start : start + block_size], state)
+                for name, value in fields.items():
+                    setattr(state, name, value)
+                self._record_metrics(state, counts)
+                if return_outputs:
+                    outputs.append(y)
         return (torch.cat(outputs, dim=1) if return_outputs else None), state
 
     def step(self, x_t: Tensor, state: BoundedState) -> tuple[Tensor, BoundedState]:
@@ -341,6 +366,22 @@ class BoundedCoDAAttention(nn.Module):
         """Per-KV-head EMA rate of the summary bank, in (0, 1)."""
         return torch.sigmoid(self.summary_rate_logit)
 
+    def _routing_ahead(self, state: BoundedState, x: Tensor, chunks: int) -> RoutingAhead | None:
+        """A side-stream router for a prefill of ``chunks`` chunks, where routing ahead applies: more than one chunk,
+        the fused GPU path, no metrics, no gradients through the routing, not inside a graph capture, and
+        ``dispatch.prefill_routes_ahead``."""
+        if chunks < 2 or self.collect_metrics or x.device.type != "cuda" or not fused_bounded_chunk(x.device):
+            return None
+        if torch.cuda.is_current_stream_capturing() or not prefill_routes_ahead():
+            return None
+        banks = Banks(*(getattr(state, name) for name in BANK_FIELDS))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *banks, *self.parameters())):
+            return None
+        ahead = RoutingAhead(banks)
+        for name, value in zip(BANK_FIELDS, ahead.banks, strict=True):
+            setattr(state, name, value)
+        return ahead
+
     def _record_metrics(self, state: BoundedState, counts: dict[str, float] | None) -> None:
         if counts is not None:
             state.add_metrics(counts)
@@ -348,6 +389,16 @@ class BoundedCoDAAttention(nn.Module):
 
     def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any], dict[str, float] | None]:
         """Process one chunk: the outputs, the state's new field values, routing counts."""
+        work, fields, metrics = self._begin_chunk(x, state)
+        y = work if isinstance(work, Tensor) else self._attend_chunk(work)  # a Tensor: the decode view's step
+        return y, fields, metrics
+
+    def _begin_chunk(
+        self, x: Tensor, state: BoundedState, ahead: RoutingAhead | None = None
+    ) -> tuple[_ChunkWork | Tensor, dict[str, Any], dict[str, float] | None]:
+        """Everything of a chunk but its attention: projections, the window extended, sinks, routing (launched on
+        ``ahead``'s side stream when given), and the state's new field values. A one-token step that the decode view
+        serves is done here and returns its output in place of the chunk's work."""
         cfg, core = self.config, self.core
         W, Ns = cfg.window, cfg.num_sink
         n, start = x.shape[1], state.pos
@@ -377,7 +428,12 @@ class BoundedCoDAAttention(nn.Module):
         banks = Banks(*(getattr(state, name) for name in BANK_FIELDS))
         eta = self.eta
         routing_grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*banks, ext_k, ext_v, ext_g, eta))
-        if fused and metrics is None and not routing_grads:
+        routed: RoutedAhead | None = None
+        if ahead is not None:
+            # the side stream routes ahead's own copy of the banks in place; attention waits for it
+            routed = ahead.route(ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg)
+            banks, bank_k, bank_v, bank_bias = ahead.banks, routed.bank_k, routed.bank_v, routed.bank_bias
+        elif fused and metrics is None and not routing_grads:
             # one launch for every segment of the chunk; training (gradients through the bank
             # writes) and metrics stay on the reference
             banks, bank_k, bank_v, bank_bias = route_chunk_triton(
@@ -392,31 +448,6 @@ class BoundedCoDAAttention(nn.Module):
                 banks, ext_k, ext_v, ext_g, start=start, n=n, eta=eta, config=cfg, metrics=metrics
             )
 
-        if fused:
-            y = self.attend_fused(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start)
-        else:
-            needs_grad = torch.is_grad_enabled() and any(
-                t.requires_grad for t in (q, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias)
-            )
-            # more than one segment's rows and no gradients: the banded path (window keys rotated once per
-            # chunk); a step or a short chunk scores only its own rows on the reference
-            banded = n > cfg.segment and not needs_grad and inference_attention(device)
-            attended = (attend_banded if banded else attend_segments)(
-                core.stack_queries(q),
-                ext_k,
-                ext_v,
-                sink_k,
-                sink_v,
-                bank_k,
-                bank_v,
-                bank_bias,
-                start=start,
-                config=cfg,
-                rope=core.rope,
-                scale=core.softmax_scale,
-            )
-            y = core.combine(attended, lam)
-
         kept = min(n, W)
         slots = torch.arange(start + n - kept, start + n, device=device) % W
         fields: dict[str, Any] = dict(zip(BANK_FIELDS, banks, strict=True))
@@ -429,7 +460,40 @@ class BoundedCoDAAttention(nn.Module):
             position=state.position + n,
             pos=start + n,
         )
-        return y, fields, metrics
+        work = _ChunkWork(q, lam, ext_k, ext_v, sink_k, sink_v, bank_k, bank_v, bank_bias, start, fused, routed)
+        return work, fields, metrics
+
+    def _attend_chunk(self, work: _ChunkWork) -> Tensor:
+        """A chunk's attention and output projection, once its routing is done (waited for when it ran ahead)."""
+        cfg, core = self.config, self.core
+        if work.routed is not None:
+            work.routed.wait()
+        if work.fused:
+            return self.attend_fused(
+                work.q, work.lam, work.ext_k, work.ext_v, work.sink_k, work.sink_v,
+                work.bank_k, work.bank_v, work.bank_bias, work.start,
+            )  # fmt: skip
+        n = work.q.shape[2]
+        read = (work.q, work.ext_k, work.ext_v, work.sink_k, work.sink_v, work.bank_k, work.bank_v, work.bank_bias)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in read)
+        # more than one segment's rows and no gradients: the banded path (window keys rotated once per
+        # chunk); a step or a short chunk scores only its own rows on the reference
+        banded = n > cfg.segment and not needs_grad and inference_attention(work.q.device)
+        attended = (attend_banded if banded else attend_segments)(
+            core.stack_queries(work.q),
+            work.ext_k,
+            work.ext_v,
+            work.sink_k,
+            work.sink_v,
+            work.bank_k,
+            work.bank_v,
+            work.bank_bias,
+            start=work.start,
+            config=cfg,
+            rope=core.rope,
+            scale=core.softmax_scale,
+        )
+        return core.combine(attended, work.lam)
 
     def _step_on_view(
         self, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, g: Tensor, state: BoundedState
@@ -621,6 +685,26 @@ class SegmentExtras:
         """Write ``other``'s values into these tensors (static buffers of a captured graph)."""
         for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
             mine.copy_(theirs)
+
+
+@dataclasses.dataclass
+class _ChunkWork:
+    """What a chunk's attention reads, between ``_begin_chunk`` and ``_attend_chunk``: its queries and lambda, the
+    window extended by its tokens, the sinks, the banks as each of its segments sees them, the start, whether the
+    fused kernel attends, and its routing when that runs ahead on a side stream."""
+
+    q: Tensor
+    lam: Tensor | None
+    ext_k: Tensor
+    ext_v: Tensor
+    sink_k: Tensor
+    sink_v: Tensor
+    bank_k: Tensor
+    bank_v: Tensor
+    bank_bias: Tensor
+    start: int
+    fused: bool
+    routed: RoutedAhead | None
 
 
 def _one_pass_rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: RopeLayout) -> Tensor:

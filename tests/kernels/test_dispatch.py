@@ -171,13 +171,27 @@ def test_compile_ahead_loads_each_kernel_on_its_worker_thread() -> None:
     assert wrapped() is kernel and kernel.loads == 2  # the worker's compile now loads too
 
 
-def test_key_followers_come_from_the_switch_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(dispatch.KEY_FOLLOWERS_ENV, raising=False)
-    assert dispatch.routing_key_followers() is dispatch.DEFAULT_KEY_FOLLOWERS
-    monkeypatch.setenv(dispatch.KEY_FOLLOWERS_ENV, "1")
-    assert dispatch.routing_key_followers() is True
-    with dispatch.key_followers(False):
-        assert dispatch.routing_key_followers() is False
-    monkeypatch.setenv(dispatch.KEY_FOLLOWERS_ENV, "yes")
-    with pytest.raises(ValueError, match="CODA_GQA_L_KEY_FOLLOWERS must be 1 or 0"):
-        dispatch.routing_key_followers()
+SWITCHES = {
+    "key followers": (dispatch.KEY_FOLLOWERS_ENV, dispatch.key_followers, dispatch.routing_key_followers,
+                      dispatch.DEFAULT_KEY_FOLLOWERS),
+    "routing ahead": (dispatch.ROUTING_AHEAD_ENV, dispatch.routing_ahead, dispatch.prefill_routes_ahead,
+                      dispatch.DEFAULT_ROUTING_AHEAD),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_on_off_switches_come_from_the_block_then_the_environment(switch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, block, value, default = SWITCHES[switch]
+    monkeypatch.delenv(env, raising=False)
+    assert value() is default
+    monkeypatch.setenv(env, "1")
+    assert value() is True
+    with block(False):
+        assert value() is False
+    monkeypatch.setenv(env, "0")
+    assert value() is False
+    with block(True):
+        assert value() is True
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(ValueError, match=f"{env} must be 1 or 0"):
+        value()

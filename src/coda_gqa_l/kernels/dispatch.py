@@ -1,11 +1,13 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from eight environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from nine environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune),
 ``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU),
 ``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines),
 ``CODA_GQA_L_STEPPED_READ_TOKENS`` (how short a prefill's piece is read by graph steps) and
-``CODA_GQA_L_KEY_FOLLOWERS`` (whether the routing kernel writes key rows in programs of their own). The
+``CODA_GQA_L_KEY_FOLLOWERS`` (whether the routing kernel writes key rows in programs of their own) and
+``CODA_GQA_L_ROUTING_AHEAD`` (whether a GPU prefill routes a chunk on a side stream beside the attention of the one
+before). The
 layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
 ``fused_combine``, ``inference_routing``, ``inference_attention``); the kernel modules ask ``use_triton``.
 """
@@ -33,6 +35,7 @@ READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
 DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
 STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
 KEY_FOLLOWERS_ENV = "CODA_GQA_L_KEY_FOLLOWERS"
+ROUTING_AHEAD_ENV = "CODA_GQA_L_ROUTING_AHEAD"
 # H100, 2026-12-06, SmolLM2 after 8K tokens (benchmarks/question_read.py): steps 6.3x the forward's speed for 1
 # token, 1.6x for 32, 0.90x for 64
 DEFAULT_STEPPED_READ_TOKENS = 32
@@ -374,15 +377,39 @@ def key_followers(on: bool = True) -> contextlib.AbstractContextManager[None]:
 def routing_key_followers() -> bool:
     """Whether the routing kernel writes key rows in follower programs: ``key_followers`` inside it, else
     ``CODA_GQA_L_KEY_FOLLOWERS`` (1 or 0) where set, else ``DEFAULT_KEY_FOLLOWERS``."""
-    chosen = _KEY_FOLLOWERS.get()
+    return _on_off(_KEY_FOLLOWERS, KEY_FOLLOWERS_ENV, DEFAULT_KEY_FOLLOWERS)
+
+
+def _on_off(flag: contextvars.ContextVar[bool | None], env: str, default: bool) -> bool:
+    """A switch's value: ``flag`` where a block set it, else the environment variable ``env`` (1 or 0), else
+    ``default``."""
+    chosen = flag.get()
     if chosen is not None:
         return chosen
-    raw = os.environ.get(KEY_FOLLOWERS_ENV, "").strip()
+    raw = os.environ.get(env, "").strip()
     if not raw:
-        return DEFAULT_KEY_FOLLOWERS
+        return default
     if raw not in ("0", "1"):
-        raise ValueError(f"{KEY_FOLLOWERS_ENV} must be 1 or 0, got {raw!r}")
+        raise ValueError(f"{env} must be 1 or 0, got {raw!r}")
     return raw == "1"
+
+
+DEFAULT_ROUTING_AHEAD = True
+_ROUTING_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_routing_ahead", default=None)
+
+
+def routing_ahead(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside, a GPU ``prefill_chunked`` routes each chunk on a side stream while the chunk before attends (the
+    routing kernel's serial chain keeps a few multiprocessors busy and leaves the rest to the attention), or with
+    ``on=False`` routes and attends each chunk in turn. For the benchmark and tests that compare the two; outside,
+    ``DEFAULT_ROUTING_AHEAD``."""
+    return _chosen(_ROUTING_AHEAD, on)
+
+
+def prefill_routes_ahead() -> bool:
+    """Whether a GPU prefill routes a chunk ahead on a side stream: ``routing_ahead`` inside it, else
+    ``CODA_GQA_L_ROUTING_AHEAD`` (1 or 0) where set, else ``DEFAULT_ROUTING_AHEAD``."""
+    return _on_off(_ROUTING_AHEAD, ROUTING_AHEAD_ENV, DEFAULT_ROUTING_AHEAD)
 
 
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide
