@@ -279,7 +279,8 @@ def test_layer_triton_path_equals_reference_path(config: str, monkeypatch: pytes
         monkeypatch.setenv(BACKEND_ENV, choice)
         with torch.no_grad():
             y, state = layer.prefill_chunked(x[:, :250], layer.init_state(2), block_size=97)
-            steps = [layer.step(x[:, t : t + 1], state)[0] for t in range(250, 262)]
+            # steps up to and past the segment boundary at 256 (each step is slow in the interpreter)
+            steps = [layer.step(x[:, t : t + 1], state)[0] for t in range(250, 258)]
         layer.zero_grad()
         layer(x[:, :200]).pow(2).mean().backward()
         grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
