@@ -26,9 +26,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+# pytest-xdist's workers (``pytest -n 2``, the README's command) share the machine's cores: one torch thread each
+TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     # coda-db's main sets it for the processes it starts; a test that calls main in-process must not leak it
     monkeypatch.delenv("CODA_GQA_L_THREADS", raising=False)
 
