@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -104,7 +105,9 @@ def main() -> None:
                 times = time_runs(run, args.repeats)
                 rows[name] = {"median_ms": statistics.median(times), "times_ms": times, **profile_groups(run)}
     device = torch.cuda.get_device_name()
-    print(f"7B layer, medium banks, bf16, {args.length:,} tokens in chunks of {args.block_size:,}; {device}")
+    connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset")
+    print(f"7B layer, medium banks, bf16, {args.length:,} tokens in chunks of {args.block_size:,}; {device}; "
+          f"CUDA_DEVICE_MAX_CONNECTIONS {connections}")  # fmt: skip
     head = "| variant | median ms | tok/s | routing kernels: n / sum ms / mean us | attention ms | products ms | "
     print(head + "other ms | routing alone ms | profiled span ms |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -116,7 +119,8 @@ def main() -> None:
               f"{r['other']['sum_ms']:.2f} | {r['routing_alone_ms']:.2f} | {r['span_ms']:.2f} |")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "prefill_timeline.json"
-    meta = {"device": device, "torch": torch.__version__, "length": args.length, "block_size": args.block_size}
+    meta = {"device": device, "torch": torch.__version__, "length": args.length, "block_size": args.block_size,
+            "cuda_device_max_connections": connections}  # fmt: skip
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {path}")
 
