@@ -57,13 +57,15 @@ def time_runs(run: Any, repeats: int) -> list[float]:
     return times
 
 
-def profile_groups(run: Any) -> dict[str, Any]:
+def profile_groups(run: Any, trace: Path | None = None) -> dict[str, Any]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
+    if trace is not None:  # every kernel with its stream, for a timeline (chrome://tracing, Perfetto)
+        prof.export_chrome_trace(str(trace))
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = {g: [(e.time_range.start, e.time_range.end) for e in kernels if group_of(e.name) == g] for g in
              (*GROUPS, "other")}  # fmt: skip
@@ -87,12 +89,14 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--trace", action="store_true", help="also write each variant's profiled run as a trace")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = BoundedConfig(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
     with torch.device("cuda"):
         layer = BoundedCoDAAttention(4096, 32, 8, head_dim=128, config=config).to(torch.bfloat16).eval()
     x = torch.randn(1, args.length, 4096, device="cuda", dtype=torch.bfloat16)
+    args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Any] = {}
     with torch.inference_mode():
         for name, variant in VARIANTS.items():
@@ -103,7 +107,8 @@ def main() -> None:
 
                 time_runs(run, 2)  # compiles, warms the allocator
                 times = time_runs(run, args.repeats)
-                rows[name] = {"median_ms": statistics.median(times), "times_ms": times, **profile_groups(run)}
+                trace = args.out / f"trace_{name.replace(' ', '_').replace(',', '')}.json" if args.trace else None
+                rows[name] = {"median_ms": statistics.median(times), "times_ms": times, **profile_groups(run, trace)}
     device = torch.cuda.get_device_name()
     connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset")
     print(f"7B layer, medium banks, bf16, {args.length:,} tokens in chunks of {args.block_size:,}; {device}; "
@@ -117,7 +122,6 @@ def main() -> None:
         print(f"| {name} | {r['median_ms']:.2f} | {tps:.3f}M | {rt['kernels']} / {rt['sum_ms']:.2f} / "
               f"{rt['mean_us']:.0f} | {r['attention']['sum_ms']:.2f} | {r['products']['sum_ms']:.2f} | "
               f"{r['other']['sum_ms']:.2f} | {r['routing_alone_ms']:.2f} | {r['span_ms']:.2f} |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "prefill_timeline.json"
     meta = {"device": device, "torch": torch.__version__, "length": args.length, "block_size": args.block_size,
             "cuda_device_max_connections": connections}  # fmt: skip
