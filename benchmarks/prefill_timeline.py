@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite_routing import covered, overlap  # noqa: E402
 
-from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
+from coda_gqa_l import BoundedCoDAAttention, BoundedConfig, routing_ahead  # noqa: E402
 from coda_gqa_l.kernels import dispatch  # noqa: E402
 
 GROUPS = {
@@ -35,9 +35,10 @@ GROUPS = {
     "products": re.compile(r"gemm|cutlass|sm90_|nvjet|cublas", re.IGNORECASE),
 }
 VARIANTS = {
-    "in turn": dict(ahead=False, followers=True),
-    "ahead": dict(ahead=True, followers=True),
-    "ahead, keys in chains": dict(ahead=True, followers=False),
+    "in turn": dict(ahead=False, followers=True, priority=-1),
+    "ahead": dict(ahead=True, followers=True, priority=-1),
+    "ahead, keys in chains": dict(ahead=True, followers=False, priority=-1),
+    "ahead, normal priority": dict(ahead=True, followers=True, priority=0),
 }
 
 
@@ -100,6 +101,7 @@ def main() -> None:
     rows: dict[str, Any] = {}
     with torch.inference_mode():
         for name, variant in VARIANTS.items():
+            routing_ahead.PRIORITY = variant["priority"]
             with dispatch.routing_ahead(variant["ahead"]), dispatch.key_followers(variant["followers"]):
 
                 def run() -> None:

@@ -21,7 +21,9 @@ from .config import BoundedConfig, chunk_segments
 from .kernels.routing import route_chunk_triton, routing_snapshots
 from .state import Banks
 
-_STREAMS: dict[int, Any] = {}
+# PyTorch's streams take priority -1 (high) or 0 (the default); benchmarks/prefill_timeline.py times both
+PRIORITY = -1
+_STREAMS: dict[tuple[int, int], Any] = {}
 _STREAMS_LOCK = threading.Lock()
 
 
@@ -31,10 +33,10 @@ def side_stream(device: torch.device) -> Any:
     Triton kernels and fills run on it, so it pins no cuBLAS workspace."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _STREAMS_LOCK:
-        if index not in _STREAMS:
-            # PyTorch's streams take priority -1 (high) or 0 (the default)
-            _STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index), priority=-1)
-        return _STREAMS[index]
+        key = (index, PRIORITY)
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(torch.device("cuda", index), priority=PRIORITY)
+        return _STREAMS[key]
 
 
 @dataclass
