@@ -6,6 +6,10 @@ routing left and its own projections; chunk ``c``'s attention needs only chunk `
 projects chunk ``c + 1`` and launches its routing on a side stream before it attends chunk ``c``, and the chain runs
 beside the attention and the next projections. The results are the same tensors, computed by the same kernels on
 the same inputs; only the order of launches across the two streams changes.
+
+Off by default (``dispatch.routing_ahead``): on an H100 the 7B layer's prefill gained nothing beyond the noise,
+because a chunk's many small kernels arrive at the host's pace and the attention is not yet queued when the routing
+starts (benchmarks/results/speed.md, "Routing a chunk ahead").
 """
 
 from __future__ import annotations

@@ -394,7 +394,11 @@ def _on_off(flag: contextvars.ContextVar[bool | None], env: str, default: bool) 
     return raw == "1"
 
 
-DEFAULT_ROUTING_AHEAD = True
+# H100, 2026-12-06/07 (benchmarks/results/speed.md, "Routing a chunk ahead"): the 7B layer's 32K prefill 15.17 ->
+# 14.02 ms in one call, 23.05 / 19.18 ms in turn against 19.15 / 21.65 ahead alternating in another, 16.3 against
+# 18.3-18.7 ms in a third: no gain beyond the noise. A chunk's glue (about 36 kernels under 20 us, issued at the
+# host's pace) was hidden behind the routing kernel on one stream and is not once the kernel moves off it.
+DEFAULT_ROUTING_AHEAD = False
 _ROUTING_AHEAD: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_routing_ahead", default=None)
 
 
