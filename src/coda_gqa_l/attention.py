@@ -318,7 +318,7 @@ class BoundedCoDAAttention(nn.Module):
         self.check_state(state, x.shape[0])
         if not write_cache:
             state = state.clone()
-        outputs = []
+        outputs: list[Tensor] = []
         starts = range(0, x.shape[1], block_size)
         ahead = self._routing_ahead(state, x, chunks=len(starts))
         if ahead is not None:
@@ -330,12 +330,10 @@ class BoundedCoDAAttention(nn.Module):
                 for name, value in fields.items():
                     setattr(state, name, value)
                 if pending is not None:
-                    outputs.append(self._attend_chunk(pending))
+                    self._keep_output(outputs, self._attend_chunk(pending), return_outputs)
                 pending = work
             assert pending is not None
-            outputs.append(self._attend_chunk(pending))
-            if not return_outputs:
-                outputs.clear()
+            self._keep_output(outputs, self._attend_chunk(pending), return_outputs)
         else:
             for start in starts:
                 y, fields, counts = self._advance(x[:, start : start + block_size], state)
@@ -381,6 +379,12 @@ class BoundedCoDAAttention(nn.Module):
         for name, value in zip(BANK_FIELDS, ahead.banks, strict=True):
             setattr(state, name, value)
         return ahead
+
+    @staticmethod
+    def _keep_output(outputs: list[Tensor], y: Tensor, keep: bool) -> None:
+        """A chunk's output kept for the caller, or dropped at once (an ingest that returns no outputs)."""
+        if keep:
+            outputs.append(y)
 
     def _record_metrics(self, state: BoundedState, counts: dict[str, float] | None) -> None:
         if counts is not None:
