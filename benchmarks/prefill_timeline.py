@@ -2,12 +2,13 @@
 
     PYTHONPATH=src python benchmarks/prefill_timeline.py [--length 32768] [--block-size 4096] [--out DIR]
 
-For each variant (routing in turn; routing ahead, the default; routing ahead with the key rows written inside the
-routing chains instead of by follower programs) one 7B-shaped bfloat16 layer (``medium`` banks) prefills ``--length``
-random tokens: the median wall time of ``--repeats`` runs (CUDA events), then one run under ``torch.profiler``, whose
-kernels are grouped (routing, attention, matrix products, the rest) with each group's kernel count, summed time and
-mean time per kernel, and the time in which routing runs alone. A routing kernel that runs beside the attention yet
-takes longer than alone shows here as a longer mean. Prints a table, writes ``prefill_timeline.json`` to ``--out``.
+For each variant (routing in turn, the default; routing ahead; routing ahead with the key rows written inside the
+routing chains instead of by follower programs; routing ahead on a stream of normal priority) one 7B-shaped bfloat16
+layer (``medium`` banks) prefills ``--length`` random tokens: the median wall time of ``--repeats`` runs (CUDA
+events), then one run under ``torch.profiler``, whose kernels are grouped (routing, attention, matrix products, the
+rest) with each group's kernel count, summed time and mean time per kernel, and the time in which routing runs alone.
+A routing kernel that runs beside the attention yet takes longer than alone shows here as a longer mean. Prints a
+table, writes ``prefill_timeline.json`` to ``--out`` (``--trace``: each variant's profiled run as a Chrome trace).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 # On the GPU machine (no model needed; the platformdirs wheel installed to /tmp/site): a prefill's routing launched a
 # chunk ahead on a side stream (CODA_GQA_L_ROUTING_AHEAD), checked and timed against routing each chunk in turn.
 #   1. the GPU tests of routing ahead (bit for bit against in turn), the captured decoder and no-host-sync tests;
-#   2. the 7B layer's prefill and routing share, routing ahead off then on, in one call (block sizes 4096 and 1024).
+#   2. the 7B layer's prefill and routing share, routing ahead off then on, in one call (for each block size in
+#      $BLOCKS, default 4096).
 # Results under $OUT/routing_ahead/; the tables are printed last.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:src TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_ahead}

@@ -321,27 +321,22 @@ class BoundedCoDAAttention(nn.Module):
         outputs: list[Tensor] = []
         starts = range(0, x.shape[1], block_size)
         ahead = self._routing_ahead(state, x, chunks=len(starts))
-        if ahead is not None:
-            # chunk c + 1 projected and its routing launched (side stream) before chunk c attends
-            pending: _ChunkWork | None = None
-            for start in starts:
-                work, fields, _ = self._begin_chunk(x[:, start : start + block_size], state, ahead)
-                assert isinstance(work, _ChunkWork)  # no decode view on the fused path
-                for name, value in fields.items():
-                    setattr(state, name, value)
-                if pending is not None:
-                    self._keep_output(outputs, self._attend_chunk(pending), return_outputs)
-                pending = work
-            assert pending is not None
-            self._keep_output(outputs, self._attend_chunk(pending), return_outputs)
-        else:
-            for start in starts:
-                y, fields, counts = self._advance(x[:, start : start + block_size], state)
-                for name, value in fields.items():
-                    setattr(state, name, value)
-                self._record_metrics(state, counts)
+        begun: list[_ChunkWork | Tensor] = []
+        for start in starts:
+            work, fields, counts = self._begin_chunk(x[:, start : start + block_size], state, ahead)
+            for name, value in fields.items():
+                setattr(state, name, value)
+            self._record_metrics(state, counts)
+            begun.append(work)
+            # in turn, a chunk attends at once; ahead, the chunk before attends once this one's routing is launched
+            if ahead is None or len(begun) > 1:
+                y = self._finish_chunk(begun.pop(0))
                 if return_outputs:
                     outputs.append(y)
+        for work in begun:  # ahead: the last chunk
+            y = self._finish_chunk(work)
+            if return_outputs:
+                outputs.append(y)
         return (torch.cat(outputs, dim=1) if return_outputs else None), state
 
     def step(self, x_t: Tensor, state: BoundedState) -> tuple[Tensor, BoundedState]:
@@ -380,12 +375,6 @@ class BoundedCoDAAttention(nn.Module):
             setattr(state, name, value)
         return ahead
 
-    @staticmethod
-    def _keep_output(outputs: list[Tensor], y: Tensor, keep: bool) -> None:
-        """A chunk's output kept for the caller, or dropped at once (an ingest that returns no outputs)."""
-        if keep:
-            outputs.append(y)
-
     def _record_metrics(self, state: BoundedState, counts: dict[str, float] | None) -> None:
         if counts is not None:
             state.add_metrics(counts)
@@ -394,8 +383,11 @@ class BoundedCoDAAttention(nn.Module):
     def _advance(self, x: Tensor, state: BoundedState) -> tuple[Tensor, dict[str, Any], dict[str, float] | None]:
         """Process one chunk: the outputs, the state's new field values, routing counts."""
         work, fields, metrics = self._begin_chunk(x, state)
-        y = work if isinstance(work, Tensor) else self._attend_chunk(work)  # a Tensor: the decode view's step
-        return y, fields, metrics
+        return self._finish_chunk(work), fields, metrics
+
+    def _finish_chunk(self, work: _ChunkWork | Tensor) -> Tensor:
+        """A begun chunk's output: its attention, or the decode view's step output ``_begin_chunk`` already made."""
+        return work if isinstance(work, Tensor) else self._attend_chunk(work)
 
     def _begin_chunk(
         self, x: Tensor, state: BoundedState, ahead: RoutingAhead | None = None
