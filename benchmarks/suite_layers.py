@@ -6,7 +6,10 @@ Every section returns a list of rows (dicts) that ``run_suite.py`` writes to JSO
 Methods measured here:
 - ``gqa-bare``: ``bare_gqa.BareGQA``, the fairness reference;
 - ``gqa-baseline``: ``coda_gqa_l.BaselineGQA`` (must be within 10% of the bare layer);
-- ``bounded-<config>``: ``BoundedCoDAAttention.prefill_chunked`` from a fresh state;
+- ``bounded-<config>``: ``coda_gqa_l.captured_prefill.CapturedPrefill`` from a fresh state on CUDA (one graph
+  replay a chunk, as decode steps through ``CapturedDecoder``), else ``prefill_chunked``;
+- ``bounded-<config>-eager``: ``BoundedCoDAAttention.prefill_chunked`` from a fresh state (CUDA only: elsewhere
+  ``bounded-<config>`` is this);
 - ``coda-unbounded``: ``CoDAGQA`` (training step only).
 """
 
@@ -107,15 +110,30 @@ def _chunked_prefill(block_size: int) -> Callable[[nn.Module, torch.Tensor], Cal
     return make
 
 
+def _captured_prefill(block_size: int) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
+    def make(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+        from coda_gqa_l.captured_prefill import CapturedPrefill
+
+        assert isinstance(layer, BoundedCoDAAttention)
+        prefill = CapturedPrefill(layer, chunk=block_size)  # graphs captured by the first (untimed) call
+        return lambda: prefill(x, layer.init_state(1))
+
+    return make
+
+
 def prefill_methods(shape: Shape, configs: list[str], settings: Settings) -> list[PrefillRun]:
     runs: list[PrefillRun] = [
         ("gqa-bare", lambda: bare_gqa(shape), _whole_sequence),
         ("gqa-baseline", lambda: baseline_gqa(shape), _whole_sequence),
     ]
+    cuda = settings.device.startswith("cuda")
     for config in configs:
-        runs.append(
-            (f"bounded-{config}", lambda c=config: bounded_layer(shape, c), _chunked_prefill(settings.block_size))
-        )
+        factory = lambda c=config: bounded_layer(shape, c)  # noqa: E731
+        if cuda:
+            runs.append((f"bounded-{config}", factory, _captured_prefill(settings.block_size)))
+            runs.append((f"bounded-{config}-eager", factory, _chunked_prefill(settings.block_size)))
+        else:
+            runs.append((f"bounded-{config}", factory, _chunked_prefill(settings.block_size)))
     return runs
 
 

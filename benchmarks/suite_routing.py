@@ -17,6 +17,9 @@ The issue's target is bank updates <= 15% of bounded prefill time. Two estimates
   no other kernel does, over the span from the first kernel's start to the last one's end: the part of the
   prefill's time that routing alone holds up.
 
+On CUDA the suite's prefill row runs ``CapturedPrefill`` (graphs, each chunk's routing pipelined on side streams):
+``captured_named_kernel_share`` and ``captured_exposed_share`` are the same estimates for one of its calls.
+
 If the layer stops calling routing through these names the hook sees no calls and the row says
 so: update ``ROUTING_ENTRIES`` then.
 """
@@ -85,7 +88,6 @@ def _prefill(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -
 
 
 def _profiled_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with (
@@ -93,7 +95,31 @@ def _profiled_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
         profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
     ):
         _prefill(layer, x, settings)
-    events = prof.events()
+    return _kernel_shares(prof.events())
+
+
+def _captured_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
+    """The named-kernel and exposed shares of one ``CapturedPrefill`` call (the suite's prefill row for CUDA):
+    its routing runs on side streams inside the graphs, beside the pieces' other work, and no hook sees it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    prefill = CapturedPrefill(layer, chunk=settings.block_size)
+    prefill(x, layer.init_state(1), return_outputs=False)  # captures
+    synchronize(settings.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill(x, layer.init_state(1), return_outputs=False)
+        synchronize(settings.device)
+    shares = _kernel_shares(prof.events())
+    keep = ("named_kernel_share", "exposed_share", "profiled_span_ms", "profiled_kernel_ms")
+    return {f"captured_{key}": shares[key] for key in keep}
+
+
+def _kernel_shares(events: Any) -> dict[str, Any]:
+    """Routing's shares of a profiled prefill's kernels (the module's docstring says which is which)."""
+    from torch.autograd import DeviceType
+
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.name != RANGE_NAME]
     total_us = sum(e.time_range.elapsed_us() for e in kernels)
     routing_us = sum(e.device_time_total for e in events if e.name == RANGE_NAME and e.device_type == DeviceType.CPU)
@@ -162,6 +188,7 @@ def routing_share(shape: Shape, config: str, length: int, settings: Settings, de
             row["sync_hook_share"] = tally["seconds"] / hooked_s if tally["calls"] else None
             if settings.cuda:
                 row |= _profiled_shares(layer, x, settings)
+                row |= _captured_shares(layer, x, settings)
     except Exception as exc:
         row |= error_fields(exc)
     return row

@@ -1,0 +1,109 @@
+"""A bounded layer's GPU prefill through ``CapturedPrefill`` (one graph replay a chunk, its routing pipelined in
+pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
+
+    PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
+
+One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
+variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
+so drift of the GPU's clock falls on all of them alike: bare GQA (projections, RoPE, SDPA), the eager prefill in
+chunks of ``--chunk``, and the captured prefill with each ``--pieces`` count. Then one profiled call of each
+captured variant: the kernels grouped (routing, attention, products, the rest), the time routing runs with no
+other kernel, and the profiled span. Prints a table, writes ``captured_prefill.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare_gqa import BareGQA  # noqa: E402
+from prefill_timeline import profile_groups  # noqa: E402
+
+from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
+from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
+
+
+def timed_ms(run: Callable[[], object]) -> float:
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    run()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
+    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = BoundedConfig(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+    with torch.device("cuda"):
+        layer = BoundedCoDAAttention(4096, 32, 8, head_dim=128, config=config).to(torch.bfloat16).eval()
+        bare = BareGQA(4096, 32, 8, 128).to(torch.bfloat16).eval()
+    captured = {p: CapturedPrefill(layer, chunk=args.chunk, pieces=p) for p in args.pieces}
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for length in args.lengths:
+            x = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16)
+            variants: dict[str, Callable[[], object]] = {
+                "bare GQA": lambda x=x: bare(x),
+                "eager prefill_chunked": lambda x=x: layer.prefill_chunked(x, layer.init_state(1), args.chunk),
+            }
+            for p, prefill in captured.items():
+                variants[f"captured, {p} piece{'s' if p > 1 else ''}"] = lambda x=x, f=prefill: f(
+                    x, layer.init_state(1)
+                )
+            for run in variants.values():  # compiles, captures, warms the allocator
+                run()
+                run()
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.rounds):
+                for name, run in variants.items():
+                    times[name].append(timed_ms(run))
+            bare_ms = statistics.median(times["bare GQA"])
+            for name, run in variants.items():
+                median = statistics.median(times[name])
+                row = {"length": length, "variant": name, "median_ms": median, "times_ms": times[name],
+                       "tokens_per_s": length / median * 1e3, "against_bare": bare_ms / median}  # fmt: skip
+                if name.startswith("captured") or name.startswith("eager"):
+                    row |= profile_groups(run)
+                    row.pop("kernel_names", None)
+                rows.append(row)
+            del x
+    device = torch.cuda.get_device_name()
+    print(f"7B layer, medium banks, bf16, batch 1, chunks of {args.chunk:,}; {device}; {args.rounds} rounds")
+    print("| tokens | variant | median ms | tok/s | x bare GQA | kernels | routing sum ms | routing alone ms | "
+          "attention ms | products ms | other ms | span ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tps = f"{r['tokens_per_s'] / 1e6:.3f}M"
+        if "span_ms" in r:
+            count = sum(r[g]["kernels"] for g in ("routing", "attention", "products", "other"))
+            rest = (f"{count} | {r['routing']['sum_ms']:.2f} | {r['routing_alone_ms']:.2f} | "
+                    f"{r['attention']['sum_ms']:.2f} | {r['products']['sum_ms']:.2f} | {r['other']['sum_ms']:.2f} | "
+                    f"{r['span_ms']:.2f}")  # fmt: skip
+        else:
+            rest = " | ".join([""] * 7)
+        print(f"| {r['length']:,} | {r['variant']} | {r['median_ms']:.3f} | {tps} | {r['against_bare']:.3f} | {rest} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "captured_prefill.json"
+    meta = {"device": device, "torch": torch.__version__, "chunk": args.chunk, "rounds": args.rounds}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

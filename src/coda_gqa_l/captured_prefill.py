@@ -1,0 +1,247 @@
+"""Prefill under CUDA graphs: ``CapturedPrefill`` replays one captured step per chunk (docs/kernels.md).
+
+An eager ``prefill_chunked`` on the GPU launches about 47 kernels a chunk at the 7B shape, 36 of them small (the
+ring's index arithmetic, the window's gathers, index copies, RoPE tables), and the host issues them more slowly
+than the GPU runs them: in a 32K prefill the GPU idled about a quarter of the time (benchmarks/results/speed.md,
+"Routing a chunk ahead"). Captured, a chunk is one graph launch, its work computed from a 0-d device position
+(``decode.begin_at_device_position``), as the whole model's graph read does.
+
+Inside the graph a chunk runs as ``pieces`` equal pieces: every piece's projections, window and routing launch
+first, each piece's routing on its own side stream after the routing of the piece before (it wrote the banks the
+next one reads), then each piece's attention once its routing is done. The routing kernel (one program per KV head
+and bank) thus runs beside the projections of later pieces and the attention of earlier ones. The banks each
+segment sees are those of segment-synchronous routing (SPEC 2.3) whatever the pieces: only the order of
+independent kernels changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import step_tables
+from .attention import BoundedCoDAAttention
+from .decode import begin_at_device_position, capture_step, finish_at_device_position, routing_streams
+from .state import BoundedState
+
+
+class CapturedPrefill:
+    """Graph-captured ``prefill_chunked`` of one bounded layer on CUDA, for inference.
+
+    Args:
+        layer: the bounded layer (on CUDA: the fused Triton kernels are used).
+        chunk: tokens a captured step takes, a multiple of the layer's segment length (a call's last aligned
+            stretch shorter than this is captured at its own length).
+        pieces: pieces a chunk's routing is pipelined in (fewer where the chunk does not split into whole
+            segments, and one while the chunk writes sinks that a piece after the first would hold).
+        capture: False runs the same steps eagerly: on the CPU with Triton's interpreter, for tests.
+        max_graphs: captured chunk lengths kept (the oldest dropped beyond it; all share one memory pool).
+
+    ``prefill(x, state)`` takes the arguments of ``layer.prefill_chunked`` (but ``block_size``) and returns the same
+    ``(y, state)`` up to float rounding. Tokens before the state's next segment start and a tail of less than a
+    segment go through ``layer.prefill_chunked``; the segment-aligned tokens between go through the graphs. The
+    state handed in is never written in place: its fields are replaced by new tensors (``write_cache=True``) or
+    a new state is returned. Gradients do not flow; use ``layer.prefill_chunked`` to train.
+    """
+
+    def __init__(
+        self,
+        layer: BoundedCoDAAttention,
+        *,
+        chunk: int = 4096,
+        pieces: int = 4,
+        capture: bool = True,
+        max_graphs: int = 4,
+    ) -> None:
+        weight = layer.core.q_proj.weight
+        if capture and weight.device.type != "cuda":
+            raise ValueError(f"CapturedPrefill needs the layer on a CUDA device, it is on {weight.device}")
+        segment = layer.config.segment
+        for name, value in (("chunk", chunk), ("pieces", pieces), ("max_graphs", max_graphs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if chunk % segment:
+            raise ValueError(f"chunk must be a multiple of the segment length {segment}, got {chunk}")
+        if layer.collect_metrics:
+            raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
+        self.layer = layer
+        self.chunk = chunk
+        self.pieces = pieces
+        self.capture = capture
+        self.max_graphs = max_graphs
+        device = weight.device
+        with torch.inference_mode(False):  # updated in place by the graphs, whatever mode the caller is in
+            self._pos = torch.zeros((), dtype=torch.int64, device=device)
+            self._window_offsets = torch.arange(layer.config.window, device=device)
+            self._sink_index = torch.arange(layer.config.num_sink, device=device)
+        # static buffers, made for the first call's batch size and dtypes (a call with others makes new ones)
+        self._arena: BoundedState | None = None
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None
+
+    # ------------------------------------------------------------------ public
+    def prefill(
+        self, x: Tensor, state: BoundedState, *, return_outputs: bool = True, write_cache: bool = True
+    ) -> tuple[Tensor | None, BoundedState]:
+        """``x (B, L, D)`` from ``state``: ``(y (B, L, D) or None, state)`` as ``layer.prefill_chunked`` gives."""
+        layer = self.layer
+        layer.core.check_input(x)
+        layer.check_state(state, x.shape[0])
+        if state.metrics:
+            raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("CapturedPrefill is for inference (no gradients flow); use layer.prefill_chunked")
+        target = state if write_cache else dataclasses.replace(state, metrics={}, decode_view=None)
+        S, B, L = layer.config.segment, x.shape[0], x.shape[1]
+        y = x.new_empty(B, L, layer.embed_dim) if return_outputs else None
+        with torch.no_grad():
+            start = target.pos
+            done = min((-start) % S, L)  # the tokens before the next segment start
+            if done:
+                self._eager(x, 0, done, target, y)
+            if L - done >= S:
+                self._adopt(target, x)
+                while L - done >= S:
+                    n = min(self.chunk, (L - done) // S * S)
+                    self._run(x[:, done : done + n], start + done)
+                    if y is not None:
+                        assert self._y is not None  # made by _adopt
+                        y[:, done : done + n].copy_(self._y[:, :n])
+                    done += n
+                self._give_back(target, start + done)
+            if done < L:
+                self._eager(x, done, L, target, y)
+        return y, target
+
+    __call__ = prefill
+
+    # ------------------------------------------------------------------ internals
+    def _eager(self, x: Tensor, begin: int, end: int, state: BoundedState, y: Tensor | None) -> None:
+        """Tokens ``begin .. end - 1`` of ``x`` through the layer's own prefill (fields replaced, none written)."""
+        out, _ = self.layer.prefill_chunked(x[:, begin:end], state, block_size=end - begin)
+        if y is not None:
+            y[:, begin:end].copy_(out)
+
+    def _adopt(self, state: BoundedState, x: Tensor) -> None:
+        """The state's tensors copied into the static buffers (made anew for another batch size or dtype)."""
+        tensors = state.tensors()
+        if not self._fits(state, x):
+            self._graphs.clear()
+            with torch.inference_mode(False):  # buffers the graphs update in place, whatever mode the caller is in
+                self._arena = state.clone()
+                self._x = torch.zeros(x.shape[0], self.chunk, x.shape[2], device=x.device, dtype=x.dtype)
+                self._y = torch.zeros_like(self._x)
+            return
+        assert self._arena is not None  # _fits checked it
+        _copy_by_dtype(list(self._arena.tensors().values()), list(tensors.values()))
+        self._arena.pos = state.pos
+
+    def _fits(self, state: BoundedState, x: Tensor) -> bool:
+        """Whether the static buffers have the batch size, dtypes and shapes of ``state`` and ``x``."""
+        if self._arena is None or self._x is None or self._x.shape[0] != x.shape[0] or self._x.dtype != x.dtype:
+            return False
+        pairs = zip(self._arena.tensors().values(), state.tensors().values(), strict=True)
+        return all(mine.shape == theirs.shape and mine.dtype == theirs.dtype for mine, theirs in pairs)
+
+    def _give_back(self, state: BoundedState, pos: int) -> None:
+        """The static buffers' values as new tensors of ``state`` (the buffers stay the graphs')."""
+        assert self._arena is not None
+        buffers = self._arena.tensors()
+        copies = {name: torch.empty_like(t) for name, t in buffers.items()}
+        _copy_by_dtype(list(copies.values()), list(buffers.values()))
+        for name, copy in copies.items():
+            setattr(state, name, copy)
+        state.pos = pos
+        state.decode_view = None
+
+    def _run(self, x: Tensor, pos: int) -> None:
+        """One aligned chunk ``x (B, n, D)`` at ``pos`` through its graph (captured on first use): outputs into
+        ``self._y[:, :n]``, the state's buffers advanced."""
+        assert self._x is not None and self._arena is not None
+        n = x.shape[1]
+        sinks = pos < self.layer.config.num_sink
+        self._x[:, :n].copy_(x)
+        self._pos.fill_(pos)
+        self._arena.pos = pos
+        if not self.capture:
+            self._step(n, sinks)
+            return
+        key = (n, sinks)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key)
+        graph.replay()
+
+    def _capture(self, key: tuple[int, bool]) -> torch.cuda.CUDAGraph:
+        """Warm up (compile, autotune) on a scratch copy of the buffers, then capture on them."""
+        live = self._arena
+        assert live is not None and self._x is not None
+        saved_pos = self._pos.clone()
+
+        def warm_up() -> None:
+            self._arena = live.clone()
+            try:
+                for _ in range(2):
+                    self._step(*key)
+                    self._pos.copy_(saved_pos)
+            finally:
+                self._arena = live
+
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        graph = capture_step(lambda: self._step(*key), warm_up, self._x.device, self._pool)
+        self._pool = graph.pool()
+        self._graphs[key] = graph
+        return graph
+
+    def pieces_for(self, n: int, sinks: bool) -> int:
+        """Pieces an ``n``-token chunk runs in: at most ``self.pieces``, each a whole number of segments, and one
+        when sinks are written beyond the first piece (a later piece's sinks must not reach an earlier piece's
+        attention, which runs after every piece's window and sinks are written)."""
+        S, Ns = self.layer.config.segment, self.layer.config.num_sink
+        count = max(k for k in range(1, self.pieces + 1) if n % (k * S) == 0)
+        if sinks and n // count < Ns:
+            return 1
+        return count
+
+    def _step(self, n: int, sinks: bool) -> None:
+        """``self._x[:, :n]`` from the device position ``self._pos`` into ``self._y[:, :n]``, the buffers advanced."""
+        layer, state = self.layer, self._arena
+        assert state is not None and self._x is not None and self._y is not None
+        count = self.pieces_for(n, sinks)
+        size = n // count
+        x = self._x[:, :n]
+        streams = routing_streams(x.device, count) if count > 1 and x.device.type == "cuda" else [None] * count
+        positions = [self._pos + p * size for p in range(count)]  # kept alive: step tables key on their ids
+        with step_tables.step_tables():
+            begun = []
+            routed = None
+            for p in range(count):
+                piece = begin_at_device_position(
+                    layer, state, x[:, p * size : (p + 1) * size], positions[p], self._window_offsets,
+                    self._sink_index, True, sinks=sinks, routing_stream=streams[p], after=routed,
+                )  # fmt: skip
+                routed = piece.routed
+                begun.append(piece)
+            for p, piece in enumerate(begun):
+                out = finish_at_device_position(layer, state, piece, positions[p])
+                self._y[:, p * size : (p + 1) * size].copy_(out)
+
+
+def _copy_by_dtype(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``targets[i].copy_(sources[i])``, one multi-tensor copy per dtype (a launch each, not one per tensor)."""
+    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+    for target, source in zip(targets, sources, strict=True):
+        if target.dtype == source.dtype and target.shape == source.shape:
+            into, out_of = groups.setdefault(target.dtype, ([], []))
+            into.append(target)
+            out_of.append(source)
+        else:
+            target.copy_(source)
+    for into, out_of in groups.values():
+        torch._foreach_copy_(into, out_of)

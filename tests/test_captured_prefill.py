@@ -1,0 +1,118 @@
+"""``CapturedPrefill`` gives what ``layer.prefill_chunked`` gives: replayed from CUDA graphs on a GPU (its chunks
+pipelined in pieces, their routing on side streams), and eagerly (``capture=False``, the Triton kernels in the
+interpreter) on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import token_like
+
+from coda_gqa_l import BoundedCoDAAttention, BoundedConfig
+from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.state import TENSOR_FIELDS, BoundedState
+
+
+def _layer(sinks: int, window: int, exact: int, summary: int, dim: int, heads: int) -> BoundedCoDAAttention:
+    torch.manual_seed(0)
+    config = BoundedConfig(
+        window=window, num_landmarks_exact=exact, num_landmarks_summary=summary, num_sink=sinks, max_inserts=4
+    )
+    layer = BoundedCoDAAttention(dim, heads, 2, config=config)
+    with torch.no_grad():
+        layer.gate_proj.weight.mul_(4.0)  # gates spread over (0, 1): inserts, hits and EMA moves all happen
+    return layer
+
+
+def _assert_states_close(ours: BoundedState, eager: BoundedState, **tol: float) -> None:
+    assert ours.pos == eager.pos
+    for name in TENSOR_FIELDS:
+        a, b = getattr(ours, name), getattr(eager, name)
+        if a.dtype in (torch.bool, torch.int64, torch.int32):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_captured_prefill_refuses_a_cpu_layer_and_a_chunk_across_segments() -> None:
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(0, 16, 4, 2, 32, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedPrefill(layer)
+    with pytest.raises(ValueError, match="multiple of the segment"):
+        CapturedPrefill(layer, chunk=layer.config.segment + 1, capture=False)
+
+
+@pytest.mark.parametrize(("sinks", "before", "pieces"), [(3, 0, 2), (0, 13, 3)])
+def test_eager_captured_prefill_equals_the_layers_prefill(
+    monkeypatch: pytest.MonkeyPatch, sinks: int, before: int, pieces: int
+) -> None:
+    """From a fresh state (sinks written by the first chunk) and from one mid-segment (its head through the layer's
+    own prefill): segment-aligned chunks of 48 tokens in pieces, a shorter aligned chunk, then a tail under a
+    segment; outputs and every state field as ``prefill_chunked`` leaves them, the handed state untouched."""
+    assert dispatch.interpreting() or torch.cuda.is_available()
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(sinks, 32, 6, 4, 64, 4)
+    x = token_like(2, before + 170, 64, seed=3)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the graph step's kernels, in the interpreter on the CPU
+    with torch.no_grad():
+        start = layer.init_state(2)
+        if before:
+            _, start = layer.prefill_chunked(x[:, :before], start, block_size=16)
+        eager_y, eager = layer.prefill_chunked(x[:, before:], start.clone(), block_size=48)
+        kept = start.clone()
+        prefill = CapturedPrefill(layer, chunk=48, pieces=pieces, capture=False)
+        ours_y, ours = prefill(x[:, before:], start, write_cache=False)
+    assert ours is not start and start.pos == before
+    _assert_states_close(start, kept, atol=0, rtol=0)
+    assert ours_y is not None
+    torch.testing.assert_close(ours_y, eager_y, atol=2e-4, rtol=2e-4)
+    _assert_states_close(ours, eager, atol=2e-4, rtol=2e-4)
+    assert bool(ours.ex_filled.any()) and bool(ours.sm_filled.any())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_captured_prefill_equals_the_layers_prefill(dtype: torch.dtype, sinks: int) -> None:
+    """Two calls, the second from the first's state (mid-segment: head, chunks, tail) replaying the graphs the first
+    captured; under ``torch.inference_mode`` as a server runs it."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(sinks, 64, 12, 8, 128, 8).cuda().to(dtype)
+    x = token_like(2, 2000, 128, seed=1).cuda().to(dtype)
+    prefill = CapturedPrefill(layer, chunk=512, pieces=4)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.inference_mode():
+        eager_y1, eager = layer.prefill_chunked(x[:, :1100], layer.init_state(2), block_size=512)
+        eager_y2, eager = layer.prefill_chunked(x[:, 1100:], eager, block_size=512)
+        ours_y1, ours = prefill(x[:, :1100], layer.init_state(2))
+        first = {(512, True), (512, False), (64, False)} if sinks else {(512, False), (64, False)}
+        assert set(prefill._graphs) == first
+        ours_y2, ours = prefill(x[:, 1100:], ours)
+    assert set(prefill._graphs) == first | {(384, False)}  # the second call's head went eagerly: 4 tokens
+    assert ours_y1 is not None and ours_y2 is not None
+    torch.testing.assert_close(ours_y1, eager_y1, **tol)
+    torch.testing.assert_close(ours_y2, eager_y2, **tol)
+    _assert_states_close(ours, eager, **tol)
+    assert bool(ours.ex_filled.any()) and bool(ours.sm_filled.any())
+
+
+@pytest.mark.gpu
+def test_captured_prefill_keeps_what_it_was_handed_and_counts_pieces() -> None:
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(3, 64, 12, 8, 128, 8).cuda().to(torch.bfloat16)
+    x = token_like(1, 1024, 128, seed=4).cuda().to(torch.bfloat16)
+    prefill = CapturedPrefill(layer, chunk=256, pieces=4)
+    assert prefill.pieces_for(256, sinks=False) == 4 and prefill.pieces_for(192, sinks=False) == 3
+    with torch.inference_mode():
+        _, state = layer.prefill_chunked(x[:, :320], layer.init_state(1), block_size=128)
+        kept = state.clone()
+        _, advanced = prefill(x[:, 320:], state, write_cache=False, return_outputs=False)
+        _, again = prefill(x[:, 320:], state, write_cache=False, return_outputs=False)
+    assert advanced.pos == again.pos == 1024 and state.pos == 320
+    _assert_states_close(state, kept, atol=0, rtol=0)
+    _assert_states_close(advanced, again, atol=0, rtol=0)  # the same replays from the same state: bit for bit
