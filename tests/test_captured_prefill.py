@@ -107,7 +107,7 @@ def test_captured_prefill_keeps_what_it_was_handed_and_counts_pieces() -> None:
     layer = _layer(3, 64, 12, 8, 128, 8).cuda().to(torch.bfloat16)
     x = token_like(1, 1024, 128, seed=4).cuda().to(torch.bfloat16)
     prefill = CapturedPrefill(layer, chunk=256, pieces=4)
-    assert prefill.pieces_for(256, sinks=False) == 4 and prefill.pieces_for(192, sinks=False) == 3
+    assert prefill.pieces_for(256, sinks=False) == 4 and prefill.pieces_for(144, sinks=False) == 3
     with torch.inference_mode():
         _, state = layer.prefill_chunked(x[:, :320], layer.init_state(1), block_size=128)
         kept = state.clone()
