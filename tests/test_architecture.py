@@ -5,7 +5,7 @@ upward imports from a plain import of the package). The layers, bottom to top:
 
 0. ``base``: config, primitives, state, version, fetch, cpu_threads, cli_help
 1. ``kernels``: Triton kernels and their PyTorch references (tensors, numbers, the config)
-2. ``core``: the layer itself (banks, attention, differential, baseline, decode, state files)
+2. ``core``: the layer itself (banks, attention, differential, baseline, decode, captured prefill, state files)
 3. ``models``: adapters, cache, convert, loader, weights files, LoRA, pretrained, the tiny model
 4. ``data``: corpora, fact and passkey documents, training rows, token corpora
 5. ``apps``: training, evaluation, the neural database and the demo, side by side: none of them
@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "fused_linear")),
     ("kernels", ("kernels",)),
     ("core", ("segment_attention", "banded_attention", "decode_view", "step_tables", "differential", "attention",
-              "baseline", "decode", "statefile", "routing_ahead")),
+              "baseline", "decode", "captured_prefill", "statefile", "routing_ahead")),
     ("models", ("models",)),
     ("data", ("data",)),
     ("apps", ("training", "evaluation", "neuraldb", "demo")),
