@@ -8,7 +8,7 @@ variant is timed in rounds that visit the variants in turn (CUDA events around e
 so drift of the GPU's clock falls on all of them alike: bare GQA (projections, RoPE, SDPA), the eager prefill in
 chunks of ``--chunk``, and the captured prefill with each ``--pieces`` count. Then one profiled call of each
 captured variant: the kernels grouped (routing, attention, products, the rest), the time routing runs with no
-other kernel, and the profiled span. Prints a table, writes ``captured_prefill.json`` to ``--out``.
+other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a table, writes ``captured_prefill.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -40,12 +40,29 @@ def timed_ms(run: Callable[[], object]) -> float:
     return begin.elapsed_time(end)
 
 
+def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
+    """The ``top`` kernel names of one profiled call by summed device time: count, sum and mean."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    sums: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            sums.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    ranked = sorted(sums.items(), key=lambda item: -sum(item[1]))[:top]
+    return [{"name": k, "count": len(v), "sum_ms": sum(v) / 1e3, "mean_us": sum(v) / len(v)} for k, v in ranked]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--kernels-of", default="captured, 2 pieces", help="the variant whose kernels to list")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -81,6 +98,7 @@ def main() -> None:
                 if name.startswith("captured") or name.startswith("eager"):
                     row |= profile_groups(run)
                     row.pop("kernel_names", None)
+                    row["by_name"] = kernels_by_name(run)
                 rows.append(row)
             del x
     device = torch.cuda.get_device_name()
@@ -98,6 +116,11 @@ def main() -> None:
         else:
             rest = " | ".join([""] * 7)
         print(f"| {r['length']:,} | {r['variant']} | {r['median_ms']:.3f} | {tps} | {r['against_bare']:.3f} | {rest} |")
+    for r in rows:
+        if r["variant"] == args.kernels_of:
+            print(f"\n{r['variant']}, {r['length']:,} tokens: kernels by summed time (count, sum ms, mean us)")
+            for k in r["by_name"]:
+                print(f"  {k['count']:>5} {k['sum_ms']:>8.3f} {k['mean_us']:>9.1f}  {k['name']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "captured_prefill.json"
     meta = {"device": device, "torch": torch.__version__, "chunk": args.chunk, "rounds": args.rounds}

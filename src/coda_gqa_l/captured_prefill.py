@@ -52,7 +52,7 @@ class CapturedPrefill:
         layer: BoundedCoDAAttention,
         *,
         chunk: int = 4096,
-        pieces: int = 4,
+        pieces: int = 2,
         capture: bool = True,
         max_graphs: int = 4,
     ) -> None:
