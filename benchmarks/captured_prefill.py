@@ -8,7 +8,8 @@ variant is timed in rounds that visit the variants in turn (CUDA events around e
 so drift of the GPU's clock falls on all of them alike: bare GQA (projections, RoPE, SDPA), the eager prefill in
 chunks of ``--chunk``, and the captured prefill with each ``--pieces`` count. Then one profiled call of each
 captured variant: the kernels grouped (routing, attention, products, the rest), the time routing runs with no
-other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a table, writes ``captured_prefill.json`` to ``--out``.
+other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a
+table, writes ``captured_prefill.json`` to ``--out``.
 """
 
 from __future__ import annotations
