@@ -3,7 +3,8 @@
 # CapturedPrefill (one graph replay a chunk, its routing pipelined in pieces on side streams), checked and timed.
 #   1. the GPU tests of the captured prefill, routing ahead and the captured decoder;
 #   2. benchmarks/captured_prefill.py: bare GQA, the eager prefill and the captured one by pieces, rounds in turn;
-#   3. the suite's prefill and routing sections at the 7B shape (its bounded row is the captured prefill now).
+#   3. the suite's prefill and routing sections at the 7B shape (its bounded row is the captured prefill now);
+#   4. with SWEEP=1, benchmarks/attention_forward_configs.py (block shapes of the attention forward).
 # Results under $OUT/captured_prefill/; the tables are printed last.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:src TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_captured}
@@ -29,4 +30,8 @@ for r in data["rows"]:
 for t in data.get("targets", []):
     print(f"  target {t['name']}: {t['value'] if t['value'] is None else round(t['value'], 3)} ({t['status']})")
 PY
+fi
+if [ -n "${SWEEP:-}" ]; then
+  timeout ${SWEEP_S:-240} python benchmarks/attention_forward_configs.py --out "$out" > "$out/attention_forward_configs.txt" 2>&1
+  grep -v Warn "$out/attention_forward_configs.txt" | tail -n 25
 fi

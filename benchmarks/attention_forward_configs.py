@@ -1,0 +1,142 @@
+"""Block shapes of the fused differential attention forward, timed inside the captured prefill of a 7B-shaped layer.
+
+    PYTHONPATH=src python benchmarks/attention_forward_configs.py [--lengths 2048 32768] [--out DIR]
+
+The forward's shape is fixed (``kernels.diff_attention._fwd_blocks``: BLOCK_M 64, BLOCK_N 64, 8 warps at head size
+128, Triton's default stages); each candidate (BLOCK_M, BLOCK_N, warps, stages) replaces it for one
+``CapturedPrefill`` (graphs captured anew) of a bfloat16 layer with ``medium`` banks. For each: the prefill's median
+time over rounds that visit the candidates in turn, the forward kernel's summed time in one profiled call, and the
+largest difference of its outputs from the shipped shape's (bfloat16 rounding: a tile shape changes the order of
+the sums). Prints a table, writes ``attention_forward_configs.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from captured_prefill import timed_ms  # noqa: E402
+
+import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
+from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
+from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
+from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, warps, stages); stages None: Triton's default. The first is the shipped shape.
+CANDIDATES: list[tuple[int, int, int, int | None]] = [
+    (64, 64, 8, None),
+    (64, 64, 8, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
+    (64, 32, 8, 3),
+    (64, 128, 8, 2),
+    (32, 64, 4, 3),
+    (32, 32, 4, 3),
+]
+
+
+@contextmanager
+def forward_shape(block_m: int, block_n: int, warps: int, stages: int | None) -> Iterator[None]:
+    """The forward launched with this shape while inside."""
+    blocks, launch = diff_attention._fwd_blocks, diff_attention.launch
+
+    def staged(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
+        if stages is not None and meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
+            meta = {**meta, "num_stages": stages}
+        launch(kernel, grid, *args, **meta)
+
+    diff_attention._fwd_blocks = lambda head_dim: (block_m, block_n, warps)  # type: ignore[assignment]
+    diff_attention.launch = staged  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        diff_attention._fwd_blocks, diff_attention.launch = blocks, launch  # type: ignore[assignment]
+
+
+def forward_kernel_ms(run: Callable[[], object]) -> float:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+               and e.name == "_fwd_kernel") / 1e3  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = BoundedConfig(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+    with torch.device("cuda"):
+        layer = BoundedCoDAAttention(4096, 32, 8, head_dim=128, config=config).to(torch.bfloat16).eval()
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode(), finite_checked_upstream():
+        for length in args.lengths:
+            x = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16)
+            runs: dict[tuple[int, int, int, int | None], Callable[[], Any]] = {}
+            outputs: dict[tuple[int, int, int, int | None], torch.Tensor] = {}
+            failed: dict[tuple[int, int, int, int | None], str] = {}
+            for shape in CANDIDATES:
+                prefill = CapturedPrefill(layer)
+                run = lambda x=x, f=prefill, s=shape: _shaped(s, lambda: f(x, layer.init_state(1)))  # noqa: E731
+                try:
+                    outputs[shape] = run()[0].float()
+                    run()
+                    runs[shape] = run
+                except Exception as error:  # a shape that does not compile (shared memory, registers) is reported
+                    failed[shape] = f"{type(error).__name__}: {str(error)[:160]}"
+            times: dict[Any, list[float]] = {shape: [] for shape in runs}
+            for _ in range(args.rounds):
+                for shape, run in runs.items():
+                    times[shape].append(timed_ms(run))
+            shipped = outputs.get(CANDIDATES[0])
+            for shape in CANDIDATES:
+                row: dict[str, Any] = {"length": length, "block_m": shape[0], "block_n": shape[1],
+                                       "warps": shape[2], "stages": shape[3]}  # fmt: skip
+                if shape in failed:
+                    rows.append(row | {"error": failed[shape]})
+                    continue
+                row["median_ms"] = statistics.median(times[shape])
+                row["forward_kernel_ms"] = forward_kernel_ms(runs[shape])
+                if shipped is not None:
+                    row["max_abs_diff"] = (outputs[shape] - shipped).abs().max().item()
+                rows.append(row)
+            del x, outputs
+    device = torch.cuda.get_device_name()
+    print(f"7B layer, medium banks, bf16, CapturedPrefill (chunks of 4,096, 2 pieces); {device}; {args.rounds} rounds")
+    print("| tokens | BLOCK_M | BLOCK_N | warps | stages | prefill ms | forward kernels ms | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        shape = f"| {r['length']:,} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages'] or 'default'} |"
+        if "error" in r:
+            print(f"{shape} {r['error']} | | |")
+        else:
+            print(f"{shape} {r['median_ms']:.3f} | {r['forward_kernel_ms']:.3f} | {r.get('max_abs_diff', 0):.3g} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "attention_forward_configs.json"
+    path.write_text(json.dumps({"meta": {"device": device, "torch": torch.__version__}, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+def _shaped(shape: tuple[int, int, int, int | None], run: Callable[[], Any]) -> Any:
+    with forward_shape(*shape):
+        return run()
+
+
+if __name__ == "__main__":
+    main()
