@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from captured_prefill import timed_ms  # noqa: E402
+from captured_prefill import seven_b_layer, timed_ms  # noqa: E402
 
 import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
-from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 
@@ -80,10 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    torch.manual_seed(0)
-    config = BoundedConfig(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
-    with torch.device("cuda"):
-        layer = BoundedCoDAAttention(4096, 32, 8, head_dim=128, config=config).to(torch.bfloat16).eval()
+    layer = seven_b_layer()
     rows: list[dict[str, Any]] = []
     with torch.inference_mode(), finite_checked_upstream():
         for length in args.lengths:

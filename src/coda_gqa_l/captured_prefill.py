@@ -25,7 +25,7 @@ from torch import Tensor
 from . import step_tables
 from .attention import BoundedCoDAAttention
 from .decode import begin_at_device_position, capture_step, finish_at_device_position, routing_streams
-from .state import BoundedState
+from .state import BoundedState, copy_tensors
 
 
 class CapturedPrefill:
@@ -138,7 +138,7 @@ class CapturedPrefill:
                 self._y = torch.zeros_like(self._x)
             return
         assert self._arena is not None  # _fits checked it
-        _copy_by_dtype(list(self._arena.tensors().values()), list(tensors.values()))
+        copy_tensors(list(self._arena.tensors().values()), list(tensors.values()))
         self._arena.pos = state.pos
 
     def _fits(self, state: BoundedState, x: Tensor) -> bool:
@@ -153,7 +153,7 @@ class CapturedPrefill:
         assert self._arena is not None
         buffers = self._arena.tensors()
         copies = {name: torch.empty_like(t) for name, t in buffers.items()}
-        _copy_by_dtype(list(copies.values()), list(buffers.values()))
+        copy_tensors(list(copies.values()), list(buffers.values()))
         for name, copy in copies.items():
             setattr(state, name, copy)
         state.pos = pos
@@ -231,17 +231,3 @@ class CapturedPrefill:
             for p, piece in enumerate(begun):
                 out = finish_at_device_position(layer, state, piece, positions[p])
                 self._y[:, p * size : (p + 1) * size].copy_(out)
-
-
-def _copy_by_dtype(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``targets[i].copy_(sources[i])``, one multi-tensor copy per dtype (a launch each, not one per tensor)."""
-    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
-    for target, source in zip(targets, sources, strict=True):
-        if target.dtype == source.dtype and target.shape == source.shape:
-            into, out_of = groups.setdefault(target.dtype, ([], []))
-            into.append(target)
-            out_of.append(source)
-        else:
-            target.copy_(source)
-    for into, out_of in groups.values():
-        torch._foreach_copy_(into, out_of)

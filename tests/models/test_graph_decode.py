@@ -172,10 +172,10 @@ def test_a_released_cache_comes_back_in_one_copy(monkeypatch: pytest.MonkeyPatch
     storages = {tensor.untyped_storage().data_ptr() for state in states for tensor in state.tensors().values()}
     assert len(storages) == 1  # every field a view of one copy
     field_copies = []
-    real_copy_all = graph_decode._copy_all
+    real_copy_all = graph_decode.copy_tensors
     monkeypatch.setattr(
         graph_decode,
-        "_copy_all",
+        "copy_tensors",
         lambda targets, sources: (field_copies.append(len(targets)), real_copy_all(targets, sources)),
     )
     decoder.adopt(cache)
@@ -365,9 +365,10 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
 
 
 def test_batched_copies_copy_every_tensor_of_every_dtype() -> None:
-    """``_copy_all`` (a decoder's state kept, lent and given back) sends each dtype's contiguous tensors as one
-    multi-tensor copy and the others one by one: every tensor arrives, whatever its dtype or layout."""
-    from coda_gqa_l.models.graph_decode import _copy_all
+    """``state.copy_tensors`` (a decoder's state kept, lent and given back; a captured prefill's buffers) sends
+    each dtype's contiguous tensors as one multi-tensor copy and the others one by one: every tensor arrives,
+    whatever its dtype or layout."""
+    from coda_gqa_l.state import copy_tensors
 
     sources = [
         torch.randn(3, 4),
@@ -378,7 +379,7 @@ def test_batched_copies_copy_every_tensor_of_every_dtype() -> None:
         torch.randn(7),
     ]
     targets = [torch.zeros(x.shape, dtype=x.dtype) for x in sources]
-    _copy_all(targets, sources)
+    copy_tensors(targets, sources)
     assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
     with pytest.raises(ValueError):
-        _copy_all(targets[:2], sources)  # lists of different lengths
+        copy_tensors(targets[:2], sources)  # lists of different lengths

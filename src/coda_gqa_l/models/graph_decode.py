@@ -46,7 +46,7 @@ from ..decode import (
 from ..kernels import dispatch
 from ..kernels.residual_norm import add_rms_norm, fusable, rms_norm_eps
 from ..kernels.step_products import activated_product, norm_product
-from ..state import BoundedState
+from ..state import BoundedState, copy_tensors
 from ..step_tables import step_tables
 from .adapters import CoDAAttentionAdapter
 from .cache import BoundedCache
@@ -166,7 +166,7 @@ class GraphModelDecoder:
                     sources.append(current)
         with torch.inference_mode(False), torch.no_grad():
             # batched copies, one per dtype, not one launch per tensor (about 600 for SmolLM2: milliseconds a question)
-            _copy_all(targets, sources)
+            copy_tensors(targets, sources)
             for state, buffers in zip(states, self._buffers, strict=True):
                 for name, buffer in buffers.items():
                     setattr(state, name, buffer)
@@ -213,7 +213,7 @@ class GraphModelDecoder:
                 _PARKED[self.cache] = _Parked(self._layout, views)
             else:
                 copies = [torch.empty_like(buffer) for _, _, buffer in held]
-                _copy_all(copies, [buffer for _, _, buffer in held])
+                copy_tensors(copies, [buffer for _, _, buffer in held])
                 for (state, name, _), copy in zip(held, copies, strict=True):
                     setattr(state, name, copy)
         self.cache = None  # an idle decoder in a pool must not keep a finished answer's state alive
@@ -512,23 +512,6 @@ class GraphModelDecoder:
         self._graphs[(ids.shape[1], kind)] = graph
         self._extras_valid = False  # the warm-up wrote the kept extras from a scratch copy
         return graph
-
-
-def _copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``targets[i].copy_(sources[i])`` for every i, in as few launches as torch's multi-tensor copy makes: one per
-    dtype. Given tensors of several dtypes at once it copies them one by one (a state's 450 tensors of four dtypes:
-    451 copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), so each dtype's contiguous tensors go as
-    one list; the rest one by one."""
-    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
-    for target, source in zip(targets, sources, strict=True):
-        if target.dtype == source.dtype and target.is_contiguous() and source.is_contiguous():
-            into, out_of = groups.setdefault(target.dtype, ([], []))
-            into.append(target)
-            out_of.append(source)
-        else:
-            target.copy_(source)
-    for into, out_of in groups.values():
-        torch._foreach_copy_(into, out_of)
 
 
 class _Parked(NamedTuple):
