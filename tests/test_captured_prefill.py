@@ -55,7 +55,7 @@ def test_eager_captured_prefill_equals_the_layers_prefill(
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
     layer = _layer(sinks, 32, 6, 4, 64, 4)
-    x = token_like(2, before + 170, 64, seed=3)
+    x = token_like(2, before + 110, 64, seed=3)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")  # the graph step's kernels, in the interpreter on the CPU
     with torch.no_grad():
         start = layer.init_state(2)
