@@ -131,7 +131,8 @@ class CapturedPrefill:
         """The state's tensors copied into the static buffers (made anew for another batch size or dtype)."""
         tensors = state.tensors()
         if not self._fits(state, x):
-            self._graphs.clear()
+            self._graphs.clear()  # captured on the old buffers; their pool goes with them
+            self._pool = None
             with torch.inference_mode(False):  # buffers the graphs update in place, whatever mode the caller is in
                 self._arena = state.clone()
                 self._x = torch.zeros(x.shape[0], self.chunk, x.shape[2], device=x.device, dtype=x.dtype)
