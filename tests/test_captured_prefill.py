@@ -116,3 +116,21 @@ def test_captured_prefill_keeps_what_it_was_handed_and_counts_pieces() -> None:
     assert advanced.pos == again.pos == 1024 and state.pos == 320
     _assert_states_close(state, kept, atol=0, rtol=0)
     _assert_states_close(advanced, again, atol=0, rtol=0)  # the same replays from the same state: bit for bit
+
+
+def test_eager_captured_prefill_makes_new_buffers_for_another_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One segment-aligned chunk with batch 1, then with batch 2: the second call's buffers (and graphs) are new,
+    and both give what ``prefill_chunked`` gives."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(0, 32, 6, 4, 64, 4)
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    prefill = CapturedPrefill(layer, chunk=16, capture=False)
+    with torch.no_grad():
+        for batch in (1, 2):
+            x = token_like(batch, 16, 64, seed=batch)
+            eager_y, eager = layer.prefill_chunked(x, layer.init_state(batch), block_size=16)
+            ours_y, ours = prefill(x, layer.init_state(batch))
+            assert ours_y is not None and prefill._arena is not None and prefill._arena.batch_size == batch
+            torch.testing.assert_close(ours_y, eager_y, atol=2e-4, rtol=2e-4)
+            _assert_states_close(ours, eager, atol=2e-4, rtol=2e-4)
