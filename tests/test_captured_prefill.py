@@ -134,3 +134,26 @@ def test_eager_captured_prefill_makes_new_buffers_for_another_batch_size(monkeyp
             assert ours_y is not None and prefill._arena is not None and prefill._arena.batch_size == batch
             torch.testing.assert_close(ours_y, eager_y, atol=2e-4, rtol=2e-4)
             _assert_states_close(ours, eager, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+def test_captured_prefill_keeps_its_most_recent_graphs_and_recaptures_after_the_layer_changed() -> None:
+    """``max_graphs=1``: each new length drops the graph before it (the shared pool stays in use through the
+    capture); weights loaded in place drop every graph, and the next call gives the new weights' outputs."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(0, 64, 12, 8, 128, 8).cuda().to(torch.bfloat16)
+    x = token_like(1, 512, 128, seed=5).cuda().to(torch.bfloat16)
+    prefill = CapturedPrefill(layer, chunk=256, max_graphs=1)
+    with torch.inference_mode():
+        for length in (256, 192, 256):
+            prefill(x[:, :length], layer.init_state(1))
+            assert list(prefill._graphs) == [(length, False)]
+        graph = prefill._graphs[(256, False)]
+        with torch.no_grad():
+            layer.core.theta.mul_(0.5)  # in place: same storage, new version (and new noise tables)
+        ours_y, _ = prefill(x[:, :256], layer.init_state(1))
+        eager_y, _ = layer.prefill_chunked(x[:, :256], layer.init_state(1), block_size=256)
+    assert prefill._graphs[(256, False)] is not graph
+    assert ours_y is not None
+    torch.testing.assert_close(ours_y, eager_y, atol=3e-2, rtol=3e-2)

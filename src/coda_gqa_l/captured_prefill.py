@@ -16,6 +16,7 @@ independent kernels changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -38,7 +39,8 @@ class CapturedPrefill:
         pieces: pieces a chunk's routing is pipelined in (fewer where the chunk does not split into whole
             segments, and one while the chunk writes sinks that a piece after the first would hold).
         capture: False runs the same steps eagerly: on the CPU with Triton's interpreter, for tests.
-        max_graphs: captured chunk lengths kept (the oldest dropped beyond it; all share one memory pool).
+        max_graphs: captured chunk lengths kept (the least recently replayed dropped beyond it; all share one
+            memory pool). A change to the layer's tensors (moved, fused, weights loaded) drops them all.
 
     ``prefill(x, state)`` takes the arguments of ``layer.prefill_chunked`` (but ``block_size``) and returns the same
     ``(y, state)`` up to float rounding. Tokens before the state's next segment start and a tail of less than a
@@ -68,10 +70,7 @@ class CapturedPrefill:
         if layer.collect_metrics:
             raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
         self.layer = layer
-        self.chunk = chunk
-        self.pieces = pieces
-        self.capture = capture
-        self.max_graphs = max_graphs
+        self._chunk, self._pieces, self._graphed, self._max_graphs = chunk, pieces, capture, max_graphs
         device = weight.device
         with torch.inference_mode(False):  # updated in place by the graphs, whatever mode the caller is in
             self._pos = torch.zeros((), dtype=torch.int64, device=device)
@@ -81,8 +80,19 @@ class CapturedPrefill:
         self._arena: BoundedState | None = None
         self._x: Tensor | None = None
         self._y: Tensor | None = None
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # least recently replayed first
         self._pool: Any = None
+        self._captured_on: list[tuple[int, int]] = []  # the layer's tensors the graphs read: _layer_signature
+
+    @property
+    def chunk(self) -> int:
+        """Tokens a captured step takes (fixed at construction: the buffers and graphs are made for it)."""
+        return self._chunk
+
+    @property
+    def pieces(self) -> int:
+        """Pieces a chunk's routing is pipelined in, at most (fixed at construction)."""
+        return self._pieces
 
     # ------------------------------------------------------------------ public
     def prefill(
@@ -107,7 +117,7 @@ class CapturedPrefill:
             if L - done >= S:
                 self._adopt(target, x)
                 while L - done >= S:
-                    n = min(self.chunk, (L - done) // S * S)
+                    n = min(self._chunk, (L - done) // S * S)
                     self._run(x[:, done : done + n], start + done)
                     if y is not None:
                         assert self._y is not None  # made by _adopt
@@ -123,24 +133,33 @@ class CapturedPrefill:
     # ------------------------------------------------------------------ internals
     def _eager(self, x: Tensor, begin: int, end: int, state: BoundedState, y: Tensor | None) -> None:
         """Tokens ``begin .. end - 1`` of ``x`` through the layer's own prefill (fields replaced, none written)."""
-        out, _ = self.layer.prefill_chunked(x[:, begin:end], state, block_size=end - begin)
-        if y is not None:
-            y[:, begin:end].copy_(out)
+        if y is None:
+            self.layer.prefill_chunked(x[:, begin:end], state, block_size=end - begin, return_outputs=False)
+        else:
+            y[:, begin:end].copy_(self.layer.prefill_chunked(x[:, begin:end], state, block_size=end - begin)[0])
 
     def _adopt(self, state: BoundedState, x: Tensor) -> None:
         """The state's tensors copied into the static buffers (made anew for another batch size or dtype)."""
         tensors = state.tensors()
+        if self._captured_on != _layer_signature(self.layer):
+            # the graphs read the layer's parameters and the tables derived from them at fixed addresses: after the
+            # layer changed (moved, fused, weights loaded) they are captured anew
+            self._drop_graphs()
         if not self._fits(state, x):
-            self._graphs.clear()  # captured on the old buffers; their pool goes with them
-            self._pool = None
+            self._drop_graphs()  # captured on the old buffers
             with torch.inference_mode(False):  # buffers the graphs update in place, whatever mode the caller is in
                 self._arena = state.clone()
-                self._x = torch.zeros(x.shape[0], self.chunk, x.shape[2], device=x.device, dtype=x.dtype)
+                self._x = torch.zeros(x.shape[0], self._chunk, x.shape[2], device=x.device, dtype=x.dtype)
                 self._y = torch.zeros_like(self._x)
             return
         assert self._arena is not None  # _fits checked it
         copy_tensors(list(self._arena.tensors().values()), list(tensors.values()))
         self._arena.pos = state.pos
+
+    def _drop_graphs(self) -> None:
+        """Every graph dropped; their pool goes with them (a pool no graph uses must not be passed to a capture)."""
+        self._graphs.clear()
+        self._pool = None
 
     def _fits(self, state: BoundedState, x: Tensor) -> bool:
         """Whether the static buffers have the batch size, dtypes and shapes of ``state`` and ``x``."""
@@ -169,13 +188,15 @@ class CapturedPrefill:
         self._x[:, :n].copy_(x)
         self._pos.fill_(pos)
         self._arena.pos = pos
-        if not self.capture:
-            self._step(n, sinks)
+        if not self._graphed:
+            with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+                self._step(n, sinks)
             return
         key = (n, sinks)
-        graph = self._graphs.get(key)
+        graph = self._graphs.pop(key, None)
         if graph is None:
             graph = self._capture(key)
+        self._graphs[key] = graph  # the most recently replayed last: the first in line to be dropped is the oldest
         graph.replay()
 
     def _capture(self, key: tuple[int, bool]) -> torch.cuda.CUDAGraph:
@@ -193,19 +214,20 @@ class CapturedPrefill:
             finally:
                 self._arena = live
 
-        if len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
         graph = capture_step(lambda: self._step(*key), warm_up, self._x.device, self._pool)
         self._pool = graph.pool()
-        self._graphs[key] = graph
+        self._captured_on = _layer_signature(self.layer)
+        # dropped only after the capture, which keeps the shared pool in use throughout
+        while len(self._graphs) >= self._max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
         return graph
 
     def pieces_for(self, n: int, sinks: bool) -> int:
-        """Pieces an ``n``-token chunk runs in: at most ``self.pieces``, each a whole number of segments, and one
+        """Pieces an ``n``-token chunk runs in: at most ``pieces``, each a whole number of segments, and one
         when sinks are written beyond the first piece (a later piece's sinks must not reach an earlier piece's
         attention, which runs after every piece's window and sinks are written)."""
         S, Ns = self.layer.config.segment, self.layer.config.num_sink
-        count = max(k for k in range(1, self.pieces + 1) if n % (k * S) == 0)
+        count = max(k for k in range(1, self._pieces + 1) if n % (k * S) == 0)
         if sinks and n // count < Ns:
             return 1
         return count
@@ -232,3 +254,10 @@ class CapturedPrefill:
             for p, piece in enumerate(begun):
                 out = finish_at_device_position(layer, state, piece, positions[p])
                 self._y[:, p * size : (p + 1) * size].copy_(out)
+
+
+def _layer_signature(layer: BoundedCoDAAttention) -> list[tuple[int, int]]:
+    """Where each of the layer's tensors lives and its version (bumped by every in-place write): a change to either
+    means the graphs read stale addresses or tables derived from old values (the noise rotation's)."""
+    # an inference tensor keeps no version: its storage alone
+    return [(t.data_ptr(), -1 if t.is_inference() else t._version) for t in (*layer.parameters(), *layer.buffers())]
