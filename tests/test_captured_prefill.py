@@ -112,7 +112,9 @@ def test_captured_prefill_keeps_what_it_was_handed_and_counts_pieces() -> None:
         _, state = layer.prefill_chunked(x[:, :320], layer.init_state(1), block_size=128)
         kept = state.clone()
         _, advanced = prefill(x[:, 320:], state, write_cache=False, return_outputs=False)
+        graphs = dict(prefill._graphs)
         _, again = prefill(x[:, 320:], state, write_cache=False, return_outputs=False)
+    assert prefill._graphs == graphs  # replayed, not captured again
     assert advanced.pos == again.pos == 1024 and state.pos == 320
     _assert_states_close(state, kept, atol=0, rtol=0)
     _assert_states_close(advanced, again, atol=0, rtol=0)  # the same replays from the same state: bit for bit
