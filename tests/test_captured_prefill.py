@@ -44,13 +44,13 @@ def test_captured_prefill_refuses_a_cpu_layer_and_a_chunk_across_segments() -> N
         CapturedPrefill(layer, chunk=layer.config.segment + 1, capture=False)
 
 
-@pytest.mark.parametrize(("sinks", "before", "pieces"), [(3, 0, 2), (0, 13, 3)])
+@pytest.mark.parametrize(("sinks", "before", "pieces"), [(0, 13, 3)])  # sinks: the batch-size test below
 def test_eager_captured_prefill_equals_the_layers_prefill(
     monkeypatch: pytest.MonkeyPatch, sinks: int, before: int, pieces: int
 ) -> None:
-    """From a fresh state (sinks written by the first chunk) and from one mid-segment (its head through the layer's
-    own prefill): segment-aligned chunks of 48 tokens in pieces, a shorter aligned chunk, then a tail under a
-    segment; outputs and every state field as ``prefill_chunked`` leaves them, the handed state untouched."""
+    """From a state mid-segment (its head through the layer's own prefill): segment-aligned chunks of 48 tokens in
+    pieces, a shorter aligned chunk, then a tail under a segment; outputs and every state field as
+    ``prefill_chunked`` leaves them, the handed state untouched."""
     assert dispatch.interpreting() or torch.cuda.is_available()
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
@@ -121,11 +121,11 @@ def test_captured_prefill_keeps_what_it_was_handed_and_counts_pieces() -> None:
 
 
 def test_eager_captured_prefill_makes_new_buffers_for_another_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One segment-aligned chunk with batch 1, then with batch 2: the second call's buffers (and graphs) are new,
-    and both give what ``prefill_chunked`` gives."""
+    """From a fresh state (the chunk writes 3 sinks, in the first of its 2 pieces) with batch 1, then with batch 2:
+    the second call's buffers (and graphs) are new, and both give what ``prefill_chunked`` gives."""
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
-    layer = _layer(0, 32, 6, 4, 64, 4)
+    layer = _layer(3, 32, 6, 4, 64, 4)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     prefill = CapturedPrefill(layer, chunk=16, capture=False)
     with torch.no_grad():
