@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from captured_prefill import seven_b_layer, timed_ms  # noqa: E402
+from bench_common import time_once_ms  # noqa: E402
+from captured_prefill import seven_b_layer  # noqa: E402
 
 import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
             times: dict[Any, list[float]] = {shape: [] for shape in runs}
             for _ in range(args.rounds):
                 for shape, run in runs.items():
-                    times[shape].append(timed_ms(run))
+                    times[shape].append(time_once_ms(run, "cuda"))
             shipped = outputs.get(CANDIDATES[0])
             for shape in CANDIDATES:
                 row: dict[str, Any] = {"length": length, "block_m": shape[0], "block_n": shape[1],

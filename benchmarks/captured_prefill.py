@@ -26,20 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_gqa import BareGQA  # noqa: E402
+from bench_common import time_once_ms  # noqa: E402
 from prefill_timeline import profile_groups  # noqa: E402
 
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
-
-
-def timed_ms(run: Callable[[], object]) -> float:
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    run()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
@@ -99,7 +91,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, run in variants.items():
-                    times[name].append(timed_ms(run))
+                    times[name].append(time_once_ms(run, "cuda"))
             bare_ms = statistics.median(times["bare GQA"])
             for name, run in variants.items():
                 median = statistics.median(times[name])

@@ -126,10 +126,9 @@ def prefill_methods(shape: Shape, configs: list[str], settings: Settings) -> lis
         ("gqa-bare", lambda: bare_gqa(shape), _whole_sequence),
         ("gqa-baseline", lambda: baseline_gqa(shape), _whole_sequence),
     ]
-    cuda = settings.device.startswith("cuda")
     for config in configs:
         factory = lambda c=config: bounded_layer(shape, c)  # noqa: E731
-        if cuda:
+        if settings.cuda:
             runs.append((f"bounded-{config}", factory, _captured_prefill(settings.block_size)))
             runs.append((f"bounded-{config}-eager", factory, _chunked_prefill(settings.block_size)))
         else:
