@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/attention_forward_configs.py [--lengths 2048 32768] [--out DIR]
 
 The forward's shape is fixed (``kernels.diff_attention._fwd_blocks``: BLOCK_M 64, BLOCK_N 64, 8 warps at head size
-128, Triton's default stages); each candidate (BLOCK_M, BLOCK_N, warps, stages) replaces it for one
+128, Triton's default stages); each candidate (BLOCK_M, BLOCK_N, warps, stages, register cap) replaces it for one
 ``CapturedPrefill`` (graphs captured anew) of a bfloat16 layer with ``medium`` banks. For each: the prefill's median
 time over rounds that visit the candidates in turn, the forward kernel's summed time in one profiled call, and the
 largest difference of its outputs from the shipped shape's (bfloat16 rounding: a tile shape changes the order of
@@ -31,28 +31,32 @@ import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, warps, stages); stages None: Triton's default. The first is the shipped shape.
-CANDIDATES: list[tuple[int, int, int, int | None]] = [
-    (64, 64, 8, None),
-    (64, 64, 8, 2),
-    (64, 64, 4, 2),
-    (64, 64, 4, 3),
-    (64, 32, 4, 3),
-    (64, 32, 8, 3),
-    (64, 128, 8, 2),
-    (32, 64, 4, 3),
-    (32, 32, 4, 3),
+# (BLOCK_M, BLOCK_N, warps, stages, register cap); stages None: Triton's default, cap None: none (ptxas takes 255
+# a thread: one block a multiprocessor at 8 warps). The first is the shipped shape. Shared memory and registers at
+# sm_90 (ptxas -v): 3 stages 131.6 KB, 2 stages 98.6 KB; every uncapped shape 255 registers and spills.
+Candidate = tuple[int, int, int, int | None, int | None]
+CANDIDATES: list[Candidate] = [
+    (64, 64, 8, None, None),
+    (64, 64, 8, 2, None),
+    (64, 64, 8, 2, 128),  # two blocks a multiprocessor
+    (64, 64, 4, 2, None),  # two blocks a multiprocessor (registers and shared memory)
+    (64, 64, 4, 3, None),
+    (64, 32, 8, 3, None),
+    (64, 128, 8, 2, None),
+    (32, 64, 4, 3, None),
+    (32, 64, 4, 2, 168),  # three blocks a multiprocessor
 ]
 
 
 @contextmanager
-def forward_shape(block_m: int, block_n: int, warps: int, stages: int | None) -> Iterator[None]:
+def forward_shape(block_m: int, block_n: int, warps: int, stages: int | None, maxnreg: int | None) -> Iterator[None]:
     """The forward launched with this shape while inside."""
     blocks, launch = diff_attention._fwd_blocks, diff_attention.launch
 
     def staged(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
-        if stages is not None and meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
-            meta = {**meta, "num_stages": stages}
+        if meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
+            extra = {"num_stages": stages} if stages is not None else {}
+            meta = {**meta, **extra, **({"maxnreg": maxnreg} if maxnreg is not None else {})}
         launch(kernel, grid, *args, **meta)
 
     diff_attention._fwd_blocks = lambda head_dim: (block_m, block_n, warps)  # type: ignore[assignment]
@@ -85,9 +89,9 @@ def main() -> None:
     with torch.inference_mode(), finite_checked_upstream():
         for length in args.lengths:
             x = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16)
-            runs: dict[tuple[int, int, int, int | None], Callable[[], Any]] = {}
-            outputs: dict[tuple[int, int, int, int | None], torch.Tensor] = {}
-            failed: dict[tuple[int, int, int, int | None], str] = {}
+            runs: dict[Candidate, Callable[[], Any]] = {}
+            outputs: dict[Candidate, torch.Tensor] = {}
+            failed: dict[Candidate, str] = {}
             for shape in CANDIDATES:
                 prefill = CapturedPrefill(layer)
                 run = lambda x=x, f=prefill, s=shape: _shaped(s, lambda: f(x, layer.init_state(1)))  # noqa: E731
@@ -104,7 +108,7 @@ def main() -> None:
             shipped = outputs.get(CANDIDATES[0])
             for shape in CANDIDATES:
                 row: dict[str, Any] = {"length": length, "block_m": shape[0], "block_n": shape[1],
-                                       "warps": shape[2], "stages": shape[3]}  # fmt: skip
+                                       "warps": shape[2], "stages": shape[3], "maxnreg": shape[4]}  # fmt: skip
                 if shape in failed:
                     rows.append(row | {"error": failed[shape]})
                     continue
@@ -116,10 +120,11 @@ def main() -> None:
             del x, outputs
     device = torch.cuda.get_device_name()
     print(f"7B layer, medium banks, bf16, CapturedPrefill (chunks of 4,096, 2 pieces); {device}; {args.rounds} rounds")
-    print("| tokens | BLOCK_M | BLOCK_N | warps | stages | prefill ms | forward kernels ms | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tokens | BLOCK_M | BLOCK_N | warps | stages | reg. cap | prefill ms | forward kernels ms | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        shape = f"| {r['length']:,} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages'] or 'default'} |"
+        shape = (f"| {r['length']:,} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages'] or 'default'} | "
+                 f"{r['maxnreg'] or 'none'} |")  # fmt: skip
         if "error" in r:
             print(f"{shape} {r['error']} | | |")
         else:
@@ -130,7 +135,7 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _shaped(shape: tuple[int, int, int, int | None], run: Callable[[], Any]) -> Any:
+def _shaped(shape: Candidate, run: Callable[[], Any]) -> Any:
     with forward_shape(*shape):
         return run()
 

@@ -528,6 +528,7 @@ class BoundedCoDAAttention(nn.Module):
         start: int | Tensor,
         extras: SegmentExtras | None = None,
         segment_window: bool = False,
+        into: Tensor | None = None,
     ) -> Tensor:
         """The fused kernel's path: outputs ``(B, n, D)`` of tokens ``start .. start + n - 1``.
         ``decode.CapturedDecoder`` calls it inside its CUDA graph.
@@ -539,6 +540,7 @@ class BoundedCoDAAttention(nn.Module):
         ``extras`` given (a one-token step inside a segment whose extras a graph decoder kept) skips that.
         ``segment_window``: ``ext_k``/``ext_v`` are not the window in token order but a graph decoder's buffer of the
         segment's window (``decode.KeptExtras``: tokens ``b - W + S ..``, keys already rotated), read in place.
+        ``into``: a tensor shaped as the outputs to write them into (``attend_stacked``).
         """
         cfg, core = self.config, self.core
         W = cfg.window
@@ -572,7 +574,7 @@ class BoundedCoDAAttention(nn.Module):
                 rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
             )
             ext_k = rotate(ext_k, cos, sin, layout)
-        return self.attend_stacked(stacked, lam, ext_k, ext_v, start, extras, segment_window)
+        return self.attend_stacked(stacked, lam, ext_k, ext_v, start, extras, segment_window, into)
 
     def attend_stacked(
         self,
@@ -583,10 +585,14 @@ class BoundedCoDAAttention(nn.Module):
         start: int | Tensor,
         extras: SegmentExtras,
         segment_window: bool = False,
+        into: Tensor | None = None,
     ) -> Tensor:
         """``attend_fused`` from its rotated, stacked queries ``(B, Hkv, streams, n, Dh)`` on: the kernel over the
         window keys as given (rotated, or a graph decoder's segment buffer) and the segment's extras, then ``W_o``.
-        A graph decoder's plain step comes here directly (``kernels.step_inputs`` stacks its queries)."""
+        A graph decoder's plain step comes here directly (``kernels.step_inputs`` stacks its queries).
+
+        ``into`` (contiguous, ``(B, n, D)``, the outputs' dtype): ``W_o`` writes the outputs there and it is returned,
+        which saves a copy where the caller keeps them in a buffer of its own (``CapturedPrefill``'s graphs)."""
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
@@ -607,7 +613,22 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        return core.o_proj(out.reshape(B, n, H * D))
+        flat = out.reshape(B, n, H * D)
+        if into is None:
+            return core.o_proj(flat)
+        weight, bias = core.o_proj.weight, core.o_proj.bias
+        if not into.is_contiguous() or into.shape != (B, n, weight.shape[0]):
+            raise ValueError(f"into must be a contiguous tensor of shape {(B, n, weight.shape[0])}, got "
+                             f"{tuple(into.shape)} (contiguous: {into.is_contiguous()})")  # fmt: skip
+        if into.dtype != flat.dtype or weight.dtype != flat.dtype or torch.is_autocast_enabled(flat.device.type):
+            into.copy_(core.o_proj(flat))  # the dtypes F.linear would pick, then the copy
+            return into
+        rows, into_rows = flat.view(B * n, H * D), into.view(B * n, weight.shape[0])
+        if bias is None:
+            torch.mm(rows, weight.t(), out=into_rows)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=into_rows)
+        return into
 
     def segment_extras(
         self,

@@ -252,8 +252,11 @@ class CapturedPrefill:
                 routed = piece.routed
                 begun.append(piece)
             for p, piece in enumerate(begun):
-                out = finish_at_device_position(layer, state, piece, positions[p])
-                self._y[:, p * size : (p + 1) * size].copy_(out)
+                into = self._y[:, p * size : (p + 1) * size]
+                if into.is_contiguous():  # batch 1: the output projection writes the buffer itself
+                    finish_at_device_position(layer, state, piece, positions[p], into=into)
+                else:
+                    into.copy_(finish_at_device_position(layer, state, piece, positions[p]))
 
 
 def _layer_signature(layer: BoundedCoDAAttention) -> list[tuple[int, int]]:

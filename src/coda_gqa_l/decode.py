@@ -374,10 +374,16 @@ def begin_at_device_position(
 
 
 def finish_at_device_position(
-    layer: BoundedCoDAAttention, st: BoundedState, chunk: ChunkInFlight, pos: Tensor, kept: KeptExtras | None = None
+    layer: BoundedCoDAAttention,
+    st: BoundedState,
+    chunk: ChunkInFlight,
+    pos: Tensor,
+    kept: KeptExtras | None = None,
+    into: Tensor | None = None,
 ) -> Tensor:
     """The second half of ``advance_at_device_position``: the segment extras from the banks the routing left, and
-    the attention; waits for a routing launched on a side stream first."""
+    the attention; waits for a routing launched on a side stream first. ``into``: where to write the outputs
+    (``BoundedCoDAAttention.attend_stacked``)."""
     if chunk.routed is not None:
         torch.cuda.current_stream().wait_event(chunk.routed)
     extras = layer.segment_extras(
@@ -390,8 +396,9 @@ def finish_at_device_position(
         else:
             kept.value.copy_(extras)
     y = layer.attend_fused(
-        chunk.q, chunk.lam, chunk.ext_k, chunk.ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras
-    )
+        chunk.q, chunk.lam, chunk.ext_k, chunk.ext_v, st.sink_k, st.sink_v, None, None, None, pos, extras=extras,
+        into=into,
+    )  # fmt: skip
     st.position.add_(chunk.tokens)
     if kept is not None:
         _fill_segment_window(layer, st, kept, pos, chunk.window_offsets, chunk.q.dtype)
