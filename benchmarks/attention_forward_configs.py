@@ -2,12 +2,13 @@
 
     PYTHONPATH=src python benchmarks/attention_forward_configs.py [--lengths 2048 32768] [--out DIR]
 
-The forward's shape is fixed (``kernels.diff_attention._fwd_blocks``: BLOCK_M 64, BLOCK_N 64, 8 warps at head size
-128, Triton's default stages); each candidate (BLOCK_M, BLOCK_N, warps, stages, register cap) replaces it for one
-``CapturedPrefill`` (graphs captured anew) of a bfloat16 layer with ``medium`` banks. For each: the prefill's median
-time over rounds that visit the candidates in turn, the forward kernel's summed time in one profiled call, and the
-largest difference of its outputs from the shipped shape's (bfloat16 rounding: a tile shape changes the order of
-the sums). Prints a table, writes ``attention_forward_configs.json`` to ``--out``.
+The shipped forward (``kernels.diff_attention``: ``_fwd_blocks`` BLOCK_M 64, BLOCK_N 64, 8 warps at head size 128,
+Triton's default stages; ``STREAMS_AS_ROWS``) is replaced, for one ``CapturedPrefill`` (graphs captured anew) of a
+bfloat16 layer with ``medium`` banks, by each candidate: BLOCK_M, BLOCK_N, warps, stages, a register cap, and the two
+streams as the rows of one tile or as two tiles. For each: the prefill's median time over rounds that visit the
+candidates in turn, the forward kernel's summed time in one profiled call, and the largest difference of its outputs
+from the first candidate's (bfloat16 rounding: a tile shape changes the order of the sums). Prints a table, writes
+``attention_forward_configs.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,22 @@ import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, warps, stages, register cap); stages None: Triton's default, cap None: none (ptxas takes 255
-# a thread: one block a multiprocessor at 8 warps). The first is the shipped shape. Shared memory and registers at
-# sm_90 (ptxas -v): 3 stages 131.6 KB, 2 stages 98.6 KB; every uncapped shape 255 registers and spills.
-Candidate = tuple[int, int, int, int | None, int | None]
+# (BLOCK_M, BLOCK_N, warps, stages, register cap, streams as rows); stages None: Triton's default, cap None: none
+# (ptxas takes 255 a thread: one block a multiprocessor at 8 warps); streams as rows: both streams' queries the rows
+# of one tile (``diff_attention.STREAMS_AS_ROWS``), else two tiles. The first is the shipped shape. Shared memory at
+# sm_90 (ptxas -v, 8 warps): 3 stages 131.6 KB, 2 stages 98.6 KB.
+Candidate = tuple[int, int, int, int | None, int | None, bool]
+CANDIDATES: list[Candidate] = [
+    (64, 64, 8, None, None, True),
+    (64, 64, 8, None, None, False),  # the two-tile form (shipped before)
+    (64, 64, 8, 2, None, True),
+    (64, 64, 8, 2, 128, True),  # two blocks a multiprocessor
+    (64, 128, 8, 2, None, True),
+    (64, 32, 8, 3, None, True),
+    (32, 64, 4, 3, None, True),  # one warp group
+    (32, 64, 4, 2, 168, True),  # three blocks a multiprocessor
+    (64, 64, 4, 2, None, False),
+]
 CANDIDATES: list[Candidate] = [
     (64, 64, 8, None, None),
     (64, 64, 8, 2, None),
@@ -49,9 +62,11 @@ CANDIDATES: list[Candidate] = [
 
 
 @contextmanager
-def forward_shape(block_m: int, block_n: int, warps: int, stages: int | None, maxnreg: int | None) -> Iterator[None]:
+def forward_shape(
+    block_m: int, block_n: int, warps: int, stages: int | None, maxnreg: int | None, streams_as_rows: bool
+) -> Iterator[None]:
     """The forward launched with this shape while inside."""
-    blocks, launch = diff_attention._fwd_blocks, diff_attention.launch
+    blocks, launch, rows = diff_attention._fwd_blocks, diff_attention.launch, diff_attention.STREAMS_AS_ROWS
 
     def staged(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
         if meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
@@ -61,10 +76,12 @@ def forward_shape(block_m: int, block_n: int, warps: int, stages: int | None, ma
 
     diff_attention._fwd_blocks = lambda head_dim: (block_m, block_n, warps)  # type: ignore[assignment]
     diff_attention.launch = staged  # type: ignore[assignment]
+    diff_attention.STREAMS_AS_ROWS = streams_as_rows
     try:
         yield
     finally:
         diff_attention._fwd_blocks, diff_attention.launch = blocks, launch  # type: ignore[assignment]
+        diff_attention.STREAMS_AS_ROWS = rows
 
 
 def forward_kernel_ms(run: Callable[[], object]) -> float:
@@ -108,7 +125,8 @@ def main() -> None:
             shipped = outputs.get(CANDIDATES[0])
             for shape in CANDIDATES:
                 row: dict[str, Any] = {"length": length, "block_m": shape[0], "block_n": shape[1],
-                                       "warps": shape[2], "stages": shape[3], "maxnreg": shape[4]}  # fmt: skip
+                                       "warps": shape[2], "stages": shape[3], "maxnreg": shape[4],
+                                       "streams_as_rows": shape[5]}  # fmt: skip
                 if shape in failed:
                     rows.append(row | {"error": failed[shape]})
                     continue
@@ -120,11 +138,13 @@ def main() -> None:
             del x, outputs
     device = torch.cuda.get_device_name()
     print(f"7B layer, medium banks, bf16, CapturedPrefill (chunks of 4,096, 2 pieces); {device}; {args.rounds} rounds")
-    print("| tokens | BLOCK_M | BLOCK_N | warps | stages | reg. cap | prefill ms | forward kernels ms | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| tokens | BLOCK_M | BLOCK_N | warps | stages | reg. cap | streams | prefill ms | forward ms | max abs diff |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         shape = (f"| {r['length']:,} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages'] or 'default'} | "
-                 f"{r['maxnreg'] or 'none'} |")  # fmt: skip
+                 f"{r['maxnreg'] or 'none'} | {'rows' if r['streams_as_rows'] else 'tiles'} |")  # fmt: skip
         if "error" in r:
             print(f"{shape} {r['error']} | | |")
         else:

@@ -125,6 +125,11 @@ def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
     return (64, 64, 8) if head_dim > 64 else (64, 64, 4)
 
 
+# The forward's two streams as the rows of one tile (``diff_attention_triton._fwd_streams_as_rows``) rather than two
+# tiles of BLOCK_M rows each; benchmarks/attention_forward_configs.py times both.
+STREAMS_AS_ROWS = True
+
+
 _FWD_TUNING = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 8, 2)]  # (BLOCK_N, warps, stages)
 _BWD_TUNING = [(64, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 32, 4, 4)]  # (M, N, w, s)
 
@@ -240,7 +245,7 @@ def _diff_attn_fwd(
         HEAD_DIM=D, BLOCK_D=tile_size(D), BLOCK_M=block_m, BLOCK_E=min(64, tile_size(E)),
         DIFF=diff, BOUNDED=bounded, WINDOW=window, SEG=seg, NUM_SINK=num_sink,
         HAS_EXTRAS=has_extras, NORM=norm_weight is not None, STORE_STREAMS=store_streams, PREC=_precision(q),
-        **blocks,
+        STREAMS_AS_ROWS=STREAMS_AS_ROWS, **blocks,
     )  # fmt: skip
     return o, a, lse
 

@@ -157,6 +157,122 @@ def _fwd_extra_tile(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_
     return m_s, l_s, acc_s, m_n, l_n, acc_n
 
 
+@triton.jit
+def _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, lo, hi, t, row_ok, k_start, LK, d, d_ok, qk_scale,
+                     MASKED: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+                     NUM_SINK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Main-key tiles ``[lo, hi)`` of one online softmax whose rows are both streams' queries (``STREAMS_AS_ROWS``):
+    one product a tile for the two."""
+    for n0 in range(lo, hi, BLOCK_N):
+        jj = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
+        if MASKED:
+            mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
+            s2 = tl.where(mask, s2, float("-inf"))
+        m, total, acc = _online_update(s2, m, total, acc, vt, PREC)
+    return m, total, acc
+
+
+@triton.jit
+def _rows_extra_tile(q, m, total, acc, ek_base, ev_base, eb_base, seke, seve, e, d, d_ok, t, row_ok, in_seg, E,
+                     qk_scale, NUM_SINK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """One tile ``e`` of a segment's extra keys for the rows of ``_rows_main_tiles``."""
+    e_mask = (e < E)[:, None] & d_ok[None, :]
+    kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
+    vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
+    bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+    s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
+    s2 = tl.where(_extra_mask(t, e, row_ok, in_seg, E, NUM_SINK), s2, float("-inf"))
+    return _online_update(s2, m, total, acc, vt, PREC)
+
+
+@triton.jit
+def _halves(x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``0 .. BLOCK_M - 1`` and ``BLOCK_M ..`` of a ``(2 * BLOCK_M, BLOCK_D)`` tile, as two tiles."""
+    return tl.split(tl.permute(tl.reshape(x, (2, BLOCK_M, BLOCK_D)), (1, 2, 0)))
+
+
+@triton.jit
+def _fwd_streams_as_rows(Q, K, V, LAM, EK, EV, EB, NW, OUT, A, LSE, sqs, sql, skl, svl, slb, slh, seks, seke, sevs,
+                         seve, sebs, sob, sol, soh, sas, sal, sss, q_base, k_base, v_base, ek_head, ev_head, eb_head,
+                         a_base, s_base, b64, h, g, first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_E: tl.constexpr, DIFF: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr,
+                         SEG: tl.constexpr, NUM_SINK: tl.constexpr, HAS_EXTRAS: tl.constexpr, NORM: tl.constexpr,
+                         STORE_STREAMS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The forward of one query block with both streams as the rows of one tile: rows ``0 .. BLOCK_M - 1`` the signal
+    queries of the block's tokens, rows ``BLOCK_M ..`` their noise queries. One product of ``2 * BLOCK_M`` rows a K/V
+    tile feeds both online softmaxes (each row its own), and each warp group of an 8-warp program holds one stream's
+    rows: no warp computes a row another also computes (the two-tile form's ``BLOCK_M = 64`` products at 8 warps
+    lay the same rows on both warp groups)."""
+    STREAMS: tl.constexpr = 2 if DIFF else 1
+    ROWS: tl.constexpr = STREAMS * BLOCK_M
+    r = tl.arange(0, ROWS)
+    t = first + r % BLOCK_M
+    i = t - q_start
+    row_ok = (i >= 0) & (i < L)
+    stream = g + (r // BLOCK_M) * GROUP  # the row's query in Q's stream dimension
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_base + stream[:, None] * sqs + i[:, None] * sql + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)  # fmt: skip
+    m = tl.full([ROWS], -1.0e30, tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+
+    t_first = tl.maximum(first, q_start)
+    t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
+    head, full_lo, full_hi, end = _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
+    # the masked tiles before the full ones, the full ones, the masked ones after (``_tile_ranges``)
+    m, total, acc = _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, head, full_lo, t, row_ok, k_start, LK,
+                                     d, d_ok, qk_scale, True, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N,
+                                     PREC)  # fmt: skip
+    m, total, acc = _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, full_lo, full_hi, t, row_ok, k_start,
+                                     LK, d, d_ok, qk_scale, False, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N,
+                                     PREC)  # fmt: skip
+    m, total, acc = _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, full_hi, end, t, row_ok, k_start, LK,
+                                     d, d_ok, qk_scale, True, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N,
+                                     PREC)  # fmt: skip
+    if HAS_EXTRAS:
+        s0 = q_start // SEG
+        for sidx in range(t_first // SEG, t_last // SEG + 1):
+            in_seg = (t // SEG) == sidx
+            eseg = (sidx - s0).to(tl.int64)
+            for e0 in range(0, E, BLOCK_E):
+                m, total, acc = _rows_extra_tile(
+                    q, m, total, acc, ek_head + eseg * seks, ev_head + eseg * sevs, eb_head + eseg * sebs, seke, seve,
+                    e0 + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, in_seg, E, qk_scale, NUM_SINK, PREC,
+                )  # fmt: skip
+
+    total = tl.where(total == 0.0, 1.0, total)
+    streams = acc / total[:, None]  # each row its stream's attention
+    tm = first + tl.arange(0, BLOCK_M)
+    im = tm - q_start
+    ok = (im >= 0) & (im < L)
+    if DIFF:
+        a_sig, a_noi = _halves(streams, BLOCK_M, BLOCK_D)
+        lam = tl.load(LAM + b64 * slb + h * slh + im, mask=ok, other=0.0)
+        out = a_sig - lam[:, None] * a_noi
+    else:
+        out = streams
+    if NORM:
+        mean_sq = tl.sum(out * out, 1) / HEAD_DIM
+        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+        out = out * tl.rsqrt(mean_sq + eps)[:, None] * w[None, :]
+    tl.store(OUT + b64 * sob + im[:, None] * sol + h * soh + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])  # fmt: skip
+    if STORE_STREAMS:
+        tl.store(a_base + stream[:, None] * sas + i[:, None] * sal + d[None, :], streams.to(A.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        tl.store(s_base + stream * sss + i, m + tl.log2(total), mask=row_ok)
+
+
 # Lengths and offsets change with every chunk (a 1,024-token chunk, a shorter last one, a one-token decode step):
 # left unspecialised, one compiled binary serves them all instead of one per value class (each compile takes seconds).
 # So are the strides of the lambda (its rows are the chunk's length: a 403-token tail is not a multiple of 16) and of
@@ -231,6 +347,7 @@ def _fwd_kernel(
     NORM: tl.constexpr,
     STORE_STREAMS: tl.constexpr,
     PREC: tl.constexpr,
+    STREAMS_AS_ROWS: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -243,81 +360,93 @@ def _fwd_kernel(
     first = (q_start // BLOCK_M) * BLOCK_M + pid_m * BLOCK_M
     if first >= q_start + L:
         return
-    t = first + tl.arange(0, BLOCK_M)
-    i = t - q_start
-    row_ok = (i >= 0) & (i < L)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
-
-    q_base = Q + b64 * sqb + kvh64 * sqh
-    qmask = row_ok[:, None] & d_ok[None, :]
-    q_sig = tl.load(q_base + g * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
-    if DIFF:
-        q_noi = tl.load(q_base + (GROUP + g) * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
+    if STREAMS_AS_ROWS:
+        _fwd_streams_as_rows(
+            Q, K, V, LAM, EK, EV, EB, NW, OUT, A, LSE, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs,
+            sob, sol, soh, sas, sal, sss, Q + b64 * sqb + kvh64 * sqh, K + b64 * skb + kvh64 * skh,
+            V + b64 * svb + kvh64 * svh, EK + b64 * sekb + kvh64 * sekh, EV + b64 * sevb + kvh64 * sevh,
+            EB + b64 * sebb + kvh64 * sebh, A + b64 * sab + kvh64 * sah, LSE + b64 * ssb + kvh64 * ssh, b64, h, g,
+            first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_E,
+            DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, HAS_EXTRAS, NORM, STORE_STREAMS, PREC,
+        )  # fmt: skip
     else:
-        q_noi = q_sig
+        t = first + tl.arange(0, BLOCK_M)
+        i = t - q_start
+        row_ok = (i >= 0) & (i < L)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
 
-    m_s, l_s, acc_s, m_n, l_n, acc_n = _empty_streams(BLOCK_M, BLOCK_D)
-
-    t_first = tl.maximum(first, q_start)
-    t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
-    k_base = K + b64 * skb + kvh64 * skh
-    v_base = V + b64 * svb + kvh64 * svh
-    head, full_lo, full_hi, end = _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK)
-    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
-        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, head, full_lo, t, row_ok, k_start,
-        LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
-    )  # fmt: skip
-    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
-        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_lo, full_hi, t, row_ok,
-        k_start, LK, d, d_ok, qk_scale, False, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
-    )  # fmt: skip
-    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
-        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_hi, end, t, row_ok, k_start,
-        LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
-    )  # fmt: skip
-
-    if HAS_EXTRAS:
-        s0 = q_start // SEG
-        for sidx in range(t_first // SEG, t_last // SEG + 1):
-            in_seg = (t // SEG) == sidx
-            eseg = (sidx - s0).to(tl.int64)
-            ek_base = EK + b64 * sekb + kvh64 * sekh + eseg * seks
-            ev_base = EV + b64 * sevb + kvh64 * sevh + eseg * sevs
-            eb_base = EB + b64 * sebb + kvh64 * sebh + eseg * sebs
-            for e0 in range(0, E, BLOCK_E):
-                m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_extra_tile(
-                    q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_base, eb_base, seke, seve,
-                    e0 + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, in_seg, E, qk_scale, DIFF, NUM_SINK, PREC,
-                )  # fmt: skip
-
-    l_s = tl.where(l_s == 0.0, 1.0, l_s)
-    a_sig = acc_s / l_s[:, None]
-    if DIFF:
-        l_n = tl.where(l_n == 0.0, 1.0, l_n)
-        a_noi = acc_n / l_n[:, None]
-        lam = tl.load(LAM + b64 * slb + h * slh + i, mask=row_ok, other=0.0)
-        out = a_sig - lam[:, None] * a_noi
-    else:
-        a_noi = a_sig
-        out = a_sig
-    if NORM:
-        mean_sq = tl.sum(out * out, 1) / HEAD_DIM
-        w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
-        out = out * tl.rsqrt(mean_sq + eps)[:, None] * w[None, :]
-    tl.store(OUT + b64 * sob + i[:, None] * sol + h * soh + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
-    if STORE_STREAMS:
-        a_base = A + b64 * sab + kvh64 * sah
-        s_base = LSE + b64 * ssb + kvh64 * ssh
-        tl.store(a_base + g * sas + i[:, None] * sal + d[None, :], a_sig.to(A.dtype.element_ty), mask=qmask)
-        tl.store(s_base + g * sss + i, m_s + tl.log2(l_s), mask=row_ok)
+        q_base = Q + b64 * sqb + kvh64 * sqh
+        qmask = row_ok[:, None] & d_ok[None, :]
+        q_sig = tl.load(q_base + g * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
         if DIFF:
-            tl.store(
-                a_base + (GROUP + g) * sas + i[:, None] * sal + d[None, :], a_noi.to(A.dtype.element_ty), mask=qmask
-            )
-            tl.store(s_base + (GROUP + g) * sss + i, m_n + tl.log2(l_n), mask=row_ok)
+            q_noi = tl.load(q_base + (GROUP + g) * sqs + i[:, None] * sql + d[None, :], mask=qmask, other=0.0)
+        else:
+            q_noi = q_sig
+
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _empty_streams(BLOCK_M, BLOCK_D)
+
+        t_first = tl.maximum(first, q_start)
+        t_last = tl.minimum(first + BLOCK_M, q_start + L) - 1
+        k_base = K + b64 * skb + kvh64 * skh
+        v_base = V + b64 * svb + kvh64 * svh
+        head, full_lo, full_hi, end = _tile_ranges(
+            t_first, t_last, k_start, LK, BLOCK_N, BOUNDED, WINDOW, SEG, NUM_SINK
+        )
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+            q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, head, full_lo, t, row_ok, k_start,
+            LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+        )  # fmt: skip
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+            q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_lo, full_hi, t, row_ok,
+            k_start, LK, d, d_ok, qk_scale, False, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+        )  # fmt: skip
+        m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_main_tiles(
+            q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, full_hi, end, t, row_ok, k_start,
+            LK, d, d_ok, qk_scale, True, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, BLOCK_N, PREC,
+        )  # fmt: skip
+
+        if HAS_EXTRAS:
+            s0 = q_start // SEG
+            for sidx in range(t_first // SEG, t_last // SEG + 1):
+                in_seg = (t // SEG) == sidx
+                eseg = (sidx - s0).to(tl.int64)
+                ek_base = EK + b64 * sekb + kvh64 * sekh + eseg * seks
+                ev_base = EV + b64 * sevb + kvh64 * sevh + eseg * sevs
+                eb_base = EB + b64 * sebb + kvh64 * sebh + eseg * sebs
+                for e0 in range(0, E, BLOCK_E):
+                    m_s, l_s, acc_s, m_n, l_n, acc_n = _fwd_extra_tile(
+                        q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_base, eb_base, seke, seve,
+                        e0 + tl.arange(0, BLOCK_E), d, d_ok, t, row_ok, in_seg, E, qk_scale, DIFF, NUM_SINK, PREC,
+                    )  # fmt: skip
+
+        l_s = tl.where(l_s == 0.0, 1.0, l_s)
+        a_sig = acc_s / l_s[:, None]
+        if DIFF:
+            l_n = tl.where(l_n == 0.0, 1.0, l_n)
+            a_noi = acc_n / l_n[:, None]
+            lam = tl.load(LAM + b64 * slb + h * slh + i, mask=row_ok, other=0.0)
+            out = a_sig - lam[:, None] * a_noi
+        else:
+            a_noi = a_sig
+            out = a_sig
+        if NORM:
+            mean_sq = tl.sum(out * out, 1) / HEAD_DIM
+            w = tl.load(NW + h * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+            out = out * tl.rsqrt(mean_sq + eps)[:, None] * w[None, :]
+        tl.store(OUT + b64 * sob + i[:, None] * sol + h * soh + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
+        if STORE_STREAMS:
+            a_base = A + b64 * sab + kvh64 * sah
+            s_base = LSE + b64 * ssb + kvh64 * ssh
+            tl.store(a_base + g * sas + i[:, None] * sal + d[None, :], a_sig.to(A.dtype.element_ty), mask=qmask)
+            tl.store(s_base + g * sss + i, m_s + tl.log2(l_s), mask=row_ok)
+            if DIFF:
+                tl.store(
+                    a_base + (GROUP + g) * sas + i[:, None] * sal + d[None, :], a_noi.to(A.dtype.element_ty), mask=qmask
+                )
+                tl.store(s_base + (GROUP + g) * sss + i, m_n + tl.log2(l_n), mask=row_ok)
 
 
 @triton.jit
