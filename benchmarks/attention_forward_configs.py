@@ -8,7 +8,7 @@ bfloat16 layer with ``medium`` banks, by each candidate: BLOCK_M, BLOCK_N, warps
 streams as the rows of one tile or as two tiles. For each: the prefill's median time over rounds that visit the
 candidates in turn, the forward kernel's summed time in one profiled call, and the largest difference of its outputs
 from the first candidate's (bfloat16 rounding: a tile shape changes the order of the sums). Prints a table, writes
-``attention_forward_configs.json`` to ``--out``.
+``attention_forward_configs_<layer>.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from bench_common import time_once_ms  # noqa: E402
 from captured_prefill import seven_b_layer  # noqa: E402
 
 import coda_gqa_l.kernels.diff_attention as diff_attention  # noqa: E402
+from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 
@@ -48,17 +49,22 @@ CANDIDATES: list[Candidate] = [
     (32, 64, 4, 2, 168, True),  # three blocks a multiprocessor
     (64, 64, 4, 2, None, False),
 ]
-CANDIDATES: list[Candidate] = [
-    (64, 64, 8, None, None),
-    (64, 64, 8, 2, None),
-    (64, 64, 8, 2, 128),  # two blocks a multiprocessor
-    (64, 64, 4, 2, None),  # two blocks a multiprocessor (registers and shared memory)
-    (64, 64, 4, 3, None),
-    (64, 32, 8, 3, None),
-    (64, 128, 8, 2, None),
-    (32, 64, 4, 3, None),
-    (32, 64, 4, 2, 168),  # three blocks a multiprocessor
+# head size 64 (SmolLM2's): the shipped 4 warps and 8, each layout
+CANDIDATES_64: list[Candidate] = [
+    (64, 64, 4, None, None, True),
+    (64, 64, 4, None, None, False),
+    (64, 64, 8, None, None, True),
+    (64, 64, 8, None, None, False),
+    (32, 64, 4, None, None, True),
 ]
+
+
+def smollm2_layer() -> BoundedCoDAAttention:
+    """A SmolLM2-360M-shaped bfloat16 layer (960 wide, 15 query heads over 5 KV heads of 64) with ``medium`` banks."""
+    torch.manual_seed(0)
+    config = BoundedConfig(window=256, num_landmarks_exact=64, num_landmarks_summary=64)
+    with torch.device("cuda"):
+        return BoundedCoDAAttention(960, 15, 5, head_dim=64, config=config).to(torch.bfloat16).eval()
 
 
 @contextmanager
@@ -99,17 +105,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--layer", choices=["7B", "SmolLM2"], default="7B", help="the layer's shape (head size 128 or 64)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    layer = seven_b_layer()
+    layer = seven_b_layer() if args.layer == "7B" else smollm2_layer()
+    candidates = CANDIDATES if args.layer == "7B" else CANDIDATES_64
     rows: list[dict[str, Any]] = []
     with torch.inference_mode(), finite_checked_upstream():
         for length in args.lengths:
-            x = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(1, length, layer.embed_dim, device="cuda", dtype=torch.bfloat16)
             runs: dict[Candidate, Callable[[], Any]] = {}
             outputs: dict[Candidate, torch.Tensor] = {}
             failed: dict[Candidate, str] = {}
-            for shape in CANDIDATES:
+            for shape in candidates:
                 prefill = CapturedPrefill(layer)
                 run = lambda x=x, f=prefill, s=shape: _shaped(s, lambda: f(x, layer.init_state(1)))  # noqa: E731
                 try:
@@ -122,8 +132,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 for shape, run in runs.items():
                     times[shape].append(time_once_ms(run, "cuda"))
-            shipped = outputs.get(CANDIDATES[0])
-            for shape in CANDIDATES:
+            shipped = outputs.get(candidates[0])
+            for shape in candidates:
                 row: dict[str, Any] = {"length": length, "block_m": shape[0], "block_n": shape[1],
                                        "warps": shape[2], "stages": shape[3], "maxnreg": shape[4],
                                        "streams_as_rows": shape[5]}  # fmt: skip
@@ -137,7 +147,8 @@ def main() -> None:
                 rows.append(row)
             del x, outputs
     device = torch.cuda.get_device_name()
-    print(f"7B layer, medium banks, bf16, CapturedPrefill (chunks of 4,096, 2 pieces); {device}; {args.rounds} rounds")
+    print(f"{args.layer} layer, medium banks, bf16, CapturedPrefill (chunks of 4,096, 2 pieces); {device}; "
+          f"{args.rounds} rounds")  # fmt: skip
     print(
         "| tokens | BLOCK_M | BLOCK_N | warps | stages | reg. cap | streams | prefill ms | forward ms | max abs diff |"
     )
@@ -150,7 +161,7 @@ def main() -> None:
         else:
             print(f"{shape} {r['median_ms']:.3f} | {r['forward_kernel_ms']:.3f} | {r.get('max_abs_diff', 0):.3g} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "attention_forward_configs.json"
+    path = args.out / f"attention_forward_configs_{args.layer}.json"
     path.write_text(json.dumps({"meta": {"device": device, "torch": torch.__version__}, "rows": rows}, indent=1))
     print(f"wrote {path}")
 
