@@ -44,10 +44,7 @@ CANDIDATES: list[Candidate] = [
     (64, 64, 8, 2, None, True),
     (64, 64, 8, 2, 128, True),  # two blocks a multiprocessor
     (64, 128, 8, 2, None, True),
-    (64, 32, 8, 3, None, True),
     (32, 64, 4, 3, None, True),  # one warp group
-    (32, 64, 4, 2, 168, True),  # three blocks a multiprocessor
-    (64, 64, 4, 2, None, False),
 ]
 # head size 64 (SmolLM2's): the shipped 4 warps and 8, each layout
 CANDIDATES_64: list[Candidate] = [
