@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, token_like
 
-from coda_gqa_l.kernels import BACKEND_ENV, backend, dispatch
+from coda_gqa_l.kernels import BACKEND_ENV, backend, diff_attention, dispatch
 from coda_gqa_l.kernels.diff_attention import (
     KEYS_FROM_ZERO,
     SEGMENT_WINDOW,
@@ -157,6 +157,10 @@ def test_kernel_matches_reference_in_float32(
     database on CUDA asks for, ``dispatch.float32_dots``: the exact float32 forward takes about 20 s to compile)."""
     if dots is not None:
         monkeypatch.setenv(dispatch.FP32_DOTS_ENV, dots)
+    _check_float32(name)
+
+
+def _check_float32(name: str) -> None:
     kernel, exact, ref32, labels = _run(name, torch.float32, seed=int(torch.randint(0, 2**31, ()).item()))
     for label, ours, truth, theirs in zip(labels, kernel, exact, ref32, strict=True):
         err = (ours - truth).abs().max().item()
@@ -169,11 +173,33 @@ def test_kernel_matches_reference_in_float32(
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_kernel_matches_reference_in_bfloat16(name: str, use_triton: None) -> None:
+    _check_bfloat16(name)
+
+
+def _check_bfloat16(name: str) -> None:
     kernel, exact, ref_bf16, labels = _run(name, torch.bfloat16, seed=int(torch.randint(0, 2**31, ()).item()))
     for label, ours, truth, theirs in zip(labels, kernel, exact, ref_bf16, strict=True):
         err = (ours - truth).norm().item()
         ref_err = (theirs - truth).norm().item()
         assert err <= 2 * ref_err + 1e-3 * truth.norm().item(), f"{name}/{label}: {err:.3e} vs {ref_err:.3e}"
+
+
+# on the CPU (the interpreter) a few cases: the plain GQA rows, sinks mid-segment, segments of 64
+_OTHER_LAYOUT_ON_CPU = ("bounded-midsegment-sinks", "bounded-seg64", "causal-plain-gqa")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_other_stream_layout_matches_reference(
+    name: str, use_triton: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward with the layout of the two streams it does not ship (``diff_attention.STREAMS_AS_ROWS``: both
+    streams' queries the rows of one tile, or two tiles) against the reference: float32, and bfloat16 on a GPU."""
+    if DEVICE == "cpu" and name not in _OTHER_LAYOUT_ON_CPU:
+        pytest.skip("the interpreter runs a few cases of the other layout (CPU suite time)")
+    monkeypatch.setattr(diff_attention, "STREAMS_AS_ROWS", not diff_attention.STREAMS_AS_ROWS)
+    _check_float32(name)
+    if DEVICE == "cuda":
+        _check_bfloat16(name)
 
 
 # ------------------------------------------------------------------ a one-token step (the split forward)

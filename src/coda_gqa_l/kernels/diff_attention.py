@@ -126,8 +126,11 @@ def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
 
 
 # The forward's two streams as the rows of one tile (``diff_attention_triton._fwd_streams_as_rows``) rather than two
-# tiles of BLOCK_M rows each; benchmarks/attention_forward_configs.py times both.
-STREAMS_AS_ROWS = True
+# tiles of BLOCK_M rows each: at 8 warps each warp group then holds one stream's rows, where the two-tile form lays
+# the same 64 rows on both (sm_90, ptxas: no spill against 392 bytes). Off until a GPU has timed it and run its
+# tests in bfloat16 (benchmarks/attention_forward_configs.py times both; tests/kernels/test_diff_attention.py runs
+# the layout not shipped).
+STREAMS_AS_ROWS = False
 
 
 _FWD_TUNING = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 8, 2)]  # (BLOCK_N, warps, stages)
