@@ -105,10 +105,11 @@ def main() -> None:
     parser.add_argument(
         "--layer", choices=["7B", "SmolLM2"], default="7B", help="the layer's shape (head size 128 or 64)"
     )
+    parser.add_argument("--first", type=int, default=None, help="only the first N candidates (device time)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     layer = seven_b_layer() if args.layer == "7B" else smollm2_layer()
-    candidates = CANDIDATES if args.layer == "7B" else CANDIDATES_64
+    candidates = (CANDIDATES if args.layer == "7B" else CANDIDATES_64)[: args.first]
     rows: list[dict[str, Any]] = []
     with torch.inference_mode(), finite_checked_upstream():
         for length in args.lengths:

@@ -16,7 +16,7 @@ timeout ${TEST_S:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/kern
   > "$out/gpu_tests_attention.txt" 2>&1
 echo "attention GPU tests: $(tail -n 1 "$out/gpu_tests_attention.txt")"
 grep -E "^(FAILED|ERROR)" "$out/gpu_tests_attention.txt" | head -5
-timeout ${SWEEP_S:-230} python benchmarks/attention_forward_configs.py --out "$out" --rounds ${ROUNDS:-5} \
+timeout ${SWEEP_S:-230} python benchmarks/attention_forward_configs.py --out "$out" --rounds ${ROUNDS:-5} ${SWEEP_ARGS:-} \
   > "$out/attention_forward_configs.txt" 2>&1
 grep -E "^\||Error" "$out/attention_forward_configs.txt" | tail -n 24
 if [ -n "${SWEEP_64:-}" ]; then  # head size 64 (SmolLM2's layer)
