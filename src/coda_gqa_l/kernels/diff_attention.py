@@ -153,7 +153,7 @@ def _kernels() -> dict[str, Any]:
     on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     fwd = triton.autotune(
         [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _FWD_TUNING],
-        key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC"],
+        key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC", "STREAMS_AS_ROWS"],
         **on_disk,
     )(kt._fwd_kernel)
     bwd_configs = [

@@ -199,12 +199,12 @@ def _halves(x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_streams_as_rows(Q, K, V, LAM, EK, EV, EB, NW, OUT, A, LSE, sqs, sql, skl, svl, slb, slh, seks, seke, sevs,
-                         seve, sebs, sob, sol, soh, sas, sal, sss, q_base, k_base, v_base, ek_head, ev_head, eb_head,
-                         a_base, s_base, b64, h, g, first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_E: tl.constexpr, DIFF: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr,
-                         SEG: tl.constexpr, NUM_SINK: tl.constexpr, HAS_EXTRAS: tl.constexpr, NORM: tl.constexpr,
+def _fwd_streams_as_rows(LAM, NW, OUT, A, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh,
+                         sas, sal, sss, q_base, k_base, v_base, ek_head, ev_head, eb_head, a_base, s_base, b64, h, g,
+                         first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                         DIFF: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
+                         NUM_SINK: tl.constexpr, HAS_EXTRAS: tl.constexpr, NORM: tl.constexpr,
                          STORE_STREAMS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """The forward of one query block with both streams as the rows of one tile: rows ``0 .. BLOCK_M - 1`` the signal
     queries of the block's tokens, rows ``BLOCK_M ..`` their noise queries. One product of ``2 * BLOCK_M`` rows a K/V
@@ -347,7 +347,7 @@ def _fwd_kernel(
     NORM: tl.constexpr,
     STORE_STREAMS: tl.constexpr,
     PREC: tl.constexpr,
-    STREAMS_AS_ROWS: tl.constexpr = True,
+    STREAMS_AS_ROWS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -364,12 +364,12 @@ def _fwd_kernel(
     kvh64 = kvh.to(tl.int64)
     if STREAMS_AS_ROWS:
         _fwd_streams_as_rows(
-            Q, K, V, LAM, EK, EV, EB, NW, OUT, A, LSE, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs,
-            sob, sol, soh, sas, sal, sss, Q + b64 * sqb + kvh64 * sqh, K + b64 * skb + kvh64 * skh,
-            V + b64 * svb + kvh64 * svh, EK + b64 * sekb + kvh64 * sekh, EV + b64 * sevb + kvh64 * sevh,
-            EB + b64 * sebb + kvh64 * sebh, A + b64 * sab + kvh64 * sah, LSE + b64 * ssb + kvh64 * ssh, b64, h, g,
-            first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_E,
-            DIFF, BOUNDED, WINDOW, SEG, NUM_SINK, HAS_EXTRAS, NORM, STORE_STREAMS, PREC,
+            LAM, NW, OUT, A, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh, sas, sal, sss,
+            Q + b64 * sqb + kvh64 * sqh, K + b64 * skb + kvh64 * skh, V + b64 * svb + kvh64 * svh,
+            EK + b64 * sekb + kvh64 * sekh, EV + b64 * sevb + kvh64 * sevh, EB + b64 * sebb + kvh64 * sebh,
+            A + b64 * sab + kvh64 * sah, LSE + b64 * ssb + kvh64 * ssh, b64, h, g, first, q_start, k_start, L, LK, E,
+            GROUP, qk_scale, eps, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_E, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK,
+            HAS_EXTRAS, NORM, STORE_STREAMS, PREC,
         )  # fmt: skip
     else:
         t = first + tl.arange(0, BLOCK_M)
