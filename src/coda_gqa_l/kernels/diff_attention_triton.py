@@ -91,6 +91,28 @@ def _tile_ranges(t_first, t_last, k_start, LK, BLOCK_N: tl.constexpr, BOUNDED: t
 
 
 @triton.jit
+def _main_kv_tile(k_base, v_base, skl, svl, jj, LK, d, d_ok, MASKED: tl.constexpr):
+    """Main keys and values ``jj`` (rows beyond the keys zero where ``MASKED``)."""
+    if MASKED:
+        kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
+    vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+    return kt, vt
+
+
+@triton.jit
+def _extra_kv_tile(ek_base, ev_base, eb_base, seke, seve, e, d, d_ok, E):
+    """Extra keys and values ``e`` of a segment and their logit offsets in base 2 (``-inf`` beyond ``E``)."""
+    e_mask = (e < E)[:, None] & d_ok[None, :]
+    kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
+    vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
+    bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+    return kt, vt, bias
+
+
+@triton.jit
 def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_base, skl, svl, lo, hi, t, row_ok,
                     k_start, LK, d, d_ok, qk_scale, MASKED: tl.constexpr, DIFF: tl.constexpr, BOUNDED: tl.constexpr,
                     WINDOW: tl.constexpr, SEG: tl.constexpr, NUM_SINK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,12 +120,7 @@ def _fwd_main_tiles(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, k_base, v_ba
     """Main-key tiles ``[lo, hi)`` of both streams: each K/V tile is loaded once."""
     for n0 in range(lo, hi, BLOCK_N):
         jj = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        kt, vt = _main_kv_tile(k_base, v_base, skl, svl, jj, LK, d, d_ok, MASKED)
         s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale
         if MASKED:
             mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
@@ -144,10 +161,7 @@ def _fwd_extra_tile(q_sig, q_noi, m_s, l_s, acc_s, m_n, l_n, acc_n, ek_base, ev_
                     t, row_ok, in_seg, E, qk_scale, DIFF: tl.constexpr, NUM_SINK: tl.constexpr,
                     PREC: tl.constexpr):  # fmt: skip
     """One tile ``e`` of a segment's extra keys (sinks, bank slots with their logit offsets) for both streams."""
-    e_mask = (e < E)[:, None] & d_ok[None, :]
-    kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
-    vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
-    bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+    kt, vt, bias = _extra_kv_tile(ek_base, ev_base, eb_base, seke, seve, e, d, d_ok, E)
     mask = _extra_mask(t, e, row_ok, in_seg, E, NUM_SINK)
     s2 = tl.dot(q_sig, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
     m_s, l_s, acc_s = _online_update(tl.where(mask, s2, float("-inf")), m_s, l_s, acc_s, vt, PREC)
@@ -165,12 +179,7 @@ def _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, lo, hi, t, row_
     one product a tile for the two."""
     for n0 in range(lo, hi, BLOCK_N):
         jj = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        kt, vt = _main_kv_tile(k_base, v_base, skl, svl, jj, LK, d, d_ok, MASKED)
         s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         if MASKED:
             mask = _main_mask(t, k_start + jj, jj, row_ok, LK, BOUNDED, WINDOW, SEG, NUM_SINK)
@@ -183,10 +192,7 @@ def _rows_main_tiles(q, m, total, acc, k_base, v_base, skl, svl, lo, hi, t, row_
 def _rows_extra_tile(q, m, total, acc, ek_base, ev_base, eb_base, seke, seve, e, d, d_ok, t, row_ok, in_seg, E,
                      qk_scale, NUM_SINK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """One tile ``e`` of a segment's extra keys for the rows of ``_rows_main_tiles``."""
-    e_mask = (e < E)[:, None] & d_ok[None, :]
-    kt = tl.load(ek_base + e[:, None] * seke + d[None, :], mask=e_mask, other=0.0)
-    vt = tl.load(ev_base + e[:, None] * seve + d[None, :], mask=e_mask, other=0.0)
-    bias = tl.load(eb_base + e, mask=e < E, other=float("-inf")) * 1.4426950408889634
+    kt, vt, bias = _extra_kv_tile(ek_base, ev_base, eb_base, seke, seve, e, d, d_ok, E)
     s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale + bias[None, :]
     s2 = tl.where(_extra_mask(t, e, row_ok, in_seg, E, NUM_SINK), s2, float("-inf"))
     return _online_update(s2, m, total, acc, vt, PREC)
@@ -668,12 +674,7 @@ def _dq_main_tiles(dq, q, da, lse, delta, k_base, v_base, skl, svl, lo, hi, tq, 
                    NUM_SINK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     for n0 in range(lo, hi, BLOCK_N):
         jj = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_mask = ((jj >= 0) & (jj < LK))[:, None] & d_ok[None, :]
-        else:
-            kv_mask = d_ok[None, :]
-        kt = tl.load(k_base + jj[:, None] * skl + d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + jj[:, None] * svl + d[None, :], mask=kv_mask, other=0.0)
+        kt, vt = _main_kv_tile(k_base, v_base, skl, svl, jj, LK, d, d_ok, MASKED)
         s2 = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
         p = tl.exp2(s2 - lse[:, None])
         if MASKED:
