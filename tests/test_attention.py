@@ -241,3 +241,35 @@ def test_noise_tables_are_kept_until_theta_changes() -> None:
     angles = core.theta.float()
     expected = expand_pairs(angles.cos(), angles.sin(), core.rope.layout)
     assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+
+
+def test_project_out_writes_what_the_module_computes() -> None:
+    """``project_out(heads, into)`` (``CapturedPrefill``'s graphs write their output buffer through it) equals
+    ``W_o(heads)`` for a plain linear, with a bias, under a LoRA adapter and under a forward hook, which must not be
+    bypassed; a buffer of another shape is named."""
+    from coda_gqa_l.models.lora import LoRALinear
+
+    layer = make_layer("gqa", "full").eval()
+    heads = torch.randn(2, 5, layer.core.o_proj.in_features)
+    width = layer.core.o_proj.out_features
+
+    def check() -> None:
+        with torch.no_grad():
+            into = torch.full((2, 5, width), float("nan"))
+            assert layer.project_out(heads, into) is into
+            torch.testing.assert_close(into, layer.core.o_proj(heads), rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        layer.core.o_proj.bias = torch.nn.Parameter(torch.randn(width))
+    check()
+    layer.core.o_proj = LoRALinear(layer.core.o_proj, rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.core.o_proj.lora_b.normal_()  # a non-zero adapter term, which a direct product would leave out
+    check()
+    layer.core.o_proj = layer.core.o_proj.base
+    hook = layer.core.o_proj.register_forward_hook(lambda module, args, out: out * 2)
+    check()
+    hook.remove()
+    with pytest.raises(ValueError, match="contiguous tensor of shape"):
+        layer.project_out(heads, torch.empty(2, 4, width))

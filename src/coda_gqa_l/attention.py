@@ -540,7 +540,7 @@ class BoundedCoDAAttention(nn.Module):
         ``extras`` given (a one-token step inside a segment whose extras a graph decoder kept) skips that.
         ``segment_window``: ``ext_k``/``ext_v`` are not the window in token order but a graph decoder's buffer of the
         segment's window (``decode.KeptExtras``: tokens ``b - W + S ..``, keys already rotated), read in place.
-        ``into``: a tensor shaped as the outputs to write them into (``attend_stacked``).
+        ``into``: where to write the outputs (``project_out``).
         """
         cfg, core = self.config, self.core
         W = cfg.window
@@ -591,8 +591,7 @@ class BoundedCoDAAttention(nn.Module):
         window keys as given (rotated, or a graph decoder's segment buffer) and the segment's extras, then ``W_o``.
         A graph decoder's plain step comes here directly (``kernels.step_inputs`` stacks its queries).
 
-        ``into`` (contiguous, ``(B, n, D)``, the outputs' dtype): ``W_o`` writes the outputs there and it is returned,
-        which saves a copy where the caller keeps them in a buffer of its own (``CapturedPrefill``'s graphs)."""
+        ``into``: where to write the outputs (``project_out``)."""
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
         B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
@@ -613,17 +612,35 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
-        flat = out.reshape(B, n, H * D)
+        return self.project_out(out.reshape(B, n, H * D), into)
+
+    def project_out(self, heads: Tensor, into: Tensor | None = None) -> Tensor:
+        """``W_o`` of the heads' outputs ``heads (B, n, H * Dh)``: ``(B, n, D)``.
+
+        ``into`` (contiguous, ``(B, n, D)``): the outputs are written there and it is returned, which saves a copy
+        where the caller keeps them in a buffer of its own (``CapturedPrefill``'s graphs). A plain ``nn.Linear`` of the
+        heads' dtype, without hooks, autocast or gradients, writes it directly (one matrix product); anything else
+        (a LoRA adapter's term, a hook, another dtype) runs the module's own forward and copies."""
+        o_proj = self.core.o_proj
         if into is None:
-            return core.o_proj(flat)
-        weight, bias = core.o_proj.weight, core.o_proj.bias
-        if not into.is_contiguous() or into.shape != (B, n, weight.shape[0]):
-            raise ValueError(f"into must be a contiguous tensor of shape {(B, n, weight.shape[0])}, got "
+            return o_proj(heads)
+        B, n = heads.shape[0], heads.shape[1]
+        width = o_proj.weight.shape[0]
+        if not into.is_contiguous() or into.shape != (B, n, width):
+            raise ValueError(f"into must be a contiguous tensor of shape {(B, n, width)}, got "
                              f"{tuple(into.shape)} (contiguous: {into.is_contiguous()})")  # fmt: skip
-        if into.dtype != flat.dtype or weight.dtype != flat.dtype or torch.is_autocast_enabled(flat.device.type):
-            into.copy_(core.o_proj(flat))  # the dtypes F.linear would pick, then the copy
+        weight, bias = o_proj.weight, o_proj.bias
+        plain = type(o_proj) is nn.Linear and not (o_proj._forward_hooks or o_proj._forward_pre_hooks)
+        if (
+            not plain
+            or into.dtype != heads.dtype
+            or weight.dtype != heads.dtype
+            or torch.is_autocast_enabled(heads.device.type)
+            or (torch.is_grad_enabled() and (weight.requires_grad or heads.requires_grad))
+        ):
+            into.copy_(o_proj(heads))
             return into
-        rows, into_rows = flat.view(B * n, H * D), into.view(B * n, weight.shape[0])
+        rows, into_rows = heads.reshape(B * n, heads.shape[2]), into.view(B * n, width)
         if bias is None:
             torch.mm(rows, weight.t(), out=into_rows)
         else:
