@@ -383,7 +383,7 @@ def finish_at_device_position(
 ) -> Tensor:
     """The second half of ``advance_at_device_position``: the segment extras from the banks the routing left, and
     the attention; waits for a routing launched on a side stream first. ``into``: where to write the outputs
-    (``BoundedCoDAAttention.attend_stacked``)."""
+    (``BoundedCoDAAttention.project_out``)."""
     if chunk.routed is not None:
         torch.cuda.current_stream().wait_event(chunk.routed)
     extras = layer.segment_extras(
