@@ -205,7 +205,7 @@ def _halves(x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_streams_as_rows(LAM, NW, OUT, A, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh,
+def _fwd_streams_as_rows(LAM, NW, OUT, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh,
                          sas, sal, sss, q_base, k_base, v_base, ek_head, ev_head, eb_head, a_base, s_base, b64, h, g,
                          first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -274,7 +274,7 @@ def _fwd_streams_as_rows(LAM, NW, OUT, A, sqs, sql, skl, svl, slb, slh, seks, se
     tl.store(OUT + b64 * sob + im[:, None] * sol + h * soh + d[None, :], out.to(OUT.dtype.element_ty),
              mask=ok[:, None] & d_ok[None, :])  # fmt: skip
     if STORE_STREAMS:
-        tl.store(a_base + stream[:, None] * sas + i[:, None] * sal + d[None, :], streams.to(A.dtype.element_ty),
+        tl.store(a_base + stream[:, None] * sas + i[:, None] * sal + d[None, :], streams.to(a_base.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
         tl.store(s_base + stream * sss + i, m + tl.log2(total), mask=row_ok)
 
@@ -370,7 +370,7 @@ def _fwd_kernel(
     kvh64 = kvh.to(tl.int64)
     if STREAMS_AS_ROWS:
         _fwd_streams_as_rows(
-            LAM, NW, OUT, A, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh, sas, sal, sss,
+            LAM, NW, OUT, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh, sas, sal, sss,
             Q + b64 * sqb + kvh64 * sqh, K + b64 * skb + kvh64 * skh, V + b64 * svb + kvh64 * svh,
             EK + b64 * sekb + kvh64 * sekh, EV + b64 * sevb + kvh64 * sevh, EB + b64 * sebb + kvh64 * sebh,
             A + b64 * sab + kvh64 * sah, LSE + b64 * ssb + kvh64 * ssh, b64, h, g, first, q_start, k_start, L, LK, E,
