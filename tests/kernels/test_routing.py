@@ -70,9 +70,9 @@ CASES = {
         batch=2,
         kv_heads=1,
     ),
-    # sinks inside the first evicted segment
+    # sinks inside the first evicted segment, all but its last token: the least a segment can route
     "sinks": Case(
-        dict(window=32, segment=8, num_landmarks_exact=6, num_landmarks_summary=4, num_sink=3, max_inserts=2), 16
+        dict(window=32, segment=8, num_landmarks_exact=6, num_landmarks_summary=4, num_sink=7, max_inserts=2), 16
     ),
     # more sinks than a segment: the boundary at token W evicts only sinks (routes nothing)
     "sinks-fill-a-segment": Case(

@@ -180,7 +180,8 @@ def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constex
     Returns ``(first, at, valid, gate)``: the token index of the first evicted token (int64),
     its row in the extended sequence (int32; token ``j`` is row ``at + j``), whether each token
     is routable (the segment begins inside the chunk, the token is neither a sink nor before the
-    stream) and its gate. Per-token arithmetic stays in int32.
+    stream) and its gate. Per-token arithmetic stays in int32. ``_segment_routes`` says, as one
+    scalar, whether any token is valid.
     """
     j = tl.arange(0, BLOCK_S)
     seg_begin = seg0 + e * SEG
@@ -191,6 +192,15 @@ def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constex
     valid = (j < SEG) & (at + j >= j) & (j >= lowest)
     gate = tl.load(ext_g + at + j, mask=valid, other=0.0)
     return first, at, valid, gate
+
+
+@triton.jit
+def _segment_routes(first, at, SEG: tl.constexpr, NUM_SINK: tl.constexpr):
+    """Whether any token of the segment ``_segment_tokens`` describes is valid, from its scalars: the segment
+    begins inside the chunk and its last token is past the sinks. The segments at the start of a stream, whose
+    tokens have not left the window yet, route nothing: their decisions are skipped, their snapshots still copied.
+    """
+    return (at >= 0) & (NUM_SINK - first < SEG)
 
 
 @triton.jit
@@ -333,14 +343,18 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
-                                          COS_BK, LOWP)  # fmt: skip
-        pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
-        cos = dots * vinv[:, None] * xinv[None, :]
-        xlast, write, src = _exact_decisions(
-            cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
-            BLOCK_S, BLOCK_ME,
-        )  # fmt: skip
+        if _segment_routes(first, at, SEG, NUM_SINK):
+            dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                              COS_BK, LOWP)  # fmt: skip
+            pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
+            cos = dots * vinv[:, None] * xinv[None, :]
+            xlast, write, src = _exact_decisions(
+                cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
+                BLOCK_S, BLOCK_ME,
+            )  # fmt: skip
+        else:  # no token: no hit, no write (what the decisions give, without their chain)
+            write = p < 0
+            src = tl.zeros([BLOCK_ME], tl.int32)
         src_row = at + src
         xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
         xlast = tl.where(write, first + src, xlast)
@@ -401,18 +415,22 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
 
 
 @triton.jit
-def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok, keep,
-              eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, routes, seed_row, seeded, updated, q_ok,
+              keep, eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
               LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
 
-    Returns the inverse norms of the rows as stored, for the next segment's cosines.
+    Returns the inverse norms of the rows as stored, for the next segment's cosines. Where the segment
+    ``routes`` nothing (``_segment_routes``) no row is updated and the members' means are not computed.
     """
     q = tl.arange(0, BLOCK_MS)
     sq = tl.zeros([BLOCK_MS], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        if routes:
+            mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        else:
+            mean = tl.zeros([BLOCK_MS, BK], tl.float32)
         seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
         base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
         new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
@@ -448,23 +466,30 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        filled = sfill != 0
-        cand = valid & (gate > tau_summary)
-        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
-        proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
-        full, seed_src, avail = _pick_seeds(
-            proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
-        )
+        routes = _segment_routes(first, at, SEG, NUM_SINK)
+        if routes:
+            filled = sfill != 0
+            cand = valid & (gate > tau_summary)
+            dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK,
+                                         LOWP)  # fmt: skip
+            proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
+            full, seed_src, avail = _pick_seeds(
+                proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
+            )
+            # every other candidate joins its most similar prototype (ties to the lower slot)
+            best = tl.max(full, 1)
+            assign = tl.min(tl.where(full == best[:, None], q[None, :], BLOCK_MS), 1)
+            member = avail & (best > NEG_INF)
+            weights = tl.where(member[:, None] & (assign[:, None] == q[None, :]), gate[:, None], 0.0)
+        else:  # no token: no seed, no member (what the decisions give, without their chain)
+            seed_src = tl.full([BLOCK_MS], -1, tl.int32)
+            assign = tl.zeros([BLOCK_S], tl.int32)
+            member = valid & ~valid
+            weights = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
         seeded = seed_src >= 0
         seed_row = at + seed_src
-
-        # every other candidate joins its most similar prototype (ties to the lower slot)
-        best = tl.max(full, 1)
-        assign = tl.min(tl.where(full == best[:, None], q[None, :], BLOCK_MS), 1)
-        onehot = (avail & (best > NEG_INF))[:, None] & (assign[:, None] == q[None, :])
-        weights = tl.where(onehot, gate[:, None], 0.0)
         weight_sum = tl.sum(weights, 0)
-        count = tl.sum(onehot.to(tl.float32), 0)
+        count = tl.sum((member[:, None] & (assign[:, None] == q[None, :])).to(tl.float32), 0)
         updated = count > 0
         inv_denom = tl.fdiv(1.0, tl.maximum(weight_sum, FLOAT32_TINY))
 
@@ -472,14 +497,14 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
         if KEY_FOLLOWERS:
-            _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, avail & (best > NEG_INF), assign, seed_src,
-                                     updated, inv_denom, BLOCK_S, BLOCK_MS)  # fmt: skip
+            _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, member, assign, seed_src, updated, inv_denom,
+                                     BLOCK_S, BLOCK_MS)  # fmt: skip
             _publish(flag, e)
         elif WRITE_K:
-            _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                      updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
-        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+            _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, routes, seed_row,
+                      seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, routes, seed_row,
+                         seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
@@ -574,8 +599,9 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
         cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
-        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, at + seed_src, seeded,
-                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        routes = _segment_routes(first, at, SEG, NUM_SINK)
+        _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, routes, at + seed_src,
+                  seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         tl.debug_barrier()  # the next segment reads these rows from other threads
     last = slot0 + (nseg - 1) * M_TOTAL
     _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
