@@ -235,8 +235,7 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
     filled = xfill != 0
     cand = valid & (gate > tau_exact)
     cos = tl.where(filled[None, :], cos, NEG_INF)
-    best = tl.max(cos, 1)
-    best_slot = tl.min(tl.where(cos == best[:, None], p[None, :], BLOCK_ME), 1)
+    best, best_slot = tl.max(cos, 1, return_indices=True, return_indices_tie_break_left=True)
     hit = cand & (best >= match)
     # near-duplicates of any higher-ranked candidate of the segment are not novel
     above = _gate_order(gate, BLOCK_S)
@@ -382,6 +381,14 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
 
 
 @triton.jit
+def _farther_seed(key_a, gate_a, idx_a, key_b, gate_b, idx_b):
+    """The seeding order as one reduction's combine: the lower key (highest cosine to the filled prototypes)
+    first, then the higher gate, then the lower token index."""
+    a_first = (key_a < key_b) | ((key_a == key_b) & ((gate_a > gate_b) | ((gate_a == gate_b) & (idx_a < idx_b))))
+    return tl.where(a_first, key_a, key_b), tl.where(a_first, gate_a, gate_b), tl.where(a_first, idx_a, idx_b)
+
+
+@triton.jit
 def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
     """Seed empty prototypes farthest first (``banks._pick_seeds``), one per round.
@@ -389,7 +396,11 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
     Each round the lowest empty slot takes the available candidate whose highest cosine to the
     filled prototypes is lowest (ties: higher gate, then lower index); its cosines then join
     ``nearest`` and become that slot's column. The candidate-candidate cosines are computed only
-    when some slot is empty. Returns ``(cosines after seeding, seed_src, avail)``.
+    when some slot is empty. A round is one reduction over the candidates (key, gate and index
+    together, ``_farther_seed``): the slot of round ``r`` is the empty slot with ``r`` empty slots
+    below it, ranked once before the rounds. At the start of a stream the first routed segment
+    seeds nearly every slot, so the rounds are its chain. Returns ``(cosines after seeding,
+    seed_src, avail)``.
     """
     j = tl.arange(0, BLOCK_S)
     q = tl.arange(0, BLOCK_MS)
@@ -399,18 +410,15 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
     rounds = tl.minimum(tl.sum(empty.to(tl.int32), 0), tl.sum(avail.to(tl.int32), 0))
     if rounds > 0:
         pair_cos, _ = _gram_cosines(_token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP), BLOCK_S)
-        for _ in range(rounds):
-            key = tl.where(avail, nearest, POS_INF)
-            tied = avail & (key == tl.min(key, 0))
-            tied_gate = tl.where(tied, gate, NEG_INF)
-            pick = tl.min(tl.where(tied & (tied_gate == tl.max(tied_gate, 0)), j, BLOCK_S), 0)
-            slot = tl.min(tl.where(empty, q, BLOCK_MS), 0)
-            seed_src = tl.where(q == slot, pick, seed_src)
-            empty = empty & (q != slot)
+        empty_rank = tl.sum((empty[None, :] & (q[None, :] < q[:, None])).to(tl.int32), 1)
+        for r in range(rounds):
+            _key, _gate, pick = tl.reduce((tl.where(avail, nearest, POS_INF), gate, j), 0, _farther_seed)
+            slot_now = empty & (empty_rank == r)
+            seed_src = tl.where(slot_now, pick, seed_src)
             avail = avail & (j != pick)
             col = tl.sum(tl.where((j == pick)[None, :], pair_cos, 0.0), 1)
             nearest = tl.maximum(nearest, col)
-            full = tl.where((q == slot)[None, :], col[:, None], full)
+            full = tl.where(slot_now[None, :], col[:, None], full)
     return full, seed_src, avail
 
 
@@ -477,8 +485,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                 proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
             )
             # every other candidate joins its most similar prototype (ties to the lower slot)
-            best = tl.max(full, 1)
-            assign = tl.min(tl.where(full == best[:, None], q[None, :], BLOCK_MS), 1)
+            best, assign = tl.max(full, 1, return_indices=True, return_indices_tie_break_left=True)
             member = avail & (best > NEG_INF)
             weights = tl.where(member[:, None] & (assign[:, None] == q[None, :]), gate[:, None], 0.0)
         else:  # no token: no seed, no member (what the decisions give, without their chain)
