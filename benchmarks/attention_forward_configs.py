@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/attention_forward_configs.py [--lengths 2048 32768] [--out DIR]
 
-The shipped forward (``kernels.diff_attention``: ``_fwd_blocks`` BLOCK_M 64, BLOCK_N 64, 8 warps at head size 128,
-Triton's default stages; ``STREAMS_AS_ROWS``) is replaced, for one ``CapturedPrefill`` (graphs captured anew) of a
+The shipped forward (``kernels.diff_attention``: ``_fwd_blocks`` BLOCK_M 64, BLOCK_N 64, 8 warps and 2 stages at head
+size 128; ``STREAMS_AS_ROWS``, on) is replaced, for one ``CapturedPrefill`` (graphs captured anew) of a
 bfloat16 layer with ``medium`` banks, by each candidate: BLOCK_M, BLOCK_N, warps, stages, a register cap, and the two
 streams as the rows of one tile or as two tiles. For each: the prefill's median time over rounds that visit the
 candidates in turn, the forward kernel's summed time in one profiled call, and the largest difference of its outputs
@@ -39,18 +39,18 @@ from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 # sm_90 (ptxas -v, 8 warps): 3 stages 131.6 KB, 2 stages 98.6 KB.
 Candidate = tuple[int, int, int, int | None, int | None, bool]
 CANDIDATES: list[Candidate] = [
-    (64, 64, 8, None, None, False),  # the shipped shape and layout (two tiles)
+    (64, 64, 8, 2, None, True),  # the shipped shape and layout (streams as rows)
+    (64, 64, 8, None, None, False),  # shipped until 2026-12-07 (two tiles)
     (64, 64, 8, None, None, True),
-    (64, 64, 8, 2, None, True),
     (64, 64, 8, 2, 128, True),  # two blocks a multiprocessor
     (64, 128, 8, 2, None, True),
     (32, 64, 4, 3, None, True),  # one warp group
 ]
-# head size 64 (SmolLM2's): the shipped 4 warps and 8, each layout
+# head size 64 (SmolLM2's): the shipped 8 warps and rows first, then 4 warps (shipped with two tiles until 2026-12-07)
 CANDIDATES_64: list[Candidate] = [
+    (64, 64, 8, None, None, True),
     (64, 64, 4, None, None, False),
     (64, 64, 4, None, None, True),
-    (64, 64, 8, None, None, True),
     (64, 64, 8, None, None, False),
     (32, 64, 4, None, None, True),
 ]
@@ -71,14 +71,13 @@ def forward_shape(
     """The forward launched with this shape while inside."""
     blocks, launch, rows = diff_attention._fwd_blocks, diff_attention.launch, diff_attention.STREAMS_AS_ROWS
 
-    def staged(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
-        if meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
-            extra = {"num_stages": stages} if stages is not None else {}
-            meta = {**meta, **extra, **({"maxnreg": maxnreg} if maxnreg is not None else {})}
+    def capped(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
+        if maxnreg is not None and meta.get("BLOCK_M") == block_m and "DIFF" in meta and "STORE_STREAMS" in meta:
+            meta = {**meta, "maxnreg": maxnreg}
         launch(kernel, grid, *args, **meta)
 
-    diff_attention._fwd_blocks = lambda head_dim: (block_m, block_n, warps)  # type: ignore[assignment]
-    diff_attention.launch = staged  # type: ignore[assignment]
+    diff_attention._fwd_blocks = lambda head_dim: (block_m, block_n, warps, stages)  # type: ignore[assignment]
+    diff_attention.launch = capped  # type: ignore[assignment]
     diff_attention.STREAMS_AS_ROWS = streams_as_rows
     try:
         yield

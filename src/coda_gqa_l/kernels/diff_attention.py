@@ -120,17 +120,19 @@ def reference_attention(
 # ---------------------------------------------------------------------------------------------
 # Triton: custom ops (opaque to torch.compile, with fake implementations) and their autograd
 # ---------------------------------------------------------------------------------------------
-def _fwd_blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for the forward: two fp32 accumulators live in registers."""
-    return (64, 64, 8) if head_dim > 64 else (64, 64, 4)
+def _fwd_blocks(head_dim: int) -> tuple[int, int, int, int | None]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages or None for Triton's default) for the forward, timed inside the
+    captured prefill by benchmarks/attention_forward_configs.py (H100, 2026-12-07): with the streams as rows, 8 warps
+    for both head sizes, and two stages at head size 128 (2.24 against 2.59 ms a 32K prefill's forward)."""
+    return (64, 64, 8, 2) if head_dim > 64 else (64, 64, 8, None)
 
 
 # The forward's two streams as the rows of one tile (``diff_attention_triton._fwd_streams_as_rows``) rather than two
 # tiles of BLOCK_M rows each: at 8 warps each warp group then holds one stream's rows, where the two-tile form lays
-# the same 64 rows on both (sm_90, ptxas: no spill against 392 bytes). Off until a GPU has timed it and run its
-# tests in bfloat16 (benchmarks/attention_forward_configs.py times both; tests/kernels/test_diff_attention.py runs
-# the layout not shipped).
-STREAMS_AS_ROWS = False
+# the same 64 rows on both (sm_90, ptxas: no spill against 392 bytes), and one product a K/V tile serves both
+# streams. Measured on an H100 (benchmarks/RESULTS.md): a 32K prefill's forward 4.70 -> 2.59 ms at head size 128.
+# tests/kernels/test_diff_attention.py runs the layout not shipped as well.
+STREAMS_AS_ROWS = True
 
 
 _FWD_TUNING = [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 8, 2)]  # (BLOCK_N, warps, stages)
@@ -226,10 +228,12 @@ def _diff_attn_fwd(
         _decode_split(q, k, v, lam_t, ek, ev, eb, nw, pos, o, k_offset, E, H, G, scale, eps, bounded, window, seg,
                       num_sink, diff, norm_weight is not None)  # fmt: skip
         return o, a, lse
-    block_m, block_n, warps = _fwd_blocks(D)
+    block_m, block_n, warps, stages = _fwd_blocks(D)
     grid = (triton_cdiv(L + block_m - 1, block_m), B * H)
     kernels = _kernels()
-    blocks = dict(BLOCK_N=block_n, num_warps=warps) if not kernels["tuned"] else {}
+    blocks: dict[str, int] = {}
+    if not kernels["tuned"]:
+        blocks = dict(BLOCK_N=block_n, num_warps=warps) | ({} if stages is None else {"num_stages": stages})
     launch(kernels["fwd"], grid,
         q, k, v, lam_t, ek, ev, eb, nw, pos,
         o, a, lse,
