@@ -115,7 +115,7 @@ def route_chunk_triton(
     else:
         dec_ex = dec_sm_i = flags = torch.empty(1, dtype=torch.int32, device=device)
         dec_sm_f = torch.empty(1, dtype=torch.float32, device=device)
-    launch(_route_chunk_kernel, (B * Hkv, 3 if followers else 2),
+    launch(_route_chunk_kernel, (B * Hkv, 4 if followers else 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
         c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),
