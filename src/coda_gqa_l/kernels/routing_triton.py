@@ -180,8 +180,7 @@ def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constex
     Returns ``(first, at, valid, gate)``: the token index of the first evicted token (int64),
     its row in the extended sequence (int32; token ``j`` is row ``at + j``), whether each token
     is routable (the segment begins inside the chunk, the token is neither a sink nor before the
-    stream) and its gate. Per-token arithmetic stays in int32. ``_segment_routes`` says, as one
-    scalar, whether any token is valid.
+    stream) and its gate. Per-token arithmetic stays in int32.
     """
     j = tl.arange(0, BLOCK_S)
     seg_begin = seg0 + e * SEG
@@ -192,15 +191,6 @@ def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constex
     valid = (j < SEG) & (at + j >= j) & (j >= lowest)
     gate = tl.load(ext_g + at + j, mask=valid, other=0.0)
     return first, at, valid, gate
-
-
-@triton.jit
-def _segment_routes(first, at, SEG: tl.constexpr, NUM_SINK: tl.constexpr):
-    """Whether any token of the segment ``_segment_tokens`` describes is valid, from its scalars: the segment
-    begins inside the chunk and its last token is past the sinks. The segments at the start of a stream, whose
-    tokens have not left the window yet, route nothing: their decisions are skipped, their snapshots still copied.
-    """
-    return (at >= 0) & (NUM_SINK - first < SEG)
 
 
 @triton.jit
@@ -235,7 +225,8 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
     filled = xfill != 0
     cand = valid & (gate > tau_exact)
     cos = tl.where(filled[None, :], cos, NEG_INF)
-    best, best_slot = tl.max(cos, 1, return_indices=True, return_indices_tie_break_left=True)
+    best = tl.max(cos, 1)
+    best_slot = tl.min(tl.where(cos == best[:, None], p[None, :], BLOCK_ME), 1)
     hit = cand & (best >= match)
     # near-duplicates of any higher-ranked candidate of the segment are not novel
     above = _gate_order(gate, BLOCK_S)
@@ -342,18 +333,14 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        if _segment_routes(first, at, SEG, NUM_SINK):
-            dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
-                                              COS_BK, LOWP)  # fmt: skip
-            pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
-            cos = dots * vinv[:, None] * xinv[None, :]
-            xlast, write, src = _exact_decisions(
-                cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME,
-            )  # fmt: skip
-        else:  # no token: no hit, no write (what the decisions give, without their chain)
-            write = p < 0
-            src = tl.zeros([BLOCK_ME], tl.int32)
+        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                          COS_BK, LOWP)  # fmt: skip
+        pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
+        cos = dots * vinv[:, None] * xinv[None, :]
+        xlast, write, src = _exact_decisions(
+            cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
+            BLOCK_S, BLOCK_ME,
+        )  # fmt: skip
         src_row = at + src
         xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
         xlast = tl.where(write, first + src, xlast)
@@ -381,14 +368,6 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
 
 
 @triton.jit
-def _farther_seed(key_a, gate_a, idx_a, key_b, gate_b, idx_b):
-    """The seeding order as one reduction's combine: the lower key (highest cosine to the filled prototypes)
-    first, then the higher gate, then the lower token index."""
-    a_first = (key_a < key_b) | ((key_a == key_b) & ((gate_a > gate_b) | ((gate_a == gate_b) & (idx_a < idx_b))))
-    return tl.where(a_first, key_a, key_b), tl.where(a_first, gate_a, gate_b), tl.where(a_first, idx_a, idx_b)
-
-
-@triton.jit
 def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
                 BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
     """Seed empty prototypes farthest first (``banks._pick_seeds``), one per round.
@@ -396,11 +375,7 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
     Each round the lowest empty slot takes the available candidate whose highest cosine to the
     filled prototypes is lowest (ties: higher gate, then lower index); its cosines then join
     ``nearest`` and become that slot's column. The candidate-candidate cosines are computed only
-    when some slot is empty. A round is one reduction over the candidates (key, gate and index
-    together, ``_farther_seed``): the slot of round ``r`` is the empty slot with ``r`` empty slots
-    below it, ranked once before the rounds. At the start of a stream the first routed segment
-    seeds nearly every slot, so the rounds are its chain. Returns ``(cosines after seeding,
-    seed_src, avail)``.
+    when some slot is empty. Returns ``(cosines after seeding, seed_src, avail)``.
     """
     j = tl.arange(0, BLOCK_S)
     q = tl.arange(0, BLOCK_MS)
@@ -410,15 +385,18 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
     rounds = tl.minimum(tl.sum(empty.to(tl.int32), 0), tl.sum(avail.to(tl.int32), 0))
     if rounds > 0:
         pair_cos, _ = _gram_cosines(_token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP), BLOCK_S)
-        empty_rank = tl.sum((empty[None, :] & (q[None, :] < q[:, None])).to(tl.int32), 1)
-        for r in range(rounds):
-            _key, _gate, pick = tl.reduce((tl.where(avail, nearest, POS_INF), gate, j), 0, _farther_seed)
-            slot_now = empty & (empty_rank == r)
-            seed_src = tl.where(slot_now, pick, seed_src)
+        for _ in range(rounds):
+            key = tl.where(avail, nearest, POS_INF)
+            tied = avail & (key == tl.min(key, 0))
+            tied_gate = tl.where(tied, gate, NEG_INF)
+            pick = tl.min(tl.where(tied & (tied_gate == tl.max(tied_gate, 0)), j, BLOCK_S), 0)
+            slot = tl.min(tl.where(empty, q, BLOCK_MS), 0)
+            seed_src = tl.where(q == slot, pick, seed_src)
+            empty = empty & (q != slot)
             avail = avail & (j != pick)
             col = tl.sum(tl.where((j == pick)[None, :], pair_cos, 0.0), 1)
             nearest = tl.maximum(nearest, col)
-            full = tl.where(slot_now[None, :], col[:, None], full)
+            full = tl.where((q == slot)[None, :], col[:, None], full)
     return full, seed_src, avail
 
 
@@ -428,9 +406,7 @@ def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed
               LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
 
-    Returns the inverse norms of the rows as stored, for the next segment's cosines. The means are computed
-    even where the segment routes nothing (no weight, no update): with a branch around them here (and one key
-    follower for both banks) the 7B-shaped chain measured 5% slower on an H100.
+    Returns the inverse norms of the rows as stored, for the next segment's cosines.
     """
     q = tl.arange(0, BLOCK_MS)
     sq = tl.zeros([BLOCK_MS], tl.float32)
@@ -472,29 +448,23 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        routes = _segment_routes(first, at, SEG, NUM_SINK)
-        if routes:
-            filled = sfill != 0
-            cand = valid & (gate > tau_summary)
-            dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK,
-                                         LOWP)  # fmt: skip
-            proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
-            full, seed_src, avail = _pick_seeds(
-                proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
-            )
-            # every other candidate joins its most similar prototype (ties to the lower slot)
-            best, assign = tl.max(full, 1, return_indices=True, return_indices_tie_break_left=True)
-            member = avail & (best > NEG_INF)
-            weights = tl.where(member[:, None] & (assign[:, None] == q[None, :]), gate[:, None], 0.0)
-        else:  # no token: no seed, no member (what the decisions give, without their chain)
-            seed_src = tl.full([BLOCK_MS], -1, tl.int32)
-            assign = tl.zeros([BLOCK_S], tl.int32)
-            member = valid & ~valid
-            weights = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
+        filled = sfill != 0
+        cand = valid & (gate > tau_summary)
+        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
+        proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
+        full, seed_src, avail = _pick_seeds(
+            proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
+        )
         seeded = seed_src >= 0
         seed_row = at + seed_src
+
+        # every other candidate joins its most similar prototype (ties to the lower slot)
+        best = tl.max(full, 1)
+        assign = tl.min(tl.where(full == best[:, None], q[None, :], BLOCK_MS), 1)
+        onehot = (avail & (best > NEG_INF))[:, None] & (assign[:, None] == q[None, :])
+        weights = tl.where(onehot, gate[:, None], 0.0)
         weight_sum = tl.sum(weights, 0)
-        count = tl.sum((member[:, None] & (assign[:, None] == q[None, :])).to(tl.float32), 0)
+        count = tl.sum(onehot.to(tl.float32), 0)
         updated = count > 0
         inv_denom = tl.fdiv(1.0, tl.maximum(weight_sum, FLOAT32_TINY))
 
@@ -502,14 +472,14 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
         if KEY_FOLLOWERS:
-            _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, member, assign, seed_src, updated, inv_denom,
-                                     BLOCK_S, BLOCK_MS)  # fmt: skip
+            _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, avail & (best > NEG_INF), assign, seed_src,
+                                     updated, inv_denom, BLOCK_S, BLOCK_MS)  # fmt: skip
             _publish(flag, e)
         elif WRITE_K:
-            _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row,
-                      seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
-        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row,
-                         seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+            _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                      updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
