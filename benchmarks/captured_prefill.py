@@ -2,6 +2,7 @@
 pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
 
     PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
+        [--routing default "4 warps" "keys in chains"]
 
 One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
 variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
@@ -10,6 +11,12 @@ chunks of ``--chunk``, and the captured prefill with each ``--pieces`` count. Th
 captured variant: the kernels grouped (routing, attention, products, the rest), the time routing runs with no
 other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a
 table, writes ``captured_prefill.json`` to ``--out``.
+
+``--routing`` adds captured variants whose routing kernel runs otherwise (each with every ``--pieces`` count; graphs
+captured and replayed under the setting): ``4 warps`` a program instead of 8, ``keys in chains`` with no key
+follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32, each chain longer).
+Beside the routing the products run on the multiprocessors its programs leave (it holds one each for the whole
+chain), so a longer chain on fewer multiprocessors can be the faster prefill.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +40,26 @@ from prefill_timeline import profile_groups  # noqa: E402
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
+from coda_gqa_l.kernels import dispatch  # noqa: E402
+from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
+
+ROUTING_CHOICES = ("default", "4 warps", "keys in chains")
+
+
+@contextmanager
+def routing_setting(name: str) -> Iterator[None]:
+    """The routing kernel launched as ``name`` says while inside (``--routing``)."""
+    if name == "keys in chains":
+        with dispatch.key_followers(False):
+            yield
+        return
+    warps = routing_kernel._WARPS
+    if name == "4 warps":
+        routing_kernel._WARPS = 4
+    try:
+        yield
+    finally:
+        routing_kernel._WARPS = warps
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
@@ -58,19 +86,28 @@ def seven_b_layer() -> BoundedCoDAAttention:
         return BoundedCoDAAttention(4096, 32, 8, head_dim=128, config=config).to(torch.bfloat16).eval()
 
 
+def _under(how: str, prefill: CapturedPrefill, x: torch.Tensor, state: Any) -> object:
+    with routing_setting(how):
+        return prefill(x, state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--routing", nargs="+", choices=ROUTING_CHOICES, default=["default"],
+                        help="how the captured variants' routing kernel runs, each a variant")  # fmt: skip
     parser.add_argument("--kernels-of", default="captured, 2 pieces", help="the variant whose kernels to list")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     layer = seven_b_layer()
     with torch.device("cuda"):
         bare = BareGQA(4096, 32, 8, 128).to(torch.bfloat16).eval()
-    captured = {p: CapturedPrefill(layer, chunk=args.chunk, pieces=p) for p in args.pieces}
+    captured = {
+        (p, how): CapturedPrefill(layer, chunk=args.chunk, pieces=p) for how in args.routing for p in args.pieces
+    }
     rows: list[dict[str, Any]] = []
     # as the suite times layers: inside a model the adapter tests the input for NaN and Inf once, so the layer's own
     # test (a read of the input and a host synchronisation a call) is left out for every variant
@@ -81,10 +118,9 @@ def main() -> None:
                 "bare GQA": lambda x=x: bare(x),
                 "eager prefill_chunked": lambda x=x: layer.prefill_chunked(x, layer.init_state(1), args.chunk),
             }
-            for p, prefill in captured.items():
-                variants[f"captured, {p} piece{'s' if p > 1 else ''}"] = lambda x=x, f=prefill: f(
-                    x, layer.init_state(1)
-                )
+            for (p, how), prefill in captured.items():
+                name = f"captured, {p} piece{'s' if p > 1 else ''}" + ("" if how == "default" else f", {how}")
+                variants[name] = lambda x=x, f=prefill, how=how: _under(how, f, x, layer.init_state(1))
             for run in variants.values():  # compiles, captures, warms the allocator
                 run()
                 run()

@@ -39,7 +39,7 @@ def route_chunk_triton(
     start_dev: Tensor | None = None,
     out: Banks | None = None,
     snapshots: tuple[Tensor, Tensor, Tensor] | None = None,
-    num_warps: int = _WARPS,
+    num_warps: int | None = None,
     write_keys: bool = True,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
@@ -59,8 +59,8 @@ def route_chunk_triton(
             are left untouched and the returned banks are new tensors.
         snapshots: ``routing_snapshots(banks, segments)`` to write the snapshots into (returned as they are): a caller
             launching the kernel on a side stream allocates them on its own stream, which reads them.
-        num_warps: warps per program (for benchmarks/routing_kernel.py, which times the choices; results do not
-            depend on it).
+        num_warps: warps per program, ``_WARPS`` when None (benchmarks/routing_kernel.py and captured_prefill.py time
+            the choices; results do not depend on it).
         write_keys: ``False`` leaves the key rows of the snapshots and the new banks unwritten (wrong results):
             benchmarks/routing_kernel.py times the chain without them, the bound on moving them to another pass.
     """
@@ -128,7 +128,7 @@ def route_chunk_triton(
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
-        KEY_FOLLOWERS=followers, num_warps=num_warps,
+        KEY_FOLLOWERS=followers, num_warps=_WARPS if num_warps is None else num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 
