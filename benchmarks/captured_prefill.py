@@ -2,7 +2,7 @@
 pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
 
     PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
-        [--routing default "4 warps" "keys in chains"]
+        [--settings default "routing 4 warps" "keys in chains" "rotation in forward"]
 
 One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
 variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
@@ -12,11 +12,13 @@ captured variant: the kernels grouped (routing, attention, products, the rest), 
 other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a
 table, writes ``captured_prefill.json`` to ``--out``.
 
-``--routing`` adds captured variants whose routing kernel runs otherwise (each with every ``--pieces`` count; graphs
-captured and replayed under the setting): ``4 warps`` a program instead of 8, ``keys in chains`` with no key
-follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32, each chain longer).
-Beside the routing the products run on the multiprocessors its programs leave (it holds one each for the whole
-chain), so a longer chain on fewer multiprocessors can be the faster prefill.
+``--settings`` adds captured variants that run otherwise (each with every ``--pieces`` count; graphs captured and
+replayed under the setting): ``routing 4 warps`` the routing kernel at 4 warps a program instead of 8, ``keys in
+chains`` with no key follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32,
+each chain longer), ``rotation in forward`` RoPE and the noise rotation in the attention forward's prologue
+(``diff_attention.ROTATE_IN_FORWARD``) instead of a stacking pass. Beside the routing the products run on the
+multiprocessors its programs leave (it holds one each for the whole chain), so a longer chain on fewer
+multiprocessors can be the faster prefill.
 """
 
 from __future__ import annotations
@@ -40,26 +42,28 @@ from prefill_timeline import profile_groups  # noqa: E402
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
-from coda_gqa_l.kernels import dispatch  # noqa: E402
+from coda_gqa_l.kernels import diff_attention, dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
-ROUTING_CHOICES = ("default", "4 warps", "keys in chains")
+SETTINGS = ("default", "routing 4 warps", "keys in chains", "rotation in forward")
 
 
 @contextmanager
-def routing_setting(name: str) -> Iterator[None]:
-    """The routing kernel launched as ``name`` says while inside (``--routing``)."""
+def setting(name: str) -> Iterator[None]:
+    """The kernels launched as ``name`` says while inside (``--settings``)."""
     if name == "keys in chains":
         with dispatch.key_followers(False):
             yield
         return
-    warps = routing_kernel._WARPS
-    if name == "4 warps":
+    warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
+    if name == "routing 4 warps":
         routing_kernel._WARPS = 4
+    if name == "rotation in forward":
+        diff_attention.ROTATE_IN_FORWARD = True
     try:
         yield
     finally:
-        routing_kernel._WARPS = warps
+        routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD = warps, rotate
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
@@ -87,7 +91,7 @@ def seven_b_layer() -> BoundedCoDAAttention:
 
 
 def _under(how: str, prefill: CapturedPrefill, x: torch.Tensor, state: Any) -> object:
-    with routing_setting(how):
+    with setting(how):
         return prefill(x, state)
 
 
@@ -97,8 +101,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--routing", nargs="+", choices=ROUTING_CHOICES, default=["default"],
-                        help="how the captured variants' routing kernel runs, each a variant")  # fmt: skip
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=["default"],
+                        help="how the captured variants' kernels run, each a variant")  # fmt: skip
     parser.add_argument("--kernels-of", default="captured, 2 pieces", help="the variant whose kernels to list")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -106,7 +110,7 @@ def main() -> None:
     with torch.device("cuda"):
         bare = BareGQA(4096, 32, 8, 128).to(torch.bfloat16).eval()
     captured = {
-        (p, how): CapturedPrefill(layer, chunk=args.chunk, pieces=p) for how in args.routing for p in args.pieces
+        (p, how): CapturedPrefill(layer, chunk=args.chunk, pieces=p) for how in args.settings for p in args.pieces
     }
     rows: list[dict[str, Any]] = []
     # as the suite times layers: inside a model the adapter tests the input for NaN and Inf once, so the layer's own

@@ -73,6 +73,40 @@ def test_eager_captured_prefill_equals_the_layers_prefill(
     assert bool(ours.ex_filled.any()) and bool(ours.sm_filled.any())
 
 
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["interpreter", "gpu"])
+def test_rotation_in_the_forward_leaves_the_prefill_as_it_was(monkeypatch: pytest.MonkeyPatch, on_gpu: bool) -> None:
+    """With RoPE and the noise rotation in the attention forward's prologue (``diff_attention.ROTATE_IN_FORWARD``)
+    the captured prefill (eager in the interpreter; captured, bfloat16, on a GPU) gives what the layer's prefill
+    gives with the stacking pass, and the forward really took the projected queries."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+    from coda_gqa_l.kernels import diff_attention
+
+    if not on_gpu:
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    layer = _layer(3, 32, 6, 4, 64, 4)
+    x = token_like(1, 100, 64, seed=5)
+    tol = dict(atol=2e-4, rtol=2e-4)
+    if on_gpu:
+        layer, x, tol = layer.cuda().to(torch.bfloat16), x.cuda().to(torch.bfloat16), dict(atol=3e-2, rtol=3e-2)
+    rotated = []
+    forward = diff_attention._forward
+
+    def recording(*a: object, **kw: object) -> object:
+        rotated.append(len(a) > 17 and a[17] is not None)
+        return forward(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diff_attention, "_forward", recording)
+    with torch.inference_mode():
+        eager_y, eager = layer.prefill_chunked(x, layer.init_state(1), block_size=32)
+        assert rotated and not any(rotated)
+        monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", True)
+        ours_y, ours = CapturedPrefill(layer, chunk=32, pieces=2, capture=on_gpu)(x, layer.init_state(1))
+    assert any(rotated)
+    assert ours_y is not None
+    torch.testing.assert_close(ours_y, eager_y, **tol)
+    _assert_states_close(ours, eager, **tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("sinks", [0, 3])

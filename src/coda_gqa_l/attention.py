@@ -31,7 +31,14 @@ from .banded_attention import attend_banded
 from .config import BoundedConfig
 from .differential import DifferentialCore, HeadNorm
 from .fused_linear import fusable_linears, fuse_linears
-from .kernels.diff_attention import SEGMENT_WINDOW, Pattern, fused_attention
+from .kernels.diff_attention import (
+    SEGMENT_WINDOW,
+    Pattern,
+    Rotation,
+    fused_attention,
+    rotated_fused_attention,
+    rotation_in_forward,
+)
 from .kernels.dispatch import (
     decode_view_allowed,
     fused_bounded_chunk,
@@ -562,19 +569,24 @@ class BoundedCoDAAttention(nn.Module):
         # them (a device start is the step's one position tensor)
         at = ("device", id(start)) if isinstance(start, Tensor) else start
         cos, sin = step_tables.cos_sin_range(rope, ("queries", at, n), start, n)
+        rotation = None
         if one_pass:
             # float32 tables, as the rotation kernel reads them, kept by the core between chunks and steps
             tables = core.noise_tables()
             t_cos, t_sin = tables if tables is not None else (None, None)
-            stacked = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
+            if rotation_in_forward(q, SEGMENT_WINDOW if segment_window else W):  # rotated in the kernel's prologue
+                rotation = Rotation(cos.float().contiguous(), sin.float().contiguous(), t_cos, t_sin, layout)
+                queries = q
+            else:
+                queries = stack_rotated_queries(q, cos, sin, t_cos, t_sin, core.num_kv_heads, layout)
         else:
-            stacked = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
+            queries = core.stack_queries(apply_rope(q.float(), cos, sin, layout).to(q.dtype))
         if cfg.position_mode == "relative" and not segment_window:
             cos, sin = step_tables.cos_sin(
                 rope, ("window", at, W, n), lambda: start - W + torch.arange(W + n, device=device)
             )
             ext_k = rotate(ext_k, cos, sin, layout)
-        return self.attend_stacked(stacked, lam, ext_k, ext_v, start, extras, segment_window, into)
+        return self.attend_stacked(queries, lam, ext_k, ext_v, start, extras, segment_window, into, rotation)
 
     def attend_stacked(
         self,
@@ -586,22 +598,22 @@ class BoundedCoDAAttention(nn.Module):
         extras: SegmentExtras,
         segment_window: bool = False,
         into: Tensor | None = None,
+        rotation: Rotation | None = None,
     ) -> Tensor:
         """``attend_fused`` from its rotated, stacked queries ``(B, Hkv, streams, n, Dh)`` on: the kernel over the
         window keys as given (rotated, or a graph decoder's segment buffer) and the segment's extras, then ``W_o``.
         A graph decoder's plain step comes here directly (``kernels.step_inputs`` stacks its queries).
 
-        ``into``: where to write the outputs (``project_out``)."""
+        ``into``: where to write the outputs (``project_out``). ``rotation``: ``stacked`` is instead the projected
+        queries ``(B, H, n, Dh)`` before RoPE, which the kernel rotates in its prologue
+        (``diff_attention.rotated_fused_attention``)."""
         cfg, core = self.config, self.core
         W, S, Ns = cfg.window, cfg.segment, cfg.num_sink
-        B, n, D = stacked.shape[0], stacked.shape[3], stacked.shape[4]
+        B, D = stacked.shape[0], stacked.shape[-1]
+        n = stacked.shape[-2]
         H = core.num_heads
         norm = core.head_norm if isinstance(core.head_norm, HeadwiseRMSNorm) else None
-        out = fused_attention(
-            stacked,
-            ext_k,
-            ext_v,
-            lam,
+        common: dict[str, Any] = dict(
             q_start=start,
             k_offset=SEGMENT_WINDOW if segment_window else W,
             scale=core.softmax_scale,
@@ -612,6 +624,10 @@ class BoundedCoDAAttention(nn.Module):
             norm_weight=norm.weight if norm is not None else None,
             eps=norm.eps if norm is not None else 1e-6,
         )
+        if rotation is None:
+            out = fused_attention(stacked, ext_k, ext_v, lam, **common)
+        else:
+            out = rotated_fused_attention(stacked, rotation, core.num_kv_heads, ext_k, ext_v, lam, **common)
         return self.project_out(out.reshape(B, n, H * D), into)
 
     def project_out(self, heads: Tensor, into: Tensor | None = None) -> Tensor:

@@ -369,3 +369,77 @@ def test_tuned_kernels_keep_their_timings_on_disk(monkeypatch: pytest.MonkeyPatc
             assert all(kernels[name].cache_results for name in ("fwd", "dkdv", "dq"))
     finally:
         diff_attention._kernels.cache_clear()
+
+
+# ------------------------------------------------------------------ RoPE and the noise rotation in the forward
+ROTATION_CASES = {
+    # name: (pattern, q_start, length, k_offset, head_dim, group, extras, differential, layout)
+    "bounded-half": (Pattern(True, 32, 8, 3), 45, 20, 32, 16, 2, 7, True, "half"),
+    "causal-interleaved": (Pattern(), 0, 37, 0, 32, 3, 0, True, "interleaved"),
+    "bounded-plain-gqa": (Pattern(True, 32, 8, 3), 3, 30, 32, 16, 2, 5, False, "half"),
+}
+_ROTATION_ON_CPU = ("bounded-half", "causal-interleaved")
+
+
+@pytest.mark.parametrize("name", sorted(ROTATION_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_rotation_in_the_forward_matches_the_stacking_pass(
+    name: str, dtype: torch.dtype, use_triton: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rotated_fused_attention`` with RoPE and the noise angles applied in the forward's prologue
+    (``diff_attention.ROTATE_IN_FORWARD``) against the same queries stacked first (``rope.stack_rotated_queries``)
+    and against the float64 reference of the rotated queries; the queries as the projection leaves them
+    (``(B, L, H, Dh)`` viewed as ``(B, H, L, Dh)``)."""
+    from coda_gqa_l.kernels.rope import stack_rotated_queries_reference
+    from coda_gqa_l.primitives import expand_pairs
+
+    if DEVICE == "cpu" and name not in _ROTATION_ON_CPU:
+        pytest.skip("the interpreter runs a few cases (CPU suite time)")
+    pattern, q_start, L, k_offset, D, group, E, differential, layout = ROTATION_CASES[name]
+    B, Hkv = 1, 2
+    H = Hkv * group
+    gen = torch.Generator(device=DEVICE).manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE)
+
+    x = rand(B, L, H, D).to(dtype).transpose(1, 2)  # the projection's layout, read in place
+    LK = L + k_offset
+    k, v = rand(B, Hkv, LK, D).to(dtype), rand(B, Hkv, LK, D).to(dtype)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float64) / D)
+    angles = (q_start + torch.arange(L, device=DEVICE, dtype=torch.float64))[:, None] * inv_freq[None, :]
+    cos, sin = (t.float().contiguous() for t in expand_pairs(angles.cos(), angles.sin(), layout))
+    theta = rand(H, D // 2).double()
+    t_cos, t_sin = (t.float().contiguous() for t in expand_pairs(theta.cos(), theta.sin(), layout))
+    lam = (0.1 + 0.5 * torch.rand(B, H, L, generator=gen, device=DEVICE)) if differential else None
+    extras: dict[str, torch.Tensor | None] = {"extra_k": None, "extra_v": None, "extra_bias": None}
+    if E:
+        nseg = (q_start + L - 1) // pattern.segment - q_start // pattern.segment + 1
+        extras = {"extra_k": rand(B, Hkv, nseg, E, D).to(dtype), "extra_v": rand(B, Hkv, nseg, E, D).to(dtype),
+                  "extra_bias": torch.rand(B, Hkv, nseg, E, generator=gen, device=DEVICE).log()}  # fmt: skip
+    rotation = diff_attention.Rotation(cos, sin, t_cos if differential else None, t_sin if differential else None,
+                                       layout)  # fmt: skip
+    args = dict(q_start=q_start, k_offset=k_offset, scale=D**-0.5, pattern=pattern, **extras)
+    rotated_in_forward = []
+    forward = diff_attention._forward
+
+    def recording(*a: object, **kw: object) -> object:
+        rotated_in_forward.append(len(a) > 17 and a[17] is not None)
+        return forward(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(diff_attention, "_forward", recording)
+    with torch.no_grad():
+        monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", True)
+        fused = diff_attention.rotated_fused_attention(x, rotation, Hkv, k, v, lam, **args).double()  # type: ignore[arg-type]
+        monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", False)
+        stacked = diff_attention.rotated_fused_attention(x, rotation, Hkv, k, v, lam, **args).double()  # type: ignore[arg-type]
+    assert rotated_in_forward == [True, False]
+    exact_q = stack_rotated_queries_reference(x.double(), cos.double(), sin.double(), *(
+        (t_cos.double(), t_sin.double()) if differential else (None, None)), Hkv, layout)  # fmt: skip
+    as64 = {key: (t.double() if t is not None else None) for key, t in extras.items()}
+    truth = reference_attention(exact_q, k.double(), v.double(), lam.double() if lam is not None else None,
+                                **{**args, **as64})  # type: ignore[arg-type]  # fmt: skip
+    err, stacked_err = (fused - truth).abs().max().item(), (stacked - truth).abs().max().item()
+    if dtype == torch.float32:
+        assert (fused - stacked).abs().max().item() <= 1e-5 * max(truth.abs().max().item(), 1.0)
+    assert err <= 2 * stacked_err + 2e-6 * max(truth.abs().max().item(), 1.0), f"{err:.2e} vs stacked {stacked_err:.2e}"

@@ -21,6 +21,11 @@ The forward keeps both streams (signal and noise query of head ``h``) in one pro
 tile is loaded once and feeds two online softmaxes; the epilogue forms
 ``signal - lambda * noise`` and the optional per-head RMSNorm in registers. The softmax runs in
 base 2 (``exp2``) with the scale folded in; the saved log-sum-exp is in base-2 units.
+
+With ``ROTATE`` (inference, the streams-as-rows layout) the forward reads the projection's queries before RoPE
+instead of the stacked, rotated ones, and rotates them in its prologue as ``rope_triton._rotate_kernel`` would (RoPE
+from the chunk's float32 tables, plus the head's learned angles for the noise rows): the stacking pass and the
+stacked tensor's write and read are left out.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .rope_triton import _pair_partner
 
 LOG2E = 1.4426950408889634
 
@@ -205,18 +212,67 @@ def _halves(x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _noise_rows(cos, sin, noise, TCOS, TSIN, d, d_ok):
+    """The angles of rows marked ``noise`` turned further by the head's noise angles (cos(a + b), sin(a + b))."""
+    tcos = tl.load(TCOS + d, mask=d_ok, other=1.0)[None, :]
+    tsin = tl.load(TSIN + d, mask=d_ok, other=0.0)[None, :]
+    turned_cos = tl.where(noise[:, None], cos * tcos - sin * tsin, cos)
+    return turned_cos, tl.where(noise[:, None], sin * tcos + cos * tsin, sin)
+
+
+@triton.jit
+def _rotated_rows(x_base, i, row_ok, noise, d, d_ok, sxl, COS, SIN, TCOS, TSIN, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DIFF: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    """Query rows rotated from the projection's ``x`` (before RoPE; row ``i`` of one head at ``x_base``): RoPE at the
+    rows' positions (``COS``, ``SIN``: the chunk's ``(L, HEAD_DIM)`` float32 tables), plus the head's noise angles
+    (``TCOS``, ``TSIN``: ``HEAD_DIM`` float32 each) on the rows marked ``noise``, in float32 and rounded to ``x``'s
+    dtype, the arithmetic of ``rope_triton._rotate_kernel``.
+
+    Pairs ``(d, d + HEAD_DIM / 2)`` of a power-of-two head size are rotated as two half tiles (the tables repeat
+    across the halves), so that at most six half tiles of float32 are live; otherwise each element's partner is
+    loaded as in the stacking kernel (four whole tiles live)."""
+    rows = x_base + i[:, None] * sxl
+    if HALF and HEAD_DIM == BLOCK_D:
+        HALF_D: tl.constexpr = HEAD_DIM // 2
+        dh = tl.arange(0, HALF_D)
+        mask = row_ok[:, None]
+        cos = tl.load(COS + i[:, None] * HEAD_DIM + dh[None, :], mask=mask, other=0.0)
+        sin = tl.load(SIN + i[:, None] * HEAD_DIM + dh[None, :], mask=mask, other=0.0)
+        if DIFF:
+            cos, sin = _noise_rows(cos, sin, noise, TCOS, TSIN, dh, dh < HALF_D)
+        x1 = tl.load(rows + dh[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(rows + HALF_D + dh[None, :], mask=mask, other=0.0).to(tl.float32)
+        first = (x1 * cos - x2 * sin).to(x_base.dtype.element_ty)
+        second = (x2 * cos + x1 * sin).to(x_base.dtype.element_ty)
+        # (rows, 2, HALF_D) in order: the first half's columns, then the second's
+        return tl.reshape(tl.permute(tl.join(first, second), (0, 2, 1)), (first.shape[0], HEAD_DIM))
+    else:
+        partner, sign = _pair_partner(d, HEAD_DIM, HALF)
+        mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(rows + partner[None, :], mask=mask, other=0.0).to(tl.float32) * sign[None, :]
+        cos = tl.load(COS + i[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        sin = tl.load(SIN + i[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+        if DIFF:
+            cos, sin = _noise_rows(cos, sin, noise, TCOS, TSIN, d, d_ok)
+        return (x * cos + xp * sin).to(x_base.dtype.element_ty)
+
+
+@triton.jit
 def _fwd_streams_as_rows(LAM, NW, OUT, sqs, sql, skl, svl, slb, slh, seks, seke, sevs, seve, sebs, sob, sol, soh,
                          sas, sal, sss, q_base, k_base, v_base, ek_head, ev_head, eb_head, a_base, s_base, b64, h, g,
                          first, q_start, k_start, L, LK, E, GROUP, qk_scale, eps, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                          DIFF: tl.constexpr, BOUNDED: tl.constexpr, WINDOW: tl.constexpr, SEG: tl.constexpr,
                          NUM_SINK: tl.constexpr, HAS_EXTRAS: tl.constexpr, NORM: tl.constexpr,
-                         STORE_STREAMS: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                         STORE_STREAMS: tl.constexpr, PREC: tl.constexpr, COS, SIN, TCOS, TSIN, ROTATE: tl.constexpr,
+                         HALF: tl.constexpr):  # fmt: skip
     """The forward of one query block with both streams as the rows of one tile: rows ``0 .. BLOCK_M - 1`` the signal
     queries of the block's tokens, rows ``BLOCK_M ..`` their noise queries. One product of ``2 * BLOCK_M`` rows a K/V
     tile feeds both online softmaxes (each row its own), and each warp group of an 8-warp program holds one stream's
     rows: no warp computes a row another also computes (the two-tile form's ``BLOCK_M = 64`` products at 8 warps
-    lay the same rows on both warp groups)."""
+    lay the same rows on both warp groups). With ``ROTATE`` ``q_base`` is the KV head's first head in the
+    projection's queries (before RoPE, ``sqs`` apart), rotated here (``_rotated_rows``)."""
     STREAMS: tl.constexpr = 2 if DIFF else 1
     ROWS: tl.constexpr = STREAMS * BLOCK_M
     r = tl.arange(0, ROWS)
@@ -226,8 +282,12 @@ def _fwd_streams_as_rows(LAM, NW, OUT, sqs, sql, skl, svl, slb, slh, seks, seke,
     stream = g + (r // BLOCK_M) * GROUP  # the row's query in Q's stream dimension
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_base + stream[:, None] * sqs + i[:, None] * sql + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)  # fmt: skip
+    if ROTATE:
+        q = _rotated_rows(q_base + g * sqs, i, row_ok, r >= BLOCK_M, d, d_ok, sql, COS, SIN, TCOS + h * HEAD_DIM,
+                          TSIN + h * HEAD_DIM, HEAD_DIM, BLOCK_D, DIFF, HALF)  # fmt: skip
+    else:
+        q = tl.load(q_base + stream[:, None] * sqs + i[:, None] * sql + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     m = tl.full([ROWS], -1.0e30, tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
@@ -354,7 +414,14 @@ def _fwd_kernel(
     STORE_STREAMS: tl.constexpr,
     PREC: tl.constexpr,
     STREAMS_AS_ROWS: tl.constexpr = False,
+    COS=None,
+    SIN=None,
+    TCOS=None,
+    TSIN=None,
+    ROTATE: tl.constexpr = False,
+    HALF: tl.constexpr = True,
 ):
+    tl.static_assert(not ROTATE or (STREAMS_AS_ROWS and not STORE_STREAMS), "ROTATE: streams as rows, inference")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -375,7 +442,7 @@ def _fwd_kernel(
             EK + b64 * sekb + kvh64 * sekh, EV + b64 * sevb + kvh64 * sevh, EB + b64 * sebb + kvh64 * sebh,
             A + b64 * sab + kvh64 * sah, LSE + b64 * ssb + kvh64 * ssh, b64, h, g, first, q_start, k_start, L, LK, E,
             GROUP, qk_scale, eps, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_E, DIFF, BOUNDED, WINDOW, SEG, NUM_SINK,
-            HAS_EXTRAS, NORM, STORE_STREAMS, PREC,
+            HAS_EXTRAS, NORM, STORE_STREAMS, PREC, COS, SIN, TCOS, TSIN, ROTATE, HALF,
         )  # fmt: skip
     else:
         t = first + tl.arange(0, BLOCK_M)

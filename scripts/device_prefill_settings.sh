@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the GPU machine (no model needed; carry .device or any folder with the platformdirs wheel as WHEEL_DIR): the
+# prefill's kernel settings not shipped, checked and timed in one call.
+#   1. GPU tests of the attention forward (with RoPE and the noise rotation in its prologue, bfloat16) and of the
+#      captured prefill (the same, captured);
+#   2. benchmarks/captured_prefill.py with --settings default, "routing 4 warps", "keys in chains" and
+#      "rotation in forward" (2 pieces; rounds visit every variant in turn).
+# Results under $OUT/prefill_settings/; the tables are printed last. Env: TEST_S, BENCH_S, SETTINGS, ROUNDS.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "${WHEEL_DIR:-.device/whl}"/platformdirs-*.whl
+export PYTHONPATH=/tmp/site:src TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_prefill_settings}
+out=$OUT/prefill_settings
+mkdir -p "$out"
+timeout ${TEST_S:-200} python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_diff_attention.py \
+  tests/test_captured_prefill.py > "$out/gpu_tests.txt" 2>&1
+echo "GPU tests: $(tail -n 1 "$out/gpu_tests.txt")"
+grep -E "^(FAILED|ERROR)" "$out/gpu_tests.txt" | head -10
+eval "settings=(${SETTINGS:-default \"routing 4 warps\" \"keys in chains\" \"rotation in forward\"})"
+timeout ${BENCH_S:-240} python benchmarks/captured_prefill.py --pieces 2 --rounds ${ROUNDS:-7} --settings "${settings[@]}" \
+  --out "$out" > "$out/captured_prefill.txt" 2>&1
+grep -E "^\||Error" "$out/captured_prefill.txt"
