@@ -373,12 +373,12 @@ def test_tuned_kernels_keep_their_timings_on_disk(monkeypatch: pytest.MonkeyPatc
 
 # ------------------------------------------------------------------ RoPE and the noise rotation in the forward
 ROTATION_CASES = {
-    # name: (pattern, q_start, length, k_offset, head_dim, group, extras, differential, layout)
-    "bounded-half": (Pattern(True, 32, 8, 3), 45, 20, 32, 16, 2, 7, True, "half"),
-    "causal-interleaved": (Pattern(), 0, 37, 0, 32, 3, 0, True, "interleaved"),
+    # name: (pattern, q_start, length, k_offset, head_dim, group, extras, differential, layout); batch 2
+    "bounded-half": (Pattern(True, 32, 8, 3), 45, 20, 32, 16, 2, 7, True, "half"),  # two half tiles
+    "causal-interleaved": (Pattern(), 0, 37, 0, 32, 3, 0, True, "interleaved"),  # partners gathered
+    "bounded-half-dh24": (Pattern(True, 32, 8, 3), 9, 26, 32, 24, 2, 5, True, "half"),  # padded: partners gathered
     "bounded-plain-gqa": (Pattern(True, 32, 8, 3), 3, 30, 32, 16, 2, 5, False, "half"),
 }
-_ROTATION_ON_CPU = ("bounded-half", "causal-interleaved")
 
 
 @pytest.mark.parametrize("name", sorted(ROTATION_CASES))
@@ -393,10 +393,8 @@ def test_rotation_in_the_forward_matches_the_stacking_pass(
     from coda_gqa_l.kernels.rope import stack_rotated_queries_reference
     from coda_gqa_l.primitives import expand_pairs
 
-    if DEVICE == "cpu" and name not in _ROTATION_ON_CPU:
-        pytest.skip("the interpreter runs a few cases (CPU suite time)")
     pattern, q_start, L, k_offset, D, group, E, differential, layout = ROTATION_CASES[name]
-    B, Hkv = 1, 2
+    B, Hkv = 2, 2
     H = Hkv * group
     gen = torch.Generator(device=DEVICE).manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
@@ -443,3 +441,28 @@ def test_rotation_in_the_forward_matches_the_stacking_pass(
     if dtype == torch.float32:
         assert (fused - stacked).abs().max().item() <= 1e-5 * max(truth.abs().max().item(), 1.0)
     assert err <= 2 * stacked_err + 2e-6 * max(truth.abs().max().item(), 1.0), f"{err:.2e} vs stacked {stacked_err:.2e}"
+
+
+def test_rotated_attention_refuses_what_it_cannot_take(use_triton: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear errors, before any launch: a lambda of the wrong shape (the stacked path's checks), noise angles without
+    a lambda, and inputs that want gradients (the rotated path is for inference)."""
+    monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", True)
+    q, k = torch.randn(1, 4, 10, 16, device=DEVICE), torch.randn(1, 2, 42, 16, device=DEVICE)
+    ones = torch.ones(4, 16, device=DEVICE)
+    rotation = diff_attention.Rotation(torch.ones(10, 16, device=DEVICE), torch.zeros(10, 16, device=DEVICE), ones,
+                                       0 * ones, "half")  # fmt: skip
+    args = dict(q_start=0, k_offset=32, scale=0.25)
+    with torch.no_grad(), pytest.raises(ValueError, match="lam must be"):
+        diff_attention.rotated_fused_attention(q, rotation, 2, k, k, torch.rand(1, 4, 9, device=DEVICE), **args)  # type: ignore[arg-type]
+    with torch.no_grad(), pytest.raises(ValueError, match="noise heads need both"):
+        diff_attention.rotated_fused_attention(q, rotation, 2, k, k, None, **args)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="for inference"):
+        diff_attention.rotated_fused_attention(
+            q.requires_grad_(),
+            rotation,
+            2,
+            k,
+            k,
+            torch.rand(1, 4, 10, device=DEVICE),
+            **args,  # type: ignore[arg-type]
+        )

@@ -156,7 +156,7 @@ def _kernels() -> dict[str, Any]:
     on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     fwd = triton.autotune(
         [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in _FWD_TUNING],
-        key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC", "STREAMS_AS_ROWS", "ROTATE"],
+        key=["HEAD_DIM", "DIFF", "BOUNDED", "HAS_EXTRAS", "PREC", "STREAMS_AS_ROWS", "ROTATE", "HALF"],
         **on_disk,
     )(kt._fwd_kernel)
     bwd_configs = [
@@ -610,8 +610,15 @@ def rotated_fused_attention(
     The noise heads exist where ``rotation.theta_cos`` does (``lam`` given)."""
     from .rope import stack_rotated_queries
 
-    if rotation.theta_cos is None and lam is not None:
-        raise ValueError("lam given without the noise angles: the noise heads need rotation.theta_cos/theta_sin")
+    if (rotation.theta_cos is None or rotation.theta_sin is None) != (lam is None):
+        raise ValueError("noise heads need both lam and the noise angles (rotation.theta_cos/theta_sin), or neither")
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, lam, extra_k, extra_v, extra_bias, norm_weight)
+    ):
+        raise ValueError("rotated_fused_attention is for inference: with gradients use rope.rotate_and_stack and "
+                         "fused_attention")  # fmt: skip
+    if q.dim() != 4:
+        raise ValueError(f"q must be the projected queries (B, H, L, Dh), got shape {tuple(q.shape)}")
     if not rotation_in_forward(q, k_offset):
         stacked = stack_rotated_queries(
             q, rotation.cos, rotation.sin, rotation.theta_cos, rotation.theta_sin, num_kv_heads, rotation.layout
@@ -621,8 +628,12 @@ def rotated_fused_attention(
             extra_v=extra_v, extra_bias=extra_bias, norm_weight=norm_weight, eps=eps,
         )  # fmt: skip
     B, H, L, D = q.shape
-    if H % num_kv_heads or k.shape[1] != num_kv_heads or k.shape[-1] != D:
-        raise ValueError(f"queries (B, H, L, Dh) = {tuple(q.shape)} do not match keys {tuple(k.shape)}")
+    if H % num_kv_heads or k.shape[1] != num_kv_heads:
+        raise ValueError(f"{H} query heads do not group over the keys' {k.shape[1]} heads ({num_kv_heads=})")
+    streams = (2 if lam is not None else 1) * (H // num_kv_heads)
+    # the stacked queries' shape without their values (a view of stride 0), for the checks the stacked path makes
+    _check(q.as_strided((B, num_kv_heads, streams, L, D), (0,) * 5), k, v, lam, extra_k, extra_v, extra_bias,
+           norm_weight)  # fmt: skip
     for name, table, rows in zip(Rotation._fields[:4], rotation[:4], (L, L, H, H), strict=True):
         if table is None:
             continue
