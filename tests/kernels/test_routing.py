@@ -421,3 +421,31 @@ def test_the_cpu_skip_of_segments_without_exact_candidates_changes_nothing(monke
     assert DEVICE == "cpu" or routed["skipped"] == 0  # the skip is a CPU path
     if DEVICE == "cpu":
         assert routed["skipped"] > 0 and routed["routed"] > 2 * routed["skipped"]  # both kinds of segment
+
+
+def test_phase_stamps_change_nothing_and_cover_every_phase() -> None:
+    """``route_chunk_triton(phase_stamps=...)`` (benchmarks/routing_phases.py) routes exactly as without it; on a GPU
+    every program writes a rising cycle count for each of its phases, in the interpreter zeros; a buffer of the
+    wrong shape is refused."""
+    from coda_gqa_l.kernels.routing import phase_stamp_buffer
+
+    case = CASES["both"]
+    cfg = BoundedConfig(**case.config)
+    stream = Stream(case, 120, 0, torch.float32)
+    banks = empty_banks(case, torch.float32)
+    start, n = 40, 50
+    ext, eta = stream.ext(start, n, cfg.window), stream.eta.to(DEVICE)
+    nseg = len(chunk_segments(start, n, cfg.segment))
+    stamps = phase_stamp_buffer(case.batch * case.kv_heads, nseg, device=DEVICE)
+    with torch.no_grad(), dispatch.key_followers(True):
+        plain = route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg)
+        stamped = route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg, phase_stamps=stamps)
+        with pytest.raises(ValueError, match="phase_stamps"):
+            route_chunk_triton(banks, *ext, start=start, n=n, eta=eta, config=cfg, phase_stamps=stamps[:, :2])
+    assert_same_routing(plain, stamped, atol=0.0)
+    if interpreting():
+        assert not stamps.any()
+    else:  # exact chain phases 0-4, summary chain 0-5, each follower 0-2: rising within a segment
+        for program, phases in enumerate((5, 6, 3, 3)):
+            taken = stamps[:, program, :, :phases]
+            assert bool((taken > 0).all()) and bool((taken.diff(dim=-1) >= 0).all()), program

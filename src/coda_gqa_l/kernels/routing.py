@@ -41,6 +41,7 @@ def route_chunk_triton(
     snapshots: tuple[Tensor, Tensor, Tensor] | None = None,
     num_warps: int | None = None,
     write_keys: bool = True,
+    phase_stamps: Tensor | None = None,
 ) -> tuple[Banks, Tensor, Tensor, Tensor]:
     """``routing_reference.route_chunk`` in one Triton launch (arguments and results as there).
 
@@ -63,6 +64,9 @@ def route_chunk_triton(
             the choices; results do not depend on it).
         write_keys: ``False`` leaves the key rows of the snapshots and the new banks unwritten (wrong results):
             benchmarks/routing_kernel.py times the chain without them, the bound on moving them to another pass.
+        phase_stamps: ``phase_stamp_buffer(B * Hkv, segments)``: each program writes its multiprocessor's cycle
+            counter at the end of each phase of each segment there (benchmarks/routing_phases.py; zeros in Triton's
+            interpreter). Results do not depend on it.
     """
     _check(banks, ext_k, ext_v, ext_g, eta, n, config, start_dev)
     B, Hkv, ext_len, Dh = ext_k.shape
@@ -115,22 +119,38 @@ def route_chunk_triton(
     else:
         dec_ex = dec_sm_i = flags = torch.empty(1, dtype=torch.int32, device=device)
         dec_sm_f = torch.empty(1, dtype=torch.float32, device=device)
+    if phase_stamps is not None:
+        want = phase_stamp_buffer(B * Hkv, nseg, device=torch.device("meta"))
+        if phase_stamps.shape != want.shape or phase_stamps.dtype != want.dtype or not phase_stamps.is_contiguous():
+            raise ValueError(f"phase_stamps must be a contiguous int64 tensor of shape {tuple(want.shape)}")
+    stamps = phase_stamps if phase_stamps is not None else flags
     launch(_route_chunk_kernel, (B * Hkv, 4 if followers else 2),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
         c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),
         out.ex_k, out.ex_v, out.ex_g, out.ex_last, _bytes(out.ex_filled),
         out.sm_k, out.sm_v, out.sm_g, _bytes(out.sm_filled),
-        snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags,
+        snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags, stamps,
         start_dev, nseg, ext_len, Hkv,
         config.tau_exact, config.tau_summary, config.novelty, config.match,
         DH=Dh, ME=Me, MS=Ms, SEG=config.segment, WINDOW=config.window, NUM_SINK=config.num_sink,
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
-        KEY_FOLLOWERS=followers, num_warps=_WARPS if num_warps is None else num_warps,
+        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, num_warps=_WARPS if num_warps is None else num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
+
+
+PHASE_SLOTS = 8  # routing_triton.PHASE_SLOTS
+
+
+def phase_stamp_buffer(rows: int, segments: int, device: torch.device | str = "cpu") -> Tensor:
+    """Room for ``route_chunk_triton(phase_stamps=...)``: ``(rows, 4 programs, segments, PHASE_SLOTS)`` int64, the
+    programs being the exact chain, the summary chain and their key followers; slot ``k`` of a segment is the cycle
+    counter at the end of its phase ``k`` (routing_triton: the exact chain stamps 0-4, the summary chain 0-5, the
+    followers 0-2), unwritten slots zero."""
+    return torch.zeros(rows, 4, segments, PHASE_SLOTS, dtype=torch.int64, device=device)
 
 
 def routing_snapshots(banks: Banks, segments: int, *, allocate: bool = True) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,6 +35,7 @@ POS_INF = tl.constexpr(float("inf"))
 FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, the reference's clamp
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp
 LN2 = tl.constexpr(0.6931471805599453)
+PHASE_SLOTS = tl.constexpr(8)  # stamps a segment and program (``PHASES``)
 
 
 @triton.jit
@@ -300,6 +301,21 @@ def _log(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _stamp(stamps, e, phase, ON: tl.constexpr, INTERPRET: tl.constexpr):
+    """With ``ON``, the multiprocessor's cycle counter at the end of ``phase`` of segment ``e`` (``PHASES`` in
+    ``_route_chunk_kernel``; zeros in the interpreter): where a segment's time goes, for benchmarks/routing_phases.py.
+    A barrier first, so that the stamp follows every thread's part of the phase."""
+    if ON:
+        tl.debug_barrier()
+        if INTERPRET:
+            now = tl.zeros([1], tl.int64)
+        else:
+            now = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [tl.zeros([1], tl.int32)],
+                                            dtype=tl.int64, is_pure=False, pack=1)  # fmt: skip
+        tl.store(stamps + e * PHASE_SLOTS + phase + tl.arange(0, 1), now)
+
+
+@triton.jit
 def _store_bias(snap_b, slot0, bg, bfill, NUM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
     """A bank's logit offsets in a snapshot: ``log g`` of filled slots, ``-inf`` for empty ones."""
     p = tl.arange(0, BLOCK_M)
@@ -315,7 +331,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
                    LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr,
-                   KEY_FOLLOWERS: tl.constexpr):  # fmt: skip
+                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
     ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
     writing key rows."""
@@ -329,6 +345,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
     for e in range(nseg):
+        _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
@@ -337,6 +354,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                                           COS_BK, LOWP)  # fmt: skip
         pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
         cos = dots * vinv[:, None] * xinv[None, :]
+        _stamp(stamps, e, 1, PHASES, INTERPRET)
         xlast, write, src = _exact_decisions(
             cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact, novelty, match, ME, MAX_INSERTS,
             BLOCK_S, BLOCK_ME,
@@ -346,6 +364,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
         here = slot0 + e * M_TOTAL
+        _stamp(stamps, e, 2, PHASES, INTERPRET)
         if KEY_FOLLOWERS:
             tl.store(dec + (row_id * nseg + e) * BLOCK_ME + p, tl.where(write, src_row, -1))
             _publish(flag, e)
@@ -356,8 +375,10 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
         xinv = _copy_rows(
             snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
         )
+        _stamp(stamps, e, 3, PHASES, INTERPRET)
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
+        _stamp(stamps, e, 4, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
     if WRITE_K and not KEY_FOLLOWERS:
         _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
@@ -429,7 +450,8 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
-                     INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr):  # fmt: skip
+                     INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr, stamps,
+                     PHASES: tl.constexpr):  # fmt: skip
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
     ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
     for ``_summary_keys`` instead of writing key rows."""
@@ -444,6 +466,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
     for e in range(nseg):
+        _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
@@ -452,9 +475,11 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         cand = valid & (gate > tau_summary)
         dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
         proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
+        _stamp(stamps, e, 1, PHASES, INTERPRET)
         full, seed_src, avail = _pick_seeds(
             proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
         )
+        _stamp(stamps, e, 2, PHASES, INTERPRET)
         seeded = seed_src >= 0
         seed_row = at + seed_src
 
@@ -471,6 +496,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         # seeding sets the slot; the EMA then moves every prototype that received members
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
+        _stamp(stamps, e, 3, PHASES, INTERPRET)
         if KEY_FOLLOWERS:
             _store_summary_decisions(dec_i, dec_f, row_id * nseg + e, avail & (best > NEG_INF), assign, seed_src,
                                      updated, inv_denom, BLOCK_S, BLOCK_MS)  # fmt: skip
@@ -480,11 +506,13 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                       updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
                          updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        _stamp(stamps, e, 4, PHASES, INTERPRET)
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
         _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
+        _stamp(stamps, e, 5, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
     if WRITE_K and not KEY_FOLLOWERS:
         _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
@@ -526,7 +554,7 @@ def _store_summary_decisions(dec_i, dec_f, at_seg, member, assign, seed_src, upd
 @triton.jit
 def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.constexpr, ME: tl.constexpr,
                 M_TOTAL: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COPY_BK: tl.constexpr,
-                INTERPRET: tl.constexpr):  # fmt: skip
+                INTERPRET: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
     """The exact bank's key rows, a segment behind its chain: the copies the chain made before, of the slots it
     published as written."""
     p = tl.arange(0, BLOCK_ME)
@@ -534,13 +562,16 @@ def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.conste
     bank = row_id * ME
     slot0 = row_id * nseg * M_TOTAL
     for e in range(nseg):
+        _stamp(stamps, e, 0, PHASES, INTERPRET)
         _await(flag, e)
+        _stamp(stamps, e, 1, PHASES, INTERPRET)
         src_row = tl.load(dec + (row_id * nseg + e) * BLOCK_ME + p, cache_modifier=".cg")
         write = p_ok & (src_row >= 0)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         here = slot0 + e * M_TOTAL
         _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
+        _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
     _copy_block(o_k + bank * DH, snap_k + last * DH, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK)
 
@@ -550,7 +581,7 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
                   DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, M_TOTAL: tl.constexpr, SEG: tl.constexpr,
                   WINDOW: tl.constexpr, NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
                   BLOCK_D: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
-                  INTERPRET: tl.constexpr):  # fmt: skip
+                  INTERPRET: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
     """The summary bank's key rows, a segment behind its chain: the seeds and EMA moves the chain made of its
     values, made of the keys with the weights (members' gates) and divisors it published."""
     q = tl.arange(0, BLOCK_MS)
@@ -563,7 +594,9 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
     for e in range(nseg):
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
+        _stamp(stamps, e, 0, PHASES, INTERPRET)
         _await(flag, e)
+        _stamp(stamps, e, 1, PHASES, INTERPRET)
         base = dec_i + (row_id * nseg + e) * (BLOCK_S + 2 * BLOCK_MS)
         member = tl.load(base + tl.arange(0, BLOCK_S), cache_modifier=".cg")
         seed_src = tl.load(base + BLOCK_S + q, cache_modifier=".cg")
@@ -577,6 +610,7 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
         _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, at + seed_src, seeded,
                   updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         tl.debug_barrier()  # the next segment reads these rows from other threads
+        _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
     _copy_block(o_k + bank * DH, snap_k + last * DH, q_ok, DH, BLOCK_MS, BLOCK_D, EMA_BK)
 
@@ -586,25 +620,28 @@ def _route_chunk_kernel(
     ext_k, ext_v, ext_g, eta,
     ex_k, ex_v, ex_g, ex_last, ex_fill, sm_k, sm_v, sm_g, sm_fill,
     o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill,
-    snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags,
+    snap_k, snap_v, snap_b, dec_ex, dec_sm_i, dec_sm_f, flags, stamps,
     start_ptr, nseg, ext_len, num_heads,
     tau_exact, tau_summary, novelty, match,
     DH: tl.constexpr, ME: tl.constexpr, MS: tl.constexpr, SEG: tl.constexpr, WINDOW: tl.constexpr,
     NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
-    WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False,
+    WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False, PHASES: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
     whose key rows another pass writes (they feed no decision: cosines read values only). ``KEY_FOLLOWERS``: the grid
     is ``(B * Hkv, 4)`` and programs ``(row, 2)`` and ``(row, 3)`` write the exact and summary banks' key rows a
     segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
-    so every chain is running or done before a follower waits on it."""
+    so every chain is running or done before a follower waits on it. ``PHASES``: each program stores its cycle
+    counter at the end of each phase of each segment into ``stamps (B * Hkv, 4, nseg, PHASE_SLOTS)`` int64
+    (``_stamp``; benchmarks/routing_phases.py)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
     ext = row_id * ext_len
+    stamps = stamps + (row_id * 4 + which) * nseg * PHASE_SLOTS
     if which == 0:
         if ME > 0:
             _exact_program(
@@ -612,7 +649,7 @@ def _route_chunk_kernel(
                 o_ex_k, o_ex_v, o_ex_g, o_ex_last, o_ex_fill, snap_k, snap_v, snap_b, dec_ex, flags + row_id * 2,
                 start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
-                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
+                BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS, stamps, PHASES,
             )  # fmt: skip
     elif which == 1:
         if MS > 0:
@@ -621,17 +658,18 @@ def _route_chunk_kernel(
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
                 WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
+                stamps, PHASES,
             )  # fmt: skip
     elif which == 2:
         if ME > 0:
             _exact_keys(
                 row_id, ext_k + ext * DH, ex_k, o_ex_k, snap_k, dec_ex, flags + row_id * 2, nseg,
-                DH, ME, ME + MS, BLOCK_ME, BLOCK_D, EMA_BK, INTERPRET,
+                DH, ME, ME + MS, BLOCK_ME, BLOCK_D, EMA_BK, INTERPRET, stamps, PHASES,
             )  # fmt: skip
     else:
         if MS > 0:
             _summary_keys(
                 row_id, row_id % num_heads, ext_k + ext * DH, ext_g + ext, eta, sm_k, o_sm_k, snap_k,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, DH, ME, MS, ME + MS, SEG, WINDOW, NUM_SINK,
-                BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
+                BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET, stamps, PHASES,
             )  # fmt: skip
