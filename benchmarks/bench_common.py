@@ -301,3 +301,20 @@ def graphed_call_seconds(call: Callable[[], object], calls: int, repeats: int, d
         torch.cuda.synchronize(device)
         times.append((time.perf_counter() - began) / calls)
     return statistics.median(times)
+
+
+def quick_or_cuda(quick: bool, why: str) -> tuple[torch.device, torch.dtype] | None:
+    """Where a kernel benchmark runs: with ``--quick`` the CPU in float32 (Triton's interpreter, which must be on),
+    else CUDA in bfloat16; ``None``, after saying why, where neither can run (``why``: what the script needs a GPU
+    for)."""
+    from coda_gqa_l.kernels import dispatch
+
+    if quick:
+        if dispatch.interpreting():
+            return torch.device("cpu"), torch.float32
+        print("--quick runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton")
+        return None
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    print(f"{why}: no GPU here (--quick runs tiny shapes in the interpreter)")
+    return None

@@ -35,7 +35,7 @@ from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import graphed_call_seconds, run_header, write_result  # noqa: E402
+from bench_common import graphed_call_seconds, quick_or_cuda, run_header, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = BoundedConfig(window=256, num_landmarks_exact=60, num_landmarks_summary=64, num_sink=4, segment=64,
@@ -140,17 +140,13 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.quick:
-        if not dispatch.interpreting():
-            print("--quick runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton")
-            return 1
-        device, dtype, shapes = torch.device("cpu"), torch.float32, QUICK_SHAPES
-        args.calls, args.repeats = 1, 1
-    elif torch.cuda.is_available():
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SHAPES
-    else:
-        print("routing_kernel.py times a CUDA kernel: no GPU here (--quick runs tiny shapes in the interpreter)")
+    where = quick_or_cuda(args.quick, "routing_kernel.py times a CUDA kernel")
+    if where is None:
         return 1
+    device, dtype = where
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.quick:
+        args.calls, args.repeats = 1, 1
     rows = []
     for shape in shapes:
         for split, make in BANK_SPLITS.items():

@@ -31,7 +31,7 @@ from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.routing import phase_stamp_buffer, route_chunk_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import run_header, write_result  # noqa: E402
+from bench_common import quick_or_cuda, run_header, write_result  # noqa: E402
 from routing_kernel import QUICK_SHAPES, SHAPES, Problem  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,16 +73,13 @@ def phase_cycles(stamps: torch.Tensor) -> dict[str, dict[str, list[int]]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.quick:
-        if not dispatch.interpreting():
-            print("--quick runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton")
-            return 1
-        device, dtype, shapes, args.launches = torch.device("cpu"), torch.float32, QUICK_SHAPES, 1
-    elif torch.cuda.is_available():
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SHAPES
-    else:
-        print("routing_phases.py reads a GPU's cycle counters: no GPU here (--quick runs the plumbing on the CPU)")
+    where = quick_or_cuda(args.quick, "routing_phases.py reads a GPU's cycle counters")
+    if where is None:
         return 1
+    device, dtype = where
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.quick:
+        args.launches = 1
     rows: list[dict[str, Any]] = []
     for shape in shapes:
         problem = Problem(shape, shape.config, device, dtype)

@@ -168,3 +168,19 @@ def run_benchmark_in_interpreter(script: str, *args: str, timeout: float = 300) 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def record_rotated_forwards(monkeypatch: Any) -> list[bool]:
+    """Whether each launch of the attention forward from now on (``diff_attention._forward``) rotates the queries in
+    its prologue (a ``Rotation`` given) or reads them stacked: the list fills as the forward runs."""
+    from coda_gqa_l.kernels import diff_attention
+
+    rotated: list[bool] = []
+    forward = diff_attention._forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        rotated.append(len(args) > 17 and args[17] is not None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(diff_attention, "_forward", recording)
+    return rotated

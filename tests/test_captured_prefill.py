@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import token_like
+from helpers import record_rotated_forwards, token_like
 
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig
 from coda_gqa_l.kernels import dispatch
@@ -88,14 +88,7 @@ def test_rotation_in_the_forward_leaves_the_prefill_as_it_was(monkeypatch: pytes
     tol = dict(atol=2e-4, rtol=2e-4)
     if on_gpu:
         layer, x, tol = layer.cuda().to(torch.bfloat16), x.cuda().to(torch.bfloat16), dict(atol=3e-2, rtol=3e-2)
-    rotated = []
-    forward = diff_attention._forward
-
-    def recording(*a: object, **kw: object) -> object:
-        rotated.append(len(a) > 17 and a[17] is not None)
-        return forward(*a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(diff_attention, "_forward", recording)
+    rotated = record_rotated_forwards(monkeypatch)
     with torch.inference_mode():
         eager_y, eager = layer.prefill_chunked(x, layer.init_state(1), block_size=32)
         assert rotated and not any(rotated)

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, token_like
+from helpers import CONFIGS, SEQ_LEN, make_layer, margin_safe_case, record_rotated_forwards, token_like
 
 from coda_gqa_l.kernels import BACKEND_ENV, backend, diff_attention, dispatch
 from coda_gqa_l.kernels.diff_attention import (
@@ -418,14 +418,7 @@ def test_rotation_in_the_forward_matches_the_stacking_pass(
     rotation = diff_attention.Rotation(cos, sin, t_cos if differential else None, t_sin if differential else None,
                                        layout)  # fmt: skip
     args = dict(q_start=q_start, k_offset=k_offset, scale=D**-0.5, pattern=pattern, **extras)
-    rotated_in_forward = []
-    forward = diff_attention._forward
-
-    def recording(*a: object, **kw: object) -> object:
-        rotated_in_forward.append(len(a) > 17 and a[17] is not None)
-        return forward(*a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(diff_attention, "_forward", recording)
+    rotated_in_forward = record_rotated_forwards(monkeypatch)
     with torch.no_grad():
         monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", True)
         fused = diff_attention.rotated_fused_attention(x, rotation, Hkv, k, v, lam, **args).double()  # type: ignore[arg-type]
