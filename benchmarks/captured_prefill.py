@@ -2,7 +2,7 @@
 pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
 
     PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
-        [--settings default "routing 4 warps" "keys in chains" "rotation in forward"]
+        [--settings default "routing 4 warps" "keys in chains" "stacking pass" "bank on chip" "bank in memory"]
 
 One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
 variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
@@ -15,10 +15,11 @@ table, writes ``captured_prefill.json`` to ``--out``.
 ``--settings`` adds captured variants that run otherwise (each with every ``--pieces`` count; graphs captured and
 replayed under the setting): ``routing 4 warps`` the routing kernel at 4 warps a program instead of 8, ``keys in
 chains`` with no key follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32,
-each chain longer), ``rotation in forward`` RoPE and the noise rotation in the attention forward's prologue
-(``diff_attention.ROTATE_IN_FORWARD``) instead of a stacking pass. Beside the routing the products run on the
-multiprocessors its programs leave (it holds one each for the whole chain), so a longer chain on fewer
-multiprocessors can be the faster prefill.
+each chain longer), ``stacking pass`` RoPE and the noise rotation in a pass that writes the stacked queries before
+the attention forward (``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue),
+``bank on chip`` / ``bank in memory`` the routing chains keeping their value rows in registers or reading them back
+from memory (``routing.BANK_ON_CHIP``). Beside the routing the products run on the multiprocessors its programs
+leave (it holds one each for the whole chain), so a longer chain on fewer multiprocessors can be the faster prefill.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 from coda_gqa_l.kernels import diff_attention, dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
-SETTINGS = ("default", "routing 4 warps", "keys in chains", "rotation in forward")
+SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass", "bank on chip", "bank in memory")
 
 
 @contextmanager
@@ -55,15 +56,17 @@ def setting(name: str) -> Iterator[None]:
         with dispatch.key_followers(False):
             yield
         return
-    warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
+    warps, rotate, on_chip = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD, routing_kernel.BANK_ON_CHIP
     if name == "routing 4 warps":
         routing_kernel._WARPS = 4
-    if name == "rotation in forward":
-        diff_attention.ROTATE_IN_FORWARD = True
+    if name == "stacking pass":
+        diff_attention.ROTATE_IN_FORWARD = False
+    if name in ("bank on chip", "bank in memory"):
+        routing_kernel.BANK_ON_CHIP = name == "bank on chip"
     try:
         yield
     finally:
-        routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD = warps, rotate
+        routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD, routing_kernel.BANK_ON_CHIP = warps, rotate, on_chip
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:

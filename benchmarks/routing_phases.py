@@ -1,7 +1,7 @@
 """Where a segment's time goes inside the fused routing kernel: each program's cycle counter stamped at the end of
 every phase of every segment (``route_chunk_triton(phase_stamps=...)``), for the shapes of benchmarks/routing_kernel.py.
 
-    PYTHONPATH=src python benchmarks/routing_phases.py [--launches 20] [--out DIR]
+    PYTHONPATH=src python benchmarks/routing_phases.py [--launches 20] [--bank on-chip in-memory] [--out DIR]
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_phases.py --quick
         # CPU: a tiny shape in Triton's interpreter, the plumbing only (its stamps are zeros)
 
@@ -11,9 +11,11 @@ behind each (on by default). Each of ``--launches`` launches routes one 1,024-to
 barrier, so a phase ends when its slowest warp does), and "to the next segment" the cycles from a segment's last
 stamp to the next one's first. Medians over launches, heads and segments (the first segment left out: it reads the
 input banks, not a snapshot). Cycles are converted to microseconds with the clock the stamped launches imply (the
-summary chain's cycles from its first stamp to its last over the launch's event-timed length, a lower bound on
-the clock). The stamps add a barrier a phase, so a stamped segment is a little longer than an unstamped one
-(benchmarks/routing_kernel.py gives those). Prints a table; writes ``DIR/routing_phases.json``.
+summary chain's cycles from its first stamp to its last over a launch's event-timed length, the launches queued
+back to back so the host's time between them does not count: a lower bound on the clock). The stamps add a barrier
+a phase, so a stamped segment is a little longer than an unstamped one (benchmarks/routing_kernel.py gives those).
+``--bank``: each place a chain keeps its value rows in (``routing.BANK_ON_CHIP``), stamped in turn. Prints a
+table; writes ``DIR/routing_phases.json``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from typing import Any
 import torch
 
 from coda_gqa_l.config import chunk_segments
-from coda_gqa_l.kernels import dispatch
+from coda_gqa_l.kernels import dispatch, routing
 from coda_gqa_l.kernels.routing import phase_stamp_buffer, route_chunk_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import quick_or_cuda, run_header, write_result  # noqa: E402
-from routing_kernel import QUICK_SHAPES, SHAPES, Problem  # noqa: E402
+from routing_kernel import BANK_PLACES, QUICK_SHAPES, SHAPES, Problem  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # the phases each program stamps (routing_triton: ``_stamp(stamps, e, k, ...)`` at the end of phase k)
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--launches", type=int, default=20, help="stamped launches per shape")
     p.add_argument("--quick", action="store_true", help="CPU, a tiny shape, Triton's interpreter (stamps are zeros)")
+    p.add_argument("--bank", nargs="+", choices=list(BANK_PLACES), default=list(BANK_PLACES),
+                   help="where each chain keeps its value rows between segments")  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "routing_phases")
     return p.parse_args(argv)
 
@@ -71,6 +75,54 @@ def phase_cycles(stamps: torch.Tensor) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def stamped_rows(
+    shape: Any, bank: str, launches: int, device: torch.device, dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """Each program's median cycles a phase over ``launches`` stamped launches of ``shape``'s chunk, and the
+    launches' event-timed length (queued back to back)."""
+    problem = Problem(shape, shape.config, device, dtype)
+    k, v, g = (x.contiguous() for x in problem.ext(problem.start))
+    nseg = len(chunk_segments(problem.start, shape.chunk, shape.config.segment))
+    stamps = phase_stamp_buffer(shape.kv_heads, nseg, device=device)
+
+    def launch() -> torch.Tensor:
+        stamps.zero_()
+        route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=shape.chunk, eta=problem.eta,
+                           config=shape.config, phase_stamps=stamps)  # fmt: skip
+        return stamps.clone()
+
+    with torch.no_grad(), dispatch.key_followers(True):
+        launch()  # compiles
+        timing = device.type == "cuda"
+        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if timing else (None, None)
+        if begin is not None:
+            begin.record()
+        taken = [launch() for _ in range(launches)]
+        launch_us = None
+        if begin is not None and end is not None:
+            end.record()
+            end.synchronize()
+            launch_us = begin.elapsed_time(end) * 1e3 / launches
+    cycles: dict[str, dict[str, list[int]]] = {}
+    chain_cycles: list[int] = []
+    for one in taken:
+        summary = one[:, 1, :, :6]
+        chain_cycles.append(int((summary[:, -1, -1] - summary[:, 0, 0]).max()))
+        for program, per in phase_cycles(one).items():
+            for phase, values in per.items():
+                cycles.setdefault(program, {}).setdefault(phase, []).extend(values)
+    mhz = statistics.median(chain_cycles) / launch_us if launch_us and any(chain_cycles) else 0.0
+    rows: list[dict[str, Any]] = []
+    for program, per in cycles.items():
+        for phase, values in per.items():
+            median = statistics.median(values) if values else 0.0
+            rows.append({"shape": shape.name, "bank": bank, "program": program, "phase": phase, "median_cycles": median,
+                         "median_us": median / mhz if mhz else None, "samples": len(values)})  # fmt: skip
+    rows.append({"shape": shape.name, "bank": bank, "program": "launch", "phase": "event-timed", "median_cycles": None,
+                 "median_us": launch_us, "samples": launches, "clock_mhz_lower_bound": mhz})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     where = quick_or_cuda(args.quick, "routing_phases.py reads a GPU's cycle counters")
@@ -81,53 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.launches = 1
     rows: list[dict[str, Any]] = []
-    for shape in shapes:
-        problem = Problem(shape, shape.config, device, dtype)
-        k, v, g = (x.contiguous() for x in problem.ext(problem.start))
-        nseg = len(chunk_segments(problem.start, shape.chunk, shape.config.segment))
-        stamps = phase_stamp_buffer(shape.kv_heads, nseg, device=device)
-        cycles: dict[str, dict[str, list[int]]] = {}
-        launch_ms: list[float] = []
-        chain_cycles: list[int] = []
-        with torch.no_grad(), dispatch.key_followers(True):
-            for i in range(args.launches + 1):  # the first compiles
-                stamps.zero_()
-                begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if device.type == "cuda" else (
-                    None, None)  # fmt: skip
-                if begin is not None:
-                    begin.record()
-                route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=shape.chunk, eta=problem.eta,
-                                   config=shape.config, phase_stamps=stamps)  # fmt: skip
-                if end is not None and begin is not None:
-                    end.record()
-                    end.synchronize()
-                    launch_ms.append(begin.elapsed_time(end))
-                if i == 0:
-                    continue
-                summary = stamps[:, 1, :, :6]
-                chain_cycles.append(int((summary[:, -1, -1] - summary[:, 0, 0]).max()))
-                for program, per in phase_cycles(stamps).items():
-                    for phase, values in per.items():
-                        cycles.setdefault(program, {}).setdefault(phase, []).extend(values)
-        timed = launch_ms[1:]
-        mhz = statistics.median(chain_cycles) / (statistics.median(timed) * 1e3) if timed and any(chain_cycles) else 0.0
-        for program, per in cycles.items():
-            for phase, values in per.items():
-                median = statistics.median(values) if values else 0.0
-                rows.append({"shape": shape.name, "program": program, "phase": phase, "median_cycles": median,
-                             "median_us": median / mhz if mhz else None, "samples": len(values)})  # fmt: skip
-        rows.append({"shape": shape.name, "program": "launch", "phase": "event-timed", "median_cycles": None,
-                     "median_us": statistics.median(timed) * 1e3 if timed else None, "samples": len(timed),
-                     "clock_mhz_lower_bound": mhz})  # fmt: skip
+    shipped = routing.BANK_ON_CHIP
+    try:
+        for shape in shapes:
+            for bank in args.bank:
+                routing.BANK_ON_CHIP = BANK_PLACES[bank]
+                rows += stamped_rows(shape, bank, args.launches, device, dtype)
+    finally:
+        routing.BANK_ON_CHIP = shipped
     result = run_header("routing_phases.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(launches=args.launches, rows=rows)
     table = [f"routing phases, {result['device']}, {result['dtype']}, medians over {args.launches} launches, heads "
              "and segments"]  # fmt: skip
-    table.append(f"{'shape':30} {'program':14} {'phase':34} {'cycles':>9} {'us':>8}")
+    table.append(f"{'shape':30} {'bank':9} {'program':14} {'phase':34} {'cycles':>9} {'us':>8}")
     for row in rows:
         cyc = "" if row["median_cycles"] is None else f"{row['median_cycles']:9.0f}"
         us = "" if row["median_us"] is None else f"{row['median_us']:8.2f}"
-        table.append(f"{row['shape'][:30]:30} {row['program']:14} {row['phase'][:34]:34} {cyc:>9} {us:>8}")
+        table.append(
+            f"{row['shape'][:30]:30} {row['bank']:9} {row['program']:14} {row['phase'][:34]:34} {cyc:>9} {us:>8}"
+        )
     write_result(result, args.out / "routing_phases.json", table)
     return 0
 

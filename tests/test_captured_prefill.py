@@ -90,6 +90,7 @@ def test_rotation_in_the_forward_leaves_the_prefill_as_it_was(monkeypatch: pytes
         layer, x, tol = layer.cuda().to(torch.bfloat16), x.cuda().to(torch.bfloat16), dict(atol=3e-2, rtol=3e-2)
     rotated = record_rotated_forwards(monkeypatch)
     with torch.inference_mode():
+        monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", False)
         eager_y, eager = layer.prefill_chunked(x, layer.init_state(1), block_size=32)
         assert rotated and not any(rotated)
         monkeypatch.setattr(diff_attention, "ROTATE_IN_FORWARD", True)
