@@ -5,20 +5,20 @@ bank only and through the summary bank only, so the serial chain that bounds a c
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_kernel.py --quick
         # CPU: tiny shapes in Triton's interpreter, plain loops (the test runs this; no timing worth reading)
 
-The kernel runs one program per (batch, KV head, bank), each walking the chunk's segments in order, so its time is
-the longer of the two banks' chains, not their sum: the exact-only and summary-only rows say which chain that is.
-Shapes: SmolLM2-135M in the neural database's shipped config (3 KV heads, head dim 64, window 256, segment 64, 4
-sinks, 60 exact and 64 summary slots) and one 7B-shaped layer in the medium preset (8 KV heads, head dim 128). The
-banks are filled by routing four chunks first; values lie around a few directions (so hits, inserts and EMA updates
-happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
-how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
-``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
-medians per launch and per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside
-each bank's serial chain, ``followers`` by programs of their own a segment behind it (``dispatch.key_followers``;
-no decision reads a key), ``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound
-on what taking them off the chain can give). ``--bank`` picks where each chain keeps its bank's value rows, each
-timed: ``on-chip`` in registers, the next segment's tokens loaded ahead (``routing.BANK_ON_CHIP``), or ``in-memory``
-read back from the snapshot it wrote. Prints a table last; writes ``DIR/routing_kernel.json``.
+The kernel runs one program per (batch, KV head, bank), each walking the chunk's segments in order, so its time is the
+longer of the two banks' chains, not their sum: the exact-only and summary-only rows say which chain that is. Shapes:
+SmolLM2-135M in the neural database's shipped config (3 KV heads, head dim 64, window 256, segment 64, 4 sinks, 60
+exact and 64 summary slots) and one 7B-shaped layer in the medium preset (8 KV heads, head dim 128). The banks are
+filled by routing four chunks first; values lie around a few directions (so hits, inserts and EMA updates happen) and
+the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on how many pass).
+``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's ``--calls`` launches (a
+model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are medians per launch and
+per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside each bank's serial chain,
+``followers`` by programs of their own a segment behind it (``dispatch.key_followers``; no decision reads a key),
+``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound on what taking them off the
+chain can give). ``--bank`` picks where each chain keeps its bank's value rows, each timed: ``on-chip`` in registers,
+the next segment's tokens loaded ahead (``routing.BANKS_ON_CHIP``), ``summary-on-chip`` only the summary bank's chain
+so, or ``in-memory`` read back from the snapshot it wrote. Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ BANK_SPLITS = {
 }
 
 
-BANK_PLACES = {"on-chip": True, "in-memory": False}  # routing.BANK_ON_CHIP
+BANK_PLACES = {"on-chip": ("exact", "summary"), "summary-on-chip": ("summary",), "in-memory": ()}  # BANKS_ON_CHIP
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +95,7 @@ class Problem:
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
         self.keys = "chain"  # the banks below are routed with keys; timed runs pick how (--keys)
-        self.on_chip = routing.BANK_ON_CHIP  # and where the chains keep their banks (--bank)
+        self.on_chip = routing.BANKS_ON_CHIP  # and where the chains keep their banks (--bank)
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -141,14 +141,14 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
                                config=problem.config, num_warps=problem.warps,
                                write_keys=problem.keys != "none")  # fmt: skip
 
-    shipped = routing.BANK_ON_CHIP
-    routing.BANK_ON_CHIP = problem.on_chip
+    shipped = routing.BANKS_ON_CHIP
+    routing.BANKS_ON_CHIP = problem.on_chip
     try:
         with torch.no_grad():
             launch()  # compiles
             return graphed_call_seconds(launch, calls, repeats, k.device)
     finally:
-        routing.BANK_ON_CHIP = shipped
+        routing.BANKS_ON_CHIP = shipped
 
 
 def main(argv: list[str] | None = None) -> int:

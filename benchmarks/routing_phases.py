@@ -1,7 +1,8 @@
 """Where a segment's time goes inside the fused routing kernel: each program's cycle counter stamped at the end of
 every phase of every segment (``route_chunk_triton(phase_stamps=...)``), for the shapes of benchmarks/routing_kernel.py.
 
-    PYTHONPATH=src python benchmarks/routing_phases.py [--launches 20] [--bank on-chip in-memory] [--out DIR]
+    PYTHONPATH=src python benchmarks/routing_phases.py [--launches 20] [--out DIR]
+        [--bank on-chip summary-on-chip in-memory]
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_phases.py --quick
         # CPU: a tiny shape in Triton's interpreter, the plumbing only (its stamps are zeros)
 
@@ -14,7 +15,7 @@ input banks, not a snapshot). Cycles are converted to microseconds with the cloc
 summary chain's cycles from its first stamp to its last over a launch's event-timed length, the launches queued
 back to back so the host's time between them does not count: a lower bound on the clock). The stamps add a barrier
 a phase, so a stamped segment is a little longer than an unstamped one (benchmarks/routing_kernel.py gives those).
-``--bank``: each place a chain keeps its value rows in (``routing.BANK_ON_CHIP``), stamped in turn. Prints a
+``--bank``: each place a chain keeps its value rows in (``routing.BANKS_ON_CHIP``), stamped in turn. Prints a
 table; writes ``DIR/routing_phases.json``.
 """
 
@@ -133,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.launches = 1
     rows: list[dict[str, Any]] = []
-    shipped = routing.BANK_ON_CHIP
+    shipped = routing.BANKS_ON_CHIP
     try:
         for shape in shapes:
             for bank in args.bank:
-                routing.BANK_ON_CHIP = BANK_PLACES[bank]
+                routing.BANKS_ON_CHIP = BANK_PLACES[bank]
                 rows += stamped_rows(shape, bank, args.launches, device, dtype)
     finally:
-        routing.BANK_ON_CHIP = shipped
+        routing.BANKS_ON_CHIP = shipped
     result = run_header("routing_phases.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(launches=args.launches, rows=rows)
     table = [f"routing phases, {result['device']}, {result['dtype']}, medians over {args.launches} launches, heads "

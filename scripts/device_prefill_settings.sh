@@ -3,9 +3,9 @@
 # prefill's kernel settings not shipped, checked and timed in one call.
 #   1. GPU tests of the routing kernel (its banks on chip and in memory, float32 and bfloat16), of its phase stamps
 #      and of the captured prefill (TESTS: other test files);
-#   2. benchmarks/routing_kernel.py: one chunk's routing with each place a chain keeps its bank (key followers);
-#   3. benchmarks/captured_prefill.py with --settings default and "bank on chip" (SETTINGS; 2 pieces; rounds visit
-#      every variant in turn);
+#   2. benchmarks/routing_kernel.py: one chunk's routing with each place the chains keep their banks (key followers);
+#   3. benchmarks/captured_prefill.py with --settings default, "banks on chip" and "summary on chip" (SETTINGS;
+#      2 pieces; rounds visit every variant in turn);
 #   4. benchmarks/routing_phases.py: where a routing segment's time goes, each phase's cycles, for each place.
 # Results under $OUT/prefill_settings/; the tables are printed last. Env: TESTS, TEST_S, BENCH_S, SETTINGS, ROUNDS,
 # PHASES_S.
@@ -21,10 +21,9 @@ grep -E "^(FAILED|ERROR)" "$out/gpu_tests.txt" | head -10
 # the phase stamps on the GPU (the test is not marked: on a GPU machine it runs the compiled kernel)
 timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_routing.py -k phase > "$out/phase_test.txt" 2>&1
 echo "phase stamps test: $(tail -n 1 "$out/phase_test.txt")"
-timeout 120 python benchmarks/routing_kernel.py --keys followers --bank on-chip in-memory --out "$out" \
-  > "$out/routing_kernel.txt" 2>&1
-tail -n 13 "$out/routing_kernel.txt"
-eval "settings=(${SETTINGS:-default \"bank on chip\"})"
+timeout 150 python benchmarks/routing_kernel.py --keys followers --out "$out" > "$out/routing_kernel.txt" 2>&1
+tail -n 19 "$out/routing_kernel.txt"
+eval "settings=(${SETTINGS:-default \"banks on chip\" \"summary on chip\"})"
 timeout ${BENCH_S:-200} python benchmarks/captured_prefill.py --pieces 2 --rounds ${ROUNDS:-7} --settings "${settings[@]}" \
   --out "$out" > "$out/captured_prefill.txt" 2>&1
 grep -E "^\||Error" "$out/captured_prefill.txt"

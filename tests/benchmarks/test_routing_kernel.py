@@ -10,7 +10,18 @@ from helpers import run_benchmark_in_interpreter
 
 def test_quick_run_times_each_bank_split_at_each_width_and_way_of_writing_keys(tmp_path: Path) -> None:
     done = run_benchmark_in_interpreter(
-        "routing_kernel.py", "--quick", "--warps", "8", "--keys", "chain", "followers", "--out", str(tmp_path)
+        "routing_kernel.py",
+        "--quick",
+        "--warps",
+        "8",
+        "--keys",
+        "chain",
+        "followers",
+        "--bank",
+        "on-chip",
+        "in-memory",
+        "--out",
+        str(tmp_path),
     )
     rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
     splits = ["both banks", "exact bank only", "summary bank only"]

@@ -250,23 +250,24 @@ def compare_stream(name: str, dtype: torch.dtype, atol: float, rtol: float = 0.0
 
 @pytest.fixture(params=[True, False], ids=["on-chip", "in-memory"])
 def bank_place(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
-    """Both places a chain keeps its bank in (``routing.BANK_ON_CHIP``, yielded), and a check after the test that
-    every launch ran with the place asked for (on a GPU float32 tiles stay in memory)."""
+    """Both places the chains keep their banks in (both banks in ``routing.BANKS_ON_CHIP`` or neither; each bank's
+    program is its own code, so any mix is covered), and a check after the test that every launch ran with the
+    place asked for (on a GPU float32 tiles stay in memory)."""
     from coda_gqa_l.kernels import routing
 
-    launched: list[tuple[bool, bool]] = []  # (ON_CHIP, LOWP) of each launch
+    launched: list[tuple[bool, bool, bool]] = []  # (ON_CHIP_EXACT, ON_CHIP_SUMMARY, LOWP) of each launch
     original = routing.launch
 
     def recording(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
-        launched.append((kwargs["ON_CHIP"], kwargs["LOWP"]))
+        launched.append((kwargs["ON_CHIP_EXACT"], kwargs["ON_CHIP_SUMMARY"], kwargs["LOWP"]))
         return original(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(routing, "BANK_ON_CHIP", request.param)
+    monkeypatch.setattr(routing, "BANKS_ON_CHIP", ("exact", "summary") if request.param else ())
     monkeypatch.setattr(routing, "launch", recording)
     yield request.param
     assert launched, "the kernel never launched"
-    for on_chip, low_precision in launched:
-        assert on_chip == (request.param and (low_precision or interpreting()))
+    for exact, summary, low_precision in launched:
+        assert exact == summary == (request.param and (low_precision or interpreting()))
 
 
 def test_interpreter_really_runs_on_cpu() -> None:

@@ -1,16 +1,15 @@
 """Triton kernel of fused bank routing (docs/kernels.md): every segment boundary of a prefill chunk in one launch.
 
-Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, KV head), program
-``(row, 1)`` its summary bank. The two banks of a head never read each other (they share only
-the evicted tokens, which both programs load), so splitting them halves the sequential chain
-at no cost in determinism. Each program loops over the chunk's segments in order; at each one
-it routes the ``S`` tokens that leave the window and writes the snapshot that segment's queries
-see. The snapshot it has just written is the bank the next segment starts from, so the bank
-rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
-registers; the final bank is copied out of the last snapshot. With ``ON_CHIP`` (16-bit tiles of at most 128
-columns) a chain keeps its bank's value rows in registers instead, and loads the next segment's tokens while it
-decides the current one: its only global-memory round trips are then off the chain (the snapshot stores, and
-loads whose results wait a segment).
+Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, KV head), program ``(row, 1)`` its
+summary bank. The two banks of a head never read each other (they share only the evicted tokens, which both programs
+load), so splitting them halves the sequential chain at no cost in determinism. Each program loops over the chunk's
+segments in order; at each one it routes the ``S`` tokens that leave the window and writes the snapshot that segment's
+queries see. The snapshot it has just written is the bank the next segment starts from, so the bank rows live in
+memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in registers; the final bank is copied
+out of the last snapshot. With ``ON_CHIP_EXACT`` / ``ON_CHIP_SUMMARY`` (16-bit tiles of at most 128 columns) that
+bank's chain keeps its value rows in registers instead, and loads the next segment's tokens while it decides the
+current one: its only global-memory round trips are then off the chain (the snapshot stores, and loads whose results
+wait a segment).
 
 Token indices and validity come from ``start`` inside the kernel, read from a device scalar (so a
 launch captured in a CUDA graph replays at any position, and the eager and captured paths share
@@ -295,7 +294,7 @@ def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: 
 
 @triton.jit
 def _tile_inv_norms(tile):
-    """Inverse norms of the rows of an on-chip tile (``ON_CHIP``), as ``_row_norms`` gives them from memory."""
+    """Inverse norms of the rows of an on-chip tile, as ``_row_norms`` gives them from memory."""
     t = tile.to(tl.float32)
     return _inv_norm(tl.sum(t * t, 1))
 
@@ -716,7 +715,7 @@ def _route_chunk_kernel(
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
     WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False, PHASES: tl.constexpr = False,
-    ON_CHIP: tl.constexpr = False,
+    ON_CHIP_EXACT: tl.constexpr = False, ON_CHIP_SUMMARY: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
@@ -725,8 +724,8 @@ def _route_chunk_kernel(
     segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
     so every chain is running or done before a follower waits on it. ``PHASES``: each program stores its cycle
     counter at the end of each phase of each segment into ``stamps (B * Hkv, 4, nseg, PHASE_SLOTS)`` int64
-    (``_stamp``; benchmarks/routing_phases.py). ``ON_CHIP``: the chains keep their value rows in registers and load
-    each segment's tokens a segment ahead (see the module's docstring)."""
+    (``_stamp``; benchmarks/routing_phases.py). ``ON_CHIP_EXACT`` / ``ON_CHIP_SUMMARY``: that bank's chain keeps its
+    value rows in registers and loads each segment's tokens a segment ahead (see the module's docstring)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -740,7 +739,7 @@ def _route_chunk_kernel(
                 start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
                 BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS, stamps, PHASES,
-                ON_CHIP,
+                ON_CHIP_EXACT,
             )  # fmt: skip
     elif which == 1:
         if MS > 0:
@@ -749,7 +748,7 @@ def _route_chunk_kernel(
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
                 WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
-                stamps, PHASES, ON_CHIP,
+                stamps, PHASES, ON_CHIP_SUMMARY,
             )  # fmt: skip
     elif which == 2:
         if ME > 0:
