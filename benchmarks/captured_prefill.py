@@ -2,7 +2,7 @@
 pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
 
     PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
-        [--settings default "routing 4 warps" "keys in chains" "stacking pass" "banks on chip"]
+        [--settings default "routing 4 warps" "keys in chains" "stacking pass"]
 
 One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
 variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
@@ -16,9 +16,7 @@ table, writes ``captured_prefill.json`` to ``--out``.
 replayed under the setting): ``routing 4 warps`` the routing kernel at 4 warps a program instead of 8, ``keys in
 chains`` with no key follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32,
 each chain longer), ``stacking pass`` RoPE and the noise rotation in a pass that writes the stacked queries before the
-attention forward (``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue), ``banks
-on chip`` / ``summary on chip`` / ``banks in memory`` the routing chains (both, the summary bank's only, none) keeping
-their value rows in registers rather than reading them back from memory (``routing.BANKS_ON_CHIP``). Beside the
+attention forward (``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue). Beside the
 routing the products run on the multiprocessors its programs leave (it holds one each for the whole chain), so a
 longer chain on fewer multiprocessors can be the faster prefill.
 """
@@ -47,8 +45,7 @@ from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 from coda_gqa_l.kernels import diff_attention, dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
-BANK_SETTINGS = {"banks on chip": ("exact", "summary"), "summary on chip": ("summary",), "banks in memory": ()}
-SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass", *BANK_SETTINGS)
+SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass")
 
 
 @contextmanager
@@ -58,17 +55,15 @@ def setting(name: str) -> Iterator[None]:
         with dispatch.key_followers(False):
             yield
         return
-    warps, rotate, on_chip = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD, routing_kernel.BANKS_ON_CHIP
+    warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
     if name == "routing 4 warps":
         routing_kernel._WARPS = 4
     if name == "stacking pass":
         diff_attention.ROTATE_IN_FORWARD = False
-    if name in BANK_SETTINGS:
-        routing_kernel.BANKS_ON_CHIP = BANK_SETTINGS[name]
     try:
         yield
     finally:
-        routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD, routing_kernel.BANKS_ON_CHIP = warps, rotate, on_chip
+        routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD = warps, rotate
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:

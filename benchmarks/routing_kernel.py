@@ -5,20 +5,18 @@ bank only and through the summary bank only, so the serial chain that bounds a c
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_kernel.py --quick
         # CPU: tiny shapes in Triton's interpreter, plain loops (the test runs this; no timing worth reading)
 
-The kernel runs one program per (batch, KV head, bank), each walking the chunk's segments in order, so its time is the
-longer of the two banks' chains, not their sum: the exact-only and summary-only rows say which chain that is. Shapes:
-SmolLM2-135M in the neural database's shipped config (3 KV heads, head dim 64, window 256, segment 64, 4 sinks, 60
-exact and 64 summary slots) and one 7B-shaped layer in the medium preset (8 KV heads, head dim 128). The banks are
-filled by routing four chunks first; values lie around a few directions (so hits, inserts and EMA updates happen) and
-the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on how many pass).
-``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's ``--calls`` launches (a
-model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are medians per launch and
-per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside each bank's serial chain,
-``followers`` by programs of their own a segment behind it (``dispatch.key_followers``; no decision reads a key),
-``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound on what taking them off the
-chain can give). ``--bank`` picks where each chain keeps its bank's value rows, each timed: ``on-chip`` in registers,
-the next segment's tokens loaded ahead (``routing.BANKS_ON_CHIP``), ``summary-on-chip`` only the summary bank's chain
-so, or ``in-memory`` read back from the snapshot it wrote. Prints a table last; writes ``DIR/routing_kernel.json``.
+The kernel runs one program per (batch, KV head, bank), each walking the chunk's segments in order, so its time is
+the longer of the two banks' chains, not their sum: the exact-only and summary-only rows say which chain that is.
+Shapes: SmolLM2-135M in the neural database's shipped config (3 KV heads, head dim 64, window 256, segment 64, 4
+sinks, 60 exact and 64 summary slots) and one 7B-shaped layer in the medium preset (8 KV heads, head dim 128). The
+banks are filled by routing four chunks first; values lie around a few directions (so hits, inserts and EMA updates
+happen) and the gates are uniform (half the tokens are exact-bank candidates: the decision work does not depend on
+how many pass). ``--warps 4 8 16`` times each program width (the results do not depend on it). Each row's
+``--calls`` launches (a model's layers) are captured in one CUDA graph and replayed ``--repeats`` times; figures are
+medians per launch and per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside
+each bank's serial chain, ``followers`` by programs of their own a segment behind it (``dispatch.key_followers``;
+no decision reads a key), ``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound
+on what taking them off the chain can give). Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from typing import Any
 import torch
 
 from coda_gqa_l.config import BoundedConfig, chunk_segments
-from coda_gqa_l.kernels import dispatch, routing
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
@@ -65,9 +63,6 @@ BANK_SPLITS = {
 }
 
 
-BANK_PLACES = {"on-chip": ("exact", "summary"), "summary-on-chip": ("summary",), "in-memory": ()}  # BANKS_ON_CHIP
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "routing_kernel")
@@ -82,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["chain", "followers"],
         help="where the key rows are written: in the chains, by follower programs, or nowhere (a bound: wrong keys)",
     )
-    p.add_argument("--bank", nargs="+", choices=list(BANK_PLACES), default=list(BANK_PLACES),
-                   help="where each chain keeps its value rows between segments")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -95,7 +88,6 @@ class Problem:
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
         self.keys = "chain"  # the banks below are routed with keys; timed runs pick how (--keys)
-        self.on_chip = routing.BANKS_ON_CHIP  # and where the chains keep their banks (--bank)
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -141,14 +133,9 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
                                config=problem.config, num_warps=problem.warps,
                                write_keys=problem.keys != "none")  # fmt: skip
 
-    shipped = routing.BANKS_ON_CHIP
-    routing.BANKS_ON_CHIP = problem.on_chip
-    try:
-        with torch.no_grad():
-            launch()  # compiles
-            return graphed_call_seconds(launch, calls, repeats, k.device)
-    finally:
-        routing.BANKS_ON_CHIP = shipped
+    with torch.no_grad():
+        launch()  # compiles
+        return graphed_call_seconds(launch, calls, repeats, k.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,24 +154,22 @@ def main(argv: list[str] | None = None) -> int:
                 config = make(shape.config)
                 problem = Problem(shape, config, device, dtype, warps)
                 for keys in args.keys:
-                    for bank in args.bank:
-                        problem.keys, problem.on_chip = keys, BANK_PLACES[bank]
-                        seconds = time_route(problem, args.calls, args.repeats)
-                        segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
-                        rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys, "bank": bank,
-                                     "segments": segments, "launch_us": seconds * 1e6,
-                                     "segment_us": seconds * 1e6 / segments})  # fmt: skip
+                    problem.keys = keys
+                    seconds = time_route(problem, args.calls, args.repeats)
+                    segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
+                    rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys,
+                                 "segments": segments, "launch_us": seconds * 1e6,
+                                 "segment_us": seconds * 1e6 / segments})  # fmt: skip
     result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
     table.append(
-        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'bank':>9} {'segments':>8} {'launch us':>10} "
-        f"{'per segment us':>15}"
+        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
     )
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['bank']:>9} "
-            f"{row['segments']:8d} {row['launch_us']:10.1f} {row['segment_us']:15.2f}"
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['segments']:8d} "
+            f"{row['launch_us']:10.1f} {row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0

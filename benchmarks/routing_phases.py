@@ -2,7 +2,6 @@
 every phase of every segment (``route_chunk_triton(phase_stamps=...)``), for the shapes of benchmarks/routing_kernel.py.
 
     PYTHONPATH=src python benchmarks/routing_phases.py [--launches 20] [--out DIR]
-        [--bank on-chip summary-on-chip in-memory]
     TRITON_INTERPRET=1 CODA_GQA_L_KERNELS=triton PYTHONPATH=src python benchmarks/routing_phases.py --quick
         # CPU: a tiny shape in Triton's interpreter, the plumbing only (its stamps are zeros)
 
@@ -15,8 +14,7 @@ input banks, not a snapshot). Cycles are converted to microseconds with the cloc
 summary chain's cycles from its first stamp to its last over a launch's event-timed length, the launches queued
 back to back so the host's time between them does not count: a lower bound on the clock). The stamps add a barrier
 a phase, so a stamped segment is a little longer than an unstamped one (benchmarks/routing_kernel.py gives those).
-``--bank``: each place a chain keeps its value rows in (``routing.BANKS_ON_CHIP``), stamped in turn. Prints a
-table; writes ``DIR/routing_phases.json``.
+Prints a table; writes ``DIR/routing_phases.json``.
 """
 
 from __future__ import annotations
@@ -30,12 +28,12 @@ from typing import Any
 import torch
 
 from coda_gqa_l.config import chunk_segments
-from coda_gqa_l.kernels import dispatch, routing
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.routing import phase_stamp_buffer, route_chunk_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import quick_or_cuda, run_header, write_result  # noqa: E402
-from routing_kernel import BANK_PLACES, QUICK_SHAPES, SHAPES, Problem  # noqa: E402
+from routing_kernel import QUICK_SHAPES, SHAPES, Problem  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # the phases each program stamps (routing_triton: ``_stamp(stamps, e, k, ...)`` at the end of phase k)
@@ -57,8 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--launches", type=int, default=20, help="stamped launches per shape")
     p.add_argument("--quick", action="store_true", help="CPU, a tiny shape, Triton's interpreter (stamps are zeros)")
-    p.add_argument("--bank", nargs="+", choices=list(BANK_PLACES), default=list(BANK_PLACES),
-                   help="where each chain keeps its value rows between segments")  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "routing_phases")
     return p.parse_args(argv)
 
@@ -76,9 +72,7 @@ def phase_cycles(stamps: torch.Tensor) -> dict[str, dict[str, list[int]]]:
     return out
 
 
-def stamped_rows(
-    shape: Any, bank: str, launches: int, device: torch.device, dtype: torch.dtype
-) -> list[dict[str, Any]]:
+def stamped_rows(shape: Any, launches: int, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """Each program's median cycles a phase over ``launches`` stamped launches of ``shape``'s chunk, and the
     launches' event-timed length (queued back to back)."""
     problem = Problem(shape, shape.config, device, dtype)
@@ -117,9 +111,9 @@ def stamped_rows(
     for program, per in cycles.items():
         for phase, values in per.items():
             median = statistics.median(values) if values else 0.0
-            rows.append({"shape": shape.name, "bank": bank, "program": program, "phase": phase, "median_cycles": median,
+            rows.append({"shape": shape.name, "program": program, "phase": phase, "median_cycles": median,
                          "median_us": median / mhz if mhz else None, "samples": len(values)})  # fmt: skip
-    rows.append({"shape": shape.name, "bank": bank, "program": "launch", "phase": "event-timed", "median_cycles": None,
+    rows.append({"shape": shape.name, "program": "launch", "phase": "event-timed", "median_cycles": None,
                  "median_us": launch_us, "samples": launches, "clock_mhz_lower_bound": mhz})  # fmt: skip
     return rows
 
@@ -133,26 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.quick:
         args.launches = 1
-    rows: list[dict[str, Any]] = []
-    shipped = routing.BANKS_ON_CHIP
-    try:
-        for shape in shapes:
-            for bank in args.bank:
-                routing.BANKS_ON_CHIP = BANK_PLACES[bank]
-                rows += stamped_rows(shape, bank, args.launches, device, dtype)
-    finally:
-        routing.BANKS_ON_CHIP = shipped
+    rows = [row for shape in shapes for row in stamped_rows(shape, args.launches, device, dtype)]
     result = run_header("routing_phases.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(launches=args.launches, rows=rows)
     table = [f"routing phases, {result['device']}, {result['dtype']}, medians over {args.launches} launches, heads "
              "and segments"]  # fmt: skip
-    table.append(f"{'shape':30} {'bank':9} {'program':14} {'phase':34} {'cycles':>9} {'us':>8}")
+    table.append(f"{'shape':30} {'program':14} {'phase':34} {'cycles':>9} {'us':>8}")
     for row in rows:
         cyc = "" if row["median_cycles"] is None else f"{row['median_cycles']:9.0f}"
         us = "" if row["median_us"] is None else f"{row['median_us']:8.2f}"
-        table.append(
-            f"{row['shape'][:30]:30} {row['bank']:9} {row['program']:14} {row['phase'][:34]:34} {cyc:>9} {us:>8}"
-        )
+        table.append(f"{row['shape'][:30]:30} {row['program']:14} {row['phase'][:34]:34} {cyc:>9} {us:>8}")
     write_result(result, args.out / "routing_phases.json", table)
     return 0
 

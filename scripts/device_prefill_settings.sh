@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine (no model needed; carry .device or any folder with the platformdirs wheel as WHEEL_DIR): the
 # prefill's kernel settings not shipped, checked and timed in one call.
-#   1. GPU tests of the routing kernel (its banks on chip and in memory, float32 and bfloat16), of its phase stamps
-#      and of the captured prefill (TESTS: other test files);
-#   2. benchmarks/routing_kernel.py: one chunk's routing with each place the chains keep their banks (key followers);
-#   3. benchmarks/captured_prefill.py with --settings default, "banks on chip" and "summary on chip" (SETTINGS;
-#      2 pieces; rounds visit every variant in turn);
-#   4. benchmarks/routing_phases.py: where a routing segment's time goes, each phase's cycles, for each place.
+#   1. GPU tests of the routing kernel (float32 and bfloat16), of its phase stamps and of the captured prefill (TESTS:
+#      other test files);
+#   2. benchmarks/routing_kernel.py: one chunk's routing, the key rows written by followers;
+#   3. benchmarks/captured_prefill.py with --settings default and "stacking pass" (SETTINGS; 2 pieces; rounds visit
+#      every variant in turn);
+#   4. benchmarks/routing_phases.py: where a routing segment's time goes, each phase's cycles.
 # Results under $OUT/prefill_settings/; the tables are printed last. Env: TESTS, TEST_S, BENCH_S, SETTINGS, ROUNDS,
 # PHASES_S.
 set -uo pipefail
@@ -22,8 +22,8 @@ grep -E "^(FAILED|ERROR)" "$out/gpu_tests.txt" | head -10
 timeout 90 python -m pytest -q -p no:cacheprovider tests/kernels/test_routing.py -k phase > "$out/phase_test.txt" 2>&1
 echo "phase stamps test: $(tail -n 1 "$out/phase_test.txt")"
 timeout 150 python benchmarks/routing_kernel.py --keys followers --out "$out" > "$out/routing_kernel.txt" 2>&1
-tail -n 19 "$out/routing_kernel.txt"
-eval "settings=(${SETTINGS:-default \"banks on chip\" \"summary on chip\"})"
+tail -n 7 "$out/routing_kernel.txt"
+eval "settings=(${SETTINGS:-default \"stacking pass\"})"
 timeout ${BENCH_S:-200} python benchmarks/captured_prefill.py --pieces 2 --rounds ${ROUNDS:-7} --settings "${settings[@]}" \
   --out "$out" > "$out/captured_prefill.txt" 2>&1
 grep -E "^\||Error" "$out/captured_prefill.txt"

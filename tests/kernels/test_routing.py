@@ -248,28 +248,6 @@ def compare_stream(name: str, dtype: torch.dtype, atol: float, rtol: float = 0.0
             banks = out[0] if dtype == torch.float32 else ref[0]
 
 
-@pytest.fixture(params=[True, False], ids=["on-chip", "in-memory"])
-def bank_place(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
-    """Both places the chains keep their banks in (both banks in ``routing.BANKS_ON_CHIP`` or neither; each bank's
-    program is its own code, so any mix is covered), and a check after the test that every launch ran with the
-    place asked for (on a GPU float32 tiles stay in memory)."""
-    from coda_gqa_l.kernels import routing
-
-    launched: list[tuple[bool, bool, bool]] = []  # (ON_CHIP_EXACT, ON_CHIP_SUMMARY, LOWP) of each launch
-    original = routing.launch
-
-    def recording(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
-        launched.append((kwargs["ON_CHIP_EXACT"], kwargs["ON_CHIP_SUMMARY"], kwargs["LOWP"]))
-        return original(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(routing, "BANKS_ON_CHIP", ("exact", "summary") if request.param else ())
-    monkeypatch.setattr(routing, "launch", recording)
-    yield request.param
-    assert launched, "the kernel never launched"
-    for exact, summary, low_precision in launched:
-        assert exact == summary == (request.param and (low_precision or interpreting()))
-
-
 def test_interpreter_really_runs_on_cpu() -> None:
     from coda_gqa_l.kernels import routing_triton
 
@@ -281,11 +259,11 @@ def test_interpreter_really_runs_on_cpu() -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name: str, bank_place: bool) -> None:
+def test_kernel_matches_reference(name: str) -> None:
     compare_stream(name, torch.float32, atol=1e-5)
 
 
-def test_bfloat16_banks_in_the_interpreter(bank_place: bool) -> None:
+def test_bfloat16_banks_in_the_interpreter() -> None:
     """bf16 storage: values rounded to bf16 after each update, like the reference (float32 dots here)."""
     compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
 
@@ -293,7 +271,7 @@ def test_bfloat16_banks_in_the_interpreter(bank_place: bool) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype, bank_place: bool) -> None:
+def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
     assert DEVICE == "cuda"
     compare_stream(
         name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
@@ -323,14 +301,14 @@ def compare_key_followers(name: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("name", ["both", "sinks", "summary-only-dh48", "exact-only-dh12"])
-def test_key_followers_write_the_keys_the_chains_wrote(name: str, bank_place: bool) -> None:
+def test_key_followers_write_the_keys_the_chains_wrote(name: str) -> None:
     compare_key_followers(name, torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_key_followers_write_the_keys_the_chains_wrote_on_gpu(name: str, dtype: torch.dtype, bank_place: bool) -> None:
+def test_key_followers_write_the_keys_the_chains_wrote_on_gpu(name: str, dtype: torch.dtype) -> None:
     assert DEVICE == "cuda"
     compare_key_followers(name, dtype)
 

@@ -24,15 +24,6 @@ from .dispatch import interpreting, launch, tile_size
 # registers without spilling (4 spill at the 7B layer shape, 16 cap registers at 128 and spill).
 _WARPS = 8
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-# Each chain keeps its bank's value rows in registers across the chunk's segments and loads the next segment's tokens
-# while it decides the current one (routing_triton's ``ON_CHIP``), rather than reading both back from memory in
-# every phase that needs them: on an H100 (benchmarks/routing_phases.py, 7B shape) a summary segment spent 7.2K of
-# its 15.6K cycles on the EMA rows, mostly waiting on those reads. For 16-bit tiles of at most 128 columns (float32
-# tiles would not fit in registers on a GPU; the interpreter takes this path in float32 so the CPU tests cover it).
-# The banks whose chains do so: "exact", "summary" (each program is its own code; the thirteenth session's register
-# kernel lengthened the exact chain and shortened the summary one).
-BANKS_ON_CHIP: tuple[str, ...] = ()
-_ON_CHIP_MAX_COLUMNS = 128
 
 
 def route_chunk_triton(
@@ -119,7 +110,6 @@ def route_chunk_triton(
     cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
     block_s, block_me, block_ms = tile_size(config.segment), tile_size(Me), tile_size(Ms)
     followers = write_keys and dispatch.routing_key_followers()
-    on_chip = (lowp or interpreting()) and block_d <= _ON_CHIP_MAX_COLUMNS
     if followers:  # each chain's published decisions, and how many segments it has published (from zero)
         rows = B * Hkv
         dec_ex = torch.empty(rows * nseg * block_me, dtype=torch.int32, device=device)
@@ -147,9 +137,7 @@ def route_chunk_triton(
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
-        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, ON_CHIP_EXACT=on_chip and "exact" in BANKS_ON_CHIP,
-        ON_CHIP_SUMMARY=on_chip and "summary" in BANKS_ON_CHIP,
-        num_warps=_WARPS if num_warps is None else num_warps,
+        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, num_warps=_WARPS if num_warps is None else num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

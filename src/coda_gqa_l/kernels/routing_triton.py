@@ -1,15 +1,13 @@
 """Triton kernel of fused bank routing (docs/kernels.md): every segment boundary of a prefill chunk in one launch.
 
-Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, KV head), program ``(row, 1)`` its
-summary bank. The two banks of a head never read each other (they share only the evicted tokens, which both programs
-load), so splitting them halves the sequential chain at no cost in determinism. Each program loops over the chunk's
-segments in order; at each one it routes the ``S`` tokens that leave the window and writes the snapshot that segment's
-queries see. The snapshot it has just written is the bank the next segment starts from, so the bank rows live in
-memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in registers; the final bank is copied
-out of the last snapshot. With ``ON_CHIP_EXACT`` / ``ON_CHIP_SUMMARY`` (16-bit tiles of at most 128 columns) that
-bank's chain keeps its value rows in registers instead, and loads the next segment's tokens while it decides the
-current one: its only global-memory round trips are then off the chain (the snapshot stores, and loads whose results
-wait a segment).
+Grid ``(B * Hkv, 2)``: program ``(row, 0)`` owns the exact bank of one (batch, KV head), program
+``(row, 1)`` its summary bank. The two banks of a head never read each other (they share only
+the evicted tokens, which both programs load), so splitting them halves the sequential chain
+at no cost in determinism. Each program loops over the chunk's segments in order; at each one
+it routes the ``S`` tokens that leave the window and writes the snapshot that segment's queries
+see. The snapshot it has just written is the bank the next segment starts from, so the bank
+rows live in memory (L1/L2) and only the per-slot bookkeeping (gate, last use, fill) lives in
+registers; the final bank is copied out of the last snapshot.
 
 Token indices and validity come from ``start`` inside the kernel, read from a device scalar (so a
 launch captured in a CUDA graph replays at any position, and the eager and captured paths share
@@ -176,15 +174,14 @@ def _gram_cosines(gram, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _segment_tokens(e, seg0, start, ext_g, nseg, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
+def _segment_tokens(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
                     BLOCK_S: tl.constexpr):  # fmt: skip
     """The tokens leaving the window at the ``e``-th segment boundary of the chunk.
 
     Returns ``(first, at, valid, gate)``: the token index of the first evicted token (int64),
     its row in the extended sequence (int32; token ``j`` is row ``at + j``), whether each token
     is routable (the segment begins inside the chunk, the token is neither a sink nor before the
-    stream) and its gate. Per-token arithmetic stays in int32. Segment ``nseg`` (past the chunk: a chain loads it
-    ahead) has no valid token.
+    stream) and its gate. Per-token arithmetic stays in int32.
     """
     j = tl.arange(0, BLOCK_S)
     seg_begin = seg0 + e * SEG
@@ -192,7 +189,7 @@ def _segment_tokens(e, seg0, start, ext_g, nseg, SEG: tl.constexpr, WINDOW: tl.c
     at = (seg_begin - start).to(tl.int32)
     lowest = tl.minimum(tl.maximum(NUM_SINK - first, -1), BLOCK_S).to(tl.int32)  # first routable j
     # row >= j says seg_begin >= start, as a vector (the interpreter mishandles scalar & vector masks)
-    valid = (j < SEG) & (at + j >= j) & (j >= lowest) & (j < (nseg - e) * SEG)
+    valid = (j < SEG) & (at + j >= j) & (j >= lowest)
     gate = tl.load(ext_g + at + j, mask=valid, other=0.0)
     return first, at, valid, gate
 
@@ -293,28 +290,6 @@ def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _tile_inv_norms(tile):
-    """Inverse norms of the rows of an on-chip tile, as ``_row_norms`` gives them from memory."""
-    t = tile.to(tl.float32)
-    return _inv_norm(tl.sum(t * t, 1))
-
-
-@triton.jit
-def _taken_rows(tile, src, take, BLOCK_D: tl.constexpr):
-    """Rows ``src`` of an on-chip ``tile`` (row 0 where not ``take``): a register gather, exact for any value."""
-    index = tl.where(take, src, 0)
-    return tl.gather(tile, tl.broadcast_to(index[:, None], [index.shape[0], BLOCK_D]), 0)
-
-
-@triton.jit
-def _store_tile(dst, tile, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``ok`` of an on-chip ``(BLOCK_M, BLOCK_D)`` tile into a ``(*, DH)`` matrix."""
-    p = tl.arange(0, BLOCK_M)
-    dk = tl.arange(0, BLOCK_D)
-    tl.store(dst + p[:, None] * DH + dk[None, :], tile, mask=_tile_mask(ok, dk, DH, BLOCK_D))
-
-
-@triton.jit
 def _log(x, INTERPRET: tl.constexpr):
     """Natural log; on the GPU through the one-instruction ``lg2.approx`` (relative error ~2^-22): the
     accurate libdevice polynomial costs ~25 instructions per copy of a vector every thread holds."""
@@ -356,41 +331,27 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
                    LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr,
-                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr, ON_CHIP: tl.constexpr):  # fmt: skip
+                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
     ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
-    writing key rows. With ``ON_CHIP`` the value rows stay in registers and the next segment's tokens load ahead."""
+    writing key rows."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
     xg = tl.load(ex_g + bank + p, mask=p_ok, other=1.0)
     xlast = tl.load(ex_last + bank + p, mask=p_ok, other=0)
     xfill = tl.load(ex_fill + bank + p, mask=p_ok, other=0).to(tl.int32)
+    xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
-    if ON_CHIP:
-        dk = tl.arange(0, BLOCK_D)
-        bank_v = _rows(ex_v + bank * DH, p, p_ok, dk, DH, BLOCK_D)
-        xinv = _tile_inv_norms(bank_v)
-        first, at, valid, gate = _segment_tokens(0, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        tokens = _rows(ext_v, at + tl.arange(0, BLOCK_S), valid, dk, DH, BLOCK_D)
-    else:
-        xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
-        if ON_CHIP:
-            # the next segment's tokens: loaded now, first read a segment later
-            n_first, n_at, n_valid, n_gate = _segment_tokens(e + 1, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK,
-                                                             BLOCK_S)  # fmt: skip
-            n_tokens = _rows(ext_v, n_at + tl.arange(0, BLOCK_S), n_valid, dk, DH, BLOCK_D)
-            dots = _dot_nt(tokens, bank_v, LOWP)
-            gram = _dot_nt(tokens, tokens, LOWP)
-        else:
-            first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK, BLOCK_S)
-            cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-            dots, gram = _token_dots_and_gram(ext_v, at + tl.arange(0, BLOCK_S), valid, cur_v, p, p_ok, BLOCK_S,
-                                              BLOCK_ME, DH, BLOCK_D, COS_BK, LOWP)  # fmt: skip
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
+        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                          COS_BK, LOWP)  # fmt: skip
         pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
         cos = dots * vinv[:, None] * xinv[None, :]
         _stamp(stamps, e, 1, PHASES, INTERPRET)
@@ -399,10 +360,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
             BLOCK_S, BLOCK_ME,
         )  # fmt: skip
         src_row = at + src
-        if ON_CHIP:
-            xg = tl.where(write, tl.gather(gate, tl.where(write, src, 0), 0), xg)
-        else:
-            xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
+        xg = tl.where(write, tl.load(ext_g + src_row, mask=write, other=0.0), xg)
         xlast = tl.where(write, first + src, xlast)
         xfill = tl.where(write, 1, xfill)
         here = slot0 + e * M_TOTAL
@@ -414,17 +372,9 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
             _copy_rows(
                 snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
             )
-        if ON_CHIP:
-            taken = _to_storage(_taken_rows(tokens, src, write, BLOCK_D).to(tl.float32), snap_v.dtype.element_ty,
-                                INTERPRET)  # fmt: skip
-            bank_v = tl.where(write[:, None], taken, bank_v)
-            _store_tile(snap_v + here * DH, bank_v, p_ok, DH, BLOCK_ME, BLOCK_D)
-            xinv = _tile_inv_norms(bank_v)
-            first, at, valid, gate, tokens = n_first, n_at, n_valid, n_gate, n_tokens
-        else:
-            xinv = _copy_rows(
-                snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
-            )
+        xinv = _copy_rows(
+            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+        )
         _stamp(stamps, e, 3, PHASES, INTERPRET)
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
@@ -439,16 +389,14 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
 
 
 @triton.jit
-def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, tokens, DH: tl.constexpr, BLOCK_S: tl.constexpr,
-                BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr,
-                ON_CHIP: tl.constexpr):  # fmt: skip
+def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
     """Seed empty prototypes farthest first (``banks._pick_seeds``), one per round.
 
     Each round the lowest empty slot takes the available candidate whose highest cosine to the
     filled prototypes is lowest (ties: higher gate, then lower index); its cosines then join
     ``nearest`` and become that slot's column. The candidate-candidate cosines are computed only
-    when some slot is empty (from the on-chip ``tokens`` with ``ON_CHIP``, else from memory). Returns ``(cosines
-    after seeding, seed_src, avail)``.
+    when some slot is empty. Returns ``(cosines after seeding, seed_src, avail)``.
     """
     j = tl.arange(0, BLOCK_S)
     q = tl.arange(0, BLOCK_MS)
@@ -457,11 +405,7 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, tokens, DH: tl
     seed_src = tl.full([BLOCK_MS], -1, tl.int32)
     rounds = tl.minimum(tl.sum(empty.to(tl.int32), 0), tl.sum(avail.to(tl.int32), 0))
     if rounds > 0:
-        if ON_CHIP:
-            gram = _dot_nt(tokens, tokens, LOWP)
-        else:
-            gram = _token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP)
-        pair_cos, _ = _gram_cosines(gram, BLOCK_S)
+        pair_cos, _ = _gram_cosines(_token_gram(ext_v, row, valid, BLOCK_S, DH, BLOCK_D, COS_BK, LOWP), BLOCK_S)
         for _ in range(rounds):
             key = tl.where(avail, nearest, POS_INF)
             tied = avail & (key == tl.min(key, 0))
@@ -507,52 +451,34 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
                      INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr, stamps,
-                     PHASES: tl.constexpr, ON_CHIP: tl.constexpr):  # fmt: skip
+                     PHASES: tl.constexpr):  # fmt: skip
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
     ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
-    for ``_summary_keys`` instead of writing key rows. With ``ON_CHIP`` the value rows stay in registers and the
-    next segment's tokens load ahead."""
+    for ``_summary_keys`` instead of writing key rows."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
     sg = tl.load(sm_g + bank + q, mask=q_ok, other=1.0)
     sfill = tl.load(sm_fill + bank + q, mask=q_ok, other=0).to(tl.int32)
+    sinv = _row_norms(sm_v + bank * DH, q, q_ok, BLOCK_MS, DH, BLOCK_D, EMA_BK)
     eta = tl.load(eta_ptr + head).to(tl.float32)
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
-    if ON_CHIP:
-        dk = tl.arange(0, BLOCK_D)
-        bank_v = _rows(sm_v + bank * DH, q, q_ok, dk, DH, BLOCK_D)
-        sinv = _tile_inv_norms(bank_v)
-        _, at, valid, gate = _segment_tokens(0, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        tokens = _rows(ext_v, at + tl.arange(0, BLOCK_S), valid, dk, DH, BLOCK_D)
-    else:
-        sinv = _row_norms(sm_v + bank * DH, q, q_ok, BLOCK_MS, DH, BLOCK_D, EMA_BK)
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
-        if ON_CHIP:
-            # the next segment's tokens: loaded now, first read a segment later
-            _, n_at, n_valid, n_gate = _segment_tokens(e + 1, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK,
-                                                             BLOCK_S)  # fmt: skip
-            n_tokens = _rows(ext_v, n_at + tl.arange(0, BLOCK_S), n_valid, dk, DH, BLOCK_D)
-            dots = _dot_nt(tokens, bank_v, LOWP)
-            tf = tokens.to(tl.float32)
-            vsq = tl.sum(tf * tf, 1)
-        else:
-            first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK, BLOCK_S)
-            cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-            dots, vsq = _token_bank_dots(ext_v, at + tl.arange(0, BLOCK_S), valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS,
-                                         DH, BLOCK_D, COS_BK, LOWP)  # fmt: skip
-            tokens = gate  # unread: the seeding's token Gram comes from memory
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, sm_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
+        cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
         filled = sfill != 0
         cand = valid & (gate > tau_summary)
+        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
         proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
         _stamp(stamps, e, 1, PHASES, INTERPRET)
-        full, seed_src, avail = _pick_seeds(proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, tokens, DH,
-                                            BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP, ON_CHIP)  # fmt: skip
+        full, seed_src, avail = _pick_seeds(
+            proto_cos, cand, q_ok & ~filled, gate, ext_v, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, LOWP
+        )
         _stamp(stamps, e, 2, PHASES, INTERPRET)
         seeded = seed_src >= 0
         seed_row = at + seed_src
@@ -578,23 +504,10 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         elif WRITE_K:
             _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
                       updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
-        if ON_CHIP:
-            mean = _dot_weights(w_hi, w_mid, w_lo, tokens, LOWP) * inv_denom[:, None]
-            seed = _taken_rows(tokens, seed_src, seeded, BLOCK_D).to(tl.float32)
-            base = tl.where(seeded[:, None], seed, bank_v.to(tl.float32))
-            bank_v = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), snap_v.dtype.element_ty,
-                                 INTERPRET)  # fmt: skip
-            _store_tile(snap_v + here * DH, bank_v, q_ok, DH, BLOCK_MS, BLOCK_D)
-            sinv = _tile_inv_norms(bank_v)
-            seed_gate = tl.gather(gate, tl.where(seeded, seed_src, 0), 0)
-            at, valid, gate, tokens = n_at, n_valid, n_gate, n_tokens
-        else:
-            sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row,
-                             seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP,
-                             INTERPRET)  # fmt: skip
-            seed_gate = tl.load(ext_g + seed_row, mask=seeded, other=0.0)
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         _stamp(stamps, e, 4, PHASES, INTERPRET)
-        sg = tl.where(seeded, seed_gate, sg)
+        sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
         sfill = tl.where(seeded, 1, sfill)
         _store_bias(snap_b, here, sg, sfill, MS, BLOCK_MS, INTERPRET)
@@ -679,7 +592,7 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME
     for e in range(nseg):
-        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, nseg, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         _stamp(stamps, e, 0, PHASES, INTERPRET)
         _await(flag, e)
@@ -715,7 +628,6 @@ def _route_chunk_kernel(
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
     WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False, PHASES: tl.constexpr = False,
-    ON_CHIP_EXACT: tl.constexpr = False, ON_CHIP_SUMMARY: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
@@ -724,8 +636,7 @@ def _route_chunk_kernel(
     segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
     so every chain is running or done before a follower waits on it. ``PHASES``: each program stores its cycle
     counter at the end of each phase of each segment into ``stamps (B * Hkv, 4, nseg, PHASE_SLOTS)`` int64
-    (``_stamp``; benchmarks/routing_phases.py). ``ON_CHIP_EXACT`` / ``ON_CHIP_SUMMARY``: that bank's chain keeps its
-    value rows in registers and loads each segment's tokens a segment ahead (see the module's docstring)."""
+    (``_stamp``; benchmarks/routing_phases.py)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -739,7 +650,6 @@ def _route_chunk_kernel(
                 start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
                 BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS, stamps, PHASES,
-                ON_CHIP_EXACT,
             )  # fmt: skip
     elif which == 1:
         if MS > 0:
@@ -748,7 +658,7 @@ def _route_chunk_kernel(
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
                 WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
-                stamps, PHASES, ON_CHIP_SUMMARY,
+                stamps, PHASES,
             )  # fmt: skip
     elif which == 2:
         if ME > 0:
