@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=["default"],
                         help="how the captured variants' kernels run, each a variant")  # fmt: skip
     parser.add_argument("--kernels-of", default="captured, 2 pieces", help="the variant whose kernels to list")
+    parser.add_argument("--trace", action="store_true",
+                        help="write that variant's profiled call at each length as a Chrome trace "
+                             "(captured_prefill_trace_LENGTH.json in --out; benchmarks/trace_gaps.py)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     layer = seven_b_layer()
@@ -138,7 +141,14 @@ def main() -> None:
                 row = {"length": length, "variant": name, "median_ms": median, "times_ms": times[name],
                        "tokens_per_s": length / median * 1e3, "against_bare": bare_ms / median}  # fmt: skip
                 if name.startswith("captured") or name.startswith("eager"):
-                    row |= profile_groups(run)
+                    trace = (
+                        args.out / f"captured_prefill_trace_{length}.json"
+                        if args.trace and name == args.kernels_of
+                        else None
+                    )
+                    if trace is not None:
+                        args.out.mkdir(parents=True, exist_ok=True)
+                    row |= profile_groups(run, trace)
                     row.pop("kernel_names", None)
                     row["by_name"] = kernels_by_name(run)
                 rows.append(row)
