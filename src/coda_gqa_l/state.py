@@ -128,7 +128,9 @@ class BoundedState:
         lead = (batch_size, num_kv_heads)
 
         def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
-            return torch.zeros(*lead, *shape, device=device, dtype=dt)
+            # on a GPU uninitialised here and zeroed all at once below: one launch instead of one a field (a fresh
+            # state is part of every prefill from the start, where the host's launches are the GPU's idle time)
+            return torch.empty(*lead, *shape, device=device, dtype=dt)
 
         ns, w, me, ms, d = (
             config.num_sink,
@@ -137,7 +139,7 @@ class BoundedState:
             config.num_landmarks_summary,
             head_dim,
         )
-        return cls(
+        state = cls(
             config=config,
             sink_k=zeros(ns, d),
             sink_v=zeros(ns, d),
@@ -153,8 +155,10 @@ class BoundedState:
             sm_v=zeros(ms, d),
             sm_g=zeros(ms, dt=torch.float32),
             sm_filled=zeros(ms, dt=torch.bool),
-            position=torch.zeros(batch_size, device=device, dtype=torch.int64),
+            position=torch.empty(batch_size, device=device, dtype=torch.int64),
         )
+        zero_tensors(list(state.tensors().values()))
+        return state
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the state, by field name."""
@@ -214,18 +218,45 @@ class BoundedState:
         return ratios
 
 
+def _bytes_of(t: Tensor) -> Tensor:
+    """A contiguous tensor's elements as a flat ``uint8`` view: the same memory, whatever the dtype."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _as_bytes_ok(*tensors: Tensor) -> bool:
+    """Whether the tensors can be copied or zeroed as byte views: contiguous, and no gradient to keep."""
+    return all(t.is_contiguous() for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    )
+
+
 def copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``targets[i].copy_(sources[i])`` for every i, in as few launches as torch's multi-tensor copy makes: one per
-    dtype. Given tensors of several dtypes at once it copies them one by one (a state's 450 tensors of four dtypes:
-    451 copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), so each dtype's contiguous tensors go as
-    one list; the rest one by one."""
-    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+    """``targets[i].copy_(sources[i])`` for every i, in one launch where torch's multi-tensor copy allows it.
+
+    Given tensors of several dtypes at once torch copies them one by one (a state's 450 tensors of four dtypes: 451
+    copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), and one list per dtype is still a launch per
+    dtype: so pairs of one dtype and shape, both contiguous, go as byte views in a single list (one kernel for a
+    state's tensors of every dtype, each a host launch fewer: the captured prefill's state in and out, a decoder's
+    state kept and given back); the rest one by one."""
+    into: list[Tensor] = []
+    out_of: list[Tensor] = []
     for target, source in zip(targets, sources, strict=True):
-        if target.dtype == source.dtype and target.is_contiguous() and source.is_contiguous():
-            into, out_of = groups.setdefault(target.dtype, ([], []))
-            into.append(target)
-            out_of.append(source)
+        same = target.dtype == source.dtype and target.shape == source.shape and target.device == source.device
+        if same and _as_bytes_ok(target, source):
+            into.append(_bytes_of(target))
+            out_of.append(_bytes_of(source))
         else:
             target.copy_(source)
-    for into, out_of in groups.values():
+    if into:
         torch._foreach_copy_(into, out_of)
+
+
+def zero_tensors(tensors: list[Tensor]) -> None:
+    """Every tensor set to zero (0, 0.0, False: all bits clear): contiguous ones as byte views in one multi-tensor
+    launch on a GPU, the rest one by one."""
+    flat = [_bytes_of(t) for t in tensors if _as_bytes_ok(t)]
+    for t in tensors:
+        if not _as_bytes_ok(t):
+            t.zero_()
+    if flat:
+        torch._foreach_zero_(flat)

@@ -364,22 +364,37 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
     assert not launches
 
 
-def test_batched_copies_copy_every_tensor_of_every_dtype() -> None:
-    """``state.copy_tensors`` (a decoder's state kept, lent and given back; a captured prefill's buffers) sends
-    each dtype's contiguous tensors as one multi-tensor copy and the others one by one: every tensor arrives,
-    whatever its dtype or layout."""
-    from coda_gqa_l.state import copy_tensors
+def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``state.copy_tensors`` (a decoder's state kept, lent and given back; a captured prefill's buffers) sends the
+    contiguous tensors of every dtype as one multi-tensor copy of byte views and the others one by one: every tensor
+    arrives, bit for bit (NaN, -0.0 and int64 extremes included), whatever its dtype or layout; ``zero_tensors``
+    clears them the same way."""
+    from coda_gqa_l.state import copy_tensors, zero_tensors
 
     sources = [
-        torch.randn(3, 4),
-        torch.randint(0, 9, (5,)),
+        torch.tensor([[float("nan"), -0.0, 1.5, float("-inf")]]),
+        torch.tensor([torch.iinfo(torch.int64).min, -1, 0, 7, torch.iinfo(torch.int64).max]),
         torch.rand(2, 3) > 0.5,
         torch.randn(4, 6).to(torch.bfloat16),
         torch.randn(6, 4).t(),  # not contiguous
         torch.randn(7),
+        torch.randn(()),  # zero-dimensional
+        torch.randn(2, 0),  # empty
     ]
-    targets = [torch.zeros(x.shape, dtype=x.dtype) for x in sources]
+    targets = [torch.ones(x.shape, dtype=x.dtype) for x in sources]
+    multi: list[int] = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(
+        torch, "_foreach_copy_", lambda into, out_of: (multi.append(len(into)), real_copy(into, out_of))
+    )
     copy_tensors(targets, sources)
-    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+    assert multi == [len(sources) - 1]  # one launch for every contiguous tensor, whatever its dtype
+    for t, s in zip(targets, sources, strict=True):
+        assert t.dtype == s.dtype and torch.equal(t.reshape(-1).view(torch.uint8), s.reshape(-1).view(torch.uint8))
     with pytest.raises(ValueError):
         copy_tensors(targets[:2], sources)  # lists of different lengths
+    broadcast = torch.zeros(3, 4)
+    copy_tensors([broadcast], [torch.arange(4.0)])  # shapes differ: torch's own copy, which broadcasts
+    assert torch.equal(broadcast, torch.arange(4.0).expand(3, 4))
+    zero_tensors(targets)
+    assert all(not t.reshape(-1).view(torch.uint8).any() for t in targets)
