@@ -127,7 +127,7 @@ class BoundedState:
             raise TypeError(f"state dtype must be a floating point type, got {dtype}")
         lead = (batch_size, num_kv_heads)
 
-        def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
+        def unset(*shape: int, dt: torch.dtype = dtype) -> Tensor:
             # on a GPU uninitialised here and zeroed all at once below: one launch instead of one a field (a fresh
             # state is part of every prefill from the start, where the host's launches are the GPU's idle time)
             return torch.empty(*lead, *shape, device=device, dtype=dt)
@@ -141,20 +141,20 @@ class BoundedState:
         )
         state = cls(
             config=config,
-            sink_k=zeros(ns, d),
-            sink_v=zeros(ns, d),
-            win_k=zeros(w, d),
-            win_v=zeros(w, d),
-            win_g=zeros(w, dt=torch.float32),
-            ex_k=zeros(me, d),
-            ex_v=zeros(me, d),
-            ex_g=zeros(me, dt=torch.float32),
-            ex_last=zeros(me, dt=torch.int64),
-            ex_filled=zeros(me, dt=torch.bool),
-            sm_k=zeros(ms, d),
-            sm_v=zeros(ms, d),
-            sm_g=zeros(ms, dt=torch.float32),
-            sm_filled=zeros(ms, dt=torch.bool),
+            sink_k=unset(ns, d),
+            sink_v=unset(ns, d),
+            win_k=unset(w, d),
+            win_v=unset(w, d),
+            win_g=unset(w, dt=torch.float32),
+            ex_k=unset(me, d),
+            ex_v=unset(me, d),
+            ex_g=unset(me, dt=torch.float32),
+            ex_last=unset(me, dt=torch.int64),
+            ex_filled=unset(me, dt=torch.bool),
+            sm_k=unset(ms, d),
+            sm_v=unset(ms, d),
+            sm_g=unset(ms, dt=torch.float32),
+            sm_filled=unset(ms, dt=torch.bool),
             position=torch.empty(batch_size, device=device, dtype=torch.int64),
         )
         zero_tensors(list(state.tensors().values()))
