@@ -127,10 +127,13 @@ class BoundedState:
             raise TypeError(f"state dtype must be a floating point type, got {dtype}")
         lead = (batch_size, num_kv_heads)
 
+        # with ONE_LAUNCH_STATE_COPIES uninitialised here and zeroed all at once below: one launch instead of one a
+        # field (a fresh state is part of every prefill from the start, where the host's launches are the GPU's idle
+        # time)
+        make = torch.empty if ONE_LAUNCH_STATE_COPIES else torch.zeros
+
         def unset(*shape: int, dt: torch.dtype = dtype) -> Tensor:
-            # on a GPU uninitialised here and zeroed all at once below: one launch instead of one a field (a fresh
-            # state is part of every prefill from the start, where the host's launches are the GPU's idle time)
-            return torch.empty(*lead, *shape, device=device, dtype=dt)
+            return make(*lead, *shape, device=device, dtype=dt)
 
         ns, w, me, ms, d = (
             config.num_sink,
@@ -155,9 +158,10 @@ class BoundedState:
             sm_v=unset(ms, d),
             sm_g=unset(ms, dt=torch.float32),
             sm_filled=unset(ms, dt=torch.bool),
-            position=torch.empty(batch_size, device=device, dtype=torch.int64),
+            position=make(batch_size, device=device, dtype=torch.int64),
         )
-        zero_tensors(list(state.tensors().values()))
+        if ONE_LAUNCH_STATE_COPIES:
+            zero_tensors(list(state.tensors().values()))
         return state
 
     def tensors(self) -> dict[str, Tensor]:
@@ -218,6 +222,14 @@ class BoundedState:
         return ratios
 
 
+# Copies and zeroing of a state's tensors of every dtype as byte views in one multi-tensor launch, and a fresh state
+# zeroed by one launch (``copy_tensors``, ``zero_tensors``, ``BoundedState.empty``): the captured prefill's 13 + 4 + 4
+# launches around its graph become 1 + 1 + 1 (on an H100 the host spends about a third of a 7B layer's 2K prefill
+# launching before the graph, benchmarks/results/speed.md). Written on the CPU: off until a GPU has tested and timed
+# it (benchmarks/PLAN.md); off, each dtype's tensors go as one launch and a fresh state's fields are zeroed one by one.
+ONE_LAUNCH_STATE_COPIES = False
+
+
 def _bytes_of(t: Tensor) -> Tensor:
     """A contiguous tensor's elements as a flat ``uint8`` view: the same memory, whatever the dtype."""
     return t.reshape(-1).view(torch.uint8)
@@ -231,29 +243,31 @@ def _as_bytes_ok(*tensors: Tensor) -> bool:
 
 
 def copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """``targets[i].copy_(sources[i])`` for every i, in one launch where torch's multi-tensor copy allows it.
+    """``targets[i].copy_(sources[i])`` for every i, in as few launches as torch's multi-tensor copy allows.
 
     Given tensors of several dtypes at once torch copies them one by one (a state's 450 tensors of four dtypes: 451
-    copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), and one list per dtype is still a launch per
-    dtype: so pairs of one dtype and shape, both contiguous, go as byte views in a single list (one kernel for a
-    state's tensors of every dtype, each a host launch fewer: the captured prefill's state in and out, a decoder's
-    state kept and given back); the rest one by one."""
-    into: list[Tensor] = []
-    out_of: list[Tensor] = []
+    copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), so pairs of one dtype and shape, both contiguous,
+    go as one list per dtype, or with ``ONE_LAUNCH_STATE_COPIES`` as byte views in a single list (one kernel for a
+    state's tensors of every dtype: the captured prefill's state in and out, a decoder's state kept and given back);
+    the rest one by one."""
+    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     for target, source in zip(targets, sources, strict=True):
         same = target.dtype == source.dtype and target.shape == source.shape and target.device == source.device
         if same and _as_bytes_ok(target, source):
-            into.append(_bytes_of(target))
-            out_of.append(_bytes_of(source))
+            if ONE_LAUNCH_STATE_COPIES:
+                target, source = _bytes_of(target), _bytes_of(source)
+            into, out_of = groups.setdefault(target.dtype, ([], []))
+            into.append(target)
+            out_of.append(source)
         else:
             target.copy_(source)
-    if into:
+    for into, out_of in groups.values():
         torch._foreach_copy_(into, out_of)
 
 
 def zero_tensors(tensors: list[Tensor]) -> None:
     """Every tensor set to zero (0, 0.0, False: all bits clear): contiguous ones as byte views in one multi-tensor
-    launch on a GPU, the rest one by one."""
+    launch, the rest one by one."""
     flat = [_bytes_of(t) for t in tensors if _as_bytes_ok(t)]
     for t in tensors:
         if not _as_bytes_ok(t):

@@ -364,13 +364,17 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
     assert not launches
 
 
-def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("one_launch", [True, False], ids=["byte-views", "per-dtype"])
+def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.MonkeyPatch, one_launch: bool) -> None:
     """``state.copy_tensors`` (a decoder's state kept, lent and given back; a captured prefill's buffers) sends the
-    contiguous tensors of every dtype as one multi-tensor copy of byte views and the others one by one: every tensor
-    arrives, bit for bit (NaN, -0.0 and int64 extremes included), whatever its dtype or layout; ``zero_tensors``
-    clears them the same way."""
-    from coda_gqa_l.state import copy_tensors, zero_tensors
+    contiguous tensors as one multi-tensor copy a dtype, or with ``ONE_LAUNCH_STATE_COPIES`` one of byte views for
+    every dtype, and the others one by one: every tensor arrives, bit for bit (NaN, -0.0 and int64 extremes
+    included), whatever its dtype or layout; ``zero_tensors`` clears them, and a fresh state is all zeros."""
+    from coda_gqa_l import state as state_module
+    from coda_gqa_l.config import BoundedConfig
+    from coda_gqa_l.state import BoundedState, copy_tensors, zero_tensors
 
+    monkeypatch.setattr(state_module, "ONE_LAUNCH_STATE_COPIES", one_launch)
     sources = [
         torch.tensor([[float("nan"), -0.0, 1.5, float("-inf")]]),
         torch.tensor([torch.iinfo(torch.int64).min, -1, 0, 7, torch.iinfo(torch.int64).max]),
@@ -388,7 +392,8 @@ def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.Mon
         torch, "_foreach_copy_", lambda into, out_of: (multi.append(len(into)), real_copy(into, out_of))
     )
     copy_tensors(targets, sources)
-    assert multi == [len(sources) - 1]  # one launch for every contiguous tensor, whatever its dtype
+    # every contiguous tensor in one launch, or one launch a dtype (float32, int64, bool, bfloat16)
+    assert multi == ([len(sources) - 1] if one_launch else [4, 1, 1, 1])
     for t, s in zip(targets, sources, strict=True):
         assert t.dtype == s.dtype and torch.equal(t.reshape(-1).view(torch.uint8), s.reshape(-1).view(torch.uint8))
     with pytest.raises(ValueError):
@@ -398,3 +403,6 @@ def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.Mon
     assert torch.equal(broadcast, torch.arange(4.0).expand(3, 4))
     zero_tensors(targets)
     assert all(not t.reshape(-1).view(torch.uint8).any() for t in targets)
+    fresh = BoundedState.empty(BoundedConfig(window=32, segment=8, num_landmarks_exact=3, num_landmarks_summary=2),
+                               2, 2, 8, "cpu", torch.bfloat16)  # fmt: skip
+    assert fresh.pos == 0 and all(not t.reshape(-1).view(torch.uint8).any() for t in fresh.tensors().values())
