@@ -2,7 +2,7 @@
 pieces on side streams) against its eager ``prefill_chunked`` and the bare GQA layer, in one run.
 
     PYTHONPATH=src python benchmarks/captured_prefill.py [--lengths 2048 32768] [--pieces 1 2 4 8] [--out DIR]
-        [--settings default "routing 4 warps" "keys in chains" "stacking pass"]
+        [--settings default "routing 4 warps" "keys in chains" "stacking pass"] [--weights 1,4,1 1,3]
 
 One 7B-shaped bfloat16 layer (``medium`` banks) prefills random tokens of each length from a fresh state. Every
 variant is timed in rounds that visit the variants in turn (CUDA events around each call; medians over the rounds),
@@ -11,6 +11,10 @@ chunks of ``--chunk``, and the captured prefill with each ``--pieces`` count. Th
 captured variant: the kernels grouped (routing, attention, products, the rest), the time routing runs with no
 other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a
 table, writes ``captured_prefill.json`` to ``--out``.
+
+``--weights`` adds captured variants whose pieces have those relative sizes (``CapturedPrefill(weights=...)``; one
+piece a weight, whole segments each): a small first piece starts the routing sooner, a small last one shortens
+what waits for the last routing.
 
 ``--settings`` adds captured variants that run otherwise (each with every ``--pieces`` count; graphs captured and
 replayed under the setting): ``routing 4 warps`` the routing kernel at 4 warps a program instead of 8, ``keys in
@@ -66,6 +70,17 @@ def setting(name: str) -> Iterator[None]:
         routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD = warps, rotate
 
 
+def _weights(text: str) -> tuple[int, ...]:
+    """``--weights``: "1,4,1" as (1, 4, 1), positive ints."""
+    try:
+        weights = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) < 2 or min(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be two or more positive ints separated by commas, got {text!r}")
+    return weights
+
+
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
     """The ``top`` kernel names of one profiled call by summed device time: count, sum and mean."""
     from torch.autograd import DeviceType
@@ -103,6 +118,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=["default"],
                         help="how the captured variants' kernels run, each a variant")  # fmt: skip
+    parser.add_argument("--weights", nargs="*", default=[], type=_weights,
+                        help="uneven pieces, each comma-separated relative sizes (1,4,1), a variant each")  # fmt: skip
     parser.add_argument("--kernels-of", default="captured, 2 pieces", help="the variant whose kernels to list")
     parser.add_argument("--trace", action="store_true",
                         help="write that variant's profiled call at each length as a Chrome trace "
@@ -112,9 +129,11 @@ def main() -> None:
     layer = seven_b_layer()
     with torch.device("cuda"):
         bare = BareGQA(4096, 32, 8, 128).to(torch.bfloat16).eval()
-    captured = {
+    captured: dict[tuple[int | tuple[int, ...], str], CapturedPrefill] = {
         (p, how): CapturedPrefill(layer, chunk=args.chunk, pieces=p) for how in args.settings for p in args.pieces
     }
+    for weights in args.weights:
+        captured[(weights, "default")] = CapturedPrefill(layer, chunk=args.chunk, pieces=len(weights), weights=weights)
     rows: list[dict[str, Any]] = []
     # as the suite times layers: inside a model the adapter tests the input for NaN and Inf once, so the layer's own
     # test (a read of the input and a host synchronisation a call) is left out for every variant
@@ -126,7 +145,10 @@ def main() -> None:
                 "eager prefill_chunked": lambda x=x: layer.prefill_chunked(x, layer.init_state(1), args.chunk),
             }
             for (p, how), prefill in captured.items():
-                name = f"captured, {p} piece{'s' if p > 1 else ''}" + ("" if how == "default" else f", {how}")
+                if isinstance(p, tuple):  # --weights
+                    name = f"captured, {len(p)} pieces {':'.join(map(str, p))}"
+                else:
+                    name = f"captured, {p} piece{'s' if p > 1 else ''}" + ("" if how == "default" else f", {how}")
                 variants[name] = lambda x=x, f=prefill, how=how: _under(how, f, x, layer.init_state(1))
             for run in variants.values():  # compiles, captures, warms the allocator
                 run()

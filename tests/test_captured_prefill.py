@@ -42,11 +42,37 @@ def test_captured_prefill_refuses_a_cpu_layer_and_a_chunk_across_segments() -> N
         CapturedPrefill(layer)
     with pytest.raises(ValueError, match="multiple of the segment"):
         CapturedPrefill(layer, chunk=layer.config.segment + 1, capture=False)
+    for weights in ((1, 2), (1, 0, 1), [1, 2, 1], (1, 2.0, 1)):
+        with pytest.raises(ValueError, match="weights must be a tuple of 3 positive ints"):
+            CapturedPrefill(layer, chunk=48, pieces=3, weights=weights, capture=False)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("sinks", "before", "pieces"), [(0, 13, 3)])  # sinks: the batch-size test below
+def test_pieces_are_whole_segments_in_the_weights_proportions() -> None:
+    """``weights`` size the pieces in whole segments (largest remainders first); a chunk of fewer segments than
+    weights falls back to equal pieces; sinks beyond a small first piece make one piece."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    S = 8
+    layer = _layer(3, 32, 6, 4, 64, 4)
+    assert layer.config.segment == S
+    prefill = CapturedPrefill(layer, chunk=96, pieces=3, weights=(1, 4, 1), capture=False)
+    assert prefill.piece_sizes(48, sinks=False) == [S, 4 * S, S]
+    assert prefill.piece_sizes(96, sinks=False) == [2 * S, 8 * S, 2 * S]
+    assert prefill.piece_sizes(56, sinks=False) == [S, 5 * S, S]  # 7 segments: 1.17 / 4.67 / 1.17
+    assert prefill.piece_sizes(16, sinks=False) == [S, S]  # 2 segments: equal pieces
+    assert prefill.piece_sizes(48, sinks=True) == [S, 4 * S, S]  # 3 sinks fit the first piece's 8 tokens
+    assert prefill.pieces_for(48, sinks=False) == 3
+    wide_sinks = _layer(20, 64, 6, 4, 64, 4)
+    assert CapturedPrefill(wide_sinks, chunk=96, pieces=3, weights=(1, 4, 1), capture=False).piece_sizes(
+        96, sinks=True
+    ) == [96]  # 20 sinks would reach past the first piece's 16 tokens
+
+
+@pytest.mark.parametrize(
+    ("sinks", "before", "pieces", "weights"), [(0, 13, 3, None), (2, 0, 3, (1, 4, 1))]
+)  # sinks: the batch-size test below
 def test_eager_captured_prefill_equals_the_layers_prefill(
-    monkeypatch: pytest.MonkeyPatch, sinks: int, before: int, pieces: int
+    monkeypatch: pytest.MonkeyPatch, sinks: int, before: int, pieces: int, weights: tuple[int, ...] | None
 ) -> None:
     """From a state mid-segment (its head through the layer's own prefill): segment-aligned chunks of 48 tokens in
     pieces, a shorter aligned chunk, then a tail under a segment; outputs and every state field as
@@ -63,7 +89,7 @@ def test_eager_captured_prefill_equals_the_layers_prefill(
             _, start = layer.prefill_chunked(x[:, :before], start, block_size=16)
         eager_y, eager = layer.prefill_chunked(x[:, before:], start.clone(), block_size=48)
         kept = start.clone()
-        prefill = CapturedPrefill(layer, chunk=48, pieces=pieces, capture=False)
+        prefill = CapturedPrefill(layer, chunk=48, pieces=pieces, weights=weights, capture=False)
         ours_y, ours = prefill(x[:, before:], start, write_cache=False)
     assert ours is not start and start.pos == before
     _assert_states_close(start, kept, atol=0, rtol=0)

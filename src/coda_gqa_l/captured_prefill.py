@@ -38,6 +38,10 @@ class CapturedPrefill:
             stretch shorter than this is captured at its own length).
         pieces: pieces a chunk's routing is pipelined in (fewer where the chunk does not split into whole
             segments, and one while the chunk writes sinks that a piece after the first would hold).
+        weights: the pieces' relative sizes, one positive int a piece (``pieces`` of them; None: equal). Whole
+            segments each, as near those proportions as they round; fewer, equal pieces where a chunk has fewer
+            segments than the weights ask. A small first piece starts the routing early, a small last one
+            shortens what waits for the last routing (its attention and output projection).
         capture: False runs the same steps eagerly: on the CPU with Triton's interpreter, for tests.
         max_graphs: captured chunk lengths kept (the least recently replayed dropped beyond it; all share one
             memory pool). A change to the layer's tensors (moved, fused, weights loaded) drops them all.
@@ -55,6 +59,7 @@ class CapturedPrefill:
         *,
         chunk: int = 4096,
         pieces: int = 2,
+        weights: tuple[int, ...] | None = None,
         capture: bool = True,
         max_graphs: int = 4,
     ) -> None:
@@ -67,10 +72,17 @@ class CapturedPrefill:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if chunk % segment:
             raise ValueError(f"chunk must be a multiple of the segment length {segment}, got {chunk}")
+        if weights is not None and (
+            not isinstance(weights, tuple)
+            or len(weights) != pieces
+            or any(not isinstance(w, int) or isinstance(w, bool) or w <= 0 for w in weights)
+        ):
+            raise ValueError(f"weights must be a tuple of {pieces} positive ints (one a piece), got {weights!r}")
         if layer.collect_metrics:
             raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
         self.layer = layer
         self._chunk, self._pieces, self._graphed, self._max_graphs = chunk, pieces, capture, max_graphs
+        self._weights = weights
         device = weight.device
         with torch.inference_mode(False):  # updated in place by the graphs, whatever mode the caller is in
             self._pos = torch.zeros((), dtype=torch.int64, device=device)
@@ -223,40 +235,63 @@ class CapturedPrefill:
         return graph
 
     def pieces_for(self, n: int, sinks: bool) -> int:
-        """Pieces an ``n``-token chunk runs in: at most ``pieces``, each a whole number of segments, and one
-        when sinks are written beyond the first piece (a later piece's sinks must not reach an earlier piece's
-        attention, which runs after every piece's window and sinks are written)."""
+        """Pieces an ``n``-token chunk runs in (``piece_sizes``)."""
+        return len(self.piece_sizes(n, sinks))
+
+    def piece_sizes(self, n: int, sinks: bool) -> list[int]:
+        """Tokens of each piece an ``n``-token chunk (whole segments) runs in: at most ``pieces``, each a whole
+        number of segments, sized by ``weights`` (else equal), and one piece when sinks are written beyond the
+        first piece (a later piece's sinks must not reach an earlier piece's attention, which runs after every
+        piece's window and sinks are written)."""
         S, Ns = self.layer.config.segment, self.layer.config.num_sink
-        count = max(k for k in range(1, self._pieces + 1) if n % (k * S) == 0)
-        if sinks and n // count < Ns:
-            return 1
-        return count
+        segments = n // S
+        if self._weights is not None and segments >= len(self._weights):
+            sizes = [S * s for s in _apportion(segments, self._weights)]
+        else:
+            count = max(k for k in range(1, self._pieces + 1) if n % (k * S) == 0)
+            sizes = [n // count] * count
+        if sinks and sizes[0] < Ns:
+            return [n]
+        return sizes
 
     def _step(self, n: int, sinks: bool) -> None:
         """``self._x[:, :n]`` from the device position ``self._pos`` into ``self._y[:, :n]``, the buffers advanced."""
         layer, state = self.layer, self._arena
         assert state is not None and self._x is not None and self._y is not None
-        count = self.pieces_for(n, sinks)
-        size = n // count
+        sizes = self.piece_sizes(n, sinks)
+        count = len(sizes)
+        starts = [sum(sizes[:p]) for p in range(count)]
         x = self._x[:, :n]
         streams = routing_streams(x.device, count) if count > 1 and x.device.type == "cuda" else [None] * count
-        positions = [self._pos + p * size for p in range(count)]  # kept alive: step tables key on their ids
+        positions = [self._pos + start for start in starts]  # kept alive: step tables key on their ids
         with step_tables.step_tables():
             begun = []
             routed = None
             for p in range(count):
                 piece = begin_at_device_position(
-                    layer, state, x[:, p * size : (p + 1) * size], positions[p], self._window_offsets,
+                    layer, state, x[:, starts[p] : starts[p] + sizes[p]], positions[p], self._window_offsets,
                     self._sink_index, True, sinks=sinks, routing_stream=streams[p], after=routed,
                 )  # fmt: skip
                 routed = piece.routed
                 begun.append(piece)
             for p, piece in enumerate(begun):
-                into = self._y[:, p * size : (p + 1) * size]
+                into = self._y[:, starts[p] : starts[p] + sizes[p]]
                 if into.is_contiguous():  # batch 1: the output projection writes the buffer itself
                     finish_at_device_position(layer, state, piece, positions[p], into=into)
                 else:
                     into.copy_(finish_at_device_position(layer, state, piece, positions[p]))
+
+
+def _apportion(total: int, weights: tuple[int, ...]) -> list[int]:
+    """``total`` split in proportion to ``weights``, each part at least 1 (``total >= len(weights)``): largest
+    remainders first, ties to the earlier part."""
+    parts = [max(1, total * w // sum(weights)) for w in weights]
+    while sum(parts) > total:  # the floor of 1 overshot: take from the largest part
+        parts[parts.index(max(parts))] -= 1
+    shares = [total * w / sum(weights) - part for w, part in zip(weights, parts, strict=True)]
+    for i in sorted(range(len(parts)), key=lambda i: -shares[i])[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
 
 def _layer_signature(layer: BoundedCoDAAttention) -> list[tuple[int, int]]:
