@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On the GPU machine (no model needed; carry .pdwhl or .device: the platformdirs wheel as WHEEL_DIR): the captured
+# prefill's host launches and uneven pieces (benchmarks/PLAN.md, twentieth session, items 0 and 2), in one call.
+#   1. a copy of src with state.ONE_LAUNCH_STATE_COPIES on (/tmp/src_on); the GPU tests of the captured prefill and
+#      of the graph decoder (which copy states) on it;
+#   2. benchmarks/captured_prefill.py at 2K and 32K, 2 pieces and the --weights variants (WEIGHTS), in processes
+#      alternating the flag off and on, twice each (ROUNDS rounds a process), the last with --trace;
+#   3. benchmarks/trace_gaps.py on that trace: when the graph starts, and the span cut by what runs.
+# Results under $OUT/prefill_launches/ (a tarball); the tables are printed last. Env: WEIGHTS, ROUNDS, TEST_S, BENCH_S.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "${WHEEL_DIR:-.device/whl}"/platformdirs-*.whl
+out=/tmp/prefill_launches
+mkdir -p "$out"
+rm -rf /tmp/src_on && cp -r src /tmp/src_on
+sed -i 's/^ONE_LAUNCH_STATE_COPIES = False$/ONE_LAUNCH_STATE_COPIES = True/' /tmp/src_on/coda_gqa_l/state.py
+grep -q '^ONE_LAUNCH_STATE_COPIES = True$' /tmp/src_on/coda_gqa_l/state.py || { echo "flag not found in state.py" >&2; exit 2; }
+PYTHONPATH=/tmp/site:/tmp/src_on timeout "${TEST_S:-150}" python -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_captured_prefill.py tests/models/test_graph_decode.py > "$out/gpu_tests_on.txt" 2>&1
+echo "GPU tests, one-launch state copies on: $(tail -n 1 "$out/gpu_tests_on.txt")"
+grep -E "^(FAILED|ERROR)" "$out/gpu_tests_on.txt" | head -5
+read -r -a weights <<< "${WEIGHTS:-1,4,1 1,6,1 1,3}"
+for round in 1 2; do
+  for flag in off on; do
+    path=src; [ "$flag" = on ] && path=/tmp/src_on
+    trace=(); [ "$round$flag" = 2on ] && trace=(--trace)
+    PYTHONPATH=/tmp/site:$path timeout "${BENCH_S:-110}" python benchmarks/captured_prefill.py --lengths 2048 32768 \
+      --pieces 2 --weights "${weights[@]}" --rounds "${ROUNDS:-7}" "${trace[@]}" --out "$out/$flag$round" \
+      > "$out/$flag$round.txt" 2>&1
+    echo "== state copies $flag, process $round"
+    grep -E "^\| [0-9]" "$out/$flag$round.txt" | grep -E "captured|bare" | cut -d'|' -f2-6
+  done
+done
+for length in 2048 32768; do
+  trace=$out/on2/captured_prefill_trace_$length.json
+  [ -f "$trace" ] && PYTHONPATH=src python benchmarks/trace_gaps.py "$trace" --top 0 --out "$out/gaps_$length.json" \
+    | tail -n 2 | head -n 1
+done
+tar czf "$OUT/prefill_launches.tgz" -C /tmp prefill_launches
