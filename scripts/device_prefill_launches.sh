@@ -18,12 +18,12 @@ PYTHONPATH=/tmp/site:/tmp/src_on timeout "${TEST_S:-150}" python -m pytest -q -m
   tests/test_captured_prefill.py tests/models/test_graph_decode.py > "$out/gpu_tests_on.txt" 2>&1
 echo "GPU tests, one-launch state copies on: $(tail -n 1 "$out/gpu_tests_on.txt")"
 grep -E "^(FAILED|ERROR)" "$out/gpu_tests_on.txt" | head -5
-read -r -a weights <<< "${WEIGHTS:-1,4,1 1,6,1 1,3}"
+read -r -a weights <<< "${WEIGHTS:-1,2,1 1,4,1 1,2,2,1 1,3}"
 for round in 1 2; do
   for flag in off on; do
     path=src; [ "$flag" = on ] && path=/tmp/src_on
     trace=(); [ "$round$flag" = 2on ] && trace=(--trace)
-    PYTHONPATH=/tmp/site:$path timeout "${BENCH_S:-110}" python benchmarks/captured_prefill.py --lengths 2048 32768 \
+    PYTHONPATH=/tmp/site:$path timeout "${BENCH_S:-130}" python benchmarks/captured_prefill.py --lengths 2048 32768 \
       --pieces 2 --weights "${weights[@]}" --rounds "${ROUNDS:-7}" "${trace[@]}" --out "$out/$flag$round" \
       > "$out/$flag$round.txt" 2>&1
     echo "== state copies $flag, process $round"
