@@ -5,7 +5,8 @@
 #      of the graph decoder (which copy states) on it;
 #   2. benchmarks/captured_prefill.py at 2K and 32K, 2 pieces and the --weights variants (WEIGHTS), in processes
 #      alternating the flag off and on, twice each (ROUNDS rounds a process), the last with --trace;
-#   3. benchmarks/trace_gaps.py on that trace: when the graph starts, and the span cut by what runs.
+#   3. benchmarks/trace_gaps.py on that trace: when the graph starts, and the span cut by what runs;
+#   4. benchmarks/prefill_host_time.py with the flag off and on: the host's time in a call, step by step.
 # Results under $OUT/prefill_launches/ (a tarball); the tables are printed last. Env: WEIGHTS, ROUNDS, TEST_S, BENCH_S.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "${WHEEL_DIR:-.device/whl}"/platformdirs-*.whl
@@ -34,5 +35,11 @@ for length in 2048 32768; do
   trace=$out/on2/captured_prefill_trace_$length.json
   [ -f "$trace" ] && PYTHONPATH=src python benchmarks/trace_gaps.py "$trace" --top 0 --out "$out/gaps_$length.json" \
     | tail -n 2 | head -n 1
+done
+for flag in off on; do
+  path=src; [ "$flag" = on ] && path=/tmp/src_on
+  PYTHONPATH=/tmp/site:$path timeout 90 python benchmarks/prefill_host_time.py --lengths 2048 32768 \
+    --out "$out/host_$flag" > "$out/host_$flag.txt" 2>&1
+  grep -E "^(7B|\| [0-9])" "$out/host_$flag.txt"
 done
 tar czf "$OUT/prefill_launches.tgz" -C /tmp prefill_launches
