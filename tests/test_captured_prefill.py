@@ -68,6 +68,32 @@ def test_pieces_are_whole_segments_in_the_weights_proportions() -> None:
     ) == [96]  # 20 sinks would reach past the first piece's 16 tokens
 
 
+def test_the_layer_signature_changes_with_the_tensors_the_graphs_read() -> None:
+    """The signature the graphs are checked against (its tensor list cached between registrations) changes when a
+    parameter is written in place, replaced under its name, given other storage or moved, and a buffer replaced;
+    calls with nothing changed give the same signature."""
+    from coda_gqa_l.captured_prefill import _LayerSignature
+
+    layer = _layer(0, 16, 4, 2, 32, 4)
+    signature = _LayerSignature(layer)
+    before = signature()
+    assert signature() == before
+    with torch.no_grad():
+        layer.core.q_proj.weight.add_(1.0)  # in place: its version
+    assert (after_write := signature()) != before
+    layer.core.q_proj.weight = torch.nn.Parameter(layer.core.q_proj.weight.detach().clone())  # replaced by name
+    assert (after_replace := signature()) != after_write
+    layer.core.q_proj.weight.data = layer.core.q_proj.weight.detach().clone()  # other storage, same Parameter
+    assert (after_data := signature()) != after_replace
+    layer.to(torch.float64)  # moved: every parameter's storage
+    assert (after_move := signature()) != after_data
+    name = next(name for name, _ in layer.named_buffers())
+    owner = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+    owner.register_buffer(name.rpartition(".")[2], getattr(owner, name.rpartition(".")[2]).clone())
+    assert signature() != after_move
+    assert signature() == signature()
+
+
 @pytest.mark.parametrize(
     ("sinks", "before", "pieces", "weights"), [(0, 13, 3, None), (2, 0, 3, (1, 4, 1))]
 )  # sinks: the batch-size test below

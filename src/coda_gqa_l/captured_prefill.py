@@ -94,7 +94,8 @@ class CapturedPrefill:
         self._y: Tensor | None = None
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # least recently replayed first
         self._pool: Any = None
-        self._captured_on: list[tuple[int, int]] = []  # the layer's tensors the graphs read: _layer_signature
+        self._signature = _LayerSignature(layer)
+        self._captured_on: list[tuple[int, int]] = []  # the layer's tensors the graphs read: _LayerSignature
 
     @property
     def chunk(self) -> int:
@@ -153,7 +154,7 @@ class CapturedPrefill:
     def _adopt(self, state: BoundedState, x: Tensor) -> None:
         """The state's tensors copied into the static buffers (made anew for another batch size or dtype)."""
         tensors = state.tensors()
-        if self._captured_on != _layer_signature(self.layer):
+        if self._captured_on != self._signature():
             # the graphs read the layer's parameters and the tables derived from them at fixed addresses: after the
             # layer changed (moved, fused, weights loaded) they are captured anew
             self._drop_graphs()
@@ -228,7 +229,7 @@ class CapturedPrefill:
 
         graph = capture_step(lambda: self._step(*key), warm_up, self._x.device, self._pool)
         self._pool = graph.pool()
-        self._captured_on = _layer_signature(self.layer)
+        self._captured_on = self._signature()
         # dropped only after the capture, which keeps the shared pool in use throughout
         while len(self._graphs) >= self._max_graphs:
             self._graphs.pop(next(iter(self._graphs)))
@@ -294,8 +295,36 @@ def _apportion(total: int, weights: tuple[int, ...]) -> list[int]:
     return parts
 
 
-def _layer_signature(layer: BoundedCoDAAttention) -> list[tuple[int, int]]:
-    """Where each of the layer's tensors lives and its version (bumped by every in-place write): a change to either
-    means the graphs read stale addresses or tables derived from old values (the noise rotation's)."""
-    # an inference tensor keeps no version: its storage alone
-    return [(t.data_ptr(), -1 if t.is_inference() else t._version) for t in (*layer.parameters(), *layer.buffers())]
+class _LayerSignature:
+    """Where each of a layer's tensors lives and its version (bumped by every in-place write), for the graphs: a change
+    to either means they read stale addresses or tables derived from old values (the noise rotation's).
+
+    Walking the module tree for its tensors costs about 15 us of the host's time, which a short prefill spends with
+    the GPU idle (benchmarks/prefill_host_time.py), so the tensors are listed once and listed again only after some
+    module anywhere registered a parameter, buffer or submodule (torch's global registration hooks count them):
+    a tensor replaced under its name is seen that way, storage swapped under it (``.to()``, ``.data =``) by its
+    address, an in-place write (``load_state_dict``) by its version."""
+
+    def __init__(self, layer: BoundedCoDAAttention) -> None:
+        self._layer = layer
+        self._tensors: list[Tensor] = []
+        self._listed_at = -1
+
+    def __call__(self) -> list[tuple[int, int]]:
+        if self._listed_at != _registrations[0]:
+            self._tensors = [*self._layer.parameters(), *self._layer.buffers()]
+            self._listed_at = _registrations[0]
+        # an inference tensor keeps no version: its storage alone
+        return [(t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors]
+
+
+_registrations = [0]  # parameters, buffers and submodules registered on any module since import
+
+
+def _count_registration(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
