@@ -63,3 +63,31 @@ def test_only_plain_linears_of_one_input_device_and_dtype_fuse() -> None:
     assert not fusable_linears([LinearSlice(nn.Linear(24, 8), 0, 4, True), nn.Linear(24, 8)])  # fused already
     with pytest.raises(ValueError, match="plain nn.Linear"):
         fuse_linears([nn.Linear(24, 8), nn.Linear(12, 8)])
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_keys_then_queries_give_what_the_inputs_projection_gives(qk_norm: bool) -> None:
+    """``project_keys`` then ``project_queries`` (a chunk's routing launched between them) give ``project_inputs``'s
+    queries, keys, values, lambda and write gate; a fused layer is told to use its one product."""
+    from coda_gqa_l import BoundedCoDAAttention, BoundedConfig
+
+    torch.manual_seed(0)
+    config = BoundedConfig(window=16, num_landmarks_exact=4, num_landmarks_summary=2)
+    layer = BoundedCoDAAttention(64, 4, 2, config=config, qk_norm=qk_norm).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # lambda's scale and the norms' weights off their initial values
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        q, k, v, lam, g = layer.project_inputs(x)
+        k2, v2, g2 = layer.project_keys(x)
+        q2, lam2 = layer.project_queries(x)
+    assert lam is not None and lam2 is not None
+    for name, ours, theirs in (("q", q2, q), ("k", k2, k), ("v", v2, v), ("lambda", lam2, lam), ("g", g2, g)):
+        assert ours.shape == theirs.shape, name
+        assert torch.equal(ours, theirs), name  # the same products, launched in another order
+    assert layer.fuse_input_projections()
+    with pytest.raises(ValueError, match="not fused; use project_inputs"):
+        layer.project_keys(x)
+    with pytest.raises(ValueError, match="not fused; use project_inputs"):
+        layer.project_queries(x)

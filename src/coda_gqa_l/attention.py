@@ -220,6 +220,26 @@ class BoundedCoDAAttention(nn.Module):
         q, k, v, lam = core.split_heads(q, k, v, lam)
         return q, k, v, lam, gates[:, gates.shape[1] - core.num_kv_heads :]
 
+    def project_keys(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The part of ``project_inputs`` that routing reads, for a layer whose projections are not fused, launched
+        before the queries' products (``project_queries``) so that a routing kernel on another stream starts while
+        they run: ``x (B, n, D)`` -> k and v ``(B, Hkv, n, Dh)`` and the write gate ``g (B, Hkv, n)`` float32.
+        A fused layer's one product stays one (``project_inputs``: one launch, and hooks on it see every call)."""
+        if self.input_projection is not None:
+            raise ValueError("project_keys is for a layer whose input projections are not fused; use project_inputs")
+        core = self.core
+        k, v = core.split_key_heads(core.k_proj(x), core.v_proj(x))
+        return k, v, torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)
+
+    def project_queries(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The rest of ``project_inputs`` after ``project_keys``: q ``(B, H, n, Dh)`` and lambda ``(B, H, n)``
+        float32 (None when not differential)."""
+        if self.input_projection is not None:
+            raise ValueError("project_queries is for a layer whose input projections are not fused; use project_inputs")
+        core = self.core
+        lam = None if core.lambda_proj is None else torch.sigmoid(core.lambda_proj(x).float()).transpose(1, 2)
+        return core.split_query_heads(core.q_proj(x), lam)
+
     # ------------------------------------------------------------------ state
     def init_state(
         self,

@@ -324,7 +324,13 @@ def begin_at_device_position(
     S, Ns = cfg.segment, cfg.num_sink
     n = x.shape[1]
     at = ("device", id(pos))
-    q, k, v, lam, g = layer.project_inputs(x)  # g: (B, Hkv, n)
+    q: Tensor | None = None
+    lam: Tensor | None = None
+    if n > 1 and layer.input_projection is None:
+        # keys, values and gates first: the routing (on a side stream) starts while the queries' products run
+        k, v, g = layer.project_keys(x)  # g: (B, Hkv, n)
+    else:  # fused, one product
+        q, k, v, lam, g = layer.project_inputs(x)
     relative = cfg.position_mode == "relative"
     if not relative:
         cos, sin = core.rope.cos_sin(pos + torch.arange(n, device=pos.device), torch.float32)
@@ -370,6 +376,8 @@ def begin_at_device_position(
             routed = torch.cuda.Event()
             routed.record(routing_stream)
         bank_k, bank_v, bank_bias = snapshots
+    if q is None:
+        q, lam = layer.project_queries(x)
     return ChunkInFlight(q, lam, ext_k, ext_v, bank_k, bank_v, bank_bias, n, window_offsets, routed, keep)
 
 

@@ -128,15 +128,27 @@ class DifferentialCore(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The projections' outputs ``(B, L, heads * Dh)`` and ``sigmoid(lambda logits) (B, H, L)`` -> ``project``'s
         result (heads split, the query and key norms, lambda's scale)."""
-        b, length, _ = q.shape
-        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.split_key_heads(k, v)
+        q, lam = self.split_query_heads(q, lam)
+        return q, k, v, lam
+
+    def split_key_heads(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``split_heads`` for the keys and values alone: ``(B, Hkv, L, Dh)`` each, the key norm applied."""
+        b, length, _ = k.shape
         k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        return (k if self.k_norm is None else self.k_norm(k)), v
+
+    def split_query_heads(self, q: Tensor, lam: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``split_heads`` for the queries and lambda alone: ``(B, H, L, Dh)``, the query norm and lambda's scale
+        applied."""
+        b, length, _ = q.shape
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if lam is not None and self.lambda_scale is not None:
             lam = lam * self.lambda_scale
-        return q, k, v, lam
+        return q, lam
 
     def stack_queries(self, q_roped: Tensor) -> Tensor:
         """``(B, H, L, Dh)`` queries after RoPE -> stacked ``(B, Hkv, streams, L, Dh)``.
