@@ -20,14 +20,16 @@ PYTHONPATH=/tmp/site:/tmp/src_on timeout "${TEST_S:-150}" python -m pytest -q -m
 echo "GPU tests, one-launch state copies on: $(tail -n 1 "$out/gpu_tests_on.txt")"
 grep -E "^(FAILED|ERROR)" "$out/gpu_tests_on.txt" | head -5
 read -r -a weights <<< "${WEIGHTS:-1,2,1 1,4,1 1,2,2,1 1,3}"
+# with .old/src carried (an earlier commit's src), its prefill is timed too, as "base"
+flags=(off on); [ -d .old/src ] && flags=(base off on)
 for round in 1 2; do
-  for flag in off on; do
-    path=src; [ "$flag" = on ] && path=/tmp/src_on
+  for flag in "${flags[@]}"; do
+    path=src; [ "$flag" = on ] && path=/tmp/src_on; [ "$flag" = base ] && path=.old/src
     trace=(); [ "$round$flag" = 2on ] && trace=(--trace)
     PYTHONPATH=/tmp/site:$path timeout "${BENCH_S:-130}" python benchmarks/captured_prefill.py --lengths 2048 32768 \
       --pieces 2 --weights "${weights[@]}" --rounds "${ROUNDS:-7}" "${trace[@]}" --out "$out/$flag$round" \
       > "$out/$flag$round.txt" 2>&1
-    echo "== state copies $flag, process $round"
+    echo "== $flag (state copies one launch: on), process $round"
     grep -E "^\| [0-9]" "$out/$flag$round.txt" | grep -E "captured|bare" | cut -d'|' -f2-6
   done
 done
@@ -36,8 +38,8 @@ for length in 2048 32768; do
   [ -f "$trace" ] && PYTHONPATH=src python benchmarks/trace_gaps.py "$trace" --top 0 --out "$out/gaps_$length.json" \
     | tail -n 2 | head -n 1
 done
-for flag in off on; do
-  path=src; [ "$flag" = on ] && path=/tmp/src_on
+for flag in "${flags[@]}"; do
+  path=src; [ "$flag" = on ] && path=/tmp/src_on; [ "$flag" = base ] && path=.old/src
   PYTHONPATH=/tmp/site:$path timeout 90 python benchmarks/prefill_host_time.py --lengths 2048 32768 \
     --out "$out/host_$flag" > "$out/host_$flag.txt" 2>&1
   grep -E "^(7B|\| [0-9])" "$out/host_$flag.txt"
