@@ -12,6 +12,9 @@ captured variant: the kernels grouped (routing, attention, products, the rest), 
 other kernel, the profiled span, and the kernels by name (``--kernels-of``: which variant's to print). Prints a
 table, writes ``captured_prefill.json`` to ``--out``.
 
+``captured, 2 pieces, no state`` is ``prefill(x)``: a fresh state made inside, without ``layer.init_state`` or a
+copy in before the graph (the other captured variants take ``layer.init_state(1)``, as a caller who holds a state).
+
 ``--weights`` adds captured variants whose pieces have those relative sizes (``CapturedPrefill(weights=...)``; one
 piece a weight, whole segments each): a small first piece starts the routing sooner, a small last one shortens
 what waits for the last routing.
@@ -28,6 +31,7 @@ longer chain on fewer multiprocessors can be the faster prefill.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -79,6 +83,12 @@ def _weights(text: str) -> tuple[int, ...]:
     if len(weights) < 2 or min(weights) <= 0:
         raise argparse.ArgumentTypeError(f"weights must be two or more positive ints separated by commas, got {text!r}")
     return weights
+
+
+def _takes_no_state() -> bool:
+    """Whether this ``CapturedPrefill`` starts a fresh state from ``state=None`` (an earlier src, timed beside, may
+    not): the variant ``..., no state`` times it."""
+    return inspect.signature(CapturedPrefill.prefill).parameters["state"].default is None
 
 
 def kernels_by_name(run: Callable[[], object], top: int = 14) -> list[dict[str, Any]]:
@@ -150,6 +160,8 @@ def main() -> None:
                 else:
                     name = f"captured, {p} piece{'s' if p > 1 else ''}" + ("" if how == "default" else f", {how}")
                 variants[name] = lambda x=x, f=prefill, how=how: _under(how, f, x, layer.init_state(1))
+                if p == 2 and how == "default" and _takes_no_state():
+                    variants[name + ", no state"] = lambda x=x, f=prefill: f(x)
             for run in variants.values():  # compiles, captures, warms the allocator
                 run()
                 run()

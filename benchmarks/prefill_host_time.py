@@ -9,7 +9,8 @@ the GPU (what the host spends: Python, checks, allocations, launches), and with 
 sees it). The host's part is split by wrapping the steps of a call in timers: the fresh state (``layer.init_state``),
 the checks before the first chunk, the state's copy into the graph's buffers (``_adopt``), the input copy and graph
 launch (``_run``), the state's copy out (``_give_back``), and what is left (the output's allocation and copy). The
-bare GQA layer's host time is measured the same way. Medians over ``--calls``; prints a table, writes
+bare GQA layer's host time is measured the same way, and ``prefill(x)`` (a fresh state made inside: ``captured, no
+state``). Medians over ``--calls``; prints a table, writes
 ``prefill_host_time.json`` to ``--out``.
 """
 
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_gqa import BareGQA  # noqa: E402
-from captured_prefill import seven_b_layer  # noqa: E402
+from captured_prefill import _takes_no_state, seven_b_layer  # noqa: E402
 
 from coda_gqa_l import state as state_module  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
@@ -92,8 +93,10 @@ def main() -> None:
     with torch.inference_mode(), finite_checked_upstream():
         for length in args.lengths:
             x = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16)
-            for name, run in (("bare GQA", lambda x=x: bare(x)),
-                              ("captured", lambda x=x: prefill(x, layer.init_state(1)))):  # fmt: skip
+            runs = [("bare GQA", lambda x=x: bare(x)), ("captured", lambda x=x: prefill(x, layer.init_state(1)))]
+            if _takes_no_state():
+                runs.append(("captured, no state", lambda x=x: prefill(x)))
+            for name, run in runs:
                 for _ in range(3):  # compiles, captures, warms the allocator
                     run()
                 hosts, devices, parts = [], [], []
@@ -106,7 +109,7 @@ def main() -> None:
                     parts.append(spent)
                 row: dict[str, Any] = {"length": length, "variant": name, "host_us": statistics.median(hosts),
                                        "device_us": statistics.median(devices)}  # fmt: skip
-                if name == "captured":
+                if name.startswith("captured"):
                     for step in STEPS:
                         row[step + "_us"] = statistics.median(p.get(step, 0.0) for p in parts)
                     row["rest_us"] = row["host_us"] - sum(row[s + "_us"] for s in STEPS)

@@ -6,8 +6,8 @@ Every section returns a list of rows (dicts) that ``run_suite.py`` writes to JSO
 Methods measured here:
 - ``gqa-bare``: ``bare_gqa.BareGQA``, the fairness reference;
 - ``gqa-baseline``: ``coda_gqa_l.BaselineGQA`` (must be within 10% of the bare layer);
-- ``bounded-<config>``: ``coda_gqa_l.captured_prefill.CapturedPrefill`` from a fresh state on CUDA (one graph
-  replay a chunk, as decode steps through ``CapturedDecoder``), else ``prefill_chunked``;
+- ``bounded-<config>``: ``coda_gqa_l.captured_prefill.CapturedPrefill`` from a fresh state on CUDA (``state=None``:
+  made inside; one graph replay a chunk, as decode steps through ``CapturedDecoder``), else ``prefill_chunked``;
 - ``bounded-<config>-eager``: ``BoundedCoDAAttention.prefill_chunked`` from a fresh state (CUDA only: elsewhere
   ``bounded-<config>`` is this);
 - ``coda-unbounded``: ``CoDAGQA`` (training step only).
@@ -116,7 +116,7 @@ def _captured_prefill(block_size: int) -> Callable[[nn.Module, torch.Tensor], Ca
 
         assert isinstance(layer, BoundedCoDAAttention)
         prefill = CapturedPrefill(layer, chunk=block_size)  # graphs captured by the first (untimed) call
-        return lambda: prefill(x, layer.init_state(1))
+        return lambda: prefill(x)  # a fresh state made inside (state=None), as a document's ingest starts
 
     return make
 

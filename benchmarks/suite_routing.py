@@ -106,10 +106,10 @@ def _captured_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
     prefill = CapturedPrefill(layer, chunk=settings.block_size)
-    prefill(x, layer.init_state(1), return_outputs=False)  # captures
+    prefill(x, return_outputs=False)  # captures
     synchronize(settings.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        prefill(x, layer.init_state(1), return_outputs=False)
+        prefill(x, return_outputs=False)
         synchronize(settings.device)
     shares = _kernel_shares(prof.events())
     keep = ("named_kernel_share", "exposed_share", "profiled_span_ms", "profiled_kernel_ms")

@@ -218,6 +218,36 @@ def test_eager_captured_prefill_makes_new_buffers_for_another_batch_size(monkeyp
             _assert_states_close(ours, eager, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["interpreter", "gpu"])
+def test_a_fresh_prefill_needs_no_state(monkeypatch: pytest.MonkeyPatch, on_gpu: bool) -> None:
+    """``state=None`` after a call that left another document's state in the buffers gives what ``prefill_chunked``
+    gives from ``init_state`` (the buffers zeroed, not left as they were), and so does a call of fewer tokens than a
+    segment (no graph)."""
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    layer = _layer(3, 32, 6, 4, 64, 4)
+    x, other = token_like(1, 40, 64, seed=5), token_like(1, 64, 64, seed=6)
+    tol = dict(atol=2e-4, rtol=2e-4)
+    if on_gpu:
+        layer, x, other = layer.cuda().to(torch.bfloat16), x.cuda().to(torch.bfloat16), other.cuda().to(torch.bfloat16)
+        tol = dict(atol=3e-2, rtol=3e-2)
+    else:
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    prefill = CapturedPrefill(layer, chunk=16, capture=on_gpu)
+    with torch.inference_mode():
+        _, dirty = prefill(other)
+        assert prefill._arena is not None and bool(prefill._arena.ex_filled.any()) and dirty.pos == 64
+        eager_y, eager = layer.prefill_chunked(x, layer.init_state(1), block_size=16)
+        ours_y, ours = prefill(x)
+        short_eager_y, short_eager = layer.prefill_chunked(x[:, :5], layer.init_state(1), block_size=16)
+        short_y, short = prefill(x[:, :5])
+    assert ours_y is not None and short_y is not None
+    torch.testing.assert_close(ours_y, eager_y, **tol)
+    _assert_states_close(ours, eager, **tol)
+    torch.testing.assert_close(short_y, short_eager_y, **tol)
+    _assert_states_close(short, short_eager, **tol)
+
+
 @pytest.mark.gpu
 def test_captured_prefill_keeps_its_most_recent_graphs_and_recaptures_after_the_layer_changed() -> None:
     """``max_graphs=1``: each new length drops the graph before it (the shared pool stays in use through the

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import step_tables
 from .attention import BoundedCoDAAttention
 from .decode import begin_at_device_position, capture_step, finish_at_device_position, routing_streams
-from .state import BoundedState, copy_tensors
+from .state import BoundedState, copy_tensors, zero_tensors
 
 
 class CapturedPrefill:
@@ -46,11 +46,11 @@ class CapturedPrefill:
         max_graphs: captured chunk lengths kept (the least recently replayed dropped beyond it; all share one
             memory pool). A change to the layer's tensors (moved, fused, weights loaded) drops them all.
 
-    ``prefill(x, state)`` takes the arguments of ``layer.prefill_chunked`` (but ``block_size``) and returns the same
-    ``(y, state)`` up to float rounding. Tokens before the state's next segment start and a tail of less than a
-    segment go through ``layer.prefill_chunked``; the segment-aligned tokens between go through the graphs. The
-    state handed in is never written in place: its fields are replaced by new tensors (``write_cache=True``) or
-    a new state is returned. Gradients do not flow; use ``layer.prefill_chunked`` to train.
+    ``prefill(x, state)`` takes the arguments of ``layer.prefill_chunked`` (but ``block_size``; ``state`` None for a
+    fresh one) and returns the same ``(y, state)`` up to float rounding. Tokens before the state's next segment start
+    and a tail of less than a segment go through ``layer.prefill_chunked``; the segment-aligned tokens between go
+    through the graphs. The state handed in is never written in place: its fields are replaced by new tensors
+    (``write_cache=True``) or a new state is returned. Gradients do not flow; use ``layer.prefill_chunked`` to train.
     """
 
     def __init__(
@@ -109,23 +109,32 @@ class CapturedPrefill:
 
     # ------------------------------------------------------------------ public
     def prefill(
-        self, x: Tensor, state: BoundedState, *, return_outputs: bool = True, write_cache: bool = True
+        self, x: Tensor, state: BoundedState | None = None, *, return_outputs: bool = True, write_cache: bool = True
     ) -> tuple[Tensor | None, BoundedState]:
-        """``x (B, L, D)`` from ``state``: ``(y (B, L, D) or None, state)`` as ``layer.prefill_chunked`` gives."""
+        """``x (B, L, D)`` from ``state``: ``(y (B, L, D) or None, state)`` as ``layer.prefill_chunked`` gives.
+
+        ``state=None`` starts from a fresh state without one being made first: the graphs' buffers are zeroed in
+        place of a state's copy, and the state returned is made from them after the last graph is launched, while
+        the GPU runs it (``layer.init_state`` and the copy in are host work the GPU would otherwise wait for: about
+        a tenth of a 2K call, benchmarks/prefill_host_time.py)."""
         layer = self.layer
         layer.core.check_input(x)
-        layer.check_state(state, x.shape[0])
-        if state.metrics:
-            raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
+        if state is not None:
+            layer.check_state(state, x.shape[0])
+            if state.metrics:
+                raise ValueError("CapturedPrefill does not collect routing metrics; use layer.prefill_chunked")
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError("CapturedPrefill is for inference (no gradients flow); use layer.prefill_chunked")
-        target = state if write_cache else dataclasses.replace(state, metrics={}, decode_view=None)
+        target: BoundedState | None = state
+        if state is not None and not write_cache:
+            target = dataclasses.replace(state, metrics={}, decode_view=None)
         S, B, L = layer.config.segment, x.shape[0], x.shape[1]
         y = x.new_empty(B, L, layer.embed_dim) if return_outputs else None
         with torch.no_grad():
-            start = target.pos
+            start = 0 if target is None else target.pos
             done = min((-start) % S, L)  # the tokens before the next segment start
             if done:
+                assert target is not None  # a fresh state starts at a segment start
                 self._eager(x, 0, done, target, y)
             if L - done >= S:
                 self._adopt(target, x)
@@ -136,7 +145,9 @@ class CapturedPrefill:
                         assert self._y is not None  # made by _adopt
                         y[:, done : done + n].copy_(self._y[:, :n])
                     done += n
-                self._give_back(target, start + done)
+                target = self._give_back(target, start + done)
+            if target is None:  # fewer tokens than a segment
+                target = layer.init_state(B)
             if done < L:
                 self._eager(x, done, L, target, y)
         return y, target
@@ -151,9 +162,9 @@ class CapturedPrefill:
         else:
             y[:, begin:end].copy_(self.layer.prefill_chunked(x[:, begin:end], state, block_size=end - begin)[0])
 
-    def _adopt(self, state: BoundedState, x: Tensor) -> None:
-        """The state's tensors copied into the static buffers (made anew for another batch size or dtype)."""
-        tensors = state.tensors()
+    def _adopt(self, state: BoundedState | None, x: Tensor) -> None:
+        """The state's tensors copied into the static buffers, or the buffers zeroed for a fresh state (None); the
+        buffers made anew for another batch size or dtype."""
         if self._captured_on != self._signature():
             # the graphs read the layer's parameters and the tables derived from them at fixed addresses: after the
             # layer changed (moved, fused, weights loaded) they are captured anew
@@ -161,12 +172,16 @@ class CapturedPrefill:
         if not self._fits(state, x):
             self._drop_graphs()  # captured on the old buffers
             with torch.inference_mode(False):  # buffers the graphs update in place, whatever mode the caller is in
-                self._arena = state.clone()
+                self._arena = self.layer.init_state(x.shape[0]) if state is None else state.clone()
                 self._x = torch.zeros(x.shape[0], self._chunk, x.shape[2], device=x.device, dtype=x.dtype)
                 self._y = torch.zeros_like(self._x)
             return
         assert self._arena is not None  # _fits checked it
-        copy_tensors(list(self._arena.tensors().values()), list(tensors.values()))
+        if state is None:
+            zero_tensors(list(self._arena.tensors().values()))
+            self._arena.pos = 0
+            return
+        copy_tensors(list(self._arena.tensors().values()), list(state.tensors().values()))
         self._arena.pos = state.pos
 
     def _drop_graphs(self) -> None:
@@ -174,23 +189,31 @@ class CapturedPrefill:
         self._graphs.clear()
         self._pool = None
 
-    def _fits(self, state: BoundedState, x: Tensor) -> bool:
-        """Whether the static buffers have the batch size, dtypes and shapes of ``state`` and ``x``."""
+    def _fits(self, state: BoundedState | None, x: Tensor) -> bool:
+        """Whether the static buffers have the batch size, dtypes and shapes of ``state`` (None: a fresh state of
+        the layer's) and ``x``."""
         if self._arena is None or self._x is None or self._x.shape[0] != x.shape[0] or self._x.dtype != x.dtype:
             return False
+        if state is None:  # the layer's config and shapes are fixed: its fresh state differs only in these
+            weight = self.layer.core.q_proj.weight
+            return self._arena.batch_size == x.shape[0] and self._arena.dtype == weight.dtype
         pairs = zip(self._arena.tensors().values(), state.tensors().values(), strict=True)
         return all(mine.shape == theirs.shape and mine.dtype == theirs.dtype for mine, theirs in pairs)
 
-    def _give_back(self, state: BoundedState, pos: int) -> None:
-        """The static buffers' values as new tensors of ``state`` (the buffers stay the graphs')."""
+    def _give_back(self, state: BoundedState | None, pos: int) -> BoundedState:
+        """The static buffers' values as new tensors of ``state``, or of a new state for a fresh start (None); the
+        buffers stay the graphs'."""
         assert self._arena is not None
         buffers = self._arena.tensors()
-        copies = {name: torch.empty_like(t) for name, t in buffers.items()}
+        copies: dict[str, Any] = {name: torch.empty_like(t) for name, t in buffers.items()}
         copy_tensors(list(copies.values()), list(buffers.values()))
+        if state is None:
+            return dataclasses.replace(self._arena, **copies, pos=pos, metrics={}, decode_view=None)
         for name, copy in copies.items():
             setattr(state, name, copy)
         state.pos = pos
         state.decode_view = None
+        return state
 
     def _run(self, x: Tensor, pos: int) -> None:
         """One aligned chunk ``x (B, n, D)`` at ``pos`` through its graph (captured on first use): outputs into
