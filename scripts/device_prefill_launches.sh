@@ -7,7 +7,8 @@
 #      alternating the flag off and on, twice each (ROUNDS rounds a process), the last with --trace;
 #   3. benchmarks/trace_gaps.py on that trace: when the graph starts, and the span cut by what runs;
 #   4. benchmarks/prefill_host_time.py with the flag off and on: the host's time in a call, step by step.
-# Results under $OUT/prefill_launches/ (a tarball); the tables are printed last. Env: WEIGHTS, ROUNDS, TEST_S, BENCH_S.
+# Results under $OUT/prefill_launches/ (a tarball); the tables are printed last. Env: WEIGHTS, ROUNDS, PROCESSES,
+# TEST_S, BENCH_S.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "${WHEEL_DIR:-.device/whl}"/platformdirs-*.whl
 out=/tmp/prefill_launches
@@ -22,11 +23,12 @@ grep -E "^(FAILED|ERROR)" "$out/gpu_tests_on.txt" | head -5
 read -r -a weights <<< "${WEIGHTS:-1,2,1 1,4,1 1,2,2,1 1,3}"
 # with .old/src carried (an earlier commit's src), its prefill is timed too, as "base"
 flags=(off on); [ -d .old/src ] && flags=(base off on)
-for round in 1 2; do
+last=${PROCESSES:-2}  # processes a variant (the base once), the last "on" one traced
+for round in $(seq 1 "$last"); do
   for flag in "${flags[@]}"; do
     [ "$flag$round" = base2 ] && continue  # the base once: the call's time goes to the new code
     path=src; [ "$flag" = on ] && path=/tmp/src_on; [ "$flag" = base ] && path=.old/src
-    trace=(); [ "$round$flag" = 2on ] && trace=(--trace)
+    trace=(); [ "$round$flag" = "${last}on" ] && trace=(--trace)
     PYTHONPATH=/tmp/site:$path timeout "${BENCH_S:-130}" python benchmarks/captured_prefill.py --lengths 2048 32768 \
       --pieces 2 --weights "${weights[@]}" --rounds "${ROUNDS:-7}" "${trace[@]}" --out "$out/$flag$round" \
       > "$out/$flag$round.txt" 2>&1
@@ -35,7 +37,7 @@ for round in 1 2; do
   done
 done
 for length in 2048 32768; do
-  trace=$out/on2/captured_prefill_trace_$length.json
+  trace=$out/on$last/captured_prefill_trace_$length.json
   [ -f "$trace" ] && PYTHONPATH=src python benchmarks/trace_gaps.py "$trace" --top 0 --out "$out/gaps_$length.json" \
     | tail -n 2 | head -n 1
 done
