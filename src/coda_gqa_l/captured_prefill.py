@@ -26,7 +26,7 @@ from torch import Tensor
 from . import step_tables
 from .attention import BoundedCoDAAttention
 from .decode import begin_at_device_position, capture_step, finish_at_device_position, routing_streams
-from .state import BoundedState, copy_tensors, zero_tensors
+from .state import BoundedState, byte_views, copy_tensors, zero_tensors
 
 
 class CapturedPrefill:
@@ -90,6 +90,7 @@ class CapturedPrefill:
             self._sink_index = torch.arange(layer.config.num_sink, device=device)
         # static buffers, made for the first call's batch size and dtypes (a call with others makes new ones)
         self._arena: BoundedState | None = None
+        self._arena_bytes: list[Tensor] | None = None  # its tensors as byte views (state.byte_views), for zeroing
         self._x: Tensor | None = None
         self._y: Tensor | None = None
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # least recently replayed first
@@ -173,12 +174,16 @@ class CapturedPrefill:
             self._drop_graphs()  # captured on the old buffers
             with torch.inference_mode(False):  # buffers the graphs update in place, whatever mode the caller is in
                 self._arena = self.layer.init_state(x.shape[0]) if state is None else state.clone()
+                self._arena_bytes = byte_views(list(self._arena.tensors().values()))
                 self._x = torch.zeros(x.shape[0], self._chunk, x.shape[2], device=x.device, dtype=x.dtype)
                 self._y = torch.zeros_like(self._x)
             return
         assert self._arena is not None  # _fits checked it
         if state is None:
-            zero_tensors(list(self._arena.tensors().values()))
+            if self._arena_bytes is not None:
+                torch._foreach_zero_(self._arena_bytes)  # one launch, the views made once
+            else:
+                zero_tensors(list(self._arena.tensors().values()))
             self._arena.pos = 0
             return
         copy_tensors(list(self._arena.tensors().values()), list(state.tensors().values()))

@@ -265,6 +265,15 @@ def copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
         torch._foreach_copy_(into, out_of)
 
 
+def byte_views(tensors: list[Tensor]) -> list[Tensor] | None:
+    """The tensors as flat ``uint8`` views (``torch._foreach_zero_`` of them zeroes every one in one launch), or None
+    where one cannot be viewed so (not contiguous, or a gradient to keep). Views of tensors that stay where they are
+    (a graph's buffers) can be kept and reused: making them costs the host more than the launch."""
+    if not all(_as_bytes_ok(t) for t in tensors):
+        return None
+    return [_bytes_of(t) for t in tensors]
+
+
 def zero_tensors(tensors: list[Tensor]) -> None:
     """Every tensor set to zero (0, 0.0, False: all bits clear): contiguous ones as byte views in one multi-tensor
     launch, the rest one by one."""
