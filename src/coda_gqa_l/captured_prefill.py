@@ -116,8 +116,8 @@ class CapturedPrefill:
 
         ``state=None`` starts from a fresh state without one being made first: the graphs' buffers are zeroed in
         place of a state's copy, and the state returned is made from them after the last graph is launched, while
-        the GPU runs it (``layer.init_state`` and the copy in are host work the GPU would otherwise wait for: about
-        a tenth of a 2K call, benchmarks/prefill_host_time.py)."""
+        the GPU runs it (``layer.init_state`` and the copy in are host work the GPU would otherwise wait for: a 7B
+        layer's 2K call took 0.803 ms from None against 0.993 from ``init_state`` on an H200, results/speed.md)."""
         layer = self.layer
         layer.core.check_input(x)
         if state is not None:
