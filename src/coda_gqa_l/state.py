@@ -130,7 +130,8 @@ class BoundedState:
         # with ONE_LAUNCH_STATE_COPIES uninitialised here and zeroed all at once below: one launch instead of one a
         # field (a fresh state is part of every prefill from the start, where the host's launches are the GPU's idle
         # time)
-        make = torch.empty if ONE_LAUNCH_STATE_COPIES else torch.zeros
+        one_launch = _one_launch(torch.device(device))
+        make = torch.empty if one_launch else torch.zeros
 
         def unset(*shape: int, dt: torch.dtype = dtype) -> Tensor:
             return make(*lead, *shape, device=device, dtype=dt)
@@ -160,7 +161,7 @@ class BoundedState:
             sm_filled=unset(ms, dt=torch.bool),
             position=make(batch_size, device=device, dtype=torch.int64),
         )
-        if ONE_LAUNCH_STATE_COPIES:
+        if one_launch:
             zero_tensors(list(state.tensors().values()))
         return state
 
@@ -227,7 +228,14 @@ class BoundedState:
 # launches around its graph become 1 + 1 + 1. On an H200 (2026-12-07, benchmarks/results/speed.md) a 7B layer's 2K
 # captured prefill took 0.993 ms with it against 1.022 without (from ``init_state``; 0.803 against 0.838 from no
 # state), its GPU tests passing. Off: each dtype's tensors go as one launch, a fresh state's fields zeroed one by one.
+# CUDA only: on the CPU there is no launch to save (the database's demo ingest took 12.9-13.9 s either way in
+# alternating runs on the 2-core machine, 2026-12-07: no difference beyond its noise), so the CPU keeps the typed
+# copies and zero fills it has always used.
 ONE_LAUNCH_STATE_COPIES = True
+
+
+def _one_launch(device: torch.device) -> bool:
+    return ONE_LAUNCH_STATE_COPIES and device.type == "cuda"
 
 
 def _bytes_of(t: Tensor) -> Tensor:
@@ -247,14 +255,14 @@ def copy_tensors(targets: list[Tensor], sources: list[Tensor]) -> None:
 
     Given tensors of several dtypes at once torch copies them one by one (a state's 450 tensors of four dtypes: 451
     copies, 2.3 ms a call on an H100, benchmarks/results/speed.md), so pairs of one dtype and shape, both contiguous,
-    go as one list per dtype, or with ``ONE_LAUNCH_STATE_COPIES`` as byte views in a single list (one kernel for a
-    state's tensors of every dtype: the captured prefill's state in and out, a decoder's state kept and given back);
-    the rest one by one."""
+    go as one list per dtype, or on CUDA with ``ONE_LAUNCH_STATE_COPIES`` as byte views in a single list (one kernel
+    for a state's tensors of every dtype: the captured prefill's state in and out, a decoder's state kept and given
+    back); the rest one by one."""
     groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     for target, source in zip(targets, sources, strict=True):
         same = target.dtype == source.dtype and target.shape == source.shape and target.device == source.device
         if same and _as_bytes_ok(target, source):
-            if ONE_LAUNCH_STATE_COPIES:
+            if _one_launch(target.device):
                 target, source = _bytes_of(target), _bytes_of(source)
             into, out_of = groups.setdefault(target.dtype, ([], []))
             into.append(target)

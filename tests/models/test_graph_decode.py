@@ -367,14 +367,16 @@ def test_step_products_with_prologues_equal_the_models_forward(monkeypatch: pyte
 @pytest.mark.parametrize("one_launch", [True, False], ids=["byte-views", "per-dtype"])
 def test_batched_copies_copy_every_tensor_of_every_dtype(monkeypatch: pytest.MonkeyPatch, one_launch: bool) -> None:
     """``state.copy_tensors`` (a decoder's state kept, lent and given back; a captured prefill's buffers) sends the
-    contiguous tensors as one multi-tensor copy a dtype, or with ``ONE_LAUNCH_STATE_COPIES`` one of byte views for
+    contiguous tensors as one multi-tensor copy a dtype, or (CUDA, ``ONE_LAUNCH_STATE_COPIES``) one of byte views for
     every dtype, and the others one by one: every tensor arrives, bit for bit (NaN, -0.0 and int64 extremes
     included), whatever its dtype or layout; ``zero_tensors`` clears them, and a fresh state is all zeros."""
     from coda_gqa_l import state as state_module
     from coda_gqa_l.config import BoundedConfig
     from coda_gqa_l.state import BoundedState, copy_tensors, zero_tensors
 
-    monkeypatch.setattr(state_module, "ONE_LAUNCH_STATE_COPIES", one_launch)
+    # the byte views are for CUDA only (no launch to save on the CPU): the CPU takes them here as CUDA would
+    assert state_module.ONE_LAUNCH_STATE_COPIES and not state_module._one_launch(torch.device("cpu"))
+    monkeypatch.setattr(state_module, "_one_launch", lambda device: one_launch)
     sources = [
         torch.tensor([[float("nan"), -0.0, 1.5, float("-inf")]]),
         torch.tensor([torch.iinfo(torch.int64).min, -1, 0, 7, torch.iinfo(torch.int64).max]),
