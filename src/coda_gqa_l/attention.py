@@ -227,8 +227,7 @@ class BoundedCoDAAttention(nn.Module):
         A fused layer's one product stays one (``project_inputs``: one launch, and hooks on it see every call)."""
         if self.input_projection is not None:
             raise ValueError("project_keys is for a layer whose input projections are not fused; use project_inputs")
-        core = self.core
-        k, v = core.split_key_heads(core.k_proj(x), core.v_proj(x))
+        k, v = self.core.project_keys(x)
         return k, v, torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)
 
     def project_queries(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -236,9 +235,7 @@ class BoundedCoDAAttention(nn.Module):
         float32 (None when not differential)."""
         if self.input_projection is not None:
             raise ValueError("project_queries is for a layer whose input projections are not fused; use project_inputs")
-        core = self.core
-        lam = None if core.lambda_proj is None else torch.sigmoid(core.lambda_proj(x).float()).transpose(1, 2)
-        return core.split_query_heads(core.q_proj(x), lam)
+        return self.core.project_queries(x)
 
     # ------------------------------------------------------------------ state
     def init_state(

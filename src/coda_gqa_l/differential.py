@@ -118,10 +118,18 @@ class DifferentialCore(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``x (B, L, D)`` -> q ``(B, H, L, Dh)``, k and v ``(B, Hkv, L, Dh)`` (no RoPE yet),
         lambda ``(B, H, L)`` in float32 or None when not differential."""
-        lam = None
-        if self.lambda_proj is not None:
-            lam = torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2)
-        return self.split_heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), lam)
+        k, v = self.project_keys(x)
+        q, lam = self.project_queries(x)
+        return q, k, v, lam
+
+    def project_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``project``'s keys and values alone (a caller can launch what reads them before the queries' products)."""
+        return self.split_key_heads(self.k_proj(x), self.v_proj(x))
+
+    def project_queries(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``project``'s queries and lambda alone."""
+        lam = None if self.lambda_proj is None else torch.sigmoid(self.lambda_proj(x).float()).transpose(1, 2)
+        return self.split_query_heads(self.q_proj(x), lam)
 
     def split_heads(
         self, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None

@@ -127,9 +127,9 @@ class BoundedState:
             raise TypeError(f"state dtype must be a floating point type, got {dtype}")
         lead = (batch_size, num_kv_heads)
 
-        # with ONE_LAUNCH_STATE_COPIES uninitialised here and zeroed all at once below: one launch instead of one a
-        # field (a fresh state is part of every prefill from the start, where the host's launches are the GPU's idle
-        # time)
+        # on CUDA with ONE_LAUNCH_STATE_COPIES uninitialised here and zeroed all at once below: one launch instead of
+        # one a field (a fresh state is part of every prefill from the start, where the host's launches are the GPU's
+        # idle time)
         one_launch = _one_launch(torch.device(device))
         make = torch.empty if one_launch else torch.zeros
 
