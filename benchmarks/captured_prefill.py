@@ -22,10 +22,12 @@ what waits for the last routing.
 ``--settings`` adds captured variants that run otherwise (each with every ``--pieces`` count; graphs captured and
 replayed under the setting): ``routing 4 warps`` the routing kernel at 4 warps a program instead of 8, ``keys in
 chains`` with no key follower programs (``dispatch.key_followers(False)``: 16 programs at the 7B shape instead of 32,
-each chain longer), ``stacking pass`` RoPE and the noise rotation in a pass that writes the stacked queries before the
-attention forward (``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue). Beside the
-routing the products run on the multiprocessors its programs leave (it holds one each for the whole chain), so a
-longer chain on fewer multiprocessors can be the faster prefill.
+each chain longer), ``no routing`` the routing kernel left out (timing only: wrong outputs; what routing costs the
+prefill, its launch beside the other kernels included, is the difference), ``stacking pass`` RoPE and the noise
+rotation in a pass that writes the stacked queries before the attention forward
+(``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue). Beside the routing the
+products run on the multiprocessors its programs leave (it holds one each for the whole chain), so a longer chain on
+fewer multiprocessors can be the faster prefill. ``no routing`` needs two or more pieces (a side stream).
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ from bare_gqa import BareGQA  # noqa: E402
 from bench_common import time_once_ms  # noqa: E402
 from prefill_timeline import profile_groups  # noqa: E402
 
+import coda_gqa_l.decode as decode_module  # noqa: E402
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
 from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 from coda_gqa_l.kernels import diff_attention, dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
-SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass")
+SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass", "no routing")
 
 
 @contextmanager
@@ -62,6 +65,14 @@ def setting(name: str) -> Iterator[None]:
     if name == "keys in chains":
         with dispatch.key_followers(False):
             yield
+        return
+    if name == "no routing":  # timing only: the banks never change and the snapshots are left unwritten
+        routing = decode_module.route_chunk_triton
+        decode_module.route_chunk_triton = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            decode_module.route_chunk_triton = routing
         return
     warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
     if name == "routing 4 warps":
