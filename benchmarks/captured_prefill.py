@@ -56,6 +56,9 @@ from coda_gqa_l.differential import finite_checked_upstream  # noqa: E402
 from coda_gqa_l.kernels import diff_attention, dispatch  # noqa: E402
 from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
+# the chunk CapturedPrefill takes by default (``--chunk``)
+_DEFAULT_CHUNK = inspect.signature(CapturedPrefill.__init__).parameters["chunk"].default
+
 SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass", "no routing")
 
 
@@ -134,7 +137,7 @@ def _under(how: str, prefill: CapturedPrefill, x: torch.Tensor, state: Any) -> o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 32768])
-    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=_DEFAULT_CHUNK, help="tokens a captured step takes")
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=["default"],
@@ -173,9 +176,17 @@ def main() -> None:
                 variants[name] = lambda x=x, f=prefill, how=how: _under(how, f, x, layer.init_state(1))
                 if p == 2 and how == "default" and _takes_no_state():
                     variants[name + ", no state"] = lambda x=x, f=prefill: f(x)
-            for run in variants.values():  # compiles, captures, warms the allocator
+            memory: dict[str, tuple[float, float]] = {}
+            for name, run in variants.items():  # compiles, captures, warms the allocator
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
                 run()
                 run()
+                torch.cuda.synchronize()
+                # what the variant keeps between calls (static buffers, graph pools) and the most a call held
+                held = (torch.cuda.memory_allocated() - before) / 2**20
+                memory[name] = (held, (torch.cuda.max_memory_allocated() - before) / 2**20)
             times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, run in variants.items():
@@ -184,7 +195,8 @@ def main() -> None:
             for name, run in variants.items():
                 median = statistics.median(times[name])
                 row = {"length": length, "variant": name, "median_ms": median, "times_ms": times[name],
-                       "tokens_per_s": length / median * 1e3, "against_bare": bare_ms / median}  # fmt: skip
+                       "tokens_per_s": length / median * 1e3, "against_bare": bare_ms / median,
+                       "held_mib": memory[name][0], "peak_mib": memory[name][1]}  # fmt: skip
                 if name.startswith("captured") or name.startswith("eager"):
                     trace = (
                         args.out / f"captured_prefill_trace_{length}.json"
@@ -201,8 +213,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     print(f"7B layer, medium banks, bf16, batch 1, chunks of {args.chunk:,}; {device}; {args.rounds} rounds")
     print("| tokens | variant | median ms | tok/s | x bare GQA | kernels | routing sum ms | routing alone ms | "
-          "attention ms | products ms | other ms | span ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "attention ms | products ms | other ms | span ms | held MiB | peak MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tps = f"{r['tokens_per_s'] / 1e6:.3f}M"
         if "span_ms" in r:
@@ -212,6 +224,7 @@ def main() -> None:
                     f"{r['span_ms']:.2f}")  # fmt: skip
         else:
             rest = " | ".join([""] * 7)
+        rest += f" | {r['held_mib']:.0f} | {r['peak_mib']:.0f}"
         print(f"| {r['length']:,} | {r['variant']} | {r['median_ms']:.3f} | {tps} | {r['against_bare']:.3f} | {rest} |")
     for r in rows:
         if r["variant"] == args.kernels_of:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_gqa import BareGQA  # noqa: E402
-from captured_prefill import _takes_no_state, seven_b_layer  # noqa: E402
+from captured_prefill import _DEFAULT_CHUNK, _takes_no_state, seven_b_layer  # noqa: E402
 
 from coda_gqa_l import state as state_module  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
@@ -80,7 +80,7 @@ def host_and_device_us(run: Callable[[], object]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
-    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--chunk", type=int, default=_DEFAULT_CHUNK, help="tokens a captured step takes")
     parser.add_argument("--pieces", type=int, default=2)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

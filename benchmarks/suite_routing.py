@@ -19,6 +19,11 @@ The issue's target is bank updates <= 15% of bounded prefill time. Two estimates
 
 On CUDA the suite's prefill row runs ``CapturedPrefill`` (graphs, each chunk's routing pipelined on side streams):
 ``captured_named_kernel_share`` and ``captured_exposed_share`` are the same estimates for one of its calls.
+``captured_marginal_share`` is what routing adds to that prefill's time, measured: ``1 - T_without / T_with``, medians
+of calls alternating between the prefill and one captured with the routing kernel left out (its outputs are wrong:
+timing only). It counts what the routing's programs take from the kernels beside them (the multiprocessors they
+hold), which the exposed share leaves out, and none of its kernel time that other work hides, which the kernel
+share counts.
 
 If the layer stops calling routing through these names the hook sees no calls and the row says
 so: update ``ROUTING_ENTRIES`` then.
@@ -27,13 +32,14 @@ so: update ``ROUTING_ENTRIES`` then.
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from bench_common import Deadline, Settings, Shape, error_fields, skipped, synchronize
+from bench_common import Deadline, Settings, Shape, error_fields, skipped, synchronize, time_once_ms
 from suite_layers import DEADLINE_REASON, bounded_layer, build, random_tokens
 
 import coda_gqa_l.attention as attention_module
@@ -47,6 +53,7 @@ ROUTING_ENTRIES = (
     (routing_ahead_module, "route_chunk_triton"),
 )
 RANGE_NAME = "coda::route_chunk"
+MARGINAL_ROUNDS = 7  # calls with and without routing, alternating
 ROUTING_KERNEL_NAMES = re.compile(r"rout|bank", re.IGNORECASE)
 
 
@@ -105,7 +112,7 @@ def _captured_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
 
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
-    prefill = CapturedPrefill(layer, chunk=settings.block_size)
+    prefill = CapturedPrefill(layer)  # as the suite's prefill row runs it
     prefill(x, return_outputs=False)  # captures
     synchronize(settings.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -113,7 +120,36 @@ def _captured_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
         synchronize(settings.device)
     shares = _kernel_shares(prof.events())
     keep = ("named_kernel_share", "exposed_share", "profiled_span_ms", "profiled_kernel_ms")
-    return {f"captured_{key}": shares[key] for key in keep}
+    return {f"captured_{key}": shares[key] for key in keep} | _marginal_share(prefill, layer, x, settings)
+
+
+def _marginal_share(prefill: Any, layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
+    """``captured_marginal_share``: 1 - (time without routing) / (time with it), the captured prefill timed against
+    one whose graphs were captured with the routing launch left out (the module's docstring)."""
+    import coda_gqa_l.decode as decode_module
+    from coda_gqa_l.captured_prefill import CapturedPrefill
+
+    unrouted = CapturedPrefill(layer)
+    routing = decode_module.route_chunk_triton
+    decode_module.route_chunk_triton = lambda *args, **kwargs: None  # read when a graph is captured, not replayed
+    try:
+        first = min(x.shape[1] // layer.config.segment * layer.config.segment, unrouted.chunk)
+        if unrouted.pieces_for(first, layer.config.num_sink > 0) < 2:
+            return {"captured_marginal_share": None}  # one piece: the routing runs on the caller's stream, not apart
+        unrouted(x, return_outputs=False)  # captured without the routing
+    finally:
+        decode_module.route_chunk_triton = routing
+    with_ms: list[float] = []
+    without_ms: list[float] = []
+    for _ in range(MARGINAL_ROUNDS):
+        with_ms.append(time_once_ms(lambda: prefill(x, return_outputs=False), settings.device))
+        without_ms.append(time_once_ms(lambda: unrouted(x, return_outputs=False), settings.device))
+    with_median, without_median = statistics.median(with_ms), statistics.median(without_ms)
+    return {
+        "captured_marginal_share": 1 - without_median / with_median,
+        "captured_ms": with_median,
+        "captured_without_routing_ms": without_median,
+    }
 
 
 def _kernel_shares(events: Any) -> dict[str, Any]:

@@ -35,7 +35,10 @@ class CapturedPrefill:
     Args:
         layer: the bounded layer (on CUDA: the fused Triton kernels are used).
         chunk: tokens a captured step takes, a multiple of the layer's segment length (a call's last aligned
-            stretch shorter than this is captured at its own length).
+            stretch shorter than this is captured at its own length). Larger chunks run larger products and fewer
+            graph boundaries, where the routing pipeline drains: a 7B layer's 32K prefill from no state took 10.04 /
+            9.19 / 8.73 ms at chunks of 4,096 / 8,192 / 16,384 (two pieces) on an H100 (results/speed.md, "Larger
+            chunks"); the buffers and graphs grow with it (see there for their memory).
         pieces: pieces a chunk's routing is pipelined in (fewer where the chunk does not split into whole
             segments, and one while the chunk writes sinks that a piece after the first would hold).
         weights: the pieces' relative sizes, one positive int a piece (``pieces`` of them; None: equal). Whole
@@ -57,7 +60,7 @@ class CapturedPrefill:
         self,
         layer: BoundedCoDAAttention,
         *,
-        chunk: int = 4096,
+        chunk: int = 16384,
         pieces: int = 2,
         weights: tuple[int, ...] | None = None,
         capture: bool = True,
