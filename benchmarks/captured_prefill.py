@@ -27,7 +27,9 @@ prefill, its launch beside the other kernels included, is the difference), ``sta
 rotation in a pass that writes the stacked queries before the attention forward
 (``diff_attention.ROTATE_IN_FORWARD`` off; the default rotates in the forward's prologue). Beside the routing the
 products run on the multiprocessors its programs leave (it holds one each for the whole chain), so a longer chain on
-fewer multiprocessors can be the faster prefill. ``no routing`` needs two or more pieces (a side stream).
+fewer multiprocessors can be the faster prefill. ``no routing`` needs two or more pieces (a side stream). ``main
+first`` captures on a high-priority stream (the products and attention's programs dispatched before waiting routing
+programs), ``routing first`` runs the routing on high-priority streams.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from bare_gqa import BareGQA  # noqa: E402
 from bench_common import time_once_ms  # noqa: E402
 from prefill_timeline import profile_groups  # noqa: E402
 
+import coda_gqa_l.captured_prefill as captured_module  # noqa: E402
 import coda_gqa_l.decode as decode_module  # noqa: E402
 from coda_gqa_l import BoundedCoDAAttention, BoundedConfig  # noqa: E402
 from coda_gqa_l.captured_prefill import CapturedPrefill  # noqa: E402
@@ -59,7 +62,18 @@ from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 # the chunk CapturedPrefill takes by default (``--chunk``)
 _DEFAULT_CHUNK = inspect.signature(CapturedPrefill.__init__).parameters["chunk"].default
 
-SETTINGS = ("default", "routing 4 warps", "keys in chains", "stacking pass", "no routing")
+SETTINGS = (
+    "default", "routing 4 warps", "keys in chains", "stacking pass", "no routing", "main first", "routing first"
+)  # fmt: skip
+_PRIORITY_STREAMS: dict[str, Any] = {}
+
+
+def _priority_stream(name: str) -> Any:
+    """A high-priority CUDA stream, one per use, made once."""
+    if name not in _PRIORITY_STREAMS:
+        low, high = torch.cuda.Stream.priority_range()
+        _PRIORITY_STREAMS[name] = [torch.cuda.Stream(priority=high) for _ in range(8)]
+    return _PRIORITY_STREAMS[name]
 
 
 @contextmanager
@@ -68,6 +82,23 @@ def setting(name: str) -> Iterator[None]:
     if name == "keys in chains":
         with dispatch.key_followers(False):
             yield
+        return
+    if name in ("main first", "routing first"):
+        # stream priorities, as the capture records them in the graph's kernel nodes: the block scheduler dispatches
+        # a higher-priority kernel's waiting programs first; "main first" raises the capture stream's (the products,
+        # attention), "routing first" the routing streams'
+        patched, attribute = (
+            (decode_module, "capture_stream") if name == "main first" else (captured_module, "routing_streams")
+        )
+        original = getattr(patched, attribute)
+        if name == "main first":
+            setattr(patched, attribute, lambda device: _priority_stream(name)[0])
+        else:
+            setattr(patched, attribute, lambda device, count: _priority_stream(name)[:count])
+        try:
+            yield
+        finally:
+            setattr(patched, attribute, original)
         return
     if name == "no routing":  # timing only: the banks never change and the snapshots are left unwritten
         routing = decode_module.route_chunk_triton
