@@ -29,7 +29,9 @@ rotation in a pass that writes the stacked queries before the attention forward
 products run on the multiprocessors its programs leave (it holds one each for the whole chain), so a longer chain on
 fewer multiprocessors can be the faster prefill. ``no routing`` needs two or more pieces (a side stream). ``main
 first`` captures on a high-priority stream (the products and attention's programs dispatched before waiting routing
-programs), ``routing first`` runs the routing on high-priority streams.
+programs), ``routing first`` runs the routing on high-priority streams. ``carveout`` captures the products with
+torch's SM carveout set to the routing's 32 programs (cuBLAS plans them for the other multiprocessors), ``carveout
+lt`` with cuBLASLt asked for as well.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 _DEFAULT_CHUNK = inspect.signature(CapturedPrefill.__init__).parameters["chunk"].default
 
 SETTINGS = (
-    "default", "routing 4 warps", "keys in chains", "stacking pass", "no routing", "main first", "routing first"
+    "default", "routing 4 warps", "keys in chains", "stacking pass", "no routing", "main first", "routing first",
+    "carveout", "carveout lt",
 )  # fmt: skip
+CARVEOUT = 32  # the 7B layer's routing programs: 8 KV heads x (2 chains + 2 key followers)
 _PRIORITY_STREAMS: dict[str, Any] = {}
 
 
@@ -99,6 +103,20 @@ def setting(name: str) -> Iterator[None]:
             yield
         finally:
             setattr(patched, attribute, original)
+        return
+    if name in ("carveout", "carveout lt"):
+        # cuBLAS told to plan its products for the multiprocessors the routing leaves (torch's SM carveout: the
+        # products' programs then fit in one wave beside it, not a second one waiting for the routing's to end);
+        # "carveout lt" also asks for cuBLASLt, which reads the carveout in every torch release that has it
+        backend = torch.backends.cuda.preferred_blas_library()
+        torch._C._set_sm_carveout_experimental(CARVEOUT)
+        if name == "carveout lt":
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+            torch.backends.cuda.preferred_blas_library(backend)
         return
     if name == "no routing":  # timing only: the banks never change and the snapshots are left unwritten
         routing = decode_module.route_chunk_triton
