@@ -153,19 +153,42 @@ def test_rotation_in_the_forward_leaves_the_prefill_as_it_was(monkeypatch: pytes
     _assert_states_close(ours, eager, **tol)
 
 
+def test_sm_carveout_sets_torchs_carveout_inside_and_restores_it() -> None:
+    from coda_gqa_l.decode import sm_carveout
+    from coda_gqa_l.kernels.routing import routing_programs
+
+    assert routing_programs(2, 8, followers=True) == 64 and routing_programs(1, 8, followers=False) == 16
+    before = torch._C._get_sm_carveout_experimental()
+    with sm_carveout(24):
+        assert torch._C._get_sm_carveout_experimental() == 24
+        with sm_carveout(None):  # no change
+            assert torch._C._get_sm_carveout_experimental() == 24
+    assert torch._C._get_sm_carveout_experimental() == before
+    with pytest.raises(RuntimeError, match="inside"), sm_carveout(8):
+        raise RuntimeError("inside")
+    assert torch._C._get_sm_carveout_experimental() == before
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("carveout", [False, True], ids=["all-sms", "carveout"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("sinks", [0, 3])
-def test_captured_prefill_equals_the_layers_prefill(dtype: torch.dtype, sinks: int) -> None:
+def test_captured_prefill_equals_the_layers_prefill(
+    dtype: torch.dtype, sinks: int, carveout: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two calls, the second from the first's state (mid-segment: head, chunks, tail) replaying the graphs the first
-    captured; under ``torch.inference_mode`` as a server runs it."""
+    captured; under ``torch.inference_mode`` as a server runs it. With ``dispatch.product_carveout`` the graphs of
+    several pieces are captured with torch's SM carveout set to the routing's programs."""
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
     layer = _layer(sinks, 64, 12, 8, 128, 8).cuda().to(dtype)
     x = token_like(2, 2000, 128, seed=1).cuda().to(dtype)
     prefill = CapturedPrefill(layer, chunk=512, pieces=4)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    with torch.inference_mode():
+    carveouts: list[int | None] = []
+    setter = torch._C._set_sm_carveout_experimental
+    monkeypatch.setattr(torch._C, "_set_sm_carveout_experimental", lambda n: (carveouts.append(n), setter(n))[1])
+    with torch.inference_mode(), dispatch.product_carveout(carveout):
         eager_y1, eager = layer.prefill_chunked(x[:, :1100], layer.init_state(2), block_size=512)
         eager_y2, eager = layer.prefill_chunked(x[:, 1100:], eager, block_size=512)
         ours_y1, ours = prefill(x[:, :1100], layer.init_state(2))
@@ -173,6 +196,8 @@ def test_captured_prefill_equals_the_layers_prefill(dtype: torch.dtype, sinks: i
         assert set(prefill._graphs) == first
         ours_y2, ours = prefill(x[:, 1100:], ours)
     assert set(prefill._graphs) == first | {(384, False)}  # the second call's head went eagerly: 4 tokens
+    # 2 rows x 2 KV heads x 4 routing programs, set (then restored) for each capture: each has several pieces
+    assert carveouts[::2] == ([16] * len(prefill._graphs) if carveout else [])
     assert ours_y1 is not None and ours_y2 is not None
     torch.testing.assert_close(ours_y1, eager_y1, **tol)
     torch.testing.assert_close(ours_y2, eager_y2, **tol)

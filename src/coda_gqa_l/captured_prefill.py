@@ -25,7 +25,15 @@ from torch import Tensor
 
 from . import step_tables
 from .attention import BoundedCoDAAttention
-from .decode import begin_at_device_position, capture_step, finish_at_device_position, routing_streams
+from .decode import (
+    begin_at_device_position,
+    capture_step,
+    finish_at_device_position,
+    routing_streams,
+    sm_carveout,
+)
+from .kernels import dispatch
+from .kernels.routing import routing_programs
 from .state import BoundedState, byte_views, copy_tensors, zero_tensors
 
 
@@ -258,7 +266,12 @@ class CapturedPrefill:
             finally:
                 self._arena = live
 
-        graph = capture_step(lambda: self._step(*key), warm_up, self._x.device, self._pool)
+        carveout = None
+        if dispatch.products_leave_routing_sms() and self.pieces_for(*key) > 1:
+            # the products run beside the routing's programs, which hold their multiprocessors for the whole chain
+            carveout = routing_programs(self._x.shape[0], self.layer.core.num_kv_heads)
+        with sm_carveout(carveout):
+            graph = capture_step(lambda: self._step(*key), warm_up, self._x.device, self._pool)
         self._pool = graph.pool()
         self._captured_on = self._signature()
         # dropped only after the capture, which keeps the shared pool in use throughout

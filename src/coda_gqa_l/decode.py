@@ -15,8 +15,9 @@ while it is in use (``decoder.state`` is the live state; clone it to keep a copy
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,23 @@ def capture_step(
         ):
             step()
     return graph
+
+
+@contextlib.contextmanager
+def sm_carveout(count: int | None) -> Iterator[None]:
+    """cuBLAS products launched inside are planned for the device's multiprocessors but ``count`` (torch's SM
+    carveout; None: as they are), as products captured to run beside ``count`` persistent programs want: planned for
+    them all, their last programs wait for one of those to end. Process-wide while inside (torch keeps one setting),
+    so only for captures, which ``CAPTURE_LOCK`` serialises."""
+    if count is None:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(count)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 def step_kind(pos: int, segment: int, num_sink: int, extras_valid: bool) -> str:

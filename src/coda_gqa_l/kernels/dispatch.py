@@ -36,6 +36,7 @@ DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/s
 STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
 KEY_FOLLOWERS_ENV = "CODA_GQA_L_KEY_FOLLOWERS"
 ROUTING_AHEAD_ENV = "CODA_GQA_L_ROUTING_AHEAD"
+PRODUCT_CARVEOUT_ENV = "CODA_GQA_L_PRODUCT_CARVEOUT"
 # H100, 2026-12-06, SmolLM2 after 8K tokens (benchmarks/question_read.py): steps 6.3x the forward's speed for 1
 # token, 1.6x for 32, 0.90x for 64
 DEFAULT_STEPPED_READ_TOKENS = 32
@@ -414,6 +415,26 @@ def prefill_routes_ahead() -> bool:
     """Whether a GPU prefill routes a chunk ahead on a side stream: ``routing_ahead`` inside it, else
     ``CODA_GQA_L_ROUTING_AHEAD`` (1 or 0) where set, else ``DEFAULT_ROUTING_AHEAD``."""
     return _on_off(_ROUTING_AHEAD, ROUTING_AHEAD_ENV, DEFAULT_ROUTING_AHEAD)
+
+
+# Not measured on by default yet (benchmarks/captured_prefill.py's "carveout" settings time it).
+DEFAULT_PRODUCT_CARVEOUT = False
+_PRODUCT_CARVEOUT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "coda_gqa_l_product_carveout", default=None
+)
+
+
+def product_carveout(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside, a captured prefill whose routing runs beside its products captures them with cuBLAS told to plan for
+    the multiprocessors the routing's programs leave (torch's SM carveout), or with ``on=False`` for them all. For the
+    benchmark and tests that compare the two; outside, ``DEFAULT_PRODUCT_CARVEOUT``."""
+    return _chosen(_PRODUCT_CARVEOUT, on)
+
+
+def products_leave_routing_sms() -> bool:
+    """Whether captured products beside the routing leave its multiprocessors out: ``product_carveout`` inside it,
+    else ``CODA_GQA_L_PRODUCT_CARVEOUT`` (1 or 0) where set, else ``DEFAULT_PRODUCT_CARVEOUT``."""
+    return _on_off(_PRODUCT_CARVEOUT, PRODUCT_CARVEOUT_ENV, DEFAULT_PRODUCT_CARVEOUT)
 
 
 _chosen_float32_dots: list[Float32Dots | None] = [None]  # set_float32_dots's choice, process-wide

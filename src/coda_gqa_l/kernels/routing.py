@@ -26,6 +26,15 @@ _WARPS = 8
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def routing_programs(batch: int, kv_heads: int, followers: bool | None = None) -> int:
+    """Programs one ``route_chunk_triton`` launch runs at once, each on a multiprocessor of its own for the whole
+    chunk: two chains (exact, summary) per (batch row, KV head), and two key followers each where they run
+    (``followers`` None: as ``dispatch.routing_key_followers`` says)."""
+    if followers is None:
+        followers = dispatch.routing_key_followers()
+    return batch * kv_heads * (4 if followers else 2)
+
+
 def route_chunk_triton(
     banks: Banks,
     ext_k: Tensor,
@@ -124,7 +133,7 @@ def route_chunk_triton(
         if phase_stamps.shape != want.shape or phase_stamps.dtype != want.dtype or not phase_stamps.is_contiguous():
             raise ValueError(f"phase_stamps must be a contiguous int64 tensor of shape {tuple(want.shape)}")
     stamps = phase_stamps if phase_stamps is not None else flags
-    launch(_route_chunk_kernel, (B * Hkv, 4 if followers else 2),
+    launch(_route_chunk_kernel, (B * Hkv, routing_programs(1, 1, followers)),
         c(ext_k), c(ext_v), c(ext_g), c(eta),
         c(banks.ex_k), c(banks.ex_v), c(banks.ex_g), c(banks.ex_last), _bytes(banks.ex_filled),
         c(banks.sm_k), c(banks.sm_v), c(banks.sm_g), _bytes(banks.sm_filled),
