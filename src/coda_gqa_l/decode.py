@@ -99,9 +99,10 @@ def capture_step(
 @contextlib.contextmanager
 def sm_carveout(count: int | None) -> Iterator[None]:
     """cuBLAS products launched inside are planned for the device's multiprocessors but ``count`` (torch's SM
-    carveout; None: as they are), as products captured to run beside ``count`` persistent programs want: planned for
-    them all, their last programs wait for one of those to end. Process-wide while inside (torch keeps one setting),
-    so only for captures, which ``CAPTURE_LOCK`` serialises."""
+    carveout; None: as they are): for products captured to run beside ``count`` programs that hold their
+    multiprocessors throughout (torch's note on the setting: planned for every multiprocessor, such products run a
+    second wave of programs). Process-wide while inside (torch keeps one setting), so only for captures, which
+    ``CAPTURE_LOCK`` serialises."""
     if count is None:
         yield
         return
