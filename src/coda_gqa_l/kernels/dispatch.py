@@ -417,7 +417,8 @@ def prefill_routes_ahead() -> bool:
     return _on_off(_ROUTING_AHEAD, ROUTING_AHEAD_ENV, DEFAULT_ROUTING_AHEAD)
 
 
-# Not measured on by default yet (benchmarks/captured_prefill.py's "carveout" settings time it).
+# H100, 2026-12-07 (benchmarks/results/speed.md, "Larger chunks"): the 7B 32K prefill 9.24 ms with all multiprocessors,
+# 9.40 with the carveout (9.44 with cuBLASLt asked for too), 9.18 through this switch in another process: no gain
 DEFAULT_PRODUCT_CARVEOUT = False
 _PRODUCT_CARVEOUT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "coda_gqa_l_product_carveout", default=None
