@@ -129,10 +129,15 @@ def _routing(results: dict[str, Any]) -> str:
 
     lines = [
         [r["shape"], r["method"], f"{r['length']:,}", share(r.get("sync_hook_share")), share(r.get("profiler_share"))]
-        + [share(r.get("named_kernel_share")), r.get("note", r.get("error", ""))]
+        + [share(r.get("named_kernel_share"))]
+        + [share(r.get(f"captured_{key}")) for key in ("named_kernel_share", "exposed_share", "marginal_share")]
+        + [r.get("note", r.get("error", ""))]
         for r in _rows(results, "routing")
     ]
-    return table(["shape", "method", "L", "sync-hook share", "profiler share", "named-kernel share", "note"], lines)
+    captured = ["captured: kernel share", "captured: run alone", "captured: time it adds"]
+    return table(
+        ["shape", "method", "L", "sync-hook share", "profiler share", "named-kernel share", *captured, "note"], lines
+    )
 
 
 def targets_table(results: dict[str, Any]) -> str:
