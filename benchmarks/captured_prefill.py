@@ -75,7 +75,7 @@ _PRIORITY_STREAMS: dict[str, Any] = {}
 def _priority_stream(name: str) -> Any:
     """A high-priority CUDA stream, one per use, made once."""
     if name not in _PRIORITY_STREAMS:
-        low, high = torch.cuda.Stream.priority_range()
+        _, high = torch.cuda.Stream.priority_range()
         _PRIORITY_STREAMS[name] = [torch.cuda.Stream(priority=high) for _ in range(8)]
     return _PRIORITY_STREAMS[name]
 
@@ -88,7 +88,7 @@ def setting(name: str) -> Iterator[None]:
             yield
         return
     if name in ("main first", "routing first"):
-        # stream priorities, as the capture records them in the graph's kernel nodes: the block scheduler dispatches
+        # stream priorities, where the capture keeps them in the graph's kernel nodes: the block scheduler dispatches
         # a higher-priority kernel's waiting programs first; "main first" raises the capture stream's (the products,
         # attention), "routing first" the routing streams'
         patched, attribute = (
@@ -105,9 +105,10 @@ def setting(name: str) -> Iterator[None]:
             setattr(patched, attribute, original)
         return
     if name in ("carveout", "carveout lt"):
-        # cuBLAS told to plan its products for the multiprocessors the routing leaves (torch's SM carveout: the
-        # products' programs then fit in one wave beside it, not a second one waiting for the routing's to end);
-        # "carveout lt" also asks for cuBLASLt, which reads the carveout in every torch release that has it
+        # cuBLAS told to plan its products for the multiprocessors the routing leaves (torch's SM carveout; its reason:
+        # products planned for every multiprocessor beside a kernel that holds some run a second wave; on an H100 it
+        # gained nothing here, results/speed.md); "carveout lt" also asks for cuBLASLt, whose matmul descriptor
+        # carries the carveout in torch's source
         backend = torch.backends.cuda.preferred_blas_library()
         torch._C._set_sm_carveout_experimental(CARVEOUT)
         if name == "carveout lt":
