@@ -25,7 +25,6 @@ the storing companions do, it is memory traffic. Prints a table; writes ``DIR/pr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import run_header, write_result  # noqa: E402
 from routing_kernel import MEDIUM, Problem, Shape  # noqa: E402
 
 from coda_gqa_l.kernels import dispatch  # noqa: E402
@@ -145,19 +145,18 @@ def main() -> None:
          "against_alone": statistics.median(t) / base, "companion_alone_ms": companion_ms.get(name)}
         for name, t in times.items()
     ]  # fmt: skip
-    device_name = torch.cuda.get_device_name()
-    print(f"products of {args.tokens:,} tokens x {args.repeats} (q, k, v, o of a 7B layer), bf16; {device_name}; "
-          f"{args.rounds} rounds, medians")  # fmt: skip
-    print("| beside | products ms | x alone | companion alone ms |")
-    print("|---|---|---|---|")
+    table = [
+        f"products of {args.tokens:,} tokens x {args.repeats} (q, k, v, o of a 7B layer), bf16; "
+        f"{torch.cuda.get_device_name()}; {args.rounds} rounds, medians",
+        "| beside | products ms | x alone | companion alone ms |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         own = "" if r["companion_alone_ms"] is None else f"{r['companion_alone_ms']:.3f}"
-        print(f"| {r['companion']} | {r['products_ms']:.3f} | {r['against_alone']:.3f} | {own} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "products_beside.json"
-    meta = {"device": device_name, "torch": torch.__version__, "tokens": args.tokens, "repeats": args.repeats}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+        table.append(f"| {r['companion']} | {r['products_ms']:.3f} | {r['against_alone']:.3f} | {own} |")
+    header = run_header("products_beside.py", sys.argv[1:], device, dtype)
+    write_result(header | {"tokens": args.tokens, "repeats": args.repeats, "rows": rows},
+                 args.out / "products_beside.json", table)  # fmt: skip
 
 
 if __name__ == "__main__":
