@@ -87,6 +87,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@contextmanager
+def routing_left_out() -> Iterator[None]:
+    """Inside, bounded layers' graph steps launch no routing kernel (``decode.route_chunk_triton`` a no-op; read when a
+    graph is captured, not when it is replayed): for timing what routing costs a captured prefill, whose outputs are
+    then wrong. Only where the routing runs on a side stream (two or more pieces): on the caller's stream its result
+    is unpacked."""
+    import coda_gqa_l.decode as decode_module
+
+    routing = decode_module.route_chunk_triton
+    decode_module.route_chunk_triton = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        decode_module.route_chunk_triton = routing
+
+
 def time_once_ms(fn: Callable[[], object], device: str, iters: int = 1) -> float:
     """Milliseconds per call of ``fn``, called ``iters`` times inside one timed sample."""
     if torch.device(device).type == "cuda":

@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_gqa import BareGQA  # noqa: E402
-from bench_common import time_once_ms  # noqa: E402
+from bench_common import routing_left_out, time_once_ms  # noqa: E402
 from prefill_timeline import profile_groups  # noqa: E402
 
 import coda_gqa_l.captured_prefill as captured_module  # noqa: E402
@@ -120,12 +120,8 @@ def setting(name: str) -> Iterator[None]:
             torch.backends.cuda.preferred_blas_library(backend)
         return
     if name == "no routing":  # timing only: the banks never change and the snapshots are left unwritten
-        routing = decode_module.route_chunk_triton
-        decode_module.route_chunk_triton = lambda *args, **kwargs: None
-        try:
+        with routing_left_out():
             yield
-        finally:
-            decode_module.route_chunk_triton = routing
         return
     warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
     if name == "routing 4 warps":

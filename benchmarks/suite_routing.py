@@ -39,7 +39,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from bench_common import Deadline, Settings, Shape, error_fields, skipped, synchronize, time_once_ms
+from bench_common import (
+    Deadline,
+    Settings,
+    Shape,
+    error_fields,
+    routing_left_out,
+    skipped,
+    synchronize,
+    time_once_ms,
+)
 from suite_layers import DEADLINE_REASON, bounded_layer, build, random_tokens
 
 import coda_gqa_l.attention as attention_module
@@ -126,19 +135,14 @@ def _captured_shares(layer: BoundedCoDAAttention, x: torch.Tensor, settings: Set
 def _marginal_share(prefill: Any, layer: BoundedCoDAAttention, x: torch.Tensor, settings: Settings) -> dict[str, Any]:
     """``captured_marginal_share``: 1 - (time without routing) / (time with it), the captured prefill timed against
     one whose graphs were captured with the routing launch left out (the module's docstring)."""
-    import coda_gqa_l.decode as decode_module
     from coda_gqa_l.captured_prefill import CapturedPrefill
 
     unrouted = CapturedPrefill(layer)
-    routing = decode_module.route_chunk_triton
-    decode_module.route_chunk_triton = lambda *args, **kwargs: None  # read when a graph is captured, not replayed
-    try:
-        first = min(x.shape[1] // layer.config.segment * layer.config.segment, unrouted.chunk)
-        if unrouted.pieces_for(first, layer.config.num_sink > 0) < 2:
-            return {"captured_marginal_share": None}  # one piece: the routing runs on the caller's stream, not apart
+    first = min(x.shape[1] // layer.config.segment * layer.config.segment, unrouted.chunk)
+    if unrouted.pieces_for(first, layer.config.num_sink > 0) < 2:
+        return {"captured_marginal_share": None}  # one piece: the routing runs on the caller's stream, not apart
+    with routing_left_out():
         unrouted(x, return_outputs=False)  # captured without the routing
-    finally:
-        decode_module.route_chunk_triton = routing
     with_ms: list[float] = []
     without_ms: list[float] = []
     for _ in range(MARGINAL_ROUNDS):
