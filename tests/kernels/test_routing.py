@@ -278,6 +278,32 @@ def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
     )
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_next_dots_match_reference(name: str) -> None:
+    """The chains computing each segment's dots while the segment before writes its rows (``dispatch.next_dots``):
+    the reference's decisions, banks and snapshots, every chunk of every case, in the interpreter's float32."""
+    with dispatch.next_dots(True):
+        assert dispatch.routing_next_dots()
+        compare_stream(name, torch.float32, atol=1e-5)
+
+
+def test_next_dots_with_bfloat16_banks_in_the_interpreter() -> None:
+    with dispatch.next_dots(True):
+        compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_next_dots_match_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
+    """On the GPU the 16-bit dots run on tensor cores in both forms (exact products, float32 sums)."""
+    assert DEVICE == "cuda"
+    with dispatch.next_dots(True):
+        compare_stream(
+            name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
+        )
+
+
 def compare_key_followers(name: str, dtype: torch.dtype) -> None:
     """The same stream routed with the key rows written by follower programs and inside the chains: every bank and
     snapshot bit for bit, chunk after chunk (both from the same banks), in place as well."""

@@ -146,7 +146,8 @@ def route_chunk_triton(
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
-        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, num_warps=_WARPS if num_warps is None else num_warps,
+        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, NEXT_DOTS=dispatch.routing_next_dots(),
+        num_warps=_WARPS if num_warps is None else num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

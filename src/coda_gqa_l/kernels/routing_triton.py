@@ -267,13 +267,42 @@ def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, DH: tl.constexpr, BL
     sq = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
-        new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
-        out = tl.where(take[:, None], new, cur)
-        tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+        out = _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH, BLOCK_D, INTERPRET)
         stored = out.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
     return _inv_norm(sq)
+
+
+@triton.jit
+def _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                  INTERPRET: tl.constexpr):  # fmt: skip
+    """Columns ``dk`` of ``_copy_rows``: stored, and returned as stored."""
+    cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
+    new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
+    out = tl.where(take[:, None], new, cur)
+    tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
+    return out
+
+
+@triton.jit
+def _copy_rows_next(dst, src_base, src_rows, take, cur_base, ok, ext_v, next_row, next_valid, DH: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+                    LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    """``_copy_rows`` of the value rows, and the next segment's tokens' dots with the rows as written and Gram
+    matrix (``_token_dots_and_gram``'s results) while the written rows are in registers (``NEXT_DOTS``)."""
+    p = tl.arange(0, BLOCK_M)
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    vsq = tl.zeros([BLOCK_S], tl.float32)
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        out = _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH, BLOCK_D, INTERPRET)
+        stored = out.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+        dots, vsq, gram = _next_dots_block(dots, vsq, gram, ext_v, next_row, next_valid, out, ok, dk, DH, BLOCK_D,
+                                           LOWP, True)  # fmt: skip
+    return _inv_norm(sq), dots, gram
 
 
 @triton.jit
@@ -287,6 +316,37 @@ def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: 
             _rows(src, p, ok, dk, DH, BLOCK_D),
             mask=_tile_mask(ok, dk, DH, BLOCK_D),
         )
+
+
+@triton.jit
+def _next_segment_rows(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
+                       BLOCK_S: tl.constexpr):  # fmt: skip
+    """Rows and validity of the tokens leaving at segment ``e + 1`` (``_segment_tokens``). Past the chunk's last
+    segment they are rows of the extended sequence still (a window is at least four segments), read for nothing."""
+    _, at, valid, _ = _segment_tokens(e + 1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+    return at + tl.arange(0, BLOCK_S), valid
+
+
+@triton.jit
+def _next_dots_block(dots, sq, gram, ext_v, next_row, next_valid, stored, rows_ok, dk, DH: tl.constexpr,
+                     BLOCK_D: tl.constexpr, LOWP: tl.constexpr, GRAM: tl.constexpr):  # fmt: skip
+    """One column block's share of the next segment's token-bank dots (``NEXT_DOTS``), from the bank rows just
+    stored (``stored``, in the bank's dtype, still in registers) instead of reading them back at the next segment:
+    the dots, the tokens' squared norms and, with ``GRAM``, the tokens' Gram matrix, accumulated."""
+    v = _rows(ext_v, next_row, next_valid, dk, DH, BLOCK_D)
+    b = tl.where(rows_ok[:, None], stored, tl.zeros_like(stored))
+    if LOWP:
+        dots = tl.dot(v, tl.trans(b), dots)
+        if GRAM:
+            gram = tl.dot(v, tl.trans(v), gram)
+    else:
+        vf32 = v.to(tl.float32)
+        dots = tl.dot(vf32, tl.trans(b.to(tl.float32)), dots, input_precision="ieee")
+        if GRAM:
+            gram = tl.dot(vf32, tl.trans(vf32), gram, input_precision="ieee")
+    vf = v.to(tl.float32)
+    sq += tl.sum(vf * vf, 1)
+    return dots, sq, gram
 
 
 @triton.jit
@@ -331,10 +391,12 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
                    LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr,
-                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
+                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr,
+                   NEXT_DOTS: tl.constexpr):  # fmt: skip
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
     ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
-    writing key rows."""
+    writing key rows. ``NEXT_DOTS``: each segment's token-bank dots and Gram matrix are computed while the segment
+    before writes its value rows (``_copy_rows_next``), not read back from memory at the segment's start."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
@@ -344,14 +406,19 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
     xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
+    if NEXT_DOTS:  # the first segment's dots here, each later one's while the segment before writes its rows
+        first_row, first_valid = _next_segment_rows(-1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        dots, gram = _token_dots_and_gram(ext_v, first_row, first_valid, ex_v + bank * DH, p, p_ok, BLOCK_S, BLOCK_ME,
+                                          DH, BLOCK_D, COS_BK, LOWP)  # fmt: skip
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
-                                          COS_BK, LOWP)  # fmt: skip
+        if not NEXT_DOTS:
+            dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                              COS_BK, LOWP)  # fmt: skip
         pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
         cos = dots * vinv[:, None] * xinv[None, :]
         _stamp(stamps, e, 1, PHASES, INTERPRET)
@@ -372,9 +439,16 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
             _copy_rows(
                 snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
             )
-        xinv = _copy_rows(
-            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
-        )
+        if NEXT_DOTS:
+            next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+            xinv, dots, gram = _copy_rows_next(
+                snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, ext_v, next_row, next_valid, DH, BLOCK_S,
+                BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET,
+            )  # fmt: skip
+        else:
+            xinv = _copy_rows(
+                snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+            )
         _stamp(stamps, e, 3, PHASES, INTERPRET)
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
@@ -433,14 +507,47 @@ def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed
     sq = tl.zeros([BLOCK_MS], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
-        seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
-        base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
-        new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
-        tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
+        new = _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q,
+                         q_ok, keep, eta, dk, DH, BLOCK_D, LOWP, INTERPRET)  # fmt: skip
         stored = new.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
     return _inv_norm(sq)
+
+
+@triton.jit
+def _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q, q_ok, keep,
+               eta, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr, LOWP: tl.constexpr,
+               INTERPRET: tl.constexpr):  # fmt: skip
+    """Columns ``dk`` of ``_ema_rows``: stored, and returned as stored."""
+    mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+    seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
+    base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
+    new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
+    tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
+    return new
+
+
+@triton.jit
+def _ema_rows_next(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok,
+                   keep, eta, next_row, next_valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr,
+                   INTERPRET: tl.constexpr):  # fmt: skip
+    """``_ema_rows`` of the value rows, and the next segment's tokens' dots with the rows as stored and squared
+    norms (``_token_bank_dots``'s results) while the new rows are in registers (``NEXT_DOTS``)."""
+    q = tl.arange(0, BLOCK_MS)
+    sq = tl.zeros([BLOCK_MS], tl.float32)
+    dots = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
+    vsq = tl.zeros([BLOCK_S], tl.float32)
+    unused = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
+    for k0 in range(0, BLOCK_D, BK):
+        dk = k0 + tl.arange(0, BK)
+        new = _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q,
+                         q_ok, keep, eta, dk, DH, BLOCK_D, LOWP, INTERPRET)  # fmt: skip
+        stored = new.to(tl.float32)
+        sq += tl.sum(stored * stored, 1)
+        dots, vsq, unused = _next_dots_block(dots, vsq, unused, ext, next_row, next_valid, new, q_ok, dk, DH, BLOCK_D,
+                                             LOWP, False)  # fmt: skip
+    return _inv_norm(sq), dots, vsq
 
 
 @triton.jit
@@ -451,10 +558,11 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
                      INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr, stamps,
-                     PHASES: tl.constexpr):  # fmt: skip
+                     PHASES: tl.constexpr, NEXT_DOTS: tl.constexpr):  # fmt: skip
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
     ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
-    for ``_summary_keys`` instead of writing key rows."""
+    for ``_summary_keys`` instead of writing key rows. ``NEXT_DOTS``: each segment's token-bank dots are computed
+    while the segment before writes its value rows (``_ema_rows_next``)."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
@@ -465,6 +573,10 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
+    if NEXT_DOTS:  # the first segment's dots here, each later one's while the segment before writes its rows
+        first_row, first_valid = _next_segment_rows(-1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+        dots, vsq = _token_bank_dots(ext_v, first_row, first_valid, sm_v + bank * DH, q, q_ok, BLOCK_S, BLOCK_MS, DH,
+                                     BLOCK_D, COS_BK, LOWP)  # fmt: skip
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
@@ -473,7 +585,9 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
         filled = sfill != 0
         cand = valid & (gate > tau_summary)
-        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
+        if not NEXT_DOTS:
+            dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK,
+                                         LOWP)  # fmt: skip
         proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
         _stamp(stamps, e, 1, PHASES, INTERPRET)
         full, seed_src, avail = _pick_seeds(
@@ -504,8 +618,16 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         elif WRITE_K:
             _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
                       updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
-        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        if NEXT_DOTS:
+            next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
+            sinv, dots, vsq = _ema_rows_next(
+                snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated,
+                q_ok, keep, eta, next_row, next_valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
+            )  # fmt: skip
+        else:
+            sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row,
+                             seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP,
+                             INTERPRET)  # fmt: skip
         _stamp(stamps, e, 4, PHASES, INTERPRET)
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
@@ -628,6 +750,7 @@ def _route_chunk_kernel(
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
     WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False, PHASES: tl.constexpr = False,
+    NEXT_DOTS: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
@@ -636,7 +759,8 @@ def _route_chunk_kernel(
     segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
     so every chain is running or done before a follower waits on it. ``PHASES``: each program stores its cycle
     counter at the end of each phase of each segment into ``stamps (B * Hkv, 4, nseg, PHASE_SLOTS)`` int64
-    (``_stamp``; benchmarks/routing_phases.py)."""
+    (``_stamp``; benchmarks/routing_phases.py). ``NEXT_DOTS``: each chain computes a segment's token-bank dots while
+    the segment before writes its value rows (``dispatch.routing_next_dots``)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -650,6 +774,7 @@ def _route_chunk_kernel(
                 start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
                 BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS, stamps, PHASES,
+                NEXT_DOTS,
             )  # fmt: skip
     elif which == 1:
         if MS > 0:
@@ -658,7 +783,7 @@ def _route_chunk_kernel(
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
                 WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
-                stamps, PHASES,
+                stamps, PHASES, NEXT_DOTS,
             )  # fmt: skip
     elif which == 2:
         if ME > 0:
