@@ -22,7 +22,7 @@ timeout ${KERNEL_S:-100} python benchmarks/routing_kernel.py --keys followers --
 tail -n 8 "$out/routing_kernel.txt"
 timeout ${PREFILL_S:-200} python benchmarks/captured_prefill.py --lengths 2048 32768 --pieces 2 --rounds 7 \
   --settings default "next dots" --out "$out" > "$out/captured_prefill.txt" 2>&1
-grep -E "^\|" "$out/captured_prefill.txt" | head -n 12
+grep -E "^\|" "$out/captured_prefill.txt" | head -n 16
 timeout ${BESIDE_S:-120} python benchmarks/products_beside.py --tokens 8192 --rounds 7 --out "$out" \
   > "$out/products_beside.txt" 2>&1
 tail -n 9 "$out/products_beside.txt"
