@@ -2,7 +2,8 @@
 # On the GPU machine (no model needed; the platformdirs wheel carried in .pdwhl): the routing chains computing each
 # segment's dots while the segment before writes its rows (dispatch.next_dots), checked and timed, and what slows a
 # piece's products beside the routing (benchmarks/products_beside.py).
-#   1. the routing kernel's GPU tests (float32 and bfloat16 against the reference, with and without next dots);
+#   1. the routing kernel's GPU tests against the reference, float32 and bfloat16, with and without next dots
+#      (TEST_K='' runs them all);
 #   2. benchmarks/routing_kernel.py, key followers, next dots off and on;
 #   3. benchmarks/captured_prefill.py at 2K and 32K, 2 pieces, settings default and "next dots";
 #   4. benchmarks/products_beside.py.
@@ -13,8 +14,8 @@ export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 out=$OUT/next_dots
 mkdir -p "$out"
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout ${TEST_S:-150} python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_routing.py \
-  > "$out/gpu_tests_routing.txt" 2>&1
+timeout ${TEST_S:-120} python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_routing.py \
+  -k "${TEST_K:-next_dots or matches_reference_on_gpu}" > "$out/gpu_tests_routing.txt" 2>&1
 echo "routing GPU tests: $(tail -n 1 "$out/gpu_tests_routing.txt")"
 grep -E "^(FAILED|ERROR)" "$out/gpu_tests_routing.txt" | head -5
 timeout ${KERNEL_S:-100} python benchmarks/routing_kernel.py --keys followers --next-dots off on --out "$out" \
