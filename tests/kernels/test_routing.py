@@ -258,47 +258,33 @@ def test_interpreter_really_runs_on_cpu() -> None:
         assert type(routing_triton._route_chunk_kernel).__name__ == "JITFunction"
 
 
+# each segment's dots read from the bank at its start, or computed while the segment before writes (dispatch.next_dots)
+EITHER_DOTS = pytest.mark.parametrize("next_dots", [False, True], ids=["bank-read", "next-dots"])
+
+
+@EITHER_DOTS
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name: str) -> None:
-    compare_stream(name, torch.float32, atol=1e-5)
-
-
-def test_bfloat16_banks_in_the_interpreter() -> None:
-    """bf16 storage: values rounded to bf16 after each update, like the reference (float32 dots here)."""
-    compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
-    assert DEVICE == "cuda"
-    compare_stream(
-        name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
-    )
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_next_dots_match_reference(name: str) -> None:
-    """The chains computing each segment's dots while the segment before writes its rows (``dispatch.next_dots``):
-    the reference's decisions, banks and snapshots, every chunk of every case, in the interpreter's float32."""
-    with dispatch.next_dots(True):
-        assert dispatch.routing_next_dots()
+def test_kernel_matches_reference(name: str, next_dots: bool) -> None:
+    with dispatch.next_dots(next_dots):
+        assert dispatch.routing_next_dots() == next_dots
         compare_stream(name, torch.float32, atol=1e-5)
 
 
-def test_next_dots_with_bfloat16_banks_in_the_interpreter() -> None:
-    with dispatch.next_dots(True):
+@EITHER_DOTS
+def test_bfloat16_banks_in_the_interpreter(next_dots: bool) -> None:
+    """bf16 storage: values rounded to bf16 after each update, like the reference (float32 dots here)."""
+    with dispatch.next_dots(next_dots):
         compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
 
 
 @pytest.mark.gpu
+@EITHER_DOTS
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_next_dots_match_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
-    """On the GPU the 16-bit dots run on tensor cores in both forms (exact products, float32 sums)."""
+def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype, next_dots: bool) -> None:
+    """On the GPU the 16-bit dots run on tensor cores in both forms of the dots (exact products, float32 sums)."""
     assert DEVICE == "cuda"
-    with dispatch.next_dots(True):
+    with dispatch.next_dots(next_dots):
         compare_stream(
             name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
         )

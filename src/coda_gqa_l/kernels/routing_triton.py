@@ -257,20 +257,30 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
 
 
 @triton.jit
-def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, ext_v, next_row, next_valid, DH: tl.constexpr,
+               BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+               LOWP: tl.constexpr, INTERPRET: tl.constexpr, NEXT: tl.constexpr):  # fmt: skip
     """Write bank rows to ``dst``: token row ``src_rows`` where ``take``, else the current row.
 
-    Returns the inverse norms of the rows written (as stored), for the next segment's cosines.
+    Returns the inverse norms of the rows written (as stored), for the next segment's cosines, and with ``NEXT``
+    (``NEXT_DOTS``) the next segment's tokens (rows ``next_row`` of ``ext_v`` where ``next_valid``) dotted with the
+    rows as written and with each other (``_token_dots_and_gram``'s results), computed while the written rows are in
+    registers; without it those two are zeros (the other arguments unread).
     """
     p = tl.arange(0, BLOCK_M)
     sq = tl.zeros([BLOCK_M], tl.float32)
+    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
+    vsq = tl.zeros([BLOCK_S], tl.float32)
+    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
         out = _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH, BLOCK_D, INTERPRET)
         stored = out.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
-    return _inv_norm(sq)
+        if NEXT:
+            dots, vsq, gram = _next_dots_block(dots, vsq, gram, ext_v, next_row, next_valid, out, ok, dk, DH, BLOCK_D,
+                                               LOWP, True)  # fmt: skip
+    return _inv_norm(sq), dots, gram
 
 
 @triton.jit
@@ -282,27 +292,6 @@ def _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH: tl.con
     out = tl.where(take[:, None], new, cur)
     tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
     return out
-
-
-@triton.jit
-def _copy_rows_next(dst, src_base, src_rows, take, cur_base, ok, ext_v, next_row, next_valid, DH: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
-                    LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
-    """``_copy_rows`` of the value rows, and the next segment's tokens' dots with the rows as written and Gram
-    matrix (``_token_dots_and_gram``'s results) while the written rows are in registers (``NEXT_DOTS``)."""
-    p = tl.arange(0, BLOCK_M)
-    sq = tl.zeros([BLOCK_M], tl.float32)
-    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
-    vsq = tl.zeros([BLOCK_S], tl.float32)
-    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
-    for k0 in range(0, BLOCK_D, BK):
-        dk = k0 + tl.arange(0, BK)
-        out = _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH, BLOCK_D, INTERPRET)
-        stored = out.to(tl.float32)
-        sq += tl.sum(stored * stored, 1)
-        dots, vsq, gram = _next_dots_block(dots, vsq, gram, ext_v, next_row, next_valid, out, ok, dk, DH, BLOCK_D,
-                                           LOWP, True)  # fmt: skip
-    return _inv_norm(sq), dots, gram
 
 
 @triton.jit
@@ -396,7 +385,7 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
     ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
     writing key rows. ``NEXT_DOTS``: each segment's token-bank dots and Gram matrix are computed while the segment
-    before writes its value rows (``_copy_rows_next``), not read back from memory at the segment's start."""
+    before writes its value rows (``_copy_rows``), not read back from memory at the segment's start."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
@@ -436,19 +425,17 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
             tl.store(dec + (row_id * nseg + e) * BLOCK_ME + p, tl.where(write, src_row, -1))
             _publish(flag, e)
         elif WRITE_K:
-            _copy_rows(
-                snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
-            )
+            _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, ext_v, row, valid, DH, BLOCK_S,
+                       BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET, False)  # fmt: skip
+        next_row, next_valid = row, valid  # unread without NEXT_DOTS
         if NEXT_DOTS:
             next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-            xinv, dots, gram = _copy_rows_next(
-                snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, ext_v, next_row, next_valid, DH, BLOCK_S,
-                BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET,
-            )  # fmt: skip
-        else:
-            xinv = _copy_rows(
-                snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
-            )
+        xinv, next_dots, next_gram = _copy_rows(
+            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, ext_v, next_row, next_valid, DH, BLOCK_S,
+            BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET, NEXT_DOTS,
+        )  # fmt: skip
+        if NEXT_DOTS:
+            dots, gram = next_dots, next_gram
         _stamp(stamps, e, 3, PHASES, INTERPRET)
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
@@ -497,21 +484,31 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
 
 @triton.jit
 def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok, keep,
-              eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
-              LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+              eta, next_row, next_valid, DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
+              BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
+              NEXT: tl.constexpr):  # fmt: skip
     """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
 
-    Returns the inverse norms of the rows as stored, for the next segment's cosines.
+    Returns the inverse norms of the rows as stored, for the next segment's cosines, and with ``NEXT``
+    (``NEXT_DOTS``) the next segment's tokens (rows ``next_row`` of ``ext`` where ``next_valid``) dotted with the rows
+    as stored and their squared norms (``_token_bank_dots``'s results), computed while the new rows are in registers;
+    without it those two are zeros (the other arguments unread).
     """
     q = tl.arange(0, BLOCK_MS)
     sq = tl.zeros([BLOCK_MS], tl.float32)
+    dots = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
+    vsq = tl.zeros([BLOCK_S], tl.float32)
+    unused = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
         new = _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q,
                          q_ok, keep, eta, dk, DH, BLOCK_D, LOWP, INTERPRET)  # fmt: skip
         stored = new.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
-    return _inv_norm(sq)
+        if NEXT:
+            dots, vsq, unused = _next_dots_block(dots, vsq, unused, ext, next_row, next_valid, new, q_ok, dk, DH,
+                                                 BLOCK_D, LOWP, False)  # fmt: skip
+    return _inv_norm(sq), dots, vsq
 
 
 @triton.jit
@@ -528,29 +525,6 @@ def _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, see
 
 
 @triton.jit
-def _ema_rows_next(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok,
-                   keep, eta, next_row, next_valid, DH: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr,
-                   INTERPRET: tl.constexpr):  # fmt: skip
-    """``_ema_rows`` of the value rows, and the next segment's tokens' dots with the rows as stored and squared
-    norms (``_token_bank_dots``'s results) while the new rows are in registers (``NEXT_DOTS``)."""
-    q = tl.arange(0, BLOCK_MS)
-    sq = tl.zeros([BLOCK_MS], tl.float32)
-    dots = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
-    vsq = tl.zeros([BLOCK_S], tl.float32)
-    unused = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
-    for k0 in range(0, BLOCK_D, BK):
-        dk = k0 + tl.arange(0, BK)
-        new = _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q,
-                         q_ok, keep, eta, dk, DH, BLOCK_D, LOWP, INTERPRET)  # fmt: skip
-        stored = new.to(tl.float32)
-        sq += tl.sum(stored * stored, 1)
-        dots, vsq, unused = _next_dots_block(dots, vsq, unused, ext, next_row, next_valid, new, q_ok, dk, DH, BLOCK_D,
-                                             LOWP, False)  # fmt: skip
-    return _inv_norm(sq), dots, vsq
-
-
-@triton.jit
 def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_g, sm_fill, o_k, o_v, o_g, o_fill,
                      snap_k, snap_v, snap_b, dec_i, dec_f, flag, start, nseg, tau_summary, DH: tl.constexpr,
                      ME: tl.constexpr,
@@ -562,7 +536,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
     ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
     for ``_summary_keys`` instead of writing key rows. ``NEXT_DOTS``: each segment's token-bank dots are computed
-    while the segment before writes its value rows (``_ema_rows_next``)."""
+    while the segment before writes its value rows (``_ema_rows``)."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
@@ -617,17 +591,17 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
             _publish(flag, e)
         elif WRITE_K:
             _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                      updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+                      updated, q_ok, keep, eta, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
+                      False)  # fmt: skip
+        next_row, next_valid = row, valid  # unread without NEXT_DOTS
         if NEXT_DOTS:
             next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-            sinv, dots, vsq = _ema_rows_next(
-                snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated,
-                q_ok, keep, eta, next_row, next_valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
-            )  # fmt: skip
-        else:
-            sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row,
-                             seeded, updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP,
-                             INTERPRET)  # fmt: skip
+        sinv, next_dots, next_vsq = _ema_rows(
+            snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated,
+            q_ok, keep, eta, next_row, next_valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET, NEXT_DOTS,
+        )  # fmt: skip
+        if NEXT_DOTS:
+            dots, vsq = next_dots, next_vsq
         _stamp(stamps, e, 4, PHASES, INTERPRET)
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
@@ -691,7 +665,8 @@ def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.conste
         write = p_ok & (src_row >= 0)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         here = slot0 + e * M_TOTAL
-        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
+        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, ext_k, src_row, write, DH, BLOCK_ME,
+                   BLOCK_ME, BLOCK_D, COPY_BK, False, INTERPRET, False)  # fmt: skip
         tl.debug_barrier()  # the next segment reads these rows from other threads
         _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
@@ -730,7 +705,8 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
         _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, at + seed_src, seeded,
-                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+                  updated, q_ok, keep, eta, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
+                  False)  # fmt: skip
         tl.debug_barrier()  # the next segment reads these rows from other threads
         _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
