@@ -21,7 +21,7 @@ grep -E "^(FAILED|ERROR)" "$out/gpu_tests_routing.txt" | head -5
 timeout ${KERNEL_S:-100} python benchmarks/routing_kernel.py --keys followers --next-dots off on --out "$out" \
   > "$out/routing_kernel.txt" 2>&1
 tail -n 8 "$out/routing_kernel.txt"
-timeout ${PREFILL_S:-200} python benchmarks/captured_prefill.py --lengths 2048 32768 --pieces 2 --rounds 7 \
+timeout ${PREFILL_S:-200} python benchmarks/captured_prefill.py --lengths 2048 32768 --pieces 2 --rounds ${ROUNDS:-7} \
   --settings default "next dots" --out "$out" > "$out/captured_prefill.txt" 2>&1
 grep -E "^\|" "$out/captured_prefill.txt" | head -n 16
 timeout ${BESIDE_S:-120} python benchmarks/products_beside.py --tokens 8192 --rounds 7 --out "$out" \
