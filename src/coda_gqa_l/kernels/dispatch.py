@@ -391,8 +391,9 @@ _NEXT_DOTS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_g
 def next_dots(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside, the routing kernel's chains compute each segment's token-bank dots while the segment before writes
     its value rows, from the rows still in registers, instead of reading the rows back at the segment's start (the
-    same decisions; the dots' sums may round differently in float32). For the benchmark and tests that compare the
-    two; outside, ``DEFAULT_ROUTING_NEXT_DOTS``."""
+    same rows and rules; the dots' float32 sums may round differently, as between any two summation orders, so only a
+    near-tie could fall the other way). For the benchmark and tests that compare the two; outside,
+    ``DEFAULT_ROUTING_NEXT_DOTS``."""
     return _chosen(_NEXT_DOTS, on)
 
 
