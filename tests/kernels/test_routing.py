@@ -33,6 +33,7 @@ import pytest  # noqa: E402
 
 from coda_gqa_l.config import BoundedConfig  # noqa: E402
 from coda_gqa_l.kernels import dispatch  # noqa: E402
+from coda_gqa_l.kernels import routing as routing_module  # noqa: E402
 from coda_gqa_l.kernels import routing_reference as banks_module  # noqa: E402
 from coda_gqa_l.kernels.dispatch import interpreting  # noqa: E402
 from coda_gqa_l.kernels.routing import route_chunk_triton  # noqa: E402
@@ -288,6 +289,20 @@ def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype, next_dot
         compare_stream(
             name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
         )
+
+
+@pytest.mark.gpu
+@EITHER_DOTS
+@pytest.mark.parametrize("name", list(CASES))
+def test_ema_rows_in_blocks_of_32_columns_match_reference_on_gpu(
+    name: str, next_dots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary chain's EMA rows in column blocks of 32 (``routing._EMA_BLOCK``, which 16-bit tiles read: the
+    interpreter's float32 path always takes 16), the choice benchmarks/routing_kernel.py --ema-block times."""
+    assert DEVICE == "cuda"
+    monkeypatch.setattr(routing_module, "_EMA_BLOCK", 32)
+    with dispatch.next_dots(next_dots):
+        compare_stream(name, torch.bfloat16, atol=1e-6, rtol=2**-6)
 
 
 def compare_key_followers(name: str, dtype: torch.dtype) -> None:

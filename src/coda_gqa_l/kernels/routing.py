@@ -23,6 +23,10 @@ from .dispatch import interpreting, launch, tile_size
 # parallelism there is: 8 warps keep a 64x64 tile at 16 values a thread and the whole state in
 # registers without spilling (4 spill at the 7B layer shape, 16 cap registers at 128 and spill).
 _WARPS = 8
+# Columns of an EMA row block in 16-bit (the summary chain's new rows; None: 64 columns). At 64 with next dots
+# (dispatch.next_dots) the device's Triton 3.6 spills the summary program (48 bytes of stack, sm_90; none at 32):
+# benchmarks/routing_kernel.py --ema-block times the choices; results do not depend on it.
+_EMA_BLOCK: int | None = None
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -116,7 +120,7 @@ def route_chunk_triton(
     # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
-    cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
+    cos_bk, ema_bk = (min(block_d, 128), min(block_d, _EMA_BLOCK or 64)) if lowp else (min(block_d, 32), 16)
     block_s, block_me, block_ms = tile_size(config.segment), tile_size(Me), tile_size(Ms)
     followers = write_keys and dispatch.routing_key_followers()
     if followers:  # each chain's published decisions, and how many segments it has published (from zero)

@@ -1,0 +1,39 @@
+"""benchmarks/kernel_resources.py in its --quick mode (a tiny layer; Triton's real compiler, for sm_90, on the CPU):
+each prefill binary's resources read from its cubin, and the settings reaching the kernels they name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_reads_each_binarys_resources(tmp_path: Path) -> None:
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick", "--settings", "default",
+         "next dots", "keys in chains", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    by = {(r["setting"], r["kernel"]): r for r in rows}
+    assert {"_route_chunk_kernel", "_fwd_kernel"} <= {kernel for _, kernel in by}
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["instructions"] > 0 and row["warps"] > 0
+    # each setting reached the routing binary it names, and only the switches it names
+    default, next_dots, in_chains = (by[(s, "_route_chunk_kernel")] for s in ("default", "next dots", "keys in chains"))
+    assert default["constexprs"]["NEXT_DOTS"] == "False" and next_dots["constexprs"]["NEXT_DOTS"] == "True"
+    assert default["constexprs"]["KEY_FOLLOWERS"] == "True" and in_chains["constexprs"]["KEY_FOLLOWERS"] == "False"
+    assert next_dots["constexprs"]["KEY_FOLLOWERS"] == "True" and in_chains["constexprs"]["NEXT_DOTS"] == "False"
+    # the routing chain synchronises its warps: a SASS parse that found no barrier read nothing
+    assert default["BAR"] > 0 and default["instructions"] > default["BAR"]
+    assert done.stdout.strip().splitlines()[-1].startswith("wrote ")
