@@ -109,12 +109,15 @@ def main() -> None:
     with torch.inference_mode():
         products()
         alone_ms = statistics.median(_events_ms(products) for _ in range(3))
-        # the holding programs sized to run about twice the products' time alone
+        # the holding programs sized to run about twice the products' time alone, from the time of two iteration
+        # counts (a launch's fixed cost left out: sized from one short probe, the arithmetic one ran 0.74 ms beside
+        # products of 1.83, H100, twenty-fourth session)
         iters = {}
         for store in (False, True):
             hold(store, 1000)()
-            probe = statistics.median(_events_ms(hold(store, 1000)) for _ in range(3))
-            iters[store] = max(1000, int(1000 * 2 * alone_ms / probe))
+            short, long = (statistics.median(_events_ms(hold(store, n)) for _ in range(3)) for n in (20_000, 80_000))
+            per_iter = max((long - short) / 60_000, 1e-9)
+            iters[store] = max(1000, int((2 * alone_ms - (short - 20_000 * per_iter)) / per_iter))
         companions: dict[str, Callable[[], None] | None] = {
             "alone": None,
             "routing": routing(True, True),
