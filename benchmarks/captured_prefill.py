@@ -31,8 +31,7 @@ fewer multiprocessors can be the faster prefill. ``no routing`` needs two or mor
 first`` captures on a high-priority stream (the products and attention's programs dispatched before waiting routing
 programs), ``routing first`` runs the routing on high-priority streams. ``carveout`` captures the products with
 torch's SM carveout set to the routing's 32 programs (cuBLAS plans them for the other multiprocessors), ``carveout
-lt`` with cuBLASLt asked for as well. ``next dots``: the routing chains compute each segment's token-bank dots while
-the segment before writes its rows (``dispatch.next_dots``).
+lt`` with cuBLASLt asked for as well.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ _DEFAULT_CHUNK = inspect.signature(CapturedPrefill.__init__).parameters["chunk"]
 
 SETTINGS = (
     "default", "routing 4 warps", "keys in chains", "stacking pass", "no routing", "main first", "routing first",
-    "carveout", "carveout lt", "next dots",
+    "carveout", "carveout lt",
 )  # fmt: skip
 CARVEOUT = 32  # the 7B layer's routing programs: 8 KV heads x (2 chains + 2 key followers)
 _PRIORITY_STREAMS: dict[str, Any] = {}
@@ -86,10 +85,6 @@ def setting(name: str) -> Iterator[None]:
     """The kernels launched as ``name`` says while inside (``--settings``)."""
     if name == "keys in chains":
         with dispatch.key_followers(False):
-            yield
-        return
-    if name == "next dots":  # the routing chains compute each segment's dots as the segment before writes its rows
-        with dispatch.next_dots(True):
             yield
         return
     if name in ("main first", "routing first"):

@@ -5,7 +5,7 @@ kernel change on the CPU before device time goes to timing it: a change that spi
 chain (whose segments were measured to cost about one barrier round trip per decision), is unlikely to be faster.
 
     PYTHONPATH=src python benchmarks/kernel_resources.py [--out DIR] [--arch 90] [--tokens 2048] [--chunk 1024] \
-        [--settings default "next dots" "next dots+EMA block 32" "keys in chains"] [--kernels route] \
+        [--settings default "keys in chains" "routing 4 warps+keys in chains"] [--kernels route] \
         [--banks both exact summary]
     PYTHONPATH=src python benchmarks/kernel_resources.py --quick    # a tiny layer: a smoke run (the test runs it)
 
@@ -14,8 +14,8 @@ The 7B-shaped bfloat16 layer with medium banks (the one ``captured_prefill.py`` 
 the package's Triton path switched on and every kernel launch recorded instead of run (``kernel_compiles.py``'s
 recorder); each distinct binary is compiled for ``sm_{--arch}`` with the installed Triton, and its cubin read with the
 wheel's ``cuobjdump``. Static counts, not a profile: an instruction in a loop counts once. ``--settings`` are the
-switches that change which binaries a prefill launches (each a ``captured_prefill.py`` setting of the same name, and
-``EMA block 32``: the summary chain's EMA rows in column blocks of 32, ``routing._EMA_BLOCK``), alone or joined by '+'.
+switches that change which binaries a prefill launches (each a ``captured_prefill.py`` setting of the same name),
+alone or joined by '+'.
 The CPU's Triton (3.9) is not the device's (3.6): registers and spills can differ there. Prints a table last; writes
 ``DIR/kernel_resources.json``.
 """
@@ -51,7 +51,7 @@ from coda_gqa_l.kernels import routing as routing_kernel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BANKS = {"both": (True, True), "exact": (True, False), "summary": (False, True)}
-SETTINGS = ("default", "next dots", "keys in chains", "routing 4 warps", "stacking pass", "EMA block 32")
+SETTINGS = ("default", "keys in chains", "routing 4 warps", "stacking pass")
 # SASS opcodes counted (the first word of the opcode: BAR.SYNC counts as BAR)
 COUNTED = {
     "BAR": "barriers",
@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--settings",
         nargs="+",
         type=_setting,
-        default=["default", "next dots"],
-        help=f"each one of {', '.join(SETTINGS)}, or several joined by '+' ('next dots+EMA block 32')",
+        default=["default", "keys in chains"],
+        help=f"each one of {', '.join(SETTINGS)}, or several joined by '+' ('routing 4 warps+keys in chains')",
     )
     p.add_argument("--kernels", nargs="*", default=[], help="report only kernels whose name holds one of these")
     p.add_argument(
@@ -102,26 +102,19 @@ def _setting(text: str) -> str:
 
 @contextmanager
 def setting(text: str) -> Iterator[None]:
-    """The switches ``text`` names set while inside (``captured_prefill.py``'s settings of the same names, and the
-    summary chain's EMA rows in blocks of 32 columns: ``routing._EMA_BLOCK``)."""
+    """The switches ``text`` names set while inside (``captured_prefill.py``'s settings of the same names)."""
     names = set(text.split("+"))
-    warps, rotate, ema_block = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD, routing_kernel._EMA_BLOCK
-    followers, next_dots = dispatch.routing_key_followers(), dispatch.routing_next_dots()
+    warps, rotate = routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD
+    followers = dispatch.routing_key_followers()
     if "routing 4 warps" in names:
         routing_kernel._WARPS = 4
     if "stacking pass" in names:
         diff_attention.ROTATE_IN_FORWARD = False
-    if "EMA block 32" in names:
-        routing_kernel._EMA_BLOCK = 32
     try:
-        with (
-            dispatch.key_followers(followers and "keys in chains" not in names),
-            dispatch.next_dots(next_dots or "next dots" in names),
-        ):
+        with dispatch.key_followers(followers and "keys in chains" not in names):
             yield
     finally:
         routing_kernel._WARPS, diff_attention.ROTATE_IN_FORWARD = warps, rotate
-        routing_kernel._EMA_BLOCK = ema_block
 
 
 def layer(quick: bool, banks: str = "both") -> BoundedCoDAAttention:

@@ -16,17 +16,12 @@ how many pass). ``--warps 4 8 16`` times each program width (the results do not 
 medians per launch and per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside
 each bank's serial chain, ``followers`` by programs of their own a segment behind it (``dispatch.key_followers``;
 no decision reads a key), ``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound
-on what taking them off the chain can give). ``--next-dots off on`` times each chain reading a segment's bank rows
-back for its dots and computing them while the segment before writes the rows (``dispatch.next_dots``).
-``--ema-block 64 32`` times the summary chain's EMA rows written in column blocks of each width (``routing._EMA_BLOCK``;
-16-bit only; compiled for sm_90 by the device's Triton 3.6, next dots spill at 64 and not at 32:
-benchmarks/kernel_resources.py). Prints a table last; writes ``DIR/routing_kernel.json``.
+on what taking them off the chain can give). Prints a table last; writes ``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +31,6 @@ import torch
 
 from coda_gqa_l.config import BoundedConfig, chunk_segments
 from coda_gqa_l.kernels import dispatch
-from coda_gqa_l.kernels import routing as routing_kernel
 from coda_gqa_l.kernels.routing import route_chunk_triton
 from coda_gqa_l.kernels.routing_reference import Banks
 
@@ -83,21 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["chain", "followers"],
         help="where the key rows are written: in the chains, by follower programs, or nowhere (a bound: wrong keys)",
     )
-    p.add_argument(
-        "--next-dots",
-        nargs="+",
-        choices=["off", "on"],
-        default=["off"],
-        help="whether the chains compute a segment's dots while the segment before writes its rows, each timed",
-    )
-    p.add_argument(
-        "--ema-block",
-        type=int,
-        nargs="+",
-        choices=[16, 32, 64, 128],
-        default=[64],
-        help="columns of the summary chain's EMA row blocks in 16-bit (64: the kernel's), each timed",
-    )
     return p.parse_args(argv)
 
 
@@ -109,7 +88,6 @@ class Problem:
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
         self.keys = "chain"  # the banks below are routed with keys; timed runs pick how (--keys)
-        self.next_dots = False  # and read back for the dots; timed runs pick (--next-dots)
         gen = torch.Generator(device="cpu").manual_seed(0)
         H, D, n = shape.kv_heads, shape.head_dim, shape.chunk
         length = config.window + 5 * n
@@ -150,7 +128,7 @@ def time_route(problem: Problem, calls: int, repeats: int) -> float:
     k, v, g = (x.contiguous() for x in problem.ext(problem.start))
 
     def launch() -> None:
-        with dispatch.key_followers(problem.keys == "followers"), dispatch.next_dots(problem.next_dots):
+        with dispatch.key_followers(problem.keys == "followers"):
             route_chunk_triton(problem.banks, k, v, g, start=problem.start, n=problem.shape.chunk, eta=problem.eta,
                                config=problem.config, num_warps=problem.warps,
                                write_keys=problem.keys != "none")  # fmt: skip
@@ -175,30 +153,23 @@ def main(argv: list[str] | None = None) -> int:
             for warps in args.warps:
                 config = make(shape.config)
                 problem = Problem(shape, config, device, dtype, warps)
-                for keys, next_dots, ema_block in itertools.product(args.keys, args.next_dots, args.ema_block):
-                    problem.keys, problem.next_dots = keys, next_dots == "on"
-                    routing_kernel._EMA_BLOCK = ema_block
-                    try:
-                        seconds = time_route(problem, args.calls, args.repeats)
-                    finally:
-                        routing_kernel._EMA_BLOCK = None
+                for keys in args.keys:
+                    problem.keys = keys
+                    seconds = time_route(problem, args.calls, args.repeats)
                     segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
                     rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys,
-                                 "next_dots": next_dots, "ema_block": ema_block, "segments": segments,
-                                 "launch_us": seconds * 1e6, "segment_us": seconds * 1e6 / segments})  # fmt: skip
+                                 "segments": segments, "launch_us": seconds * 1e6,
+                                 "segment_us": seconds * 1e6 / segments})  # fmt: skip
     result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
     table.append(
-        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'next dots':>9} {'EMA block':>9} {'segments':>8} "
-        f"{'launch us':>10} "
-        f"{'per segment us':>15}"
+        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
     )
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['next_dots']:>9} "
-            f"{row['ema_block']:9d} "
-            f"{row['segments']:8d} {row['launch_us']:10.1f} {row['segment_us']:15.2f}"
+            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['segments']:8d} "
+            f"{row['launch_us']:10.1f} {row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0

@@ -20,7 +20,7 @@ def test_quick_run_reads_each_binarys_resources(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick", "--settings", "default",
-         "next dots", "keys in chains", "--out", str(tmp_path)],
+         "keys in chains", "routing 4 warps", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,10 +30,11 @@ def test_quick_run_reads_each_binarys_resources(tmp_path: Path) -> None:
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["instructions"] > 0 and row["warps"] > 0
     # each setting reached the routing binary it names, and only the switches it names
-    default, next_dots, in_chains = (by[(s, "_route_chunk_kernel")] for s in ("default", "next dots", "keys in chains"))
-    assert default["constexprs"]["NEXT_DOTS"] == "False" and next_dots["constexprs"]["NEXT_DOTS"] == "True"
+    settings = ("default", "keys in chains", "routing 4 warps")
+    default, in_chains, four = (by[(s, "_route_chunk_kernel")] for s in settings)
     assert default["constexprs"]["KEY_FOLLOWERS"] == "True" and in_chains["constexprs"]["KEY_FOLLOWERS"] == "False"
-    assert next_dots["constexprs"]["KEY_FOLLOWERS"] == "True" and in_chains["constexprs"]["NEXT_DOTS"] == "False"
+    assert default["warps"] == in_chains["warps"] == 8 and four["warps"] == 4
+    assert four["constexprs"]["KEY_FOLLOWERS"] == "True"
     # the routing chain synchronises its warps: a SASS parse that found no barrier read nothing
     assert default["BAR"] > 0 and default["instructions"] > default["BAR"]
     assert done.stdout.strip().splitlines()[-1].startswith("wrote ")

@@ -15,17 +15,9 @@ def test_quick_run_times_each_bank_split_at_each_width_and_way_of_writing_keys(t
     rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
     splits = ["both banks", "exact bank only", "summary bank only"]
     # one width: each row is a launch in the interpreter, and the widths differ only in a launch argument
-    expected = [(split, 8, keys, "off") for split in splits for keys in ("chain", "followers")]
-    assert [(row["banks"], row["warps"], row["keys"], row["next_dots"]) for row in rows] == expected
+    expected = [(split, 8, keys) for split in splits for keys in ("chain", "followers")]
+    assert [(row["banks"], row["warps"], row["keys"]) for row in rows] == expected
     for row in rows:
         assert row["segments"] == 8 and row["launch_us"] > 0  # a 64-token chunk at 256 crosses 8 boundaries of 8
     lines = done.stdout.strip().splitlines()
     assert lines[-7].startswith("tiny") and lines[-1].startswith("wrote ")
-
-
-def test_quick_run_times_both_ways_of_computing_the_dots(tmp_path: Path) -> None:
-    run_benchmark_in_interpreter(
-        "routing_kernel.py", "--quick", "--keys", "followers", "--next-dots", "off", "on", "--out", str(tmp_path)
-    )
-    rows = json.loads((tmp_path / "routing_kernel.json").read_text())["rows"]
-    assert [row["next_dots"] for row in rows] == ["off", "on"] * 3

@@ -33,7 +33,6 @@ import pytest  # noqa: E402
 
 from coda_gqa_l.config import BoundedConfig  # noqa: E402
 from coda_gqa_l.kernels import dispatch  # noqa: E402
-from coda_gqa_l.kernels import routing as routing_module  # noqa: E402
 from coda_gqa_l.kernels import routing_reference as banks_module  # noqa: E402
 from coda_gqa_l.kernels.dispatch import interpreting  # noqa: E402
 from coda_gqa_l.kernels.routing import route_chunk_triton  # noqa: E402
@@ -259,50 +258,24 @@ def test_interpreter_really_runs_on_cpu() -> None:
         assert type(routing_triton._route_chunk_kernel).__name__ == "JITFunction"
 
 
-# each segment's dots read from the bank at its start, or computed while the segment before writes (dispatch.next_dots)
-EITHER_DOTS = pytest.mark.parametrize("next_dots", [False, True], ids=["bank-read", "next-dots"])
-
-
-@EITHER_DOTS
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name: str, next_dots: bool) -> None:
-    with dispatch.next_dots(next_dots):
-        assert dispatch.routing_next_dots() == next_dots
-        compare_stream(name, torch.float32, atol=1e-5)
+def test_kernel_matches_reference(name: str) -> None:
+    compare_stream(name, torch.float32, atol=1e-5)
 
 
-@EITHER_DOTS
-def test_bfloat16_banks_in_the_interpreter(next_dots: bool) -> None:
+def test_bfloat16_banks_in_the_interpreter() -> None:
     """bf16 storage: values rounded to bf16 after each update, like the reference (float32 dots here)."""
-    with dispatch.next_dots(next_dots):
-        compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
+    compare_stream("both", torch.bfloat16, atol=1e-6, rtol=2**-6)
 
 
 @pytest.mark.gpu
-@EITHER_DOTS
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype, next_dots: bool) -> None:
-    """On the GPU the 16-bit dots run on tensor cores in both forms of the dots (exact products, float32 sums)."""
+def test_kernel_matches_reference_on_gpu(name: str, dtype: torch.dtype) -> None:
     assert DEVICE == "cuda"
-    with dispatch.next_dots(next_dots):
-        compare_stream(
-            name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
-        )
-
-
-@pytest.mark.gpu
-@EITHER_DOTS
-@pytest.mark.parametrize("name", list(CASES))
-def test_ema_rows_in_blocks_of_32_columns_match_reference_on_gpu(
-    name: str, next_dots: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The summary chain's EMA rows in column blocks of 32 (``routing._EMA_BLOCK``, which 16-bit tiles read: the
-    interpreter's float32 path always takes 16), the choice benchmarks/routing_kernel.py --ema-block times."""
-    assert DEVICE == "cuda"
-    monkeypatch.setattr(routing_module, "_EMA_BLOCK", 32)
-    with dispatch.next_dots(next_dots):
-        compare_stream(name, torch.bfloat16, atol=1e-6, rtol=2**-6)
+    compare_stream(
+        name, dtype, atol=1e-5 if dtype == torch.float32 else 1e-6, rtol=0.0 if dtype == torch.float32 else 2**-6
+    )
 
 
 def compare_key_followers(name: str, dtype: torch.dtype) -> None:

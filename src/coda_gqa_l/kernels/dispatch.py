@@ -1,12 +1,11 @@
 """Which implementation runs: the Triton kernels or the PyTorch references. Every such choice is
-made here, from ten environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
+made here, from nine environment variables read nowhere else: ``CODA_GQA_L_KERNELS`` (the backend;
 tests set it to compare paths on the same inputs), ``CODA_GQA_L_UNBOUNDED_ATTENTION`` (how unbounded
 differential attention runs on Triton), ``CODA_GQA_L_AUTOTUNE`` (whether kernels autotune),
 ``CODA_GQA_L_FP32_DOTS`` (how the attention kernels multiply float32 tiles on a GPU),
 ``CODA_GQA_L_READ_PIECES`` (how many chunks a graph-captured prefill pipelines),
 ``CODA_GQA_L_STEPPED_READ_TOKENS`` (how short a prefill's piece is read by graph steps),
 ``CODA_GQA_L_KEY_FOLLOWERS`` (whether the routing kernel writes key rows in programs of their own),
-``CODA_GQA_L_ROUTING_NEXT_DOTS`` (whether its chains compute a segment's dots while the segment before writes),
 ``CODA_GQA_L_ROUTING_AHEAD`` (whether a GPU prefill routes a chunk on a side stream beside the attention of the one
 before) and ``CODA_GQA_L_PRODUCT_CARVEOUT`` (whether a captured prefill's products leave the routing's
 multiprocessors free). The layers ask for a decision by name (``fused_bounded_chunk``, ``unbounded_attention``,
@@ -36,7 +35,6 @@ READ_PIECES_ENV = "CODA_GQA_L_READ_PIECES"
 DEFAULT_READ_PIECES = 2  # measured on an H100, 2026-12-06: benchmarks/results/speed.md, "The pipelined read"
 STEPPED_READ_ENV = "CODA_GQA_L_STEPPED_READ_TOKENS"
 KEY_FOLLOWERS_ENV = "CODA_GQA_L_KEY_FOLLOWERS"
-ROUTING_NEXT_DOTS_ENV = "CODA_GQA_L_ROUTING_NEXT_DOTS"
 ROUTING_AHEAD_ENV = "CODA_GQA_L_ROUTING_AHEAD"
 PRODUCT_CARVEOUT_ENV = "CODA_GQA_L_PRODUCT_CARVEOUT"
 # H100, 2026-12-06, SmolLM2 after 8K tokens (benchmarks/question_read.py): steps 6.3x the forward's speed for 1
@@ -381,26 +379,6 @@ def routing_key_followers() -> bool:
     """Whether the routing kernel writes key rows in follower programs: ``key_followers`` inside it, else
     ``CODA_GQA_L_KEY_FOLLOWERS`` (1 or 0) where set, else ``DEFAULT_KEY_FOLLOWERS``."""
     return _on_off(_KEY_FOLLOWERS, KEY_FOLLOWERS_ENV, DEFAULT_KEY_FOLLOWERS)
-
-
-# Not yet timed on a GPU (twenty-third session): off until benchmarks/routing_kernel.py --next-dots shows a gain
-DEFAULT_ROUTING_NEXT_DOTS = False
-_NEXT_DOTS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coda_gqa_l_next_dots", default=None)
-
-
-def next_dots(on: bool = True) -> contextlib.AbstractContextManager[None]:
-    """Inside, the routing kernel's chains compute each segment's token-bank dots while the segment before writes
-    its value rows, from the rows still in registers, instead of reading the rows back at the segment's start (the
-    same rows and rules; the dots' float32 sums may round differently, as between any two summation orders, so only a
-    near-tie could fall the other way). For the benchmark and tests that compare the two; outside,
-    ``DEFAULT_ROUTING_NEXT_DOTS``."""
-    return _chosen(_NEXT_DOTS, on)
-
-
-def routing_next_dots() -> bool:
-    """Whether the routing chains compute the next segment's dots as they write (``next_dots`` inside it, else
-    ``CODA_GQA_L_ROUTING_NEXT_DOTS`` (1 or 0) where set, else ``DEFAULT_ROUTING_NEXT_DOTS``)."""
-    return _on_off(_NEXT_DOTS, ROUTING_NEXT_DOTS_ENV, DEFAULT_ROUTING_NEXT_DOTS)
 
 
 def _on_off(flag: contextvars.ContextVar[bool | None], env: str, default: bool) -> bool:

@@ -23,10 +23,6 @@ from .dispatch import interpreting, launch, tile_size
 # parallelism there is: 8 warps keep a 64x64 tile at 16 values a thread and the whole state in
 # registers without spilling (4 spill at the 7B layer shape, 16 cap registers at 128 and spill).
 _WARPS = 8
-# Columns of an EMA row block in 16-bit (the summary chain's new rows; None: 64 columns). At 64 with next dots
-# (dispatch.next_dots) the device's Triton 3.6 spills the summary program (48 bytes of stack, sm_90; none at 32):
-# benchmarks/routing_kernel.py --ema-block times the choices; results do not depend on it.
-_EMA_BLOCK: int | None = None
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -120,7 +116,7 @@ def route_chunk_triton(
     # 16-bit tokens and banks: tensor-core dots with exact products; float32: FMA dots over short chunks.
     # Triton's interpreter multiplies 16-bit floats as raw bits, so it takes the float32 path.
     lowp = ext_k.dtype == ext_v.dtype == dtype and dtype in _LOW_PRECISION and not interpreting()
-    cos_bk, ema_bk = (min(block_d, 128), min(block_d, _EMA_BLOCK or 64)) if lowp else (min(block_d, 32), 16)
+    cos_bk, ema_bk = (min(block_d, 128), min(block_d, 64)) if lowp else (min(block_d, 32), 16)
     block_s, block_me, block_ms = tile_size(config.segment), tile_size(Me), tile_size(Ms)
     followers = write_keys and dispatch.routing_key_followers()
     if followers:  # each chain's published decisions, and how many segments it has published (from zero)
@@ -150,8 +146,7 @@ def route_chunk_triton(
         MAX_INSERTS=config.max_inserts,
         BLOCK_S=block_s, BLOCK_ME=block_me, BLOCK_MS=block_ms, BLOCK_D=tile_size(Dh),
         COS_BK=cos_bk, EMA_BK=ema_bk, LOWP=lowp, INTERPRET=interpreting(), WRITE_K=write_keys,
-        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, NEXT_DOTS=dispatch.routing_next_dots(),
-        num_warps=_WARPS if num_warps is None else num_warps,
+        KEY_FOLLOWERS=followers, PHASES=phase_stamps is not None, num_warps=_WARPS if num_warps is None else num_warps,
     )  # fmt: skip
     return out, snap_k, snap_v, snap_b
 

@@ -257,41 +257,23 @@ def _exact_decisions(cos, pair_cos, gate, first, valid, xlast, xfill, tau_exact,
 
 
 @triton.jit
-def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, ext_v, next_row, next_valid, DH: tl.constexpr,
-               BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
-               LOWP: tl.constexpr, INTERPRET: tl.constexpr, NEXT: tl.constexpr):  # fmt: skip
+def _copy_rows(dst, src_base, src_rows, take, cur_base, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """Write bank rows to ``dst``: token row ``src_rows`` where ``take``, else the current row.
 
-    Returns the inverse norms of the rows written (as stored), for the next segment's cosines, and with ``NEXT``
-    (``NEXT_DOTS``) the next segment's tokens (rows ``next_row`` of ``ext_v`` where ``next_valid``) dotted with the
-    rows as written and with each other (``_token_dots_and_gram``'s results), computed while the written rows are in
-    registers; without it those two are zeros (the other arguments unread).
+    Returns the inverse norms of the rows written (as stored), for the next segment's cosines.
     """
     p = tl.arange(0, BLOCK_M)
     sq = tl.zeros([BLOCK_M], tl.float32)
-    dots = tl.zeros([BLOCK_S, BLOCK_M], tl.float32)
-    vsq = tl.zeros([BLOCK_S], tl.float32)
-    gram = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        out = _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH, BLOCK_D, INTERPRET)
+        cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
+        new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
+        out = tl.where(take[:, None], new, cur)
+        tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
         stored = out.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
-        if NEXT:
-            dots, vsq, gram = _next_dots_block(dots, vsq, gram, ext_v, next_row, next_valid, out, ok, dk, DH, BLOCK_D,
-                                               LOWP, True)  # fmt: skip
-    return _inv_norm(sq), dots, gram
-
-
-@triton.jit
-def _copied_block(dst, src_base, src_rows, take, cur_base, ok, p, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr,
-                  INTERPRET: tl.constexpr):  # fmt: skip
-    """Columns ``dk`` of ``_copy_rows``: stored, and returned as stored."""
-    cur = _rows(cur_base, p, ok & ~take, dk, DH, BLOCK_D)
-    new = _to_storage(_rows(src_base, src_rows, take, dk, DH, BLOCK_D).to(tl.float32), cur.dtype, INTERPRET)
-    out = tl.where(take[:, None], new, cur)
-    tl.store(dst + p[:, None] * DH + dk[None, :], out, mask=_tile_mask(ok, dk, DH, BLOCK_D))
-    return out
+    return _inv_norm(sq)
 
 
 @triton.jit
@@ -305,37 +287,6 @@ def _copy_block(dst, src, ok, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: 
             _rows(src, p, ok, dk, DH, BLOCK_D),
             mask=_tile_mask(ok, dk, DH, BLOCK_D),
         )
-
-
-@triton.jit
-def _next_segment_rows(e, seg0, start, ext_g, SEG: tl.constexpr, WINDOW: tl.constexpr, NUM_SINK: tl.constexpr,
-                       BLOCK_S: tl.constexpr):  # fmt: skip
-    """Rows and validity of the tokens leaving at segment ``e + 1`` (``_segment_tokens``). Past the chunk's last
-    segment they are rows of the extended sequence still (a window is at least four segments), read for nothing."""
-    _, at, valid, _ = _segment_tokens(e + 1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-    return at + tl.arange(0, BLOCK_S), valid
-
-
-@triton.jit
-def _next_dots_block(dots, sq, gram, ext_v, next_row, next_valid, stored, rows_ok, dk, DH: tl.constexpr,
-                     BLOCK_D: tl.constexpr, LOWP: tl.constexpr, GRAM: tl.constexpr):  # fmt: skip
-    """One column block's share of the next segment's token-bank dots (``NEXT_DOTS``), from the bank rows just
-    stored (``stored``, in the bank's dtype, still in registers) instead of reading them back at the next segment:
-    the dots, the tokens' squared norms and, with ``GRAM``, the tokens' Gram matrix, accumulated."""
-    v = _rows(ext_v, next_row, next_valid, dk, DH, BLOCK_D)
-    b = tl.where(rows_ok[:, None], stored, tl.zeros_like(stored))
-    if LOWP:
-        dots = tl.dot(v, tl.trans(b), dots)
-        if GRAM:
-            gram = tl.dot(v, tl.trans(v), gram)
-    else:
-        vf32 = v.to(tl.float32)
-        dots = tl.dot(vf32, tl.trans(b.to(tl.float32)), dots, input_precision="ieee")
-        if GRAM:
-            gram = tl.dot(vf32, tl.trans(vf32), gram, input_precision="ieee")
-    vf = v.to(tl.float32)
-    sq += tl.sum(vf * vf, 1)
-    return dots, sq, gram
 
 
 @triton.jit
@@ -380,12 +331,10 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
                    NUM_SINK: tl.constexpr, MAX_INSERTS: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_ME: tl.constexpr, BLOCK_D: tl.constexpr, COS_BK: tl.constexpr, COPY_BK: tl.constexpr,
                    LOWP: tl.constexpr, INTERPRET: tl.constexpr, WRITE_K: tl.constexpr,
-                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr,
-                   NEXT_DOTS: tl.constexpr):  # fmt: skip
+                   KEY_FOLLOWERS: tl.constexpr, stamps, PHASES: tl.constexpr):  # fmt: skip
     """The exact bank of one head through every segment of the chunk (``banks._route_exact``). With
     ``KEY_FOLLOWERS`` it publishes each segment's writes (``dec``, then ``flag``) for ``_exact_keys`` instead of
-    writing key rows. ``NEXT_DOTS``: each segment's token-bank dots and Gram matrix are computed while the segment
-    before writes its value rows (``_copy_rows``), not read back from memory at the segment's start."""
+    writing key rows."""
     p = tl.arange(0, BLOCK_ME)
     p_ok = p < ME
     bank = row_id * ME
@@ -395,19 +344,14 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
     xinv = _row_norms(ex_v + bank * DH, p, p_ok, BLOCK_ME, DH, BLOCK_D, COPY_BK)
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL  # this head's first snapshot row
-    if NEXT_DOTS:  # the first segment's dots here, each later one's while the segment before writes its rows
-        first_row, first_valid = _next_segment_rows(-1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        dots, gram = _token_dots_and_gram(ext_v, first_row, first_valid, ex_v + bank * DH, p, p_ok, BLOCK_S, BLOCK_ME,
-                                          DH, BLOCK_D, COS_BK, LOWP)  # fmt: skip
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
         row = at + tl.arange(0, BLOCK_S)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         cur_v = _bank_base(e, ex_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
-        if not NEXT_DOTS:
-            dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
-                                              COS_BK, LOWP)  # fmt: skip
+        dots, gram = _token_dots_and_gram(ext_v, row, valid, cur_v, p, p_ok, BLOCK_S, BLOCK_ME, DH, BLOCK_D,
+                                          COS_BK, LOWP)  # fmt: skip
         pair_cos, vinv = _gram_cosines(gram, BLOCK_S)
         cos = dots * vinv[:, None] * xinv[None, :]
         _stamp(stamps, e, 1, PHASES, INTERPRET)
@@ -425,17 +369,12 @@ def _exact_program(row_id, ext_k, ext_v, ext_g, ex_k, ex_v, ex_g, ex_last, ex_fi
             tl.store(dec + (row_id * nseg + e) * BLOCK_ME + p, tl.where(write, src_row, -1))
             _publish(flag, e)
         elif WRITE_K:
-            _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, ext_v, row, valid, DH, BLOCK_S,
-                       BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET, False)  # fmt: skip
-        next_row, next_valid = row, valid  # unread without NEXT_DOTS
-        if NEXT_DOTS:
-            next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        xinv, next_dots, next_gram = _copy_rows(
-            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, ext_v, next_row, next_valid, DH, BLOCK_S,
-            BLOCK_ME, BLOCK_D, COPY_BK, LOWP, INTERPRET, NEXT_DOTS,
-        )  # fmt: skip
-        if NEXT_DOTS:
-            dots, gram = next_dots, next_gram
+            _copy_rows(
+                snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+            )
+        xinv = _copy_rows(
+            snap_v + here * DH, ext_v, src_row, write, cur_v, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET
+        )
         _stamp(stamps, e, 3, PHASES, INTERPRET)
         _store_bias(snap_b, here, xg, xfill, ME, BLOCK_ME, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
@@ -484,44 +423,24 @@ def _pick_seeds(proto_cos, avail, empty, gate, ext_v, row, valid, DH: tl.constex
 
 @triton.jit
 def _ema_rows(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q_ok, keep,
-              eta, next_row, next_valid, DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr,
-              BLOCK_D: tl.constexpr, BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
-              NEXT: tl.constexpr):  # fmt: skip
+              eta, DH: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr, BK: tl.constexpr,
+              LOWP: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """New prototype rows: the seed's row or the current one, moved by the EMA where ``updated``.
 
-    Returns the inverse norms of the rows as stored, for the next segment's cosines, and with ``NEXT``
-    (``NEXT_DOTS``) the next segment's tokens (rows ``next_row`` of ``ext`` where ``next_valid``) dotted with the rows
-    as stored and their squared norms (``_token_bank_dots``'s results), computed while the new rows are in registers;
-    without it those two are zeros (the other arguments unread).
+    Returns the inverse norms of the rows as stored, for the next segment's cosines.
     """
     q = tl.arange(0, BLOCK_MS)
     sq = tl.zeros([BLOCK_MS], tl.float32)
-    dots = tl.zeros([BLOCK_S, BLOCK_MS], tl.float32)
-    vsq = tl.zeros([BLOCK_S], tl.float32)
-    unused = tl.zeros([BLOCK_S, BLOCK_S], tl.float32)
     for k0 in range(0, BLOCK_D, BK):
         dk = k0 + tl.arange(0, BK)
-        new = _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q,
-                         q_ok, keep, eta, dk, DH, BLOCK_D, LOWP, INTERPRET)  # fmt: skip
+        mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
+        seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
+        base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
+        new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
+        tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
         stored = new.to(tl.float32)
         sq += tl.sum(stored * stored, 1)
-        if NEXT:
-            dots, vsq, unused = _next_dots_block(dots, vsq, unused, ext, next_row, next_valid, new, q_ok, dk, DH,
-                                                 BLOCK_D, LOWP, False)  # fmt: skip
-    return _inv_norm(sq), dots, vsq
-
-
-@triton.jit
-def _ema_block(dst, ext, cur_base, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated, q, q_ok, keep,
-               eta, dk, DH: tl.constexpr, BLOCK_D: tl.constexpr, LOWP: tl.constexpr,
-               INTERPRET: tl.constexpr):  # fmt: skip
-    """Columns ``dk`` of ``_ema_rows``: stored, and returned as stored."""
-    mean = _dot_weights(w_hi, w_mid, w_lo, _rows(ext, row, valid, dk, DH, BLOCK_D), LOWP) * inv_denom[:, None]
-    seed = _rows(ext, seed_row, seeded, dk, DH, BLOCK_D).to(tl.float32)
-    base = tl.where(seeded[:, None], seed, _rows(cur_base, q, q_ok & ~seeded, dk, DH, BLOCK_D).to(tl.float32))
-    new = _to_storage(tl.where(updated[:, None], keep * base + eta * mean, base), dst.dtype.element_ty, INTERPRET)
-    tl.store(dst + q[:, None] * DH + dk[None, :], new, mask=_tile_mask(q_ok, dk, DH, BLOCK_D))
-    return new
+    return _inv_norm(sq)
 
 
 @triton.jit
@@ -532,11 +451,10 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
                      NUM_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
                      COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr,
                      INTERPRET: tl.constexpr, WRITE_K: tl.constexpr, KEY_FOLLOWERS: tl.constexpr, stamps,
-                     PHASES: tl.constexpr, NEXT_DOTS: tl.constexpr):  # fmt: skip
+                     PHASES: tl.constexpr):  # fmt: skip
     """The summary bank of one head through every segment of the chunk (``banks._route_summary``). With
     ``KEY_FOLLOWERS`` it publishes each segment's members, seeds and updates (``dec_i``, ``dec_f``, then ``flag``)
-    for ``_summary_keys`` instead of writing key rows. ``NEXT_DOTS``: each segment's token-bank dots are computed
-    while the segment before writes its value rows (``_ema_rows``)."""
+    for ``_summary_keys`` instead of writing key rows."""
     q = tl.arange(0, BLOCK_MS)
     q_ok = q < MS
     bank = row_id * MS
@@ -547,10 +465,6 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
     keep = 1.0 - eta
     seg0 = start // SEG * SEG
     slot0 = row_id * nseg * M_TOTAL + ME  # this head's first summary row in the snapshots
-    if NEXT_DOTS:  # the first segment's dots here, each later one's while the segment before writes its rows
-        first_row, first_valid = _next_segment_rows(-1, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        dots, vsq = _token_bank_dots(ext_v, first_row, first_valid, sm_v + bank * DH, q, q_ok, BLOCK_S, BLOCK_MS, DH,
-                                     BLOCK_D, COS_BK, LOWP)  # fmt: skip
     for e in range(nseg):
         _stamp(stamps, e, 0, PHASES, INTERPRET)
         first, at, valid, gate = _segment_tokens(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
@@ -559,9 +473,7 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
         cur_v = _bank_base(e, sm_v + bank * DH, snap_v, slot0 + (e - 1) * M_TOTAL, DH)
         filled = sfill != 0
         cand = valid & (gate > tau_summary)
-        if not NEXT_DOTS:
-            dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK,
-                                         LOWP)  # fmt: skip
+        dots, vsq = _token_bank_dots(ext_v, row, valid, cur_v, q, q_ok, BLOCK_S, BLOCK_MS, DH, BLOCK_D, COS_BK, LOWP)
         proto_cos = tl.where(filled[None, :], dots * _inv_norm(vsq)[:, None] * sinv[None, :], NEG_INF)
         _stamp(stamps, e, 1, PHASES, INTERPRET)
         full, seed_src, avail = _pick_seeds(
@@ -591,17 +503,9 @@ def _summary_program(row_id, head, ext_k, ext_v, ext_g, eta_ptr, sm_k, sm_v, sm_
             _publish(flag, e)
         elif WRITE_K:
             _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
-                      updated, q_ok, keep, eta, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
-                      False)  # fmt: skip
-        next_row, next_valid = row, valid  # unread without NEXT_DOTS
-        if NEXT_DOTS:
-            next_row, next_valid = _next_segment_rows(e, seg0, start, ext_g, SEG, WINDOW, NUM_SINK, BLOCK_S)
-        sinv, next_dots, next_vsq = _ema_rows(
-            snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded, updated,
-            q_ok, keep, eta, next_row, next_valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET, NEXT_DOTS,
-        )  # fmt: skip
-        if NEXT_DOTS:
-            dots, vsq = next_dots, next_vsq
+                      updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
+        sinv = _ema_rows(snap_v + here * DH, ext_v, cur_v, w_hi, w_mid, w_lo, inv_denom, row, valid, seed_row, seeded,
+                         updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         _stamp(stamps, e, 4, PHASES, INTERPRET)
         sg = tl.where(seeded, tl.load(ext_g + seed_row, mask=seeded, other=0.0), sg)
         sg = tl.where(updated, keep * sg + eta * tl.fdiv(weight_sum, tl.maximum(count, 1.0)), sg)
@@ -665,8 +569,7 @@ def _exact_keys(row_id, ext_k, ex_k, o_k, snap_k, dec, flag, nseg, DH: tl.conste
         write = p_ok & (src_row >= 0)
         cur_k = _bank_base(e, ex_k + bank * DH, snap_k, slot0 + (e - 1) * M_TOTAL, DH)
         here = slot0 + e * M_TOTAL
-        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, ext_k, src_row, write, DH, BLOCK_ME,
-                   BLOCK_ME, BLOCK_D, COPY_BK, False, INTERPRET, False)  # fmt: skip
+        _copy_rows(snap_k + here * DH, ext_k, src_row, write, cur_k, p_ok, DH, BLOCK_ME, BLOCK_D, COPY_BK, INTERPRET)
         tl.debug_barrier()  # the next segment reads these rows from other threads
         _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
@@ -705,8 +608,7 @@ def _summary_keys(row_id, head, ext_k, ext_g, eta_ptr, sm_k, o_k, snap_k, dec_i,
         here = slot0 + e * M_TOTAL
         w_hi, w_mid, w_lo = _weight_parts(weights, ext_k.dtype.element_ty, LOWP)
         _ema_rows(snap_k + here * DH, ext_k, cur_k, w_hi, w_mid, w_lo, inv_denom, row, valid, at + seed_src, seeded,
-                  updated, q_ok, keep, eta, row, valid, DH, BLOCK_S, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET,
-                  False)  # fmt: skip
+                  updated, q_ok, keep, eta, DH, BLOCK_MS, BLOCK_D, EMA_BK, LOWP, INTERPRET)  # fmt: skip
         tl.debug_barrier()  # the next segment reads these rows from other threads
         _stamp(stamps, e, 2, PHASES, INTERPRET)
     last = slot0 + (nseg - 1) * M_TOTAL
@@ -726,7 +628,6 @@ def _route_chunk_kernel(
     BLOCK_S: tl.constexpr, BLOCK_ME: tl.constexpr, BLOCK_MS: tl.constexpr, BLOCK_D: tl.constexpr,
     COS_BK: tl.constexpr, EMA_BK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
     WRITE_K: tl.constexpr = True, KEY_FOLLOWERS: tl.constexpr = False, PHASES: tl.constexpr = False,
-    NEXT_DOTS: tl.constexpr = False,
 ):  # fmt: skip
     """Program ``(b * Hkv + h, bank)``: route the chunk's segments through one bank of one head. ``WRITE_K=False``
     leaves every key row unwritten (snapshots and banks): a bound, for ``benchmarks/routing_kernel.py``, on a chain
@@ -735,8 +636,7 @@ def _route_chunk_kernel(
     segment behind their chains, from the decisions the chains publish; blocks start in order of their linear index,
     so every chain is running or done before a follower waits on it. ``PHASES``: each program stores its cycle
     counter at the end of each phase of each segment into ``stamps (B * Hkv, 4, nseg, PHASE_SLOTS)`` int64
-    (``_stamp``; benchmarks/routing_phases.py). ``NEXT_DOTS``: each chain computes a segment's token-bank dots while
-    the segment before writes its value rows (``dispatch.routing_next_dots``)."""
+    (``_stamp``; benchmarks/routing_phases.py)."""
     row_id = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     start = tl.load(start_ptr).to(tl.int64)  # on the device: a captured launch replays at any position
@@ -750,7 +650,6 @@ def _route_chunk_kernel(
                 start, nseg,
                 tau_exact, novelty, match, DH, ME, ME + MS, SEG, WINDOW, NUM_SINK, MAX_INSERTS,
                 BLOCK_S, BLOCK_ME, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS, stamps, PHASES,
-                NEXT_DOTS,
             )  # fmt: skip
     elif which == 1:
         if MS > 0:
@@ -759,7 +658,7 @@ def _route_chunk_kernel(
                 sm_k, sm_v, sm_g, sm_fill, o_sm_k, o_sm_v, o_sm_g, o_sm_fill, snap_k, snap_v, snap_b,
                 dec_sm_i, dec_sm_f, flags + row_id * 2 + 1, start, nseg, tau_summary, DH, ME, MS, ME + MS, SEG,
                 WINDOW, NUM_SINK, BLOCK_S, BLOCK_MS, BLOCK_D, COS_BK, EMA_BK, LOWP, INTERPRET, WRITE_K, KEY_FOLLOWERS,
-                stamps, PHASES, NEXT_DOTS,
+                stamps, PHASES,
             )  # fmt: skip
     elif which == 2:
         if ME > 0:
