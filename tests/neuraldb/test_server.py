@@ -404,6 +404,8 @@ def test_cli_default_store_is_in_the_user_data_folder(
         (["ingest", "--quiet", "--text", "   "], "empty"),
         (["ingest", "--quiet", "--label", "x", "a.txt", "b.txt"], "--label names one document"),
         (["import", "missing.state"], "missing.state"),
+        (["ingest", "--quiet", "--text", "x", "--label", "2024"], "digits only"),
+        (["ask", "nope", "x" * 5000], "no document 'nope'"),
         (["ingest", "--quiet", "--device", "tpu", "--text", "x"], "unknown device 'tpu'"),
         (["ask", "--device", "cuda:99", "1", "Why?"], "'cuda:99' asked for, but torch"),
     ],
@@ -417,6 +419,114 @@ def test_cli_errors_are_one_line_and_exit_2(
     err = captured.err.strip()
     assert err.startswith("coda-db: error: ") and needle in err, err
     assert "\n" not in err and "Traceback" not in captured.err
+
+
+def test_cli_export_never_overwrites_without_force_nor_writes_into_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo: Q3") == 0
+    source = tmp_path / "source.txt"
+    source.write_text("my own text")
+    index = (store / "index.sqlite").read_bytes()
+    capsys.readouterr()
+    for dest, needle in (
+        (source, "already exists"),
+        (store / "index.sqlite", "store's own folder"),
+        (store / "states" / "new.state", "store's own folder"),
+        (tmp_path / "missing" / "m.state", "does not exist"),
+    ):
+        assert cli(store, "export", "memo: Q3", str(dest)) == 2, dest
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("coda-db: error: ") and needle in err and "\n" not in err, err
+    assert source.read_text() == "my own text" and (store / "index.sqlite").read_bytes() == index
+    assert cli(store, "export", "memo: Q3", str(source), "--force") == 0
+    assert read_state_metadata(source)["extra"]["label"] == "memo: Q3"
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert cli(store, "export", "1", str(folder)) == 0  # into a folder: ID-LABEL.state, as the service names it
+    assert f"wrote {folder / '1-memo-Q3.state'}" in capsys.readouterr().out
+    assert cli(store, "list", "--json") == 0 and json.loads(capsys.readouterr().out)["label"] == "memo: Q3"
+
+
+def test_cli_ingest_of_several_files_names_the_bad_one_and_stores_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "a.txt").write_text("Note A: the printer is on floor 2.")
+    (batch / "b.txt").write_text("   \n")
+    (batch / "c.txt").write_text("Note C: the garden gate sticks.")
+    (batch / "2024.txt").write_bytes(b"\xff\xfe not utf-8")
+    assert cli(tmp_path / "store", "ingest", "--quiet", str(batch)) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("stored #") == 2 and "'a.txt'" in captured.out and "'c.txt'" in captured.out
+    errors = captured.err.strip().splitlines()
+    assert any("b.txt" in line and "empty" in line for line in errors), errors
+    assert any("2024.txt" in line and "UTF-8" in line for line in errors), errors
+    assert errors[-1] == "coda-db: error: 2 of 4 files stored; not stored: 2024.txt, b.txt"
+    assert "Traceback" not in captured.err
+    # a document whose first line is a number gets a label that does not read as an id
+    assert cli(tmp_path / "store", "ingest", "--quiet", "--text", "2024\nThe year the bridge opened.") == 0
+    assert "'document 2024'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["ask", "memo", "Why?", "--temperature", "nan"], "--temperature is a number from 0 to 2"),
+        (["ask", "memo", "Why?", "--temperature", "-1"], "--temperature is a number from 0 to 2"),
+        (["ask", "memo", "Why?", "--max-new-tokens", "0"], "--max-new-tokens is a number from 1 to 1024"),
+        (["serve", "--port", "99999"], "--port is a number from 1 to 65535"),
+    ],
+)
+def test_cli_refuses_out_of_range_options_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--store", str(tmp_path / "store"), "--tiny", *args])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_answers_a_mistake_without_loading_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded for a request the store could refuse")
+
+    monkeypatch.setattr("coda_gqa_l.neuraldb.cli.open_db", no_model)
+    assert main(["--store", str(tmp_path / "store"), "ask", "nosuchdoc", "Why?"]) == 2
+    assert "no document 'nosuchdoc'" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path / "store"), "ingest"]) == 2
+    assert "nothing to ingest" in capsys.readouterr().err
+
+
+def test_cli_turns_file_and_index_failures_into_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    assert cli(a_file, "list") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coda-db: error: ") and "not-a-folder" in err and "\n" not in err, err
+    store = tmp_path / "store"
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo") == 0
+    (store / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    for path in store.glob("index.sqlite-*"):  # the write-ahead log would otherwise still hold the table
+        path.unlink()
+    capsys.readouterr()
+    assert cli(store, "list") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coda-db: error: the store's index") and "index.sqlite" in err and "\n" not in err, err
+
+
+def test_engine_refuses_temperatures_and_questions_out_of_range(db: NeuralDatabase) -> None:
+    info = db.ingest(MEMO, label="range")
+    for temperature in (float("nan"), float("inf"), -0.5, 2.5):
+        with pytest.raises(NeuralDBError, match="temperature must be a number from 0"):
+            db.ask(info.id, QUESTION, temperature=temperature)
+    with pytest.raises(NeuralDBError, match="at most 4,000 characters"):
+        db.ask(info.id, "why " * 1001)
+    with pytest.raises(NeuralDBError, match="digits only"):
+        db.ingest("another text", label="42")
 
 
 def test_a_store_serves_the_device_it_is_asked_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -483,6 +593,12 @@ def test_host_origin_and_token_checks(db: NeuralDatabase) -> None:
         assert foreign.status_code == 403
         same = local.post("/api/documents", json={"text": MEMO}, headers={"origin": "http://127.0.0.1:8000"})
         assert same.status_code in (200, 201)
+        # a sandboxed frame of any site sends "null"; another local port is another page
+        for other in ("null", "http://127.0.0.1:9999", "http://localhost:8000", "file://"):
+            refused = local.post("/api/documents/upload", files={"file": ("memo.txt", MEMO.encode())},
+                                 headers={"origin": other})  # fmt: skip
+            assert refused.status_code == 403 and other in refused.json()["detail"], other
+        assert local.delete("/api/documents/1", headers={"origin": "null"}).status_code == 403
         assert local.post("/api/documents", json={"text": MEMO}).status_code in (200, 201)
         docs = local.get("/docs")
         assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
@@ -494,6 +610,10 @@ def test_host_origin_and_token_checks(db: NeuralDatabase) -> None:
         assert refused.status_code == 401 and "token" in refused.json()["detail"]
         assert remote.get("/api/documents", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert remote.get("/api/documents", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        # the scheme's name is case-insensitive (RFC 7235); the token is not
+        assert remote.get("/api/documents", headers={"authorization": "bearer s3cret"}).status_code == 200
+        assert remote.get("/api/documents", headers={"authorization": "Bearer S3CRET"}).status_code == 401
+        assert remote.get("/api/documents", headers={"authorization": "Basic s3cret"}).status_code == 401
 
 
 def test_cli_demo_calls_run_demo_with_its_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

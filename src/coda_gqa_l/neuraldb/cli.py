@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from rich.table import Table
 from ..cli_help import HelpFormatter
 from ..fetch import data_dir
 from .interrupts import catch_ctrl_c
+from .limits import MAX_NEW_TOKENS, MAX_TEMPERATURE
 from .store import DocumentStore
 
 if TYPE_CHECKING:
@@ -59,6 +61,21 @@ def format_bytes(n: int) -> str:
 def parse_ref(ref: str) -> int | str:
     """A document reference from the command line: digits are an id, anything else a label."""
     return int(ref) if ref.isdigit() else ref
+
+
+def _bounded_number(kind: type, low: float, high: float, what: str) -> Callable[[str], int | float]:
+    """An argparse type: a ``kind`` from ``low`` to ``high``; the error names ``what`` (argparse shows it)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails the comparison too
+            raise argparse.ArgumentTypeError(f"{what} is a number from {low:g} to {high:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 THREADS_HELP = (
@@ -118,15 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ref", help="document id or label")
     p.add_argument("question", nargs="+", help="the question (quotes optional)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="longest answer in tokens (default 96)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--max-new-tokens", type=_bounded_number(int, 1, MAX_NEW_TOKENS, "--max-new-tokens"), default=96,
+                   help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (default 96)")  # fmt: skip
+    p.add_argument("--temperature", type=_bounded_number(float, 0.0, MAX_TEMPERATURE, "--temperature"), default=0.0,
+                   help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g}; 0 is greedy (default)")  # fmt: skip
 
     p = command("delete", "Remove a document and its state file from the store.")
     p.add_argument("ref", help="document id or label")
 
     p = command("export", "Copy a document's state file out of the store, to share or to import elsewhere.")
     p.add_argument("ref", help="document id or label")
-    p.add_argument("dest", type=Path, help="where to write the state file")
+    p.add_argument("dest", type=Path, help="where to write the state file (into a folder: as ID-LABEL.state)")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists (default: refuse)")
 
     p = command("import", "Add a state file exported from a store with the same model and config.")
     p.add_argument("path", type=Path, help="the state file")
@@ -134,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "Serve the web page and the HTTP API (loopback only unless --host says otherwise).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_bounded_number(int, 1, 65535, "--port"), default=8000, help="port (default 8000)")
     token_help = "access token every API request must carry (default $CODA_DB_TOKEN; required off loopback)"
     p.add_argument("--token", default=os.environ.get("CODA_DB_TOKEN"), help=token_help)
 
@@ -185,27 +205,55 @@ def _summary(info: DocumentInfo) -> str:
     )
 
 
-def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
-    from .engine import NeuralDBError
+def check_ingest_args(args: argparse.Namespace) -> None:
+    """What ``ingest`` can refuse before a model is loaded."""
+    from .errors import NeuralDBError
 
     if args.text is not None and args.paths:
         raise NeuralDBError("give files or --text, not both")
     if args.text is None and not args.paths:
         raise NeuralDBError("nothing to ingest: give text files, a folder, or --text")
+    if args.label is not None and (len(args.paths) > 1 or (args.paths and args.paths[0].is_dir())):
+        raise NeuralDBError("--label names one document; it cannot label several files or a folder")
+
+
+def files_to_ingest(paths: Sequence[Path], pattern: str) -> list[Path]:
+    """``paths`` with each folder replaced by its files matching ``pattern`` (sorted)."""
+    from .errors import NeuralDBError
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            matched = sorted(p for p in path.glob(pattern) if p.is_file())
+            if not matched:
+                raise NeuralDBError(f"{path}: no files match {pattern!r}")
+            files.extend(matched)
+        else:
+            files.append(path)
+    return files
+
+
+def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
+    from .engine import NeuralDBError
+
     progress = not args.quiet
     if args.text is not None:
-        infos = [db.ingest(args.text, label=args.label, progress=progress)]
-    else:
-        if args.label is not None and (len(args.paths) > 1 or args.paths[0].is_dir()):
-            raise NeuralDBError("--label names one document; it cannot label several files or a folder")
-        infos = []
-        for path in args.paths:
-            if path.is_dir():
-                infos.extend(db.ingest_folder(path, pattern=args.pattern, progress=progress))
-            else:
-                infos.append(db.ingest_file(path, label=args.label, progress=progress))
-    for info in infos:
-        print(_summary(info))
+        print(_summary(db.ingest(args.text, label=args.label, progress=progress)))
+        return
+    files = files_to_ingest(args.paths, args.pattern)
+    failed: list[str] = []
+    for path in files:  # each file on its own: one bad file neither hides nor stops the others
+        try:
+            info = db.ingest_file(path, label=args.label, progress=progress)
+        except NeuralDBError as err:
+            if len(files) == 1:
+                raise
+            print(f"coda-db: error: {err}", file=sys.stderr)
+            failed.append(path.name)
+            continue
+        print(_summary(info), flush=True)
+    if failed:
+        raise NeuralDBError(f"{len(files) - len(failed)} of {len(files)} files stored; not stored: {', '.join(failed)}")
 
 
 def cmd_list(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
@@ -253,7 +301,7 @@ def cmd_delete(db: DocumentStore, args: argparse.Namespace, console: Console) ->
 
 
 def cmd_export(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
-    dest = db.export(parse_ref(args.ref), args.dest)
+    dest = db.export(parse_ref(args.ref), args.dest, overwrite=args.force)
     print(f"wrote {dest} ({format_bytes(dest.stat().st_size)})")
 
 
@@ -272,6 +320,17 @@ def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) ->
 MODEL_COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "import": cmd_import, "serve": cmd_serve}
 # these read or change only the index and the state files: no model is loaded for them
 STORE_COMMANDS = {"list": cmd_list, "show": cmd_show, "delete": cmd_delete, "export": cmd_export}
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """What a model command can refuse from the store and its arguments alone, before a model loads (seconds)."""
+    from .engine import check_device
+
+    check_device(args.device)
+    if args.command == "ingest":
+        check_ingest_args(args)
+    elif args.command == "ask":
+        DocumentStore(store_folder(args)).show(parse_ref(args.ref))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,9 +358,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in STORE_COMMANDS:
                 STORE_COMMANDS[args.command](DocumentStore(store_folder(args)), args, Console())
             else:
+                check_before_loading(args)
                 MODEL_COMMANDS[args.command](open_db(args), args, Console())
     except NeuralDBError as err:
         print(f"coda-db: error: {err}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as err:  # before OSError: not a subclass, but say which file
+        index = store_folder(args) / "index.sqlite"
+        print(f"coda-db: error: the store's index {index} cannot be read ({err})", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder where a file was meant, a missing folder, no permission, ...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"coda-db: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("coda-db: interrupted", file=sys.stderr)

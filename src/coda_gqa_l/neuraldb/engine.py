@@ -43,6 +43,7 @@ from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
 from .errors import NeuralDBError
 from .interrupts import stop_if_asked
+from .limits import MAX_LABEL, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .store import DocumentInfo, DocumentStore
 
 # The shipped weights' config, as their file states it (one place): medium with 4 sinks, routed with the
@@ -122,7 +123,9 @@ class NeuralDatabase:
         return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256, device=device)
 
     def _encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        # verbose=False: a document longer than the model's training length is the point here, not a mistake (the
+        # tokenizer would warn that running it "will result in indexing errors")
+        ids = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
         return torch.tensor([ids], dtype=torch.long, device=self._device)
 
     @property
@@ -143,9 +146,7 @@ class NeuralDatabase:
         model and config is not read again (its info comes back with ``duplicate=True``)."""
         if not isinstance(text, str) or not text.strip():
             raise NeuralDBError("the document is empty")
-        label = check_label(
-            label if label is not None else " ".join(text.strip().split("\n", 1)[0].split())[:60] or "document"
-        )
+        label = check_label(label if label is not None else _default_label(text))
         source = _sha256_text(text)
         existing = self.index.find_source(source, self.fingerprint, self.config)
         if existing is not None:
@@ -216,7 +217,10 @@ class NeuralDatabase:
             raise NeuralDBError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         except OSError as err:  # a folder, no permission, ...
             raise NeuralDBError(f"{path}: cannot read it ({err.strerror or err})") from err
-        return self.ingest(text, label=label or path.name, progress=progress)
+        try:
+            return self.ingest(text, label=label or path.name, progress=progress)
+        except NeuralDBError as err:  # which file, when several are read
+            raise NeuralDBError(f"{path}: {err}") from err
 
     def ingest_folder(self, folder: str | Path, pattern: str = "*.txt", progress: bool = False) -> list[DocumentInfo]:
         files = sorted(Path(folder).glob(pattern))
@@ -293,7 +297,10 @@ class NeuralDatabase:
             cache = BoundedCache.load(path, self.model, model_fingerprint=self.fingerprint)
         except StateFileError as err:
             raise NeuralDBError(str(err)) from err
-        label = check_label(label if label is not None else saved_label or path.stem)
+        if label is None:  # an older store may have exported a label that reads as an id
+            label = saved_label or path.stem
+            label = f"document {label}" if label.strip().isdigit() else label
+        label = check_label(label)
         existing = self.index.find_source(source, self.fingerprint, self.config)
         if existing is not None:
             existing.duplicate = True
@@ -305,14 +312,23 @@ class NeuralDatabase:
         )
 
 
-MAX_LABEL = 200  # characters; a label names a document in lists and export file names
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _default_label(text: str) -> str:
+    """The label of a document given none: its first line, at most 60 characters (one of digits only, which would
+    read as an id, prefixed with 'document')."""
+    first = " ".join(text.strip().split("\n", 1)[0].split())[:60] or "document"
+    return f"document {first}" if first.isdigit() else first
+
+
 def check_label(label: str) -> str:
-    """A label as the store keeps it: text of at most ``MAX_LABEL`` characters, no control characters."""
+    """A label as the store keeps it: text of at most ``MAX_LABEL`` characters, no control characters, not digits
+    only (``coda-db ask 7`` means document #7)."""
     if not isinstance(label, str) or not label.strip():
         raise NeuralDBError("a label must be non-empty text")
+    if label.strip().isdigit():
+        raise NeuralDBError(f"a label of digits only ({label.strip()!r}) would read as a document id; add a letter")
     if len(label) > MAX_LABEL:
         raise NeuralDBError(f"a label has at most {MAX_LABEL} characters, got {len(label)}")
     if any(ord(c) < 32 for c in label) or any(0xD800 <= ord(c) <= 0xDFFF for c in label):
@@ -358,8 +374,14 @@ class Session:
     def ask_stream(self, question: str, *, max_new_tokens: int = 96, temperature: float = 0.0) -> Iterator[str]:
         if not isinstance(question, str) or not question.strip():
             raise NeuralDBError("the question is empty")
-        if max_new_tokens < 1:
-            raise NeuralDBError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise NeuralDBError(f"a question has at most {MAX_QUESTION_CHARS:,} characters, got {len(question):,}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise NeuralDBError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= MAX_TEMPERATURE:  # NaN fails too
+            raise NeuralDBError(
+                f"temperature must be a number from 0 (greedy) to {MAX_TEMPERATURE:g}, got {temperature!r}"
+            )
         template = self.db.format.question if self.turns == 0 else self.db.format.follow_up
         self.turns += 1
         return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)

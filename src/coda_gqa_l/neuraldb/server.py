@@ -17,8 +17,9 @@ concurrently, each on its own fork of the stored state.
 
 Protection (a laptop is a hostile place for a local service): requests must name an allowed host
 (the loopback names by default, so a DNS-rebinding page cannot reach the API through another name);
-a state-changing request that carries an ``Origin`` must come from an allowed host (another site's
-page cannot post to it; curl and the CLI send no Origin); and with ``token=`` set, every ``/api``
+a state-changing request that carries an ``Origin`` must come from the service's own page, the same
+host and port as its ``Host`` (another site's page cannot post to it, nor a sandboxed frame, whose
+Origin is ``null``; curl and the CLI send no Origin); and with ``token=`` set, every ``/api``
 request needs ``Authorization: Bearer <token>`` (the page takes it from its address, ``/?token=...``,
 and passes it on). ``serve`` refuses to bind anything but loopback without a token. ``/docs`` serves
 its Swagger UI assets from the ``swagger-ui-bundle`` package, so it works offline.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 import shutil
 import tempfile
 import threading
@@ -50,7 +50,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..version import __version__
 from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError
-from .store import DocumentInfo
+from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TEMPERATURE
+from .store import DocumentInfo, export_file_name
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ STATIC = Path(__file__).parent / "static"
 UPLOAD_PATH = "/api/documents/upload"
 # room for the multipart boundary and headers around the file when checking Content-Length
 MULTIPART_SLACK = 64 * 1024
-MAX_QUESTION_CHARS = 4000
 MAX_DOCUMENT_ID = 2**62  # SQLite integers are 64-bit: a larger id is a 422, never an overflow
 DocumentId = Annotated[int, PathParam(ge=1, le=MAX_DOCUMENT_ID, description="the document's id")]
 
@@ -97,8 +97,10 @@ class IngestRequest(BaseModel):
 
 class AskRequest(BaseModel):
     question: str = Field(description="the question about the document", max_length=MAX_QUESTION_CHARS)
-    max_new_tokens: int = Field(default=96, ge=1, le=1024, description="longest answer, in tokens")
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy decoding")
+    max_new_tokens: int = Field(default=96, ge=1, le=MAX_NEW_TOKENS, description="longest answer, in tokens")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 is greedy decoding"
+    )
 
     @field_validator("question")
     @classmethod
@@ -187,16 +189,21 @@ class _Guard:
         if self.allowed_hosts is not None and host not in self.allowed_hosts:
             return 403, f"this service answers to {', '.join(sorted(self.allowed_hosts))}, not to host {host!r}"
         origin = headers.get("origin")
-        if origin and origin != "null" and scope["method"] in STATE_CHANGING:
-            origin_host = _host_name(urlsplit(origin).netloc)
-            allowed = self.allowed_hosts if self.allowed_hosts is not None else {host}
-            if origin_host not in allowed:
-                return 403, f"requests from another site ({origin}) may not change this database"
+        if origin is not None and scope["method"] in STATE_CHANGING and not _same_origin(origin, headers.get("host")):
+            # "null" too: a sandboxed frame of any site sends it, and a form post needs no preflight
+            return 403, f"requests from another page ({origin}) may not change this database"
         if self.token is not None and scope["path"].startswith("/api/"):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
                 return 401, "this service needs its access token: Authorization: Bearer <token> (the page: /?token=...)"
         return None
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether ``origin`` (an ``Origin`` header) is this service's own page: http(s) on the very host and port the
+    request's ``Host`` header names (the page's own requests carry exactly that)."""
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and host is not None and parts.netloc.lower() == host.strip().lower()
 
 
 def _too_large(limit: int) -> str:
@@ -341,8 +348,7 @@ def create_app(
     def export(doc_id: DocumentId) -> FileResponse:
         info = db.show(doc_id)
         folder = Path(tempfile.mkdtemp(prefix="coda-db-export-"))
-        # at most 80 characters of the label: a file name has a length limit (255 bytes on most systems)
-        name = f"{info.id}-{re.sub(r'[^A-Za-z0-9._-]+', '-', info.label)[:80].strip('-.') or 'document'}.state"
+        name = export_file_name(info)
         try:
             path = db.export(info.id, folder / name)
         except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..statefile import atomic_write_bytes, stale_temporaries
-from .errors import DocumentNotFound
+from .errors import DocumentNotFound, NeuralDBError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -61,6 +62,13 @@ class DocumentInfo:
 
 
 log = logging.getLogger(__name__)
+
+
+def export_file_name(info: DocumentInfo) -> str:
+    """A file name for document ``info``'s exported state: its id and at most 80 characters of its label (a file
+    name has a length limit: 255 bytes on most systems), as letters, digits, '.', '_' and '-'."""
+    return f"{info.id}-{re.sub(r'[^A-Za-z0-9._-]+', '-', info.label)[:80].strip('-.') or 'document'}.state"
+
 
 _COLUMNS = (
     "id, label, source_sha256, model_fingerprint, config, tokens, created, "
@@ -201,9 +209,24 @@ class DocumentStore:
         self.index.delete(info.id)
         self.state_path(info).unlink(missing_ok=True)
 
-    def export(self, ref: int | str, dest: str | Path) -> Path:
-        """Copy document ``ref``'s state file to ``dest`` (atomically)."""
+    def export(self, ref: int | str, dest: str | Path, *, overwrite: bool = False) -> Path:
+        """Copy document ``ref``'s state file to ``dest`` (atomically) and return where it went: into a folder
+        ``dest`` as ``export_file_name``. An existing file is replaced only with ``overwrite``, and nothing is ever
+        written inside the store's own folder (its index and states)."""
         info = self.show(ref)
         dest = Path(dest)
-        atomic_write_bytes(dest, self.state_path(info).read_bytes())
+        if dest.is_dir():
+            dest = dest / export_file_name(info)
+        if not dest.parent.is_dir():
+            raise NeuralDBError(f"cannot export to {dest}: the folder {dest.parent} does not exist")
+        if dest.resolve().is_relative_to(self.folder.resolve()):
+            raise NeuralDBError(f"will not export into the store's own folder {self.folder} (give a path outside it)")
+        if dest.exists() and not overwrite:
+            raise NeuralDBError(f"{dest} already exists; choose another name or replace it (coda-db export --force)")
+        source = self.state_path(info)
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError as err:
+            raise NeuralDBError(f"document #{info.id}'s state file is missing from the store ({source})") from err
+        atomic_write_bytes(dest, data)
         return dest
