@@ -378,6 +378,20 @@ def test_cli_store_commands_load_no_model(
     assert capsys.readouterr().out == ""
 
 
+def test_cli_store_commands_import_neither_the_engine_nor_transformers(tmp_path: Path) -> None:
+    """``coda-db list`` starts in about a second: the store commands never import the model code (2 s of imports)."""
+    import subprocess
+
+    code = (
+        "import sys; from coda_gqa_l.neuraldb.cli import main; "
+        f"assert main(['--store', {str(tmp_path / 'store')!r}, 'list']) == 0; "
+        "heavy = [m for m in ('coda_gqa_l.neuraldb.engine', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_cli_default_store_is_in_the_user_data_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -474,10 +488,10 @@ def test_cli_ingest_of_several_files_names_the_bad_one_and_stores_the_rest(
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["ask", "memo", "Why?", "--temperature", "nan"], "--temperature is a number from 0 to 2"),
-        (["ask", "memo", "Why?", "--temperature", "-1"], "--temperature is a number from 0 to 2"),
-        (["ask", "memo", "Why?", "--max-new-tokens", "0"], "--max-new-tokens is a number from 1 to 1024"),
-        (["serve", "--port", "99999"], "--port is a number from 1 to 65535"),
+        (["ask", "memo", "Why?", "--temperature", "nan"], "argument --temperature: a number from 0 to 2"),
+        (["ask", "memo", "Why?", "--temperature", "-1"], "argument --temperature: a number from 0 to 2"),
+        (["ask", "memo", "Why?", "--max-new-tokens", "0"], "argument --max-new-tokens: a number from 1 to 1024"),
+        (["serve", "--port", "99999"], "argument --port: a number from 1 to 65535"),
     ],
 )
 def test_cli_refuses_out_of_range_options_before_anything_runs(

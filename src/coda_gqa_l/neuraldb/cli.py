@@ -63,8 +63,8 @@ def parse_ref(ref: str) -> int | str:
     return int(ref) if ref.isdigit() else ref
 
 
-def _bounded_number(kind: type, low: float, high: float, what: str) -> Callable[[str], int | float]:
-    """An argparse type: a ``kind`` from ``low`` to ``high``; the error names ``what`` (argparse shows it)."""
+def _bounded_number(kind: type, low: float, high: float) -> Callable[[str], int | float]:
+    """An argparse type: a ``kind`` from ``low`` to ``high`` (argparse names the option in its error)."""
 
     def parse(text: str) -> int | float:
         try:
@@ -72,7 +72,7 @@ def _bounded_number(kind: type, low: float, high: float, what: str) -> Callable[
         except ValueError:
             value = None
         if value is None or not low <= value <= high:  # NaN fails the comparison too
-            raise argparse.ArgumentTypeError(f"{what} is a number from {low:g} to {high:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"a number from {low:g} to {high:g}, got {text!r}")
         return value
 
     return parse
@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ref", help="document id or label")
     p.add_argument("question", nargs="+", help="the question (quotes optional)")
-    p.add_argument("--max-new-tokens", type=_bounded_number(int, 1, MAX_NEW_TOKENS, "--max-new-tokens"), default=96,
+    p.add_argument("--max-new-tokens", type=_bounded_number(int, 1, MAX_NEW_TOKENS), default=96,
                    help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (default 96)")  # fmt: skip
-    p.add_argument("--temperature", type=_bounded_number(float, 0.0, MAX_TEMPERATURE, "--temperature"), default=0.0,
+    p.add_argument("--temperature", type=_bounded_number(float, 0.0, MAX_TEMPERATURE), default=0.0,
                    help=f"sampling temperature, 0 to {MAX_TEMPERATURE:g}; 0 is greedy (default)")  # fmt: skip
 
     p = command("delete", "Remove a document and its state file from the store.")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "Serve the web page and the HTTP API (loopback only unless --host says otherwise).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_bounded_number(int, 1, 65535, "--port"), default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_bounded_number(int, 1, 65535), default=8000, help="port (default 8000)")
     token_help = "access token every API request must carry (default $CODA_DB_TOKEN; required off loopback)"
     p.add_argument("--token", default=os.environ.get("CODA_DB_TOKEN"), help=token_help)
 
@@ -234,7 +234,7 @@ def files_to_ingest(paths: Sequence[Path], pattern: str) -> list[Path]:
 
 
 def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
-    from .engine import NeuralDBError
+    from .errors import NeuralDBError
 
     progress = not args.quiet
     if args.text is not None:
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     from ..cpu_threads import THREADS_ENV, set_cpu_threads
-    from .engine import NeuralDBError
+    from .errors import NeuralDBError
 
     try:
         threads = set_cpu_threads(args.threads)
