@@ -392,6 +392,45 @@ def test_cli_store_commands_import_neither_the_engine_nor_transformers(tmp_path:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_cli_reads_a_byte_order_mark_as_the_upload_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes("\ufeff".encode() + MEMO.encode())
+    assert cli(tmp_path / "store", "ingest", "--quiet", str(marked)) == 0
+    assert cli(tmp_path / "store", "ingest", "--quiet", "--text", MEMO) == 0  # the same text: no second document
+    assert "already stored #1" in capsys.readouterr().out
+
+
+def test_cli_export_gets_the_users_file_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    store = tmp_path / "store"
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo") == 0
+    previous = os.umask(0o027)
+    try:
+        assert cli(store, "export", "memo", str(tmp_path / "m.state")) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.state").stat().st_mode & 0o777 == 0o640
+
+
+def test_cli_serve_refuses_before_saying_it_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.delenv("CODA_DB_TOKEN", raising=False)
+    assert cli(tmp_path / "store", "serve", "--host", "0.0.0.0") == 2
+    captured = capsys.readouterr()
+    assert "serving" not in captured.out and "access token" in captured.err
+
+
+def test_access_log_lines_hide_the_token() -> None:
+    import logging
+
+    from coda_gqa_l.neuraldb.server import _RedactToken
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/?token=s3cret&x=1", "1.1", 200), None)  # fmt: skip
+    assert _RedactToken().filter(record) and record.getMessage() == '127.0.0.1:5 - "GET /?token=***&x=1 HTTP/1.1" 200'
+
+
 def test_cli_default_store_is_in_the_user_data_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

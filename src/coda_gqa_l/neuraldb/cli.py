@@ -184,7 +184,7 @@ def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> T
     table.add_column("tokens", justify="right")
     table.add_column("state", justify="right")
     table.add_column("full cache replaced", justify="right")
-    table.add_column("created")
+    table.add_column("created (UTC)")
     for info in infos:
         table.add_row(
             str(info.id),
@@ -192,7 +192,7 @@ def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> T
             f"{info.tokens:,}",
             format_bytes(info.state_bytes),
             format_bytes(info.full_cache_bytes),
-            info.created,
+            info.created[:16].replace("T", " "),  # to the minute: the table fits 80 columns
         )
     return table
 
@@ -200,8 +200,8 @@ def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> T
 def _summary(info: DocumentInfo) -> str:
     verb = "already stored" if info.duplicate else "stored"
     return (
-        f"{verb} #{info.id} {info.label!r}: {info.tokens:,} tokens, state {format_bytes(info.state_bytes)} "
-        f"(replaces a {format_bytes(info.full_cache_bytes)} full cache)"
+        f"{verb} #{info.id} {info.label!r}: {info.tokens:,} tokens, state {format_bytes(info.state_bytes)} (fixed; "
+        f"a full cache of these tokens: {format_bytes(info.full_cache_bytes)})"
     )
 
 
@@ -301,7 +301,9 @@ def cmd_delete(db: DocumentStore, args: argparse.Namespace, console: Console) ->
 
 
 def cmd_export(db: DocumentStore, args: argparse.Namespace, console: Console) -> None:
-    dest = db.export(parse_ref(args.ref), args.dest, overwrite=args.force)
+    umask = os.umask(0o022)  # read it (one thread here): the copy gets the mode a new file of the user's gets
+    os.umask(umask)
+    dest = db.export(parse_ref(args.ref), args.dest, overwrite=args.force, mode=0o666 & ~umask)
     print(f"wrote {dest} ({format_bytes(dest.stat().st_size)})")
 
 
@@ -310,7 +312,9 @@ def cmd_import(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
 
 
 def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
-    from .server import serve
+    from .server import check_binding, serve
+
+    check_binding(args.host, args.token)  # before the line that says it serves
 
     page = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"serving {db.folder} on {page} (Ctrl-C stops)")

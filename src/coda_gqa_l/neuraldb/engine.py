@@ -210,7 +210,7 @@ class NeuralDatabase:
     def ingest_file(self, path: str | Path, *, label: str | None = None, progress: bool = False) -> DocumentInfo:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text (the upload drops it too)
         except FileNotFoundError as err:
             raise NeuralDBError(f"{path}: no such file") from err
         except UnicodeDecodeError as err:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -388,15 +389,31 @@ def _offline_docs(app: FastAPI) -> None:
         )
 
 
-def serve(db: NeuralDatabase, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
-    """Run the service with uvicorn until interrupted; anything but loopback needs a ``token``."""
-    import uvicorn
-
-    loopback = host in LOOPBACK_HOSTS
-    if not loopback and not token:
+def check_binding(host: str, token: str | None) -> None:
+    """Refuse to serve ``host`` other than loopback without an access token."""
+    if host not in LOOPBACK_HOSTS and not token:
         raise NeuralDBError(
             f"binding {host} makes the database reachable from other machines: give an access token "
             "(coda-db serve --token ..., or CODA_DB_TOKEN)"
         )
-    app = create_app(db, allowed_hosts=LOOPBACK_HOSTS if loopback else None, token=token)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+class _RedactToken(logging.Filter):
+    """Hides the page's ``?token=...`` in uvicorn's access log lines (its record's third argument is the path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "token=" in args[2]:
+            record.args = (*args[:2], re.sub(r"(token=)[^&#\s]*", r"\1***", args[2]), *args[3:])
+        return True
+
+
+def serve(db: NeuralDatabase, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
+    """Run the service with uvicorn until interrupted; anything but loopback needs a ``token``."""
+    import uvicorn
+
+    check_binding(host, token)
+    app = create_app(db, allowed_hosts=LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else None, token=token)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")  # configures uvicorn's loggers
+    logging.getLogger("uvicorn.access").addFilter(_RedactToken())
+    uvicorn.Server(config).run()

@@ -209,10 +209,11 @@ class DocumentStore:
         self.index.delete(info.id)
         self.state_path(info).unlink(missing_ok=True)
 
-    def export(self, ref: int | str, dest: str | Path, *, overwrite: bool = False) -> Path:
+    def export(self, ref: int | str, dest: str | Path, *, overwrite: bool = False, mode: int | None = None) -> Path:
         """Copy document ``ref``'s state file to ``dest`` (atomically) and return where it went: into a folder
         ``dest`` as ``export_file_name``. An existing file is replaced only with ``overwrite``, and nothing is ever
-        written inside the store's own folder (its index and states)."""
+        written inside the store's own folder (its index and states). ``mode``: the copy's permission bits (else
+        those of a private temporary file, 0600)."""
         info = self.show(ref)
         dest = Path(dest)
         if dest.is_dir():
@@ -229,4 +230,6 @@ class DocumentStore:
         except FileNotFoundError as err:
             raise NeuralDBError(f"document #{info.id}'s state file is missing from the store ({source})") from err
         atomic_write_bytes(dest, data)
+        if mode is not None:
+            dest.chmod(mode)
         return dest
