@@ -108,8 +108,7 @@ def attend_banded(
         cos, sin = rope.cos_sin(torch.maximum(i - seg_start[:, None] + W, i - Ns), torch.float32)
         sinks = apply_rope(sinks, cos, sin, rope.layout)
     extra = nblk * per_block - nseg  # padding segments past the chunk: any finite keys will do
-    bank_keys = torch.nn.functional.pad(bank_k.float(), (0, 0, 0, 0, 0, extra))
-    bank_values = torch.nn.functional.pad(bank_v.float(), (0, 0, 0, 0, 0, extra))
+    bank_keys, bank_values = _pad_segments(bank_k.float(), extra), _pad_segments(bank_v.float(), extra)
     side_k = torch.cat([sinks, bank_keys], dim=3)  # (B, Hkv, segments, Ns + M, D)
     side_v = torch.cat([sink_v.float()[:, :, None].expand_as(sinks), bank_values], dim=3)
     side_bias = torch.cat(
@@ -117,7 +116,7 @@ def attend_banded(
             torch.zeros(seg_start.numel(), S, Ns, device=device)
             .masked_fill(~(torch.arange(Ns, device=device) <= (seg_start[:, None, None] + r[:, None])), float("-inf"))
             .expand(B, Hkv, -1, S, Ns),
-            torch.nn.functional.pad(bank_bias.float(), (0, 0, 0, extra))[:, :, :, None].expand(-1, -1, -1, S, -1),
+            _pad_segments(bank_bias.float(), extra)[:, :, :, None].expand(-1, -1, -1, S, -1),
         ],
         dim=-1,
     )  # (B, Hkv, segments, S, Ns + M)
@@ -156,3 +155,9 @@ def attend_banded(
         out[:, :, segs] = mixed.view(B, Hkv, per_block, Qs, S, D)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, Qs, -1, D)
     return out[:, :, :, lead : lead + n].to(q.dtype)
+
+
+def _pad_segments(t: Tensor, extra: int) -> Tensor:
+    """``t (B, Hkv, segments, ...)`` with ``extra`` zero segments after its own. Not ``F.pad``: before torch 2.10 it
+    refuses a tensor with an empty dimension, as the banks of a window-only layer are (no slots)."""
+    return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, *t.shape[3:])], dim=2)

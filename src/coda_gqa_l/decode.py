@@ -106,6 +106,10 @@ def sm_carveout(count: int | None) -> Iterator[None]:
     if count is None:
         yield
         return
+    if not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        raise RuntimeError(
+            f"the SM carveout (CODA_GQA_L_PRODUCT_CARVEOUT) needs torch 2.7 or newer, not {torch.__version__}"
+        )
     before = torch._C._get_sm_carveout_experimental()
     torch._C._set_sm_carveout_experimental(count)
     try:

@@ -195,3 +195,29 @@ def test_on_off_switches_come_from_the_block_then_the_environment(switch: str, m
     monkeypatch.setenv(env, "yes")
     with pytest.raises(ValueError, match=f"{env} must be 1 or 0"):
         value()
+
+
+def test_a_triton_older_than_the_kernels_need_falls_back_to_pytorch_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's CUDA wheels before 2.8 bring Triton 3.3 or older, without the dependent launches the kernels use: the
+    PyTorch path runs, said once, and asking for Triton by name says why it cannot."""
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.3.1" if name == "triton" else real_version(name))
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    dispatch.triton_problem.cache_clear()
+    dispatch.triton_available.cache_clear()
+    try:
+        assert "Triton 3.3.1 is older than 3.4" in (dispatch.triton_problem() or "")
+        with pytest.warns(RuntimeWarning, match="PyTorch reference path runs instead"):
+            assert dispatch.backend("cuda") == "torch"
+        monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+        with pytest.raises(RuntimeError, match="Triton 3.3.1 is older than 3.4"):
+            dispatch.backend("cuda")
+    finally:
+        monkeypatch.undo()
+        dispatch.triton_problem.cache_clear()
+        dispatch.triton_available.cache_clear()
+    assert dispatch.triton_problem() is None  # the installed one (CI pins 3.9)

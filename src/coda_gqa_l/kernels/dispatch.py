@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -48,10 +51,34 @@ _FROM_TORCH_PRECISION: dict[str, Float32Dots] = {"highest": "ieee", "high": "tf3
 UnboundedAttention = Literal["sdpa", "fused", "reference"]
 
 
+OLDEST_TRITON = (3, 4)  # the kernels' dependent launches (gdc_wait, launch_pdl) came with Triton 3.4
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot run here (not installed, or older than ``OLDEST_TRITON``: torch's CUDA wheels
+    before 2.8 bring 3.3 or older), or None. Read from the installed package's metadata: Triton is not imported."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # an unpackaged checkout: trust it
+        return None
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < OLDEST_TRITON:
+        oldest = ".".join(map(str, OLDEST_TRITON))
+        return f"Triton {version} is older than {oldest}, which the kernels need (torch 2.8 or newer brings it)"
+    return None
+
+
 @functools.cache
 def triton_available() -> bool:
-    """True when Triton can be imported (a CUDA build of it, or its CPU interpreter)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton can be imported and is new enough (a CUDA build of it, or its CPU interpreter); an older one
+    is reported once, and the PyTorch path runs instead."""
+    problem = triton_problem()
+    if problem is not None and problem != "Triton is not installed":
+        warnings.warn(f"{problem}; the PyTorch reference path runs instead", RuntimeWarning, stacklevel=2)
+    return problem is None
 
 
 def interpreting() -> bool:
@@ -74,7 +101,7 @@ def backend(device: torch.device | str) -> Backend:
     runnable = triton_available() and (device_type == "cuda" or (device_type == "cpu" and interpreting()))
     if choice == "triton":
         if not runnable:
-            why = "Triton is not installed" if not triton_available() else f"tensors are on {device_type}"
+            why = triton_problem() or f"tensors are on {device_type}"
             hint = "" if device_type == "cuda" else " (on a CPU set TRITON_INTERPRET=1 before importing triton)"
             raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot run: {why}{hint}")
         return "triton"

@@ -85,7 +85,10 @@ def wrap(model: nn.Module, cluster: Cluster, fsdp: bool = False) -> nn.Module:
     if not cluster.distributed:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.5 keeps FSDP2 under its first, private name
+            from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
 
         for layer in decoder_layers(model):
             fully_shard(layer)
