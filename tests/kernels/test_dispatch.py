@@ -207,7 +207,6 @@ def test_a_triton_older_than_the_kernels_need_falls_back_to_pytorch_with_a_warni
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.3.1" if name == "triton" else real_version(name))
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    dispatch.triton_problem.cache_clear()
     dispatch.triton_available.cache_clear()
     try:
         assert "Triton 3.3.1 is older than 3.4" in (dispatch.triton_problem() or "")
@@ -218,6 +217,5 @@ def test_a_triton_older_than_the_kernels_need_falls_back_to_pytorch_with_a_warni
             dispatch.backend("cuda")
     finally:
         monkeypatch.undo()
-        dispatch.triton_problem.cache_clear()
         dispatch.triton_available.cache_clear()
     assert dispatch.triton_problem() is None  # the installed one (CI pins 3.9)

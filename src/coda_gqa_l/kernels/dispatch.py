@@ -54,10 +54,10 @@ UnboundedAttention = Literal["sdpa", "fused", "reference"]
 OLDEST_TRITON = (3, 4)  # the kernels' dependent launches (gdc_wait, launch_pdl) came with Triton 3.4
 
 
-@functools.cache
 def triton_problem() -> str | None:
     """Why the Triton kernels cannot run here (not installed, or older than ``OLDEST_TRITON``: torch's CUDA wheels
-    before 2.8 bring 3.3 or older), or None. Read from the installed package's metadata: Triton is not imported."""
+    before 2.8 bring 3.3 or older), or None. Read from the installed package's metadata: Triton is not imported.
+    Not cached itself: ``triton_available`` keeps the answer (one cache, which torch.compile traces through)."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     try:
