@@ -632,6 +632,30 @@ def test_serving_off_loopback_without_a_token_is_refused(db: NeuralDatabase) -> 
         serve(db, host="0.0.0.0", port=1)
 
 
+def test_a_delete_does_not_wait_behind_another_documents_ingest(
+    db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(db, max_upload_bytes=UPLOAD_LIMIT)
+    release, started = threading.Event(), threading.Event()
+    with TestClient(app, base_url="http://127.0.0.1:8000") as local:
+        victim = local.post("/api/documents", json={"text": "A note to delete soon.", "label": "victim"}).json()
+        real_ingest = db.ingest
+
+        def slow_ingest(text: str, **kwargs: Any) -> Any:
+            started.set()
+            assert release.wait(30), "the delete never came"
+            return real_ingest(text, **kwargs)
+
+        monkeypatch.setattr(db, "ingest", slow_ingest)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(local.post, "/api/documents", json={"text": "A long document being read."})
+            assert started.wait(30)
+            assert local.delete(f"/api/documents/{victim['id']}").status_code == 204  # while the ingest holds the lock
+            release.set()
+            assert pending.result(timeout=60).status_code in (200, 201)
+        assert local.get(f"/api/documents/{victim['id']}").status_code == 404
+
+
 def test_host_origin_and_token_checks(db: NeuralDatabase) -> None:
     app = create_app(db, max_upload_bytes=UPLOAD_LIMIT)
     with TestClient(app, base_url="http://127.0.0.1:8000") as local:

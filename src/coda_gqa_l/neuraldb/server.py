@@ -12,8 +12,8 @@ The OpenAPI schema is at ``/docs``. Endpoints::
     POST   /api/documents/{id}/export      the document's state file, as a download
     GET    /                               the web page (static/index.html)
 
-The engine is not safe for concurrent ingests, so ingest and delete take one lock; questions run
-concurrently, each on its own fork of the stored state.
+The engine is not safe for concurrent ingests, so ingests take one lock; deletes (the index and one file)
+and questions run beside them, each question on its own fork of the stored state.
 
 Protection (a laptop is a hostile place for a local service): requests must name an allowed host
 (the loopback names by default, so a DNS-rebinding page cannot reach the API through another name);
@@ -321,8 +321,9 @@ def create_app(
 
     @app.delete("/api/documents/{doc_id}", status_code=204, summary="Delete a document")
     def delete_document(doc_id: DocumentId) -> Response:
-        with write_lock:
-            db.delete(doc_id)
+        # no write lock: a delete touches one index row (SQLite serialises it) and one file, not the model, so it
+        # need not wait behind another document's ingest (84.7 s behind 20K tokens on a 2-core CPU, with the lock)
+        db.delete(doc_id)
         return Response(status_code=204)
 
     @app.post(
