@@ -392,6 +392,18 @@ def test_cli_store_commands_import_neither_the_engine_nor_transformers(tmp_path:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_cli_reading_a_store_that_is_not_there_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo" / "store"
+    assert cli(typo, "list") == 0
+    assert f"no store at {typo} yet" in capsys.readouterr().out
+    for args in (["show", "1"], ["delete", "memo"], ["export", "1", str(tmp_path / "x.state")], ["ask", "1", "Why?"]):
+        assert cli(typo, *args) == 2
+        assert "there is no store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+
+
 def test_cli_reads_a_byte_order_mark_as_the_upload_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     marked = tmp_path / "marked.txt"
     marked.write_bytes("\ufeff".encode() + MEMO.encode())

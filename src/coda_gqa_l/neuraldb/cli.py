@@ -326,6 +326,21 @@ MODEL_COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "import": cmd_import, "s
 STORE_COMMANDS = {"list": cmd_list, "show": cmd_show, "delete": cmd_delete, "export": cmd_export}
 
 
+def existing_store(args: argparse.Namespace, ref: str | None = None) -> DocumentStore | None:
+    """The store a command reads, or None where its folder does not exist (then nothing is created: a mistyped
+    ``--store`` leaves no folders behind); with ``ref``, a missing store is that document's ``DocumentNotFound``."""
+    from .errors import DocumentNotFound, NeuralDBError
+
+    folder = store_folder(args)
+    if folder.exists() and not folder.is_dir():
+        raise NeuralDBError(f"{folder} is a file: --store names a store folder")
+    if (folder / "index.sqlite").exists() or (folder.is_dir() and any(folder.iterdir())):
+        return DocumentStore(folder)  # a folder that holds something: opened as a store, or refused as one
+    if ref is not None:
+        raise DocumentNotFound(f"no document {parse_ref(ref)!r}: there is no store at {folder} (nothing ingested yet)")
+    return None
+
+
 def check_before_loading(args: argparse.Namespace) -> None:
     """What a model command can refuse from the store and its arguments alone, before a model loads (seconds)."""
     from .engine import check_device
@@ -334,7 +349,9 @@ def check_before_loading(args: argparse.Namespace) -> None:
     if args.command == "ingest":
         check_ingest_args(args)
     elif args.command == "ask":
-        DocumentStore(store_folder(args)).show(parse_ref(args.ref))
+        store = existing_store(args, args.ref)
+        assert store is not None  # existing_store raised otherwise
+        store.show(parse_ref(args.ref))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return run_demo(args)
             if args.command in STORE_COMMANDS:
-                STORE_COMMANDS[args.command](DocumentStore(store_folder(args)), args, Console())
+                store = existing_store(args, None if args.command == "list" else args.ref)
+                if store is None:
+                    print(f"no store at {store_folder(args)} yet; add a document with: coda-db ingest FILE")
+                else:
+                    STORE_COMMANDS[args.command](store, args, Console())
             else:
                 check_before_loading(args)
                 MODEL_COMMANDS[args.command](open_db(args), args, Console())
