@@ -150,18 +150,28 @@ def window_step_targets(
 def run_benchmark_in_interpreter(script: str, *args: str, timeout: float = 300) -> Any:
     """``python benchmarks/SCRIPT ARGS`` in a child process with the package on its path and the Triton kernels run
     in Triton's interpreter (a benchmark's ``--quick`` smoke run); the finished process, checked for success."""
+    return _run_benchmark(script, args, timeout, {"TRITON_INTERPRET": "1", "CODA_GQA_L_KERNELS": "triton"})
+
+
+def run_benchmark_compiling(script: str, *args: str, timeout: float = 600) -> Any:
+    """``python benchmarks/SCRIPT ARGS`` in a child process with the package on its path and without Triton's
+    interpreter: for the scripts that record launches and compile them with Triton's real compiler (for a GPU
+    architecture, on the CPU); the finished process, checked for success."""
+    return _run_benchmark(script, args, timeout, {}, drop=("TRITON_INTERPRET",))
+
+
+def _run_benchmark(
+    script: str, args: tuple[str, ...], timeout: float, extra_env: dict[str, str], drop: tuple[str, ...] = ()
+) -> Any:
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
-        "TRITON_INTERPRET": "1",
-        "CODA_GQA_L_KERNELS": "triton",
-    }
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])
+    env.update(extra_env)
     done = subprocess.run(
         [sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True, env=env,
         timeout=timeout,

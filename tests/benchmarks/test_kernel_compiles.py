@@ -4,26 +4,15 @@ the inventory of binaries a first request compiles, and one routing binary for t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark_compiling
 
 
 def test_quick_run_lists_the_first_requests_binaries(tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_compiles.py"), "--quick", "--threads", "2",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_benchmark_compiling("kernel_compiles.py", "--quick", "--threads", "2", "--out", str(tmp_path))
     result = json.loads((tmp_path / "kernel_compiles.json").read_text())
     names = [b["kernel"] for b in result["binaries"]]
     assert {"_route_chunk_kernel", "_fwd_kernel", "_decode_split_kernel", "_window_step_kernel"} <= set(names)

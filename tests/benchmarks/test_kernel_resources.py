@@ -4,26 +4,16 @@ each prefill binary's resources read from its cubin, and the settings reaching t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark_compiling
 
 
 def test_quick_run_reads_each_binarys_resources(tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick", "--settings", "default",
-         "keys in chains", "routing 4 warps", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_benchmark_compiling("kernel_resources.py", "--quick", "--settings", "default", "keys in chains",
+                                   "routing 4 warps", "--out", str(tmp_path))  # fmt: skip
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
     by = {(r["setting"], r["kernel"]): r for r in rows}
     assert {"_route_chunk_kernel", "_fwd_kernel"} <= {kernel for _, kernel in by}

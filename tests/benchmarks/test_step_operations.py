@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_benchmark_compiling
 
 
 def test_quick_run_counts_a_chunk_read_and_a_plain_step(tmp_path: Path) -> None:
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # recorded launches, no interpreter
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_operations.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_benchmark_compiling("step_operations.py", "--quick", "--out", str(tmp_path))  # launches recorded
     steps = json.loads((tmp_path / "step_operations.json").read_text())["steps"]
     read, step = steps["chunk read"], steps["plain step"]
     # the chunk's window traffic and segment extras are one kernel each: no gathers, concatenations or index copies
@@ -36,17 +26,10 @@ def test_layer_run_counts_a_captured_decoders_routing_and_plain_steps(tmp_path: 
     """``--layer``: the plain step reads the segment's kept extras (one window-step kernel, no extras or window
     gather), the routing step computes them; ``--fold`` leaves the plain step one input kernel."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     counts = {}
     for fold in ([], ["--fold"]):
         out = tmp_path / ("folded" if fold else "plain")
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "step_operations.py"), "--layer", "256", "4", "2", *fold,
-             "--out", str(out)],
-            capture_output=True, text=True, env=env, timeout=600,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_benchmark_compiling("step_operations.py", "--layer", "256", "4", "2", *fold, "--out", str(out))
         counts[bool(fold)] = json.loads((out / "step_operations_layer.json").read_text())["steps"]
     route, step = counts[False]["routing step"], counts[False]["plain step"]
     assert {"_route_chunk_kernel", "_segment_extras_kernel", "_extend_window_kernel"} <= set(route["triton"])
