@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from coda_gqa_l import read_state_metadata
 from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.kernels.dispatch import plain_reference
 from coda_gqa_l.neuraldb import DocumentNotFound, NeuralDatabase, NeuralDBError
@@ -486,3 +487,14 @@ def _eager_init(cls):  # type: ignore[no-untyped-def]
         original(self, model, cache, capture=False)
 
     return init
+
+
+def test_export_replaces_a_file_only_when_asked(db: NeuralDatabase, tmp_path: Path) -> None:
+    info = db.ingest("A short note about the ferry timetable.", label="ferry")
+    dest = tmp_path / "ferry.state"
+    dest.write_text("kept")
+    with pytest.raises(NeuralDBError, match="already exists"):
+        db.export(info.id, dest)
+    assert dest.read_text() == "kept"
+    assert db.export(info.id, dest, overwrite=True, mode=0o644) == dest
+    assert read_state_metadata(dest)["extra"]["label"] == "ferry" and dest.stat().st_mode & 0o777 == 0o644

@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeuralDBError as err:
         print(f"coda-db: error: {err}", file=sys.stderr)
         return 2
-    except sqlite3.DatabaseError as err:  # before OSError: not a subclass, but say which file
+    except sqlite3.DatabaseError as err:  # a damaged index: name the file
         index = store_folder(args) / "index.sqlite"
         print(f"coda-db: error: the store's index {index} cannot be read ({err})", file=sys.stderr)
         return 2

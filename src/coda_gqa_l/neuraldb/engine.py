@@ -281,9 +281,9 @@ class NeuralDatabase:
     def delete(self, ref: int | str) -> None:
         self.store.delete(ref)
 
-    def export(self, ref: int | str, dest: str | Path) -> Path:
-        """Copy document ``ref``'s state file to ``dest`` (atomically)."""
-        return self.store.export(ref, dest)
+    def export(self, ref: int | str, dest: str | Path, *, overwrite: bool = False, mode: int | None = None) -> Path:
+        """Copy document ``ref``'s state file to ``dest`` (atomically; ``DocumentStore.export``)."""
+        return self.store.export(ref, dest, overwrite=overwrite, mode=mode)
 
     def import_state(self, path: str | Path, *, label: str | None = None) -> DocumentInfo:
         """Add a state file exported from a database with the same model and config.

@@ -223,7 +223,7 @@ class DocumentStore:
         if dest.resolve().is_relative_to(self.folder.resolve()):
             raise NeuralDBError(f"will not export into the store's own folder {self.folder} (give a path outside it)")
         if dest.exists() and not overwrite:
-            raise NeuralDBError(f"{dest} already exists; choose another name or replace it (coda-db export --force)")
+            raise NeuralDBError(f"{dest} already exists; choose another name or replace it (overwrite, or --force)")
         source = self.state_path(info)
         try:
             data = source.read_bytes()
