@@ -337,7 +337,8 @@ def existing_store(args: argparse.Namespace, ref: str | None = None) -> Document
     if (folder / "index.sqlite").exists() or (folder.is_dir() and any(folder.iterdir())):
         return DocumentStore(folder)  # a folder that holds something: opened as a store, or refused as one
     if ref is not None:
-        raise DocumentNotFound(f"no document {parse_ref(ref)!r}: there is no store at {folder} (nothing ingested yet)")
+        parsed = parse_ref(ref)
+        raise DocumentNotFound(f"no document {parsed!r}: there is no store at {folder} (nothing ingested yet)", parsed)
     return None
 
 

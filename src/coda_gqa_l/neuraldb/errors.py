@@ -8,4 +8,9 @@ class NeuralDBError(Exception):
 
 
 class DocumentNotFound(NeuralDBError):
-    """No document with that id or label in the store."""
+    """No document with that id or label in the store; ``ref`` is the id or label asked for (the HTTP service names
+    only it: the message names the store's folder, which a remote client has no business knowing)."""
+
+    def __init__(self, message: str, ref: int | str | None = None) -> None:
+        super().__init__(message)
+        self.ref = ref

@@ -253,7 +253,8 @@ def create_app(
 
     @app.exception_handler(DocumentNotFound)
     async def _not_found(request: Request, err: DocumentNotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=404)
+        detail = "no such document" if err.ref is None else f"no document {err.ref!r}"  # not the store's folder
+        return JSONResponse({"detail": detail}, status_code=404)
 
     @app.exception_handler(NeuralDBError)
     async def _bad_request(request: Request, err: NeuralDBError) -> JSONResponse:

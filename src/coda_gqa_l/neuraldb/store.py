@@ -191,7 +191,7 @@ class DocumentStore:
     def show(self, ref: int | str) -> DocumentInfo:
         info = self.index.get(ref)
         if info is None:
-            raise DocumentNotFound(f"no document {ref!r} in {self.folder}")
+            raise DocumentNotFound(f"no document {ref!r} in {self.folder}", ref=ref)
         return info
 
     def new_state_path(self) -> Path:
