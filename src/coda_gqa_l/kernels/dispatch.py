@@ -52,6 +52,7 @@ UnboundedAttention = Literal["sdpa", "fused", "reference"]
 
 
 OLDEST_TRITON = (3, 4)  # the kernels' dependent launches (gdc_wait, launch_pdl) came with Triton 3.4
+NO_TRITON = "Triton is not installed"  # the one problem not worth a warning (the CPU's usual case)
 
 
 def triton_problem() -> str | None:
@@ -59,7 +60,7 @@ def triton_problem() -> str | None:
     before 2.8 bring 3.3 or older), or None. Read from the installed package's metadata: Triton is not imported.
     Not cached itself: ``triton_available`` keeps the answer (one cache, which torch.compile traces through)."""
     if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
+        return NO_TRITON
     try:
         version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:  # an unpackaged checkout: trust it
@@ -76,7 +77,7 @@ def triton_available() -> bool:
     """True when Triton can be imported and is new enough (a CUDA build of it, or its CPU interpreter); an older one
     is reported once, and the PyTorch path runs instead."""
     problem = triton_problem()
-    if problem is not None and problem != "Triton is not installed":
+    if problem not in (None, NO_TRITON):
         warnings.warn(f"{problem}; the PyTorch reference path runs instead", RuntimeWarning, stacklevel=2)
     return problem is None
 

@@ -218,19 +218,10 @@ def check_ingest_args(args: argparse.Namespace) -> None:
 
 
 def files_to_ingest(paths: Sequence[Path], pattern: str) -> list[Path]:
-    """``paths`` with each folder replaced by its files matching ``pattern`` (sorted)."""
-    from .errors import NeuralDBError
+    """``paths`` with each folder replaced by its files matching ``pattern`` (``engine.folder_files``)."""
+    from .engine import folder_files
 
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            matched = sorted(p for p in path.glob(pattern) if p.is_file())
-            if not matched:
-                raise NeuralDBError(f"{path}: no files match {pattern!r}")
-            files.extend(matched)
-        else:
-            files.append(path)
-    return files
+    return [file for path in paths for file in (folder_files(path, pattern) if path.is_dir() else [path])]
 
 
 def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:

@@ -223,10 +223,7 @@ class NeuralDatabase:
             raise NeuralDBError(f"{path}: {err}") from err
 
     def ingest_folder(self, folder: str | Path, pattern: str = "*.txt", progress: bool = False) -> list[DocumentInfo]:
-        files = sorted(Path(folder).glob(pattern))
-        if not files:
-            raise NeuralDBError(f"{folder}: no files match {pattern!r}")
-        return [self.ingest_file(path, progress=progress) for path in files]
+        return [self.ingest_file(path, progress=progress) for path in folder_files(folder, pattern)]
 
     # ------------------------------------------------------------------ read
     def list(self) -> list[DocumentInfo]:
@@ -313,6 +310,14 @@ class NeuralDatabase:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def folder_files(folder: str | Path, pattern: str = "*.txt") -> list[Path]:
+    """The files of ``folder`` whose names match ``pattern``, sorted; a ``NeuralDBError`` when there are none."""
+    files = sorted(path for path in Path(folder).glob(pattern) if path.is_file())
+    if not files:
+        raise NeuralDBError(f"{folder}: no files match {pattern!r}")
+    return files
 
 
 def _default_label(text: str) -> str:
