@@ -91,12 +91,18 @@ def synchronize(device: str) -> None:
 def routing_left_out() -> Iterator[None]:
     """Inside, bounded layers' graph steps launch no routing kernel (``decode.route_chunk_triton`` a no-op; read when a
     graph is captured, not when it is replayed): for timing what routing costs a captured prefill, whose outputs are
-    then wrong. Only where the routing runs on a side stream (two or more pieces): on the caller's stream its result
-    is unpacked."""
+    then wrong. On the caller's stream (one piece) its result is unpacked: the banks as they were and snapshots left
+    unwritten."""
     import coda_gqa_l.decode as decode_module
+    from coda_gqa_l.kernels.routing import routing_snapshots
+
+    def no_routing(banks: Any, *args: Any, n: int, config: Any, snapshots: Any = None, **kwargs: Any) -> Any:
+        if snapshots is None:
+            snapshots = routing_snapshots(banks, n // config.segment)
+        return (banks, *snapshots)
 
     routing = decode_module.route_chunk_triton
-    decode_module.route_chunk_triton = lambda *args, **kwargs: None
+    decode_module.route_chunk_triton = no_routing
     try:
         yield
     finally:
