@@ -9,6 +9,7 @@ assistant answers; an answer ends with ``<|im_end|>``. Without one, plain ``Ques
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,3 +48,36 @@ class PromptFormat:
             answer_prefix=" ",
             end_of_answer="\n",
         )
+
+
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special added tokens (``<|im_start|>``, ``<|im_end|>``, ...) by their text: the tokens a
+    prompt's layout writes and a user's text must not (``encode_prompt``). Empty for a tokenizer without them."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {token.content: int(i) for i, token in added.items() if getattr(token, "special", False)}
+
+
+def encode_prompt(tokenizer: Any, parts: list[tuple[str, bool]]) -> list[int]:
+    """Token ids of ``parts`` joined, each ``(text, from_user)``: control tokens are read only in the layout's
+    parts, so a document or a question that contains ``<|im_end|>`` gets that text's ordinary tokens and cannot
+    close its turn or open the assistant's. Text without control strings gets the ids the tokenizer gives the whole
+    string (the same places split: at the layout's control tokens, as the tokenizer splits its input)."""
+    controls = control_tokens(tokenizer)
+    if not controls:
+        return list(tokenizer.encode("".join(text for text, _ in parts), add_special_tokens=False, verbose=False))
+    pattern = re.compile("(" + "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)) + ")")
+    pieces: list[str | int] = [""]  # text runs and control ids, in order
+    for text, from_user in parts:
+        for i, item in enumerate([text] if from_user else pattern.split(text)):
+            if i % 2:  # a control token of the layout (re.split puts the captured separators at odd places)
+                pieces += [controls[item], ""]
+            else:
+                pieces[-1] = str(pieces[-1]) + item
+    ids: list[int] = []
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(piece)
+        elif piece:
+            # split_special_tokens: a control string in the user's text is text (the layout's were split out above)
+            ids += tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)
+    return ids

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import BoundedConfig
-from ..data.prompts import PromptFormat
+from ..data.prompts import PromptFormat, encode_prompt
 from ..kernels import dispatch
 from ..models.cache import BoundedCache, bounded_modules
 from ..models.convert import convert
@@ -122,11 +122,11 @@ class NeuralDatabase:
         bounded = BoundedConfig(window=32, num_landmarks_exact=8, num_landmarks_summary=8, num_sink=2)
         return cls(folder, convert(model, bounded), ByteTokenizer(), chunk_tokens=256, device=device)
 
-    def _encode(self, text: str) -> torch.Tensor:
-        # verbose=False: a document longer than the model's training length is the point here, not a mistake (the
-        # tokenizer would warn that running it "will result in indexing errors")
-        ids = self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
-        return torch.tensor([ids], dtype=torch.long, device=self._device)
+    def _encode(self, parts: list[tuple[str, bool]]) -> torch.Tensor:
+        """``(text, from_user)`` parts as one row of ids: the user's text never yields a control token
+        (``encode_prompt``). verbose=False: a document longer than the model's training length is the point here,
+        not a mistake (the tokenizer would warn that running it "will result in indexing errors")."""
+        return torch.tensor([encode_prompt(self.tokenizer, parts)], dtype=torch.long, device=self._device)
 
     @property
     def _device(self) -> torch.device:
@@ -152,7 +152,7 @@ class NeuralDatabase:
         if existing is not None:
             existing.duplicate = True
             return existing
-        ids = self._encode(self.format.document_prefix + text)
+        ids = self._encode([(self.format.document_prefix, False), (text, True)])
         cache = BoundedCache(self.model, block_size=self.chunk_tokens)
         base = getattr(self.model, "model", self.model)  # skip the LM head: no vocabulary-sized outputs
         from tqdm import tqdm
@@ -389,9 +389,10 @@ class Session:
             )
         template = self.db.format.question if self.turns == 0 else self.db.format.follow_up
         self.turns += 1
-        return self._generate(template.format(question=question.strip()), max_new_tokens, temperature)
+        before, after = template.split("{question}")
+        return self._generate([(before, False), (question.strip(), True), (after, False)], max_new_tokens, temperature)
 
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float) -> Iterator[str]:
+    def _generate(self, prompt: list[tuple[str, bool]], max_new_tokens: int, temperature: float) -> Iterator[str]:
         db = self.db
         generator = torch.Generator(device=db._device).manual_seed(0)
         # the question and each answer token through the whole model's CUDA graphs where they run (one decoder lent
