@@ -54,6 +54,27 @@ def test_reingesting_a_source_is_detected(db: NeuralDatabase) -> None:
     assert again.duplicate and again.id == first.id and len(db.list()) == 1
 
 
+def test_a_stopped_ingest_stores_nothing(db: NeuralDatabase) -> None:
+    from coda_gqa_l.neuraldb import IngestCancelled
+
+    kept = db.ingest(DOC_A, label="kept")
+    files = sorted(db.states_dir.iterdir())
+    asked: list[int] = []
+
+    def after_two_chunks() -> bool:  # asked before the read, then after each chunk
+        asked.append(1)
+        return len(asked) > 2
+
+    long_text = DOC_B  # 36 chunks of the tiny model's 256 tokens
+    with pytest.raises(IngestCancelled, match="cancelled"):
+        db.ingest(long_text, label="stopped", should_stop=after_two_chunks)
+    assert len(asked) == 3
+    with pytest.raises(IngestCancelled):
+        db.ingest(long_text, label="stopped", should_stop=lambda: True)  # before a token is read
+    assert [d.label for d in db.list()] == [kept.label] and sorted(db.states_dir.iterdir()) == files
+    assert not db.ingest(long_text, label="read later").duplicate  # nothing half-stored blocks a later ingest
+
+
 def test_asking_never_changes_the_stored_state(db: NeuralDatabase) -> None:
     info = db.ingest(DOC_B)
     path = db.states_dir / info.state_file

@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -754,6 +755,43 @@ def test_answer_streams_over_the_socket_in_pieces(live_url: str, db: NeuralDatab
         chunks = list(response.iter_raw())
     assert len(chunks) > 1, "the answer came back in one piece, not streamed"
     assert b"".join(chunks).decode() == db.ask(doc.id, QUESTION, max_new_tokens=32)
+
+
+def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
+    live_url: str, db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coda_gqa_l.neuraldb.engine as engine_module
+
+    # a slow read: the tiny model reads 256 tokens a chunk in milliseconds; here each chunk takes 0.1 s
+    monkeypatch.setattr(engine_module, "stop_if_asked", lambda: time.sleep(0.1))
+    outcome: list[Any] = []
+    finished = threading.Event()
+    real_ingest = db.ingest
+
+    def recording_ingest(text: str, **kwargs: Any) -> Any:
+        try:
+            outcome.append(real_ingest(text, **kwargs))
+        except BaseException as err:
+            outcome.append(err)
+            raise
+        finally:
+            finished.set()
+        return outcome[-1]
+
+    monkeypatch.setattr(db, "ingest", recording_ingest)
+    label = "abandoned upload"
+    body = json.dumps({"text": "A long report nobody waits for. " * 300, "label": label}).encode()  # 38 chunks
+    host, port = live_url.removeprefix("http://").split(":")
+    head = (f"POST /api/documents HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {LIVE_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    before = len(list(db.states_dir.glob("*")))
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(head.encode() + body)
+        time.sleep(0.5)  # the read has begun
+    assert finished.wait(10), "the ingest went on after its client left"  # 38 chunks would take 3.8 s
+    assert isinstance(outcome[0], NeuralDBError) and "cancelled" in str(outcome[0])
+    assert all(d.label != label for d in db.list())
+    assert len(list(db.states_dir.glob("*"))) == before  # no state file left behind
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         Session,
         default_model,
     )
+    from .errors import IngestCancelled
     from .store import DocumentIndex, DocumentInfo, DocumentStore
 
 _WHERE = {
@@ -36,6 +37,7 @@ _WHERE = {
         ],
         ".engine",
     ),  # fmt: skip
+    "IngestCancelled": ".errors",
     **dict.fromkeys(["DocumentIndex", "DocumentInfo", "DocumentStore"], ".store"),
 }
 
@@ -46,6 +48,7 @@ __all__ = [
     "DocumentInfo",
     "DocumentStore",
     "DocumentNotFound",
+    "IngestCancelled",
     "NeuralDBError",
     "NeuralDatabase",
     "PromptFormat",

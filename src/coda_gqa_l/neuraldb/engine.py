@@ -19,7 +19,7 @@ import re
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from ..models.tiny import tiny_llama
 from ..models.tokenizer import ByteTokenizer
 from ..statefile import StateFileError, module_fingerprint, read_state_metadata
 from .errors import DocumentNotFound as DocumentNotFound  # re-exported: callers import it from here
-from .errors import NeuralDBError
+from .errors import IngestCancelled, NeuralDBError
 from .interrupts import stop_if_asked
 from .limits import MAX_LABEL, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .store import DocumentInfo, DocumentStore
@@ -141,9 +141,19 @@ class NeuralDatabase:
         return stops
 
     # ------------------------------------------------------------------ ingest
-    def ingest(self, text: str, *, label: str | None = None, progress: bool = False) -> DocumentInfo:
+    def ingest(
+        self,
+        text: str,
+        *,
+        label: str | None = None,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> DocumentInfo:
         """Read ``text`` once and store the state it leaves; a source already stored for this
-        model and config is not read again (its info comes back with ``duplicate=True``)."""
+        model and config is not read again (its info comes back with ``duplicate=True``).
+
+        ``should_stop``: asked before the read and after every chunk; once it says True the ingest
+        raises ``IngestCancelled`` and stores nothing (the HTTP service stops when its client goes away)."""
         if not isinstance(text, str) or not text.strip():
             raise NeuralDBError("the document is empty")
         label = check_label(label if label is not None else _default_label(text))
@@ -153,6 +163,12 @@ class NeuralDatabase:
             existing.duplicate = True
             return existing
         ids = self._encode([(self.format.document_prefix, False), (text, True)])
+
+        def stop_if_cancelled() -> None:
+            if should_stop is not None and should_stop():
+                raise IngestCancelled(f"the ingest of {label!r} was cancelled; nothing was stored")
+
+        stop_if_cancelled()
         cache = BoundedCache(self.model, block_size=self.chunk_tokens)
         base = getattr(self.model, "model", self.model)  # skip the LM head: no vocabulary-sized outputs
         from tqdm import tqdm
@@ -169,6 +185,7 @@ class NeuralDatabase:
             def read_more(tokens: int) -> None:
                 bar.update(tokens)
                 stop_if_asked()  # a Ctrl-C that Python dropped in a finalizer (neuraldb/interrupts.py)
+                stop_if_cancelled()
 
             prefill(self.model, cache, ids, chunk_tokens=self.chunk_tokens, forward=read, on_chunk=read_more)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -14,3 +14,8 @@ class DocumentNotFound(NeuralDBError):
     def __init__(self, message: str, ref: int | str | None = None) -> None:
         super().__init__(message)
         self.ref = ref
+
+
+class IngestCancelled(NeuralDBError):
+    """The caller stopped an ingest before it finished (``ingest(should_stop=...)``; the HTTP service's client went
+    away): nothing was stored."""

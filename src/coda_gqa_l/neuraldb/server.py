@@ -13,7 +13,8 @@ The OpenAPI schema is at ``/docs``. Endpoints::
     GET    /                               the web page (static/index.html)
 
 The engine is not safe for concurrent ingests, so ingests take one lock; deletes (the index and one file)
-and questions run beside them, each question on its own fork of the stored state.
+and questions run beside them, each question on its own fork of the stored state. An ingest stops, storing
+nothing, once its client disconnects.
 
 Protection (a laptop is a hostile place for a local service): requests must name an allowed host
 (the loopback names by default, so a DNS-rebinding page cannot reach the API through another name);
@@ -51,6 +52,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..version import __version__
 from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError
+from .errors import IngestCancelled
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .store import DocumentInfo, export_file_name
 
@@ -211,6 +213,13 @@ def _too_large(limit: int) -> str:
     return f"the document is larger than this server accepts ({limit:,} bytes)"
 
 
+async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.2) -> None:
+    """Set ``gone`` once the client of ``request`` (whose body is read) has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    gone.set()
+
+
 async def _stream_on_one_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
     """Drive a generator from one worker thread of its own.
 
@@ -267,15 +276,27 @@ def create_app(
                   for e in err.errors()]  # fmt: skip
         return JSONResponse({"detail": errors}, status_code=422)
 
-    def ingest(text: str, label: str | None, response: Response) -> DocumentOut:
+    async def ingest(request: Request, text: str, label: str | None, response: Response) -> Any:
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as err:
             raise HTTPException(400, f"the text holds a character that is not valid Unicode at {err.start}") from err
         if size > max_upload_bytes:
             raise HTTPException(413, _too_large(max_upload_bytes))
-        with write_lock:
-            info = db.ingest(text, label=label or None)
+        gone = threading.Event()  # the client went away (closed the page, Ctrl-C in curl): stop reading, store nothing
+
+        def read() -> DocumentInfo:
+            with write_lock:
+                return db.ingest(text, label=label or None, should_stop=gone.is_set)
+
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(None, read)
+        except IngestCancelled as err:
+            log.info("%s", err)
+            return Response(status_code=499)  # nobody is there to read it (nginx's "client closed request")
+        finally:
+            watcher.cancel()
         response.status_code = 200 if info.duplicate else 201
         return DocumentOut.of(info)
 
@@ -293,8 +314,8 @@ def create_app(
         summary="Ingest pasted text",
         responses={200: {"description": "already stored: the existing document, duplicate=true"}},
     )
-    def ingest_text(body: IngestRequest, response: Response) -> DocumentOut:
-        return ingest(body.text, body.label, response)
+    async def ingest_text(request: Request, body: IngestRequest, response: Response) -> DocumentOut:
+        return await ingest(request, body.text, body.label, response)  # type: ignore[no-any-return]
 
     @app.post(
         UPLOAD_PATH,
@@ -302,12 +323,13 @@ def create_app(
         summary="Ingest an uploaded UTF-8 text file",
         responses={400: {"description": "not UTF-8 text"}, 413: {"description": "over the size limit"}},
     )
-    def ingest_upload(
+    async def ingest_upload(
+        request: Request,
         response: Response,
         file: Annotated[UploadFile, File(description="a UTF-8 text file")],
         label: Annotated[str | None, Form(description="a name (default: the file's name)")] = None,
     ) -> DocumentOut:
-        data = file.file.read(max_upload_bytes + 1)
+        data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, _too_large(max_upload_bytes))
         try:
@@ -318,7 +340,8 @@ def create_app(
             ) from err
         if not text.strip():
             raise HTTPException(400, f"{file.filename or 'the file'} is empty")
-        return ingest(text, label or (Path(file.filename).name if file.filename else None), response)
+        label = label or (Path(file.filename).name if file.filename else None)
+        return await ingest(request, text, label, response)  # type: ignore[no-any-return]
 
     @app.delete("/api/documents/{doc_id}", status_code=204, summary="Delete a document")
     def delete_document(doc_id: DocumentId) -> Response:
