@@ -81,6 +81,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+from coda_gqa_l.kernels import dispatch
 from coda_gqa_l.models import BoundedCache, bounded_decoding, convert, graph_prefill
 from coda_gqa_l.models.graph_decode import GraphModelDecoder
 from coda_gqa_l.models.hf_compat import cache_kwargs
@@ -504,15 +505,20 @@ def skip_reason(rows: list[dict[str, Any]], method: str, context: int, deadline:
 def warm_up(bench: Bench, methods: list[str], args: argparse.Namespace, deadline: float) -> dict[str, float]:
     """One short untimed run per method (kernels, allocator, JIT), except the compiled ones: compile is per shape.
 
-    Two bounded chunks long (or the shortest context), so that the chunk shapes and a bank update have run once.
+    Two bounded chunks long (or the shortest context), so that the chunk shapes and a bank update have run once; for
+    the bounded methods two graph replays long (``2 * read_pieces`` chunks), so that both read graphs are captured
+    here: a stream's first replay, which writes the sinks, and the plain one after it. With one replay the plain
+    graph was captured inside the first timed context long enough to need it, whose ingest then read 2.5-6.9x slower
+    than the same context's in a warm process (results/speed.md, twenty-fourth and twenty-fifth sessions).
     """
     small = argparse.Namespace(**{**vars(args), "new_tokens": 2, "warmup_tokens": 1})
     context = min(2 * args.bounded_chunk, *args.contexts)
+    graph_reads = 2 * dispatch.read_pieces() * args.bounded_chunk
     seconds = {}
     for method in methods:
         if method not in ("static", "static-loop"):
             start = time.perf_counter()
-            row = run_one(bench, method, context, small, deadline)
+            row = run_one(bench, method, graph_reads if bounded_method(method) else context, small, deadline)
             if row["status"] not in ("ok", "skipped"):
                 print(f"warm-up of {method} failed: {row.get('reason')}", file=sys.stderr)
             seconds[method] = time.perf_counter() - start
