@@ -55,6 +55,13 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# Tokens an ingest reads per forward. On CUDA, chunks of 4,096 (two a graph replay) ingest SmolLM2 1.43x / 1.38x
+# faster than chunks of 1,024 at 32K / 128K tokens, at the same peak memory (284 / 285 MiB; H100, benchmarks/RESULTS.md,
+# twenty-fifth session); the CPU keeps the chunk its ingest was measured with.
+CUDA_CHUNK_TOKENS = 4096
+CPU_CHUNK_TOKENS = 1024
+
+
 class NeuralDatabase:
     """A store of documents, each kept as the fixed-size state a bounded model left after reading it.
 
@@ -63,7 +70,8 @@ class NeuralDatabase:
         model: a causal LM converted with ``coda_gqa_l.convert(model, config)``; ``None`` loads
             the packaged SmolLM2-135M-Instruct (``default_model``).
         tokenizer: the model's tokenizer (anything with ``encode``/``decode``/``eos_token_id``).
-        chunk_tokens: tokens per forward pass while ingesting (memory, not results).
+        chunk_tokens: tokens per forward pass while ingesting (memory, not results); ``None``: ``CUDA_CHUNK_TOKENS``
+            on CUDA, ``CPU_CHUNK_TOKENS`` elsewhere.
         weights: a name for the model's trained weights, recorded with each state.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` leaves it where it is). The
             weights keep their dtype, so states move between a CPU and a GPU database of one model. On CUDA
@@ -78,7 +86,7 @@ class NeuralDatabase:
         model: nn.Module | None = None,
         tokenizer: Any = None,
         *,
-        chunk_tokens: int = 1024,
+        chunk_tokens: int | None = None,
         weights: str | None = None,
         device: str | torch.device | None = None,
     ) -> None:
@@ -100,6 +108,8 @@ class NeuralDatabase:
         self.folder, self.states_dir, self.index = self.store.folder, self.store.states_dir, self.store.index
         self.model = model.eval()
         self.tokenizer = tokenizer
+        if chunk_tokens is None:
+            chunk_tokens = CUDA_CHUNK_TOKENS if on_cuda else CPU_CHUNK_TOKENS
         self.chunk_tokens = chunk_tokens
         self.weights = weights  # a name for the trained weights, recorded with each state (None: not known)
         modules = bounded_modules(model)
