@@ -319,7 +319,10 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
     out = capsys.readouterr().out
     assert out.count("stored #") == 3 and "'single.txt'" in out
     assert cli(store, "ingest", "--quiet", str(single)) == 0
-    assert "already stored #" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already stored #" in out and "keeps that label" not in out  # the same name: nothing to say
+    assert cli(store, "ingest", "--quiet", "--text", MEMO, "--label", "memo, again") == 0
+    assert "already stored #1 'memo'" in (out := capsys.readouterr().out) and "not 'memo, again'" in out
 
     assert cli(store, "list") == 0
     out = capsys.readouterr().out
@@ -834,6 +837,14 @@ def test_web_page_in_headless_chromium(live_url: str, db: NeuralDatabase, tmp_pa
             page.get_by_label("Text", exact=True).fill(text)
             page.get_by_role("button", name="Ingest text").click()
             expect(page.locator("#ingest-status")).to_contain_text(f"“{label}”", timeout=30_000)
+            page.get_by_label("Label (optional)", exact=True).fill("another name")
+            page.get_by_label("Text", exact=True).fill(text)  # the same text again: not read again
+            page.get_by_role("button", name="Ingest text").click()
+            expect(page.locator("#ingest-status")).to_contain_text(
+                f"Already stored as #{next(d.id for d in db.list() if d.label == label)} “{label}”. It keeps that "
+                "label, not “another name”.",
+                timeout=30_000,
+            )
 
             info = next(d for d in db.list() if d.label == label)
             row = page.locator("#documents tbody tr", has_text=label)

@@ -197,12 +197,17 @@ def document_table(infos: Sequence[DocumentInfo], title: str | None = None) -> T
     return table
 
 
-def _summary(info: DocumentInfo) -> str:
+def _summary(info: DocumentInfo, asked_label: str | None = None) -> str:
+    """One line on a stored document; ``asked_label``: the label the user gave (or the file's name), which a
+    document stored before keeps instead of."""
     verb = "already stored" if info.duplicate else "stored"
-    return (
+    line = (
         f"{verb} #{info.id} {info.label!r}: {info.tokens:,} tokens, state {format_bytes(info.state_bytes)} (fixed; "
         f"a full cache of these tokens: {format_bytes(info.full_cache_bytes)})"
     )
+    if info.duplicate and asked_label is not None and asked_label != info.label:
+        line += f"; it keeps that label, not {asked_label!r}"
+    return line
 
 
 def check_ingest_args(args: argparse.Namespace) -> None:
@@ -229,7 +234,7 @@ def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
 
     progress = not args.quiet
     if args.text is not None:
-        print(_summary(db.ingest(args.text, label=args.label, progress=progress)))
+        print(_summary(db.ingest(args.text, label=args.label, progress=progress), args.label))
         return
     files = files_to_ingest(args.paths, args.pattern)
     failed: list[str] = []
@@ -242,7 +247,7 @@ def cmd_ingest(db: NeuralDatabase, args: argparse.Namespace, console: Console) -
             print(f"coda-db: error: {err}", file=sys.stderr)
             failed.append(path.name)
             continue
-        print(_summary(info), flush=True)
+        print(_summary(info, args.label or path.name), flush=True)
     if failed:
         raise NeuralDBError(f"{len(files) - len(failed)} of {len(files)} files stored; not stored: {', '.join(failed)}")
 
@@ -299,7 +304,7 @@ def cmd_export(db: DocumentStore, args: argparse.Namespace, console: Console) ->
 
 
 def cmd_import(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:
-    print(_summary(db.import_state(args.path, label=args.label)))
+    print(_summary(db.import_state(args.path, label=args.label), args.label))
 
 
 def cmd_serve(db: NeuralDatabase, args: argparse.Namespace, console: Console) -> None:

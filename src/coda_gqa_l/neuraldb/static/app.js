@@ -119,10 +119,12 @@ async function refresh(pickId) {
   select(wanted || null);
 }
 
-async function afterIngest(response) {
+// askedLabel: the label the user gave (or the file's name); a document already stored keeps its first label
+async function afterIngest(response, askedLabel) {
   const doc = await response.json();
+  const relabel = askedLabel && askedLabel !== doc.label ? ` It keeps that label, not “${askedLabel}”.` : "";
   $("ingest-status").textContent = doc.duplicate
-    ? `Already stored as #${doc.id} “${doc.label}”.`
+    ? `Already stored as #${doc.id} “${doc.label}”.${relabel}`
     : `Stored #${doc.id} “${doc.label}”: ${doc.tokens.toLocaleString()} tokens, ` +
       `state ${formatBytes(doc.state_bytes)} (the full cache would be ${formatBytes(doc.full_cache_bytes)}).`;
   await refresh(doc.id);
@@ -149,13 +151,14 @@ $("paste-form").addEventListener("submit", (event) => {
   withBusy(form, "Reading the document through the model…", async () => {
     const text = $("paste-text").value;
     if (!text.trim()) throw new Error("The text is empty: paste a document first.");
+    const label = $("paste-label").value.trim() || null;
     const response = await api("/api/documents", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ text, label: $("paste-label").value.trim() || null }),
+      body: JSON.stringify({ text, label }),
     });
-    await afterIngest(response);
-    form.reset();
+    form.reset(); // before the status shows: what the user types next is not cleared behind them
+    await afterIngest(response, label);
   });
 });
 
@@ -164,11 +167,13 @@ $("upload-form").addEventListener("submit", (event) => {
   const form = event.currentTarget;
   withBusy(form, "Uploading and reading the document through the model…", async () => {
     const data = new FormData();
-    data.append("file", $("upload-file").files[0]);
+    const file = $("upload-file").files[0];
+    data.append("file", file);
     const label = $("upload-label").value.trim();
     if (label) data.append("label", label);
-    await afterIngest(await api("/api/documents/upload", { method: "POST", body: data }));
+    const response = await api("/api/documents/upload", { method: "POST", body: data });
     form.reset();
+    await afterIngest(response, label || file?.name);
   });
 });
 
