@@ -16,7 +16,10 @@ how many pass). ``--warps 4 8 16`` times each program width (the results do not 
 medians per launch and per segment. ``--keys`` picks how the key rows are written, each timed: ``chain`` inside
 each bank's serial chain, ``followers`` by programs of their own a segment behind it (``dispatch.key_followers``;
 no decision reads a key), ``none`` not at all (``route_chunk_triton(write_keys=False)``: wrong snapshots, the bound
-on what taking them off the chain can give). Prints a table last; writes ``DIR/routing_kernel.json``.
+on what taking them off the chain can give). ``--banks-at empty`` also times the chunk right after the first window
+from empty banks, as a document's first chunk routes: the summary chain seeds its prototypes one at a time there,
+which the filled banks never do (each launch starts again from the same banks). Prints a table last; writes
+``DIR/routing_kernel.json``.
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["chain", "followers"],
         help="where the key rows are written: in the chains, by follower programs, or nowhere (a bound: wrong keys)",
     )
+    p.add_argument(
+        "--banks-at",
+        nargs="+",
+        choices=["filled", "empty"],
+        default=["filled"],
+        help="banks filled by four chunks first, or empty (a document's first chunk after the window)",
+    )
     return p.parse_args(argv)
 
 
@@ -84,7 +94,13 @@ class Problem:
     """A token stream for one layer's routing and the banks after its first chunks."""
 
     def __init__(
-        self, shape: Shape, config: BoundedConfig, device: torch.device, dtype: torch.dtype, warps: int = 8
+        self,
+        shape: Shape,
+        config: BoundedConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        warps: int = 8,
+        filled: bool = True,
     ) -> None:
         self.shape, self.config, self.warps = shape, config, warps
         self.keys = "chain"  # the banks below are routed with keys; timed runs pick how (--keys)
@@ -105,9 +121,11 @@ class Problem:
             torch.zeros(1, H, Ms, D, device=device, dtype=dtype), torch.zeros(1, H, Ms, D, device=device, dtype=dtype),
             torch.ones(1, H, Ms, device=device), torch.zeros(1, H, Ms, dtype=torch.bool, device=device),
         )  # fmt: skip
-        for start in range(0, 4 * n, n):
-            self.banks = self.route(start)[0]
-        self.start = 4 * n
+        if filled:
+            for start in range(0, 4 * n, n):
+                self.banks = self.route(start)[0]
+        # empty banks: the chunk after the first window, whose every segment routes (into banks filling up)
+        self.start = 4 * n if filled else config.window
 
     def ext(self, start: int) -> tuple[torch.Tensor, ...]:
         """The window before ``start`` and the chunk from it (zeros before the stream), as the layer passes them."""
@@ -151,25 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         for split, make in BANK_SPLITS.items():
             for warps in args.warps:
-                config = make(shape.config)
-                problem = Problem(shape, config, device, dtype, warps)
-                for keys in args.keys:
-                    problem.keys = keys
-                    seconds = time_route(problem, args.calls, args.repeats)
-                    segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
-                    rows.append({"shape": shape.name, "banks": split, "warps": warps, "keys": keys,
-                                 "segments": segments, "launch_us": seconds * 1e6,
-                                 "segment_us": seconds * 1e6 / segments})  # fmt: skip
+                for banks_at in args.banks_at:
+                    config = make(shape.config)
+                    problem = Problem(shape, config, device, dtype, warps, filled=banks_at == "filled")
+                    for keys in args.keys:
+                        problem.keys = keys
+                        seconds = time_route(problem, args.calls, args.repeats)
+                        segments = len(chunk_segments(problem.start, shape.chunk, config.segment))
+                        rows.append({"shape": shape.name, "banks": split, "banks_at": banks_at, "warps": warps,
+                                     "keys": keys, "segments": segments, "launch_us": seconds * 1e6,
+                                     "segment_us": seconds * 1e6 / segments})  # fmt: skip
     result = run_header("routing_kernel.py", argv if argv is not None else sys.argv[1:], device, dtype)
     result.update(calls=args.calls, repeats=args.repeats, rows=rows)
     table = [f"routing one chunk, {result['device']}, {result['dtype']}, medians of {args.repeats} replays"]
     table.append(
-        f"{'shape':32} {'banks':18} {'warps':>5} {'keys':>9} {'segments':>8} {'launch us':>10} {'per segment us':>15}"
+        f"{'shape':32} {'banks':18} {'from':>6} {'warps':>5} {'keys':>9} {'segments':>8} {'launch us':>10} "
+        f"{'per segment us':>15}"
     )
     for row in rows:
         table.append(
-            f"{row['shape']:32} {row['banks']:18} {row['warps']:5d} {row['keys']:>9} {row['segments']:8d} "
-            f"{row['launch_us']:10.1f} {row['segment_us']:15.2f}"
+            f"{row['shape']:32} {row['banks']:18} {row['banks_at']:>6} {row['warps']:5d} {row['keys']:>9} "
+            f"{row['segments']:8d} {row['launch_us']:10.1f} {row['segment_us']:15.2f}"
         )
     write_result(result, args.out / "routing_kernel.json", table)
     return 0
