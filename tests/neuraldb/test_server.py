@@ -100,6 +100,26 @@ def test_ingest_list_show_and_duplicate(client: TestClient, db: NeuralDatabase) 
     assert db.show(doc["id"]).label == "alpha"
 
 
+def test_ingest_with_progress_streams_tokens_read_then_the_document(client: TestClient, db: NeuralDatabase) -> None:
+    text = "A report read with its progress shown. " * 30  # 1,170 byte tokens: 5 chunks of the tiny model's 256
+    with client.stream("POST", "/api/documents?progress=1", json={"text": text, "label": "watched"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+        events = [json.loads(line) for line in response.iter_lines() if line]
+    *reads, last = events
+    total = len(text.encode())
+    assert [e["read"] for e in reads] == [0, 256, 512, 768, 1024, total] and {e["total"] for e in reads} == {total}
+    assert last["status"] == 201 and last["document"]["label"] == "watched"
+    assert last["document"] == client.get(f"/api/documents/{last['document']['id']}").json()
+    with client.stream("POST", "/api/documents?progress=1", json={"text": text, "label": "again"}) as response:
+        again = [json.loads(line) for line in response.iter_lines() if line]
+    assert again == [{"status": 200, "document": {**last["document"], "duplicate": True}}]  # not read again
+    upload = client.post("/api/documents/upload?progress=1", files={"file": ("up.txt", b"Uploaded, watched.")})
+    *_, done = [json.loads(line) for line in upload.text.splitlines()]
+    assert done["status"] == 201 and done["document"]["label"] == "up.txt"
+    refused = client.post("/api/documents?progress=1", json={"text": text + "!", "label": "1234"})
+    assert refused.status_code == 400 and "digits" in refused.json()["detail"]  # before the stream starts
+
+
 @pytest.mark.parametrize("text", ["", "   \n\t "])
 def test_ingest_empty_text_is_refused(client: TestClient, text: str) -> None:
     response = client.post("/api/documents", json={"text": text})
@@ -806,8 +826,43 @@ def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
     assert len(list(db.states_dir.glob("*"))) == before  # no state file left behind
 
 
+def test_a_streamed_ingest_stops_when_its_client_goes_away(
+    live_url: str, db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coda_gqa_l.neuraldb.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "stop_if_asked", lambda: time.sleep(0.1))  # 0.1 s a chunk, as above
+    finished = threading.Event()
+    outcome: list[Any] = []
+    real_ingest = db.ingest
+
+    def recording_ingest(text: str, **kwargs: Any) -> Any:
+        try:
+            outcome.append(real_ingest(text, **kwargs))
+        except BaseException as err:
+            outcome.append(err)
+            raise
+        finally:
+            finished.set()
+        return outcome[-1]
+
+    monkeypatch.setattr(db, "ingest", recording_ingest)
+    label = "abandoned while watched"
+    auth = {"authorization": f"Bearer {LIVE_TOKEN}"}
+    body = {"text": "A long report nobody watches to the end. " * 250, "label": label}  # 41 chunks
+    with httpx.stream("POST", f"{live_url}/api/documents?progress=1", json=body, headers=auth, timeout=30) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["read"] == 0
+        assert json.loads(next(lines))["read"] == 256  # reading: then the client leaves
+    assert finished.wait(10), "the ingest went on after its client left"  # 41 chunks would take 4.1 s
+    assert isinstance(outcome[0], NeuralDBError) and "cancelled" in str(outcome[0])
+    assert all(d.label != label for d in db.list())
+
+
 @pytest.mark.slow
-def test_web_page_in_headless_chromium(live_url: str, db: NeuralDatabase, tmp_path: Path) -> None:
+def test_web_page_in_headless_chromium(
+    live_url: str, db: NeuralDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (CI does: apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
@@ -876,6 +931,16 @@ def test_web_page_in_headless_chromium(live_url: str, db: NeuralDatabase, tmp_pa
             assert expected.strip()
             assert answer.text_content() == expected
             page.screenshot(path=str(tmp_path / "coda-db-page.png"), full_page=True)
+
+            # a slow read shows the tokens read so far, then the stored document
+            import coda_gqa_l.neuraldb.engine as engine_module
+
+            monkeypatch.setattr(engine_module, "stop_if_asked", lambda: time.sleep(0.3))  # 0.3 s a chunk
+            slow_text = "A slow read the page counts along. " * 40  # 1,400 byte tokens: 6 chunks
+            page.get_by_label("Text", exact=True).fill(slow_text)
+            page.get_by_role("button", name="Ingest text").click()
+            expect(page.locator("#ingest-status")).to_contain_text(f"of {len(slow_text):,} tokens (", timeout=10_000)
+            expect(page.locator("#ingest-status")).to_contain_text("Stored #", timeout=30_000)
         finally:
             browser.close()
     assert (tmp_path / "coda-db-page.png").stat().st_size > 10_000

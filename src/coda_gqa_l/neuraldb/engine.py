@@ -158,12 +158,15 @@ class NeuralDatabase:
         label: str | None = None,
         progress: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> DocumentInfo:
         """Read ``text`` once and store the state it leaves; a source already stored for this
         model and config is not read again (its info comes back with ``duplicate=True``).
 
         ``should_stop``: asked before the read and after every chunk; once it says True the ingest
-        raises ``IngestCancelled`` and stores nothing (the HTTP service stops when its client goes away)."""
+        raises ``IngestCancelled`` and stores nothing (the HTTP service stops when its client goes away).
+        ``on_progress(read, total)``: called with the tokens read so far and the document's tokens, before the
+        read (0) and after every chunk (the HTTP service streams it to the page)."""
         if not isinstance(text, str) or not text.strip():
             raise NeuralDBError("the document is empty")
         label = check_label(label if label is not None else _default_label(text))
@@ -179,6 +182,9 @@ class NeuralDatabase:
                 raise IngestCancelled(f"the ingest of {label!r} was cancelled; nothing was stored")
 
         stop_if_cancelled()
+        total, done = int(ids.shape[1]), 0
+        if on_progress is not None:
+            on_progress(0, total)
         cache = BoundedCache(self.model, block_size=self.chunk_tokens)
         base = getattr(self.model, "model", self.model)  # skip the LM head: no vocabulary-sized outputs
         from tqdm import tqdm
@@ -193,7 +199,11 @@ class NeuralDatabase:
 
             # whole chunks replay the model's CUDA graphs where they run (models/graph_prefill.py)
             def read_more(tokens: int) -> None:
+                nonlocal done
                 bar.update(tokens)
+                done += tokens
+                if on_progress is not None:
+                    on_progress(done, total)
                 stop_if_asked()  # a Ctrl-C that Python dropped in a finalizer (neuraldb/interrupts.py)
                 stop_if_cancelled()
 

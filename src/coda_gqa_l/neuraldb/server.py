@@ -7,6 +7,8 @@ The OpenAPI schema is at ``/docs``. Endpoints::
     GET    /api/documents/{id}             one document, 404 if missing
     POST   /api/documents                  ingest {"text": ..., "label": ...}
     POST   /api/documents/upload           ingest a UTF-8 text file (multipart "file", optional "label")
+                                           (either ingest with ?progress=1: JSON lines of tokens read, then the
+                                           outcome; the web page shows them)
     DELETE /api/documents/{id}             remove a document
     POST   /api/documents/{id}/ask         {"question": ...}: the answer as streamed text/plain
     POST   /api/documents/{id}/export      the document's state file, as a download
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import shutil
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -51,7 +54,7 @@ from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..version import __version__
-from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError
+from .engine import DocumentNotFound, NeuralDatabase, NeuralDBError, check_label
 from .errors import IngestCancelled
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .store import DocumentInfo, export_file_name
@@ -213,6 +216,54 @@ def _too_large(limit: int) -> str:
     return f"the document is larger than this server accepts ({limit:,} bytes)"
 
 
+ProgressFlag = Annotated[
+    bool,
+    Query(
+        description='stream the ingest as JSON lines: {"read", "total"} (tokens) before the read and after every '
+        'chunk, then {"status": 201 or 200, "document": ...} or {"status": 4xx/5xx, "detail": ...}'
+    ),
+]
+
+
+async def _progress_lines(db: NeuralDatabase, lock: threading.Lock, text: str, label: str | None) -> AsyncIterator[str]:
+    """An ingest as JSON lines (``ProgressFlag``), read on a worker thread under ``lock``. A client that leaves
+    mid-read closes this generator: the ingest stops after its chunk and stores nothing."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    gone = threading.Event()
+
+    def report(read: int, total: int) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, {"read": read, "total": total})
+
+    def read() -> None:
+        outcome: dict[str, Any]
+        try:
+            with lock:
+                info = db.ingest(text, label=label, should_stop=gone.is_set, on_progress=report)
+        except IngestCancelled as err:
+            log.info("%s", err)
+            outcome = {"status": 499, "detail": str(err)}
+        except NeuralDBError as err:
+            outcome = {"status": 400, "detail": str(err)}
+        except Exception:  # the stream has begun: the status line is the only way left to say so
+            log.exception("ingest failed")
+            outcome = {"status": 500, "detail": "the ingest failed; the service's log says why"}
+        else:
+            outcome = {"status": 200 if info.duplicate else 201, "document": DocumentOut.of(info).model_dump()}
+        loop.call_soon_threadsafe(events.put_nowait, outcome)
+
+    worker = loop.run_in_executor(None, read)
+    try:
+        while True:
+            event = await events.get()
+            yield json.dumps(event) + "\n"
+            if "status" in event:
+                break
+        await worker
+    finally:
+        gone.set()  # stops an ingest still reading (its client left); a no-op after the last line
+
+
 async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.2) -> None:
     """Set ``gone`` once the client of ``request`` (whose body is read) has disconnected."""
     while not await request.is_disconnected():
@@ -276,13 +327,18 @@ def create_app(
                   for e in err.errors()]  # fmt: skip
         return JSONResponse({"detail": errors}, status_code=422)
 
-    async def ingest(request: Request, text: str, label: str | None, response: Response) -> Any:
+    async def ingest(request: Request, text: str, label: str | None, response: Response, progress: bool) -> Any:
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as err:
             raise HTTPException(400, f"the text holds a character that is not valid Unicode at {err.start}") from err
         if size > max_upload_bytes:
             raise HTTPException(413, _too_large(max_upload_bytes))
+        if progress:
+            if label:
+                check_label(label)  # a bad label is a 400 before the stream starts, not a line in it
+            lines = _progress_lines(db, write_lock, text, label or None)
+            return StreamingResponse(lines, media_type="application/x-ndjson")
         gone = threading.Event()  # the client went away (closed the page, Ctrl-C in curl): stop reading, store nothing
 
         def read() -> DocumentInfo:
@@ -314,8 +370,10 @@ def create_app(
         summary="Ingest pasted text",
         responses={200: {"description": "already stored: the existing document, duplicate=true"}},
     )
-    async def ingest_text(request: Request, body: IngestRequest, response: Response) -> DocumentOut:
-        return await ingest(request, body.text, body.label, response)  # type: ignore[no-any-return]
+    async def ingest_text(
+        request: Request, body: IngestRequest, response: Response, progress: ProgressFlag = False
+    ) -> DocumentOut:
+        return await ingest(request, body.text, body.label, response, progress)  # type: ignore[no-any-return]
 
     @app.post(
         UPLOAD_PATH,
@@ -328,6 +386,7 @@ def create_app(
         response: Response,
         file: Annotated[UploadFile, File(description="a UTF-8 text file")],
         label: Annotated[str | None, Form(description="a name (default: the file's name)")] = None,
+        progress: ProgressFlag = False,
     ) -> DocumentOut:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -341,7 +400,7 @@ def create_app(
         if not text.strip():
             raise HTTPException(400, f"{file.filename or 'the file'} is empty")
         label = label or (Path(file.filename).name if file.filename else None)
-        return await ingest(request, text, label, response)  # type: ignore[no-any-return]
+        return await ingest(request, text, label, response, progress)  # type: ignore[no-any-return]
 
     @app.delete("/api/documents/{doc_id}", status_code=204, summary="Delete a document")
     def delete_document(doc_id: DocumentId) -> Response:

@@ -119,9 +119,38 @@ async function refresh(pickId) {
   select(wanted || null);
 }
 
+// An ingest with ?progress=1: the status counts the tokens read as the service reports them (a long document on a
+// CPU reads for minutes); resolves to the stored document, or throws the service's reason.
+async function ingestWithProgress(path, options) {
+  const response = await api(`${path}?progress=1`, options);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffered.indexOf("\n")) >= 0) {
+      const event = JSON.parse(buffered.slice(0, end));
+      buffered = buffered.slice(end + 1);
+      if (event.status === undefined) {
+        const share = event.total ? Math.floor((100 * event.read) / event.total) : 0;
+        $("ingest-status").textContent =
+          `Reading the document through the model: ${event.read.toLocaleString()} of ` +
+          `${event.total.toLocaleString()} tokens (${share}%)…`;
+      } else if (event.status >= 400) {
+        throw new Error(event.detail);
+      } else {
+        return event.document;
+      }
+    }
+  }
+  throw new Error("The service closed the connection before the document was stored.");
+}
+
 // askedLabel: the label the user gave (or the file's name); a document already stored keeps its first label
-async function afterIngest(response, askedLabel) {
-  const doc = await response.json();
+async function afterIngest(doc, askedLabel) {
   const relabel = askedLabel && askedLabel !== doc.label ? ` It keeps that label, not “${askedLabel}”.` : "";
   $("ingest-status").textContent = doc.duplicate
     ? `Already stored as #${doc.id} “${doc.label}”.${relabel}`
@@ -152,13 +181,14 @@ $("paste-form").addEventListener("submit", (event) => {
     const text = $("paste-text").value;
     if (!text.trim()) throw new Error("The text is empty: paste a document first.");
     const label = $("paste-label").value.trim() || null;
-    const response = await api("/api/documents", {
+    const doc = await ingestWithProgress("/api/documents", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ text, label }),
     });
-    form.reset(); // before the status shows: what the user types next is not cleared behind them
-    await afterIngest(response, label);
+    // cleared only if still what was sent: what the user typed while it read stays
+    if ($("paste-text").value === text && ($("paste-label").value.trim() || null) === label) form.reset();
+    await afterIngest(doc, label);
   });
 });
 
@@ -171,9 +201,9 @@ $("upload-form").addEventListener("submit", (event) => {
     data.append("file", file);
     const label = $("upload-label").value.trim();
     if (label) data.append("label", label);
-    const response = await api("/api/documents/upload", { method: "POST", body: data });
-    form.reset();
-    await afterIngest(response, label || file?.name);
+    const doc = await ingestWithProgress("/api/documents/upload", { method: "POST", body: data });
+    if ($("upload-file").files[0] === file && $("upload-label").value.trim() === label) form.reset();
+    await afterIngest(doc, label || file?.name);
   });
 });
 
