@@ -789,12 +789,11 @@ def test_answer_streams_over_the_socket_in_pieces(live_url: str, db: NeuralDatab
     assert b"".join(chunks).decode() == db.ask(doc.id, QUESTION, max_new_tokens=32)
 
 
-def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
-    live_url: str, db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _slow_recorded_ingests(db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], threading.Event]:
+    """Each chunk of ``db``'s ingests takes 0.1 s (the tiny model reads 256 tokens in milliseconds); the ingest's
+    outcome (its document or its exception) is appended to the list and the event set when it ends."""
     import coda_gqa_l.neuraldb.engine as engine_module
 
-    # a slow read: the tiny model reads 256 tokens a chunk in milliseconds; here each chunk takes 0.1 s
     monkeypatch.setattr(engine_module, "stop_if_asked", lambda: time.sleep(0.1))
     outcome: list[Any] = []
     finished = threading.Event()
@@ -811,6 +810,13 @@ def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
         return outcome[-1]
 
     monkeypatch.setattr(db, "ingest", recording_ingest)
+    return outcome, finished
+
+
+def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
+    live_url: str, db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome, finished = _slow_recorded_ingests(db, monkeypatch)
     label = "abandoned upload"
     body = json.dumps({"text": "A long report nobody waits for. " * 300, "label": label}).encode()  # 38 chunks
     host, port = live_url.removeprefix("http://").split(":")
@@ -829,24 +835,7 @@ def test_an_ingest_stops_and_stores_nothing_when_its_client_goes_away(
 def test_a_streamed_ingest_stops_when_its_client_goes_away(
     live_url: str, db: NeuralDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import coda_gqa_l.neuraldb.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "stop_if_asked", lambda: time.sleep(0.1))  # 0.1 s a chunk, as above
-    finished = threading.Event()
-    outcome: list[Any] = []
-    real_ingest = db.ingest
-
-    def recording_ingest(text: str, **kwargs: Any) -> Any:
-        try:
-            outcome.append(real_ingest(text, **kwargs))
-        except BaseException as err:
-            outcome.append(err)
-            raise
-        finally:
-            finished.set()
-        return outcome[-1]
-
-    monkeypatch.setattr(db, "ingest", recording_ingest)
+    outcome, finished = _slow_recorded_ingests(db, monkeypatch)
     label = "abandoned while watched"
     auth = {"authorization": f"Bearer {LIVE_TOKEN}"}
     body = {"text": "A long report nobody watches to the end. " * 250, "label": label}  # 41 chunks
